@@ -1,0 +1,143 @@
+"""CLIP guidance: the loss whose gradient steers the masked region toward the prompt.
+
+This is the original's ``cond_fn`` split in two: :class:`GuidanceObjective` holds what stays fixed during an
+edit (text embeddings, mask, init image, weights, augmentations) and computes the loss of one guided
+prediction; :func:`guidance_gradient` differentiates it w.r.t. x_t through the UNet. The sampler decides how
+the gradient is applied (DDPM mean or DDIM score).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from . import seeds
+from .augment import AugmentationSettings, ImageAugmentations
+from .losses import background_l2, range_loss, spherical_distance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuidanceSettings:
+    """Loss weights. Defaults are the original's (``optimization/arguments.py``)."""
+
+    clip_lambda: float = 1000.0
+    range_lambda: float = 50.0
+    # Background preservation (the original's --background_preservation_loss): L2 weight 10000 there, but the
+    # loss is off unless that flag is given, so 0 here. Meant for the "local" (no blending) baseline.
+    background_l2_lambda: float = 0.0
+    # LPIPS is used only when the optional ``lpips`` package and its weights are installed.
+    background_lpips_lambda: float = 0.0
+    augmentations: AugmentationSettings = field(default_factory=AugmentationSettings)
+
+
+class GuidanceObjective:
+    """The guidance loss of one edit.
+
+    ``text_embeds`` is [1,D] (one prompt for every sample) or [B,D] (a prompt per sample). ``mask`` is
+    [1|B,1,S,S] with 1 = edit; ``init_image`` [1,3,S,S] in [-1,1] (used by the background losses).
+    """
+
+    def __init__(self, clip, text_embeds: torch.Tensor, mask: torch.Tensor, init_image: torch.Tensor,
+                 settings: GuidanceSettings, seed: int = 0, lpips_model=None):
+        self.clip = clip
+        self.text_embeds = text_embeds.float()
+        self.mask = mask
+        self.init_image = init_image
+        self.settings = settings
+        self.seed = seed
+        self.augment = ImageAugmentations(clip.image_size, settings.augmentations)
+        self.lpips_model = lpips_model
+        # The original returns a zero gradient (no CLIP, no range loss) for an empty prompt; a per-sample flag
+        # ([1] or [B] bools) keeps that rule when several prompts are mixed in one batch.
+        self.prompt_is_empty = None
+
+    @property
+    def needs_gradient(self) -> bool:
+        s = self.settings
+        return any(w != 0 for w in (s.clip_lambda, s.range_lambda, s.background_l2_lambda,
+                                    s.background_lpips_lambda))
+
+    def _text_for(self, batch: int) -> torch.Tensor:
+        if self.text_embeds.shape[0] == 1:
+            return self.text_embeds.expand(batch, -1)
+        if self.text_embeds.shape[0] != batch:
+            raise ValueError(f"{self.text_embeds.shape[0]} text embeddings for a batch of {batch}")
+        return self.text_embeds
+
+    def _views(self, masked: torch.Tensor, result_ids, step: int) -> torch.Tensor:
+        """Augmented CLIP views, [B*V,3,s,s] sample-major.
+
+        Each sample's augmentation parameters come from its own stream, so a result does not depend on the
+        other results in its batch. With one view the pipeline is deterministic and needs no RNG.
+        """
+        if self.settings.augmentations.num_views <= 1:
+            return self.augment(masked)
+        views = []
+        for i, rid in enumerate(result_ids):
+            with seeds.seeded_global_rng(self.seed, seeds.STREAM_AUGMENTATION, rid, step):
+                views.append(self.augment(masked[i:i + 1]))
+        return torch.cat(views)
+
+    def clip_distances(self, x_in: torch.Tensor, result_ids, step: int) -> torch.Tensor:
+        """Per-sample mean spherical distance over the views, [B]."""
+        batch = x_in.shape[0]
+        views = self._views(x_in * self.mask, result_ids, step)
+        num_views = views.shape[0] // batch
+        clip_in = self.clip.normalize(views.add(1).div(2))
+        image_embeds = self.clip.encode_image(clip_in).float()
+        if len(result_ids) == batch and num_views > 1:
+            # sample-major order: views of sample i are contiguous
+            text = self._text_for(batch).repeat_interleave(num_views, dim=0)
+            return spherical_distance(image_embeds, text).view(batch, num_views).mean(dim=1)
+        # one view per sample, or the original's tile order [I1..IB, I1..IB, ...]
+        text = self._text_for(batch).repeat(num_views, 1)
+        dists = spherical_distance(image_embeds, text)
+        return torch.stack([dists[i::batch].mean() for i in range(batch)])
+
+    def loss(self, x_t: torch.Tensor, pred_xstart: torch.Tensor, fac: float, result_ids, step: int):
+        """The original's loss for x_in = pred_xstart*fac + x_t*(1-fac), summed over the batch."""
+        s = self.settings
+        x_in = pred_xstart * fac + x_t * (1 - fac)
+        total = x_t.new_zeros(())
+        parts = {}
+        if s.clip_lambda != 0:
+            dists = self.clip_distances(x_in, result_ids, step)
+            parts["clip"] = dists.detach()
+            total = total + dists.sum() * s.clip_lambda
+        if s.range_lambda != 0:
+            r = range_loss(pred_xstart)
+            parts["range"] = r.detach()
+            total = total + r.sum() * s.range_lambda
+        if s.background_l2_lambda != 0:
+            total = total + background_l2(x_in, self.init_image, self.mask) * s.background_l2_lambda
+        if s.background_lpips_lambda != 0 and self.lpips_model is not None:
+            masked_background = x_in * (1 - self.mask)
+            total = total + self.lpips_model(masked_background, self.init_image).sum() * s.background_lpips_lambda
+        return total, parts
+
+
+def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch.Tensor, t: torch.Tensor,
+                      result_ids, step: int, model_kwargs=None):
+    """-d(loss)/d(x_t), through a grad-enabled UNet forward, plus that forward's p_mean_variance.
+
+    Returning the forward's outputs (detached) lets the sampler skip its own unguided forward: with dropout 0
+    the model is deterministic, so both forwards give the same prediction (the "reuse forward" fast path).
+    """
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        out = diffusion.p_mean_variance(model, x, t, model_kwargs=model_kwargs, clip_denoised=False)
+        fac = float(diffusion.sqrt_one_minus_alphas_cumprod[int(t[0])])
+        loss, parts = objective.loss(x, out["pred_xstart"], fac, result_ids, step)
+        if loss.requires_grad:
+            grad = -torch.autograd.grad(loss, x)[0]
+        else:
+            grad = torch.zeros_like(x)
+    if objective.prompt_is_empty is not None and bool(objective.prompt_is_empty.any()):
+        keep = (~objective.prompt_is_empty).to(grad.dtype).to(grad.device).view(-1, 1, 1, 1)
+        grad = grad * keep
+    detached = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
+    return grad.float(), detached, parts

@@ -1,0 +1,86 @@
+"""Rank finished edits by how well CLIP thinks they match the prompt (the original's ``output/ranked``).
+
+The original generates many results and sorts them by an un-augmented CLIP distance, because guided
+diffusion often fails and picking the best of many is cheaper than tuning. Lower distance = better.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BlendedInputError
+from .losses import spherical_distance
+
+
+def _text_embeds(clip, prompt_or_embed, batch: int) -> torch.Tensor:
+    """[1,D] or [B,D] float32 text embeddings from a prompt, a prompt per image, or ready embeddings."""
+    if isinstance(prompt_or_embed, str):
+        return clip.text_embedding(prompt_or_embed)
+    if isinstance(prompt_or_embed, torch.Tensor):
+        embeds = prompt_or_embed.float()
+        if embeds.dim() == 1:
+            embeds = embeds.unsqueeze(0)
+    elif isinstance(prompt_or_embed, Sequence) and all(isinstance(p, str) for p in prompt_or_embed):
+        embeds = torch.cat([clip.text_embedding(p) for p in prompt_or_embed])
+    else:
+        raise BlendedInputError("give the ranking a prompt, a list of prompts (one per image) or text "
+                                f"embeddings, not {type(prompt_or_embed).__name__}.")
+    if embeds.dim() != 2 or embeds.shape[0] not in (1, batch):
+        raise BlendedInputError(f"text embeddings of shape {tuple(embeds.shape)} do not fit {batch} images; "
+                                "give one prompt for all images or one per image.")
+    return embeds
+
+
+def _as_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """[B|1,1,H,W] float mask matching the images ([H,W] and [B,H,W] are accepted too)."""
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise BlendedInputError(f"mask must be [B,1,H,W] (or [B,H,W]), got shape {tuple(mask.shape)}.")
+    if mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, images.shape[0]):
+        raise BlendedInputError(f"mask {tuple(mask.shape)} does not match images {tuple(images.shape)}; "
+                                "resize the mask to the image size and give one mask or one per image.")
+    return mask.to(device=images.device, dtype=images.dtype)
+
+
+def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
+                normalized: bool = True) -> torch.Tensor:
+    """Un-augmented spherical CLIP distance of each image to its prompt, float32 [B]; lower is better.
+
+    ``images`` are [B,3,H,W] in [0,1]. With a mask (1 = edited) CLIP sees only the edited region:
+    - ``normalized=True`` (default): the guidance path's view: outside the mask is mid-grey (0 in [-1,1]),
+      the image is resized to CLIP's size with antialiasing and CLIP-normalised, so results are ranked by
+      the quantity the guidance optimised;
+    - ``normalized=False``: the original's ranking: black outside the mask, resized, NOT normalised.
+    Pixels outside the mask cannot affect the score in either mode.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
+    batch = images.shape[0]
+    with torch.no_grad():
+        text = _text_embeds(clip, prompt_or_embed, batch)
+        x = images.float()
+        if mask is not None:
+            m = _as_mask(mask, x)
+            # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
+            x = ((x * 2 - 1) * m + 1) / 2 if normalized else x * m
+        size = clip.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if normalized:
+            x = clip.normalize(x)
+        image_embeds = clip.encode_image(x)
+        return spherical_distance(image_embeds, text.to(image_embeds.device)).float()
+
+
+def rank_by_clip(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
+                 normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices best first, distances [B]); ties keep the input order so ranking is reproducible."""
+    distances = clip_scores(clip, images, prompt_or_embed, mask=mask, normalized=normalized)
+    order = torch.argsort(distances.cpu(), stable=True)
+    return order, distances

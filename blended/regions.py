@@ -1,0 +1,394 @@
+"""Crop-edit-stitch: run the square, fixed-size diffusion model on images of any size and aspect.
+
+The released models only work at a square size S (256 or 512). The original squashes the whole picture to
+S x S, which distorts non-square photos and wastes resolution on a small edit. Here a ``CropPlan`` describes a
+box in full-resolution pixels that is resized to S x S for the model and back again afterwards:
+
+* ``plan_full_image``: the original's behaviour (whole image, aspect not kept).
+* ``plan_mask_crop``: a square box around the edit region plus some context, so the aspect ratio survives and a
+  small edit gets the model's full resolution.
+
+``paste_back`` composites the edited box into a copy of the original so that every pixel outside the composite
+mask is bit-identical to the input: nothing outside the edit is ever resampled.
+
+Memory: ``crop_image`` and ``crop_mask`` only read the box (a 10000x10000 input costs nothing beyond the box
+when it is a view); ``paste_back`` needs one full-resolution copy of the original (the output) plus the
+box-sized edit.
+
+Mask morphology (``grow_mask``, ``feather_mask``) also lives here because it exists to shape the composite.
+Both default to 0 so that the original's hard, unmodified mask is what the sampler sees by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BlendedInputError
+from .image_io import EMPTY_MASK_MESSAGE
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 0.25
+DEFAULT_MIN_MARGIN = 16
+MASK_SHAPES = ("circle", "square")
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """A box in full-resolution pixel coordinates that maps to a ``model_size`` x ``model_size`` model input.
+
+    The box may extend past the image (only when it is bigger than the image along that axis); the outside
+    part is filled by padding when cropping and simply dropped when pasting back.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    model_size: int
+    image_height: int
+    image_width: int
+
+    def __post_init__(self) -> None:
+        if min(self.height, self.width, self.model_size, self.image_height, self.image_width) <= 0:
+            raise ValueError(f"a crop plan needs positive sizes, got {self}")
+
+    @property
+    def bottom(self) -> int:
+        """One past the last row of the box."""
+        return self.top + self.height
+
+    @property
+    def right(self) -> int:
+        """One past the last column of the box."""
+        return self.left + self.width
+
+    @property
+    def is_square(self) -> bool:
+        return self.height == self.width
+
+    def visible_box(self) -> tuple[int, int, int, int]:
+        """``(row0, row1, col0, col1)``: the part of the box that lies inside the image (end exclusive)."""
+        return (
+            max(self.top, 0),
+            min(self.bottom, self.image_height),
+            max(self.left, 0),
+            min(self.right, self.image_width),
+        )
+
+    def padding(self) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` pixels of the box that lie outside the image."""
+        return (
+            max(-self.top, 0),
+            max(self.bottom - self.image_height, 0),
+            max(-self.left, 0),
+            max(self.right - self.image_width, 0),
+        )
+
+
+def plan_full_image(height: int, width: int, model_size: int) -> CropPlan:
+    """The original's behaviour: the whole image squashed to ``model_size`` x ``model_size``."""
+    return CropPlan(0, 0, height, width, model_size, height, width)
+
+
+def mask_bounding_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(row0, row1, col0, col1)`` (end exclusive) of every value > 0, over all leading dims; None if empty.
+
+    Several disjoint regions give the box around their union, so one crop holds all of them.
+    """
+    # A bool mask is used as is: comparing it with 0 would first promote it to int64 (8 bytes a pixel).
+    nonzero = mask if mask.dtype == torch.bool else mask > 0
+    if nonzero.dim() > 2:
+        nonzero = nonzero.reshape(-1, *nonzero.shape[-2:]).any(dim=0)
+    rows = torch.nonzero(nonzero.any(dim=1)).flatten()
+    if rows.numel() == 0:
+        return None
+    cols = torch.nonzero(nonzero.any(dim=0)).flatten()
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _place_axis(start: int, end: int, side: int, image_extent: int) -> int:
+    """Where a box of ``side`` pixels starts so it contains [start, end) and stays inside the image if it fits."""
+    if side >= image_extent:
+        # Bigger than the image: centre it, so the padding is split evenly and the whole image is inside.
+        return -((side - image_extent) // 2)
+    origin = start - (side - (end - start)) // 2
+    return min(max(origin, 0), image_extent - side)
+
+
+def plan_mask_crop(
+    mask_hw: torch.Tensor,
+    model_size: int,
+    context: float = DEFAULT_CONTEXT,
+    min_crop: int | None = None,
+    min_margin: int = DEFAULT_MIN_MARGIN,
+) -> CropPlan:
+    """A square box around the mask's nonzero pixels plus context, so the model sees the edit undistorted.
+
+    The margin on each side is ``max(context * longer bbox side, min_margin)`` pixels: the model and CLIP need
+    surroundings to produce something that fits in. ``min_crop`` forces a bigger box (more context, less
+    detail). The side is capped at the image's longer side, since beyond that there is no more context to add.
+    A box smaller than ``model_size`` is still resized *up* to ``model_size``: a small edit then gets the
+    model's full resolution, and the paste back downsamples it again.
+
+    The box is shifted inside the image when it fits; when it is bigger than the image along an axis it is
+    centred and the outside part is padded by ``crop_image``. A mask with leading batch dims is reduced to the
+    union of all items, since one model batch runs at one size.
+    """
+    if model_size <= 0:
+        raise ValueError(f"model_size must be positive, got {model_size}")
+    if context < 0 or not math.isfinite(context):
+        raise BlendedInputError(f"crop context must be a finite number >= 0, got {context}; try 0.25")
+    if min_crop is not None and min_crop < 0:
+        raise BlendedInputError(f"min_crop must be >= 0 pixels, got {min_crop}; use 0 to disable it")
+    if mask_hw.dim() < 2:
+        raise ValueError(f"mask must have at least 2 dims [..., H, W], got shape {tuple(mask_hw.shape)}")
+    height, width = int(mask_hw.shape[-2]), int(mask_hw.shape[-1])
+    box = mask_bounding_box(mask_hw)
+    if box is None:
+        raise BlendedInputError(EMPTY_MASK_MESSAGE)
+    row0, row1, col0, col1 = box
+    longer = max(row1 - row0, col1 - col0)
+    margin = max(math.ceil(context * longer), max(min_margin, 0))
+    side = longer + 2 * margin
+    if min_crop:
+        side = max(side, int(min_crop))
+    side = max(min(side, max(height, width)), longer)
+    top = _place_axis(row0, row1, side, height)
+    left = _place_axis(col0, col1, side, width)
+    plan = CropPlan(top, left, side, side, model_size, height, width)
+    logger.debug("mask bbox %s -> crop plan %s", box, plan)
+    return plan
+
+
+def _check_plan_matches(tensor: torch.Tensor, plan: CropPlan, what: str) -> None:
+    if tuple(tensor.shape[-2:]) != (plan.image_height, plan.image_width):
+        raise ValueError(
+            f"{what} is {tuple(tensor.shape[-2:])} but the crop plan was made for "
+            f"{(plan.image_height, plan.image_width)}"
+        )
+
+
+def _pad_axis(tensor: torch.Tensor, before: int, after: int, axis: int) -> torch.Tensor:
+    """Pad one spatial axis by reflection (natural-looking context), or replication when the image is too thin."""
+    if before == 0 and after == 0:
+        return tensor
+    extent = tensor.shape[axis]
+    mode = "reflect" if before < extent and after < extent else "replicate"
+    pad = (0, 0, before, after) if axis == -2 else (before, after, 0, 0)
+    return F.pad(tensor, pad, mode=mode)
+
+
+def _extract_box(tensor: torch.Tensor, plan: CropPlan, fill_outside: str) -> torch.Tensor:
+    row0, row1, col0, col1 = plan.visible_box()
+    box = tensor[..., row0:row1, col0:col1]
+    pad_top, pad_bottom, pad_left, pad_right = plan.padding()
+    if fill_outside == "zeros":
+        if pad_top or pad_bottom or pad_left or pad_right:
+            box = F.pad(box, (pad_left, pad_right, pad_top, pad_bottom), mode="constant", value=0.0)
+        return box
+    box = _pad_axis(box, pad_top, pad_bottom, axis=-2)
+    return _pad_axis(box, pad_left, pad_right, axis=-1)
+
+
+def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize, clamped because bicubic overshoots at sharp edges."""
+    if tuple(image.shape[-2:]) == size:
+        return image.clamp(0.0, 1.0)
+    resized = F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return resized.clamp(0.0, 1.0)
+
+
+def crop_image(image_nchw_0_1: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+    """Cut the plan's box out of ``[B,C,H,W]`` 0..1 pixels and resize it to ``[B,C,S,S]``.
+
+    Only the box is read and copied, so a huge input that is a view costs little.
+    """
+    _check_plan_matches(image_nchw_0_1, plan, "the image")
+    box = _extract_box(image_nchw_0_1.to(torch.float32), plan, fill_outside="reflect")
+    return _resize_image(box, (plan.model_size, plan.model_size))
+
+
+def crop_mask(mask: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+    """Cut the plan's box out of a ``[B,1,H,W]`` mask and return a binary ``[B,1,S,S]`` model mask (1 = edit).
+
+    Binarised with ``> 0`` as the original does (any nonzero pixel edits). Shrinking uses a max pool rather than
+    the original's NEAREST so that a thin stroke cannot fall between samples and vanish; enlarging uses
+    nearest-exact, which is NEAREST without its half-pixel shift. Outside the image the mask is 0: padded
+    context is never edited.
+    """
+    _check_plan_matches(mask, plan, "the mask")
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0).unsqueeze(0)
+    elif mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    box = (_extract_box(mask, plan, fill_outside="zeros") > 0).to(torch.float32)
+    size = plan.model_size
+    shrunk = (min(size, box.shape[-2]), min(size, box.shape[-1]))
+    if shrunk != tuple(box.shape[-2:]):
+        box = F.adaptive_max_pool2d(box, shrunk)
+    if shrunk != (size, size):
+        box = F.interpolate(box, size=(size, size), mode="nearest-exact")
+    return box
+
+
+def paste_back(
+    original_nchw_0_1: torch.Tensor,
+    edited_model_size_0_1: torch.Tensor,
+    plan: CropPlan,
+    composite_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Put the edited model-size crop back into a full-resolution copy of the original.
+
+    ``out = original * (1 - m) + pasted * m`` inside the box, where ``m`` is the composite mask; outside the
+    box and wherever ``m == 0`` the original's bits are kept exactly (``torch.where``, not arithmetic, so no
+    rounding). The composite mask is only used inside the box: plan the crop from the composite mask (after
+    growing/feathering) so the box covers all of it. An original or mask batch of 1 is broadcast to the
+    edited batch (one picture, several samples).
+    """
+    _check_plan_matches(original_nchw_0_1, plan, "the original image")
+    if composite_mask.dim() == 3:
+        composite_mask = composite_mask.unsqueeze(1)
+    _check_plan_matches(composite_mask, plan, "the composite mask")
+    batch = edited_model_size_0_1.shape[0]
+    for name, tensor in (("original image", original_nchw_0_1), ("composite mask", composite_mask)):
+        if tensor.shape[0] not in (1, batch):
+            raise ValueError(f"the {name} has batch {tensor.shape[0]}, expected 1 or {batch}")
+    row0, row1, col0, col1 = plan.visible_box()
+    inside = composite_mask[..., row0:row1, col0:col1]
+    outside_total = float(composite_mask.sum()) - float(inside.sum())
+    if outside_total > 0:
+        logger.warning(
+            "the composite mask reaches outside the crop box; that part is ignored (plan the crop from the "
+            "grown/feathered mask)"
+        )
+    pasted = _resize_image(edited_model_size_0_1.to(torch.float32), (plan.height, plan.width))
+    pad_top, _, pad_left, _ = plan.padding()
+    pasted = pasted[..., pad_top : pad_top + (row1 - row0), pad_left : pad_left + (col1 - col0)]
+
+    out = original_nchw_0_1.to(torch.float32).expand(batch, -1, -1, -1).clone()
+    region = out[..., row0:row1, col0:col1]
+    weight = inside.to(torch.float32).expand(batch, -1, -1, -1)
+    blended = region * (1.0 - weight) + pasted * weight
+    out[..., row0:row1, col0:col1] = torch.where(weight > 0, blended, region)
+    return out
+
+
+def _as_b1hw(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    shape = mask.shape
+    if mask.dim() < 2:
+        raise ValueError(f"mask must have at least 2 dims [..., H, W], got shape {tuple(shape)}")
+    return mask.reshape(-1, 1, shape[-2], shape[-1]).to(torch.float32), shape
+
+
+def _check_shape(shape: str) -> None:
+    if shape not in MASK_SHAPES:
+        raise BlendedInputError(f"mask kernel shape must be one of {MASK_SHAPES}, got {shape!r}")
+
+
+def _unit_step_is_square(step: int, shape: str) -> bool:
+    """The k-th 3x3 step of a growing kernel: square steps only, or square/cross alternating.
+
+    Alternating square and cross steps grows an octagon, a cheap stand-in for a disc (within about 8%) that
+    needs only 3x3 pools. Grow and feather use the same step sequence so a feather never eats into the region
+    it was grown around.
+    """
+    return shape == "square" or step % 2 == 0
+
+
+def _dilate_step(mask: torch.Tensor, square: bool) -> torch.Tensor:
+    if square:
+        return F.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
+    vertical = F.max_pool2d(mask, kernel_size=(3, 1), stride=1, padding=(1, 0))
+    horizontal = F.max_pool2d(mask, kernel_size=(1, 3), stride=1, padding=(0, 1))
+    return torch.maximum(vertical, horizontal)
+
+
+def _erode_step(mask: torch.Tensor, square: bool) -> torch.Tensor:
+    # Pixels outside the image count as "mask": an edit touching the border must not shrink away from it.
+    return 1.0 - _dilate_step(1.0 - mask, square)
+
+
+def _working_box(mask: torch.Tensor, reach: int) -> tuple[int, int, int, int] | None:
+    box = mask_bounding_box(mask)
+    if box is None:
+        return None
+    row0, row1, col0, col1 = box
+    height, width = mask.shape[-2:]
+    return max(row0 - reach, 0), min(row1 + reach, height), max(col0 - reach, 0), min(col1 + reach, width)
+
+
+def grow_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.Tensor:
+    """Dilate (``pixels`` > 0) or erode (< 0) a mask by ``pixels``; 0 returns it unchanged.
+
+    Works on soft masks too (grey-level max/min, like core's GrowMask). The kernel is a square or an
+    octagonal approximation of a circle. Only the mask's bounding box plus ``|pixels|`` is processed, so a small
+    mask on a huge image is cheap. Erosion treats the outside of the image as masked, so a region touching the
+    border stays attached to it. Returns the same shape as the input, float32.
+    """
+    _check_shape(shape)
+    pixels = int(pixels)
+    if pixels == 0:
+        return mask.to(torch.float32)
+    work, original_shape = _as_b1hw(mask)
+    box = _working_box(work, abs(pixels))
+    if box is None:
+        return work.reshape(original_shape)
+    row0, row1, col0, col1 = box
+    region = work[..., row0:row1, col0:col1]
+    if pixels > 0 and shape == "square":
+        kernel = 2 * pixels + 1
+        region = F.max_pool2d(region, kernel_size=(kernel, 1), stride=1, padding=(pixels, 0))
+        region = F.max_pool2d(region, kernel_size=(1, kernel), stride=1, padding=(0, pixels))
+    else:
+        step_fn = _dilate_step if pixels > 0 else _erode_step
+        for step in range(abs(pixels)):
+            region = step_fn(region, _unit_step_is_square(step, shape))
+    out = work.clone()
+    out[..., row0:row1, col0:col1] = region
+    return out.reshape(original_shape)
+
+
+def feather_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.Tensor:
+    """Soften a mask's edge *inward* over ``pixels`` pixels; 0 returns it unchanged.
+
+    The result is never larger than the input: pixel value = min(depth, pixels) / pixels, where depth is how
+    many erosion steps the pixel survives. Feathering inward keeps a hard promise: to blend an edit of region R
+    smoothly while still replacing all of R, grow R by ``pixels`` first and feather the grown mask by the same
+    ``pixels`` with the same ``shape``; R stays exactly 1 and the ramp lies in the grown band. Every nonzero
+    pixel of the input stays nonzero, so binarising with ``> 0`` recovers the input's support.
+    """
+    _check_shape(shape)
+    pixels = int(pixels)
+    if pixels < 0:
+        raise BlendedInputError(f"feather must be >= 0 pixels, got {pixels}; use grow with a negative value to shrink")
+    if pixels == 0:
+        return mask.to(torch.float32)
+    work, original_shape = _as_b1hw(mask)
+    box = _working_box(work, pixels)
+    if box is None:
+        return work.reshape(original_shape)
+    row0, row1, col0, col1 = box
+    region = work[..., row0:row1, col0:col1]
+    total = region.clone()
+    eroded = region
+    for step in range(pixels - 1):
+        eroded = _erode_step(eroded, _unit_step_is_square(step, shape))
+        total += eroded
+    out = work.clone()
+    out[..., row0:row1, col0:col1] = total / pixels
+    return out.reshape(original_shape)
+
+
+def box_mask(plan: CropPlan, batch: int = 1) -> torch.Tensor:
+    """[batch,1,H,W] ones inside the plan's visible box: the composite when the whole crop is kept
+    (no enforced background), so nothing outside the box the model saw can change."""
+    row0, row1, col0, col1 = plan.visible_box()
+    mask = torch.zeros(batch, 1, plan.image_height, plan.image_width)
+    mask[:, :, row0:row1, col0:col1] = 1.0
+    return mask

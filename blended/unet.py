@@ -1,0 +1,393 @@
+"""The guided-diffusion ("ADM", Dhariwal & Nichol 2021) UNet, written to load OpenAI's released checkpoints.
+
+Blended Diffusion guides OpenAI's ``256x256_diffusion_uncond.pt``; to load that file strictly, every parameter
+name and shape here follows the original module tree (``time_embed.0``, ``input_blocks.N.M.*``, ResBlock
+``in_layers.0/.2``, ``emb_layers.1``, ``out_layers.0/.3``, AttentionBlock ``norm/qkv/proj_out`` with Conv1d
+k=1, ``out.0/.2``). Everything else (how attention is computed, how low precision is handled, activation
+checkpointing) is free, and is chosen for speed:
+
+* attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`. The released weights use
+  the "legacy" qkv channel order (heads split before q/k/v); a load pre-hook permutes them into the
+  ``[q | k | v]`` order SDPA wants, and a state-dict post-hook permutes them back, so results equal the
+  original and a save/load round trip is lossless;
+* :meth:`GuidedDiffusionUNet.to_compute_dtype` reproduces the original's fp16 scheme (only the convs of the
+  three block stacks in low precision; GroupNorm, timestep embedding, ``emb_layers`` and ``out`` in fp32);
+* ``gradient_checkpointing`` trades compute for memory in the grad-enabled forward of CLIP guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["UNetConfig", "GuidedDiffusionUNet", "timestep_embedding"]
+
+GROUP_NORM_GROUPS = 32
+GROUP_NORM_EPS = 1e-5
+TIMESTEP_MAX_PERIOD = 10000
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The architecture of one guided-diffusion UNet.
+
+    ``attention_resolutions`` holds downsample rates (``ds = image_size // resolution``), not resolutions:
+    the network only knows rates, and rates make the config independent of the working image size.
+    ``image_size`` is the resolution the weights were trained at; the network itself runs at any size
+    divisible by ``2 ** (len(channel_mult) - 1)``.
+    """
+
+    image_size: int = 256
+    in_channels: int = 3
+    model_channels: int = 256
+    out_channels: int = 6
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (8, 16, 32)
+    channel_mult: tuple[float, ...] = (1, 1, 2, 2, 4, 4)
+    num_classes: int | None = None
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    num_heads: int = 4
+    num_head_channels: int = 64
+    num_heads_upsample: int = -1
+    use_new_attention_order: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Normalise containers so that configs from JSON, detection and code compare equal.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(int(d) for d in self.attention_resolutions)))
+        object.__setattr__(self, "channel_mult", tuple(_plain_number(m) for m in self.channel_mult))
+
+    @property
+    def learn_sigma(self) -> bool:
+        """The model predicts variance interpolation values next to eps (LEARNED_RANGE)."""
+        return self.out_channels == 2 * self.in_channels
+
+    @property
+    def class_cond(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    @property
+    def downsample_factor(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def heads_for(self, channels: int, upsample_path: bool = False) -> int:
+        """Head count of an attention block, by the original's rule (head width wins over head count)."""
+        if self.num_head_channels != -1:
+            if channels % self.num_head_channels:
+                raise ValueError(f"{channels} channels are not divisible by num_head_channels={self.num_head_channels}")
+            return channels // self.num_head_channels
+        if upsample_path and self.num_heads_upsample != -1:
+            return self.num_heads_upsample
+        return self.num_heads
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["attention_resolutions"] = list(self.attention_resolutions)
+        data["channel_mult"] = list(self.channel_mult)
+        return data
+
+
+def _plain_number(value: float) -> float | int:
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
+    """Sinusoidal embedding with the cos half first, as the checkpoints were trained with (float32)."""
+    half = dim // 2
+    # Same operation order as the training code, so the float32 frequencies match bit for bit.
+    steps = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
+    args = timesteps.reshape(-1, 1).float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back: fp16 statistics over large maps are not accurate enough."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def _norm(channels: int) -> GroupNorm32:
+    return GroupNorm32(GROUP_NORM_GROUPS, channels, eps=GROUP_NORM_EPS)
+
+
+class Downsample(nn.Module):
+    """2x downsampling: strided 3x3 conv (key ``op``) or, without a conv, 2x2 average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+        else:
+            if out_channels != channels:
+                raise ValueError("pooling cannot change the channel count")
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """2x nearest upsampling, optionally followed by a 3x3 conv (key ``conv``)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        elif out_channels != channels:
+            raise ValueError("upsampling without a conv cannot change the channel count")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        conv = getattr(self, "conv", None)
+        return x if conv is None else conv(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding, optionally resampling (``resblock_updown``)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = True,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.resample: nn.Module | None
+        if up:
+            self.resample = Upsample(channels, use_conv=False)
+        elif down:
+            self.resample = Downsample(channels, use_conv=False)
+        else:
+            self.resample = None
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        self.out_layers = nn.Sequential(
+            _norm(out_channels), nn.SiLU(), nn.Dropout(p=dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        if out_channels == channels:
+            self.skip_connection: nn.Module = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        norm_in, act_in, conv_in = self.in_layers
+        h = act_in(norm_in(x))
+        if self.resample is not None:
+            # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
+            h = self.resample(h)
+            x = self.resample(x)
+        h = conv_in(h)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        norm_out, act_out, dropout, conv_out = self.out_layers
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = torch.addcmul(shift, norm_out(h), 1 + scale)
+        else:
+            h = norm_out(h + emb_out)
+        h = conv_out(dropout(act_out(h)))
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention; the qkv weights are held in ``[q | k | v]`` order whatever the file's order."""
+
+    def __init__(self, channels: int, num_heads: int, legacy_order: bool):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.legacy_order = legacy_order
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        if legacy_order:
+            self.register_load_state_dict_pre_hook(_legacy_qkv_to_split_order)
+            self.register_state_dict_post_hook(_split_qkv_to_legacy_order)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = x.reshape(batch, channels, height * width)
+        qkv = self.qkv(self.norm(tokens))
+        head_dim = channels // self.num_heads
+        # [B, 3C, T] -> three [B, heads, T, head_dim] views; SDPA's softmax accumulates in float32.
+        q, k, v = qkv.view(batch, 3, self.num_heads, head_dim, height * width).transpose(-1, -2).unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = attended.transpose(-1, -2).reshape(batch, channels, height * width)
+        return (tokens + self.proj_out(attended)).reshape(batch, channels, height, width)
+
+
+def _qkv_permutation_shapes(module: AttentionBlock) -> tuple[int, int, int]:
+    return module.num_heads, module.channels // module.num_heads, module.channels
+
+
+def _legacy_to_split(tensor: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    # Legacy rows are [h0: q k v | h1: q k v | ...]; SDPA wants [q: h0 h1 .. | k: .. | v: ..].
+    rest = tensor.shape[1:]
+    return tensor.reshape(heads, 3, head_dim, *rest).transpose(0, 1).reshape(3 * heads * head_dim, *rest)
+
+
+def _split_to_legacy(tensor: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    rest = tensor.shape[1:]
+    return tensor.reshape(3, heads, head_dim, *rest).transpose(0, 1).reshape(3 * heads * head_dim, *rest)
+
+
+def _legacy_qkv_to_split_order(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    heads, head_dim, channels = _qkv_permutation_shapes(module)
+    for name in ("weight", "bias"):
+        key = f"{prefix}qkv.{name}"
+        tensor = state_dict.get(key)
+        # A wrongly shaped tensor is left alone so that load_state_dict reports the size mismatch itself.
+        if isinstance(tensor, torch.Tensor) and tensor.shape[:1] == (3 * channels,):
+            state_dict[key] = _legacy_to_split(tensor, heads, head_dim)
+
+
+def _split_qkv_to_legacy_order(module, state_dict, prefix, local_metadata):
+    heads, head_dim, _ = _qkv_permutation_shapes(module)
+    for name in ("weight", "bias"):
+        key = f"{prefix}qkv.{name}"
+        if key in state_dict:
+            state_dict[key] = _split_to_legacy(state_dict[key].detach(), heads, head_dim)
+
+
+class TimestepBlock(nn.Sequential):
+    """A block of the UNet: layers that take the timestep embedding get it, the others only see x."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+        return x
+
+
+class GuidedDiffusionUNet(nn.Module):
+    """OpenAI's guided-diffusion UNet: ``forward(x, timesteps, y=None) -> [B, out_channels, H, W]``.
+
+    ``timesteps`` are float timesteps on the original training scale (0..999), as the spaced diffusion
+    hands them over. ``y`` holds class labels for class-conditional checkpoints.
+    """
+
+    def __init__(self, config: UNetConfig, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = gradient_checkpointing
+        mc = config.model_channels
+        emb_dim = config.time_embed_dim
+        legacy = not config.use_new_attention_order
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.num_classes is not None:
+            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+
+        def res_block(ch_in: int, ch_out: int, **resample) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, config.dropout, ch_out, config.use_scale_shift_norm, **resample)
+
+        ch = input_ch = int(config.channel_mult[0] * mc)
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        ds = 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers: list[nn.Module] = [res_block(ch, int(mult * mc))]
+                ch = int(mult * mc)
+                if ds in config.attention_resolutions:
+                    layers.append(AttentionBlock(ch, config.heads_for(ch), legacy))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skip_channels.append(ch)
+            if level != len(config.channel_mult) - 1:
+                if config.resblock_updown:
+                    self.input_blocks.append(TimestepBlock(res_block(ch, ch, down=True)))
+                else:
+                    self.input_blocks.append(TimestepBlock(Downsample(ch, use_conv=True)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepBlock(
+            res_block(ch, ch), AttentionBlock(ch, config.heads_for(ch), legacy), res_block(ch, ch)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for i in range(config.num_res_blocks + 1):
+                layers = [res_block(ch + skip_channels.pop(), int(mc * mult))]
+                ch = int(mc * mult)
+                if ds in config.attention_resolutions:
+                    layers.append(AttentionBlock(ch, config.heads_for(ch, upsample_path=True), legacy))
+                if level and i == config.num_res_blocks:
+                    if config.resblock_updown:
+                        layers.append(res_block(ch, ch, up=True))
+                    else:
+                        layers.append(Upsample(ch, use_conv=True))
+                    ds //= 2
+                self.output_blocks.append(TimestepBlock(*layers))
+
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, config.out_channels, 3, padding=1))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the block stacks run in (that of their convs, as :meth:`to_compute_dtype` set it)."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> GuidedDiffusionUNet:
+        """Run the block stacks' convs in ``dtype``, keeping the original's fp32 islands.
+
+        Exactly the Conv1d/Conv2d weights of ``input_blocks``, ``middle_block`` and ``output_blocks`` are
+        converted (what guided-diffusion's ``convert_to_fp16`` does); GroupNorm affine parameters, the time
+        embedding, ``emb_layers`` and the final ``out`` stay float32. ``torch.float32`` undoes it.
+        """
+        for stack in (self.input_blocks, self.middle_block, self.output_blocks):
+            for module in stack.modules():
+                if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                    module.to(dtype)
+        return self
+
+    def _run_block(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if (y is None) != (self.config.num_classes is None):
+            raise ValueError("class labels y must be given exactly when the model is class-conditional")
+        time_weight = self.time_embed[0].weight
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(time_weight.device, time_weight.dtype)
+        emb = self.time_embed(t_emb)
+        if y is not None:
+            emb = emb + self.label_emb(y)
+
+        h = x.to(self.compute_dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run_block(block, h, emb)
+            skips.append(h)
+        h = self._run_block(self.middle_block, h, emb)
+        for block in self.output_blocks:
+            h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)

@@ -1,0 +1,135 @@
+"""What the nodes share with ComfyUI's machinery: model bundles, loading, dtypes, progress, previews.
+
+Models are wrapped in ``ModelPatcher`` so ComfyUI loads, offloads and frees them like its own; they are
+built and moved outside inference mode because CLIP guidance needs autograd through them (ComfyUI runs every
+node under ``torch.inference_mode()``, whose tensors cannot be saved for backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+
+log = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GuidedDiffusionModel:
+    """The GUIDED_DIFFUSION_MODEL passed between nodes."""
+
+    patcher: object
+    unet: torch.nn.Module
+    compute_dtype: torch.dtype
+    name: str
+
+
+@dataclass
+class GuidanceClipModel:
+    """The GUIDANCE_CLIP passed between nodes."""
+
+    patcher: object
+    clip: object
+    name: str
+
+
+@dataclass
+class ClipGuidanceSpec:
+    """The CLIP_GUIDANCE passed between nodes: which CLIP, which prompts, which loss weights."""
+
+    clip: GuidanceClipModel
+    prompts: list
+    settings: object
+    truncate_prompts: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_dtype(choice: str, device) -> torch.dtype:
+    """'auto' follows ComfyUI: half precision where ComfyUI would use it on that device (the original ran its
+    UNet torso and CLIP in fp16 on the GPU), float32 on the CPU."""
+    if choice in _DTYPES:
+        return _DTYPES[choice]
+    if mm.should_use_fp16(device, prioritize_performance=True):
+        return torch.float16
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float32
+
+
+def make_patcher(module: torch.nn.Module):
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def load_state_dict(path: str) -> dict:
+    """ComfyUI's safe loader: safetensors, or torch.load(weights_only=True); never arbitrary unpickling."""
+    from ..blended.errors import CheckpointError
+
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as exc:  # torch/safetensors raise many types; the user needs one clear message
+        raise CheckpointError(path, f"cannot be read as a model file ({type(exc).__name__}: {exc}). "
+                                    "Is it complete (not truncated) and a .pt/.safetensors state dict?") from exc
+
+
+def activation_bytes(batch: int, image_size: int, dtype: torch.dtype, checkpointing: bool = False) -> int:
+    """Rough memory the guided step needs: the original's grad-enabled forward saves about 4.5 GiB per 256x256
+    image in float32 (3.4 GiB with the fp16 torso); checkpointing keeps only block inputs."""
+    per_image = 4.5 * (1 << 30) * (image_size / 256) ** 2
+    if dtype in (torch.float16, torch.bfloat16):
+        per_image *= 0.75
+    if checkpointing:
+        per_image *= 0.25
+    return int(batch * per_image + (1 << 30))
+
+
+def load_for_sampling(patchers, memory_required: int) -> None:
+    """Load all models at once so ComfyUI frees room for both, fully (plain nn.Modules cannot stream)."""
+    with torch.inference_mode(False):
+        mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=True)
+
+
+@contextlib.contextmanager
+def autograd_enabled():
+    """Undo ComfyUI's inference mode for the guided loop; release cached memory however it ends."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        mm.soft_empty_cache()
+
+
+def progress_callback(total: int, node_id=None, preview: bool = True):
+    """A sampler callback that moves ComfyUI's progress bar with a pred_xstart preview and honours Cancel."""
+    from PIL import Image
+
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    try:
+        from comfy.cli_args import args
+        preview_size = int(getattr(args, "preview_size", 512))
+    except Exception:
+        preview_size = 512
+
+    def callback(done: int, total_steps: int, pred_xstart: torch.Tensor) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        image = None
+        if preview and pred_xstart is not None:
+            pixels = pred_xstart[0].detach().float().add(1).div(2).clamp(0, 1)
+            array = (pixels.movedim(0, -1).cpu().numpy() * 255).round().astype("uint8")
+            image = ("JPEG", Image.fromarray(array), preview_size)
+        bar.update_absolute(done, total_steps, image)
+
+    return callback
+
+
+def to_output(images: torch.Tensor) -> torch.Tensor:
+    return images.detach().to(mm.intermediate_device(), dtype=torch.float32)

@@ -1,0 +1,114 @@
+"""Loader nodes: the guided-diffusion UNet and the guidance CLIP, each from its own model folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..blended.checkpoint import load_guided_diffusion
+from ..blended.clip_model import load_guidance_clip
+from . import comfy_bridge as bridge
+from .model_folders import CLIP_GUIDANCE_FOLDER, GUIDED_DIFFUSION_FOLDER, model_file_list, model_file_path
+
+log = logging.getLogger(__name__)
+CATEGORY = "BlendedDiffusion/loaders"
+
+
+class LoadGuidedDiffusionModel:
+    DESCRIPTION = ("Loads an OpenAI guided-diffusion UNet (256x256_diffusion_uncond.pt, the model Blended "
+                   "Diffusion uses; or the class-conditional 256x256_diffusion.pt / 512x512_diffusion.pt) from "
+                   "models/guided_diffusion. The architecture is read from the weights; a config.json beside "
+                   "the file wins over detection, the widgets below win over both.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("GUIDED_DIFFUSION_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The diffusion UNet, managed by ComfyUI's model memory manager.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (model_file_list(GUIDED_DIFFUSION_FOLDER), {
+                    "tooltip": "Checkpoint in models/guided_diffusion (.pt state dict or .safetensors)."}),
+                "dtype": (bridge.DTYPE_CHOICES, {
+                    "default": "auto",
+                    "tooltip": "Precision of the UNet's convolutions. auto = float16 on GPUs that suit it "
+                               "(as the original), float32 on CPU. Norms and timestep embedding always run "
+                               "in float32."}),
+                "attention_order": (["auto", "legacy", "new"], {
+                    "default": "auto",
+                    "tooltip": "Layout of the attention qkv weights. OpenAI's released checkpoints use "
+                               "'legacy' (auto picks config.json's value, else legacy)."}),
+                "head_channels": ("INT", {
+                    "default": 0, "min": 0, "max": 1024, "step": 1,
+                    "tooltip": "Channels per attention head; 0 = auto (config.json, else 64 as the released "
+                               "checkpoints)."}),
+                "gradient_checkpointing": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Recompute UNet blocks during the guidance backward pass instead of keeping "
+                               "their activations: much less memory for big batches, about a third slower."}),
+            }
+        }
+
+    def load(self, model_name, dtype="auto", attention_order="auto", head_channels=0,
+             gradient_checkpointing=False):
+        path = model_file_path(GUIDED_DIFFUSION_FOLDER, model_name)
+        overrides = {}
+        if attention_order != "auto":
+            overrides["use_new_attention_order"] = attention_order == "new"
+        if head_channels:
+            overrides["num_head_channels"] = int(head_channels)
+        state_dict = bridge.load_state_dict(path)
+        device = bridge.mm.get_torch_device()
+        compute_dtype = bridge.resolve_dtype(dtype, device)
+        with torch.inference_mode(False):
+            unet, config = load_guided_diffusion(path=path, state_dict=state_dict, overrides=overrides or None)
+            if compute_dtype != torch.float32:
+                unet.to_compute_dtype(compute_dtype)
+            unet.gradient_checkpointing = bool(gradient_checkpointing)
+        del state_dict
+        log.info("Loaded guided-diffusion UNet %s (%s, %s)", model_name, config, compute_dtype)
+        return (bridge.GuidedDiffusionModel(bridge.make_patcher(unet), unet, compute_dtype,
+                                            os.path.basename(model_name)),)
+
+
+class LoadGuidanceCLIP:
+    DESCRIPTION = ("Loads the CLIP model that guides and ranks edits (the original uses ViT-B/16) from "
+                   "models/clip_guidance: open_clip checkpoints (.safetensors/.bin) or OpenAI's ViT-B-16.pt. "
+                   "The architecture is read from the weights; nothing is downloaded.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("GUIDANCE_CLIP",)
+    RETURN_NAMES = ("clip",)
+    OUTPUT_TOOLTIPS = ("CLIP for guidance and ranking, managed by ComfyUI's model memory manager.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip_name": (model_file_list(CLIP_GUIDANCE_FOLDER), {
+                    "tooltip": "CLIP weights in models/clip_guidance, e.g. open_clip's ViT-B-16 (OpenAI) "
+                               "open_clip_model.safetensors renamed to ViT-B-16.safetensors."}),
+                "dtype": (bridge.DTYPE_CHOICES, {
+                    "default": "auto",
+                    "tooltip": "Precision of CLIP. auto = float16 on suitable GPUs (as the original), "
+                               "float32 on CPU. Embeddings are always compared in float32."}),
+            }
+        }
+
+    def load(self, clip_name, dtype="auto"):
+        path = model_file_path(CLIP_GUIDANCE_FOLDER, clip_name)
+        device = bridge.mm.get_torch_device()
+        compute_dtype = bridge.resolve_dtype(dtype, device)
+        with torch.inference_mode(False):
+            if path.endswith((".safetensors", ".sft")):
+                clip = load_guidance_clip(path=path, state_dict=bridge.load_state_dict(path))
+            else:
+                # .pt may be OpenAI's TorchScript archive, which the library reads itself, safely.
+                clip = load_guidance_clip(path=path)
+            if compute_dtype != torch.float32:
+                clip.model.to(compute_dtype)
+        return (bridge.GuidanceClipModel(bridge.make_patcher(clip.model), clip, os.path.basename(clip_name)),)

@@ -1,0 +1,41 @@
+"""Model folders of the pack, registered the way ComfyUI's own folders are.
+
+Assigning ``folder_names_and_paths`` directly (rather than ``add_model_folder_path`` alone, which gives an
+unknown folder an empty extension set) keeps paths a user's ``extra_model_paths.yaml`` added before custom
+nodes were imported, and lists only model files.
+"""
+
+import os
+
+import folder_paths
+
+GUIDED_DIFFUSION_FOLDER = "guided_diffusion"
+CLIP_GUIDANCE_FOLDER = "clip_guidance"
+
+
+def register_model_folders() -> None:
+    for name in (GUIDED_DIFFUSION_FOLDER, CLIP_GUIDANCE_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, _ = folder_paths.folder_names_and_paths[name]
+            paths = list(paths)
+            if default not in paths:
+                paths.append(default)
+        else:
+            paths = [default]
+        folder_paths.folder_names_and_paths[name] = (paths, set(folder_paths.supported_pt_extensions))
+
+
+def model_file_list(name: str) -> list:
+    files = folder_paths.get_filename_list(name)
+    return sorted(files)
+
+
+def model_file_path(name: str, filename: str) -> str:
+    path = folder_paths.get_full_path(name, filename)
+    if path is None or not os.path.isfile(path):
+        folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
+        raise FileNotFoundError(
+            f"model file {filename!r} was not found in the {name} folder ({folders}). "
+            f"Put the file there (see the pack's README for downloads) and press R to refresh the list.")
+    return path

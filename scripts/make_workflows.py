@@ -1,0 +1,310 @@
+"""Writes the UI-format example workflows in workflows/ from the live node definitions.
+
+Generating them (instead of hand-editing JSON) keeps every workflow's widget values in the exact positional
+order the installed ComfyUI frontend expects, for our nodes and core ones alike. Run after changing a node's
+inputs:
+
+    PYTHONPATH=. .venv/bin/python scripts/make_workflows.py
+
+A test (tests/test_workflows_execute.py) checks that the committed files are what this script writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.comfy_harness import InProcessComfy, build_workspace, find_comfyui, widget_layout
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "workflows"
+GD = "256x256_diffusion_uncond.pt"
+CLIP = "ViT-B-16.safetensors"
+IMG, MASK = "blended_example_img.png", "blended_example_mask.png"
+IMG2, MASK2 = "blended_example_img2.png", "blended_example_mask2.png"
+SCRIBBLE = "blended_example_scribble.png"
+
+
+class Graph:
+    """A UI-format (v0.4) workflow under construction."""
+
+    def __init__(self, defs: dict):
+        self.defs = defs
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, node_type: str, pos, widgets: dict | None = None, title: str | None = None,
+            size=(320, 200)) -> dict:
+        d = self.defs[node_type]
+        widgets = dict(widgets or {})
+        values = []
+        for name, spec in widget_layout(d):
+            if name is None:
+                values.append("fixed" if spec.get("extra") == "control_after_generate" else "image")
+                continue
+            if name in widgets:
+                values.append(widgets.pop(name))
+                continue
+            type_, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            if "default" in options:
+                values.append(options["default"])
+            elif isinstance(type_, (list, tuple)):
+                values.append(type_[0] if type_ else "")
+            else:
+                values.append({"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(type_, None))
+        if widgets:
+            raise KeyError(f"{node_type} has no widgets {sorted(widgets)}")
+        widget_names = {name for name, _ in widget_layout(d) if name}
+        inputs = []
+        for section in ("required", "optional"):
+            for name, spec in d["input"].get(section, {}).items():
+                if name not in widget_names:
+                    inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO",
+                                   "link": None})
+        names = d.get("output_name") or d["output"]
+        outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
+                   for i, (n, t) in enumerate(zip(names, d["output"]))]
+        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size),
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": node_type}, "widgets_values": values}
+        if node_type.startswith("BlendedDiffusion_"):
+            node["properties"]["cnr_id"] = "blended-diffusion"
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: dict, output, dst: dict, input_name: str) -> None:
+        if isinstance(output, str):
+            output = next(o["slot_index"] for o in src["outputs"] if o["name"] == output)
+        out = src["outputs"][output]
+        slot = next(i for i, s in enumerate(dst["inputs"]) if s["name"] == input_name)
+        link_id = len(self.links) + 1
+        self.links.append([link_id, src["id"], output, dst["id"], slot, out["type"]])
+        out["links"].append(link_id)
+        dst["inputs"][slot]["link"] = link_id
+
+    def to_json(self, note: str) -> dict:
+        return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+                "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "blended_diffusion_note": note},
+                "version": 0.4}
+
+
+def models(g: Graph, x=0, y=0):
+    unet = g.add("BlendedDiffusion_LoadGuidedDiffusion", (x, y), {"model_name": GD}, size=(340, 180))
+    clip = g.add("BlendedDiffusion_LoadCLIP", (x, y + 220), {"clip_name": CLIP}, size=(340, 110))
+    return unet, clip
+
+
+def inputs(g: Graph, image=IMG, mask=MASK, x=0, y=380):
+    img = g.add("LoadImage", (x, y), {"image": image}, size=(340, 320))
+    msk = g.add("LoadImageMask", (x, y + 360), {"image": mask, "channel": "red"}, size=(340, 320))
+    return img, msk
+
+
+def guidance(g: Graph, clip, prompt, x=400, y=0, **widgets):
+    node = g.add("BlendedDiffusion_CLIPGuidance", (x, y), {"prompt": prompt, **widgets}, size=(380, 260))
+    g.link(clip, 0, node, "clip")
+    return node
+
+
+def sampler(g: Graph, unet, guide, image_src, mask_src, x=820, y=0, title=None, **widgets):
+    node = g.add("BlendedDiffusion_Sampler", (x, y), widgets, title=title, size=(360, 620))
+    g.link(unet, 0, node, "model")
+    g.link(guide, 0, node, "guidance")
+    g.link(image_src[0], image_src[1], node, "image")
+    g.link(mask_src[0], mask_src[1], node, "mask")
+    return node
+
+
+def save(g: Graph, src, output, prefix, x, y):
+    node = g.add("SaveImage", (x, y), {"filename_prefix": prefix}, size=(360, 360))
+    g.link(src, output, node, "images")
+    return node
+
+
+def ranked_results(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a big rock")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=8, batch_size=4)
+    rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 2}, size=(340, 220))
+    g.link(samp, 0, rank, "images")
+    g.link(clip, 0, rank, "clip")
+    g.link(samp, 1, rank, "mask")
+    save(g, rank, 1, "blended/ranked_best", 1600, 0)
+    preview = g.add("PreviewImage", (1220, 280), size=(340, 360))
+    g.link(rank, 0, preview, "images")
+    text = g.add("PreviewAny", (1600, 420), size=(340, 200))
+    g.link(rank, 2, text, "source")
+    return g.to_json("Many results for one prompt, ranked by CLIP (the original makes 32; 64 recommended).")
+
+
+def different_prompts(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g, IMG2, MASK2)
+    guide = guidance(g, clip, "a teddy bear\na white cat\na red ball")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=2, batch_size=2)
+    save(g, samp, 0, "blended/different_prompts", 1220, 0)
+    return g.to_json("Different prompts for one image and mask: one line per prompt, results of every prompt "
+                     "share their seeds so they differ only by the text.")
+
+
+def alter_object_part(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, _ = inputs(g)
+    # A box on the leopard's flank, built from core mask nodes (users paint it in the mask editor).
+    base = g.add("SolidMask", (0, 740), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
+    part = g.add("SolidMask", (0, 900), {"value": 1.0, "width": 70, "height": 50}, size=(300, 110))
+    comp = g.add("MaskComposite", (360, 740), {"x": 150, "y": 115, "operation": "add"}, size=(300, 160))
+    g.link(base, 0, comp, "destination")
+    g.link(part, 0, comp, "source")
+    guide = guidance(g, clip, "blue fur")
+    samp = sampler(g, unet, guide, (img, 0), (comp, 0), num_results=4, skip_timesteps=33)
+    save(g, samp, 0, "blended/object_part", 1220, 0)
+    return g.to_json("Altering part of an object: only the masked part of the leopard changes.")
+
+
+def background_replacement(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g, IMG2, MASK2)
+    # Mask the dogs (white) and invert it: everything else is regenerated.
+    guide = guidance(g, clip, "a snowy mountain landscape")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4, skip_timesteps=33, invert_mask=True)
+    save(g, samp, 0, "blended/background", 1220, 0)
+    return g.to_json("Background replacement: invert_mask regenerates everything outside the painted mask "
+                     "(paper: skip 33 of 100 steps).")
+
+
+def scribble_guided(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g, SCRIBBLE, MASK)
+    guide = guidance(g, clip, "a blue ball")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4, skip_timesteps=40)
+    save(g, samp, 0, "blended/scribble", 1220, 0)
+    return g.to_json("Scribble-guided editing: a rough colour scribble inside the mask plus a prompt; more "
+                     "skipped steps keep the scribble's colours (paper: skip 40).")
+
+
+def text_guided_extrapolation(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 320))
+    pad = g.add("ImagePadForOutpaint", (400, 380), {"left": 0, "top": 0, "right": 128, "bottom": 0,
+                                                    "feathering": 0}, size=(320, 180))
+    g.link(img, 0, pad, "image")
+    guide = guidance(g, clip, "a dirt road in the savanna")
+    samp = sampler(g, unet, guide, (pad, 0), (pad, 1), num_results=4, region="mask_crop", context=0.5)
+    save(g, samp, 0, "blended/extrapolation", 1220, 0)
+    return g.to_json("Text-guided extrapolation (outpainting): core ImagePadForOutpaint widens the photo; the "
+                     "sampler fills the padding, working on a square crop so any aspect ratio works.")
+
+
+def sequential_edits(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    first = guidance(g, clip, "a big rock")
+    s1 = sampler(g, unet, first, (img, 0), (msk, 0), title="Edit 1: rock", num_results=1)
+    mask2 = g.add("SolidMask", (400, 760), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
+    box = g.add("SolidMask", (400, 900), {"value": 1.0, "width": 60, "height": 60}, size=(300, 110))
+    comp = g.add("MaskComposite", (400, 1040), {"x": 180, "y": 20, "operation": "add"}, size=(300, 160))
+    g.link(mask2, 0, comp, "destination")
+    g.link(box, 0, comp, "source")
+    second = guidance(g, clip, "a hot air balloon", x=1220, y=0)
+    s2 = sampler(g, unet, second, (s1, 0), (comp, 0), x=1640, y=0, title="Edit 2: balloon", num_results=1)
+    save(g, s2, 0, "blended/sequential", 2040, 0)
+    return g.to_json("Composing several edits in sequence: the first result is the second edit's input.")
+
+
+def chain_core_compositing(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a puddle of water")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=1)
+    grow = g.add("GrowMask", (1220, 0), {"expand": 6, "tapered_corners": True}, size=(300, 110))
+    g.link(samp, 1, grow, "mask")
+    feather = g.add("FeatherMask", (1220, 160), {"left": 8, "top": 8, "right": 8, "bottom": 8}, size=(300, 160))
+    g.link(grow, 0, feather, "mask")
+    comp = g.add("ImageCompositeMasked", (1560, 0), {"x": 0, "y": 0, "resize_source": False}, size=(320, 170))
+    g.link(img, 0, comp, "destination")
+    g.link(samp, 0, comp, "source")
+    g.link(feather, 0, comp, "mask")
+    save(g, comp, 0, "blended/chained", 1920, 0)
+    return g.to_json("Chaining into core nodes: the sampler's mask output is grown and feathered by core "
+                     "GrowMask/FeatherMask and ImageCompositeMasked blends our edit into the original.")
+
+
+def high_resolution(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    up = g.add("ImageScale", (400, 380), {"upscale_method": "lanczos", "width": 1000, "height": 600,
+                                         "crop": "disabled"}, size=(320, 160))
+    g.link(img, 0, up, "image")
+    guide = guidance(g, clip, "a big rock")
+    samp = sampler(g, unet, guide, (up, 0), (msk, 0), num_results=2, region="mask_crop", context=0.5,
+                   grow_mask=4, feather=6)
+    save(g, samp, 0, "blended/high_res", 1220, 0)
+    return g.to_json("Any resolution and aspect ratio: a 1000x600 photo is edited on a square crop around the "
+                     "mask at model resolution and pasted back; grow/feather soften the seam.")
+
+
+def process_video(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a big rock")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=1, capture_every=3)
+    save(g, samp, 0, "blended/process_final", 1220, 0)
+    anim = g.add("SaveAnimatedWEBP", (1220, 400), {"filename_prefix": "blended/process", "fps": 8.0},
+                 size=(360, 420))
+    g.link(samp, 2, anim, "images")
+    return g.to_json("The process as an animation: the model's x0 prediction every 3 steps, saved as WEBP.")
+
+
+WORKFLOWS = {
+    "01_ranked_results": ranked_results,
+    "02_different_prompts": different_prompts,
+    "03_alter_object_part": alter_object_part,
+    "04_background_replacement": background_replacement,
+    "05_scribble_guided": scribble_guided,
+    "06_text_guided_extrapolation": text_guided_extrapolation,
+    "07_sequential_edits": sequential_edits,
+    "08_chain_core_compositing": chain_core_compositing,
+    "09_high_resolution_crop": high_resolution,
+    "10_process_animation": process_video,
+}
+
+
+def build_all(defs: dict) -> dict[str, dict]:
+    return {name: make(defs) for name, make in WORKFLOWS.items()}
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    comfy = find_comfyui()
+    if comfy is None:
+        logging.error("no ComfyUI found: run scripts/setup_env.sh first")
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        defs = InProcessComfy(comfy, build_workspace(Path(tmp), comfy)).node_defs()
+    OUT_DIR.mkdir(exist_ok=True)
+    for name, workflow in build_all(defs).items():
+        (OUT_DIR / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

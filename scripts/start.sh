@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Start ComfyUI with this pack: set up (idempotent), put the example photos where the shipped workflows
+# expect them, then run ComfyUI on 127.0.0.1:${PORT:-8188}. Extra arguments go to ComfyUI's main.py.
+# Works without a GPU: --cpu is added when torch sees neither CUDA nor MPS.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${BLENDED_VENV:-$ROOT/.venv}"
+
+bash "$ROOT/scripts/setup_env.sh"
+COMFY="$(cat "$VENV/comfyui-path")"
+
+# The workflows' LoadImage nodes name these files; ComfyUI only lists files in its input folder.
+mkdir -p "$COMFY/input"
+for name in img mask img2 mask2; do
+  cp -f "$ROOT/tests/fixtures/examples/$name.png" "$COMFY/input/blended_example_$name.png"
+done
+
+extra=()
+if ! "$VENV/bin/python" -c "import sys, torch
+mps = getattr(torch.backends, 'mps', None)
+sys.exit(0 if torch.cuda.is_available() or (mps is not None and mps.is_available()) else 1)" 2>/dev/null; then
+  case " $* " in *" --cpu "*) ;; *) echo "[start] no CUDA/MPS device found: running ComfyUI with --cpu"; extra+=(--cpu) ;; esac
+fi
+
+echo "[start] models go in $COMFY/models/guided_diffusion and $COMFY/models/clip_guidance"
+cd "$COMFY"
+exec "$VENV/bin/python" main.py --listen 127.0.0.1 --port "${PORT:-8188}" "${extra[@]}" "$@"

@@ -1,0 +1,188 @@
+"""CLIP views (augment.py) and the loss terms (losses.py), checked against their definitions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blended.augment import AugmentationSettings, ImageAugmentations
+from blended.clip_model import CLIP_MEAN, CLIP_STD, load_guidance_clip
+from blended.errors import BlendedInputError
+from blended.losses import (background_l2, clip_guidance_loss, cosine_distance, range_loss,
+                            spherical_distance)
+
+CLIP_DIR = Path(__file__).parent / "fixtures" / "reference" / "clip_tiny"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_guidance_clip(CLIP_DIR / "model.pt")
+
+
+def _images(batch=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+
+
+# ------------------------------------------------------------------------------------------- augmentations
+
+def test_single_view_is_exactly_the_pooled_input():
+    x = _images()
+    views = ImageAugmentations(32, AugmentationSettings(num_views=1))(x)
+    assert torch.equal(views, F.avg_pool2d(x, 2))
+
+
+def test_view_order_is_tiled_and_first_block_is_clean():
+    x = _images(batch=3)
+    pooled = F.adaptive_avg_pool2d(x, 16)
+    never_warp = AugmentationSettings(num_views=4, p_affine=0.0, p_perspective=0.0)
+    views = ImageAugmentations(16, never_warp)(x)
+    assert torch.equal(views, torch.tile(pooled, (4, 1, 1, 1)))
+
+    torch.manual_seed(1)
+    views = ImageAugmentations(16, AugmentationSettings(num_views=4, p_affine=1.0, p_perspective=1.0))(x)
+    assert views.shape == (12, 3, 16, 16)
+    assert torch.equal(views[:3], pooled)
+    for k in range(3, 12):  # every warped view differs from its source sample (k % B)
+        assert not torch.allclose(views[k], pooled[k % 3])
+
+
+def _affine_translations(settings: AugmentationSettings, n=256):
+    augment = ImageAugmentations(32, settings)
+    affine = augment.warp[0]
+    params = affine.forward_parameters(torch.Size((n, 3, 32, 32)))
+    return params["translations"]
+
+
+def test_default_reproduces_kornia_vertical_only_translation():
+    torch.manual_seed(0)
+    shifts = _affine_translations(AugmentationSettings(p_affine=1.0))
+    assert torch.all(shifts[:, 0] == 0)
+    assert shifts[:, 1].abs().max() > 0.05 * 32
+    assert shifts[:, 1].abs().max() <= 0.1 * 32 + 1e-6
+
+
+def test_explicit_range_equals_the_originals_scalar_argument():
+    """The original passed translate=0.1 as a scalar; our explicit (0, 0.1) must sample identically."""
+    import kornia.augmentation as K
+
+    torch.manual_seed(5)
+    original = K.RandomAffine(degrees=15, translate=0.1, p=0.7, padding_mode="border")
+    expected = original.forward_parameters(torch.Size((64, 3, 32, 32)))
+    torch.manual_seed(5)
+    ours = ImageAugmentations(32, AugmentationSettings()).warp[0].forward_parameters(torch.Size((64, 3, 32, 32)))
+    for key in ("translations", "angle", "batch_prob"):
+        torch.testing.assert_close(ours[key], expected[key], rtol=0, atol=0)
+
+
+def test_fix_translate_shifts_both_axes():
+    torch.manual_seed(0)
+    shifts = _affine_translations(AugmentationSettings(p_affine=1.0, fix_translate=True))
+    assert shifts[:, 0].abs().max() > 0.05 * 32
+    assert shifts[:, 1].abs().max() > 0.05 * 32
+    assert shifts.abs().max() <= 0.1 * 32 + 1e-6
+
+
+def test_gradient_flows_through_warped_views():
+    torch.manual_seed(0)
+    x = _images(batch=2).requires_grad_(True)
+    views = ImageAugmentations(32, AugmentationSettings(num_views=3, p_affine=1.0, p_perspective=1.0))(x)
+    (grad,) = torch.autograd.grad(views[2:].pow(2).sum(), x)  # only warped views
+    assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("bad", [dict(num_views=0), dict(translate=1.5), dict(p_affine=-0.1),
+                                 dict(padding_mode="wrap"), dict(degrees=-1.0)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(BlendedInputError):
+        ImageAugmentations(32, AugmentationSettings(**bad))
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+def test_spherical_distance_is_half_squared_angle():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g) * 3
+    angle = torch.arccos(F.cosine_similarity(a.double(), b.double()))
+    torch.testing.assert_close(spherical_distance(a, b).double(), angle.pow(2) / 2, atol=1e-5, rtol=1e-5)
+    # broadcasting one text embedding to many images
+    torch.testing.assert_close(spherical_distance(a, b[:1]), spherical_distance(a, b[:1].expand(5, -1)))
+    assert spherical_distance(a[:1], -a[:1]).item() == pytest.approx(math.pi ** 2 / 2, rel=1e-5)
+
+
+def test_cosine_distance():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    torch.testing.assert_close(cosine_distance(a, b), torch.tensor([1.0, 0.0]))
+
+
+def test_range_loss_counts_only_the_excess():
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, 0, 0, 0] = 3.0   # excess 2 -> 4 / 48
+    x[1, 1, 1, 1] = -0.9  # inside the range
+    torch.testing.assert_close(range_loss(x), torch.tensor([4.0 / 48, 0.0]))
+
+
+def test_background_l2_broadcasts_init_over_the_batch():
+    x_in = _images(batch=2, size=8)
+    init = _images(batch=1, size=8, seed=1)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    expected = sum(((x_in[i] * (1 - mask[0]) - init[0]) ** 2).sum() for i in range(2)) / x_in.numel()
+    torch.testing.assert_close(background_l2(x_in, init, mask), expected)
+
+
+def _readme_formula(clip, x_in, mask, text):
+    """blended_step README: spherical distance of normalise(avgpool_to_32((x_in*mask+1)/2)), summed."""
+    pooled = F.avg_pool2d((x_in * mask + 1) / 2, kernel_size=2)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    embeds = clip.model.encode_image((pooled - mean) / std)
+    cos = F.cosine_similarity(embeds.double(), text.double().expand_as(embeds))
+    return (torch.arccos(cos).pow(2) / 2).sum()
+
+
+def _box_mask():
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 20:52, 16:48] = 1
+    return mask
+
+
+def test_clip_loss_single_view_equals_readme_formula(clip):
+    x_in, mask = _images(), _box_mask()
+    text = clip.text_embedding("a red rock")
+    augment = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=1))
+    loss = clip_guidance_loss(clip, x_in, mask, text, augment, batch_size=2)
+    assert loss.dim() == 0
+    torch.testing.assert_close(loss.double(), _readme_formula(clip, x_in, mask, text), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_loss_with_a_prompt_per_sample(clip):
+    x_in, mask = _images(), _box_mask()
+    texts = torch.cat([clip.text_embedding("a red rock"), clip.text_embedding("a blue sky")])
+    one_view = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=1))
+    loss = clip_guidance_loss(clip, x_in, mask, texts, one_view, batch_size=2)
+    expected = sum(_readme_formula(clip, x_in[i:i + 1], mask, texts[i:i + 1]) for i in range(2))
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    # identical (un-warped) views: the mean over views must pair each view with its own sample's prompt
+    clean_views = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=3, p_affine=0.0,
+                                                                           p_perspective=0.0))
+    torch.testing.assert_close(clip_guidance_loss(clip, x_in, mask, texts, clean_views), loss,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(BlendedInputError):
+        clip_guidance_loss(clip, x_in, mask, texts[:1].expand(3, -1), one_view)
+
+
+def test_clip_loss_gradient_reaches_only_the_masked_region(clip):
+    torch.manual_seed(0)
+    x_in = _images().requires_grad_(True)
+    mask = _box_mask()
+    augment = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=4))
+    loss = clip_guidance_loss(clip, x_in, mask, clip.text_embedding("a red rock"), augment)
+    (grad,) = torch.autograd.grad(loss, x_in)
+    assert grad[..., 20:52, 16:48].abs().sum() > 0
+    assert torch.all(grad * (1 - mask) == 0)

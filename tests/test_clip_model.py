@@ -1,0 +1,197 @@
+"""GuidanceCLIP: loading from local files, parity with the original CLIP, tokenizer limits, refusals."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from blended import clip_model
+from blended.clip_model import GuidanceCLIP, load_guidance_clip
+from blended.errors import BlendedInputError, CheckpointError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+CLIP_DIR = FIXTURES / "clip_tiny"
+ATOL = 1e-3  # README: open_clip matches the original within 2e-4; 1e-3 allowed
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(str(CLIP_DIR / "reference.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+    return torch.load(CLIP_DIR / "model.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_guidance_clip(CLIP_DIR / "model.safetensors")
+
+
+def _assert_matches_reference(clip: GuidanceCLIP, reference):
+    assert torch.equal(clip.tokenize(["a red rock"]), reference["tokens"])
+    text = clip.text_embedding("a red rock")
+    assert text.dtype == torch.float32 and text.shape == (1, 32)
+    torch.testing.assert_close(text, reference["text_embed"], atol=ATOL, rtol=0)
+    image = clip.encode_image(reference["image_in"])
+    assert image.dtype == torch.float32
+    torch.testing.assert_close(image, reference["image_embed"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("filename", ["model.pt", "model.safetensors"])
+def test_matches_original_clip(filename, reference):
+    clip = load_guidance_clip(CLIP_DIR / filename)
+    assert clip.image_size == 32 and clip.context_length == 77
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in clip.model.parameters())
+    assert not clip.model.training
+    _assert_matches_reference(clip, reference)
+
+
+def test_state_dict_wrappers(state_dict, reference, tmp_path):
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in state_dict.items()}, "epoch": 3}
+    _assert_matches_reference(load_guidance_clip(state_dict=wrapped), reference)
+    path = tmp_path / "wrapped.bin"
+    torch.save(wrapped, path)
+    _assert_matches_reference(load_guidance_clip(path), reference)
+
+
+def test_float32_weights_are_not_rounded_to_half(state_dict, tmp_path):
+    sd32 = {k: v.float() for k, v in state_dict.items()}
+    sd32["visual.proj"] = sd32["visual.proj"] + 1e-5 * torch.randn_like(sd32["visual.proj"])
+    path = tmp_path / "fp32.safetensors"
+    save_file(sd32, str(path))
+    clip = load_guidance_clip(path)
+    assert torch.equal(clip.model.visual.proj, sd32["visual.proj"])
+
+
+def test_torchscript_archive_is_read_without_running_code(state_dict, reference, tmp_path):
+    from open_clip.model import build_model_from_openai_state_dict
+
+    model = build_model_from_openai_state_dict(dict(state_dict)).float().eval()
+    traced = torch.jit.trace_module(
+        model, {"encode_image": (reference["image_in"],), "encode_text": (reference["tokens"],)})
+    archive_path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(archive_path))
+    _assert_matches_reference(load_guidance_clip(archive_path), reference)
+
+    # Same archive with a data.pkl that would create a directory if it were unpickled unsafely.
+    marker = tmp_path / "code_ran"
+    evil = (b"\x80\x02cos\nmkdir\nX" + len(str(marker)).to_bytes(4, "little") + str(marker).encode()
+            + b"\x85R.")
+    evil_path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(archive_path) as src, zipfile.ZipFile(evil_path, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, evil if name.endswith("/data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_guidance_clip(evil_path)
+    assert not marker.exists()
+
+
+def test_refuses_guided_diffusion_unet():
+    with pytest.raises(CheckpointError, match="guided-diffusion UNet") as info:
+        load_guidance_clip(FIXTURES / "gd_tiny" / "model.pt")
+    assert "model.pt" in str(info.value)
+
+
+def test_refuses_text_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is not a model\n")
+    with pytest.raises(CheckpointError, match="notes.pt.*text file"):
+        load_guidance_clip(path)
+
+
+@pytest.mark.parametrize("filename", ["model.pt", "model.safetensors"])
+def test_refuses_truncated_file(filename, tmp_path):
+    data = (CLIP_DIR / filename).read_bytes()
+    path = tmp_path / filename
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        load_guidance_clip(path)
+    assert str(path) in str(info.value)
+
+
+def test_refuses_missing_keys(state_dict):
+    partial = {k: v for k, v in state_dict.items() if k != "text_projection"}
+    with pytest.raises(CheckpointError, match="missing text_projection"):
+        load_guidance_clip(state_dict=partial)
+    no_layer = {k: v for k, v in state_dict.items() if not k.startswith("visual.transformer.resblocks.0.mlp")}
+    with pytest.raises(CheckpointError, match="consistent CLIP"):
+        load_guidance_clip(state_dict=no_layer)
+
+
+def test_refuses_missing_file_and_ambiguous_arguments(tmp_path, state_dict):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_guidance_clip(tmp_path / "absent.safetensors")
+    with pytest.raises(BlendedInputError):
+        load_guidance_clip()
+    with pytest.raises(BlendedInputError):
+        load_guidance_clip(CLIP_DIR / "model.pt", state_dict=state_dict)
+
+
+def test_long_prompt_truncates_with_warning_or_raises(clip, caplog):
+    prompt = " ".join(["rock"] * 100)
+    with caplog.at_level(logging.WARNING, logger="blended.clip_model"):
+        tokens = clip.tokenize([prompt, "a red rock"])
+    assert tokens.shape == (2, 77)
+    assert tokens[0, -1].item() == 49407  # end marker kept after truncation
+    assert any("102 tokens" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BlendedInputError, match="102 tokens.*77"):
+        clip.tokenize([prompt], truncate=False)
+    # exactly at the limit is fine: 75 words + start/end markers
+    assert clip.tokenize([" ".join(["rock"] * 75)], truncate=False).shape == (1, 77)
+
+
+def test_tokenizer_needs_no_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the tokenizer tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    clip_model._bpe_tokenizer.cache_clear()
+    tokens = clip_model._bpe_tokenizer()(["a red rock"], context_length=77)
+    assert tokens[0, :5].tolist() == [49406, 320, 736, 2172, 49407]
+
+
+def test_text_embedding_cache_is_bounded_and_stable(clip):
+    first = clip.text_embedding("a blue sky")
+    first.mul_(0)  # the caller mutating its copy must not poison the cache
+    again = clip.text_embedding("a blue sky")
+    assert again.abs().sum() > 0
+    for i in range(clip_model.TEXT_CACHE_SIZE + 6):
+        clip.text_embedding(f"prompt number {i}")
+    assert len(clip._text_cache) == clip_model.TEXT_CACHE_SIZE
+    empty = clip.text_embedding("")
+    assert empty.shape == (1, 32) and torch.isfinite(empty).all()
+
+
+def test_works_under_comfyui_style_inference_mode(reference):
+    """Loaded in inference_mode(False), used from inference mode, differentiated outside it."""
+    with torch.inference_mode():
+        with torch.inference_mode(False):
+            clip = load_guidance_clip(CLIP_DIR / "model.pt")
+        text = clip.text_embedding("a red rock")
+        assert not text.is_inference()
+        with torch.inference_mode(False), torch.enable_grad():
+            image = reference["image_in"].clone().requires_grad_(True)
+            loss = torch.nn.functional.cosine_similarity(clip.encode_image(image), text).sum()
+            (grad,) = torch.autograd.grad(loss, image)
+    assert grad.abs().sum() > 0
+
+
+def test_normalize_and_to(reference):
+    clip = load_guidance_clip(CLIP_DIR / "model.pt")
+    ones = torch.ones(1, 3, 2, 2)
+    expected = (1 - torch.tensor(clip_model.CLIP_MEAN)) / torch.tensor(clip_model.CLIP_STD)
+    torch.testing.assert_close(clip.normalize(ones)[0, :, 0, 0], expected)
+    clip.to(dtype=torch.float64)
+    assert clip.dtype == torch.float64 and clip.mean.dtype == torch.float64
+    image = clip.encode_image(reference["image_in"])
+    assert image.dtype == torch.float32
+    torch.testing.assert_close(image, reference["image_embed"], atol=ATOL, rtol=0)

@@ -1,0 +1,117 @@
+"""Ranking by un-augmented CLIP distance: known orders, mask conventions, input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blended.clip_model import load_guidance_clip
+from blended.errors import BlendedInputError
+from blended.losses import spherical_distance
+from blended.rank import clip_scores, rank_by_clip
+
+CLIP_DIR = Path(__file__).parent / "fixtures" / "reference" / "clip_tiny"
+PROMPT = "a red rock"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_guidance_clip(CLIP_DIR / "model.pt")
+
+
+def _rand(shape, seed):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _optimised_toward_prompt(clip, steps_per_image, seed=0):
+    """The same start image optimised for different numbers of steps: more steps = closer to the prompt."""
+    text = clip.text_embedding(PROMPT)
+    start = torch.logit(_rand((1, 3, 32, 32), seed).clamp(0.05, 0.95))
+    results = []
+    for steps in steps_per_image:
+        logits = start.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([logits], lr=0.05)
+        for _ in range(steps):
+            optimiser.zero_grad()
+            x = torch.sigmoid(logits)
+            spherical_distance(clip.encode_image(clip.normalize(x)), text).sum().backward()
+            optimiser.step()
+        results.append(torch.sigmoid(logits).detach())
+    return torch.cat(results)
+
+
+def test_ranking_recovers_how_far_each_image_was_optimised(clip):
+    steps = [3, 0, 25, 10]  # best is index 2 (most steps), then 3, 0, 1
+    images = _optimised_toward_prompt(clip, steps)
+    order, distances = rank_by_clip(clip, images, PROMPT)
+    assert order.tolist() == [2, 3, 0, 1]
+    assert distances.dtype == torch.float32 and distances.shape == (4,)
+    # margins far above float noise (tiny random CLIP: each step moves the distance by ~1e-3)
+    assert (distances[[3, 0, 1]] - distances[[2, 3, 0]]).min() > 2e-3
+    # larger images are resized to CLIP's size first; the order survives
+    big = F.interpolate(images, scale_factor=2, mode="nearest")
+    assert rank_by_clip(clip, big, PROMPT)[0].tolist() == [2, 3, 0, 1]
+
+
+def test_scores_equal_the_unaugmented_distance(clip):
+    images = _rand((2, 3, 64, 64), 1)
+    text = clip.text_embedding(PROMPT)
+    small = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    expected = spherical_distance(clip.encode_image(clip.normalize(small)), text)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT), expected)
+    torch.testing.assert_close(clip_scores(clip, images, text), expected)
+
+
+def _mask(batch=1):
+    mask = torch.zeros(batch, 1, 64, 64)
+    mask[..., 8:40, 16:56] = 1
+    return mask
+
+
+def test_masked_modes_match_their_conventions(clip):
+    images, mask = _rand((2, 3, 64, 64), 2), _mask()
+    text = clip.text_embedding(PROMPT)
+
+    def resize(x):
+        return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+
+    grey_outside = images * mask + 0.5 * (1 - mask)
+    expected = spherical_distance(clip.encode_image(clip.normalize(resize(grey_outside))), text)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mask=mask), expected)
+    # the original's variant: black outside, no CLIP normalisation
+    expected_original = spherical_distance(clip.encode_image(resize(images * mask)), text)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mask=mask, normalized=False),
+                               expected_original)
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_masked_scores_ignore_pixels_outside_the_mask(clip, normalized):
+    images, mask = _rand((3, 3, 64, 64), 3), _mask(batch=3)
+    before = clip_scores(clip, images, PROMPT, mask=mask, normalized=normalized)
+    changed_outside = images * mask + _rand((3, 3, 64, 64), 4) * (1 - mask)
+    after = clip_scores(clip, changed_outside, PROMPT, mask=mask[:, 0], normalized=normalized)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    changed_inside = images * (1 - mask) + _rand((3, 3, 64, 64), 5) * mask
+    assert not torch.allclose(clip_scores(clip, changed_inside, PROMPT, mask=mask, normalized=normalized),
+                              before)
+
+
+def test_a_prompt_per_image(clip):
+    images = _rand((2, 3, 32, 32), 6)
+    per_image = clip_scores(clip, images, [PROMPT, "a blue sky"])
+    torch.testing.assert_close(per_image[0], clip_scores(clip, images[:1], PROMPT)[0])
+    torch.testing.assert_close(per_image[1], clip_scores(clip, images[1:], "a blue sky")[0])
+    with pytest.raises(BlendedInputError):
+        clip_scores(clip, images, [PROMPT, PROMPT, PROMPT])
+
+
+def test_bad_inputs_are_refused(clip):
+    with pytest.raises(BlendedInputError):
+        clip_scores(clip, torch.rand(2, 32, 32, 3), PROMPT)  # channels-last (ComfyUI IMAGE) not converted
+    with pytest.raises(BlendedInputError):
+        clip_scores(clip, torch.rand(2, 3, 64, 64), PROMPT, mask=torch.ones(1, 1, 32, 32))
+    with pytest.raises(BlendedInputError):
+        clip_scores(clip, torch.rand(2, 3, 64, 64), 42)

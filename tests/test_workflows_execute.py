@@ -1,0 +1,163 @@
+"""The shipped UI-format workflows really run: converted to API prompts and executed by ComfyUI in-process.
+
+Also checks the UI -> API converter itself on a hand-built workflow, since every workflow test and the
+browser cross-check rest on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+# Per-workflow expectations the generic checks cannot infer, keyed by file name. Keys:
+#   "output_images": exact number of images across all output nodes' history entries
+#   "sampler_results": exact batch of every sampler's `images` output after harness.shrink_prompt
+WORKFLOW_EXPECTATIONS: dict[str, dict] = {}
+
+# ------------------------------------------------------------------------ converter, no ComfyUI needed
+
+NODE_DEFS = {
+    "LoadImage": {"input": {"required": {"image": [["a.png", "blended_example_img.png"], {"image_upload": True}]}},
+                  "input_order": {"required": ["image"]}},
+    "ImageInvert": {"input": {"required": {"image": ["IMAGE", {}]}}, "input_order": {"required": ["image"]}},
+    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "C"}]},
+                            "hidden": {"prompt": "PROMPT"}},
+                  "input_order": {"required": ["images", "filename_prefix"], "hidden": ["prompt"]}},
+    "Seeded": {"input": {"required": {"image": ["IMAGE", {}],
+                                      "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                                      "steps": ["INT", {"default": 20}],
+                                      "noise_seed": ["INT", {"default": 0}],
+                                      "scale": ["FLOAT", {"default": 1.0}],
+                                      "text": ["STRING", {"multiline": True}],
+                                      "extra": ["FLOAT", {"forceInput": True}]},
+                         "optional": {"method": [["ddpm", "ddim"], {}], "flag": ["BOOLEAN", {}]}},
+               "input_order": {"required": ["image", "seed", "steps", "noise_seed", "scale", "text", "extra"],
+                               "optional": ["method", "flag"]}},
+}
+
+
+def _node(node_id, type_, inputs=(), outputs=(), widgets=None, mode=0, order=0):
+    return {"id": node_id, "type": type_, "mode": mode, "order": order, "inputs": list(inputs),
+            "outputs": list(outputs), "widgets_values": widgets if widgets is not None else [], "properties": {}}
+
+
+def _sample_ui_workflow():
+    nodes = [
+        _node(1, "LoadImage", outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1, 4]}],
+              widgets=["blended_example_img.png", "image"]),
+        _node(2, "ImageInvert", inputs=[{"name": "image", "type": "IMAGE", "link": 1}],
+              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}], mode=harness.MODE_BYPASSED),
+        _node(3, "Reroute", inputs=[{"name": "", "type": "*", "link": 2}],
+              outputs=[{"name": "", "type": "IMAGE", "links": [3]}]),
+        _node(4, "SaveImage", inputs=[{"name": "images", "type": "IMAGE", "link": 3}], widgets=["pfx"]),
+        _node(5, "Note", widgets=["a note"]),
+        _node(6, "ImageInvert", inputs=[{"name": "image", "type": "IMAGE", "link": 4}],
+              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [6]}], mode=harness.MODE_MUTED),
+        _node(7, "Seeded", inputs=[{"name": "image", "type": "IMAGE", "link": 6},
+                                   {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 5}],
+              widgets=[42, "randomize", 3, 7, "fixed", 2.5, "hello", "ddim", True]),
+        _node(8, "PrimitiveNode", outputs=[{"name": "INT", "type": "INT", "links": [5]}], widgets=[3, "fixed"]),
+    ]
+    links = [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"],
+             [4, 1, 0, 6, 0, "IMAGE"], [5, 8, 0, 7, 1, "INT"], [6, 6, 0, 7, 0, "IMAGE"]]
+    return {"nodes": nodes, "links": links, "version": 0.4}
+
+
+def test_ui_to_api_handles_widgets_links_bypass_mute_and_virtual_nodes():
+    prompt = harness.ui_to_api(_sample_ui_workflow(), NODE_DEFS)
+    assert prompt == {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "blended_example_img.png"}},
+        # Bypassed ImageInvert and the reroute are wired through to the LoadImage output.
+        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "pfx", "images": ["1", 0]}},
+        # seed and noise_seed are followed by their control value; `steps` keeps the primitive's value;
+        # the image input fed by a muted node is dropped, as the frontend does.
+        "7": {"class_type": "Seeded", "inputs": {"seed": 42, "steps": 3, "noise_seed": 7, "scale": 2.5,
+                                                 "text": "hello", "method": "ddim", "flag": True}},
+    }
+
+
+def test_ui_to_api_accepts_object_links_and_dict_widget_values():
+    workflow = _sample_ui_workflow()
+    workflow["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3],
+                          "target_slot": l[4], "type": l[5]} for l in workflow["links"]]
+    workflow["nodes"][3]["widgets_values"] = {"filename_prefix": "named"}
+    prompt = harness.ui_to_api(workflow, NODE_DEFS)
+    assert prompt["4"]["inputs"] == {"filename_prefix": "named", "images": ["1", 0]}
+
+
+def test_ui_to_api_refuses_unknown_node_types():
+    workflow = _sample_ui_workflow()
+    workflow["nodes"].append(_node(9, "NoSuchNode"))
+    with pytest.raises(harness.WorkflowConversionError, match="NoSuchNode"):
+        harness.ui_to_api(workflow, NODE_DEFS)
+
+
+# ------------------------------------------------------------------------------- in-process ComfyUI
+
+
+@pytest.mark.comfy
+def test_in_process_harness_runs_a_core_workflow(comfy_inprocess):
+    workflow = _sample_ui_workflow()
+    workflow["nodes"] = [n for n in workflow["nodes"] if n["id"] in (1, 2, 3, 4)]
+    workflow["nodes"][1]["mode"] = 0  # the invert now really runs
+    prompt = harness.ui_to_api(workflow, comfy_inprocess.node_defs())
+    outputs, tensors = comfy_inprocess.run(prompt)
+    source, inverted = tensors["1"][0][0], tensors["2"][0][0]
+    assert source.shape == (1, 256, 256, 3)
+    assert torch.allclose(inverted, 1.0 - source)
+    assert len(outputs["4"]["images"]) == 1
+
+
+def test_the_pack_ships_workflows():
+    assert harness.workflow_files(), "workflows/ holds no *.json example workflow"
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("path", harness.workflow_files(), ids=lambda p: p.name)
+def test_shipped_workflow_executes(path, comfy_inprocess):
+    workflow = harness.load_workflow(path)
+    node_defs = comfy_inprocess.node_defs()
+    missing = harness.node_types_used(workflow) - set(node_defs)
+    assert not missing, f"{path.name} uses node types ComfyUI does not know: {sorted(missing)}"
+    prompt = harness.shrink_prompt(harness.ui_to_api(workflow, node_defs))
+    assert any(entry["class_type"] == harness.SAMPLER for entry in prompt.values()) or \
+        any(entry["class_type"].startswith("BlendedDiffusion_") for entry in prompt.values()), \
+        f"{path.name} does not use the pack's nodes"
+
+    outputs, tensors = comfy_inprocess.run(prompt)
+
+    expectations = WORKFLOW_EXPECTATIONS.get(path.name, {})
+    output_images = [image for output in outputs.values() for image in output.get("images", [])]
+    assert output_images, f"{path.name} produced no output image"
+    if "output_images" in expectations:
+        assert len(output_images) == expectations["output_images"]
+    for image in output_images:
+        folder = comfy_inprocess.workspace.output_dir if image["type"] == "output" \
+            else comfy_inprocess.workspace.temp_dir
+        assert (folder / image.get("subfolder", "") / image["filename"]).is_file(), image
+
+    for node_id, entry in prompt.items():
+        if entry["class_type"] != harness.SAMPLER:
+            continue
+        _check_sampler_outputs(path.name, node_id, entry, prompt, tensors, expectations)
+
+
+def _check_sampler_outputs(name, node_id, entry, prompt, tensors, expectations):
+    images, mask = tensors[node_id][0][0], tensors[node_id][1][0]
+    source_id, source_slot = entry["inputs"]["image"]
+    source = tensors[source_id][source_slot][0]
+    num_results = int(entry["inputs"]["num_results"])
+    assert images.ndim == 4 and images.shape[-1] == 3, (name, images.shape)
+    assert images.shape[1:3] == source.shape[1:3], f"{name}: result size {images.shape} != input {source.shape}"
+    assert images.shape[0] % num_results == 0
+    if "sampler_results" in expectations:
+        assert images.shape[0] == expectations["sampler_results"]
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    if entry["inputs"].get("enforce_background", False) and source.shape[0] == 1:
+        keep = (mask.reshape(-1, *mask.shape[-2:])[:1] == 0).unsqueeze(-1).expand_as(source)
+        assert keep.any(), f"{name}: the mask covers the whole image"
+        for result in images:
+            assert torch.allclose(result.unsqueeze(0)[keep], source[keep], atol=1e-4), \
+                f"{name}: pixels outside the mask changed"
