@@ -259,7 +259,9 @@ class GaussianDiffusion:
         channels = x.shape[1]
         if self.learn_sigma:
             if model_output.shape[1] != 2 * channels:
-                raise ValueError(f"a learn_sigma model must output {2 * channels} channels, got {model_output.shape[1]}")
+                raise ValueError(
+                    f"a learn_sigma model must output {2 * channels} channels, got {model_output.shape[1]}"
+                )
             eps, var_values = model_output.split(channels, dim=1)
             min_log = self.extract(self.posterior_log_variance_clipped, t, x)
             max_log = self.extract(self.log_betas, t, x)
@@ -299,7 +301,11 @@ class GaussianDiffusion:
         return out
 
     def ddpm_step(
-        self, p_mean_var: Mapping[str, torch.Tensor], t: TimestepLike, noise: torch.Tensor, mean: torch.Tensor | None = None
+        self,
+        p_mean_var: Mapping[str, torch.Tensor],
+        t: TimestepLike,
+        noise: torch.Tensor,
+        mean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_{t-1} = mean + sigma * noise, with no noise at t = 0 (``mean`` overrides, e.g. a guided one)."""
         mean = p_mean_var["mean"] if mean is None else mean

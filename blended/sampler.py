@@ -90,7 +90,9 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
     Returns the step's tensors (``sample`` is the next x, already blended) so tests can compare each against
     the reference computed by the original code.
     """
-    t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+    # Timesteps stay on the CPU: the schedule tables are gathered there (float64), so a device tensor would
+    # force a GPU->CPU sync at every lookup.
+    t = torch.full((x.shape[0],), index, dtype=torch.long)
     guided = objective is not None and objective.needs_gradient
     grad = None
     if guided and settings.reuse_guided_forward:
@@ -115,10 +117,10 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
         blended = sample
         if settings.mode == "blended":
             if settings.background_noise_step == "current":
-                background = diffusion.q_sample(init_image, torch.tensor([index], device=x.device),
+                background = diffusion.q_sample(init_image, torch.tensor([index]),
                                                 noise=background_noise)
             elif index > 0:
-                background = diffusion.q_sample(init_image, torch.tensor([index - 1], device=x.device),
+                background = diffusion.q_sample(init_image, torch.tensor([index - 1]),
                                                 noise=background_noise)
             else:
                 background = init_image
@@ -144,7 +146,7 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
     def per_result_noise(stream, step):
         return torch.cat([seeds.randn(shape, seed, stream, rid, step, device=device) for rid in result_ids])
 
-    start = torch.full((k,), indices[0], device=device, dtype=torch.long)
+    start = torch.full((k,), indices[0], dtype=torch.long)
     x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), start,
                            noise=per_result_noise(seeds.STREAM_INITIAL_NOISE, 0))
     frames = []

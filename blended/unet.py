@@ -235,14 +235,18 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        tokens = x.reshape(batch, channels, height * width)
-        qkv = self.qkv(self.norm(tokens))
+        length = height * width
+        tokens = x.reshape(batch, channels, length)  # a view for both NCHW and channels_last input
+        # The k=1 Conv1d layers are applied as Linear on [B, T, C] so that q, k and v come out with a
+        # contiguous head dimension, the layout the fused SDPA kernels need (no copies before attention).
+        normed = self.norm(tokens).transpose(1, 2)
+        qkv = F.linear(normed, self.qkv.weight.squeeze(-1), self.qkv.bias)
         head_dim = channels // self.num_heads
-        # [B, 3C, T] -> three [B, heads, T, head_dim] views; SDPA's softmax accumulates in float32.
-        q, k, v = qkv.view(batch, 3, self.num_heads, head_dim, height * width).transpose(-1, -2).unbind(1)
-        attended = F.scaled_dot_product_attention(q, k, v)
-        attended = attended.transpose(-1, -2).reshape(batch, channels, height * width)
-        return (tokens + self.proj_out(attended)).reshape(batch, channels, height, width)
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v)  # softmax accumulates in float32 for fp16/bf16
+        attended = attended.transpose(1, 2).reshape(batch, length, channels)
+        projected = F.linear(attended, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return (tokens + projected.transpose(1, 2)).reshape(batch, channels, height, width)
 
 
 def _qkv_permutation_shapes(module: AttentionBlock) -> tuple[int, int, int]:

@@ -196,6 +196,7 @@ def detect_unet_config(
         raise CheckpointError(
             source, f"the guided-diffusion layout is not one this loader understands ({exc}). {_WANTED}."
         ) from exc
+    logger.debug("architecture detected from the weights of %s: %s", source or "a state dict", config)
     config = apply_overrides(config, overrides)
     missing, unexpected, mismatched = layout_mismatches(config, shapes)
     if missing or unexpected or mismatched:

@@ -161,3 +161,18 @@ def _check_sampler_outputs(name, node_id, entry, prompt, tensors, expectations):
         for result in images:
             assert torch.allclose(result.unsqueeze(0)[keep], source[keep], atol=1e-4), \
                 f"{name}: pixels outside the mask changed"
+
+
+@pytest.mark.comfy
+def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background(comfy_inprocess):
+    node_defs = comfy_inprocess.node_defs()
+    prompt = harness.tiny_edit_prompt(node_defs, seed=5, num_results=2, enforce_background=True)
+    outputs, tensors = comfy_inprocess.run(prompt)
+    images, mask, frames = (slot[0] for slot in tensors["6"])
+    source = tensors["1"][0][0]
+    assert images.shape == (2, 256, 256, 3)
+    assert frames.ndim == 4 and frames.shape[-1] == 3
+    assert len(outputs["7"]["images"]) == 2
+    _check_sampler_outputs("tiny edit", "6", prompt["6"], prompt, tensors, {"sampler_results": 2})
+    edit = (mask.reshape(-1, 256, 256)[0] > 0.5).unsqueeze(-1).expand(256, 256, 3)
+    assert (images[0][edit] - source[0][edit]).abs().mean() > 1e-3, "nothing was edited inside the mask"

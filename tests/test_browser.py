@@ -1,0 +1,253 @@
+"""The real ComfyUI frontend in headless Debian chromium, driven by Python playwright.
+
+It proves what only a browser can: the shipped workflows load with no missing-node dialog, the frontend's
+own graphToPrompt() agrees with our ui_to_api() (which every headless workflow test relies on), and a
+workflow queued from the page produces an image the page shows. Screenshots go to
+test-artifacts/screenshots/. Never `playwright install`: the system chromium is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import comfy_harness as harness
+
+pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.browser]
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DIALOG_TEXTS = "() => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText)"
+
+
+def _chromium_path() -> str | None:
+    return os.environ.get("BLENDED_CHROMIUM") or shutil.which("chromium") or \
+        (shutil.which("chromium-browser"))
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: browser tests must run, not skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def screenshots(artifacts_dir) -> Path:
+    path = artifacts_dir / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    executable = _chromium_path()
+    if executable is None:
+        _unavailable("no chromium executable (scripts/setup_env.sh --test installs Debian's)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (requirements-test.txt)")
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return harness.ComfyClient(comfy_server.base_url).object_info()
+
+
+@pytest.fixture
+def page(browser, comfy_server, comfy_client):
+    """A fresh page on the canvas with the first-run Templates dialog already out of the way."""
+    status, _ = comfy_client.post_json("/settings/Comfy.TutorialCompleted", True)
+    assert status == 200
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(comfy_server.base_url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
+                           "Object.keys(window.LiteGraph.registered_node_types).length > 50", timeout=120_000)
+    _close_dialogs(page)
+    page.page_errors = errors
+    yield page
+    context.close()
+
+
+def _close_dialogs(page) -> None:
+    for _ in range(3):
+        if not page.evaluate(DIALOG_TEXTS):
+            return
+        page.keyboard.press("Escape")
+        time.sleep(0.3)
+
+
+def _load_graph(page, workflow: dict) -> list[str]:
+    """Load a UI workflow onto the canvas; return the texts of dialogs it opened."""
+    _close_dialogs(page)
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
+    time.sleep(0.5)
+    return page.evaluate(DIALOG_TEXTS)
+
+
+def _frontend_prompt(page) -> dict:
+    return page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+
+def _core_workflow() -> dict:
+    return {
+        "last_node_id": 3, "last_link_id": 2, "version": 0.4, "groups": [], "config": {}, "extra": {},
+        "nodes": [
+            {"id": 1, "type": "LoadImage", "pos": [0, 0], "size": [300, 320], "flags": {}, "order": 0, "mode": 0,
+             "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                                       {"name": "MASK", "type": "MASK", "links": None}],
+             "properties": {}, "widgets_values": ["blended_example_img.png", "image"]},
+            {"id": 2, "type": "ImageInvert", "pos": [350, 0], "size": [200, 50], "flags": {}, "order": 1,
+             "mode": 0, "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}], "properties": {}},
+            {"id": 3, "type": "SaveImage", "pos": [600, 0], "size": [300, 320], "flags": {}, "order": 2,
+             "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 2}], "outputs": [],
+             "properties": {}, "widgets_values": ["browser_core"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]],
+    }
+
+
+def _tricky_core_workflow() -> dict:
+    """Bypass, mute, reroute, a PrimitiveNode-fed widget and seed control: each a ui_to_api special case."""
+    def node(node_id, type_, order, inputs=(), outputs=(), widgets=None, mode=0):
+        entry = {"id": node_id, "type": type_, "pos": [300 * order, 0], "size": [260, 200], "flags": {},
+                 "order": order, "mode": mode, "inputs": list(inputs), "outputs": list(outputs), "properties": {}}
+        if widgets is not None:
+            entry["widgets_values"] = widgets
+        return entry
+
+    image_out = {"name": "IMAGE", "type": "IMAGE"}
+    return {
+        "last_node_id": 8, "last_link_id": 6, "version": 0.4, "groups": [], "config": {}, "extra": {},
+        "nodes": [
+            node(1, "LoadImage", 0, outputs=[image_out | {"links": [1, 4]}, {"name": "MASK", "type": "MASK",
+                                                                              "links": None}],
+                 widgets=["blended_example_img2.png", "image"]),
+            node(2, "ImageInvert", 1, [{"name": "image", "type": "IMAGE", "link": 1}],
+                 [image_out | {"links": [2]}], mode=harness.MODE_BYPASSED),
+            node(3, "Reroute", 2, [{"name": "", "type": "*", "link": 2}],
+                 [{"name": "", "type": "IMAGE", "links": [3]}]),
+            node(4, "SaveImage", 3, [{"name": "images", "type": "IMAGE", "link": 3}], widgets=["tricky"]),
+            node(5, "ImageInvert", 1, [{"name": "image", "type": "IMAGE", "link": 4}],
+                 [image_out | {"links": [5]}], mode=harness.MODE_MUTED),
+            node(6, "PreviewImage", 2, [{"name": "images", "type": "IMAGE", "link": 5}]),
+            node(7, "KSampler", 4, [{"name": "model", "type": "MODEL", "link": None},
+                                    {"name": "positive", "type": "CONDITIONING", "link": None},
+                                    {"name": "negative", "type": "CONDITIONING", "link": None},
+                                    {"name": "latent_image", "type": "LATENT", "link": None},
+                                    {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 6}],
+                 [{"name": "LATENT", "type": "LATENT", "links": None}],
+                 widgets=[123456789, "fixed", 7, 6.5, "euler", "karras", 0.75]),
+            node(8, "PrimitiveNode", 0, outputs=[{"name": "INT", "type": "INT", "links": [6],
+                                                   "widget": {"name": "steps"}}], widgets=[7, "fixed"]),
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"],
+                  [4, 1, 0, 5, 0, "IMAGE"], [5, 5, 0, 6, 0, "IMAGE"], [6, 8, 0, 7, 4, "INT"]],
+    }
+
+
+def test_ui_to_api_matches_the_frontend_on_special_cases(page, object_info, screenshots):
+    workflow = _tricky_core_workflow()
+    assert _load_graph(page, workflow) == []
+    page.screenshot(path=str(screenshots / "tricky_core_workflow.png"))
+    frontend = _comparable(_frontend_prompt(page))
+    ours = _comparable(harness.ui_to_api(workflow, object_info))
+    assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1)
+    assert ours["4"]["inputs"]["images"] == ["1", 0]  # the case really exercised bypass + reroute
+
+
+def _queue_and_wait_for_image(page, comfy_client, output_node_ids, timeout=300) -> dict:
+    """Queue the canvas as the Run button does; wait until history has it and the page shows its image."""
+    before = set(comfy_client.get_json("/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.monotonic() + timeout
+    entry = None
+    while time.monotonic() < deadline:
+        new = {pid: h for pid, h in comfy_client.get_json("/history").items() if pid not in before}
+        if new:
+            entry = next(iter(new.values()))
+            if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str") == "error":
+                break
+        time.sleep(1)
+    assert entry is not None, "the page queued nothing"
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    shown = "(ids) => ids.some(id => { const n = window.app.graph.getNodeById(Number(id)); " \
+            "const out = window.app.nodeOutputs && window.app.nodeOutputs[String(id)]; " \
+            "return (n && n.imgs && n.imgs.length > 0) || (out && out.images && out.images.length > 0); })"
+    page.wait_for_function(shown, arg=[str(i) for i in output_node_ids], timeout=60_000)
+    return entry
+
+
+def test_canvas_opens_without_dialogs_or_page_errors(page, screenshots):
+    page.screenshot(path=str(screenshots / "canvas.png"))
+    assert page.evaluate(DIALOG_TEXTS) == []
+    assert page.page_errors == []
+
+
+def test_frontend_registers_every_pack_node(page, object_info):
+    registered = set(page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)"))
+    ours = {name for name in object_info if name.startswith("BlendedDiffusion_")}
+    assert ours, "the server lists none of the pack's nodes"
+    assert ours <= registered, sorted(ours - registered)
+
+
+def test_core_workflow_queued_from_the_page_shows_its_image(page, comfy_client, object_info, screenshots):
+    workflow = _core_workflow()
+    assert _load_graph(page, workflow) == []
+    assert _comparable(_frontend_prompt(page)) == _comparable(harness.ui_to_api(workflow, object_info))
+    entry = _queue_and_wait_for_image(page, comfy_client, ["3"])
+    assert entry["outputs"]["3"]["images"]
+    page.screenshot(path=str(screenshots / "core_workflow_done.png"))
+
+
+def _comparable(prompt: dict) -> dict:
+    return {node_id: {"class_type": entry["class_type"], "inputs": entry["inputs"]}
+            for node_id, entry in prompt.items()}
+
+
+@pytest.mark.parametrize("path", harness.workflow_files(), ids=lambda p: p.name)
+def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_info, screenshots):
+    workflow = harness.load_workflow(path)
+    registered = set(page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)"))
+    missing = harness.node_types_used(workflow) - registered
+    assert not missing, f"{path.name}: node types the frontend does not know: {sorted(missing)}"
+
+    dialogs = _load_graph(page, workflow)
+    page.screenshot(path=str(screenshots / f"{path.stem}.png"))
+    assert not [d for d in dialogs if "missing" in d.lower()], dialogs
+    assert dialogs == [], dialogs
+    assert page.page_errors == []
+
+    frontend = _comparable(_frontend_prompt(page))
+    ours = _comparable(harness.ui_to_api(workflow, object_info))
+    assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1, default=str)[:6000]
+
+
+@pytest.mark.slow
+def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_client, object_info, screenshots):
+    candidates = [p for p in harness.workflow_files()
+                  if harness.SAMPLER in harness.node_types_used(harness.load_workflow(p))]
+    assert candidates, "no shipped workflow uses the sampler"
+    workflow = harness.shrink_ui_workflow(harness.load_workflow(candidates[0]), object_info)
+    assert _load_graph(page, workflow) == []
+    prompt = harness.ui_to_api(workflow, object_info)
+    outputs = [nid for nid, e in prompt.items() if object_info[e["class_type"]].get("output_node")]
+    entry = _queue_and_wait_for_image(page, comfy_client, outputs)
+    page.screenshot(path=str(screenshots / f"{candidates[0].stem}_done.png"))
+    images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+    assert images
+    for image in images:
+        assert comfy_client.view(image)[:8] == b"\x89PNG\r\n\x1a\n"

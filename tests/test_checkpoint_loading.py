@@ -1,0 +1,202 @@
+"""Checkpoint reading is safe, strict, and explains every refusal; config precedence is weights < json < overrides."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from blended.checkpoint import load_guided_diffusion, read_state_dict
+from blended.errors import BlendedInputError, CheckpointError
+
+REF = Path(__file__).parent / "fixtures" / "reference"
+GD_TINY = REF / "gd_tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return torch.load(GD_TINY / "model.pt", map_location="cpu", weights_only=True)
+
+
+def refused(path: Path, *fragments: str) -> CheckpointError:
+    with pytest.raises(CheckpointError) as info:
+        load_guided_diffusion(path)
+    message = str(info.value)
+    assert path.name in message, message
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), message
+    return info.value
+
+
+def test_loaded_model_is_frozen_float32_eval_on_cpu(tmp_path, tiny_state):
+    half = {k: v.half() for k, v in tiny_state.items()}
+    path = tmp_path / "half.safetensors"
+    save_file(half, str(path))
+    model, _ = load_guided_diffusion(path)
+    assert not model.training
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" and not p.requires_grad
+               for p in model.parameters())
+
+
+def test_stable_diffusion_checkpoint_is_refused_with_guidance(tmp_path):
+    path = tmp_path / "v1-5-pruned.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 1, 1)}, str(path))
+    refused(path, "Stable Diffusion", "256x256_diffusion_uncond.pt")
+
+
+def test_clip_file_is_refused(tmp_path):
+    path = tmp_path / "clip.pt"
+    shutil.copyfile(REF / "clip_tiny" / "model.pt", path)
+    refused(path, "CLIP")
+
+
+@pytest.mark.parametrize("file_name", ["model.pt", "model.safetensors"])
+def test_truncated_files_are_refused(tmp_path, file_name):
+    data = (GD_TINY / file_name).read_bytes()
+    path = tmp_path / file_name
+    path.write_bytes(data[: len(data) // 2])
+    refused(path, "download it again")
+
+
+def test_text_and_empty_files_are_refused(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("this is not a model\n")
+    refused(text, "text file")
+    lfs = tmp_path / "256x256_diffusion_uncond.pt"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 2211\n")
+    refused(lfs, "Git LFS")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    refused(empty, "empty")
+    refused(tmp_path / "absent.pt", "not found")
+
+
+def test_missing_key_is_refused_and_named(tmp_path, tiny_state):
+    state = dict(tiny_state)
+    del state["middle_block.1.qkv.bias"]
+    path = tmp_path / "missing.pt"
+    torch.save(state, path)
+    refused(path, "middle_block.1.qkv.bias", "missing")
+
+
+def test_extra_key_is_refused_and_named(tmp_path, tiny_state):
+    path = tmp_path / "extra.safetensors"
+    save_file({**tiny_state, "extra_head.weight": torch.zeros(2)}, str(path))
+    refused(path, "extra_head.weight", "unexpected")
+
+
+def test_wrong_shape_is_refused(tmp_path, tiny_state):
+    state = dict(tiny_state)
+    state["out.0.weight"] = torch.zeros(7)
+    path = tmp_path / "shape.pt"
+    torch.save(state, path)
+    refused(path, "out.0.weight")
+
+
+class _RunsCodeWhenUnpickled:
+    """A payload whose unpickling creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("container", ["torch-zip", "raw-pickle"])
+def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path, container, tiny_state):
+    def write(path: Path, marker: Path) -> None:
+        payload = {"time_embed.0.weight": tiny_state["time_embed.0.weight"], "evil": _RunsCodeWhenUnpickled(marker)}
+        if container == "torch-zip":
+            torch.save(payload, path)
+        else:
+            path.write_bytes(pickle.dumps(payload, protocol=2))
+
+    # The payload is live: an unsafe load does run it (so the assertion below can really fail).
+    live, live_marker = tmp_path / "live.pt", tmp_path / "live-marker"
+    write(live, live_marker)
+    torch.load(live, weights_only=False) if container == "torch-zip" else pickle.loads(live.read_bytes())
+    assert live_marker.exists()
+
+    path, marker = tmp_path / "evil.pt", tmp_path / "marker"
+    write(path, marker)
+    refused(path, "refused", "Python objects")
+    assert not marker.exists()
+
+
+def test_non_tensor_values_are_refused(tmp_path, tiny_state):
+    path = tmp_path / "mixed.pt"
+    torch.save({**tiny_state, "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match="epoch"):
+        read_state_dict(path)
+
+
+def test_wrapped_state_dict_and_misnamed_formats_load(tmp_path, tiny_state):
+    wrapped = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": tiny_state}, wrapped)
+    assert list(read_state_dict(wrapped)) == list(tiny_state)
+    # safetensors content behind a .pt name is recognised by its content
+    misnamed = tmp_path / "really_safetensors.pt"
+    shutil.copyfile(GD_TINY / "model.safetensors", misnamed)
+    assert set(read_state_dict(misnamed)) == set(tiny_state)
+
+
+def test_config_json_beside_wins_and_overrides_win_over_it(tmp_path):
+    path = tmp_path / "model.pt"
+    shutil.copyfile(GD_TINY / "model.pt", path)
+    config = json.loads((GD_TINY / "config.json").read_text())
+    config["num_head_channels"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    _, detected = load_guided_diffusion(state_dict=read_state_dict(path))
+    assert detected.num_head_channels == 64
+    _, from_json = load_guided_diffusion(path)
+    assert from_json.num_head_channels == 32
+    _, overridden = load_guided_diffusion(path, overrides={"num_head_channels": 16, "image_size": 128})
+    assert (overridden.num_head_channels, overridden.image_size) == (16, 128)
+
+    # a per-file config beats the folder's config.json
+    config["num_head_channels"] = 64
+    config["use_new_attention_order"] = True
+    (tmp_path / "model.config.json").write_text(json.dumps(config))
+    _, per_file = load_guided_diffusion(path)
+    assert per_file.use_new_attention_order and per_file.num_head_channels == 64
+
+
+def test_config_json_that_contradicts_the_weights_is_reported(tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copyfile(GD_TINY / "model.safetensors", path)
+    config = json.loads((GD_TINY / "config.json").read_text())
+    config["num_res_blocks"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    refused(path, "config.json", "missing")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_guided_diffusion(path)
+
+
+def test_unrelated_config_json_is_ignored(tmp_path):
+    path = tmp_path / "model.pt"
+    shutil.copyfile(GD_TINY / "model.pt", path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    _, config = load_guided_diffusion(path)
+    assert config.model_channels == 32
+
+
+def test_overrides_of_shape_fixed_fields_are_refused(tiny_state):
+    with pytest.raises(BlendedInputError, match="model_channels"):
+        load_guided_diffusion(state_dict=tiny_state, overrides={"model_channels": 64})
+
+
+def test_state_dict_with_path_names_the_path_in_errors(tiny_state):
+    state = dict(tiny_state)
+    state.pop("out.2.bias")
+    with pytest.raises(CheckpointError, match="named.pt"):
+        load_guided_diffusion(path="models/named.pt", state_dict=state)

@@ -1,0 +1,181 @@
+"""The whole sampler on the tiny fixtures: guidance works, the background is exact, seeds repeat."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blended.augment import AugmentationSettings
+from blended.checkpoint import load_guided_diffusion
+from blended.clip_model import load_guidance_clip
+from blended.diffusion import create_diffusion
+from blended.errors import BlendedInputError
+from blended.guidance import GuidanceSettings
+from blended.rank import clip_scores
+from blended.sampler import SamplerSettings, edit_image
+from blended.unet import GuidedDiffusionUNet, UNetConfig
+
+REF = Path(__file__).parent / "fixtures" / "reference"
+PROMPT = "a red rock"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return load_guided_diffusion(path=REF / "gd_tiny" / "model.safetensors")[0]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return create_diffusion(timestep_respacing="10")
+
+
+@pytest.fixture(scope="module")
+def image_and_mask():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 64, 64, 3, generator=gen)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 20:44] = 1
+    return image, mask
+
+
+def run(unet, diffusion, clip, image, mask, seed=1, num_results=2, clip_lambda=1000.0, views=2, prompts=(PROMPT,),
+        **settings):
+    defaults = dict(skip_timesteps=3, batch_size=num_results)
+    defaults.update(settings)
+    return edit_image(image, mask, unet, diffusion, clip, list(prompts), seed=seed, num_results=num_results,
+                      settings=SamplerSettings(**defaults),
+                      guidance_settings=GuidanceSettings(clip_lambda=clip_lambda,
+                                                         augmentations=AugmentationSettings(num_views=views)))
+
+
+def outside(images, mask):
+    keep = mask[0] == 0
+    return images[:, keep]
+
+
+def test_guidance_lowers_clip_distance(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    unguided = run(unet, diffusion, clip, image, mask, clip_lambda=0.0)
+    guided = run(unet, diffusion, clip, image, mask, clip_lambda=1e5)
+    d_unguided = clip_scores(clip, unguided.images.movedim(-1, 1), PROMPT, mask=mask[:, None])
+    d_guided = clip_scores(clip, guided.images.movedim(-1, 1), PROMPT, mask=mask[:, None])
+    assert (d_guided < d_unguided).all(), (d_guided, d_unguided)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_background_is_bit_exact_and_inside_changes(unet, diffusion, clip, image_and_mask, method):
+    image, mask = image_and_mask
+    result = run(unet, diffusion, clip, image, mask, method=method)
+    assert result.images.shape == (2, 64, 64, 3)
+    assert torch.equal(outside(result.images, mask), outside(image.expand(2, -1, -1, -1), mask))
+    inside = mask[0] > 0
+    assert not torch.allclose(result.images[:, inside], image.expand(2, -1, -1, -1)[:, inside])
+
+
+def test_same_seed_same_images_other_seed_other_images(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    a = run(unet, diffusion, clip, image, mask, seed=7)
+    b = run(unet, diffusion, clip, image, mask, seed=7)
+    c = run(unet, diffusion, clip, image, mask, seed=8)
+    assert torch.equal(a.images, b.images)
+    assert not torch.allclose(a.images, c.images)
+    assert not torch.allclose(a.images[0], a.images[1])  # results of one run differ from each other
+
+
+def test_result_does_not_depend_on_how_many_results(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    one = run(unet, diffusion, clip, image, mask, seed=3, num_results=1)
+    three = run(unet, diffusion, clip, image, mask, seed=3, num_results=3, batch_size=2)
+    # Same noise, augmentations and seeds; only float32 batch effects of the conv kernels remain, far below one
+    # 8-bit grey level.
+    torch.testing.assert_close(three.images[0], one.images[0], atol=1 / 255, rtol=0)
+
+
+def test_reuse_guided_forward_gives_the_same_images(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    a = run(unet, diffusion, clip, image, mask, seed=5)
+    b = run(unet, diffusion, clip, image, mask, seed=5, reuse_guided_forward=True)
+    torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=0)
+
+
+def test_several_prompts_each_get_their_results(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    result = run(unet, diffusion, clip, image, mask, num_results=2, prompts=("a red rock", "a blue sky"),
+                 batch_size=4)
+    assert result.images.shape[0] == 4
+    assert result.prompts == ["a red rock", "a red rock", "a blue sky", "a blue sky"]
+    assert not torch.allclose(result.images[0], result.images[2])
+
+
+def test_empty_prompt_means_no_guidance(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    empty = edit_image(image, mask, unet, diffusion, clip, [""], seed=2, num_results=1,
+                       settings=SamplerSettings(skip_timesteps=3),
+                       guidance_settings=GuidanceSettings(augmentations=AugmentationSettings(num_views=1)))
+    none = edit_image(image, mask, unet, diffusion, clip, ["x"], seed=2, num_results=1,
+                      settings=SamplerSettings(skip_timesteps=3),
+                      guidance_settings=GuidanceSettings(clip_lambda=0, range_lambda=0))
+    torch.testing.assert_close(empty.images, none.images, atol=1e-6, rtol=0)
+
+
+def test_local_mode_changes_the_whole_frame_and_capture_frames(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    result = run(unet, diffusion, clip, image, mask, mode="local", capture_every=2, num_results=1)
+    assert not torch.equal(outside(result.images, mask), outside(image, mask))
+    steps = 10 - 3
+    expected_frames = len([n for n in range(steps) if n % 2 == 0 or n == steps - 1])
+    assert result.frames.shape == (expected_frames, 64, 64, 3)
+
+
+def test_bad_settings_are_refused(unet, diffusion, clip, image_and_mask):
+    image, mask = image_and_mask
+    with pytest.raises(BlendedInputError, match="skip"):
+        run(unet, diffusion, clip, image, mask, skip_timesteps=10)
+    with pytest.raises(BlendedInputError, match="empty"):
+        run(unet, diffusion, clip, image, torch.zeros_like(mask))
+
+
+def test_any_size_crop_edit_stitch_two_regions(unet, diffusion, clip):
+    """A 1000x600 photo with two small regions comes back 1000x600, only the regions changed."""
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 600, 1000, 3, generator=gen)
+    mask = torch.zeros(1, 600, 1000)
+    mask[:, 200:240, 300:350] = 1
+    mask[:, 330:360, 520:560] = 1
+    result = run(unet, diffusion, clip, image, mask, num_results=1, region="mask_crop", grow_mask=3, feather=2)
+    assert result.images.shape == (1, 600, 1000, 3)
+    composite = result.mask[0]
+    assert torch.equal(result.images[0][composite == 0], image[0][composite == 0])
+    for rows, cols in ((slice(200, 240), slice(300, 350)), (slice(330, 360), slice(520, 560))):
+        assert (result.images[0, rows, cols] - image[0, rows, cols]).abs().mean() > 0.02
+    assert (composite >= (mask[0] > 0).float()).all()  # grown/feathered mask still covers the edit
+
+
+def test_class_conditional_model_runs_with_random_classes(clip):
+    """The 512 model's path: a class-conditional UNet gets a random class per sample and step."""
+    config = UNetConfig(image_size=32, model_channels=32, num_res_blocks=1, attention_resolutions=(2,),
+                        channel_mult=(1, 2), num_classes=1000, num_head_channels=32)
+    torch.manual_seed(0)
+    model = GuidedDiffusionUNet(config).eval().requires_grad_(False)
+    seen = []
+    original_forward = model.forward
+
+    def recording_forward(x, timesteps, y=None):
+        seen.append(y.clone())
+        return original_forward(x, timesteps, y)
+
+    model.forward = recording_forward
+    image = torch.rand(1, 32, 32, 3)
+    mask = torch.ones(1, 32, 32)
+    result = edit_image(image, mask, model, create_diffusion(timestep_respacing="5"), clip, [PROMPT], seed=0,
+                        num_results=2, settings=SamplerSettings(skip_timesteps=1),
+                        guidance_settings=GuidanceSettings(augmentations=AugmentationSettings(num_views=1)))
+    assert result.images.shape == (2, 32, 32, 3)
+    labels = torch.stack(seen)
+    assert labels.shape[1] == 2 and labels.min() >= 0 and labels.max() < 1000
+    assert len(set(labels.flatten().tolist())) > 2
