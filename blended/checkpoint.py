@@ -217,14 +217,20 @@ def load_guided_diffusion(
             "Use an unmodified guided-diffusion checkpoint, or fix/remove the config.json beside it."
         )
 
-    with torch.device("meta"):
-        model = GuidedDiffusionUNet(config)
-    # assign=True adopts the loaded tensors instead of copying them into randomly initialised ones.
-    tensors = {k: v.detach().to(device="cpu", dtype=torch.float32) for k, v in state_dict.items()}
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(path, f"the weights could not be loaded: {exc}") from exc
-    model.eval().requires_grad_(False)
+    # Guidance differentiates through the model, so its weights must be ordinary tensors even when the caller
+    # (ComfyUI) runs under inference mode and handed us inference tensors: build outside it and clone those.
+    with torch.inference_mode(False):
+        with torch.device("meta"):
+            model = GuidedDiffusionUNet(config)
+        # assign=True adopts the loaded tensors instead of copying them into randomly initialised ones.
+        tensors = {}
+        for k, v in state_dict.items():
+            v = v.detach().to(device="cpu", dtype=torch.float32)
+            tensors[k] = v.clone() if v.is_inference() else v
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise CheckpointError(path, f"the weights could not be loaded: {exc}") from exc
+        model.eval().requires_grad_(False)
     logger.info("loaded guided-diffusion UNet from %s: %s", path or "a state dict", config)
     return model, config

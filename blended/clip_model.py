@@ -298,16 +298,18 @@ class GuidanceCLIP:
 
 def load_guidance_clip(path: str | os.PathLike | None = None, state_dict: Mapping | None = None, *,
                        quick_gelu: bool = True) -> GuidanceCLIP:
-    """Build a frozen float32 CPU CLIP from a local file or an in-memory state dict.
+    """Build a frozen float32 CPU CLIP from a local file or an in-memory state dict (or both: see below).
 
     Builds in the caller's grad/inference context: a ComfyUI node must call this inside
     ``torch.inference_mode(False)`` so the weights can take part in autograd later. ``quick_gelu`` must be
     True for OpenAI-trained weights (the original's); False only for open_clip models trained with GELU
     (e.g. LAION weights), which the weights alone cannot reveal.
     """
-    if (path is None) == (state_dict is None):
-        raise BlendedInputError("give exactly one of a CLIP weight file path or a state dict.")
-    raw = _read_weight_file(path) if path is not None else state_dict
+    if path is None and state_dict is None:
+        raise BlendedInputError("give a CLIP weight file path or a state dict.")
+    # With both, the state dict is what the caller already read (e.g. with ComfyUI's loader); the path only
+    # names the file in messages.
+    raw = state_dict if state_dict is not None else _read_weight_file(path)
     sd = _unwrap_state_dict(raw, path)
     _check_is_clip(sd, path)
     model = _build_open_clip(sd, path, quick_gelu)

@@ -12,11 +12,14 @@ checkpointing) is free, and is chosen for speed:
   original and a save/load round trip is lossless;
 * :meth:`GuidedDiffusionUNet.to_compute_dtype` reproduces the original's fp16 scheme (only the convs of the
   three block stacks in low precision; GroupNorm, timestep embedding, ``emb_layers`` and ``out`` in fp32);
-* ``gradient_checkpointing`` trades compute for memory in the grad-enabled forward of CLIP guidance.
+* ``gradient_checkpointing`` trades compute for memory in the grad-enabled forward of CLIP guidance;
+* ``autocast_dtype`` (bf16/fp16) runs the block stacks under autocast instead, keeping fp32 weights; the
+  timestep embedding and ``out`` stay fp32 as in :meth:`GuidedDiffusionUNet.to_compute_dtype`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -302,6 +305,8 @@ class GuidedDiffusionUNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
+        # None = faithful (no autocast). A plain attribute, not a buffer: it is a run-time choice, not a weight.
+        self.autocast_dtype: torch.dtype | None = None
         mc = config.model_channels
         emb_dim = config.time_embed_dim
         legacy = not config.use_new_attention_order
@@ -387,11 +392,17 @@ class GuidedDiffusionUNet(nn.Module):
             emb = emb + self.label_emb(y)
 
         h = x.to(self.compute_dtype)
-        skips = []
-        for block in self.input_blocks:
-            h = self._run_block(block, h, emb)
-            skips.append(h)
-        h = self._run_block(self.middle_block, h, emb)
-        for block in self.output_blocks:
-            h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb)
+        with self._block_precision(h.device):
+            skips = []
+            for block in self.input_blocks:
+                h = self._run_block(block, h, emb)
+                skips.append(h)
+            h = self._run_block(self.middle_block, h, emb)
+            for block in self.output_blocks:
+                h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)
+
+    def _block_precision(self, device: torch.device):
+        if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)

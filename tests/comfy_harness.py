@@ -453,7 +453,11 @@ class InProcessComfy:
         messages = self.server.messages[start:]
         if not self.executor.success:
             errors = [data for event, data in messages if event in ("execution_error", "execution_interrupted")]
-            raise PromptExecutionError(f"execution failed: {errors}", errors)
+            summary = "; ".join(
+                f"{e.get('node_type')} (node {e.get('node_id')}): {e.get('exception_type', 'interrupted')}: "
+                f"{_shorten(str(e.get('exception_message', '')))} at {(e.get('traceback') or ['?'])[-1].strip()}"
+                for e in errors)
+            raise PromptExecutionError(f"execution failed: {summary}", errors)
         tensors = {}
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)

@@ -1,0 +1,242 @@
+"""Speed and memory options for the guided step, each one switchable and measurable on its own.
+
+Blended Diffusion's cost is ~75 steps of (UNet forward + UNet backward + CLIP on every view), so the options
+here act on the two networks and leave the sampler's math alone:
+
+* low precision for the UNet, either by autocast (every conv/matmul of the block stacks in bf16/fp16, weights
+  kept fp32) or by the original's "torso" scheme (:meth:`GuidedDiffusionUNet.to_compute_dtype`: block-stack
+  conv weights stored in low precision). Both keep GroupNorm statistics, the timestep embedding and the
+  final ``out`` conv in fp32, and the UNet still returns fp32, so the diffusion arithmetic stays fp32;
+* low precision for CLIP (the whole frozen tower converted; its embeddings come back fp32);
+* channels_last memory format for both networks (what cuDNN/oneDNN's fastest conv kernels want);
+* gradient checkpointing of the UNet blocks (trades ~one extra forward for most of the saved activations);
+* ``torch.compile`` of the UNet;
+* reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``).
+
+Autocast is deliberately NOT meant to wrap the whole guided step: kornia builds its warp grids with matmuls,
+and in bf16 those coordinates would be off by up to a pixel at 224 px. Low precision therefore lives inside the
+networks (``unet.autocast_dtype``, a CLIP dtype), where it needs no hook in the sampler.
+
+Faithful mode is :data:`FAITHFUL` (every option off): the models are left exactly as loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BlendedInputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FAITHFUL",
+    "FASTEST_CPU",
+    "FASTEST_GPU",
+    "FastPathOptions",
+    "apply_channels_last",
+    "apply_fast_paths",
+    "autocast_context",
+    "compile_unet",
+    "parse_dtype",
+    "sampler_settings_with",
+    "set_clip_precision",
+    "set_gradient_checkpointing",
+    "set_unet_precision",
+]
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+PRECISION_SCHEMES = ("autocast", "torso")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'fp32' / 'bf16' / 'fp16' (or a torch dtype) -> torch dtype, refusing anything else."""
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise BlendedInputError(f"unsupported dtype {name}: use fp32, bf16 or fp16")
+        return name
+    dtype = _DTYPES.get(str(name).lower())
+    if dtype is None:
+        raise BlendedInputError(f"unknown dtype {name!r}: use fp32, bf16 or fp16")
+    return dtype
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """Which fast paths to use. The defaults (all off, fp32) are the faithful mode.
+
+    precision: compute dtype of the networks, "fp32" (faithful), "bf16" or "fp16".
+    precision_scheme: how the UNet gets there: "autocast" (fp32 weights, low-precision kernels) or "torso"
+        (the original's fp16 scheme: block-stack conv weights converted; fp16 there is the original's own mode).
+    clip_precision: dtype of the CLIP tower; None follows ``precision``.
+    channels_last: NHWC memory format for the UNet's and CLIP's conv weights.
+    gradient_checkpointing: recompute UNet blocks in the backward instead of keeping their activations.
+    compile: ``torch.compile`` the UNet (the first steps pay the compile time).
+    reuse_guided_forward: skip the sampler's unguided UNet forward (saves a third of the UNet work).
+    """
+
+    precision: str = "fp32"
+    precision_scheme: str = "autocast"
+    clip_precision: str | None = None
+    channels_last: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    reuse_guided_forward: bool = False
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.precision)
+        if self.clip_precision is not None:
+            parse_dtype(self.clip_precision)
+        if self.precision_scheme not in PRECISION_SCHEMES:
+            raise BlendedInputError(
+                f"unknown precision_scheme {self.precision_scheme!r}: use one of {', '.join(PRECISION_SCHEMES)}")
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return parse_dtype(self.precision)
+
+    @property
+    def clip_dtype(self) -> torch.dtype:
+        return parse_dtype(self.clip_precision or self.precision)
+
+    @property
+    def is_faithful(self) -> bool:
+        return self == FAITHFUL
+
+    def describe(self) -> str:
+        """Short label such as 'bf16-autocast+channels_last+reuse' (or 'faithful') for tables and logs."""
+        if self.is_faithful:
+            return "faithful"
+        parts = ["fp32" if self.unet_dtype == torch.float32 else f"{self.precision}-{self.precision_scheme}"]
+        if self.clip_dtype != self.unet_dtype:
+            parts.append(f"clip-{self.clip_precision}")
+        for flag, label in ((self.channels_last, "channels_last"), (self.gradient_checkpointing, "ckpt"),
+                            (self.compile, "compile"), (self.reuse_guided_forward, "reuse")):
+            if flag:
+                parts.append(label)
+        return "+".join(parts)
+
+
+FAITHFUL = FastPathOptions()
+# Measured fastest on a 2-core AMX CPU (docs/speed.md): AMX makes bf16 convs pay; compile does not pay on
+# the tiny model once its compile time is counted.
+FASTEST_CPU = FastPathOptions(precision="bf16", channels_last=True, reuse_guided_forward=True)
+# The intended GPU setting (to be confirmed by scripts/bench.py on the card): bf16 autocast, NHWC,
+# compiled, one UNet forward per step. Checkpointing stays a memory-only choice (it costs time).
+FASTEST_GPU = FastPathOptions(precision="bf16", channels_last=True, compile=True, reuse_guided_forward=True)
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | str):
+    """``torch.autocast`` for ``device`` in ``dtype``, or a no-op context for fp32.
+
+    For callers that run a network forward outside :class:`GuidedDiffusionUNet` (which has its own
+    ``autocast_dtype``). Keep it around network forwards only, never around the augmentations (see module doc).
+    """
+    dtype = parse_dtype(dtype)
+    device_type = torch.device(device).type
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def set_unet_precision(unet, dtype: torch.dtype | str, scheme: str = "autocast"):
+    """Put the UNet's block stacks in ``dtype`` by ``scheme``; fp32 restores the faithful model.
+
+    The two schemes are exclusive: switching one on switches the other off, so a model can be re-configured
+    between benchmark runs without being reloaded.
+    """
+    dtype = parse_dtype(dtype)
+    if scheme not in PRECISION_SCHEMES:
+        raise BlendedInputError(f"unknown precision scheme {scheme!r}: use one of {', '.join(PRECISION_SCHEMES)}")
+    if dtype == torch.float32:
+        unet.autocast_dtype = None
+        unet.to_compute_dtype(torch.float32)
+    elif scheme == "autocast":
+        unet.to_compute_dtype(torch.float32)
+        unet.autocast_dtype = dtype
+    else:
+        unet.autocast_dtype = None
+        unet.to_compute_dtype(dtype)
+    return unet
+
+
+def set_clip_precision(clip, dtype: torch.dtype | str):
+    """Convert the frozen CLIP tower to ``dtype``; ``GuidanceCLIP.encode_image`` still returns fp32.
+
+    Text embeddings are cached per prompt; they are computed (fp32 out) from whatever precision the tower has
+    when first asked, which costs nothing measurable in the guidance since the text side has no gradient.
+    """
+    clip.to(dtype=parse_dtype(dtype))
+    return clip
+
+
+def _to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    # nn.Module.to(memory_format=...) only touches 4-D parameters (conv weights); everything else is left alone.
+    module.to(memory_format=memory_format)
+
+
+def apply_channels_last(unet, clip=None, enabled: bool = True):
+    """NHWC conv weights for the UNet (and CLIP's patch embedding); activations follow the weights' format.
+
+    The UNet's attention reads its NHWC input as a [B,C,HW] view and writes [B,T,C] tokens, so no layout copy
+    is added around attention. ``enabled=False`` restores the contiguous (faithful) layout.
+    """
+    memory_format = torch.channels_last if enabled else torch.contiguous_format
+    _to_memory_format(unet, memory_format)
+    if clip is not None:
+        _to_memory_format(clip.model, memory_format)
+    return unet
+
+
+def set_gradient_checkpointing(unet, enabled: bool):
+    """Recompute each UNet block in the backward (memory ~ one block's activations instead of all of them)."""
+    unet.gradient_checkpointing = bool(enabled)
+    return unet
+
+
+def compile_unet(unet, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = False):
+    """``torch.compile`` the whole UNet in place (its ``config`` and parameters stay where callers look).
+
+    The whole model, not each block: the blocks share one ``forward`` code object, so compiling them one by one
+    would hit dynamo's recompile limit and silently fall back to eager. ``dynamic=False`` because the batch and
+    image size are fixed during an edit; a new batch size recompiles once.
+    """
+    unet.compile(backend=backend, mode=mode, dynamic=dynamic)
+    return unet
+
+
+def is_compiled(unet) -> bool:
+    return getattr(unet, "_compiled_call_impl", None) is not None
+
+
+def uncompile_unet(unet):
+    """Drop a :func:`compile_unet` (back to eager), e.g. before counting FLOPs op by op."""
+    unet._compiled_call_impl = None
+    return unet
+
+
+def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str = "inductor"):
+    """Configure ``unet`` and ``clip`` in place for ``options``; :data:`FAITHFUL` leaves them as loaded.
+
+    ``reuse_guided_forward`` is a sampler setting: pass the settings through :func:`sampler_settings_with`.
+    """
+    set_unet_precision(unet, options.unet_dtype, options.precision_scheme)
+    set_clip_precision(clip, options.clip_dtype)
+    apply_channels_last(unet, clip, enabled=options.channels_last)
+    set_gradient_checkpointing(unet, options.gradient_checkpointing)
+    if options.compile and not is_compiled(unet):
+        compile_unet(unet, backend=compile_backend)
+    elif not options.compile and is_compiled(unet):
+        uncompile_unet(unet)
+    log.info("fast paths: %s", options.describe())
+    return unet, clip
+
+
+def sampler_settings_with(settings, options: FastPathOptions):
+    """A copy of ``settings`` (a SamplerSettings) with the sampler-level fast paths of ``options``."""
+    return dataclasses.replace(settings, reuse_guided_forward=options.reuse_guided_forward)
