@@ -209,13 +209,16 @@ def _is_widget(spec: Any) -> bool:
 def widget_layout(node_def: dict) -> list[tuple[str | None, dict]]:
     """Widget input names in the order the frontend stores their values, None for value-only extras.
 
-    The extras are the control_after_generate combo that follows a seed and the upload button that follows
-    LoadImage's file combo: both occupy a slot in `widgets_values` but are not prompt inputs.
+    The extras are the control_after_generate combo that follows a seed and the upload button of
+    LoadImage-like nodes: both occupy a slot in `widgets_values` but are not prompt inputs. The frontend
+    adds the upload button as one more required input, so its slot comes after ALL required widgets
+    (LoadImageMask stores [file, channel, "image"]), as checked against the real frontend in test_browser.
     """
     inputs = node_def.get("input", {})
     order = node_def.get("input_order") or {k: list(v.keys()) for k, v in inputs.items()}
     layout: list[tuple[str | None, dict]] = []
     for section in ("required", "optional"):
+        uploads = 0
         for name in order.get(section, []):
             spec = inputs.get(section, {}).get(name)
             if spec is None or not _is_widget(spec):
@@ -228,7 +231,8 @@ def widget_layout(node_def: dict) -> list[tuple[str | None, dict]]:
             if control:
                 layout.append((None, {"extra": "control_after_generate"}))
             if any(options.get(key) for key in UPLOAD_OPTIONS):
-                layout.append((None, {"extra": "upload"}))
+                uploads += 1
+        layout.extend([(None, {"extra": "upload"})] * uploads)
     return layout
 
 

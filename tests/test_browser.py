@@ -163,8 +163,8 @@ def test_ui_to_api_matches_the_frontend_on_special_cases(page, object_info, scre
     workflow = _tricky_core_workflow()
     assert _load_graph(page, workflow) == []
     page.screenshot(path=str(screenshots / "tricky_core_workflow.png"))
-    frontend = _comparable(_frontend_prompt(page))
-    ours = _comparable(harness.ui_to_api(workflow, object_info))
+    frontend = _comparable(_frontend_prompt(page), object_info)
+    ours = _comparable(harness.ui_to_api(workflow, object_info), object_info)
     assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1)
     assert ours["4"]["inputs"]["images"] == ["1", 0]  # the case really exercised bypass + reroute
 
@@ -207,14 +207,21 @@ def test_frontend_registers_every_pack_node(page, object_info):
 def test_core_workflow_queued_from_the_page_shows_its_image(page, comfy_client, object_info, screenshots):
     workflow = _core_workflow()
     assert _load_graph(page, workflow) == []
-    assert _comparable(_frontend_prompt(page)) == _comparable(harness.ui_to_api(workflow, object_info))
+    assert _comparable(_frontend_prompt(page), object_info) == _comparable(harness.ui_to_api(workflow, object_info), object_info)
     entry = _queue_and_wait_for_image(page, comfy_client, ["3"])
     assert entry["outputs"]["3"]["images"]
     page.screenshot(path=str(screenshots / "core_workflow_done.png"))
 
 
-def _comparable(prompt: dict) -> dict:
-    return {node_id: {"class_type": entry["class_type"], "inputs": entry["inputs"]}
+def _comparable(prompt: dict, object_info: dict) -> dict:
+    """Class and inputs only; inputs the node does not declare (frontend-only display widgets such as
+    PreviewAny's `preview`) are dropped, since the server ignores them."""
+    def declared(class_type):
+        spec = object_info.get(class_type, {}).get("input", {})
+        return set(spec.get("required", {})) | set(spec.get("optional", {}))
+
+    return {node_id: {"class_type": entry["class_type"],
+                      "inputs": {k: v for k, v in entry["inputs"].items() if k in declared(entry["class_type"])}}
             for node_id, entry in prompt.items()}
 
 
@@ -231,8 +238,8 @@ def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_in
     assert dialogs == [], dialogs
     assert page.page_errors == []
 
-    frontend = _comparable(_frontend_prompt(page))
-    ours = _comparable(harness.ui_to_api(workflow, object_info))
+    frontend = _comparable(_frontend_prompt(page), object_info)
+    ours = _comparable(harness.ui_to_api(workflow, object_info), object_info)
     assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1, default=str)[:6000]
 
 
