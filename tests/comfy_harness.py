@@ -451,7 +451,11 @@ class InProcessComfy:
         ok, error, outputs_to_execute, node_errors = asyncio.run(
             self._execution.validate_prompt(prompt_id, prompt, None))
         if not ok:
-            raise PromptExecutionError(f"prompt rejected: {error}", {"error": error, "node_errors": node_errors})
+            reasons = "; ".join(f"node {nid} ({e.get('class_type')}): " + ", ".join(
+                f"{x.get('message')} [{x.get('details')}]" for x in e.get("errors", []))
+                for nid, e in (node_errors or {}).items())
+            raise PromptExecutionError(f"prompt rejected: {error.get('message')}: {reasons or error}",
+                                       {"error": error, "node_errors": node_errors})
         start = len(self.server.messages)
         self.executor.execute(prompt, prompt_id, {"client_id": self.server.client_id}, outputs_to_execute)
         messages = self.server.messages[start:]

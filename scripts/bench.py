@@ -1,0 +1,484 @@
+"""Time the guided step and a whole edit, with and without each fast path; print speed, memory and FLOP use.
+
+One Blended Diffusion edit is ~75 guided steps, each a UNet forward, a UNet forward + backward and CLIP on
+every view; this script measures exactly the library's code for that (``blended.sampler.guided_step`` for one
+step, ``blended.sampler.sample_results`` for a whole edit), so its figures are the pack's own.
+
+Usage (from the repository root):
+
+    PYTHONPATH=. .venv/bin/python scripts/bench.py                      # tiny fixture, CPU, faithful fp32
+    PYTHONPATH=. .venv/bin/python scripts/bench.py --short              # CI smoke run: a few seconds
+    PYTHONPATH=. .venv/bin/python scripts/bench.py --preset faithful,fast-cpu --batch 4
+    PYTHONPATH=. .venv/bin/python scripts/bench.py --config full256 --device cuda --dtype bf16 \\
+        --batch 1,4,16 --steps 75 --views 8 --checkpointing on,off
+
+Comma lists (``--batch``, ``--dtype``, ``--precision-scheme``, ``--channels-last``, ``--checkpointing``,
+``--compile``, ``--reuse``) are crossed: one row per combination. ``--preset`` replaces the option axes with
+named option sets. Each row prints: seconds per guided step (median), seconds for the whole edit, results per
+minute, peak memory (CUDA peak allocated; peak RSS of the process on CPU), model TFLOP per step and model FLOP
+utilisation on GPU.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one eager guided step at batch 1 and
+scaled by the batch; they are *model* FLOPs (checkpoint recomputation and compile are excluded), the same for
+every precision and layout, so MFU compares options fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from blended import fast_paths
+from blended.augment import AugmentationSettings
+from blended.diffusion import create_diffusion
+from blended.fast_paths import FastPathOptions
+from blended.guidance import GuidanceObjective, GuidanceSettings
+from blended.sampler import SamplerSettings, guided_step, sample_results
+
+log = logging.getLogger("blended.bench")
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "tests" / "fixtures" / "reference"
+FULL256_LAYOUT = REFERENCE / "checkpoint_layouts" / "256x256_diffusion_uncond.json"
+PROMPT = "a red rock"
+SCHEDULE_STEPS = 100   # the original respaces 1000 steps to 100 and runs the last 75
+
+# Dense peak TFLOPS by card, (bf16/fp16 tensor core, fp32 without TF32). Matched in order against the CUDA
+# device name, so the more specific names come first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),      # SXM
+    ("H200", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+)
+
+PRESETS = {
+    "faithful": fast_paths.FAITHFUL,
+    "fast-cpu": fast_paths.FASTEST_CPU,
+    "fast-gpu": fast_paths.FASTEST_GPU,
+    # Memory-first: the same as fast-gpu with checkpointing, for the largest batches.
+    "fast-gpu-lowmem": dataclasses.replace(fast_paths.FASTEST_GPU, gradient_checkpointing=True),
+}
+
+FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "edit_steps", "s_per_edit",
+          "results_per_min", "peak_mem_gib", "tflop_per_step", "achieved_tflops", "mfu", "clip_fwd_per_step")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def build_models(config: str, device: torch.device):
+    """(unet, clip) for ``config``: the tiny reference fixtures, or the released 256x256 layout, random weights.
+
+    Random weights cost the same FLOPs as the released ones and need no download.
+    """
+    from blended.clip_model import GuidanceCLIP
+
+    if config == "tiny":
+        from blended.checkpoint import load_guided_diffusion
+        from blended.clip_model import load_guidance_clip
+
+        unet = load_guided_diffusion(path=REFERENCE / "gd_tiny" / "model.safetensors")[0]
+        clip = load_guidance_clip(path=REFERENCE / "clip_tiny" / "model.safetensors")
+        return unet.to(device), clip.to(device=device)
+    if config == "full256":
+        import open_clip
+
+        from blended.unet import GuidedDiffusionUNet
+        from blended.unet_config import unet_config_from_original_kwargs
+
+        layout = json.loads(FULL256_LAYOUT.read_text())
+        with torch.device(device):  # initialise on the device: 552M parameters are slow to init on a CPU
+            unet = GuidedDiffusionUNet(unet_config_from_original_kwargs(layout["config"]))
+        unet.eval().requires_grad_(False)
+        model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)  # OpenAI's ViT-B/16 shape
+        model.eval().requires_grad_(False)
+        return unet, GuidanceCLIP(model, 224).to(device=device)
+    raise SystemExit(f"unknown --config {config!r}: use tiny or full256")
+
+
+@dataclasses.dataclass
+class EditInputs:
+    init: torch.Tensor
+    mask: torch.Tensor
+    text: torch.Tensor
+
+
+def edit_inputs(unet, clip, device: torch.device) -> EditInputs:
+    size = unet.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    init = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device)
+    mask = torch.zeros(1, 1, size, size, device=device)
+    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    return EditInputs(init, mask, clip.text_embedding(PROMPT).to(device))
+
+
+def make_objective(clip, inputs: EditInputs, views: int) -> GuidanceObjective:
+    settings = GuidanceSettings(augmentations=AugmentationSettings(num_views=views))
+    return GuidanceObjective(clip, inputs.text, inputs.mask, inputs.init, settings, seed=0)
+
+
+# ----------------------------------------------------------------------------------------- measurement
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator counter, or the kernel's RSS high-water mark (Linux clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated; on CPU the peak RSS since the last reset (VmHWM), else the process's ru_maxrss."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError, AttributeError):
+        match = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _register_cpu_attention_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel; count it the same way."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or forward in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(forward)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if backward is not None:
+        @fc.register_flop_formula(backward)
+        def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                               **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+class StepRunner:
+    """One guided step of a fixed batch at a fixed schedule index, repeatable for timing."""
+
+    def __init__(self, unet, diffusion, clip, inputs: EditInputs, batch: int, views: int, settings: SamplerSettings):
+        self.unet, self.diffusion, self.settings = unet, diffusion, settings
+        self.objective = make_objective(clip, inputs, views)
+        self.inputs = inputs
+        device = inputs.init.device
+        gen = torch.Generator().manual_seed(1)
+        shape = (batch,) + tuple(inputs.init.shape[1:])
+        self.index = SCHEDULE_STEPS // 2
+        noise = torch.randn(shape, generator=gen).to(device)
+        self.x = diffusion.q_sample(inputs.init.expand(batch, -1, -1, -1), torch.full((batch,), self.index), noise)
+        self.noise = torch.randn(shape, generator=gen).to(device)
+        self.background_noise = torch.randn((1,) + shape[1:], generator=gen).to(device)
+        self.result_ids = list(range(batch))
+
+    def __call__(self) -> dict:
+        return guided_step(self.unet, self.diffusion, self.objective, self.x, self.index, self.inputs.init,
+                           self.inputs.mask, self.noise, self.background_noise, self.settings, self.result_ids)
+
+
+class FlopCount:
+    """Sums ``torch.utils.flop_counter``'s per-op formulas over every op run inside the context.
+
+    FlopCounterMode itself cannot be used here: its per-module tracker hooks fail inside
+    ``torch.autograd.grad`` w.r.t. a leaf input, which is exactly how guidance takes its gradient.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        _register_cpu_attention_flops()
+        counter = self
+        self.total = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += int(formula(*args, **kwargs, out_val=out))
+                return out
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def count_step_flops(unet, diffusion, clip, inputs: EditInputs, views: int, settings: SamplerSettings) -> int:
+    """Model FLOPs of one guided step at batch 1 (eager, no checkpoint recomputation)."""
+    compiled = fast_paths.is_compiled(unet)
+    checkpointing = unet.gradient_checkpointing
+    if compiled:
+        fast_paths.uncompile_unet(unet)
+    fast_paths.set_gradient_checkpointing(unet, False)
+    try:
+        runner = StepRunner(unet, diffusion, clip, inputs, 1, views, settings)
+        with FlopCount() as counter:
+            runner()
+        return counter.total
+    finally:
+        fast_paths.set_gradient_checkpointing(unet, checkpointing)
+        if compiled:
+            fast_paths.compile_unet(unet)
+
+
+def peak_tflops_for(device: torch.device, dtype: torch.dtype, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, low_precision, fp32 in PEAK_TFLOPS:
+        if key in name:
+            return fp32 if dtype == torch.float32 else low_precision
+    log.warning("no peak TFLOPS known for %r: pass --peak-tflops to get MFU", name)
+    return None
+
+
+class ClipForwardCounter:
+    """Counts CLIP image-tower calls, to confirm all views of all samples go through one forward."""
+
+    def __init__(self, clip):
+        self.calls = 0
+        self._handle = clip.model.visual.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def close(self):
+        self._handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+@dataclasses.dataclass
+class RunSpec:
+    batch: int
+    options: FastPathOptions
+
+
+def measure(unet, clip, diffusion, inputs: EditInputs, spec: RunSpec, args, flop_cache: dict) -> dict:
+    device = inputs.init.device
+    opts = spec.options
+    fast_paths.apply_fast_paths(unet, clip, dataclasses.replace(opts, compile=False))
+    settings = fast_paths.sampler_settings_with(SamplerSettings(skip_timesteps=SCHEDULE_STEPS - args.steps
+                                                                if args.steps else 0,
+                                                                batch_size=spec.batch), opts)
+    if args.flops and opts.reuse_guided_forward not in flop_cache:
+        flop_cache[opts.reuse_guided_forward] = count_step_flops(unet, diffusion, clip, inputs, args.views, settings)
+    if opts.compile:
+        fast_paths.apply_fast_paths(unet, clip, opts, compile_backend=args.compile_backend)
+
+    runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings)
+    reset_peak_memory(device)
+    for _ in range(args.warmup):
+        runner()
+    synchronize(device)
+    counter = ClipForwardCounter(clip)
+    times = []
+    try:
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            runner()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        counter.close()
+    s_per_step = statistics.median(times)
+
+    s_per_edit = None
+    if args.steps:
+        start = time.perf_counter()
+        sample_results(unet, diffusion, runner.objective, inputs.init, inputs.mask, list(range(spec.batch)), seed=0,
+                       settings=settings)
+        synchronize(device)
+        s_per_edit = time.perf_counter() - start
+    peak = peak_memory_bytes(device)
+
+    edit_seconds = s_per_edit if s_per_edit is not None else s_per_step * (args.steps or 75)
+    flops = flop_cache.get(opts.reuse_guided_forward)
+    tflop_per_step = flops * spec.batch / 1e12 if flops else None
+    achieved = tflop_per_step / s_per_step if tflop_per_step else None
+    peak_tflops = peak_tflops_for(device, opts.unet_dtype, args.peak_tflops)
+    return {
+        "config": args.config, "device": describe_device(device), "batch": spec.batch, "views": args.views,
+        "options": opts.describe(), "s_per_step": s_per_step, "edit_steps": args.steps,
+        "s_per_edit": s_per_edit, "results_per_min": spec.batch * 60.0 / edit_seconds,
+        "peak_mem_gib": peak / 2**30, "tflop_per_step": tflop_per_step, "achieved_tflops": achieved,
+        "mfu": achieved / peak_tflops if (achieved and peak_tflops) else None,
+        "clip_fwd_per_step": counter.calls / max(1, args.repeats),
+    }
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()}"
+
+
+def run_specs(args) -> list[RunSpec]:
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.preset:
+        presets = []
+        for name in args.preset.split(","):
+            if name not in PRESETS:
+                raise SystemExit(f"unknown --preset {name!r}: use one of {', '.join(PRESETS)}")
+            presets.append(PRESETS[name])
+        return [RunSpec(b, p) for p in presets for b in batches]
+    axes = itertools.product(args.dtype.split(","), args.precision_scheme.split(","), _switch(args.channels_last),
+                             _switch(args.checkpointing), _switch(args.compile), _switch(args.reuse))
+    specs = []
+    seen = set()
+    for dtype, scheme, channels_last, ckpt, compiled, reuse in axes:
+        options = FastPathOptions(precision=dtype, precision_scheme=scheme if dtype != "fp32" else "autocast",
+                                  clip_precision=args.clip_dtype, channels_last=channels_last,
+                                  gradient_checkpointing=ckpt, compile=compiled, reuse_guided_forward=reuse)
+        if options not in seen:  # fp32 x {autocast, torso} is one configuration
+            seen.add(options)
+            specs.extend(RunSpec(b, options) for b in batches)
+    return specs
+
+
+def _switch(text: str) -> list[bool]:
+    values = []
+    for item in text.split(","):
+        if item not in ("on", "off"):
+            raise SystemExit(f"expected on/off (or on,off), got {item!r}")
+        values.append(item == "on")
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value == 0 or math.isfinite(value) and abs(value) >= 0.01:
+            return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def format_row(row: dict) -> str:
+    return " ".join(f"{k}={_fmt(row[k]) if k != 'mfu' or row[k] is None else f'{100 * row[k]:.1f}%'}"
+                    for k in FIELDS)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| options | batch | s/step | s/edit | results/min | peak mem GiB | TFLOP/step | TFLOPS | MFU |"
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['options']} | {r['batch']} | {_fmt(r['s_per_step'])} | {_fmt(r['s_per_edit'])} | "
+                     f"{_fmt(r['results_per_min'])} | {_fmt(r['peak_mem_gib'])} | {_fmt(r['tflop_per_step'])} | "
+                     f"{_fmt(r['achieved_tflops'])} | {mfu} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", choices=("tiny", "full256"),
+                   help="tiny: the reference fixtures (64 px); full256: the released 256x256 layout, random weights")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--batch", default="1", help="results denoised together, comma list (e.g. 1,4,16)")
+    p.add_argument("--dtype", default="fp32", help="UNet compute dtype(s): fp32 (faithful), bf16, fp16; comma list")
+    p.add_argument("--precision-scheme", default="autocast",
+                   help="autocast (fp32 weights) or torso (the original's converted block convs); comma list")
+    p.add_argument("--clip-dtype", default=None, help="CLIP dtype (default: follows --dtype)")
+    p.add_argument("--channels-last", default="off", help="on, off or on,off")
+    p.add_argument("--checkpointing", default="off", help="UNet gradient checkpointing: on, off or on,off")
+    p.add_argument("--compile", default="off", help="torch.compile the UNet: on, off or on,off")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--reuse", default="off", help="reuse_guided_forward (skip the unguided forward): on, off, on,off")
+    p.add_argument("--preset", default=None, help=f"named option sets instead of the axes: {', '.join(PRESETS)}")
+    p.add_argument("--steps", type=int, default=75,
+                   help="guided steps of the timed whole edit (the original runs 75 of 100); 0 = time steps only")
+    p.add_argument("--views", type=int, default=8, help="CLIP views per sample (the original's aug_num=8)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile needs >= 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed single steps; the median is reported")
+    p.add_argument("--flops", default="on", choices=("on", "off"),
+                   help="count model FLOPs (one extra eager step at batch 1 per reuse setting)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOPS of the device, for MFU")
+    p.add_argument("--short", action="store_true",
+                   help="CI smoke mode: tiny config, batch 1, 2-step edit, 1 timed step, faithful + fast-cpu")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if args.short:
+        args.config, args.batch, args.steps, args.repeats, args.warmup = "tiny", "1", 2, 1, 1
+        args.preset = args.preset or "faithful,fast-cpu"
+    if not 0 <= args.steps <= SCHEDULE_STEPS:
+        p.error(f"--steps must be between 0 and {SCHEDULE_STEPS}")
+    if args.views < 1:
+        p.error("--views must be >= 1")
+    args.flops = args.flops == "on"
+    return args
+
+
+def main(argv=None, out=None) -> list[dict]:
+    """Run the benchmark; write one ``key=value`` line per row as it finishes, then a Markdown table.
+
+    The figures go to ``out`` (stdout by default) because they are the program's output, not diagnostics.
+    """
+    out = out or sys.stdout
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(0)
+    with torch.inference_mode(False):
+        unet, clip = build_models(args.config, device)
+        diffusion = create_diffusion(timestep_respacing=str(SCHEDULE_STEPS))
+        inputs = edit_inputs(unet, clip, device)
+        rows, flop_cache = [], {}
+        out.write(f"# bench: config={args.config} device={describe_device(device)} torch={torch.__version__} "
+                  f"views={args.views} edit_steps={args.steps}\n")
+        for spec in run_specs(args):
+            row = measure(unet, clip, diffusion, inputs, spec, args, flop_cache)
+            rows.append(row)
+            out.write(format_row(row) + "\n")
+            out.flush()
+        fast_paths.apply_fast_paths(unet, clip, fast_paths.FAITHFUL)
+    out.write(format_table(rows) + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
