@@ -85,16 +85,21 @@ class CLIPGuidance:
                                          "tooltip": "Background preservation L2 loss (original's "
                                                     "--background_preservation_loss uses 10000). Meant for the "
                                                     "'local' baseline mode; 0 = off."}),
+                "background_lpips_lambda": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100000.0, "step": 100.0,
+                                            "tooltip": "Background preservation LPIPS loss (original: 1000 with "
+                                                       "--background_preservation_loss). Needs the 'lpips' package "
+                                                       "and torchvision's VGG16 weights on disk; 0 = off."}),
             },
         }
 
     def build(self, clip, prompt, clip_lambda, range_lambda, num_views, truncate_long_prompts=True,
-              augmentations=None, background_l2_lambda=0.0):
+              augmentations=None, background_l2_lambda=0.0, background_lpips_lambda=0.0):
         prompts = [line.strip() for line in str(prompt).splitlines() if line.strip()] or [""]
         if augmentations is None:
             augmentations = AugmentationSettings(num_views=num_views)
         settings = GuidanceSettings(clip_lambda=clip_lambda, range_lambda=range_lambda,
-                                    background_l2_lambda=background_l2_lambda, augmentations=augmentations)
+                                    background_l2_lambda=background_l2_lambda,
+                                    background_lpips_lambda=background_lpips_lambda, augmentations=augmentations)
         if not truncate_long_prompts:
             for p in prompts:  # fail here, before any model is loaded or step is run
                 clip.clip.tokenize([p], truncate=False)

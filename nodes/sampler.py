@@ -8,6 +8,7 @@ import torch
 
 from ..blended.diffusion import create_diffusion
 from ..blended.errors import BlendedInputError
+from ..blended.lpips_loss import load_lpips
 from ..blended.sampler import SamplerSettings, edit_image
 from . import comfy_bridge as bridge
 
@@ -114,15 +115,20 @@ class BlendedDiffusionSampler:
         memory = bridge.activation_bytes(min(batch_size, num_prompts * num_results), model.unet.config.image_size,
                                          model.compute_dtype, getattr(model.unet, "gradient_checkpointing", False))
         with bridge.autograd_enabled():
+            lpips_model = None
+            if guidance.settings.background_lpips_lambda:
+                lpips_model = load_lpips()
             bridge.load_for_sampling([model.patcher, guidance.clip.patcher], memory)
             device = model.patcher.load_device
+            if lpips_model is not None:
+                lpips_model = lpips_model.to(device)
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
             image_in = image.clone()
             mask_in = mask.clone() if mask is not None else None
             result = edit_image(image_in, mask_in, model.unet, diffusion, guidance.clip.clip, guidance.prompts,
                                 seed=seed, num_results=num_results, settings=settings,
                                 guidance_settings=guidance.settings, invert_mask=invert_mask,
-                                callback=callback, device=device)
+                                callback=callback, device=device, lpips_model=lpips_model)
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))

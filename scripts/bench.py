@@ -75,7 +75,7 @@ PRESETS = {
 }
 
 FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "edit_steps", "s_per_edit",
-          "results_per_min", "peak_mem_gib", "tflop_per_step", "achieved_tflops", "mfu", "clip_fwd_per_step")
+          "results_per_min", "peak_mem_gib", "base_mem_gib", "tflop_per_step", "achieved_tflops", "mfu", "clip_fwd_per_step")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -145,6 +145,17 @@ def reset_peak_memory(device: torch.device) -> None:
         return
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """What is held before a run (weights, caches; on CPU the whole process's RSS including libraries)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with contextlib.suppress(OSError):
+        match = re.search(r"VmRSS:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    return 0
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -301,6 +312,7 @@ def measure(unet, clip, diffusion, inputs: EditInputs, spec: RunSpec, args, flop
         fast_paths.apply_fast_paths(unet, clip, opts, compile_backend=args.compile_backend)
 
     runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings)
+    base = current_memory_bytes(device)
     reset_peak_memory(device)
     for _ in range(args.warmup):
         runner()
@@ -335,7 +347,7 @@ def measure(unet, clip, diffusion, inputs: EditInputs, spec: RunSpec, args, flop
         "config": args.config, "device": describe_device(device), "batch": spec.batch, "views": args.views,
         "options": opts.describe(), "s_per_step": s_per_step, "edit_steps": args.steps,
         "s_per_edit": s_per_edit, "results_per_min": spec.batch * 60.0 / edit_seconds,
-        "peak_mem_gib": peak / 2**30, "tflop_per_step": tflop_per_step, "achieved_tflops": achieved,
+        "peak_mem_gib": peak / 2**30, "base_mem_gib": base / 2**30, "tflop_per_step": tflop_per_step, "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops if (achieved and peak_tflops) else None,
         "clip_fwd_per_step": counter.calls / max(1, args.repeats),
     }
@@ -350,11 +362,7 @@ def describe_device(device: torch.device) -> str:
 def run_specs(args) -> list[RunSpec]:
     batches = [int(b) for b in args.batch.split(",")]
     if args.preset:
-        presets = []
-        for name in args.preset.split(","):
-            if name not in PRESETS:
-                raise SystemExit(f"unknown --preset {name!r}: use one of {', '.join(PRESETS)}")
-            presets.append(PRESETS[name])
+        presets = [parse_option_set(name) for name in args.preset.split(",")]
         return [RunSpec(b, p) for p in presets for b in batches]
     axes = itertools.product(args.dtype.split(","), args.precision_scheme.split(","), _switch(args.channels_last),
                              _switch(args.checkpointing), _switch(args.compile), _switch(args.reuse))
@@ -368,6 +376,33 @@ def run_specs(args) -> list[RunSpec]:
             seen.add(options)
             specs.extend(RunSpec(b, options) for b in batches)
     return specs
+
+
+_TOKENS = {
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16", "precision_scheme": "autocast"},
+    "fp16": {"precision": "fp16", "precision_scheme": "autocast"},
+    "bf16-torso": {"precision": "bf16", "precision_scheme": "torso"},
+    "fp16-torso": {"precision": "fp16", "precision_scheme": "torso"},
+    "clip-fp32": {"clip_precision": "fp32"},
+    "channels_last": {"channels_last": True},
+    "ckpt": {"gradient_checkpointing": True},
+    "compile": {"compile": True},
+    "reuse": {"reuse_guided_forward": True},
+}
+
+
+def parse_option_set(text: str) -> FastPathOptions:
+    """A preset name, or options joined by '+' (e.g. 'bf16+channels_last+reuse'), on top of faithful."""
+    if text in PRESETS:
+        return PRESETS[text]
+    fields = {}
+    for token in text.split("+"):
+        if token not in _TOKENS:
+            raise SystemExit(f"unknown option set {text!r}: use a preset ({', '.join(PRESETS)}) or '+'-joined "
+                             f"options from {', '.join(_TOKENS)}")
+        fields.update(_TOKENS[token])
+    return FastPathOptions(**fields)
 
 
 def _switch(text: str) -> list[bool]:
@@ -397,12 +432,14 @@ def format_row(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| options | batch | s/step | s/edit | results/min | peak mem GiB | TFLOP/step | TFLOPS | MFU |"
+    header = ("| options | batch | s/step | s/edit | results/min | peak mem GiB (before run) | TFLOP/step | TFLOPS "
+              "| MFU |")
     lines = [header, "|" + "---|" * 9]
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['options']} | {r['batch']} | {_fmt(r['s_per_step'])} | {_fmt(r['s_per_edit'])} | "
-                     f"{_fmt(r['results_per_min'])} | {_fmt(r['peak_mem_gib'])} | {_fmt(r['tflop_per_step'])} | "
+                     f"{_fmt(r['results_per_min'])} | {_fmt(r['peak_mem_gib'])} ({_fmt(r['base_mem_gib'])}) | "
+                     f"{_fmt(r['tflop_per_step'])} | "
                      f"{_fmt(r['achieved_tflops'])} | {mfu} |")
     return "\n".join(lines)
 
@@ -425,7 +462,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="off", help="torch.compile the UNet: on, off or on,off")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--reuse", default="off", help="reuse_guided_forward (skip the unguided forward): on, off, on,off")
-    p.add_argument("--preset", default=None, help=f"named option sets instead of the axes: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default=None,
+                   help=f"comma list of option sets instead of the axes: a preset ({', '.join(PRESETS)}) or "
+                        f"'+'-joined options ({', '.join(_TOKENS)}), e.g. faithful,bf16,reuse,fast-cpu")
     p.add_argument("--steps", type=int, default=75,
                    help="guided steps of the timed whole edit (the original runs 75 of 100); 0 = time steps only")
     p.add_argument("--views", type=int, default=8, help="CLIP views per sample (the original's aug_num=8)")

@@ -11,7 +11,7 @@ COMFY="$(cat "$VENV/comfyui-path")"
 
 # The workflows' LoadImage nodes name these files; ComfyUI only lists files in its input folder.
 mkdir -p "$COMFY/input"
-for name in img mask img2 mask2; do
+for name in img mask img2 mask2 scribble; do
   cp -f "$ROOT/tests/fixtures/examples/$name.png" "$COMFY/input/blended_example_$name.png"
 done
 

@@ -55,6 +55,7 @@ EXAMPLE_IMAGES = {
     "blended_example_mask.png": FIXTURES / "examples" / "mask.png",
     "blended_example_img2.png": FIXTURES / "examples" / "img2.png",
     "blended_example_mask2.png": FIXTURES / "examples" / "mask2.png",
+    "blended_example_scribble.png": FIXTURES / "examples" / "scribble.png",
 }
 
 # Lines ComfyUI logs when a custom node package fails to import; startup itself carries on regardless.

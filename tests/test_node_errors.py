@@ -147,3 +147,11 @@ def test_nan_image_is_refused():
     image[0, 1, 1, 0] = float("nan")
     with pytest.raises(BlendedInputError, match="NaN"):
         to_rgb_nchw(image)
+
+
+def test_lpips_without_its_files_is_refused_clearly(comfy_inprocess):
+    prompt = graph(empty_image(), solid_mask(1.0))
+    prompt["3"]["inputs"]["background_lpips_lambda"] = 1000.0
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(prompt)
+    assert "LPIPS" in str(err.value) and ("lpips" in str(err.value) or "VGG16" in str(err.value))

@@ -176,3 +176,20 @@ def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background
     _check_sampler_outputs("tiny edit", "6", prompt["6"], prompt, tensors, {"sampler_results": 2})
     edit = (mask.reshape(-1, 256, 256)[0] > 0.5).unsqueeze(-1).expand(256, 256, 3)
     assert (images[0][edit] - source[0][edit]).abs().mean() > 1e-3, "nothing was edited inside the mask"
+
+
+@pytest.mark.comfy
+def test_committed_workflows_are_what_the_generator_writes(comfy_inprocess):
+    """workflows/*.json are generated from the live node definitions; a node change must regenerate them
+    (`PYTHONPATH=. .venv/bin/python scripts/make_workflows.py`), or users would open stale widget values."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("make_workflows", harness.REPO_ROOT / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    expected = module.build_all(comfy_inprocess.node_defs())
+    committed = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in harness.workflow_files()}
+    assert sorted(committed) == sorted(expected)
+    for name, workflow in expected.items():
+        assert committed[name] == json.loads(json.dumps(workflow)), f"workflows/{name}.json is stale"
