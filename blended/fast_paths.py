@@ -47,6 +47,7 @@ __all__ = [
     "set_clip_precision",
     "set_gradient_checkpointing",
     "set_unet_precision",
+    "WeightSnapshot",
 ]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -145,10 +146,11 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | str):
 
 
 def set_unet_precision(unet, dtype: torch.dtype | str, scheme: str = "autocast"):
-    """Put the UNet's block stacks in ``dtype`` by ``scheme``; fp32 restores the faithful model.
+    """Put the UNet's block stacks in ``dtype`` by ``scheme``; fp32 turns both schemes off.
 
-    The two schemes are exclusive: switching one on switches the other off, so a model can be re-configured
-    between benchmark runs without being reloaded.
+    "autocast" leaves the weights untouched, so switching back to fp32 is exact. "torso" rounds the block
+    convs' weights; fp32 afterwards restores their dtype but not the lost bits: to get the faithful model back,
+    restore a :class:`WeightSnapshot` (or reload). A shared, cached model should therefore use "autocast".
     """
     dtype = parse_dtype(dtype)
     if scheme not in PRECISION_SCHEMES:
@@ -168,11 +170,27 @@ def set_unet_precision(unet, dtype: torch.dtype | str, scheme: str = "autocast")
 def set_clip_precision(clip, dtype: torch.dtype | str):
     """Convert the frozen CLIP tower to ``dtype``; ``GuidanceCLIP.encode_image`` still returns fp32.
 
-    Text embeddings are cached per prompt; they are computed (fp32 out) from whatever precision the tower has
-    when first asked, which costs nothing measurable in the guidance since the text side has no gradient.
+    Like the original (OpenAI's ``clip.load`` runs the model in fp16 on a GPU). Converting rounds the weights:
+    going back to fp32 needs a :class:`WeightSnapshot` or a reload. Text embeddings are cached per prompt, so a
+    prompt first encoded in one precision keeps that embedding.
     """
     clip.to(dtype=parse_dtype(dtype))
     return clip
+
+
+class WeightSnapshot:
+    """A CPU copy of a module's float32 weights, to undo lossy precision changes between runs.
+
+    Restoring first returns every parameter to float32 (copying into a bf16 parameter would round again),
+    then loads the saved values, so the module is bit-identical to when it was captured.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self._state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def restore(self, module: torch.nn.Module) -> None:
+        module.to(torch.float32)
+        module.load_state_dict(self._state)
 
 
 def _to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> None:

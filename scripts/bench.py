@@ -74,7 +74,7 @@ PRESETS = {
     "fast-gpu-lowmem": dataclasses.replace(fast_paths.FASTEST_GPU, gradient_checkpointing=True),
 }
 
-FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "edit_steps", "s_per_edit",
+FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "s_step_min", "edit_steps", "s_per_edit",
           "results_per_min", "peak_mem_gib", "base_mem_gib", "tflop_per_step", "achieved_tflops", "mfu", "clip_fwd_per_step")
 
 
@@ -299,17 +299,36 @@ class RunSpec:
     options: FastPathOptions
 
 
-def measure(unet, clip, diffusion, inputs: EditInputs, spec: RunSpec, args, flop_cache: dict) -> dict:
+@dataclasses.dataclass
+class Models:
+    """The networks under test plus pristine copies of their weights (lossy options are undone per run)."""
+
+    unet: torch.nn.Module
+    clip: object
+    diffusion: object
+    unet_weights: fast_paths.WeightSnapshot
+    clip_weights: fast_paths.WeightSnapshot
+
+    def configure(self, options: FastPathOptions, compile_backend: str = "inductor") -> None:
+        fast_paths.apply_fast_paths(self.unet, self.clip, fast_paths.FAITHFUL)
+        self.unet_weights.restore(self.unet)
+        self.clip_weights.restore(self.clip.model)
+        fast_paths.apply_fast_paths(self.unet, self.clip, options, compile_backend=compile_backend)
+
+
+def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache: dict) -> dict:
+    """One row: single-step times (all repeats, for the caller to aggregate), one whole edit, peak memory."""
+    unet, clip, diffusion = models.unet, models.clip, models.diffusion
     device = inputs.init.device
     opts = spec.options
-    fast_paths.apply_fast_paths(unet, clip, dataclasses.replace(opts, compile=False))
+    models.configure(dataclasses.replace(opts, compile=False))
     settings = fast_paths.sampler_settings_with(SamplerSettings(skip_timesteps=SCHEDULE_STEPS - args.steps
                                                                 if args.steps else 0,
                                                                 batch_size=spec.batch), opts)
     if args.flops and opts.reuse_guided_forward not in flop_cache:
         flop_cache[opts.reuse_guided_forward] = count_step_flops(unet, diffusion, clip, inputs, args.views, settings)
     if opts.compile:
-        fast_paths.apply_fast_paths(unet, clip, opts, compile_backend=args.compile_backend)
+        fast_paths.compile_unet(unet, backend=args.compile_backend)
 
     runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings)
     base = current_memory_bytes(device)
@@ -327,7 +346,6 @@ def measure(unet, clip, diffusion, inputs: EditInputs, spec: RunSpec, args, flop
             times.append(time.perf_counter() - start)
     finally:
         counter.close()
-    s_per_step = statistics.median(times)
 
     s_per_edit = None
     if args.steps:
@@ -336,20 +354,34 @@ def measure(unet, clip, diffusion, inputs: EditInputs, spec: RunSpec, args, flop
                        settings=settings)
         synchronize(device)
         s_per_edit = time.perf_counter() - start
-    peak = peak_memory_bytes(device)
+    return {"step_times": times, "s_per_edit": s_per_edit, "peak": peak_memory_bytes(device), "base": base,
+            "clip_calls": counter.calls}
 
-    edit_seconds = s_per_edit if s_per_edit is not None else s_per_step * (args.steps or 75)
-    flops = flop_cache.get(opts.reuse_guided_forward)
+
+def summarise(spec: RunSpec, runs: list[dict], args, device: torch.device, flop_cache: dict) -> dict:
+    """Merge the rounds of one spec: median and best step time, best edit time, highest peak memory.
+
+    The best (minimum) time is what the code can do; on a shared machine the median also carries the
+    interference of other processes, so both are reported.
+    """
+    times = [t for run in runs for t in run["step_times"]]
+    s_per_step, s_step_min = statistics.median(times), min(times)
+    edits = [run["s_per_edit"] for run in runs if run["s_per_edit"] is not None]
+    s_per_edit = min(edits) if edits else None
+    edit_seconds = s_per_edit if s_per_edit is not None else s_step_min * (args.steps or 75)
+    flops = flop_cache.get(spec.options.reuse_guided_forward)
     tflop_per_step = flops * spec.batch / 1e12 if flops else None
-    achieved = tflop_per_step / s_per_step if tflop_per_step else None
-    peak_tflops = peak_tflops_for(device, opts.unet_dtype, args.peak_tflops)
+    achieved = tflop_per_step / s_step_min if tflop_per_step else None
+    peak_tflops = peak_tflops_for(device, spec.options.unet_dtype, args.peak_tflops)
     return {
         "config": args.config, "device": describe_device(device), "batch": spec.batch, "views": args.views,
-        "options": opts.describe(), "s_per_step": s_per_step, "edit_steps": args.steps,
-        "s_per_edit": s_per_edit, "results_per_min": spec.batch * 60.0 / edit_seconds,
-        "peak_mem_gib": peak / 2**30, "base_mem_gib": base / 2**30, "tflop_per_step": tflop_per_step, "achieved_tflops": achieved,
+        "options": spec.options.describe(), "s_per_step": s_per_step, "s_step_min": s_step_min,
+        "edit_steps": args.steps, "s_per_edit": s_per_edit, "results_per_min": spec.batch * 60.0 / edit_seconds,
+        "peak_mem_gib": max(run["peak"] for run in runs) / 2**30,
+        "base_mem_gib": min(run["base"] for run in runs) / 2**30,
+        "tflop_per_step": tflop_per_step, "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops if (achieved and peak_tflops) else None,
-        "clip_fwd_per_step": counter.calls / max(1, args.repeats),
+        "clip_fwd_per_step": sum(run["clip_calls"] for run in runs) / max(1, len(times)),
     }
 
 
@@ -432,12 +464,13 @@ def format_row(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| options | batch | s/step | s/edit | results/min | peak mem GiB (before run) | TFLOP/step | TFLOPS "
-              "| MFU |")
+    header = ("| options | batch | s/step median (min) | s/edit | results/min | peak mem GiB (before run) "
+              "| TFLOP/step | TFLOPS | MFU |")
     lines = [header, "|" + "---|" * 9]
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['options']} | {r['batch']} | {_fmt(r['s_per_step'])} | {_fmt(r['s_per_edit'])} | "
+        lines.append(f"| {r['options']} | {r['batch']} | {_fmt(r['s_per_step'])} ({_fmt(r['s_step_min'])}) | "
+                     f"{_fmt(r['s_per_edit'])} | "
                      f"{_fmt(r['results_per_min'])} | {_fmt(r['peak_mem_gib'])} ({_fmt(r['base_mem_gib'])}) | "
                      f"{_fmt(r['tflop_per_step'])} | "
                      f"{_fmt(r['achieved_tflops'])} | {mfu} |")
@@ -469,9 +502,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="guided steps of the timed whole edit (the original runs 75 of 100); 0 = time steps only")
     p.add_argument("--views", type=int, default=8, help="CLIP views per sample (the original's aug_num=8)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile needs >= 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed single steps; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed single steps per round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="passes over all option sets, interleaved (use 3+ on a shared machine)")
     p.add_argument("--flops", default="on", choices=("on", "off"),
                    help="count model FLOPs (one extra eager step at batch 1 per reuse setting)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). 1 gives stable CPU timings on a busy machine: "
+                        "oversubscribed OpenMP threads can be 10-50x slower")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOPS of the device, for MFU")
     p.add_argument("--short", action="store_true",
                    help="CI smoke mode: tiny config, batch 1, 2-step edit, 1 timed step, faithful + fast-cpu")
@@ -484,6 +522,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be between 0 and {SCHEDULE_STEPS}")
     if args.views < 1:
         p.error("--views must be >= 1")
+    if args.rounds < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--rounds and --repeats must be >= 1, --warmup >= 0")
     args.flops = args.flops == "on"
     return args
 
@@ -495,22 +535,39 @@ def main(argv=None, out=None) -> list[dict]:
     """
     out = out or sys.stdout
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, out) -> list[dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(0)
     with torch.inference_mode(False):
         unet, clip = build_models(args.config, device)
-        diffusion = create_diffusion(timestep_respacing=str(SCHEDULE_STEPS))
+        models = Models(unet, clip, create_diffusion(timestep_respacing=str(SCHEDULE_STEPS)),
+                        fast_paths.WeightSnapshot(unet), fast_paths.WeightSnapshot(clip.model))
         inputs = edit_inputs(unet, clip, device)
-        rows, flop_cache = [], {}
+        specs = run_specs(args)
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+        flop_cache: dict = {}
         out.write(f"# bench: config={args.config} device={describe_device(device)} torch={torch.__version__} "
-                  f"views={args.views} edit_steps={args.steps}\n")
-        for spec in run_specs(args):
-            row = measure(unet, clip, diffusion, inputs, spec, args, flop_cache)
-            rows.append(row)
-            out.write(format_row(row) + "\n")
-            out.flush()
-        fast_paths.apply_fast_paths(unet, clip, fast_paths.FAITHFUL)
+                  f"threads={torch.get_num_threads()} views={args.views} edit_steps={args.steps} "
+                  f"rounds={args.rounds}\n")
+        # Rounds interleave the specs, so slow phases of a shared machine hit every spec alike.
+        for round_index in range(args.rounds):
+            for i, spec in enumerate(specs):
+                runs[i].append(measure(models, inputs, spec, args, flop_cache))
+                if round_index == args.rounds - 1:
+                    out.write(format_row(summarise(spec, runs[i], args, device, flop_cache)) + "\n")
+                    out.flush()
+        rows = [summarise(spec, runs[i], args, device, flop_cache) for i, spec in enumerate(specs)]
+        models.configure(fast_paths.FAITHFUL)
     out.write(format_table(rows) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Generating them (instead of hand-editing JSON) keeps every workflow's widget val
 order the installed ComfyUI frontend expects, for our nodes and core ones alike. Run after changing a node's
 inputs:
 
-    PYTHONPATH=. .venv/bin/python scripts/make_workflows.py
+    PYTHONPATH=.:tests .venv/bin/python scripts/make_workflows.py
 
 A test (tests/test_workflows_execute.py) checks that the committed files are what this script writes.
 """
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.comfy_harness import InProcessComfy, build_workspace, find_comfyui, widget_layout
+from comfy_harness import InProcessComfy, build_workspace, find_comfyui, widget_layout
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "workflows"

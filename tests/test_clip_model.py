@@ -131,8 +131,11 @@ def test_refuses_missing_file_and_ambiguous_arguments(tmp_path, state_dict):
         load_guidance_clip(tmp_path / "absent.safetensors")
     with pytest.raises(BlendedInputError):
         load_guidance_clip()
-    with pytest.raises(BlendedInputError):
-        load_guidance_clip(CLIP_DIR / "model.pt", state_dict=state_dict)
+    # With both, the state dict (already read by the caller, e.g. ComfyUI) is used and the path names the file
+    # in messages: a path that does not exist is not read.
+    assert load_guidance_clip(tmp_path / "read-elsewhere.safetensors", state_dict=state_dict).image_size == 32
+    with pytest.raises(CheckpointError, match="read-elsewhere"):
+        load_guidance_clip(tmp_path / "read-elsewhere.safetensors", state_dict={"not": torch.zeros(1)})
 
 
 def test_long_prompt_truncates_with_warning_or_raises(clip, caplog):

@@ -181,7 +181,7 @@ def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background
 @pytest.mark.comfy
 def test_committed_workflows_are_what_the_generator_writes(comfy_inprocess):
     """workflows/*.json are generated from the live node definitions; a node change must regenerate them
-    (`PYTHONPATH=. .venv/bin/python scripts/make_workflows.py`), or users would open stale widget values."""
+    (`PYTHONPATH=.:tests .venv/bin/python scripts/make_workflows.py`), or users would open stale widget values."""
     import importlib.util
     import json
 

@@ -1,0 +1,263 @@
+"""Fast paths keep the faithful numbers where they must, stay close where they trade precision, and the
+benchmark script runs and prints its figures (tests/fixtures only; CPU)."""
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blended import fast_paths
+from blended.augment import AugmentationSettings
+from blended.checkpoint import load_guided_diffusion
+from blended.clip_model import load_guidance_clip
+from blended.diffusion import create_diffusion
+from blended.errors import BlendedInputError
+from blended.fast_paths import FastPathOptions, WeightSnapshot
+from blended.guidance import GuidanceObjective, GuidanceSettings
+from blended.sampler import SamplerSettings, guided_step
+from blended.unet import GuidedDiffusionUNet
+from blended.unet_config import unet_config_from_original_kwargs
+
+REPO = Path(__file__).resolve().parent.parent
+REF = REPO / "tests" / "fixtures" / "reference"
+INDEX = 60  # a mid-schedule step of the blended_step reference
+
+
+def assert_close(actual, expected, rel=1e-4, name=""):
+    """The reference README's tolerance: max|diff| <= rel * (1 + max|expected|)."""
+    expected = expected.to(actual.dtype)
+    tol = rel * (1 + expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= tol, f"{name}: max|diff| {diff:.3g} > {tol:.3g}"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("blended_bench_script", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(str(REF / "blended_step.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def unet_reference():
+    return load_file(str(REF / "gd_tiny" / "reference.safetensors"))
+
+
+@pytest.fixture
+def unet():
+    # Function scope: the fast paths change the model in place.
+    return load_guided_diffusion(path=REF / "gd_tiny" / "model.safetensors")[0]
+
+
+@pytest.fixture
+def clip():
+    return load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return create_diffusion(timestep_respacing="100")
+
+
+def step(unet, clip, diffusion, reference, settings=None):
+    objective = GuidanceObjective(
+        clip, clip.text_embedding("a red rock"), reference["mask"], reference["init_image"],
+        GuidanceSettings(clip_lambda=float(reference["clip_guidance_lambda"]),
+                         range_lambda=float(reference["range_lambda"]),
+                         augmentations=AugmentationSettings(num_views=1)))
+    return guided_step(unet, diffusion, objective, reference[f"t{INDEX}_x"], INDEX, reference["init_image"],
+                       reference["mask"], reference[f"t{INDEX}_noise"], reference[f"t{INDEX}_background_noise"],
+                       settings or SamplerSettings(), result_ids=[0, 1])
+
+
+def check_step_against_reference(out, reference):
+    assert_close(out["grad"], reference[f"t{INDEX}_grad"], rel=1e-3, name="grad")
+    for key in ("guided_mean", "sample", "blended", "pred_xstart"):
+        assert_close(out[key], reference[f"t{INDEX}_{key}"], name=key)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+# --------------------------------------------------------------------------------------------- exact paths
+
+def test_faithful_options_leave_the_models_as_loaded(unet, clip, diffusion, reference):
+    fast_paths.apply_fast_paths(unet, clip, fast_paths.FAITHFUL)
+    assert unet.autocast_dtype is None and not unet.gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    assert all(p.is_contiguous() for p in unet.parameters())
+    check_step_against_reference(step(unet, clip, diffusion, reference), reference)
+
+
+def test_channels_last_keeps_the_reference_numbers(unet, clip, diffusion, reference, unet_reference):
+    fast_paths.apply_channels_last(unet, clip)
+    conv = unet.input_blocks[1][0].in_layers[2].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    with torch.no_grad():
+        out = unet(unet_reference["unet_x"], unet_reference["unet_t"])
+    assert_close(out, unet_reference["unet_out"], name="unet_out")
+    check_step_against_reference(step(unet, clip, diffusion, reference), reference)
+
+
+def test_gradient_checkpointing_gives_identical_gradients(unet, clip, diffusion, reference, monkeypatch):
+    plain = step(unet, clip, diffusion, reference)
+    fast_paths.set_gradient_checkpointing(unet, True)
+    block = unet.input_blocks[1]
+    calls = []
+    block_forward = block.forward
+
+    def counting_forward(*args):
+        # Not a forward hook: torch does not fire module hooks when the backward recomputes a block.
+        calls.append(1)
+        return block_forward(*args)
+
+    monkeypatch.setattr(block, "forward", counting_forward)
+    checkpointed = step(unet, clip, diffusion, reference)
+    # Block 1 runs in the no-grad forward, the grad forward, and once more when the backward recomputes it.
+    assert len(calls) == 3
+    for key in ("grad", "guided_mean", "sample", "blended", "pred_xstart"):
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_reuse_guided_forward_keeps_the_reference_numbers(unet, clip, diffusion, reference):
+    settings = fast_paths.sampler_settings_with(SamplerSettings(), FastPathOptions(reuse_guided_forward=True))
+    assert settings.reuse_guided_forward and settings.skip_timesteps == SamplerSettings().skip_timesteps
+    check_step_against_reference(step(unet, clip, diffusion, reference, settings), reference)
+
+
+def test_compiled_unet_keeps_the_reference_numbers(unet, clip, diffusion, reference):
+    # aot_eager traces forward and backward like inductor but needs no C++ toolchain and compiles in seconds.
+    fast_paths.compile_unet(unet, backend="aot_eager")
+    assert fast_paths.is_compiled(unet)
+    check_step_against_reference(step(unet, clip, diffusion, reference), reference)
+    fast_paths.uncompile_unet(unet)
+    assert not fast_paths.is_compiled(unet)
+
+
+# ------------------------------------------------------------------------------------- low-precision paths
+
+def test_bf16_autocast_is_close_and_switching_back_is_exact(unet, unet_reference):
+    x, t = unet_reference["unet_x"], unet_reference["unet_t"]
+    with torch.no_grad():
+        before = unet(x, t)
+        fast_paths.set_unet_precision(unet, "bf16", "autocast")
+        low = unet(x, t)
+        assert all(p.dtype == torch.float32 for p in unet.parameters())  # autocast leaves the weights alone
+        fast_paths.set_unet_precision(unet, "fp32")
+        after = unet(x, t)
+    assert low.dtype == torch.float32  # the diffusion arithmetic downstream stays fp32
+    assert not torch.equal(low, before)  # bf16 really ran
+    assert_close(low, before, rel=5e-2, name="bf16 autocast")
+    assert cosine(low, before) > 0.999
+    assert torch.equal(after, before)
+
+
+def test_torso_rounds_weights_and_a_snapshot_restores_them(unet, unet_reference):
+    x, t = unet_reference["unet_x"], unet_reference["unet_t"]
+    snapshot = WeightSnapshot(unet)
+    with torch.no_grad():
+        before = unet(x, t)
+        fast_paths.set_unet_precision(unet, "bf16", "torso")
+        assert unet.compute_dtype == torch.bfloat16 and unet.out[2].weight.dtype == torch.float32
+        low = unet(x, t)
+        fast_paths.set_unet_precision(unet, "fp32")
+        rounded = unet(x, t)
+        snapshot.restore(unet)
+        restored = unet(x, t)
+    assert_close(low, before, rel=5e-2, name="bf16 torso")
+    assert not torch.equal(rounded, before)  # the weights lost bits: fp32 alone does not undo the torso
+    assert torch.equal(restored, before)
+
+
+def test_fast_cpu_preset_steers_like_the_faithful_step(unet, clip, diffusion, reference):
+    faithful = step(unet, clip, diffusion, reference)
+    options = fast_paths.FASTEST_CPU
+    fast_paths.apply_fast_paths(unet, clip, options)
+    fast = step(unet, clip, diffusion, reference, fast_paths.sampler_settings_with(SamplerSettings(), options))
+    assert fast["grad"].dtype == torch.float32
+    assert cosine(fast["grad"], faithful["grad"]) > 0.99
+    assert_close(fast["pred_xstart"], faithful["pred_xstart"], rel=5e-2, name="pred_xstart")
+
+
+# -------------------------------------------------------------------------------------------- options API
+
+def test_options_describe_and_validate():
+    assert fast_paths.FAITHFUL.is_faithful and fast_paths.FAITHFUL.describe() == "faithful"
+    assert fast_paths.FASTEST_CPU.describe() == "bf16-autocast+channels_last+reuse"
+    assert FastPathOptions(precision="fp16", precision_scheme="torso", clip_precision="fp32",
+                           gradient_checkpointing=True).describe() == "fp16-torso+clip-fp32+ckpt"
+    assert fast_paths.parse_dtype("BF16") is torch.bfloat16
+    with pytest.raises(BlendedInputError, match="fp32, bf16 or fp16"):
+        FastPathOptions(precision="int8")
+    with pytest.raises(BlendedInputError, match="autocast"):
+        FastPathOptions(precision="bf16", precision_scheme="fast")
+    assert isinstance(fast_paths.autocast_context("cpu", "fp32"), type(fast_paths.autocast_context("cpu", "fp32")))
+    with fast_paths.autocast_context("cpu", "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with fast_paths.autocast_context("cpu", "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+
+def test_flop_count_of_the_released_unet_matches_the_spec():
+    """The spec measured 1119.8 GMAC (2.24 TFLOP) per 256x256 forward with hooks; count it on 'meta' (free)."""
+    bench = load_bench()
+    layout = json.loads(bench.FULL256_LAYOUT.read_text())
+    with torch.device("meta"):
+        model = GuidedDiffusionUNet(unet_config_from_original_kwargs(layout["config"]))
+        x = torch.randn(1, 3, 256, 256, requires_grad=True)
+        with bench.FlopCount() as forward:
+            model(x, torch.tensor([500.0]))
+        with bench.FlopCount() as both:
+            torch.autograd.grad(model(x, torch.tensor([500.0])).sum(), x)
+    assert forward.total / 1e12 == pytest.approx(2.2397, rel=2e-3)
+    # Backward to the input only (frozen weights): about one more forward's worth, twice for the convs' inputs.
+    assert both.total / 1e12 == pytest.approx(4.49, rel=1e-2)
+
+
+def test_bench_short_prints_every_figure(monkeypatch):
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    out = io.StringIO()
+    rows = bench.main(["--short", "--threads", "1"], out=out)
+    assert torch.get_num_threads() == threads  # the script's --threads does not leak into the caller
+    text = out.getvalue()
+    assert [r["options"] for r in rows] == ["faithful", "bf16-autocast+channels_last+reuse"]
+    for row in rows:
+        line = next(line for line in text.splitlines() if f"options={row['options']} " in line)
+        for field in bench.FIELDS:
+            assert f"{field}=" in line, field
+        assert row["s_per_step"] > 0 and row["s_per_edit"] > 0 and row["results_per_min"] > 0
+        assert row["peak_mem_gib"] > 0
+        assert row["clip_fwd_per_step"] == 1  # every view of every sample in one CLIP forward
+        assert row["mfu"] is None  # no peak TFLOPS known for a CPU
+    faithful, fast = rows
+    # The reused forward saves one of the three UNet forward-equivalents of a guided step.
+    assert fast["tflop_per_step"] / faithful["tflop_per_step"] == pytest.approx(2 / 3, abs=0.04)
+    assert "| options | batch |" in text
+    assert "| faithful | 1 |" in text
+
+
+def test_bench_reports_mfu_with_a_given_peak_and_refuses_bad_options():
+    bench = load_bench()
+    rows = bench.main(["--short", "--threads", "1", "--preset", "reuse", "--peak-tflops", "1"], out=io.StringIO())
+    assert rows[0]["mfu"] == pytest.approx(rows[0]["achieved_tflops"] / 1.0)
+    with pytest.raises(SystemExit):
+        bench.parse_option_set("bf16+turbo")
+    specs = bench.run_specs(bench.parse_args(["--dtype", "fp32,bf16", "--precision-scheme", "autocast,torso",
+                                              "--checkpointing", "on,off", "--batch", "1,4"]))
+    # fp32 has one scheme, bf16 two: (1 + 2) x 2 checkpointing x 2 batches
+    assert len(specs) == 12
