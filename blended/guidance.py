@@ -85,18 +85,12 @@ class GuidanceObjective:
     def clip_distances(self, x_in: torch.Tensor, result_ids, step: int) -> torch.Tensor:
         """Per-sample mean spherical distance over the views, [B]."""
         batch = x_in.shape[0]
-        views = self._views(x_in * self.mask, result_ids, step)
+        views = self._views(x_in * self.mask, result_ids, step)  # sample-major: sample i's views contiguous
         num_views = views.shape[0] // batch
         clip_in = self.clip.normalize(views.add(1).div(2))
         image_embeds = self.clip.encode_image(clip_in).float()
-        if len(result_ids) == batch and num_views > 1:
-            # sample-major order: views of sample i are contiguous
-            text = self._text_for(batch).repeat_interleave(num_views, dim=0)
-            return spherical_distance(image_embeds, text).view(batch, num_views).mean(dim=1)
-        # one view per sample, or the original's tile order [I1..IB, I1..IB, ...]
-        text = self._text_for(batch).repeat(num_views, 1)
-        dists = spherical_distance(image_embeds, text)
-        return torch.stack([dists[i::batch].mean() for i in range(batch)])
+        text = self._text_for(batch).repeat_interleave(num_views, dim=0)
+        return spherical_distance(image_embeds, text).view(batch, num_views).mean(dim=1)
 
     def loss(self, x_t: torch.Tensor, pred_xstart: torch.Tensor, fac: float, result_ids, step: int):
         """The original's loss for x_in = pred_xstart*fac + x_t*(1-fac), summed over the batch."""
