@@ -124,9 +124,9 @@ class FastPathOptions:
 
 
 FAITHFUL = FastPathOptions()
-# Measured fastest on a 2-core AMX CPU (docs/speed.md): AMX makes bf16 convs pay; compile does not pay on
-# the tiny model once its compile time is counted.
-FASTEST_CPU = FastPathOptions(precision="bf16", channels_last=True, reuse_guided_forward=True)
+# Measured fastest on a 2-core AMX CPU (docs/speed.md): AMX makes bf16 convs pay; channels_last does not
+# (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
+FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
 # The intended GPU setting (to be confirmed by scripts/bench.py on the card): bf16 autocast, NHWC,
 # compiled, one UNet forward per step. Checkpointing stays a memory-only choice (it costs time).
 FASTEST_GPU = FastPathOptions(precision="bf16", channels_last=True, compile=True, reuse_guided_forward=True)

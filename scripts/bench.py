@@ -14,11 +14,16 @@ Usage (from the repository root):
 
 Comma lists (``--batch``, ``--dtype``, ``--precision-scheme``, ``--channels-last``, ``--checkpointing``,
 ``--compile``, ``--reuse``) are crossed: one row per combination. ``--preset`` replaces the option axes with
-named option sets. Each row prints: seconds per guided step (median), seconds for the whole edit, results per
-minute, peak memory (CUDA peak allocated; peak RSS of the process on CPU), model TFLOP per step and model FLOP
-utilisation on GPU.
+named option sets (``faithful``, ``fast-cpu``, ``fast-gpu``, ``fast-gpu-lowmem``, ``original-gpu``) or
+'+'-joined options (``bf16+channels_last+reuse``). ``--rounds`` interleaves the rows several times (for a
+shared machine); ``--threads 1`` keeps CPU timings stable when other processes compete for the cores.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one eager guided step at batch 1 and
+Each row prints: seconds per guided step (median and best), the first step (with compile time), seconds for
+the whole edit, results per minute, peak memory (CUDA peak allocated; on CPU the process's peak RSS, which
+includes ~1 GiB of libraries), the activations saved for the backward (exact, any device), model TFLOP per
+step, achieved TFLOPS and model FLOP utilisation (GPU, or with ``--peak-tflops``).
+
+FLOPs are counted with ``torch.utils.flop_counter``'s per-op formulas over one eager guided step at batch 1 and
 scaled by the batch; they are *model* FLOPs (checkpoint recomputation and compile are excluded), the same for
 every precision and layout, so MFU compares options fairly.
 """
@@ -56,26 +61,29 @@ FULL256_LAYOUT = REFERENCE / "checkpoint_layouts" / "256x256_diffusion_uncond.js
 PROMPT = "a red rock"
 SCHEDULE_STEPS = 100   # the original respaces 1000 steps to 100 and runs the last 75
 
-# Dense peak TFLOPS by card, (bf16/fp16 tensor core, fp32 without TF32). Matched in order against the CUDA
-# device name, so the more specific names come first.
+# Dense peak TFLOPS by card: (bf16/fp16 tensor core, TF32 tensor core, plain fp32). Matched in order against
+# the CUDA device name, so the more specific names come first.
 PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0, 51.0),
-    ("H100 NVL", 835.0, 60.0),
-    ("H100", 989.0, 67.0),      # SXM
-    ("H200", 989.0, 67.0),
-    ("A100", 312.0, 19.5),
+    ("H100 PCIe", 756.0, 378.0, 51.0),
+    ("H100 NVL", 835.0, 418.0, 60.0),
+    ("H100", 989.0, 494.0, 67.0),      # SXM
+    ("H200", 989.0, 494.0, 67.0),
+    ("A100", 312.0, 156.0, 19.5),
 )
 
 PRESETS = {
     "faithful": fast_paths.FAITHFUL,
     "fast-cpu": fast_paths.FASTEST_CPU,
     "fast-gpu": fast_paths.FASTEST_GPU,
+    # The original's GPU numerics: fp16 torso UNet, fp16 CLIP, two UNet forwards per step (attention via SDPA).
+    "original-gpu": FastPathOptions(precision="fp16", precision_scheme="torso"),
     # Memory-first: the same as fast-gpu with checkpointing, for the largest batches.
     "fast-gpu-lowmem": dataclasses.replace(fast_paths.FASTEST_GPU, gradient_checkpointing=True),
 }
 
-FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "s_step_min", "edit_steps", "s_per_edit",
-          "results_per_min", "peak_mem_gib", "base_mem_gib", "tflop_per_step", "achieved_tflops", "mfu", "clip_fwd_per_step")
+FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "s_step_min", "s_first_step", "edit_steps",
+          "s_per_edit", "results_per_min", "peak_mem_gib", "base_mem_gib", "saved_gib", "tflop_per_step", "achieved_tflops", "mfu",
+          "clip_fwd_per_step")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -246,6 +254,31 @@ class FlopCount:
         return self._mode.__exit__(*exc)
 
 
+def saved_activation_bytes(step_fn, *modules) -> int:
+    """Bytes autograd saves for the backward during ``step_fn`` (parameters excluded), counted per storage.
+
+    Device-independent and exact, unlike a process's RSS: this is the memory that grows with the batch and
+    that checkpointing and low precision shrink. Under checkpointing only the blocks' inputs are seen, since
+    checkpoint's own hooks take over inside each block.
+    """
+    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step_fn()
+    return total
+
+
 def count_step_flops(unet, diffusion, clip, inputs: EditInputs, views: int, settings: SamplerSettings) -> int:
     """Model FLOPs of one guided step at batch 1 (eager, no checkpoint recomputation)."""
     compiled = fast_paths.is_compiled(unet)
@@ -270,9 +303,12 @@ def peak_tflops_for(device: torch.device, dtype: torch.dtype, override: float | 
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, low_precision, fp32 in PEAK_TFLOPS:
+    for key, low_precision, tf32, fp32 in PEAK_TFLOPS:
         if key in name:
-            return fp32 if dtype == torch.float32 else low_precision
+            if dtype != torch.float32:
+                return low_precision
+            # fp32 convs run on TF32 tensor cores while cuDNN allows it (torch's default for convolutions).
+            return tf32 if torch.backends.cudnn.allow_tf32 else fp32
     log.warning("no peak TFLOPS known for %r: pass --peak-tflops to get MFU", name)
     return None
 
@@ -327,15 +363,22 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
                                                                 batch_size=spec.batch), opts)
     if args.flops and opts.reuse_guided_forward not in flop_cache:
         flop_cache[opts.reuse_guided_forward] = count_step_flops(unet, diffusion, clip, inputs, args.views, settings)
+    runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings)
+    saved = saved_activation_bytes(runner, unet, clip.model) if args.saved else None  # eager, before compile
     if opts.compile:
+        # Each row (batch, checkpointing, dtype) is a new graph: without a reset, a long sweep would reach
+        # dynamo's recompile limit and silently measure eager mode.
+        torch.compiler.reset()
         fast_paths.compile_unet(unet, backend=args.compile_backend)
 
-    runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings)
     base = current_memory_bytes(device)
     reset_peak_memory(device)
+    first_step = None
     for _ in range(args.warmup):
+        start = time.perf_counter()
         runner()
-    synchronize(device)
+        synchronize(device)
+        first_step = time.perf_counter() - start if first_step is None else first_step
     counter = ClipForwardCounter(clip)
     times = []
     try:
@@ -354,7 +397,7 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
                        settings=settings)
         synchronize(device)
         s_per_edit = time.perf_counter() - start
-    return {"step_times": times, "s_per_edit": s_per_edit, "peak": peak_memory_bytes(device), "base": base,
+    return {"step_times": times, "first_step": first_step, "saved": saved, "s_per_edit": s_per_edit, "peak": peak_memory_bytes(device), "base": base,
             "clip_calls": counter.calls}
 
 
@@ -376,9 +419,12 @@ def summarise(spec: RunSpec, runs: list[dict], args, device: torch.device, flop_
     return {
         "config": args.config, "device": describe_device(device), "batch": spec.batch, "views": args.views,
         "options": spec.options.describe(), "s_per_step": s_per_step, "s_step_min": s_step_min,
+        # The first round's first step: includes torch.compile's compile time and lazy initialisation.
+        "s_first_step": runs[0]["first_step"],
         "edit_steps": args.steps, "s_per_edit": s_per_edit, "results_per_min": spec.batch * 60.0 / edit_seconds,
         "peak_mem_gib": max(run["peak"] for run in runs) / 2**30,
         "base_mem_gib": min(run["base"] for run in runs) / 2**30,
+        "saved_gib": runs[0]["saved"] / 2**30 if runs[0]["saved"] is not None else None,
         "tflop_per_step": tflop_per_step, "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops if (achieved and peak_tflops) else None,
         "clip_fwd_per_step": sum(run["clip_calls"] for run in runs) / max(1, len(times)),
@@ -464,14 +510,16 @@ def format_row(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    # results/min marked ~ is estimated from the best step time x the edit's steps (no whole edit was timed).
     header = ("| options | batch | s/step median (min) | s/edit | results/min | peak mem GiB (before run) "
-              "| TFLOP/step | TFLOPS | MFU |")
-    lines = [header, "|" + "---|" * 9]
+              "| saved for backward GiB | TFLOP/step | TFLOPS | MFU |")
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['options']} | {r['batch']} | {_fmt(r['s_per_step'])} ({_fmt(r['s_step_min'])}) | "
                      f"{_fmt(r['s_per_edit'])} | "
-                     f"{_fmt(r['results_per_min'])} | {_fmt(r['peak_mem_gib'])} ({_fmt(r['base_mem_gib'])}) | "
+                     f"{'' if r['s_per_edit'] is not None else '~'}{_fmt(r['results_per_min'])} | "
+                     f"{_fmt(r['peak_mem_gib'])} ({_fmt(r['base_mem_gib'])}) | {_fmt(r['saved_gib'])} | "
                      f"{_fmt(r['tflop_per_step'])} | "
                      f"{_fmt(r['achieved_tflops'])} | {mfu} |")
     return "\n".join(lines)
@@ -510,6 +558,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). 1 gives stable CPU timings on a busy machine: "
                         "oversubscribed OpenMP threads can be 10-50x slower")
+    p.add_argument("--saved", default="on", choices=("on", "off"),
+                   help="measure the activations saved for the backward (one extra eager step per row)")
+    p.add_argument("--cudnn-benchmark", default="on", choices=("on", "off"),
+                   help="let cuDNN pick the fastest conv algorithm per shape (CUDA only)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOPS of the device, for MFU")
     p.add_argument("--short", action="store_true",
                    help="CI smoke mode: tiny config, batch 1, 2-step edit, 1 timed step, faithful + fast-cpu")
@@ -525,6 +577,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.rounds < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--rounds and --repeats must be >= 1, --warmup >= 0")
     args.flops = args.flops == "on"
+    args.saved = args.saved == "on"
     return args
 
 
@@ -548,6 +601,8 @@ def _run(args, out) -> list[dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     with torch.inference_mode(False):
         unet, clip = build_models(args.config, device)
         models = Models(unet, clip, create_diffusion(timestep_respacing=str(SCHEDULE_STEPS)),
