@@ -146,10 +146,17 @@ class BlendedDiffusionSampler:
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
             image_in = image.clone()
             mask_in = mask.clone() if mask is not None else None
-            result = edit_image(image_in, mask_in, model.unet, diffusion, guidance.clip.clip, guidance.prompts,
-                                seed=seed, num_results=num_results, settings=settings,
-                                guidance_settings=guidance.settings, invert_mask=invert_mask,
-                                callback=callback, device=device, lpips_model=lpips_model)
+            try:
+                result = edit_image(image_in, mask_in, model.unet, diffusion, guidance.clip.clip,
+                                    guidance.prompts, seed=seed, num_results=num_results, settings=settings,
+                                    guidance_settings=guidance.settings, invert_mask=invert_mask,
+                                    callback=callback, device=device, lpips_model=lpips_model)
+            except bridge.mm.OOM_EXCEPTION:
+                # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours.
+                log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results do not "
+                          "depend on it), turn on gradient_checkpointing in the loader, or use precision "
+                          "'bf16 autocast'.", batch_size)
+                raise
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
