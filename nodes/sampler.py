@@ -153,9 +153,9 @@ class BlendedDiffusionSampler:
                                     callback=callback, device=device, lpips_model=lpips_model)
             except bridge.mm.OOM_EXCEPTION:
                 # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours.
-                log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results do not "
-                          "depend on it), turn on gradient_checkpointing in the loader, or use precision "
-                          "'bf16 autocast'.", batch_size)
+                    log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
+                              "do not depend on it), turn on gradient_checkpointing in the loader, or use "
+                              "precision 'bf16 autocast'.", batch_size)
                 raise
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)
