@@ -272,7 +272,7 @@ class GuidanceCLIP:
         Computed and copied outside inference mode, so the result is an ordinary tensor that may enter an
         autograd graph even when the caller runs under ComfyUI's ``torch.inference_mode()``.
         """
-        key = (prompt, str(self.device))
+        key = (prompt, str(self.device), str(self.dtype))
         with torch.inference_mode(False), torch.no_grad():
             cached = self._text_cache.get(key)
             if cached is None:
