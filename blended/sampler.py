@@ -26,7 +26,7 @@ import torch
 from . import image_io, regions, seeds
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
-from .guidance import GuidanceObjective, guidance_gradient
+from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,6 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     ``image`` IMAGE [B,H,W,C] 0..1; ``mask`` MASK [B|1,H,W] or None (edit everything, as the original
     without --mask). Every output keeps the input's size.
     """
-    from .guidance import GuidanceSettings
-
     settings = settings or SamplerSettings()
     guidance_settings = guidance_settings or GuidanceSettings()
     _validate(settings, diffusion)

@@ -123,9 +123,8 @@ class BlendedDiffusionSampler:
             raise BlendedInputError(f"respacing {respacing!r} is not valid ({exc}): use a step count like "
                                     "'100', 'ddim50' or sections like '10,15,20'") from exc
         num_prompts = len(guidance.prompts)
-        total = (diffusion.num_timesteps - skip_timesteps) * image.shape[0] * \
-            -(-num_prompts * num_results // batch_size)
-        callback = bridge.progress_callback(max(total, 1), node_id=unique_id, preview=preview)
+        # The library reports the real total with every step (it knows the final batch after broadcasting).
+        callback = bridge.progress_callback(1, node_id=unique_id, preview=preview)
         memory = bridge.activation_bytes(min(batch_size, num_prompts * num_results), model.unet.config.image_size,
                                          model.compute_dtype, getattr(model.unet, "gradient_checkpointing", False))
         with bridge.autograd_enabled():
