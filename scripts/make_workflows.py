@@ -4,7 +4,7 @@ Generating them (instead of hand-editing JSON) keeps every workflow's widget val
 order the installed ComfyUI frontend expects, for our nodes and core ones alike. Run after changing a node's
 inputs:
 
-    PYTHONPATH=.:tests .venv/bin/python scripts/make_workflows.py
+    PYTHONPATH=. .venv/bin/python scripts/make_workflows.py
 
 A test (tests/test_workflows_execute.py) checks that the committed files are what this script writes.
 """
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from comfy_harness import InProcessComfy, build_workspace, find_comfyui, widget_layout
+from workflow_format import widget_default, widget_layout
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "workflows"
@@ -45,16 +45,7 @@ class Graph:
             if name is None:
                 values.append("fixed" if spec.get("extra") == "control_after_generate" else "image")
                 continue
-            if name in widgets:
-                values.append(widgets.pop(name))
-                continue
-            type_, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
-            if "default" in options:
-                values.append(options["default"])
-            elif isinstance(type_, (list, tuple)):
-                values.append(type_[0] if type_ else "")
-            else:
-                values.append({"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(type_, None))
+            values.append(widgets.pop(name) if name in widgets else widget_default(spec))
         if widgets:
             raise KeyError(f"{node_type} has no widgets {sorted(widgets)}")
         widget_names = {name for name, _ in widget_layout(d) if name}
@@ -293,6 +284,10 @@ def build_all(defs: dict) -> dict[str, dict]:
 
 
 def main() -> int:
+    # The test harness boots ComfyUI in this process; imported here so the freshness test, which loads this
+    # file for `build_all`, does not import it a second time under another name.
+    from tests.harness import InProcessComfy, build_workspace, find_comfyui
+
     logging.basicConfig(level=logging.WARNING)
     comfy = find_comfyui()
     if comfy is None:

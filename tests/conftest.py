@@ -1,4 +1,5 @@
-"""Session fixtures that put the pack inside a real ComfyUI (in-process and as a server).
+"""Shared fixtures: the tiny reference models for the library tests, and the pack inside a real ComfyUI
+(in-process and as a server).
 
 ComfyUI is only imported inside fixtures, so the pure-library unit tests never pay for it.
 When ComfyUI is missing, ComfyUI tests are skipped on a developer machine but FAIL under CI=true: a CI run
@@ -12,9 +13,33 @@ from pathlib import Path
 
 import pytest
 
-import comfy_harness as harness
+import harness
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Reference fixtures computed by the original code (tests/fixtures/reference/README.md).
+REF = REPO_ROOT / "tests" / "fixtures" / "reference"
+
+
+def assert_close(actual, expected, rel=1e-4, name=""):
+    """The reference README's tolerance: max|diff| <= rel * (1 + max|expected|)."""
+    expected = expected.to(actual.dtype)
+    tol = rel * (1 + expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= tol, f"{name}: max|diff| {diff:.3g} > {tol:.3g}"
+
+
+def tiny_unet(file_name: str = "model.safetensors"):
+    """The tiny guided-diffusion UNet of the reference fixtures, freshly loaded."""
+    from blended.checkpoint import load_guided_diffusion
+
+    return load_guided_diffusion(path=REF / "gd_tiny" / file_name)[0]
+
+
+def tiny_clip(file_name: str = "model.safetensors"):
+    """The tiny guidance CLIP of the reference fixtures, freshly loaded."""
+    from blended.clip_model import load_guidance_clip
+
+    return load_guidance_clip(path=REF / "clip_tiny" / file_name)
 
 
 class _RepoRootIsNotATestPackage:
@@ -34,6 +59,44 @@ class _RepoRootIsNotATestPackage:
 def pytest_configure(config):
     # Registered as a plugin (not a plain conftest hook) so it also applies to the repo root, above tests/.
     config.pluginmanager.register(_RepoRootIsNotATestPackage(), "blended-repo-root-is-not-a-package")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """Shared by a module's tests: a test that changes the model in place loads its own `tiny_unet()`."""
+    return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    """The reference fixtures' schedule: 100 respaced steps."""
+    from blended.diffusion import create_diffusion
+
+    return create_diffusion(timestep_respacing="100")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """Shared by a module's tests: a test that changes the model in place loads its own `tiny_unet()`."""
+    return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    """The reference fixtures' schedule: 100 respaced steps."""
+    from blended.diffusion import create_diffusion
+
+    return create_diffusion(timestep_respacing="100")
 
 
 def _unavailable(reason: str):

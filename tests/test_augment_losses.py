@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from blended.clip_model import CLIP_MEAN, CLIP_STD, load_guidance_clip
 from blended.errors import BlendedInputError
 from blended.losses import (background_l2, clip_guidance_loss, cosine_distance, range_loss,
                             spherical_distance)
+from conftest import REF
 
-CLIP_DIR = Path(__file__).parent / "fixtures" / "reference" / "clip_tiny"
+CLIP_DIR = REF / "clip_tiny"
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,16 @@
 """Parity of one CLIP-guided, blended step with the original code (tests/fixtures/reference/blended_step)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from blended.augment import AugmentationSettings
-from blended.checkpoint import load_guided_diffusion
-from blended.clip_model import load_guidance_clip
-from blended.diffusion import create_diffusion
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended import regions
 from blended.sampler import SamplerSettings, guided_step
+from conftest import REF, assert_close, tiny_clip, tiny_unet
 
-REF = Path(__file__).parent / "fixtures" / "reference"
 STEPS = (99, 60, 3)
-
-
-def assert_close(actual, expected, rel=1e-4, name=""):
-    expected = expected.to(actual.dtype)
-    tol = rel * (1 + expected.abs().max().item())
-    diff = (actual - expected).abs().max().item()
-    assert diff <= tol, f"{name}: max|diff| {diff:.3g} > {tol:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +20,13 @@ def reference():
 
 @pytest.fixture(scope="module")
 def unet():
-    model, _ = load_guided_diffusion(path=REF / "gd_tiny" / "model.pt")
-    return model
+    """The original's own file format."""
+    return tiny_unet("model.pt")
 
 
 @pytest.fixture(scope="module", params=["model.pt", "model.safetensors"])
 def clip(request):
-    return load_guidance_clip(path=REF / "clip_tiny" / request.param)
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    return create_diffusion(timestep_respacing="100")
+    return tiny_clip(request.param)
 
 
 def objective_for(clip, reference, l2):

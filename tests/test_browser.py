@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import comfy_harness as harness
+import harness
+import workflow_format
 
 pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.browser]
 
@@ -137,12 +138,12 @@ def _tricky_core_workflow() -> dict:
                                                                               "links": None}],
                  widgets=["blended_example_img2.png", "image"]),
             node(2, "ImageInvert", 1, [{"name": "image", "type": "IMAGE", "link": 1}],
-                 [image_out | {"links": [2]}], mode=harness.MODE_BYPASSED),
+                 [image_out | {"links": [2]}], mode=workflow_format.MODE_BYPASSED),
             node(3, "Reroute", 2, [{"name": "", "type": "*", "link": 2}],
                  [{"name": "", "type": "IMAGE", "links": [3]}]),
             node(4, "SaveImage", 3, [{"name": "images", "type": "IMAGE", "link": 3}], widgets=["tricky"]),
             node(5, "ImageInvert", 1, [{"name": "image", "type": "IMAGE", "link": 4}],
-                 [image_out | {"links": [5]}], mode=harness.MODE_MUTED),
+                 [image_out | {"links": [5]}], mode=workflow_format.MODE_MUTED),
             node(6, "PreviewImage", 2, [{"name": "images", "type": "IMAGE", "link": 5}]),
             node(7, "KSampler", 4, [{"name": "model", "type": "MODEL", "link": None},
                                     {"name": "positive", "type": "CONDITIONING", "link": None},
@@ -164,7 +165,7 @@ def test_ui_to_api_matches_the_frontend_on_special_cases(page, object_info, scre
     assert _load_graph(page, workflow) == []
     page.screenshot(path=str(screenshots / "tricky_core_workflow.png"))
     frontend = _comparable(_frontend_prompt(page), object_info)
-    ours = _comparable(harness.ui_to_api(workflow, object_info), object_info)
+    ours = _comparable(workflow_format.ui_to_api(workflow, object_info), object_info)
     assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1)
     assert ours["4"]["inputs"]["images"] == ["1", 0]  # the case really exercised bypass + reroute
 
@@ -207,7 +208,7 @@ def test_frontend_registers_every_pack_node(page, object_info):
 def test_core_workflow_queued_from_the_page_shows_its_image(page, comfy_client, object_info, screenshots):
     workflow = _core_workflow()
     assert _load_graph(page, workflow) == []
-    assert _comparable(_frontend_prompt(page), object_info) == _comparable(harness.ui_to_api(workflow, object_info), object_info)
+    assert _comparable(_frontend_prompt(page), object_info) == _comparable(workflow_format.ui_to_api(workflow, object_info), object_info)
     entry = _queue_and_wait_for_image(page, comfy_client, ["3"])
     assert entry["outputs"]["3"]["images"]
     page.screenshot(path=str(screenshots / "core_workflow_done.png"))
@@ -229,7 +230,7 @@ def _comparable(prompt: dict, object_info: dict) -> dict:
 def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_info, screenshots):
     workflow = harness.load_workflow(path)
     registered = set(page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)"))
-    missing = harness.node_types_used(workflow) - registered
+    missing = workflow_format.node_types_used(workflow) - registered
     assert not missing, f"{path.name}: node types the frontend does not know: {sorted(missing)}"
 
     dialogs = _load_graph(page, workflow)
@@ -239,18 +240,18 @@ def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_in
     assert page.page_errors == []
 
     frontend = _comparable(_frontend_prompt(page), object_info)
-    ours = _comparable(harness.ui_to_api(workflow, object_info), object_info)
+    ours = _comparable(workflow_format.ui_to_api(workflow, object_info), object_info)
     assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1, default=str)[:6000]
 
 
 @pytest.mark.slow
 def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_client, object_info, screenshots):
     candidates = [p for p in harness.workflow_files()
-                  if harness.SAMPLER in harness.node_types_used(harness.load_workflow(p))]
+                  if harness.SAMPLER in workflow_format.node_types_used(harness.load_workflow(p))]
     assert candidates, "no shipped workflow uses the sampler"
     workflow = harness.shrink_ui_workflow(harness.load_workflow(candidates[0]), object_info)
     assert _load_graph(page, workflow) == []
-    prompt = harness.ui_to_api(workflow, object_info)
+    prompt = workflow_format.ui_to_api(workflow, object_info)
     outputs = [nid for nid, e in prompt.items() if object_info[e["class_type"]].get("output_node")]
     entry = _queue_and_wait_for_image(page, comfy_client, outputs)
     page.screenshot(path=str(screenshots / f"{candidates[0].stem}_done.png"))

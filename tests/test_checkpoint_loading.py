@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from blended.checkpoint import load_guided_diffusion, read_state_dict
 from blended.errors import BlendedInputError, CheckpointError
+from conftest import REF
 
-REF = Path(__file__).parent / "fixtures" / "reference"
 GD_TINY = REF / "gd_tiny"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from blended import clip_model
 from blended.clip_model import GuidanceCLIP, load_guidance_clip
 from blended.errors import BlendedInputError, CheckpointError
+from conftest import REF
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference"
-CLIP_DIR = FIXTURES / "clip_tiny"
+CLIP_DIR = REF / "clip_tiny"
 ATOL = 1e-3  # README: open_clip matches the original within 2e-4; 1e-3 allowed
 
 
@@ -96,7 +95,7 @@ def test_torchscript_archive_is_read_without_running_code(state_dict, reference,
 
 def test_refuses_guided_diffusion_unet():
     with pytest.raises(CheckpointError, match="guided-diffusion UNet") as info:
-        load_guidance_clip(FIXTURES / "gd_tiny" / "model.pt")
+        load_guidance_clip(REF / "gd_tiny" / "model.pt")
     assert "model.pt" in str(info.value)
 
 

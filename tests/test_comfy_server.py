@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import comfy_harness as harness
+import harness
 
 pytestmark = [pytest.mark.comfy, pytest.mark.server]
 
@@ -46,7 +46,7 @@ def test_server_log_has_no_import_failure(comfy_server):
     assert harness.custom_node_import_failures(log_text.splitlines()) == []
     # The import-times table lists the pack, so it really was loaded (not merely absent from the log).
     assert any(harness.PACK_DIR_NAME in line and "seconds" in line for line in log_text.splitlines()), \
-        harness._tail(log_text)
+        harness.tail(log_text)
 
 
 def test_object_info_lists_the_node_contract(object_info):

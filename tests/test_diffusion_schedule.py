@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,8 +11,7 @@ from safetensors.torch import load_file
 
 from blended.diffusion import GaussianDiffusion, beta_schedule, create_diffusion, space_timesteps
 from blended.errors import BlendedInputError
-
-REF = Path(__file__).parent / "fixtures" / "reference"
+from conftest import REF
 
 
 def evenly_spread(start: int, size: int, count: int) -> list[int]:

@@ -5,7 +5,6 @@ import importlib.util
 import io
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,31 +12,19 @@ from safetensors.torch import load_file
 
 from blended import fast_paths
 from blended.augment import AugmentationSettings
-from blended.checkpoint import load_guided_diffusion
-from blended.clip_model import load_guidance_clip
-from blended.diffusion import create_diffusion
 from blended.errors import BlendedInputError
 from blended.fast_paths import FastPathOptions, WeightSnapshot
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.sampler import SamplerSettings, guided_step
 from blended.unet import GuidedDiffusionUNet
 from blended.unet_config import unet_config_from_original_kwargs
+from conftest import REF, REPO_ROOT, assert_close, tiny_clip, tiny_unet
 
-REPO = Path(__file__).resolve().parent.parent
-REF = REPO / "tests" / "fixtures" / "reference"
 INDEX = 60  # a mid-schedule step of the blended_step reference
 
 
-def assert_close(actual, expected, rel=1e-4, name=""):
-    """The reference README's tolerance: max|diff| <= rel * (1 + max|expected|)."""
-    expected = expected.to(actual.dtype)
-    tol = rel * (1 + expected.abs().max().item())
-    diff = (actual - expected).abs().max().item()
-    assert diff <= tol, f"{name}: max|diff| {diff:.3g} > {tol:.3g}"
-
-
 def load_bench():
-    spec = importlib.util.spec_from_file_location("blended_bench_script", REPO / "scripts" / "bench.py")
+    spec = importlib.util.spec_from_file_location("blended_bench_script", REPO_ROOT / "scripts" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
@@ -57,17 +44,12 @@ def unet_reference():
 @pytest.fixture
 def unet():
     # Function scope: the fast paths change the model in place.
-    return load_guided_diffusion(path=REF / "gd_tiny" / "model.safetensors")[0]
+    return tiny_unet()
 
 
 @pytest.fixture
 def clip():
-    return load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    return create_diffusion(timestep_respacing="100")
+    return tiny_clip()
 
 
 def step(unet, clip, diffusion, reference, settings=None):

@@ -6,44 +6,46 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as harness
+import harness
 
 pytestmark = pytest.mark.comfy
 
 
-def graph(image_node, mask_node, prompt="a red rock", respacing="4", skip=1, **sampler):
-    """An API prompt: tiny models -> guidance -> sampler(image, mask) -> PreviewImage."""
-    nodes = {
-        "1": {"class_type": "BlendedDiffusion_LoadGuidedDiffusion",
-              "inputs": {"model_name": harness.GD_TINY_NAME, "dtype": "float32", "attention_order": "auto",
-                         "head_channels": 0, "gradient_checkpointing": False}},
-        "2": {"class_type": "BlendedDiffusion_LoadCLIP", "inputs": {"clip_name": harness.CLIP_TINY_NAME,
-                                                                     "dtype": "float32"}},
-        "3": {"class_type": "BlendedDiffusion_CLIPGuidance",
-              "inputs": {"clip": ["2", 0], "prompt": prompt, "clip_lambda": 1000.0, "range_lambda": 50.0,
-                         "num_views": 1, "truncate_long_prompts": True}},
-        "10": image_node,
-        "11": mask_node,
-        "4": {"class_type": "BlendedDiffusion_Sampler",
-              "inputs": {"model": ["1", 0], "guidance": ["3", 0], "image": ["10", 0], "mask": ["11", 0],
-                         "seed": 1, "num_results": 1, "respacing": respacing, "skip_timesteps": skip,
-                         "method": "ddpm", "mode": "blended", "enforce_background": True, "invert_mask": False,
-                         "batch_size": 1, **sampler}},
-        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
-    }
-    return nodes
+def graph(image, mask, prompt="a red rock", respacing="4", skip=1, **sampler):
+    """An API prompt: tiny models -> guidance -> sampler(image, mask) -> PreviewImage.
+
+    `image` and `mask` add their own nodes to the builder and return the output to feed the sampler. Node
+    ids are names: "unet", "clip", "guidance", "sampler", "preview".
+    """
+    g = harness.graph_builder()
+    unet = g.node("BlendedDiffusion_LoadGuidedDiffusion", id="unet", model_name=harness.GD_TINY_NAME,
+                  dtype="float32", attention_order="auto", head_channels=0, gradient_checkpointing=False)
+    clip = g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME, dtype="float32")
+    guidance = g.node("BlendedDiffusion_CLIPGuidance", id="guidance", clip=clip.out(0), prompt=prompt,
+                      clip_lambda=1000.0, range_lambda=50.0, num_views=1, truncate_long_prompts=True)
+    widgets = {"seed": 1, "num_results": 1, "respacing": respacing, "skip_timesteps": skip, "method": "ddpm",
+               "mode": "blended", "enforce_background": True, "invert_mask": False, "batch_size": 1, **sampler}
+    edit = g.node("BlendedDiffusion_Sampler", id="sampler", model=unet.out(0), guidance=guidance.out(0),
+                  image=image(g), mask=mask(g), **widgets)
+    g.node("PreviewImage", id="preview", images=edit.out(0))
+    return g.finalize()
 
 
 def empty_image(width=64, height=64, batch=1, color=0x808080):
-    return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch,
-                                                   "color": color}}
+    return lambda g: g.node("EmptyImage", width=width, height=height, batch_size=batch, color=color).out(0)
 
 
 def solid_mask(value=1.0, width=64, height=64):
-    return {"class_type": "SolidMask", "inputs": {"value": value, "width": width, "height": height}}
+    return lambda g: g.node("SolidMask", value=value, width=width, height=height).out(0)
 
 
-def images_of(result, node="4"):
+def box_mask():
+    """A 64x64 mask, 1 on the 32x32 box in the middle."""
+    return lambda g: g.node("MaskComposite", destination=solid_mask(0.0)(g), source=solid_mask(1.0, 32, 32)(g),
+                            x=16, y=16, operation="add").out(0)
+
+
+def images_of(result, node="sampler"):
     return result.tensors[node][0]
 
 
@@ -63,7 +65,7 @@ def test_executor_still_works_after_an_error(comfy_inprocess):
 
 def test_mask_of_another_size_is_resized(comfy_inprocess):
     result = comfy_inprocess.run(graph(empty_image(96, 80), solid_mask(1.0, 32, 32)))
-    images, mask = result.tensors["4"][0][0], result.tensors["4"][1][0]
+    images, mask = result.tensors["sampler"][0][0], result.tensors["sampler"][1][0]
     assert images.shape == (1, 80, 96, 3)
     assert mask.shape == (1, 80, 96)
 
@@ -74,15 +76,11 @@ def test_one_pixel_image_works(comfy_inprocess):
 
 
 def test_rgba_image_loses_alpha_and_keeps_background(comfy_inprocess):
-    rgba = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["12", 0], "alpha": ["13", 0]}}
-    prompt = graph(rgba, solid_mask(0.0))
-    prompt["12"] = empty_image(64, 64, color=0x336699)
-    prompt["13"] = solid_mask(1.0)
-    # mask: a box in the middle
-    prompt["11"] = {"class_type": "MaskComposite",
-                    "inputs": {"destination": ["14", 0], "source": ["15", 0], "x": 16, "y": 16, "operation": "add"}}
-    prompt["14"] = solid_mask(0.0)
-    prompt["15"] = solid_mask(1.0, 32, 32)
+    def rgba(g):
+        return g.node("JoinImageWithAlpha", image=empty_image(64, 64, color=0x336699)(g),
+                      alpha=solid_mask(1.0)(g)).out(0)
+
+    prompt = graph(rgba, box_mask())
     result = comfy_inprocess.run(prompt)
     out = images_of(result)[0]
     assert out.shape == (1, 64, 64, 3)
@@ -113,7 +111,7 @@ def test_too_long_prompt_is_truncated_or_refused(comfy_inprocess):
     result = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), prompt=long_prompt))
     assert images_of(result)[0].shape == (1, 64, 64, 3)
     prompt = graph(empty_image(), solid_mask(1.0), prompt=long_prompt)
-    prompt["3"]["inputs"]["truncate_long_prompts"] = False
+    prompt["guidance"]["inputs"]["truncate_long_prompts"] = False
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(prompt)
     assert "77" in str(err.value)
@@ -128,9 +126,9 @@ def test_wrong_model_file_kinds_are_refused(comfy_inprocess, comfy_models_dir):
     shutil.copyfile(comfy_models_dir / "guided_diffusion" / harness.GD_TINY_NAME,
                     comfy_models_dir / "clip_guidance" / "not_a_clip.safetensors")
     (comfy_models_dir / "guided_diffusion" / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
-    for folder_node, field, name in (("1", "model_name", "not_a_unet.safetensors"),
-                                     ("2", "clip_name", "not_a_clip.safetensors"),
-                                     ("1", "model_name", "broken.pt")):
+    for folder_node, field, name in (("unet", "model_name", "not_a_unet.safetensors"),
+                                     ("clip", "clip_name", "not_a_clip.safetensors"),
+                                     ("unet", "model_name", "broken.pt")):
         prompt = graph(empty_image(), solid_mask(1.0))
         prompt[folder_node]["inputs"][field] = name
         with pytest.raises(harness.PromptExecutionError) as err:
@@ -151,7 +149,7 @@ def test_nan_image_is_refused():
 
 def test_lpips_without_its_files_is_refused_clearly(comfy_inprocess):
     prompt = graph(empty_image(), solid_mask(1.0))
-    prompt["3"]["inputs"]["background_lpips_lambda"] = 1000.0
+    prompt["guidance"]["inputs"]["background_lpips_lambda"] = 1000.0
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(prompt)
     assert "LPIPS" in str(err.value) and ("lpips" in str(err.value) or "VGG16" in str(err.value))

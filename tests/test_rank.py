@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,9 @@ from blended.clip_model import load_guidance_clip
 from blended.errors import BlendedInputError
 from blended.losses import spherical_distance
 from blended.rank import clip_scores, rank_by_clip
+from conftest import REF
 
-CLIP_DIR = Path(__file__).parent / "fixtures" / "reference" / "clip_tiny"
+CLIP_DIR = REF / "clip_tiny"
 PROMPT = "a red rock"
 
 

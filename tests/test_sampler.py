@@ -1,13 +1,9 @@
 """The whole sampler on the tiny fixtures: guidance works, the background is exact, seeds repeat."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from blended.augment import AugmentationSettings
-from blended.checkpoint import load_guided_diffusion
-from blended.clip_model import load_guidance_clip
 from blended.diffusion import create_diffusion
 from blended.errors import BlendedInputError
 from blended.guidance import GuidanceSettings
@@ -15,22 +11,12 @@ from blended.rank import clip_scores
 from blended.sampler import SamplerSettings, edit_image
 from blended.unet import GuidedDiffusionUNet, UNetConfig
 
-REF = Path(__file__).parent / "fixtures" / "reference"
 PROMPT = "a red rock"
 
 
 @pytest.fixture(scope="module")
-def unet():
-    return load_guided_diffusion(path=REF / "gd_tiny" / "model.safetensors")[0]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
 def diffusion():
+    """Ten steps: the whole sampler runs many times here."""
     return create_diffusion(timestep_respacing="10")
 
 

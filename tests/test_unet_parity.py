@@ -16,8 +16,8 @@ from blended.checkpoint import load_guided_diffusion
 from blended.diffusion import create_diffusion
 from blended.unet import AttentionBlock, GroupNorm32, GuidedDiffusionUNet, UNetConfig
 from blended.unet_config import detect_unet_config, infer_image_size, unet_config_from_original_kwargs
+from conftest import REF
 
-REF = Path(__file__).parent / "fixtures" / "reference"
 GD_TINY = REF / "gd_tiny"
 LAYOUTS = sorted((REF / "checkpoint_layouts").glob("*.json"))
 

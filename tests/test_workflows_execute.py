@@ -9,12 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as harness
-
-# Per-workflow expectations the generic checks cannot infer, keyed by file name. Keys:
-#   "output_images": exact number of images across all output nodes' history entries
-#   "sampler_results": exact batch of every sampler's `images` output after harness.shrink_prompt
-WORKFLOW_EXPECTATIONS: dict[str, dict] = {}
+import harness
+import workflow_format
 
 # ------------------------------------------------------------------------ converter, no ComfyUI needed
 
@@ -48,13 +44,13 @@ def _sample_ui_workflow():
         _node(1, "LoadImage", outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1, 4]}],
               widgets=["blended_example_img.png", "image"]),
         _node(2, "ImageInvert", inputs=[{"name": "image", "type": "IMAGE", "link": 1}],
-              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}], mode=harness.MODE_BYPASSED),
+              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}], mode=workflow_format.MODE_BYPASSED),
         _node(3, "Reroute", inputs=[{"name": "", "type": "*", "link": 2}],
               outputs=[{"name": "", "type": "IMAGE", "links": [3]}]),
         _node(4, "SaveImage", inputs=[{"name": "images", "type": "IMAGE", "link": 3}], widgets=["pfx"]),
         _node(5, "Note", widgets=["a note"]),
         _node(6, "ImageInvert", inputs=[{"name": "image", "type": "IMAGE", "link": 4}],
-              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [6]}], mode=harness.MODE_MUTED),
+              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [6]}], mode=workflow_format.MODE_MUTED),
         _node(7, "Seeded", inputs=[{"name": "image", "type": "IMAGE", "link": 6},
                                    {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 5}],
               widgets=[42, "randomize", 3, 7, "fixed", 2.5, "hello", "ddim", True]),
@@ -66,7 +62,7 @@ def _sample_ui_workflow():
 
 
 def test_ui_to_api_handles_widgets_links_bypass_mute_and_virtual_nodes():
-    prompt = harness.ui_to_api(_sample_ui_workflow(), NODE_DEFS)
+    prompt = workflow_format.ui_to_api(_sample_ui_workflow(), NODE_DEFS)
     assert prompt == {
         "1": {"class_type": "LoadImage", "inputs": {"image": "blended_example_img.png"}},
         # Bypassed ImageInvert and the reroute are wired through to the LoadImage output.
@@ -83,15 +79,15 @@ def test_ui_to_api_accepts_object_links_and_dict_widget_values():
     workflow["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3],
                           "target_slot": l[4], "type": l[5]} for l in workflow["links"]]
     workflow["nodes"][3]["widgets_values"] = {"filename_prefix": "named"}
-    prompt = harness.ui_to_api(workflow, NODE_DEFS)
+    prompt = workflow_format.ui_to_api(workflow, NODE_DEFS)
     assert prompt["4"]["inputs"] == {"filename_prefix": "named", "images": ["1", 0]}
 
 
 def test_ui_to_api_refuses_unknown_node_types():
     workflow = _sample_ui_workflow()
     workflow["nodes"].append(_node(9, "NoSuchNode"))
-    with pytest.raises(harness.WorkflowConversionError, match="NoSuchNode"):
-        harness.ui_to_api(workflow, NODE_DEFS)
+    with pytest.raises(workflow_format.WorkflowConversionError, match="NoSuchNode"):
+        workflow_format.ui_to_api(workflow, NODE_DEFS)
 
 
 # ------------------------------------------------------------------------------- in-process ComfyUI
@@ -102,7 +98,7 @@ def test_in_process_harness_runs_a_core_workflow(comfy_inprocess):
     workflow = _sample_ui_workflow()
     workflow["nodes"] = [n for n in workflow["nodes"] if n["id"] in (1, 2, 3, 4)]
     workflow["nodes"][1]["mode"] = 0  # the invert now really runs
-    prompt = harness.ui_to_api(workflow, comfy_inprocess.node_defs())
+    prompt = workflow_format.ui_to_api(workflow, comfy_inprocess.node_defs())
     outputs, tensors = comfy_inprocess.run(prompt)
     source, inverted = tensors["1"][0][0], tensors["2"][0][0]
     assert source.shape == (1, 256, 256, 3)
@@ -119,20 +115,17 @@ def test_the_pack_ships_workflows():
 def test_shipped_workflow_executes(path, comfy_inprocess):
     workflow = harness.load_workflow(path)
     node_defs = comfy_inprocess.node_defs()
-    missing = harness.node_types_used(workflow) - set(node_defs)
+    missing = workflow_format.node_types_used(workflow) - set(node_defs)
     assert not missing, f"{path.name} uses node types ComfyUI does not know: {sorted(missing)}"
-    prompt = harness.shrink_prompt(harness.ui_to_api(workflow, node_defs))
+    prompt = harness.shrink_prompt(workflow_format.ui_to_api(workflow, node_defs))
     assert any(entry["class_type"] == harness.SAMPLER for entry in prompt.values()) or \
         any(entry["class_type"].startswith("BlendedDiffusion_") for entry in prompt.values()), \
         f"{path.name} does not use the pack's nodes"
 
     outputs, tensors = comfy_inprocess.run(prompt)
 
-    expectations = WORKFLOW_EXPECTATIONS.get(path.name, {})
     output_images = [image for output in outputs.values() for image in output.get("images", [])]
     assert output_images, f"{path.name} produced no output image"
-    if "output_images" in expectations:
-        assert len(output_images) == expectations["output_images"]
     for image in output_images:
         folder = comfy_inprocess.workspace.output_dir if image["type"] == "output" \
             else comfy_inprocess.workspace.temp_dir
@@ -141,10 +134,11 @@ def test_shipped_workflow_executes(path, comfy_inprocess):
     for node_id, entry in prompt.items():
         if entry["class_type"] != harness.SAMPLER:
             continue
-        _check_sampler_outputs(path.name, node_id, entry, prompt, tensors, expectations)
+        _check_sampler_outputs(path.name, node_id, entry, tensors)
 
 
-def _check_sampler_outputs(name, node_id, entry, prompt, tensors, expectations):
+def _check_sampler_outputs(name, node_id, entry, tensors, results=None):
+    """Generic checks of one sampler's outputs; `results`, when given, is the exact batch of its images."""
     images, mask = tensors[node_id][0][0], tensors[node_id][1][0]
     source_id, source_slot = entry["inputs"]["image"]
     source = tensors[source_id][source_slot][0]
@@ -152,8 +146,8 @@ def _check_sampler_outputs(name, node_id, entry, prompt, tensors, expectations):
     assert images.ndim == 4 and images.shape[-1] == 3, (name, images.shape)
     assert images.shape[1:3] == source.shape[1:3], f"{name}: result size {images.shape} != input {source.shape}"
     assert images.shape[0] % num_results == 0
-    if "sampler_results" in expectations:
-        assert images.shape[0] == expectations["sampler_results"]
+    if results is not None:
+        assert images.shape[0] == results
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     if entry["inputs"].get("enforce_background", False) and source.shape[0] == 1:
         keep = (mask.reshape(-1, *mask.shape[-2:])[:1] == 0).unsqueeze(-1).expand_as(source)
@@ -173,7 +167,7 @@ def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background
     assert images.shape == (2, 256, 256, 3)
     assert frames.ndim == 4 and frames.shape[-1] == 3
     assert len(outputs["7"]["images"]) == 2
-    _check_sampler_outputs("tiny edit", "6", prompt["6"], prompt, tensors, {"sampler_results": 2})
+    _check_sampler_outputs("tiny edit", "6", prompt["6"], tensors, results=2)
     edit = (mask.reshape(-1, 256, 256)[0] > 0.5).unsqueeze(-1).expand(256, 256, 3)
     assert (images[0][edit] - source[0][edit]).abs().mean() > 1e-3, "nothing was edited inside the mask"
 
@@ -181,7 +175,7 @@ def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background
 @pytest.mark.comfy
 def test_committed_workflows_are_what_the_generator_writes(comfy_inprocess):
     """workflows/*.json are generated from the live node definitions; a node change must regenerate them
-    (`PYTHONPATH=.:tests .venv/bin/python scripts/make_workflows.py`), or users would open stale widget values."""
+    (`PYTHONPATH=. .venv/bin/python scripts/make_workflows.py`), or users would open stale widget values."""
     import importlib.util
     import json
 

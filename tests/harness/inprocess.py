@@ -1,0 +1,139 @@
+"""ComfyUI's own PromptExecutor in this Python process (no HTTP), so tests can look at every node's raw
+output tensors. ComfyUI keeps node mappings and loaded models in module globals: one per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from workflow_format import node_info_v1
+
+from .errors import PromptExecutionError, custom_node_import_failures, shorten
+from .locate import use_comfyui
+from .workspace import ComfyWorkspace
+
+class _LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(record.getMessage().splitlines())
+
+
+class _RecordingServer:
+    """The few PromptServer attributes PromptExecutor touches, recording every message it sends."""
+
+    def __init__(self) -> None:
+        self.client_id = "in-process-tests"
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[Any, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@dataclasses.dataclass
+class InProcessResult:
+    prompt_id: str
+    outputs: dict            # history_result["outputs"]: what the UI would show per output node
+    tensors: dict            # node id -> tuple of that node's outputs (each a list over list-outputs)
+    messages: list           # (event, data) sent to the would-be client, progress included
+
+    def __iter__(self):
+        """Unpacks as `outputs, tensors = runner.run(prompt)`, the shape most tests want."""
+        return iter((self.outputs, self.tensors))
+
+
+class InProcessComfy:
+    """ComfyUI's PromptExecutor running in this process against a workspace."""
+
+    def __init__(self, comfy_dir: Path, workspace: ComfyWorkspace):
+        self.comfy_dir = Path(comfy_dir)
+        self.workspace = workspace
+        self.import_failures: list[str] = []
+        self._boot()
+
+    def _boot(self) -> None:
+        use_comfyui(self.comfy_dir)
+        from comfy.cli_args import args  # parses an empty argv outside main.py
+
+        args.cpu = True
+        args.disable_api_nodes = True
+        import folder_paths
+        import utils.extra_config  # before `nodes`, whose import shadows the top-level `utils`
+
+        folder_paths.set_output_directory(str(self.workspace.output_dir))
+        folder_paths.set_input_directory(str(self.workspace.input_dir))
+        folder_paths.set_temp_directory(str(self.workspace.temp_dir))
+        folder_paths.set_user_directory(str(self.workspace.user_dir))
+        utils.extra_config.load_extra_path_config(str(self.workspace.extra_model_paths))
+        import comfy.utils
+        import execution
+        import nodes
+
+        self._execution, self._nodes = execution, nodes
+        capture = _LogCapture()
+        logging.getLogger().addHandler(capture)
+        try:
+            self.builtin_import_failures = list(
+                asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)) or [])
+        finally:
+            logging.getLogger().removeHandler(capture)
+        self.import_failures = custom_node_import_failures(capture.lines)
+        self.server = _RecordingServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+
+        def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
+            self.server.messages.append(("progress", {"value": value, "max": total, "node": node_id,
+                                                      "prompt_id": prompt_id, "preview": preview_image is not None}))
+
+        comfy.utils.set_progress_bar_global_hook(progress_hook)
+
+    @property
+    def node_class_mappings(self) -> dict:
+        return self._nodes.NODE_CLASS_MAPPINGS
+
+    def node_defs(self) -> dict[str, dict]:
+        return {name: node_info_v1(cls) for name, cls in self._nodes.NODE_CLASS_MAPPINGS.items()}
+
+    def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
+        return asyncio.run(self._execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+
+    def run(self, prompt: dict) -> InProcessResult:
+        """Validate and execute an API prompt; raise PromptExecutionError unless it succeeds."""
+        prompt_id = str(uuid.uuid4())
+        ok, error, outputs_to_execute, node_errors = asyncio.run(
+            self._execution.validate_prompt(prompt_id, prompt, None))
+        if not ok:
+            reasons = "; ".join(f"node {nid} ({e.get('class_type')}): " + ", ".join(
+                f"{x.get('message')} [{x.get('details')}]" for x in e.get("errors", []))
+                for nid, e in (node_errors or {}).items())
+            raise PromptExecutionError(f"prompt rejected: {error.get('message')}: {reasons or error}",
+                                       {"error": error, "node_errors": node_errors})
+        start = len(self.server.messages)
+        self.executor.execute(prompt, prompt_id, {"client_id": self.server.client_id}, outputs_to_execute)
+        messages = self.server.messages[start:]
+        if not self.executor.success:
+            errors = [data for event, data in messages if event in ("execution_error", "execution_interrupted")]
+            summary = "; ".join(
+                f"{e.get('node_type')} (node {e.get('node_id')}): {e.get('exception_type', 'interrupted')}: "
+                f"{shorten(str(e.get('exception_message', '')))} at {(e.get('traceback') or ['?'])[-1].strip()}"
+                for e in errors)
+            raise PromptExecutionError(f"execution failed: {summary}", errors)
+        tensors = {}
+        for node_id in prompt:
+            entry = self.executor.caches.outputs.get(node_id)
+            if entry is not None:
+                tensors[node_id] = entry.outputs if hasattr(entry, "outputs") else entry
+        return InProcessResult(prompt_id, self.executor.history_result.get("outputs", {}), tensors, messages)
