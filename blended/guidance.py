@@ -15,6 +15,8 @@ import torch
 
 from . import seeds
 from .augment import AugmentationSettings, ImageAugmentations
+from .errors import BlendedInputError
+from .image_io import from_model_range
 from .losses import background_l2, range_loss, spherical_distance
 
 log = logging.getLogger(__name__)
@@ -62,10 +64,16 @@ class GuidanceObjective:
                                     s.background_lpips_lambda))
 
     def _text_for(self, batch: int) -> torch.Tensor:
+        if self.text_embeds.dim() != 2:
+            raise BlendedInputError(
+                f"text embeddings must be [1,D] or [B,D], got shape {tuple(self.text_embeds.shape)}; "
+                "pass one embedding per prompt.")
         if self.text_embeds.shape[0] == 1:
             return self.text_embeds.expand(batch, -1)
         if self.text_embeds.shape[0] != batch:
-            raise ValueError(f"{self.text_embeds.shape[0]} text embeddings for a batch of {batch}")
+            raise BlendedInputError(
+                f"{self.text_embeds.shape[0]} text embeddings for a batch of {batch}; give one prompt for the "
+                "whole batch or exactly one per sample.")
         return self.text_embeds
 
     def _views(self, masked: torch.Tensor, result_ids, step: int) -> torch.Tensor:
@@ -87,7 +95,7 @@ class GuidanceObjective:
         batch = x_in.shape[0]
         views = self._views(x_in * self.mask, result_ids, step)  # sample-major: sample i's views contiguous
         num_views = views.shape[0] // batch
-        clip_in = self.clip.normalize(views.add(1).div(2))
+        clip_in = self.clip.normalize(from_model_range(views, clamp=False))
         image_embeds = self.clip.encode_image(clip_in).float()
         text = self._text_for(batch).repeat_interleave(num_views, dim=0)
         return spherical_distance(image_embeds, text).view(batch, num_views).mean(dim=1)

@@ -112,9 +112,14 @@ def to_model_range(image_0_1: torch.Tensor) -> torch.Tensor:
     return image_0_1 * 2.0 - 1.0
 
 
-def from_model_range(image_m1_1: torch.Tensor) -> torch.Tensor:
-    """Map [-1,1] model output back to 0..1, clamping because pred_xstart is not clamped while sampling."""
-    return ((image_m1_1 + 1.0) * 0.5).clamp(0.0, 1.0)
+def from_model_range(image_m1_1: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """Map [-1,1] model output back to 0..1.
+
+    Clamped by default, because pred_xstart is not clamped while sampling; ``clamp=False`` keeps values (and
+    gradients) outside the range, as the guidance needs for what CLIP sees.
+    """
+    image_0_1 = (image_m1_1 + 1.0) * 0.5
+    return image_0_1.clamp(0.0, 1.0) if clamp else image_0_1
 
 
 def repeat_to_batch_size(tensor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -132,7 +137,8 @@ def repeat_to_batch_size(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.repeat((repeats,) + (1,) * (tensor.dim() - 1))[:batch]
 
 
-def _mask_to_b1hw(mask: torch.Tensor) -> torch.Tensor:
+def mask_as_b1hw(mask: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI MASK ``[H,W]`` or ``[B,H,W]`` (or an NCHW ``[B,1,H,W]``) as ``[B,1,H,W]``, a view."""
     if mask.dim() == 2:
         return mask.unsqueeze(0).unsqueeze(0)
     if mask.dim() == 3:
@@ -172,7 +178,7 @@ def prepare_mask(
         raise BlendedInputError(
             f"the mask must be a tensor, got {type(mask).__name__}; connect a ComfyUI MASK to this input"
         )
-    prepared = _mask_to_b1hw(mask)
+    prepared = mask_as_b1hw(mask)
     if any(size == 0 for size in prepared.shape):
         raise BlendedInputError(
             f"the mask has an empty dimension (shape {tuple(mask.shape)}); feed a mask of at least 1x1 pixel"

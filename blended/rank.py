@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BlendedInputError
+from .image_io import from_model_range, mask_as_b1hw, to_model_range
 from .losses import spherical_distance
 
 
@@ -36,12 +37,7 @@ def _text_embeds(clip, prompt_or_embed, batch: int) -> torch.Tensor:
 
 def _as_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """[B|1,1,H,W] float mask matching the images ([H,W] and [B,H,W] are accepted too)."""
-    if mask.dim() == 2:
-        mask = mask[None, None]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    if mask.dim() != 4 or mask.shape[1] != 1:
-        raise BlendedInputError(f"mask must be [B,1,H,W] (or [B,H,W]), got shape {tuple(mask.shape)}.")
+    mask = mask_as_b1hw(mask)
     if mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, images.shape[0]):
         raise BlendedInputError(f"mask {tuple(mask.shape)} does not match images {tuple(images.shape)}; "
                                 "resize the mask to the image size and give one mask or one per image.")
@@ -68,7 +64,7 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
         if mask is not None:
             m = _as_mask(mask, x)
             # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
-            x = ((x * 2 - 1) * m + 1) / 2 if normalized else x * m
+            x = from_model_range(to_model_range(x) * m, clamp=False) if normalized else x * m
         size = clip.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

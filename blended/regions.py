@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BlendedInputError
-from .image_io import EMPTY_MASK_MESSAGE
+from .image_io import EMPTY_MASK_MESSAGE, mask_as_b1hw
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +223,7 @@ def crop_mask(mask: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     context is never edited.
     """
     _check_plan_matches(mask, plan, "the mask")
-    if mask.dim() == 2:
-        mask = mask.unsqueeze(0).unsqueeze(0)
-    elif mask.dim() == 3:
-        mask = mask.unsqueeze(1)
-    box = (_extract_box(mask, plan, fill_outside="zeros") > 0).to(torch.float32)
+    box = (_extract_box(mask_as_b1hw(mask), plan, fill_outside="zeros") > 0).to(torch.float32)
     size = plan.model_size
     shrunk = (min(size, box.shape[-2]), min(size, box.shape[-1]))
     if shrunk != tuple(box.shape[-2:]):
@@ -252,8 +248,7 @@ def paste_back(
     edited batch (one picture, several samples).
     """
     _check_plan_matches(original_nchw_0_1, plan, "the original image")
-    if composite_mask.dim() == 3:
-        composite_mask = composite_mask.unsqueeze(1)
+    composite_mask = mask_as_b1hw(composite_mask)
     _check_plan_matches(composite_mask, plan, "the composite mask")
     batch = edited_model_size_0_1.shape[0]
     for name, tensor in (("original image", original_nchw_0_1), ("composite mask", composite_mask)):
@@ -277,13 +272,6 @@ def paste_back(
     blended = region * (1.0 - weight) + pasted * weight
     out[..., row0:row1, col0:col1] = torch.where(weight > 0, blended, region)
     return out
-
-
-def _as_b1hw(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
-    shape = mask.shape
-    if mask.dim() < 2:
-        raise ValueError(f"mask must have at least 2 dims [..., H, W], got shape {tuple(shape)}")
-    return mask.reshape(-1, 1, shape[-2], shape[-1]).to(torch.float32), shape
 
 
 def _check_shape(shape: str) -> None:
@@ -335,7 +323,7 @@ def grow_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.T
     pixels = int(pixels)
     if pixels == 0:
         return mask.to(torch.float32)
-    work, original_shape = _as_b1hw(mask)
+    work, original_shape = mask_as_b1hw(mask).to(torch.float32), mask.shape
     box = _working_box(work, abs(pixels))
     if box is None:
         return work.reshape(original_shape)
@@ -369,7 +357,7 @@ def feather_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torc
         raise BlendedInputError(f"feather must be >= 0 pixels, got {pixels}; use grow with a negative value to shrink")
     if pixels == 0:
         return mask.to(torch.float32)
-    work, original_shape = _as_b1hw(mask)
+    work, original_shape = mask_as_b1hw(mask).to(torch.float32), mask.shape
     box = _working_box(work, pixels)
     if box is None:
         return work.reshape(original_shape)

@@ -104,10 +104,9 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
             grad, _, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs)
 
     with torch.no_grad():
-        nonzero = float(index != 0)
         if settings.method == "ddpm":
             mean = diffusion.condition_mean(out, grad) if grad is not None else out["mean"]
-            sample = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+            sample = diffusion.ddpm_step(out, t, noise, mean=mean)
         else:
             if grad is not None:
                 out = diffusion.condition_score(out, x, t, grad)
@@ -219,7 +218,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             plan = regions.plan_full_image(height, width, model_size)
         else:
             plan = regions.plan_mask_crop(composite[0, 0], model_size, context=settings.context)
-        init = regions.crop_image(images[b:b + 1], plan).to(device) * 2 - 1
+        init = image_io.to_model_range(regions.crop_image(images[b:b + 1], plan).to(device))
         model_mask = regions.crop_mask(masks[b:b + 1], plan).to(device)
         if not bool((model_mask > 0).any()):
             raise BlendedInputError("the mask vanishes at the model's resolution: paint a larger region or use "
@@ -246,7 +245,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             if chunk_frames:
                 frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
             output_prompts.extend(prompts[p] for p, _ in chunk)
-        edited = torch.cat(edited).add(1).div(2).clamp(0, 1)
+        edited = image_io.from_model_range(torch.cat(edited))
 
         # 4. Back at full resolution: outside the composite mask, the input's own pixels (bit-identical).
         if not enforce:

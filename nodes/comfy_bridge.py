@@ -17,6 +17,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
+from ..blended.image_io import from_model_range
+
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
@@ -108,6 +110,18 @@ def autograd_enabled():
         mm.soft_empty_cache()
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is the device running out of memory, decided as ComfyUI decides it.
+
+    Newer ComfyUI has `is_oom`, which also knows torch's AcceleratorError (how CUDA can report an OOM);
+    older ones only have OOM_EXCEPTION, which is plain Exception without CUDA, hence the message check.
+    """
+    if hasattr(mm, "is_oom"):
+        return bool(mm.is_oom(exc))
+    kinds = (mm.OOM_EXCEPTION,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())
+    return isinstance(exc, kinds) and "out of memory" in str(exc).lower()
+
+
 def progress_callback(total: int, node_id=None, preview: bool = True):
     """A sampler callback that moves ComfyUI's progress bar with a pred_xstart preview and honours Cancel."""
     from PIL import Image
@@ -123,7 +137,7 @@ def progress_callback(total: int, node_id=None, preview: bool = True):
         mm.throw_exception_if_processing_interrupted()
         image = None
         if preview and pred_xstart is not None:
-            pixels = pred_xstart[0].detach().float().add(1).div(2).clamp(0, 1)
+            pixels = from_model_range(pred_xstart[0].detach().float())
             array = (pixels.movedim(0, -1).cpu().numpy() * 255).round().astype("uint8")
             image = ("JPEG", Image.fromarray(array), preview_size)
         bar.update_absolute(done, total_steps, image)

@@ -150,10 +150,10 @@ class BlendedDiffusionSampler:
                                     guidance.prompts, seed=seed, num_results=num_results, settings=settings,
                                     guidance_settings=guidance.settings, invert_mask=invert_mask,
                                     callback=callback, device=device, lpips_model=lpips_model)
-            except bridge.mm.OOM_EXCEPTION as exc:
-                # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours. (Without
-                # CUDA, ComfyUI's OOM_EXCEPTION is plain Exception: only real OOMs get the advice.)
-                if "out of memory" in str(exc).lower():
+            except Exception as exc:
+                # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours, and only
+                # for real OOMs.
+                if bridge.is_out_of_memory(exc):
                     log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
                               "do not depend on it), turn on gradient_checkpointing in the loader, or use "
                               "precision 'bf16 autocast'.", batch_size)

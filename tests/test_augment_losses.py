@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from blended.augment import AugmentationSettings, ImageAugmentations
 from blended.clip_model import CLIP_MEAN, CLIP_STD, load_guidance_clip
 from blended.errors import BlendedInputError
-from blended.losses import (background_l2, clip_guidance_loss, cosine_distance, range_loss,
-                            spherical_distance)
+from blended.guidance import GuidanceObjective, GuidanceSettings
+from blended.losses import background_l2, range_loss, spherical_distance
 from conftest import REF
 
 CLIP_DIR = REF / "clip_tiny"
@@ -114,12 +114,6 @@ def test_spherical_distance_is_half_squared_angle():
     assert spherical_distance(a[:1], -a[:1]).item() == pytest.approx(math.pi ** 2 / 2, rel=1e-5)
 
 
-def test_cosine_distance():
-    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    b = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
-    torch.testing.assert_close(cosine_distance(a, b), torch.tensor([1.0, 0.0]))
-
-
 def test_range_loss_counts_only_the_excess():
     x = torch.zeros(2, 3, 4, 4)
     x[0, 0, 0, 0] = 3.0   # excess 2 -> 4 / 48
@@ -146,6 +140,14 @@ def _readme_formula(clip, x_in, mask, text):
     return (torch.arccos(cos).pow(2) / 2).sum()
 
 
+def clip_loss(clip, x_in, mask, text, augmentations):
+    """The original's CLIP loss, a scalar: the guidance's per-sample mean distance over the views, summed
+    over the batch (not multiplied by the CLIP lambda)."""
+    objective = GuidanceObjective(clip, text, mask, torch.zeros_like(x_in[:1]),
+                                  GuidanceSettings(augmentations=augmentations))
+    return objective.clip_distances(x_in, result_ids=range(x_in.shape[0]), step=0).sum()
+
+
 def _box_mask():
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., 20:52, 16:48] = 1
@@ -155,8 +157,7 @@ def _box_mask():
 def test_clip_loss_single_view_equals_readme_formula(clip):
     x_in, mask = _images(), _box_mask()
     text = clip.text_embedding("a red rock")
-    augment = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=1))
-    loss = clip_guidance_loss(clip, x_in, mask, text, augment, batch_size=2)
+    loss = clip_loss(clip, x_in, mask, text, AugmentationSettings(num_views=1))
     assert loss.dim() == 0
     torch.testing.assert_close(loss.double(), _readme_formula(clip, x_in, mask, text), atol=1e-5, rtol=1e-5)
 
@@ -164,25 +165,22 @@ def test_clip_loss_single_view_equals_readme_formula(clip):
 def test_clip_loss_with_a_prompt_per_sample(clip):
     x_in, mask = _images(), _box_mask()
     texts = torch.cat([clip.text_embedding("a red rock"), clip.text_embedding("a blue sky")])
-    one_view = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=1))
-    loss = clip_guidance_loss(clip, x_in, mask, texts, one_view, batch_size=2)
+    one_view = AugmentationSettings(num_views=1)
+    loss = clip_loss(clip, x_in, mask, texts, one_view)
     expected = sum(_readme_formula(clip, x_in[i:i + 1], mask, texts[i:i + 1]) for i in range(2))
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     # identical (un-warped) views: the mean over views must pair each view with its own sample's prompt
-    clean_views = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=3, p_affine=0.0,
-                                                                           p_perspective=0.0))
-    torch.testing.assert_close(clip_guidance_loss(clip, x_in, mask, texts, clean_views), loss,
-                               atol=1e-5, rtol=1e-5)
+    clean_views = AugmentationSettings(num_views=3, p_affine=0.0, p_perspective=0.0)
+    torch.testing.assert_close(clip_loss(clip, x_in, mask, texts, clean_views), loss, atol=1e-5, rtol=1e-5)
     with pytest.raises(BlendedInputError):
-        clip_guidance_loss(clip, x_in, mask, texts[:1].expand(3, -1), one_view)
+        clip_loss(clip, x_in, mask, texts[:1].expand(3, -1), one_view)
 
 
 def test_clip_loss_gradient_reaches_only_the_masked_region(clip):
     torch.manual_seed(0)
     x_in = _images().requires_grad_(True)
     mask = _box_mask()
-    augment = ImageAugmentations(clip.image_size, AugmentationSettings(num_views=4))
-    loss = clip_guidance_loss(clip, x_in, mask, clip.text_embedding("a red rock"), augment)
+    loss = clip_loss(clip, x_in, mask, clip.text_embedding("a red rock"), AugmentationSettings(num_views=4))
     (grad,) = torch.autograd.grad(loss, x_in)
     assert grad[..., 20:52, 16:48].abs().sum() > 0
     assert torch.all(grad * (1 - mask) == 0)
