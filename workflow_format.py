@@ -97,7 +97,8 @@ def widget_values_by_name(node: dict, node_def: dict) -> dict[str, Any]:
     values = node.get("widgets_values")
     if isinstance(values, dict):
         return dict(values)
-    return {name: value for (name, _spec), value in zip(widget_layout(node_def), values or []) if name}
+    layout = widget_layout(node_def)
+    return {name: value for (name, _spec), value in zip(layout, values or [], strict=False) if name}
 
 
 def set_widget_value(node: dict, node_def: dict, name: str, value: Any) -> bool:
@@ -195,7 +196,7 @@ def ui_to_api(workflow: dict, node_defs: dict[str, dict]) -> dict[str, dict]:
                 if name is not None and name in values:
                     inputs[name] = values[name]
         elif values:
-            for (name, _spec), value in zip(widget_layout(node_defs[node_type]), values):
+            for (name, _spec), value in zip(widget_layout(node_defs[node_type]), values, strict=False):
                 if name is not None:
                     inputs[name] = value
         for slot in node.get("inputs") or []:

@@ -13,7 +13,7 @@ Files may be ``.pt``/``.pth``/``.ckpt`` (a plain state dict, read with ``torch.l
 Python objects are never unpickled, so a malicious file cannot run code) or ``.safetensors``. Tensors are
 loaded as float32; :meth:`GuidedDiffusionUNet.to_compute_dtype` lowers precision afterwards.
 
-The architecture comes from, in rising precedence: the weights' shapes (:mod:`blended.unet_config`), a
+The architecture comes from, in rising precedence: the weights' shapes (:mod:`blended.architecture_detection`), a
 ``config.json`` (or ``<checkpoint name>.config.json``) beside the file holding the original's
 ``create_model_and_diffusion`` keyword arguments, and the ``overrides`` argument. Overrides cover only what
 the shapes cannot tell:
@@ -42,9 +42,7 @@ from typing import Any
 
 import torch
 
-from .errors import BlendedInputError, CheckpointError
-from .unet import GuidedDiffusionUNet, UNetConfig
-from .unet_config import (
+from .architecture_detection import (
     apply_overrides,
     check_guided_diffusion_family,
     describe_mismatches,
@@ -52,6 +50,8 @@ from .unet_config import (
     layout_mismatches,
     unet_config_from_original_kwargs,
 )
+from .errors import BlendedInputError, CheckpointError
+from .unet import GuidedDiffusionUNet, UNetConfig
 
 __all__ = ["find_config_file", "load_guided_diffusion", "read_state_dict"]
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def spherical_distance(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """Squared great-circle distance / 2 between L2-normalised embeddings, [N].
 

@@ -11,11 +11,10 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
+import torch
 
 from ..blended.image_io import from_model_range
 

@@ -82,8 +82,8 @@ PRESETS = {
 }
 
 FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "s_step_min", "s_first_step", "edit_steps",
-          "s_per_edit", "results_per_min", "peak_mem_gib", "base_mem_gib", "saved_gib", "tflop_per_step", "achieved_tflops", "mfu",
-          "clip_fwd_per_step")
+          "s_per_edit", "results_per_min", "peak_mem_gib", "base_mem_gib", "saved_gib", "tflop_per_step",
+          "achieved_tflops", "mfu", "clip_fwd_per_step")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -105,8 +105,8 @@ def build_models(config: str, device: torch.device):
     if config == "full256":
         import open_clip
 
+        from blended.architecture_detection import unet_config_from_original_kwargs
         from blended.unet import GuidedDiffusionUNet
-        from blended.unet_config import unet_config_from_original_kwargs
 
         layout = json.loads(FULL256_LAYOUT.read_text())
         with torch.device(device):  # initialise on the device: 552M parameters are slow to init on a CPU
@@ -397,8 +397,8 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
                        settings=settings)
         synchronize(device)
         s_per_edit = time.perf_counter() - start
-    return {"step_times": times, "first_step": first_step, "saved": saved, "s_per_edit": s_per_edit, "peak": peak_memory_bytes(device), "base": base,
-            "clip_calls": counter.calls}
+    return {"step_times": times, "first_step": first_step, "saved": saved, "s_per_edit": s_per_edit,
+            "peak": peak_memory_bytes(device), "base": base, "clip_calls": counter.calls}
 
 
 def summarise(spec: RunSpec, runs: list[dict], args, device: torch.device, flop_cache: dict) -> dict:

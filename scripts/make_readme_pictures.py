@@ -49,7 +49,7 @@ def panel(images, titles, path):
     canvas = Image.new("RGB", (width, height + 36), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for im, title in zip(images, titles):
+    for im, title in zip(images, titles, strict=True):
         canvas.paste(im, (x, 20))
         draw.text((x + 4, 4), title, fill="black")
         x += im.width + 10

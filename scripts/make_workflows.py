@@ -57,7 +57,7 @@ class Graph:
                                    "link": None})
         names = d.get("output_name") or d["output"]
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
-                   for i, (n, t) in enumerate(zip(names, d["output"]))]
+                   for i, (n, t) in enumerate(zip(names, d["output"], strict=True))]
         node = {"id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size),
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": node_type}, "widgets_values": values}

@@ -80,25 +80,6 @@ def diffusion():
     return create_diffusion(timestep_respacing="100")
 
 
-@pytest.fixture(scope="module")
-def unet():
-    """Shared by a module's tests: a test that changes the model in place loads its own `tiny_unet()`."""
-    return tiny_unet()
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    """The reference fixtures' schedule: 100 respaced steps."""
-    from blended.diffusion import create_diffusion
-
-    return create_diffusion(timestep_respacing="100")
-
-
 def _unavailable(reason: str):
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI=true: ComfyUI tests must run, not skip)")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blended import regions
 from blended.augment import AugmentationSettings
 from blended.guidance import GuidanceObjective, GuidanceSettings
-from blended import regions
 from blended.sampler import SamplerSettings, guided_step
 from conftest import REF, assert_close, tiny_clip, tiny_unet
 

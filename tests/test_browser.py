@@ -208,7 +208,8 @@ def test_frontend_registers_every_pack_node(page, object_info):
 def test_core_workflow_queued_from_the_page_shows_its_image(page, comfy_client, object_info, screenshots):
     workflow = _core_workflow()
     assert _load_graph(page, workflow) == []
-    assert _comparable(_frontend_prompt(page), object_info) == _comparable(workflow_format.ui_to_api(workflow, object_info), object_info)
+    ours = workflow_format.ui_to_api(workflow, object_info)
+    assert _comparable(_frontend_prompt(page), object_info) == _comparable(ours, object_info)
     entry = _queue_and_wait_for_image(page, comfy_client, ["3"])
     assert entry["outputs"]["3"]["images"]
     page.screenshot(path=str(screenshots / "core_workflow_done.png"))

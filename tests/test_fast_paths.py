@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from blended import fast_paths
+from blended.architecture_detection import unet_config_from_original_kwargs
 from blended.augment import AugmentationSettings
 from blended.errors import BlendedInputError
 from blended.fast_paths import FastPathOptions, WeightSnapshot
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.sampler import SamplerSettings, guided_step
 from blended.unet import GuidedDiffusionUNet
-from blended.unet_config import unet_config_from_original_kwargs
 from conftest import REF, REPO_ROOT, assert_close, tiny_clip, tiny_unet
 
 INDEX = 60  # a mid-schedule step of the blended_step reference

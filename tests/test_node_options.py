@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_node_errors import box_mask, empty_image, graph, solid_mask
 
 import harness
-from test_node_errors import box_mask, empty_image, graph, solid_mask
 
 pytestmark = pytest.mark.comfy
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from blended.architecture_detection import detect_unet_config, infer_image_size, unet_config_from_original_kwargs
 from blended.checkpoint import load_guided_diffusion
 from blended.diffusion import create_diffusion
 from blended.unet import AttentionBlock, GroupNorm32, GuidedDiffusionUNet, UNetConfig
-from blended.unet_config import detect_unet_config, infer_image_size, unet_config_from_original_kwargs
 from conftest import REF
 
 GD_TINY = REF / "gd_tiny"
@@ -72,7 +72,8 @@ def test_state_dict_round_trip_is_lossless():
         assert torch.equal(saved[key], value), key
     reloaded = GuidedDiffusionUNet(model.config)
     reloaded.load_state_dict(saved)
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), original.values()))
+    pairs = zip(reloaded.state_dict().values(), original.values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def _legacy_attention(x: torch.Tensor, block_weights: dict[str, torch.Tensor], heads: int) -> torch.Tensor:

@@ -76,8 +76,8 @@ def test_ui_to_api_handles_widgets_links_bypass_mute_and_virtual_nodes():
 
 def test_ui_to_api_accepts_object_links_and_dict_widget_values():
     workflow = _sample_ui_workflow()
-    workflow["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3],
-                          "target_slot": l[4], "type": l[5]} for l in workflow["links"]]
+    workflow["links"] = [{"id": link[0], "origin_id": link[1], "origin_slot": link[2], "target_id": link[3],
+                          "target_slot": link[4], "type": link[5]} for link in workflow["links"]]
     workflow["nodes"][3]["widgets_values"] = {"filename_prefix": "named"}
     prompt = workflow_format.ui_to_api(workflow, NODE_DEFS)
     assert prompt["4"]["inputs"] == {"filename_prefix": "named", "images": ["1", 0]}

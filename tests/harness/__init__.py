@@ -17,8 +17,15 @@ from .client import ComfyClient
 from .errors import HarnessError, PromptExecutionError, custom_node_import_failures, tail
 from .inprocess import InProcessComfy, InProcessResult
 from .locate import ARTIFACTS, FIXTURES, PACK_DIR_NAME, REPO_ROOT, find_comfyui
-from .prompts import (SAMPLER, graph_builder, load_workflow, shrink_prompt, shrink_ui_workflow, tiny_edit_prompt,
-                      workflow_files)
+from .prompts import (
+                      SAMPLER,
+                      graph_builder,
+                      load_workflow,
+                      shrink_prompt,
+                      shrink_ui_workflow,
+                      tiny_edit_prompt,
+                      workflow_files,
+)
 from .server import ComfyServer, start_server
 from .workspace import CLIP_TINY_NAME, GD_TINY_NAME, TINY_MODELS, ComfyWorkspace, build_workspace
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from .errors import PromptExecutionError, shorten
 
+
 class ComfyClient:
     """One client id, its websocket opened on first use."""
 

@@ -1,10 +1,15 @@
 """ComfyUI's own PromptExecutor in this Python process (no HTTP), so tests can look at every node's raw
-output tensors. ComfyUI keeps node mappings and loaded models in module globals: one per test session."""
+output tensors. ComfyUI keeps node mappings and loaded models in module globals: one per test session.
+
+Works with ComfyUI from 0.3.x to 0.38 by asking ComfyUI what it has (never by its version): newer ones read
+more cache settings, make the output cache asynchronous and have an assets system to switch off.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import uuid
 from pathlib import Path
@@ -15,6 +20,10 @@ from workflow_format import node_info_v1
 from .errors import PromptExecutionError, custom_node_import_failures, shorten
 from .locate import use_comfyui
 from .workspace import ComfyWorkspace
+
+# The executor's cache settings: classic caching reads none; newer executors read "ram" and "ram_inactive"
+# at every prompt whatever the cache type.
+CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
 
 class _LogCapture(logging.Handler):
     def __init__(self) -> None:
@@ -69,6 +78,8 @@ class InProcessComfy:
 
         args.cpu = True
         args.disable_api_nodes = True
+        if hasattr(args, "disable_assets"):  # no asset database to scan or register outputs in
+            args.disable_assets = True
         import folder_paths
         import utils.extra_config  # before `nodes`, whose import shadows the top-level `utils`
 
@@ -79,6 +90,7 @@ class InProcessComfy:
         utils.extra_config.load_extra_path_config(str(self.workspace.extra_model_paths))
         import comfy.utils
         import execution
+
         import nodes
 
         self._execution, self._nodes = execution, nodes
@@ -92,13 +104,21 @@ class InProcessComfy:
         self.import_failures = custom_node_import_failures(capture.lines)
         self.server = _RecordingServer()
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+                                                 cache_args=CACHE_ARGS)
 
         def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
             self.server.messages.append(("progress", {"value": value, "max": total, "node": node_id,
                                                       "prompt_id": prompt_id, "preview": preview_image is not None}))
 
         comfy.utils.set_progress_bar_global_hook(progress_hook)
+
+    def _cached_output(self, node_id: str):
+        """A node's cache entry: `get_local` where the cache's `get` is a coroutine, else `get`."""
+        cache = self.executor.caches.outputs
+        entry = cache.get_local(node_id) if hasattr(cache, "get_local") else cache.get(node_id)
+        if inspect.isawaitable(entry):
+            entry = asyncio.run(entry)
+        return entry
 
     @property
     def node_class_mappings(self) -> dict:
@@ -133,7 +153,7 @@ class InProcessComfy:
             raise PromptExecutionError(f"execution failed: {summary}", errors)
         tensors = {}
         for node_id in prompt:
-            entry = self.executor.caches.outputs.get(node_id)
+            entry = self._cached_output(node_id)
             if entry is not None:
                 tensors[node_id] = entry.outputs if hasattr(entry, "outputs") else entry
         return InProcessResult(prompt_id, self.executor.history_result.get("outputs", {}), tensors, messages)

@@ -11,11 +11,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import HarnessError, custom_node_import_failures, tail
 from .workspace import ComfyWorkspace
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -45,13 +46,21 @@ class ComfyServer:
         return custom_node_import_failures(self.log_text().splitlines())
 
 
+def server_supports(comfy_dir: Path, flag: str) -> bool:
+    """Whether this ComfyUI's `main.py` accepts a command-line flag (read from its argument parser)."""
+    cli_args = comfy_dir / "comfy" / "cli_args.py"
+    return cli_args.is_file() and f'"{flag}"' in cli_args.read_text(encoding="utf-8", errors="replace")
+
+
 def server_command(comfy_dir: Path, workspace: ComfyWorkspace, port: int, extra_args=()) -> list[str]:
+    # Newer servers start an assets system (a database scan of every model folder) unless told not to.
+    optional = [flag for flag in ("--disable-assets",) if server_supports(comfy_dir, flag)]
     return [sys.executable, "-u", str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
             "--port", str(port), "--extra-model-paths-config", str(workspace.extra_model_paths),
             "--output-directory", str(workspace.output_dir), "--input-directory", str(workspace.input_dir),
             "--temp-directory", str(workspace.temp_dir), "--user-directory", str(workspace.user_dir),
             "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch",
-            *extra_args]
+            *optional, *extra_args]
 
 
 @contextlib.contextmanager
