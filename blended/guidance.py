@@ -18,6 +18,7 @@ from .augment import AugmentationSettings, ImageAugmentations
 from .errors import BlendedInputError
 from .image_io import from_model_range
 from .losses import background_l2, range_loss, spherical_distance
+from .noise import ORIGINAL_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class GuidanceObjective:
     """
 
     def __init__(self, clip, text_embeds: torch.Tensor, mask: torch.Tensor, init_image: torch.Tensor,
-                 settings: GuidanceSettings, seed: int = 0, lpips_model=None):
+                 settings: GuidanceSettings, seed: int = 0, lpips_model=None,
+                 group_size: int = ORIGINAL_GROUP_SIZE):
         self.clip = clip
         self.text_embeds = text_embeds.float()
         self.mask = mask
@@ -53,6 +55,9 @@ class GuidanceObjective:
         self.seed = seed
         self.augment = ImageAugmentations(clip.image_size, settings.augmentations)
         self.lpips_model = lpips_model
+        # The original's background L2 is a mean over its whole batch of ``group_size`` (4) results: each result
+        # weighs lambda / group_size, whatever batch it is computed in here.
+        self.group_size = max(1, int(group_size))
         # The original returns a zero gradient (no CLIP, no range loss) for an empty prompt; a per-sample flag
         # ([1] or [B] bools) keeps that rule when several prompts are mixed in one batch.
         self.prompt_is_empty = None
@@ -115,7 +120,8 @@ class GuidanceObjective:
             parts["range"] = r.detach()
             total = total + r.sum() * s.range_lambda
         if s.background_l2_lambda != 0:
-            total = total + background_l2(x_in, self.init_image, self.mask) * s.background_l2_lambda
+            l2 = background_l2(x_in, self.init_image, self.mask)
+            total = total + l2.sum() * (s.background_l2_lambda / self.group_size)
         if s.background_lpips_lambda != 0 and self.lpips_model is not None:
             masked_background = x_in * (1 - self.mask)
             total = total + self.lpips_model(masked_background, self.init_image).sum() * s.background_lpips_lambda

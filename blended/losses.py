@@ -29,12 +29,13 @@ def range_loss(x: torch.Tensor) -> torch.Tensor:
 
 
 def background_l2(x_in: torch.Tensor, init_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The original's background-preservation MSE, a scalar.
+    """The original's background-preservation MSE of each sample, [B].
 
     The masked background ``x_in*(1-mask)`` is compared with the UN-masked init image (broadcast over the
-    batch) and averaged over every element, exactly as the original does; so inside the mask the target is
-    the init image too, but no gradient reaches those pixels because they are multiplied by 0.
+    batch) and averaged over each sample's elements; so inside the mask the target is the init image too, but
+    no gradient reaches those pixels because they are multiplied by 0. The original's
+    ``mse_loss(x_in*(1-mask), init)`` is the mean of these over its batch of B: ``background_l2(...).sum() / B``.
     """
     masked_background = x_in * (1 - mask)
     target = init_image.expand_as(masked_background)
-    return F.mse_loss(masked_background, target)
+    return F.mse_loss(masked_background, target, reduction="none").flatten(1).mean(dim=1)

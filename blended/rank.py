@@ -44,17 +44,35 @@ def _as_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return mask.to(device=images.device, dtype=images.dtype)
 
 
+RANK_MODES = ("original", "guidance view")
+
+
+def _resolve_mode(mode: str | None, normalized: bool | None) -> str:
+    """The ranking mode; ``normalized`` is the former switch (True = "guidance view", False = "original")."""
+    if mode is None:
+        mode = "original" if normalized is None or not normalized else "guidance view"
+    if mode not in RANK_MODES:
+        raise BlendedInputError(f"unknown ranking mode {mode!r}: use 'original' (the original's ranking) or "
+                                "'guidance view' (the view the guidance optimises)")
+    return mode
+
+
 def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
-                normalized: bool = True) -> torch.Tensor:
+                mode: str | None = None, normalized: bool | None = None) -> torch.Tensor:
     """Un-augmented spherical CLIP distance of each image to its prompt, float32 [B]; lower is better.
 
     ``images`` are [B,3,H,W] in [0,1]. With a mask (1 = edited) CLIP sees only the edited region:
-    - ``normalized=True`` (default): the guidance path's view: outside the mask is mid-grey (0 in [-1,1]),
-      the image is resized to CLIP's size with antialiasing and CLIP-normalised, so results are ranked by
-      the quantity the guidance optimised;
-    - ``normalized=False``: the original's ranking: black outside the mask, resized, NOT normalised.
-    Pixels outside the mask cannot affect the score in either mode.
+    - ``mode="original"`` (default): exactly the original's ranking (``unaugmented_clip_distance``): black
+      outside the mask, values in [0,1] NOT CLIP-normalised, resized to CLIP's size bilinearly without
+      antialiasing (the 2022 torchvision tensor resize did not antialias);
+    - ``mode="guidance view"``: the view the guidance optimises: outside the mask is mid-grey (0 in [-1,1]),
+      the image is resized with antialiasing and CLIP-normalised, so results are ranked by the quantity the
+      guidance pulled on.
+    Pixels outside the mask cannot affect the score in either mode. ``normalized`` is the former switch
+    (True = "guidance view", False = "original"), used only when ``mode`` is not given.
     """
+    mode = _resolve_mode(mode, normalized)
+    guidance_view = mode == "guidance view"
     if images.dim() != 4 or images.shape[1] != 3:
         raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
     batch = images.shape[0]
@@ -64,19 +82,19 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
         if mask is not None:
             m = _as_mask(mask, x)
             # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
-            x = from_model_range(to_model_range(x) * m, clamp=False) if normalized else x * m
+            x = from_model_range(to_model_range(x) * m, clamp=False) if guidance_view else x * m
         size = clip.image_size
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        if normalized:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=guidance_view)
+        if guidance_view:
             x = clip.normalize(x)
         image_embeds = clip.encode_image(x)
         return spherical_distance(image_embeds, text.to(image_embeds.device)).float()
 
 
 def rank_by_clip(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
-                 normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 mode: str | None = None, normalized: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices best first, distances [B]); ties keep the input order so ranking is reproducible."""
-    distances = clip_scores(clip, images, prompt_or_embed, mask=mask, normalized=normalized)
+    distances = clip_scores(clip, images, prompt_or_embed, mask=mask, mode=mode, normalized=normalized)
     order = torch.argsort(distances.cpu(), stable=True)
     return order, distances

@@ -27,11 +27,14 @@ from . import image_io, regions, seeds
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
+from .noise import ORIGINAL_GROUP_SIZE, NoiseSource, SeededNoise
 
 log = logging.getLogger(__name__)
 
 # callback(step_done, total_steps, pred_xstart [k,3,S,S] in [-1,1]); it may raise to cancel.
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# on_step(spaced index, the step's tensors as guided_step returns them): a trace of the loop, for inspection.
+StepTrace = Callable[[int, dict], None]
 
 
 @dataclass
@@ -50,6 +53,10 @@ class SamplerSettings:
     # identical forward without grad (saves a third of the UNet work; same numbers in float32).
     reuse_guided_forward: bool = False
     batch_size: int = 4                 # results denoised together (memory vs speed)
+    # The original's batch (its --batch_size, 4): results 0-3, 4-7, ... of an input share one background noise
+    # per step, and the background L2 weighs each result by lambda / group_size, as the original's batch mean.
+    # Grouping goes by result index, so nothing depends on batch_size.
+    group_size: int = ORIGINAL_GROUP_SIZE
     capture_every: int = 0              # keep pred_xstart every N steps as process frames (0 = off)
     # Where the model looks: "full" = the whole image squashed to the model size (the original);
     # "mask_crop" = a square context crop around the mask, aspect ratio kept, pasted back at full resolution.
@@ -78,6 +85,8 @@ def _validate(settings: SamplerSettings, diffusion) -> None:
         raise BlendedInputError(
             f"skip_timesteps={settings.skip_timesteps} but the schedule has {diffusion.num_timesteps} steps: "
             f"skip fewer steps than there are (at most {diffusion.num_timesteps - 1}), or respace to more steps")
+    if int(settings.group_size) != settings.group_size or settings.group_size < 1:
+        raise BlendedInputError(f"group_size must be a whole number >= 1 (the original's 4), got {settings.group_size}")
     if settings.region not in ("full", "mask_crop"):
         raise BlendedInputError(f"unknown region {settings.region!r}: use 'full' or 'mask_crop'")
 
@@ -131,38 +140,39 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
 
 def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init_image: torch.Tensor,
                    mask: torch.Tensor, result_ids: Sequence[int], seed: int, settings: SamplerSettings,
-                   callback: Optional[StepCallback] = None, num_classes: Optional[int] = None):
-    """Denoise len(result_ids) results of one init image at model resolution.
+                   callback: Optional[StepCallback] = None, num_classes: Optional[int] = None,
+                   noise_source: Optional[NoiseSource] = None, on_step: Optional[StepTrace] = None):
+    """Denoise len(result_ids) results of one init image at model resolution: the original's
+    ``p_sample_loop_progressive`` with its blending ``postprocess_fn``.
 
-    ``init_image`` [1,3,S,S] in [-1,1]; ``mask`` [1,1,S,S] (1 = edit). Returns (pred_xstart of the last step
+    ``init_image`` [1,3,S,S] in [-1,1]; ``mask`` [1,1,S,S] (1 = edit). Every random draw comes from
+    ``noise_source`` (default: :class:`~blended.noise.SeededNoise` of ``seed``, grouped by
+    ``settings.group_size``). ``on_step`` sees each step's tensors. Returns (pred_xstart of the last step
     [k,3,S,S], captured frames as a list of [k,3,S,S] CPU tensors).
     """
     device = init_image.device
     k = len(result_ids)
-    shape = (1,) + tuple(init_image.shape[1:])
+    shape = (k,) + tuple(init_image.shape[1:])
     indices = list(range(diffusion.num_timesteps - settings.skip_timesteps))[::-1]
-
-    def per_result_noise(stream, step):
-        return torch.cat([seeds.randn(shape, seed, stream, rid, step, device=device) for rid in result_ids])
+    noise = noise_source if noise_source is not None else SeededNoise(seed, device, settings.group_size)
 
     start = torch.full((k,), indices[0], dtype=torch.long)
     x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), start,
-                           noise=per_result_noise(seeds.STREAM_INITIAL_NOISE, 0))
+                           noise=noise.initial(indices[0], shape, result_ids).to(device))
     frames = []
     pred_xstart = None
     for n, index in enumerate(indices):
         model_kwargs = None
         if num_classes:
-            # The original draws a random class for every sample at every step (randomize_class=True).
-            labels = [torch.randint(0, num_classes, (1,), generator=seeds.generator_for(
-                seed, seeds.STREAM_CLASS_LABEL, rid, index)) for rid in result_ids]
-            model_kwargs = {"y": torch.cat(labels).to(device)}
-        noise = per_result_noise(seeds.STREAM_STEP_NOISE, index)
-        background_noise = seeds.randn(shape, seed, seeds.STREAM_BACKGROUND_NOISE, index, device=device)
-        out = guided_step(unet, diffusion, objective, x, index, init_image, mask, noise, background_noise,
+            model_kwargs = {"y": noise.labels(index, result_ids, num_classes).to(device)}
+        step_noise = noise.step(index, shape, result_ids).to(device)
+        background_noise = noise.background(index, shape, result_ids).to(device)
+        out = guided_step(unet, diffusion, objective, x, index, init_image, mask, step_noise, background_noise,
                           settings, result_ids, model_kwargs)
         x = out["blended"]
         pred_xstart = out["pred_xstart"]
+        if on_step is not None:
+            on_step(index, out)
         last = n == len(indices) - 1
         if settings.capture_every and (n % settings.capture_every == 0 or last):
             frames.append(pred_xstart.detach().float().cpu())
@@ -174,11 +184,13 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
 def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusion, clip,
                prompts: Sequence[str], seed: int, num_results: int = 1,
                settings: Optional[SamplerSettings] = None, guidance_settings=None, invert_mask: bool = False,
-               callback: Optional[StepCallback] = None, device=None, lpips_model=None) -> EditResult:
+               callback: Optional[StepCallback] = None, device=None, lpips_model=None,
+               noise_source: Optional[NoiseSource] = None) -> EditResult:
     """Edit ``image`` where ``mask`` is 1, steering toward each prompt; ``num_results`` per prompt and input.
 
     ``image`` IMAGE [B,H,W,C] 0..1; ``mask`` MASK [B|1,H,W] or None (edit everything, as the original
-    without --mask). Every output keeps the input's size.
+    without --mask). Every output keeps the input's size. ``noise_source`` replaces the seeded random draws
+    (see :mod:`blended.noise`); result r of input b has the result id ``seeds.result_id(b, r)``.
     """
     settings = settings or SamplerSettings()
     guidance_settings = guidance_settings or GuidanceSettings()
@@ -228,10 +240,10 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
         edited = []
         for start in range(0, len(per_prompt), max(1, settings.batch_size)):
             chunk = per_prompt[start:start + max(1, settings.batch_size)]
-            result_ids = [b * 1_000_003 + r for _, r in chunk]  # same noise for result r of every prompt
+            result_ids = [seeds.result_id(b, r) for _, r in chunk]  # same noise for result r of every prompt
             chunk_text = text_embeds[[p for p, _ in chunk]]
             objective = GuidanceObjective(clip, chunk_text, model_mask, init, guidance_settings, seed=seed,
-                                          lpips_model=lpips_model)
+                                          lpips_model=lpips_model, group_size=settings.group_size)
             objective.prompt_is_empty = torch.tensor([prompts[p] == "" for p, _ in chunk])
 
             def chunk_callback(done, total, pred, _base=steps_done):
@@ -239,7 +251,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
                     callback(_base + done, total_steps, pred)
 
             pred, chunk_frames = sample_results(unet, diffusion, objective, init, model_mask, result_ids, seed,
-                                                settings, chunk_callback, num_classes)
+                                                settings, chunk_callback, num_classes, noise_source)
             steps_done += diffusion.num_timesteps - settings.skip_timesteps
             edited.append(pred.detach().float().cpu())
             if chunk_frames:

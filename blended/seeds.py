@@ -25,6 +25,20 @@ STREAM_BACKGROUND_NOISE = 3
 STREAM_AUGMENTATION = 4
 STREAM_CLASS_LABEL = 5
 
+# Result identities: result r of input image b. The stride keeps images apart for any sensible result count.
+_RESULTS_PER_IMAGE = 1_000_003
+
+
+def result_id(image_index: int, result_index: int) -> int:
+    """The identity of result ``result_index`` of input ``image_index``: its streams' key (prompts share it)."""
+    return int(image_index) * _RESULTS_PER_IMAGE + int(result_index)
+
+
+def result_group(rid: int, group_size: int) -> int:
+    """The group of ``group_size`` consecutive results (of the same input image) that ``rid`` belongs to."""
+    image_index, result_index = divmod(int(rid), _RESULTS_PER_IMAGE)
+    return image_index * _RESULTS_PER_IMAGE + result_index // max(1, int(group_size))
+
 
 def _splitmix64(value: int) -> int:
     value = (value + 0x9E3779B97F4A7C15) & _MASK64
@@ -57,8 +71,10 @@ def randn(shape, seed: int, *parts: int, device=None, dtype=torch.float32) -> to
 def seeded_global_rng(seed: int, *parts: int):
     """Run code that draws from torch's global CPU RNG (kornia's augmentations) repeatably, then restore it.
 
-    Forking keeps the caller's (and ComfyUI's) global RNG state untouched.
+    Only the CPU generator is seeded (``torch.manual_seed`` would also reseed, and lazily initialise, every
+    CUDA generator, which ``fork_rng(devices=[])`` does not restore): forking then leaves the caller's (and
+    ComfyUI's) CPU and GPU random states untouched.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, *parts))
+        torch.default_generator.manual_seed(derive_seed(seed, *parts))
         yield

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import torch
 
-from ..blended.rank import rank_by_clip
+from ..blended.rank import RANK_MODES, rank_by_clip
 from . import comfy_bridge as bridge
+
+# Workflows saved before the mode choice hold the old "normalized" switch's value in this widget's slot.
+_LEGACY_SWITCH = {True: "guidance view", False: "original"}
+
+
+def _mode_of(value) -> str:
+    """The ranking mode, mapping an old workflow's saved switch (true/false) to the mode it meant."""
+    if isinstance(value, bool):
+        return _LEGACY_SWITCH[value]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return _LEGACY_SWITCH[value.strip().lower() == "true"]
+    return value
 
 
 class CLIPRank:
-    DESCRIPTION = ("Sorts a batch of images, best first, by CLIP similarity of each image (or of its masked "
-                   "region) to the prompt, as the original ranks its results. Works on any IMAGE batch: ours or "
-                   "another inpainting node's.")
+    DESCRIPTION = ("Sorts a batch of images, best first, by the un-augmented CLIP distance of each image (or of "
+                   "its masked region) to the prompt. mode 'original' (default) computes exactly the original's "
+                   "ranking distance; 'guidance view' scores the view the guidance optimised. Works on any IMAGE "
+                   "batch: ours or another inpainting node's.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("sorted", "top_k", "scores")
@@ -28,16 +41,25 @@ class CLIPRank:
                 "prompt": ("STRING", {"multiline": True, "default": "a red rock", "tooltip":
                            "The text the images should match."}),
                 "top_k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "How many to keep in top_k."}),
-                "normalized": ("BOOLEAN", {"default": True, "tooltip":
-                               "On: CLIP sees the masked region on grey, properly normalised (consistent with "
-                               "guidance). Off: the original's ranking (un-normalised pixels on black)."}),
+                "mode": (list(RANK_MODES), {"default": "original", "tooltip":
+                         "original: exactly the original's ranking distance (the masked region on black, "
+                         "pixels not CLIP-normalised, resized without antialiasing). guidance view: the masked "
+                         "region on grey, CLIP-normalised, antialiased resize: the view the guidance optimised "
+                         "(what the former 'normalized' switch did when on)."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Score only this region (1 = scored). Without it, whole images."}),
             },
         }
 
-    def rank(self, images, clip, prompt, top_k, normalized=True, mask=None):
+    @classmethod
+    def VALIDATE_INPUTS(cls, mode):
+        # Also accepts the true/false an older workflow stored in this slot (the former "normalized" switch).
+        if _mode_of(mode) in RANK_MODES:
+            return True
+        return f"mode must be one of {', '.join(RANK_MODES)}, got {mode!r}"
+
+    def rank(self, images, clip, prompt, top_k, mode="original", mask=None):
         if images.shape[0] == 0:
             raise ValueError("CLIP Rank got an empty image batch: connect a node that outputs images")
         prompt = " ".join(str(prompt).split())
@@ -50,7 +72,7 @@ class CLIPRank:
                 from ..blended.image_io import prepare_mask
                 mask_in = prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3], pixels.shape[0]).to(device)
             with torch.no_grad():
-                order, distances = rank_by_clip(clip.clip, pixels, prompt, mask=mask_in, normalized=normalized)
+                order, distances = rank_by_clip(clip.clip, pixels, prompt, mask=mask_in, mode=_mode_of(mode))
         order = order.cpu()
         distances = distances.float().cpu()
         ranked = images[order]

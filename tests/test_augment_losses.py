@@ -126,8 +126,11 @@ def test_background_l2_broadcasts_init_over_the_batch():
     init = _images(batch=1, size=8, seed=1)
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1
+    per_sample = torch.stack([((x_in[i] * (1 - mask[0]) - init[0]) ** 2).mean() for i in range(2)])
+    torch.testing.assert_close(background_l2(x_in, init, mask), per_sample)
+    # the original's batch mean, mse_loss(x_in*(1-mask), init), is their mean over the batch
     expected = sum(((x_in[i] * (1 - mask[0]) - init[0]) ** 2).sum() for i in range(2)) / x_in.numel()
-    torch.testing.assert_close(background_l2(x_in, init, mask), expected)
+    torch.testing.assert_close(background_l2(x_in, init, mask).sum() / 2, expected)
 
 
 def _readme_formula(clip, x_in, mask, text):

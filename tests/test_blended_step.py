@@ -35,7 +35,8 @@ def objective_for(clip, reference, l2):
         background_l2_lambda=float(reference["l2_sim_lambda"]) if l2 else 0.0,
         augmentations=AugmentationSettings(num_views=1))
     text = clip.text_embedding("a red rock")
-    return GuidanceObjective(clip, text, reference["mask"], reference["init_image"], settings)
+    # The fixture's original ran a batch of 2: its background L2 weighs each result lambda / 2.
+    return GuidanceObjective(clip, text, reference["mask"], reference["init_image"], settings, group_size=2)
 
 
 def test_text_embedding_matches_reference(clip, reference):

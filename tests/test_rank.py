@@ -45,14 +45,14 @@ def _optimised_toward_prompt(clip, steps_per_image, seed=0):
 def test_ranking_recovers_how_far_each_image_was_optimised(clip):
     steps = [3, 0, 25, 10]  # best is index 2 (most steps), then 3, 0, 1
     images = _optimised_toward_prompt(clip, steps)
-    order, distances = rank_by_clip(clip, images, PROMPT)
+    order, distances = rank_by_clip(clip, images, PROMPT, mode="guidance view")
     assert order.tolist() == [2, 3, 0, 1]
     assert distances.dtype == torch.float32 and distances.shape == (4,)
     # margins far above float noise (tiny random CLIP: each step moves the distance by ~1e-3)
     assert (distances[[3, 0, 1]] - distances[[2, 3, 0]]).min() > 2e-3
     # larger images are resized to CLIP's size first; the order survives
     big = F.interpolate(images, scale_factor=2, mode="nearest")
-    assert rank_by_clip(clip, big, PROMPT)[0].tolist() == [2, 3, 0, 1]
+    assert rank_by_clip(clip, big, PROMPT, mode="guidance view")[0].tolist() == [2, 3, 0, 1]
 
 
 def test_scores_equal_the_unaugmented_distance(clip):
@@ -60,8 +60,24 @@ def test_scores_equal_the_unaugmented_distance(clip):
     text = clip.text_embedding(PROMPT)
     small = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
     expected = spherical_distance(clip.encode_image(clip.normalize(small)), text)
-    torch.testing.assert_close(clip_scores(clip, images, PROMPT), expected)
-    torch.testing.assert_close(clip_scores(clip, images, text), expected)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mode="guidance view"), expected)
+    torch.testing.assert_close(clip_scores(clip, images, text, mode="guidance view"), expected)
+    # the default is the original's: no antialiasing, no CLIP normalisation
+    plain = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
+    expected_original = spherical_distance(clip.encode_image(plain), text)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT), expected_original, atol=0, rtol=0)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mode="original"), expected_original,
+                               atol=0, rtol=0)
+
+
+def test_former_normalized_switch_still_selects_a_mode(clip):
+    images = _rand((2, 3, 64, 64), 7)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, normalized=True),
+                               clip_scores(clip, images, PROMPT, mode="guidance view"), atol=0, rtol=0)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, normalized=False),
+                               clip_scores(clip, images, PROMPT, mode="original"), atol=0, rtol=0)
+    with pytest.raises(BlendedInputError, match="ranking mode"):
+        clip_scores(clip, images, PROMPT, mode="normalized")
 
 
 def _mask(batch=1):
@@ -74,27 +90,27 @@ def test_masked_modes_match_their_conventions(clip):
     images, mask = _rand((2, 3, 64, 64), 2), _mask()
     text = clip.text_embedding(PROMPT)
 
-    def resize(x):
-        return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    def resize(x, antialias):
+        return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=antialias)
 
     grey_outside = images * mask + 0.5 * (1 - mask)
-    expected = spherical_distance(clip.encode_image(clip.normalize(resize(grey_outside))), text)
-    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mask=mask), expected)
-    # the original's variant: black outside, no CLIP normalisation
-    expected_original = spherical_distance(clip.encode_image(resize(images * mask)), text)
-    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mask=mask, normalized=False),
+    expected = spherical_distance(clip.encode_image(clip.normalize(resize(grey_outside, True))), text)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mask=mask, mode="guidance view"), expected)
+    # the original's ranking: black outside, no CLIP normalisation, no antialiasing (torchvision 0.10)
+    expected_original = spherical_distance(clip.encode_image(resize(images * mask, False)), text)
+    torch.testing.assert_close(clip_scores(clip, images, PROMPT, mask=mask, mode="original"),
                                expected_original)
 
 
-@pytest.mark.parametrize("normalized", [True, False])
-def test_masked_scores_ignore_pixels_outside_the_mask(clip, normalized):
+@pytest.mark.parametrize("mode", ["original", "guidance view"])
+def test_masked_scores_ignore_pixels_outside_the_mask(clip, mode):
     images, mask = _rand((3, 3, 64, 64), 3), _mask(batch=3)
-    before = clip_scores(clip, images, PROMPT, mask=mask, normalized=normalized)
+    before = clip_scores(clip, images, PROMPT, mask=mask, mode=mode)
     changed_outside = images * mask + _rand((3, 3, 64, 64), 4) * (1 - mask)
-    after = clip_scores(clip, changed_outside, PROMPT, mask=mask[:, 0], normalized=normalized)
+    after = clip_scores(clip, changed_outside, PROMPT, mask=mask[:, 0], mode=mode)
     torch.testing.assert_close(after, before, atol=0, rtol=0)
     changed_inside = images * (1 - mask) + _rand((3, 3, 64, 64), 5) * mask
-    assert not torch.allclose(clip_scores(clip, changed_inside, PROMPT, mask=mask, normalized=normalized),
+    assert not torch.allclose(clip_scores(clip, changed_inside, PROMPT, mask=mask, mode=mode),
                               before)
 
 
