@@ -50,10 +50,11 @@ from .architecture_detection import (
     layout_mismatches,
     unet_config_from_original_kwargs,
 )
+from .diffusion import NoiseSchedule
 from .errors import BlendedInputError, CheckpointError
 from .unet import GuidedDiffusionUNet, UNetConfig
 
-__all__ = ["find_config_file", "load_guided_diffusion", "read_state_dict"]
+__all__ = ["check_finite", "find_config_file", "load_guided_diffusion", "read_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def find_config_file(path: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def _config_from_file(config_path: Path) -> UNetConfig | None:
+def _config_from_file(config_path: Path) -> tuple[UNetConfig, NoiseSchedule] | None:
     try:
         kwargs = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -179,9 +180,21 @@ def _config_from_file(config_path: Path) -> UNetConfig | None:
         logger.warning("ignoring %s: it holds no guided-diffusion create_model arguments", config_path)
         return None
     try:
-        return unet_config_from_original_kwargs(kwargs)
+        return unet_config_from_original_kwargs(kwargs), NoiseSchedule.from_original_kwargs(kwargs)
     except BlendedInputError as exc:
         raise CheckpointError(config_path, str(exc)) from exc
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None) -> None:
+    """Refuse weights holding NaN or infinity: they load without complaint but turn every image black.
+
+    One ``isfinite`` reduction per tensor, at load only.
+    """
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                path, f"the weights are damaged: {name} contains NaN or infinite values, so every image would "
+                f"come out black. {_REDOWNLOAD}; if it was converted or fine-tuned, redo that from the original.")
 
 
 def load_guided_diffusion(
@@ -201,7 +214,8 @@ def load_guided_diffusion(
     check_guided_diffusion_family(state_dict, path)
 
     config_path = find_config_file(path)
-    config = _config_from_file(config_path) if config_path is not None else None
+    from_file = _config_from_file(config_path) if config_path is not None else None
+    config, schedule = from_file if from_file is not None else (None, NoiseSchedule())
     if config is None:
         config = detect_unet_config(state_dict, overrides, source=path)
     else:
@@ -216,6 +230,7 @@ def load_guided_diffusion(
             path, f"the weights do not match the model{where}: {describe_mismatches(missing, unexpected, mismatched)}. "
             "Use an unmodified guided-diffusion checkpoint, or fix/remove the config.json beside it."
         )
+    check_finite(state_dict, path)
 
     # Guidance differentiates through the model, so its weights must be ordinary tensors even when the caller
     # (ComfyUI) runs under inference mode and handed us inference tensors: build outside it and clone those.
@@ -232,5 +247,9 @@ def load_guided_diffusion(
         except RuntimeError as exc:
             raise CheckpointError(path, f"the weights could not be loaded: {exc}") from exc
         model.eval().requires_grad_(False)
-    logger.info("loaded guided-diffusion UNet from %s: %s", path or "a state dict", config)
+    # The schedule the weights were trained with (config.json's noise_schedule; linear without one), for the
+    # sampler to build its diffusion from.
+    model.noise_schedule = schedule
+    logger.info("loaded guided-diffusion UNet from %s: %s, %s schedule", path or "a state dict", config,
+                schedule.name)
     return model, config

@@ -182,9 +182,9 @@ def _build_open_clip(sd: dict[str, torch.Tensor], path, quick_gelu: bool) -> nn.
     floating = {k: v for k, v in sd.items() if v.is_floating_point()}
     try:
         # The builder loads into fp16 parameters (OpenAI's layout); fp32 files are reloaded below at full
-        # precision so nothing is rounded. cast_dtype=None gives plain LayerNorms that follow the weights'
-        # dtype, so ``GuidanceCLIP.to(dtype=...)`` can convert the whole model uniformly.
-        model = build_model_from_openai_state_dict(dict(sd), quick_gelu=quick_gelu, cast_dtype=None)
+        # precision so nothing is rounded. cast_dtype=float16 gives LayerNorms that compute in float32 whatever
+        # their input, as OpenAI's do, so the low-precision scheme of ``set_precision`` can keep them in float32.
+        model = build_model_from_openai_state_dict(dict(sd), quick_gelu=quick_gelu, cast_dtype=torch.float16)
         model = model.float()
         if any(v.dtype == torch.float32 for v in floating.values()):
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()
@@ -195,6 +195,45 @@ def _build_open_clip(sd: dict[str, torch.Tensor], path, quick_gelu: bool) -> nn.
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+_LOW_PRECISION_PARAMETERS = ("text_projection", "proj")
+_ATTENTION_TENSORS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                      "bias_k", "bias_v")
+
+
+def set_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Put ``model`` in ``dtype`` the way OpenAI's CLIP loader does (``convert_weights``), in place.
+
+    Low precision (float16/bfloat16) goes only to the convolution, linear and attention weights and the
+    text/image projections; LayerNorms, embeddings, class and positional embeddings and the logit scale stay
+    float32 (OpenAI ships and runs ViT-B/16 this way on the GPU). ``torch.float32`` makes everything float32.
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise BlendedInputError(f"CLIP runs in float32, float16 or bfloat16, not {dtype}.")
+    model.float()
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        tensors = []
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            tensors += [module.weight, module.bias]
+        if isinstance(module, nn.MultiheadAttention):
+            tensors += [getattr(module, name, None) for name in _ATTENTION_TENSORS]
+        tensors += [getattr(module, name, None) for name in _LOW_PRECISION_PARAMETERS
+                    if isinstance(getattr(module, name, None), nn.Parameter)]
+        for tensor in tensors:
+            if tensor is not None:
+                tensor.data = tensor.data.to(dtype)
+    return model
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype images enter the vision tower in: its first convolution's (OpenAI's ``CLIP.dtype``)."""
+    conv = getattr(getattr(model, "visual", None), "conv1", None)
+    if isinstance(conv, nn.Conv2d):
+        return conv.weight.dtype
+    return next(model.parameters()).dtype
 
 
 def _image_size_of(model: nn.Module) -> int:
@@ -238,12 +277,16 @@ class GuidanceCLIP:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The compute dtype: that of the convolution and linear weights (norms may stay float32)."""
+        return _compute_dtype(self.model)
 
     def to(self, device=None, dtype=None) -> "GuidanceCLIP":
-        self.model.to(device=device, dtype=dtype)
-        self.mean = self.mean.to(device=device, dtype=dtype)
-        self.std = self.std.to(device=device, dtype=dtype)
+        """Move to ``device``; ``dtype`` converts with OpenAI's scheme (see :func:`set_precision`)."""
+        if dtype is not None:
+            set_precision(self.model, dtype)
+        self.model.to(device=device)
+        self.mean = self.mean.to(device=device)
+        self.std = self.std.to(device=device)
         return self
 
     # -- text
@@ -312,6 +355,9 @@ def load_guidance_clip(path: str | os.PathLike | None = None, state_dict: Mappin
     raw = state_dict if state_dict is not None else _read_weight_file(path)
     sd = _unwrap_state_dict(raw, path)
     _check_is_clip(sd, path)
+    from .checkpoint import check_finite
+
+    check_finite(sd, path)
     model = _build_open_clip(sd, path, quick_gelu)
     clip = GuidanceCLIP(model, _image_size_of(model), int(sd["positional_embedding"].shape[0]))
     log.info("loaded CLIP (%d px, embedding %d) from %s", clip.image_size, int(sd["text_projection"].shape[1]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from .errors import BlendedInputError
 
-__all__ = ["GaussianDiffusion", "beta_schedule", "create_diffusion", "space_timesteps"]
+__all__ = ["GaussianDiffusion", "NoiseSchedule", "beta_schedule", "create_diffusion", "space_timesteps"]
 
 LINEAR_BETA_START = 0.0001
 LINEAR_BETA_END = 0.02
@@ -53,6 +54,30 @@ def beta_schedule(name: str, num_steps: int) -> np.ndarray:
             dtype=np.float64,
         )
     raise BlendedInputError(f"unknown noise schedule {name!r}: use 'linear' (the released models) or 'cosine'")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule of a model: it belongs to the weights, so the loader carries it to the sampler.
+
+    ``name`` and ``steps`` are the original's ``noise_schedule`` and ``diffusion_steps`` (the released models:
+    "linear", 1000; improved-diffusion models may be "cosine").
+    """
+
+    name: str = "linear"
+    steps: int = 1000
+
+    def __post_init__(self) -> None:
+        beta_schedule(self.name, int(self.steps))  # refuses unknown names and step counts < 1 now, not later
+
+    @classmethod
+    def from_original_kwargs(cls, kwargs: Mapping[str, Any]) -> "NoiseSchedule":
+        """From ``create_model_and_diffusion`` kwargs (a config.json); missing keys take the original's defaults."""
+        try:
+            steps = int(kwargs.get("diffusion_steps", 1000))
+        except (TypeError, ValueError) as exc:
+            raise BlendedInputError(f"diffusion_steps must be a whole number, got {kwargs.get('diffusion_steps')!r}") from exc
+        return cls(str(kwargs.get("noise_schedule", "linear")), steps)
 
 
 def space_timesteps(num_steps: int, section_counts: str | Iterable[int]) -> set[int]:
@@ -343,8 +368,14 @@ def create_diffusion(
     learn_sigma: bool = True,
     rescale_timesteps: bool = True,
     sigma_small: bool = False,
+    schedule: NoiseSchedule | None = None,
 ) -> GaussianDiffusion:
-    """The spaced diffusion Blended Diffusion uses by default (1000 linear steps respaced to 100)."""
+    """The spaced diffusion Blended Diffusion uses by default (1000 linear steps respaced to 100).
+
+    ``schedule`` (a loaded model's :class:`NoiseSchedule`) overrides ``steps`` and ``noise_schedule``.
+    """
+    if schedule is not None:
+        steps, noise_schedule = int(schedule.steps), schedule.name
     betas = beta_schedule(noise_schedule, steps)
     kept = space_timesteps(steps, timestep_respacing or "")
     return GaussianDiffusion(betas, kept, learn_sigma=learn_sigma, rescale_timesteps=rescale_timesteps,

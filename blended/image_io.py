@@ -166,14 +166,15 @@ def prepare_mask(
     shrinking, so a thin stroke leaves a faint trace instead of vanishing between samples). That keeps soft
     values for compositing; the model-size mask is binarised later with ``> 0``, matching the original's
     "any nonzero pixel edits" rule, so bilinear's soft edges can only widen the edit region by about a pixel.
-    The batch is fitted with core's ``repeat_to_batch_size`` rule. ``invert`` flips after resizing, like the
-    original's ``--invert_mask``. An all-zero mask is not rejected here: see ``check_mask_not_empty``.
+    The batch is fitted with core's ``repeat_to_batch_size`` rule. ``invert`` binarises (``> 0``) after
+    resizing and then flips, like the original's ``--invert_mask`` (``255 - binarized``): the inverted mask
+    edits exactly the pixels the plain one keeps, so a soft (feathered) edge is edited in one mode only. An
+    all-zero mask is not rejected here: see ``check_mask_not_empty``.
     """
     if height <= 0 or width <= 0 or batch <= 0:
         raise ValueError(f"height, width and batch must be positive, got {height}, {width}, {batch}")
     if mask is None:
-        prepared = torch.ones((batch, 1, height, width), dtype=torch.float32)
-        return 1.0 - prepared if invert else prepared
+        return torch.full((batch, 1, height, width), 0.0 if invert else 1.0, dtype=torch.float32)
     if not isinstance(mask, torch.Tensor):
         raise BlendedInputError(
             f"the mask must be a tensor, got {type(mask).__name__}; connect a ComfyUI MASK to this input"
@@ -194,7 +195,7 @@ def prepare_mask(
         ).clamp(0.0, 1.0)
     prepared = repeat_to_batch_size(prepared, batch)
     if invert:
-        prepared = 1.0 - prepared
+        prepared = (prepared <= 0).to(torch.float32)
     return prepared.contiguous()
 
 

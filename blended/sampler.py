@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import image_io, regions, seeds
+from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
@@ -72,6 +73,13 @@ class EditResult:
     mask: torch.Tensor                   # [N,H,W] the composite mask used
     frames: Optional[torch.Tensor] = None   # [F,S,S,3] 0..1 process frames (pred_xstart), result-major
     prompts: list = field(default_factory=list)  # prompt of each output image
+
+
+def diffusion_for(unet, timestep_respacing: str = "100") -> GaussianDiffusion:
+    """The respaced diffusion a loaded UNet samples with: its own training schedule (the loader's
+    ``noise_schedule``, from config.json; linear 1000 steps without one) and its variance kind."""
+    return create_diffusion(timestep_respacing=timestep_respacing, learn_sigma=unet.config.learn_sigma,
+                            schedule=getattr(unet, "noise_schedule", None))
 
 
 def _validate(settings: SamplerSettings, diffusion) -> None:

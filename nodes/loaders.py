@@ -94,8 +94,9 @@ class LoadGuidanceCLIP:
                                "open_clip_model.safetensors renamed to ViT-B-16.safetensors."}),
                 "dtype": (bridge.DTYPE_CHOICES, {
                     "default": "auto",
-                    "tooltip": "Precision of CLIP. auto = float16 on suitable GPUs (as the original), "
-                               "float32 on CPU. Embeddings are always compared in float32."}),
+                    "tooltip": "Precision of CLIP's convolution, linear and attention weights. auto = float16 "
+                               "on suitable GPUs (as the original), float32 on CPU. As in OpenAI's loader, "
+                               "LayerNorms and embeddings stay float32; embeddings are compared in float32."}),
             }
         }
 
@@ -110,5 +111,6 @@ class LoadGuidanceCLIP:
                 # .pt may be OpenAI's TorchScript archive, which the library reads itself, safely.
                 clip = load_guidance_clip(path=path)
             if compute_dtype != torch.float32:
-                clip.model.to(compute_dtype)
+                # OpenAI's scheme: conv/linear/attention weights in low precision, norms and embeddings float32.
+                clip.to(dtype=compute_dtype)
         return (bridge.GuidanceClipModel(bridge.make_patcher(clip.model), clip, os.path.basename(clip_name)),)

@@ -7,10 +7,9 @@ import logging
 import torch
 
 from ..blended import fast_paths
-from ..blended.diffusion import create_diffusion
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
-from ..blended.sampler import SamplerSettings, edit_image
+from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,8 @@ class BlendedDiffusionSampler:
                                 "Edits per prompt and input image (the original makes 32 and ranks them; "
                                 "its authors recommend 64)."}),
                 "respacing": ("STRING", {"default": "100", "tooltip":
-                              "Timestep respacing of the 1000-step schedule: '100' (original), '50', "
+                              "Timestep respacing of the model's training schedule (1000 steps for the released "
+                              "models): '100' (original), '50', "
                               "'ddim50', or sections like '10,15,20'."}),
                 "skip_timesteps": ("INT", {"default": d.skip_timesteps, "min": 0, "max": 999, "tooltip":
                                    "Spaced steps skipped at the start: more = closer to the original image "
@@ -117,8 +117,8 @@ class BlendedDiffusionSampler:
             reuse_guided_forward=reuse_guided_forward, batch_size=batch_size, capture_every=capture_every,
             region=region, context=context, grow_mask=grow_mask, feather=feather)
         try:
-            diffusion = create_diffusion(timestep_respacing=str(respacing).strip(),
-                                         learn_sigma=model.unet.config.learn_sigma)
+            # The model's own training schedule (config.json's noise_schedule), respaced as asked.
+            diffusion = diffusion_for(model.unet, str(respacing).strip())
         except (ValueError, KeyError) as exc:
             raise BlendedInputError(f"respacing {respacing!r} is not valid ({exc}): use a step count like "
                                     "'100', 'ddim50' or sections like '10,15,20'") from exc

@@ -8,6 +8,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -200,3 +201,56 @@ def test_state_dict_with_path_names_the_path_in_errors(tiny_state):
     state.pop("out.2.bias")
     with pytest.raises(CheckpointError, match="named.pt"):
         load_guided_diffusion(path="models/named.pt", state_dict=state)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("file_name", ["model.pt", "model.safetensors"])
+def test_non_finite_weights_are_refused_and_named(tmp_path, tiny_state, bad, file_name):
+    """NaN/inf weights load fine as tensors but give black images: refused at load, naming file and tensor."""
+    state = dict(tiny_state)
+    damaged = state["input_blocks.1.0.in_layers.2.weight"].clone()
+    damaged.view(-1)[5] = bad
+    state["input_blocks.1.0.in_layers.2.weight"] = damaged
+    path = tmp_path / f"damaged_{file_name}"
+    if file_name.endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    refused(path, "input_blocks.1.0.in_layers.2.weight", "NaN or infinite")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):  # also when the caller read the file itself
+        load_guided_diffusion(path, state_dict=state)
+
+
+def _tiny_with_config(tmp_path, **changes):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    shutil.copyfile(GD_TINY / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((GD_TINY / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "model.safetensors"
+
+
+def test_config_noise_schedule_reaches_the_sampler_diffusion(tmp_path):
+    """A cosine model's config.json: the diffusion the Sampler builds for it uses the cosine schedule."""
+    from blended.diffusion import NoiseSchedule, create_diffusion
+    from blended.sampler import diffusion_for
+
+    model, _ = load_guided_diffusion(_tiny_with_config(tmp_path, noise_schedule="cosine"))
+    assert model.noise_schedule == NoiseSchedule("cosine", 1000)
+    diffusion = diffusion_for(model, "100")
+    expected = create_diffusion(noise_schedule="cosine", timestep_respacing="100")
+    np.testing.assert_array_equal(diffusion.betas, expected.betas)
+    assert not np.allclose(diffusion.betas, create_diffusion(timestep_respacing="100").betas)
+    # without a config, and with the fixture's linear one, the released models' linear schedule
+    plain, _ = load_guided_diffusion(state_dict=torch.load(GD_TINY / "model.pt", weights_only=True))
+    assert plain.noise_schedule == NoiseSchedule("linear", 1000)
+    linear, _ = load_guided_diffusion(GD_TINY / "model.pt")
+    np.testing.assert_array_equal(diffusion_for(linear, "100").betas, create_diffusion().betas)
+
+
+def test_unknown_noise_schedule_in_config_is_refused(tmp_path):
+    path = _tiny_with_config(tmp_path, noise_schedule="sigmoid")
+    with pytest.raises(CheckpointError, match="sigmoid") as info:
+        load_guided_diffusion(path)
+    assert "config.json" in str(info.value)

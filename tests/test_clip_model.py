@@ -192,8 +192,48 @@ def test_normalize_and_to(reference):
     ones = torch.ones(1, 3, 2, 2)
     expected = (1 - torch.tensor(clip_model.CLIP_MEAN)) / torch.tensor(clip_model.CLIP_STD)
     torch.testing.assert_close(clip.normalize(ones)[0, :, 0, 0], expected)
-    clip.to(dtype=torch.float64)
-    assert clip.dtype == torch.float64 and clip.mean.dtype == torch.float64
+    clip.to(dtype=torch.float16)
+    assert clip.dtype == torch.float16
     image = clip.encode_image(reference["image_in"])
     assert image.dtype == torch.float32
     torch.testing.assert_close(image, reference["image_embed"], atol=ATOL, rtol=0)
+    clip.to(dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in clip.model.parameters())
+    with pytest.raises(BlendedInputError, match="float64"):
+        clip.to(dtype=torch.float64)
+
+
+# OpenAI's convert_weights (CLIP/clip/model.py): conv, linear and attention weights and the two projections go to
+# fp16; LayerNorms, token/class/positional embeddings and the logit scale stay fp32.
+_OPENAI_HALF_SUFFIXES = ("conv1.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                         "attn.out_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+                         "mlp.c_proj.bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_follows_openai_convert_weights(reference, dtype):
+    clip = load_guidance_clip(CLIP_DIR / "model.pt").to(dtype=dtype)
+    dtypes = {name: p.dtype for name, p in clip.model.named_parameters()}
+    expected = {name: dtype if name.endswith(_OPENAI_HALF_SUFFIXES) or name in ("text_projection", "visual.proj")
+                else torch.float32 for name in dtypes}
+    assert dtypes == expected
+    assert dtypes["ln_final.weight"] == torch.float32 and dtypes["token_embedding.weight"] == torch.float32
+    if dtype == torch.float16:  # the tiny fixture in fp16 stays within the float32 reference tolerance
+        torch.testing.assert_close(clip.text_embedding("a red rock"), reference["text_embed"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(clip.encode_image(reference["image_in"]), reference["image_embed"], atol=ATOL,
+                                   rtol=0)
+        # guidance differentiates through it
+        image = reference["image_in"].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(clip.encode_image(image).sum(), image)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_non_finite_clip_weights_are_refused(state_dict, tmp_path):
+    damaged = dict(state_dict)
+    damaged["ln_final.weight"] = damaged["ln_final.weight"].clone()
+    damaged["ln_final.weight"][0] = float("nan")
+    path = tmp_path / "damaged_clip.safetensors"
+    save_file(damaged, str(path))
+    with pytest.raises(CheckpointError, match="ln_final.weight contains NaN") as info:
+        load_guidance_clip(path)
+    assert "damaged_clip.safetensors" in str(info.value)

@@ -101,7 +101,19 @@ def test_prepare_mask_accepts_all_layouts(shape):
 def test_prepare_mask_none_means_edit_everything_and_invert_flips():
     assert torch.equal(prepare_mask(None, 4, 5, 2), torch.ones(2, 1, 4, 5))
     mask = torch.tensor([[0.0, 0.25], [1.0, 0.5]])
-    assert torch.equal(prepare_mask(mask, 2, 2, 1, invert=True)[0, 0], 1.0 - mask)
+    # As the original: binarise (any value > 0 edits), then invert. A soft value is edited in one mode only.
+    assert torch.equal(prepare_mask(mask, 2, 2, 1, invert=True)[0, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(prepare_mask(None, 4, 5, 2, invert=True), torch.zeros(2, 1, 4, 5))
+
+
+def test_inverted_soft_mask_edits_exactly_what_the_plain_one_keeps():
+    """A feathered mask resized to the image: the two modes' edit regions are complements, pixel for pixel."""
+    ramp = torch.linspace(0, 1, 16).repeat(16, 1)
+    ramp[:, :4] = 0
+    plain = prepare_mask(ramp, 40, 40, 1) > 0
+    inverted = prepare_mask(ramp, 40, 40, 1, invert=True) > 0
+    assert plain.any() and inverted.any()
+    assert torch.equal(plain, ~inverted)
 
 
 def test_prepare_mask_resizes_to_image_keeping_thin_strokes():
