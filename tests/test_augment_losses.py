@@ -133,6 +133,33 @@ def test_background_l2_broadcasts_init_over_the_batch():
     torch.testing.assert_close(background_l2(x_in, init, mask).sum() / 2, expected)
 
 
+def _background_l2_gradient(clip, x_t, pred_xstart, init, mask, result_ids, **objective_kwargs):
+    from blended.guidance import GuidanceObjective, GuidanceSettings
+
+    settings = GuidanceSettings(clip_lambda=0.0, range_lambda=0.0, background_l2_lambda=10000.0)
+    objective = GuidanceObjective(clip, torch.zeros(1, 32), mask, init, settings, **objective_kwargs)
+    x = x_t.clone().requires_grad_(True)
+    loss, _ = objective.loss(x, pred_xstart, 0.8, result_ids, step=3)
+    return -torch.autograd.grad(loss, x)[0]
+
+
+def test_background_l2_weighs_each_result_lambda_over_four_whatever_the_chunk(clip):
+    """The original's mse over its batch of 4 gives each result lambda/4; chunks of 1, 2 or 3 must too."""
+    x_t, pred = _images(batch=4, size=8, seed=2), _images(batch=4, size=8, seed=3)
+    init = _images(batch=1, size=8, seed=4)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1
+    x = x_t.clone().requires_grad_(True)
+    original = 10000.0 * F.mse_loss((pred * 0.8 + x * 0.2) * (1 - mask), init.expand(4, -1, -1, -1))
+    expected = -torch.autograd.grad(original, x)[0]
+    for chunks in ([[0, 1, 2, 3]], [[0, 1], [2, 3]], [[0], [1, 2, 3]]):
+        grads = torch.cat([_background_l2_gradient(clip, x_t[c], pred[c], init, mask, c) for c in chunks])
+        torch.testing.assert_close(grads, expected)
+    # the fixture's original ran a batch of 2: group_size 2 reproduces its weight lambda/2
+    two = _background_l2_gradient(clip, x_t[:2], pred[:2], init, mask, [0, 1], group_size=2)
+    torch.testing.assert_close(two, expected[:2] * 2)
+
+
 def _readme_formula(clip, x_in, mask, text):
     """blended_step README: spherical distance of normalise(avgpool_to_32((x_in*mask+1)/2)), summed."""
     pooled = F.avg_pool2d((x_in * mask + 1) / 2, kernel_size=2)

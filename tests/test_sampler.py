@@ -8,7 +8,8 @@ from blended.diffusion import create_diffusion
 from blended.errors import BlendedInputError
 from blended.guidance import GuidanceSettings
 from blended.rank import clip_scores
-from blended.sampler import SamplerSettings, edit_image
+from blended.guidance import GuidanceObjective
+from blended.sampler import SamplerSettings, edit_image, sample_results
 from blended.unet import GuidedDiffusionUNet, UNetConfig
 
 PROMPT = "a red rock"
@@ -177,3 +178,53 @@ def test_ten_thousand_pixel_photo_is_edited_on_a_crop(unet, diffusion, clip):
     assert result.images.shape == (1, 10000, 10000, 3)
     assert bool((result.images[0][result.mask[0] == 0] == 0.5).all())
     assert (result.images[0, 5000:5100, 7000:7120] != 0.5).any()
+
+
+def _outside_per_step(unet, diffusion, clip, result_ids, seed=4):
+    """Each step's blended sample outside the mask: the noised background, a function of its noise only."""
+    gen = torch.Generator().manual_seed(2)
+    init = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    settings = SamplerSettings(skip_timesteps=7)
+    objective = GuidanceObjective(clip, clip.text_embedding(PROMPT), mask, init,
+                                  GuidanceSettings(clip_lambda=0.0, range_lambda=0.0))
+    trace = []
+    sample_results(unet, diffusion, objective, init, mask, result_ids, seed, settings,
+                   on_step=lambda index, out: trace.append(out["blended"][:, :, :16].clone()))
+    return torch.stack(trace, dim=1)  # [k, steps, 3, 16, 64]
+
+
+def test_background_noise_is_drawn_per_group_of_four_results(unet, diffusion, clip):
+    """As the original's batches of 4: results 0-3 share one background noise per step, 4-5 get another;
+    by result index, so running result 4 alone (another chunk) gives the same background."""
+    from blended import seeds
+
+    six = _outside_per_step(unet, diffusion, clip, [seeds.result_id(0, r) for r in range(6)])
+    for r in (1, 2, 3):
+        assert torch.equal(six[r], six[0])
+    assert torch.equal(six[5], six[4])
+    assert (six[4] - six[0]).abs().mean() > 0.1  # a fresh draw, not the first group's
+    alone = _outside_per_step(unet, diffusion, clip, [seeds.result_id(0, 4)])
+    torch.testing.assert_close(alone[0], six[4], atol=1e-6, rtol=0)
+    other_image = _outside_per_step(unet, diffusion, clip, [seeds.result_id(1, 0)])
+    assert (other_image[0] - six[0]).abs().mean() > 0.1  # another input image is another batch
+    other_seed = _outside_per_step(unet, diffusion, clip, [seeds.result_id(0, 0)], seed=5)
+    assert (other_seed[0] - six[0]).abs().mean() > 0.1
+
+
+def test_sampler_leaves_every_global_random_state_alone(unet, diffusion, clip, image_and_mask, monkeypatch):
+    """Augmented views use seeded streams, but must not reseed (or queue a lazy reseed of) CUDA's generators,
+    which fork_rng(devices=[]) would not restore: ComfyUI's GPU random state belongs to ComfyUI."""
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: cuda_seeds.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: cuda_seeds.append(("one", seed)))
+    queued = len(getattr(torch.cuda, "_queued_calls", []))
+    cpu_state = torch.get_rng_state()
+    image, mask = image_and_mask
+    a = run(unet, diffusion, clip, image, mask, seed=9, num_results=2, views=3)
+    assert cuda_seeds == []
+    assert len(getattr(torch.cuda, "_queued_calls", [])) == queued
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    b = run(unet, diffusion, clip, image, mask, seed=9, num_results=2, views=3)
+    assert torch.equal(a.images, b.images)  # the augmentations stay repeatable
