@@ -11,7 +11,7 @@ e.g. to replay noises recorded from another implementation and compare the loops
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -74,8 +74,3 @@ class SeededNoise:
             self.seed, seeds.STREAM_CLASS_LABEL, rid, index)) for rid in result_ids]
         return torch.cat(drawn).to(self.device)
 
-
-def default_source(seed: int, device=None, group_size: int = ORIGINAL_GROUP_SIZE,
-                   source: Optional[NoiseSource] = None) -> NoiseSource:
-    """``source`` when given, else the seeded default."""
-    return source if source is not None else SeededNoise(seed, device, group_size)
