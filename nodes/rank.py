@@ -53,9 +53,10 @@ class CLIPRank:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, mode):
+    def VALIDATE_INPUTS(cls, mode=None):
         # Also accepts the true/false an older workflow stored in this slot (the former "normalized" switch).
-        if _mode_of(mode) in RANK_MODES:
+        # A linked mode is not known yet at validation (None): rank() checks it then.
+        if mode is None or _mode_of(mode) in RANK_MODES:
             return True
         return f"mode must be one of {', '.join(RANK_MODES)}, got {mode!r}"
 
