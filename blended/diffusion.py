@@ -76,7 +76,8 @@ class NoiseSchedule:
         try:
             steps = int(kwargs.get("diffusion_steps", 1000))
         except (TypeError, ValueError) as exc:
-            raise BlendedInputError(f"diffusion_steps must be a whole number, got {kwargs.get('diffusion_steps')!r}") from exc
+            raise BlendedInputError(
+                f"diffusion_steps must be a whole number, got {kwargs.get('diffusion_steps')!r}") from exc
         return cls(str(kwargs.get("noise_schedule", "linear")), steps)
 
 

@@ -97,7 +97,7 @@ def test_sample_results_reproduces_every_step_of_the_original_loop(unet, clip, d
     expected_indices = reference["indices"].tolist()
     assert source.calls[0] == ("initial", expected_indices[0], (0, 1))   # the start index
     assert [index for index, _ in trace] == expected_indices              # the number and order of steps
-    for k, (index, out) in enumerate(trace):
+    for k, (_, out) in enumerate(trace):
         assert_close(out["blended"], reference[f"step{k}_sample"], name=f"step{k}_sample")
         assert_close(out["pred_xstart"], reference[f"step{k}_pred_xstart"], name=f"step{k}_pred_xstart")
     final = (reference["init_image"] * (1 - reference["mask"]) + pred * reference["mask"]).add(1).div(2).clamp(0, 1)

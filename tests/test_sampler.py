@@ -6,9 +6,8 @@ import torch
 from blended.augment import AugmentationSettings
 from blended.diffusion import create_diffusion
 from blended.errors import BlendedInputError
-from blended.guidance import GuidanceSettings
+from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.rank import clip_scores
-from blended.guidance import GuidanceObjective
 from blended.sampler import SamplerSettings, edit_image, sample_results
 from blended.unet import GuidedDiffusionUNet, UNetConfig
 
