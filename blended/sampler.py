@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import image_io, regions, seeds
+from .devices import to_device
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
@@ -90,9 +91,9 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
     Returns the step's tensors (``sample`` is the next x, already blended) so tests can compare each against
     the reference computed by the original code.
     """
-    # Timesteps stay on the CPU: the schedule tables are gathered there (float64), so a device tensor would
-    # force a GPU->CPU sync at every lookup.
-    t = torch.full((x.shape[0],), index, dtype=torch.long)
+    # The step index stays a Python int: the diffusion gathers its coefficients from float32 copies of its
+    # tables kept on the device, and nothing in the step reads a value back from the device.
+    t = int(index)
     guided = objective is not None and objective.needs_gradient
     grad = None
     if guided and settings.reuse_guided_forward:
@@ -116,11 +117,9 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
         blended = sample
         if settings.mode == "blended":
             if settings.background_noise_step == "current":
-                background = diffusion.q_sample(init_image, torch.tensor([index]),
-                                                noise=background_noise)
+                background = diffusion.q_sample(init_image, t, noise=background_noise)
             elif index > 0:
-                background = diffusion.q_sample(init_image, torch.tensor([index - 1]),
-                                                noise=background_noise)
+                background = diffusion.q_sample(init_image, t - 1, noise=background_noise)
             else:
                 background = init_image
             background = background.expand(x.shape[0], -1, -1, -1)
@@ -143,10 +142,9 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
     indices = list(range(diffusion.num_timesteps - settings.skip_timesteps))[::-1]
 
     def per_result_noise(stream, step):
-        return torch.cat([seeds.randn(shape, seed, stream, rid, step, device=device) for rid in result_ids])
+        return seeds.randn_per_result(shape, seed, stream, result_ids, step, device=device)
 
-    start = torch.full((k,), indices[0], dtype=torch.long)
-    x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), start,
+    x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), indices[0],
                            noise=per_result_noise(seeds.STREAM_INITIAL_NOISE, 0))
     frames = []
     pred_xstart = None
@@ -156,7 +154,7 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
             # The original draws a random class for every sample at every step (randomize_class=True).
             labels = [torch.randint(0, num_classes, (1,), generator=seeds.generator_for(
                 seed, seeds.STREAM_CLASS_LABEL, rid, index)) for rid in result_ids]
-            model_kwargs = {"y": torch.cat(labels).to(device)}
+            model_kwargs = {"y": to_device(torch.cat(labels), device)}
         noise = per_result_noise(seeds.STREAM_STEP_NOISE, index)
         background_noise = seeds.randn(shape, seed, seeds.STREAM_BACKGROUND_NOISE, index, device=device)
         out = guided_step(unet, diffusion, objective, x, index, init_image, mask, noise, background_noise,
