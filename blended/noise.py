@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import seeds
+from .devices import to_device
 
 # The original edits ``--batch_size`` (4) results at a time and draws one background noise per step for each
 # such batch, and its background L2 averages over that batch. Results are grouped the same way, by index.
@@ -52,8 +53,7 @@ class SeededNoise:
 
     def _per_result(self, stream: int, step: int, shape, result_ids) -> torch.Tensor:
         one = (1,) + tuple(shape[1:])
-        return torch.cat([seeds.randn(one, self.seed, stream, rid, step, device=self.device)
-                          for rid in result_ids])
+        return seeds.randn_per_result(one, self.seed, stream, result_ids, step, device=self.device)
 
     def initial(self, index, shape, result_ids) -> torch.Tensor:
         return self._per_result(seeds.STREAM_INITIAL_NOISE, 0, shape, result_ids)
@@ -64,13 +64,13 @@ class SeededNoise:
     def background(self, index, shape, result_ids) -> torch.Tensor:
         one = (1,) + tuple(shape[1:])
         groups = [seeds.result_group(rid, self.group_size) for rid in result_ids]
-        drawn = {g: seeds.randn(one, self.seed, seeds.STREAM_BACKGROUND_NOISE, g, index, device=self.device)
+        drawn = {g: seeds.randn(one, self.seed, seeds.STREAM_BACKGROUND_NOISE, g, index)
                  for g in dict.fromkeys(groups)}
-        return torch.cat([drawn[g] for g in groups])
+        return to_device(torch.cat([drawn[g] for g in groups]), self.device)
 
     def labels(self, index, result_ids, num_classes) -> torch.Tensor:
         # The original draws a random class for every sample at every step (randomize_class=True).
         drawn = [torch.randint(0, num_classes, (1,), generator=seeds.generator_for(
             self.seed, seeds.STREAM_CLASS_LABEL, rid, index)) for rid in result_ids]
-        return torch.cat(drawn).to(self.device)
+        return to_device(torch.cat(drawn), self.device)
 

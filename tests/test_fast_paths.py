@@ -1,10 +1,8 @@
 """Fast paths keep the faithful numbers where they must, stay close where they trade precision, and the
 benchmark script runs and prints its figures (tests/fixtures only; CPU)."""
 
-import importlib.util
 import io
 import json
-import sys
 
 import pytest
 import torch
@@ -18,17 +16,15 @@ from blended.fast_paths import FastPathOptions, WeightSnapshot
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.sampler import SamplerSettings, guided_step
 from blended.unet import GuidedDiffusionUNet
-from conftest import REF, REPO_ROOT, assert_close, tiny_clip, tiny_unet
+from conftest import REF, assert_close, tiny_clip, tiny_unet
 
 INDEX = 60  # a mid-schedule step of the blended_step reference
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("blended_bench_script", REPO_ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    from blended import benchmark
+
+    return benchmark
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +258,35 @@ def test_bench_reports_mfu_with_a_given_peak_and_refuses_bad_options():
     assert rows[1]["saved_gib"] < rows[0]["saved_gib"] / 2
     with pytest.raises(SystemExit):
         bench.parse_option_set("bf16+turbo")
+    with pytest.raises(BlendedInputError):
+        fast_paths.parse_preset("fast-gpu+turbo")
+    assert fast_paths.parse_preset("fast-gpu-eager+ckpt") == fast_paths.FastPathOptions(
+        precision="bf16", reuse_guided_forward=True, gradient_checkpointing=True)
+    assert fast_paths.parse_preset("fast-gpu+fp32").precision == "fp32"  # later parts override a preset's
     specs = bench.run_specs(bench.parse_args(["--dtype", "fp32,bf16", "--precision-scheme", "autocast,torso",
                                               "--checkpointing", "on,off", "--batch", "1,4"]))
     # fp32 has one scheme, bf16 two: (1 + 2) x 2 checkpointing x 2 batches
     assert len(specs) == 12
+
+
+def test_clip_checkpointing_gives_identical_gradients_and_fewer_saved_bytes():
+    from blended import benchmark
+
+    clip = tiny_clip()
+    x = torch.rand(4, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
+
+    def gradient():
+        leaf = x.clone().requires_grad_(True)
+        return torch.autograd.grad(clip.encode_image(clip.normalize(leaf)).pow(2).sum(), leaf)[0]
+
+    def saved():
+        return benchmark.saved_activation_bytes(gradient, clip.model)
+
+    plain, plain_saved = gradient(), saved()
+    fast_paths.set_clip_checkpointing(clip, True)
+    try:
+        torch.testing.assert_close(gradient(), plain, rtol=0, atol=1e-6)
+        assert saved() < plain_saved / 2
+    finally:
+        fast_paths.set_clip_checkpointing(clip, False)
+    assert fast_paths.parse_preset("fast-gpu-lowmem").clip_checkpointing
