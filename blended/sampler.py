@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import image_io, regions, seeds
+from . import colour_match, image_io, regions, resampling, seeds, soft_mask
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
@@ -57,6 +57,14 @@ class SamplerSettings:
     context: float = 0.25               # mask_crop: margin around the mask's bounding box, fraction of its size
     grow_mask: int = 0                  # pixels to grow the final composite mask by (soft seams; 0 = off)
     feather: int = 0                    # pixels of feathering of the final composite mask (0 = hard, original)
+    # Colour match at paste-back (blended.colour_match): "off" (original), "rgb" or "lab".
+    colour_match: str = "off"
+    # Grey mask values as a per-step schedule (blended.soft_mask, Differential Diffusion); off = binary (original).
+    soft_mask: bool = False
+    # Harmonising resampling (blended.resampling, RePaint): every chunk of resample_jump_length steps is
+    # re-noised and denoised again resample_count extra times (0 = off, the original).
+    resample_count: int = 0
+    resample_jump_length: int = 5
 
 
 @dataclass
@@ -80,6 +88,10 @@ def _validate(settings: SamplerSettings, diffusion) -> None:
             f"skip fewer steps than there are (at most {diffusion.num_timesteps - 1}), or respace to more steps")
     if settings.region not in ("full", "mask_crop"):
         raise BlendedInputError(f"unknown region {settings.region!r}: use 'full' or 'mask_crop'")
+    resampling.validate(settings.resample_jump_length, settings.resample_count)
+    if settings.colour_match not in colour_match.SPACES:
+        raise BlendedInputError(f"unknown colour_match {settings.colour_match!r}: use one of "
+                                f"{', '.join(colour_match.SPACES)}")
 
 
 def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torch.Tensor, index: int,
@@ -134,7 +146,8 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
                    callback: Optional[StepCallback] = None, num_classes: Optional[int] = None):
     """Denoise len(result_ids) results of one init image at model resolution.
 
-    ``init_image`` [1,3,S,S] in [-1,1]; ``mask`` [1,1,S,S] (1 = edit). Returns (pred_xstart of the last step
+    ``init_image`` [1,3,S,S] in [-1,1]; ``mask`` [1,1,S,S] (1 = edit; grey levels with ``settings.soft_mask``,
+    then each step blends with that step's binary mask). Returns (pred_xstart of the last step
     [k,3,S,S], captured frames as a list of [k,3,S,S] CPU tensors).
     """
     device = init_image.device
@@ -142,32 +155,39 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
     shape = (1,) + tuple(init_image.shape[1:])
     indices = list(range(diffusion.num_timesteps - settings.skip_timesteps))[::-1]
 
-    def per_result_noise(stream, step):
-        return torch.cat([seeds.randn(shape, seed, stream, rid, step, device=device) for rid in result_ids])
+    def per_result_noise(stream, step, *extra):
+        return torch.cat([seeds.randn(shape, seed, stream, rid, step, *extra, device=device) for rid in result_ids])
 
     start = torch.full((k,), indices[0], dtype=torch.long)
     x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), start,
                            noise=per_result_noise(seeds.STREAM_INITIAL_NOISE, 0))
     frames = []
     pred_xstart = None
-    for n, index in enumerate(indices):
+    planned = resampling.plan(indices, settings.resample_jump_length, settings.resample_count)
+    for n, step in enumerate(planned):
+        index, extra = step.index, ((step.repeat,) if step.repeat else ())  # repeats draw fresh noise
+        if step.jump_from is not None:
+            x = resampling.jump_back(diffusion, x, step.jump_from, index,
+                                     per_result_noise(seeds.STREAM_RESAMPLE_NOISE, index, step.repeat))
         model_kwargs = None
         if num_classes:
             # The original draws a random class for every sample at every step (randomize_class=True).
             labels = [torch.randint(0, num_classes, (1,), generator=seeds.generator_for(
                 seed, seeds.STREAM_CLASS_LABEL, rid, index)) for rid in result_ids]
             model_kwargs = {"y": torch.cat(labels).to(device)}
-        noise = per_result_noise(seeds.STREAM_STEP_NOISE, index)
-        background_noise = seeds.randn(shape, seed, seeds.STREAM_BACKGROUND_NOISE, index, device=device)
-        out = guided_step(unet, diffusion, objective, x, index, init_image, mask, noise, background_noise,
+        noise = per_result_noise(seeds.STREAM_STEP_NOISE, index, *extra)
+        background_noise = seeds.randn(shape, seed, seeds.STREAM_BACKGROUND_NOISE, index, *extra, device=device)
+        position = len(indices) - 1 - index  # of this step in the run (resampled steps keep theirs)
+        blend_mask = soft_mask.step_mask(mask, position, len(indices)) if settings.soft_mask else mask
+        out = guided_step(unet, diffusion, objective, x, index, init_image, blend_mask, noise, background_noise,
                           settings, result_ids, model_kwargs)
         x = out["blended"]
         pred_xstart = out["pred_xstart"]
-        last = n == len(indices) - 1
+        last = n == len(planned) - 1
         if settings.capture_every and (n % settings.capture_every == 0 or last):
             frames.append(pred_xstart.detach().float().cpu())
         if callback is not None:
-            callback(n + 1, len(indices), pred_xstart)
+            callback(n + 1, len(planned), pred_xstart)
     return pred_xstart, frames
 
 
@@ -201,8 +221,9 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
 
     text_embeds = torch.cat([clip.text_embedding(p) for p in prompts]).to(device)
     per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
-    total_steps = (diffusion.num_timesteps - settings.skip_timesteps) * batch * \
-        -(-len(per_prompt) // max(1, settings.batch_size))
+    run_steps = resampling.total_steps(diffusion.num_timesteps - settings.skip_timesteps,
+                                       settings.resample_jump_length, settings.resample_count)
+    total_steps = run_steps * batch * -(-len(per_prompt) // max(1, settings.batch_size))
     steps_done = 0
 
     outputs, output_masks, frames, output_prompts = [], [], [], []
@@ -224,6 +245,10 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             raise BlendedInputError("the mask vanishes at the model's resolution: paint a larger region or use "
                                     "region 'mask_crop'")
 
+        blend_mask = model_mask
+        if settings.soft_mask:
+            blend_mask = soft_mask.model_soft_mask(masks[b:b + 1], plan, model_mask).to(device)
+
         # 3. Guided, blended diffusion, a batch of results at a time.
         edited = []
         for start in range(0, len(per_prompt), max(1, settings.batch_size)):
@@ -238,14 +263,17 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
                 if callback is not None:
                     callback(_base + done, total_steps, pred)
 
-            pred, chunk_frames = sample_results(unet, diffusion, objective, init, model_mask, result_ids, seed,
+            pred, chunk_frames = sample_results(unet, diffusion, objective, init, blend_mask, result_ids, seed,
                                                 settings, chunk_callback, num_classes)
-            steps_done += diffusion.num_timesteps - settings.skip_timesteps
+            steps_done += run_steps
             edited.append(pred.detach().float().cpu())
             if chunk_frames:
                 frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
             output_prompts.extend(prompts[p] for p, _ in chunk)
         edited = image_io.from_model_range(torch.cat(edited))
+        if settings.colour_match != "off":
+            edited = colour_match.match_border(edited, image_io.from_model_range(init.detach().float().cpu()),
+                                               model_mask.cpu(), space=settings.colour_match)
 
         # 4. Back at full resolution: outside the composite mask, the input's own pixels (bit-identical).
         if not enforce:
