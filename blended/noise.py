@@ -29,14 +29,26 @@ class NoiseSource(Protocol):
     def initial(self, index: int, shape: Sequence[int], result_ids: Sequence[int]) -> torch.Tensor:
         """[k,C,S,S] noise of the ``q_sample`` that starts the loop at spaced index ``index``."""
 
-    def step(self, index: int, shape: Sequence[int], result_ids: Sequence[int]) -> torch.Tensor:
-        """[k,C,S,S] DDPM (or DDIM eta) noise of the step at spaced index ``index``."""
+    def step(self, index: int, shape: Sequence[int], result_ids: Sequence[int], repeat: int = 0) -> torch.Tensor:
+        """[k,C,S,S] DDPM (or DDIM eta) noise of the step at spaced index ``index``.
 
-    def background(self, index: int, shape: Sequence[int], result_ids: Sequence[int]) -> torch.Tensor:
+        ``repeat`` > 0 only for harmonising resampling, whose repeated steps need fresh draws.
+        """
+
+    def background(self, index: int, shape: Sequence[int], result_ids: Sequence[int],
+                   repeat: int = 0) -> torch.Tensor:
         """[k|1,C,S,S] noise of the background blended in at ``index`` (results of one group share it)."""
+
+    def resample(self, index: int, shape: Sequence[int], result_ids: Sequence[int], repeat: int) -> torch.Tensor:
+        """[k,C,S,S] noise that re-noises x back to a later step before a resampling ``repeat``."""
 
     def labels(self, index: int, result_ids: Sequence[int], num_classes: int) -> torch.Tensor:
         """[k] random class labels of a class-conditional model at ``index`` (the original's randomize_class)."""
+
+
+def _repeat_key(repeat: int) -> tuple:
+    """Extra stream key of a resampling repeat; none for the first pass, so that draws stay the same."""
+    return (int(repeat),) if repeat else ()
 
 
 class SeededNoise:
@@ -51,20 +63,23 @@ class SeededNoise:
         self.device = device
         self.group_size = max(1, int(group_size))
 
-    def _per_result(self, stream: int, step: int, shape, result_ids) -> torch.Tensor:
+    def _per_result(self, stream: int, step: int, shape, result_ids, *extra: int) -> torch.Tensor:
         one = (1,) + tuple(shape[1:])
-        return seeds.randn_per_result(one, self.seed, stream, result_ids, step, device=self.device)
+        return seeds.randn_per_result(one, self.seed, stream, result_ids, step, *extra, device=self.device)
 
     def initial(self, index, shape, result_ids) -> torch.Tensor:
         return self._per_result(seeds.STREAM_INITIAL_NOISE, 0, shape, result_ids)
 
-    def step(self, index, shape, result_ids) -> torch.Tensor:
-        return self._per_result(seeds.STREAM_STEP_NOISE, index, shape, result_ids)
+    def step(self, index, shape, result_ids, repeat=0) -> torch.Tensor:
+        return self._per_result(seeds.STREAM_STEP_NOISE, index, shape, result_ids, *_repeat_key(repeat))
 
-    def background(self, index, shape, result_ids) -> torch.Tensor:
+    def resample(self, index, shape, result_ids, repeat) -> torch.Tensor:
+        return self._per_result(seeds.STREAM_RESAMPLE_NOISE, index, shape, result_ids, repeat)
+
+    def background(self, index, shape, result_ids, repeat=0) -> torch.Tensor:
         one = (1,) + tuple(shape[1:])
         groups = [seeds.result_group(rid, self.group_size) for rid in result_ids]
-        drawn = {g: seeds.randn(one, self.seed, seeds.STREAM_BACKGROUND_NOISE, g, index)
+        drawn = {g: seeds.randn(one, self.seed, seeds.STREAM_BACKGROUND_NOISE, g, index, *_repeat_key(repeat))
                  for g in dict.fromkeys(groups)}
         return to_device(torch.cat([drawn[g] for g in groups]), self.device)
 

@@ -23,9 +23,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import image_io, regions, seeds
-from .diffusion import GaussianDiffusion, create_diffusion
+from . import colour_match, image_io, regions, resampling, seeds, soft_mask
 from .devices import to_device
+from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
@@ -66,6 +66,14 @@ class SamplerSettings:
     context: float = 0.25               # mask_crop: margin around the mask's bounding box, fraction of its size
     grow_mask: int = 0                  # pixels to grow the final composite mask by (soft seams; 0 = off)
     feather: int = 0                    # pixels of feathering of the final composite mask (0 = hard, original)
+    # Colour match at paste-back (blended.colour_match): "off" (original), "rgb" or "lab".
+    colour_match: str = "off"
+    # Grey mask values as a per-step schedule (blended.soft_mask, Differential Diffusion); off = binary (original).
+    soft_mask: bool = False
+    # Harmonising resampling (blended.resampling, RePaint): every chunk of resample_jump_length steps is
+    # re-noised and denoised again resample_count extra times (0 = off, the original).
+    resample_count: int = 0
+    resample_jump_length: int = 5
 
 
 @dataclass
@@ -98,6 +106,10 @@ def _validate(settings: SamplerSettings, diffusion) -> None:
         raise BlendedInputError(f"group_size must be a whole number >= 1 (the original's 4), got {settings.group_size}")
     if settings.region not in ("full", "mask_crop"):
         raise BlendedInputError(f"unknown region {settings.region!r}: use 'full' or 'mask_crop'")
+    resampling.validate(settings.resample_jump_length, settings.resample_count)
+    if settings.colour_match not in colour_match.SPACES:
+        raise BlendedInputError(f"unknown colour_match {settings.colour_match!r}: use one of "
+                                f"{', '.join(colour_match.SPACES)}")
 
 
 def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torch.Tensor, index: int,
@@ -152,9 +164,10 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
     """Denoise len(result_ids) results of one init image at model resolution: the original's
     ``p_sample_loop_progressive`` with its blending ``postprocess_fn``.
 
-    ``init_image`` [1,3,S,S] in [-1,1]; ``mask`` [1,1,S,S] (1 = edit). Every random draw comes from
-    ``noise_source`` (default: :class:`~blended.noise.SeededNoise` of ``seed``, grouped by
-    ``settings.group_size``). ``on_step`` sees each step's tensors. Returns (pred_xstart of the last step
+    ``init_image`` [1,3,S,S] in [-1,1]; ``mask`` [1,1,S,S] (1 = edit; grey levels with ``settings.soft_mask``,
+    then each step blends with that step's binary mask). Every random draw comes from ``noise_source``
+    (default: :class:`~blended.noise.SeededNoise` of ``seed``, grouped by ``settings.group_size``).
+    ``on_step`` sees each step's tensors. Returns (pred_xstart of the last step
     [k,3,S,S], captured frames as a list of [k,3,S,S] CPU tensors).
     """
     device = init_image.device
@@ -167,23 +180,31 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
                            noise=to_device(noise.initial(indices[0], shape, result_ids), device))
     frames = []
     pred_xstart = None
-    for n, index in enumerate(indices):
+    planned = resampling.plan(indices, settings.resample_jump_length, settings.resample_count)
+    for n, step in enumerate(planned):
+        index = step.index
+        if step.jump_from is not None:
+            x = resampling.jump_back(diffusion, x, step.jump_from, index,
+                                     to_device(noise.resample(index, shape, result_ids, step.repeat), device))
         model_kwargs = None
         if num_classes:
             model_kwargs = {"y": to_device(noise.labels(index, result_ids, num_classes), device)}
-        step_noise = to_device(noise.step(index, shape, result_ids), device)
-        background_noise = to_device(noise.background(index, shape, result_ids), device)
-        out = guided_step(unet, diffusion, objective, x, index, init_image, mask, step_noise, background_noise,
-                          settings, result_ids, model_kwargs)
+        repeat = {"repeat": step.repeat} if step.repeat else {}  # resampled steps draw fresh noise
+        step_noise = to_device(noise.step(index, shape, result_ids, **repeat), device)
+        background_noise = to_device(noise.background(index, shape, result_ids, **repeat), device)
+        position = len(indices) - 1 - index  # of this step in the run (resampled steps keep theirs)
+        blend_mask = soft_mask.step_mask(mask, position, len(indices)) if settings.soft_mask else mask
+        out = guided_step(unet, diffusion, objective, x, index, init_image, blend_mask, step_noise,
+                          background_noise, settings, result_ids, model_kwargs)
         x = out["blended"]
         pred_xstart = out["pred_xstart"]
         if on_step is not None:
             on_step(index, out)
-        last = n == len(indices) - 1
+        last = n == len(planned) - 1
         if settings.capture_every and (n % settings.capture_every == 0 or last):
             frames.append(pred_xstart.detach().float().cpu())
         if callback is not None:
-            callback(n + 1, len(indices), pred_xstart)
+            callback(n + 1, len(planned), pred_xstart)
     return pred_xstart, frames
 
 
@@ -219,8 +240,9 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
 
     text_embeds = torch.cat([clip.text_embedding(p) for p in prompts]).to(device)
     per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
-    total_steps = (diffusion.num_timesteps - settings.skip_timesteps) * batch * \
-        -(-len(per_prompt) // max(1, settings.batch_size))
+    run_steps = resampling.total_steps(diffusion.num_timesteps - settings.skip_timesteps,
+                                       settings.resample_jump_length, settings.resample_count)
+    total_steps = run_steps * batch * -(-len(per_prompt) // max(1, settings.batch_size))
     steps_done = 0
 
     outputs, output_masks, frames, output_prompts = [], [], [], []
@@ -242,6 +264,10 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             raise BlendedInputError("the mask vanishes at the model's resolution: paint a larger region or use "
                                     "region 'mask_crop'")
 
+        blend_mask = model_mask
+        if settings.soft_mask:
+            blend_mask = soft_mask.model_soft_mask(masks[b:b + 1], plan, model_mask).to(device)
+
         # 3. Guided, blended diffusion, a batch of results at a time.
         edited = []
         for start in range(0, len(per_prompt), max(1, settings.batch_size)):
@@ -256,14 +282,17 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
                 if callback is not None:
                     callback(_base + done, total_steps, pred)
 
-            pred, chunk_frames = sample_results(unet, diffusion, objective, init, model_mask, result_ids, seed,
+            pred, chunk_frames = sample_results(unet, diffusion, objective, init, blend_mask, result_ids, seed,
                                                 settings, chunk_callback, num_classes, noise_source)
-            steps_done += diffusion.num_timesteps - settings.skip_timesteps
+            steps_done += run_steps
             edited.append(pred.detach().float().cpu())
             if chunk_frames:
                 frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
             output_prompts.extend(prompts[p] for p, _ in chunk)
         edited = image_io.from_model_range(torch.cat(edited))
+        if settings.colour_match != "off":
+            edited = colour_match.match_border(edited, image_io.from_model_range(init.detach().float().cpu()),
+                                               model_mask.cpu(), space=settings.colour_match)
 
         # 4. Back at full resolution: outside the composite mask, the input's own pixels (bit-identical).
         if not enforce:

@@ -24,6 +24,7 @@ STREAM_STEP_NOISE = 2
 STREAM_BACKGROUND_NOISE = 3
 STREAM_AUGMENTATION = 4
 STREAM_CLASS_LABEL = 5
+STREAM_RESAMPLE_NOISE = 6
 
 # Result identities: result r of input image b. The stride keeps images apart for any sensible result count.
 _RESULTS_PER_IMAGE = 1_000_003
@@ -67,13 +68,13 @@ def randn(shape, seed: int, *parts: int, device=None, dtype=torch.float32) -> to
     return to_device(noise, device, dtype)
 
 
-def randn_per_result(shape, seed: int, stream: int, result_ids, step: int, device=None,
+def randn_per_result(shape, seed: int, stream: int, result_ids, step: int, *extra: int, device=None,
                      dtype=torch.float32) -> torch.Tensor:
-    """[len(result_ids), ...] noise, result ``r`` from the stream (seed, stream, r, step), in one copy.
+    """[len(result_ids), ...] noise, result ``r`` from the stream (seed, stream, r, step, *extra), in one copy.
 
     ``shape`` is one result's shape with a leading 1. The values are those of :func:`randn` per result; they are
     drawn on the CPU and cross to the device together, so a step costs one copy however many results it has.
     """
-    noise = torch.cat([torch.randn(shape, generator=generator_for(seed, stream, rid, step), dtype=torch.float32)
+    noise = torch.cat([torch.randn(shape, generator=generator_for(seed, stream, rid, step, *extra), dtype=torch.float32)
                        for rid in result_ids])
     return to_device(noise, device, dtype)

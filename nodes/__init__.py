@@ -2,6 +2,7 @@
 
 from .guidance import Augmentations, CLIPGuidance
 from .loaders import LoadGuidanceCLIP, LoadGuidedDiffusionModel
+from .metrics import EditMetrics
 from .model_folders import register_model_folders
 from .rank import CLIPRank
 from .sampler import BlendedDiffusionSampler
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "BlendedDiffusion_CLIPGuidance": CLIPGuidance,
     "BlendedDiffusion_Sampler": BlendedDiffusionSampler,
     "BlendedDiffusion_CLIPRank": CLIPRank,
+    "BlendedDiffusion_EditMetrics": EditMetrics,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "BlendedDiffusion_CLIPGuidance": "CLIP Guidance",
     "BlendedDiffusion_Sampler": "Blended Diffusion Sampler",
     "BlendedDiffusion_CLIPRank": "CLIP Rank",
+    "BlendedDiffusion_EditMetrics": "Blended Edit Metrics",
 }

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from ..blended import fast_paths
+from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
 from ..blended.memory import activation_bytes_per_result, auto_batch_size
@@ -84,6 +85,22 @@ class BlendedDiffusionSampler:
                               "Grow the final composite mask by this many pixels (0 = original hard mask)."}),
                 "feather": ("INT", {"default": 0, "min": 0, "max": 512, "tooltip":
                             "Soften the final composite's edge over this many pixels (0 = hard edge)."}),
+                "resample_count": ("INT", {"default": d.resample_count, "min": 0, "max": 20, "tooltip":
+                                   "Harmonising resampling (RePaint): after every resample_jump_length steps, add "
+                                   "their noise back and denoise them again this many extra times, so the edit and "
+                                   "the background agree at the border. 0 = off (original). Costs "
+                                   "resample_count x the steps; the progress bar counts them."}),
+                "resample_jump_length": ("INT", {"default": d.resample_jump_length, "min": 1, "max": 250,
+                                         "tooltip": "Resampling: steps per chunk that is jumped back over and "
+                                                    "redone (RePaint's jump length; used when resample_count > 0)."}),
+                "soft_mask": ("BOOLEAN", {"default": d.soft_mask, "tooltip":
+                              "Grey mask values as a schedule (Differential Diffusion): a pixel of value m "
+                              "is edited only during the last m of the steps, so feathered or painted grey "
+                              "masks fade the edit out. Off = binary mask, any value > 0 edits (original)."}),
+                "colour_match": (list(COLOUR_MATCH), {"default": d.colour_match, "tooltip":
+                                 "Before pasting back, shift the edit's colours so the pixels just inside the "
+                                 "mask border have the original's per-channel mean and spread there: removes a "
+                                 "tinted outline. off = the original; rgb or lab = the colour space it works in."}),
                 "background_noise_step": (["current", "previous"], {"default": d.background_noise_step,
                                           "tooltip": "Noise level of the blended-in background: 'current' step "
                                                      "(original, one step too noisy) or the 'previous' "
@@ -112,13 +129,16 @@ class BlendedDiffusionSampler:
 
     def sample(self, model, guidance, image, mask, seed, num_results, respacing, skip_timesteps, method, mode,
                enforce_background, invert_mask, batch_size, region="full", context=0.25, grow_mask=0, feather=0,
+               resample_count=0, resample_jump_length=5, soft_mask=False, colour_match="off",
                background_noise_step="current", reuse_guided_forward=False, capture_every=0, ddim_eta=0.0,
                precision="model dtype", channels_last=False, compile=False, preview=True, unique_id=None):
         settings = SamplerSettings(
             skip_timesteps=skip_timesteps, method=method, ddim_eta=ddim_eta, mode=mode,
             enforce_background=enforce_background, background_noise_step=background_noise_step,
             reuse_guided_forward=reuse_guided_forward, batch_size=batch_size, capture_every=capture_every,
-            region=region, context=context, grow_mask=grow_mask, feather=feather)
+            region=region, context=context, grow_mask=grow_mask, feather=feather,
+            colour_match=colour_match, soft_mask=soft_mask, resample_count=resample_count,
+            resample_jump_length=resample_jump_length)
         try:
             # The model's own training schedule (config.json's noise_schedule), respaced as asked.
             diffusion = diffusion_for(model.unet, str(respacing).strip())

@@ -259,6 +259,106 @@ def process_video(defs):
     return g.to_json("The process as an animation: the model's x0 prediction every 3 steps, saved as WEBP.")
 
 
+def edit_metrics(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    judge = g.add("BlendedDiffusion_LoadCLIP", (0, 1100), {"clip_name": CLIP}, size=(340, 110),
+                  title="Judge CLIP (fairest: another CLIP than the guiding one)")
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a big rock")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
+    preview = g.add("PreviewImage", (1220, 0), size=(360, 360))
+    g.link(samp, 0, preview, "images")
+    hard = g.add("BlendedDiffusion_EditMetrics", (1220, 400), {"prompt": "a big rock"}, size=(340, 260),
+                 title="Metrics: the sampler's hard composite")
+    g.link(samp, 0, hard, "results")
+    g.link(img, 0, hard, "image")
+    g.link(samp, 1, hard, "mask")
+    g.link(judge, 0, hard, "clip")
+    table = g.add("PreviewAny", (1600, 400), size=(520, 260))
+    g.link(hard, 0, table, "source")
+    # The same results blended by core nodes over a grown, feathered mask: compare the seam columns.
+    grow = g.add("GrowMask", (1220, 700), {"expand": 4, "tapered_corners": True}, size=(300, 110))
+    g.link(samp, 1, grow, "mask")
+    feather = g.add("FeatherMask", (1220, 850), {"left": 4, "top": 4, "right": 4, "bottom": 4}, size=(300, 160))
+    g.link(grow, 0, feather, "mask")
+    invert = g.add("InvertMask", (1220, 1050), size=(300, 80))
+    g.link(feather, 0, invert, "mask")
+    comp = g.add("ImageCompositeMasked", (1560, 700), {"x": 0, "y": 0, "resize_source": False}, size=(320, 170))
+    g.link(samp, 0, comp, "destination")
+    g.link(img, 0, comp, "source")
+    g.link(invert, 0, comp, "mask")
+    soft = g.add("BlendedDiffusion_EditMetrics", (1920, 700), {"prompt": "a big rock"}, size=(340, 260),
+                 title="Metrics: feathered by core nodes")
+    g.link(comp, 0, soft, "results")
+    g.link(img, 0, soft, "image")
+    g.link(grow, 0, soft, "mask")
+    g.link(judge, 0, soft, "clip")
+    table2 = g.add("PreviewAny", (2300, 700), size=(520, 260))
+    g.link(soft, 0, table2, "source")
+    return g.to_json("Measuring edits: Blended Edit Metrics scores the sampler's results (CLIP similarity of the "
+                     "edited region, background PSNR, seam, diversity) and the same results feathered by core "
+                     "nodes, so the two tables can be compared.")
+
+
+def metrics_of(g: Graph, samp, img, clip, prompt, x, y, title):
+    node = g.add("BlendedDiffusion_EditMetrics", (x, y), {"prompt": prompt}, size=(340, 260), title=title)
+    g.link(samp, 0, node, "results")
+    g.link(img, 0, node, "image")
+    g.link(samp, 1, node, "mask")
+    g.link(clip, 0, node, "clip")
+    table = g.add("PreviewAny", (x + 380, y), size=(520, 260))
+    g.link(node, 0, table, "source")
+    return node
+
+
+def colour_match_at_paste(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a big rock")
+    plain = sampler(g, unet, guide, (img, 0), (msk, 0), title="colour_match off (original)", num_results=2)
+    matched = sampler(g, unet, guide, (img, 0), (msk, 0), x=820, y=700, title="colour_match rgb",
+                      num_results=2, colour_match="rgb")
+    for node, y, name in ((plain, 0, "off"), (matched, 700, "rgb")):
+        save(g, node, 0, f"blended/colour_match_{name}", 1220, y)
+        metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: colour_match {name}")
+    return g.to_json("Colour match at paste-back: the same seed with and without colour_match; compare the "
+                     "'seam colour' column of the two metrics tables.")
+
+
+def soft_mask_schedule(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    # A grey, feathered mask from core nodes (a painted grey mask works the same way).
+    grow = g.add("GrowMask", (400, 700), {"expand": 10, "tapered_corners": True}, size=(300, 110))
+    g.link(msk, 0, grow, "mask")
+    feather = g.add("FeatherMask", (400, 850), {"left": 24, "top": 24, "right": 24, "bottom": 24},
+                    size=(300, 160))
+    g.link(grow, 0, feather, "mask")
+    guide = guidance(g, clip, "a big rock")
+    samp = sampler(g, unet, guide, (img, 0), (feather, 0), num_results=2, soft_mask=True)
+    save(g, samp, 0, "blended/soft_mask", 1220, 0)
+    return g.to_json("Soft masks: with soft_mask on, a grey pixel of value m is edited only during the last m "
+                     "of the steps (Differential Diffusion), so the edit fades out over the feathered border.")
+
+
+def harmonising_resampling(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a big rock")
+    plain = sampler(g, unet, guide, (img, 0), (msk, 0), title="resampling off (original)", num_results=2)
+    resampled = sampler(g, unet, guide, (img, 0), (msk, 0), x=820, y=700, title="resampling 2 x 5 steps",
+                        num_results=2, resample_count=2, resample_jump_length=5)
+    for node, y, name in ((plain, 0, "off"), (resampled, 700, "on")):
+        save(g, node, 0, f"blended/resampling_{name}", 1220, y)
+        metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: resampling {name}")
+    return g.to_json("Harmonising resampling (RePaint): every 5 steps are re-noised and denoised twice more, so "
+                     "the edit and the background agree at the border; compare the seam columns.")
+
+
 WORKFLOWS = {
     "01_ranked_results": ranked_results,
     "02_different_prompts": different_prompts,
@@ -270,6 +370,10 @@ WORKFLOWS = {
     "08_chain_core_compositing": chain_core_compositing,
     "09_high_resolution_crop": high_resolution,
     "10_process_animation": process_video,
+    "15_edit_metrics": edit_metrics,
+    "16_colour_match": colour_match_at_paste,
+    "17_soft_mask": soft_mask_schedule,
+    "18_harmonising_resampling": harmonising_resampling,
 }
 
 

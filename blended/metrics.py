@@ -1,0 +1,309 @@
+"""Scores for finished edits, so an edit can be measured instead of eyeballed.
+
+Each score answers one question a user asks of an inpainting result, for ours or any other node's output:
+
+- **CLIP similarity** (higher = better): does the edited region match the prompt? CLIP sees a square crop
+  around the mask with everything outside the mask mid-grey, so a small edit is judged at CLIP's full
+  resolution and the background cannot help or hurt. The fair judge is a CLIP other than the guiding one:
+  guidance optimises its own CLIP and can fool it.
+- **Background MSE / PSNR / LPIPS** (MSE, LPIPS lower = better; PSNR higher = better): was the rest of the
+  photo left alone? Computed only where the mask is 0, BrushBench's protocol (masked images, sums divided by
+  the kept area). A pixel-exact paste-back gives MSE 0 and PSNR +inf.
+- **Seam scores** (lower = better, 0 = the border looks like the input did there): with a perfect background
+  the remaining flaw is the border itself. A thin ring across the mask border is scored in the result and in
+  the input, and the difference is reported, so edges the photo already had there do not count:
+  ``seam_gradient`` is the RMS pixel gradient in the ring (a hard seam adds a jump), ``seam_colour`` the
+  mean colour step from the inner to the outer half of the ring (a tint adds a step).
+- **Diversity** (higher = more varied): do the results differ, or did all seeds give the same picture? The mean
+  pairwise distance of the CLIP embeddings of the edited regions.
+
+Masks follow the pack's rule: any value > 0 is edited, 0 is background. Images are [B,3,H,W] in [0,1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import regions
+from .errors import BlendedInputError
+
+DEFAULT_RING_WIDTH = 2
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def fit_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """Give ``tensor`` (leading batch dim) ``batch`` items: as is, or each item repeated for a contiguous group.
+
+    The sampler outputs its results input by input (all results of input 0, then of input 1, ...), so one
+    input image or mask per group of results pairs each result with the input it came from.
+    """
+    current = tensor.shape[0]
+    if current == batch:
+        return tensor
+    if current == 0 or batch % current:
+        raise BlendedInputError(f"{what} has a batch of {current} but there are {batch} results: give one {what}, "
+                                f"one per result, or one per group of results ({batch} must be a multiple)")
+    return tensor.repeat_interleave(batch // current, dim=0)
+
+
+def prepare(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
+    """Check shapes and return (results, reference, edited-region bool mask), all with the results' batch."""
+    for name, tensor in (("results", results), ("input image", reference)):
+        if tensor.dim() != 4 or tensor.shape[1] != 3:
+            raise BlendedInputError(f"the {name} must be [B,3,H,W] in 0..1, got shape {tuple(tensor.shape)}")
+    batch, _, height, width = results.shape
+    if reference.shape[-2:] != results.shape[-2:]:
+        raise BlendedInputError(f"the input image is {reference.shape[-1]}x{reference.shape[-2]} but the results "
+                                f"are {width}x{height}: score results against the image they were made from "
+                                "(same size)")
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.shape[-2:] != results.shape[-2:]:
+        mask = F.interpolate(mask.float(), size=(height, width), mode="nearest-exact")
+    reference = fit_batch(reference.float(), batch, "input image")
+    edited = fit_batch(mask > 0, batch, "mask")
+    if not bool(edited.flatten(1).any(dim=1).all()):
+        raise BlendedInputError("the mask is empty (all 0) for some result: connect the mask the edit used")
+    return results.float(), reference, edited
+
+
+# ---------------------------------------------------------------------------------------------- background
+
+
+def background_mse(results: torch.Tensor, reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error over the kept (unedited) pixels and channels; NaN where nothing is kept."""
+    keep = (~edited).float()
+    area = keep.flatten(1).sum(dim=1) * results.shape[1]
+    squared = ((results - reference) ** 2 * keep).flatten(1).sum(dim=1)
+    return torch.where(area > 0, squared / area.clamp(min=1), torch.full_like(area, float("nan")))
+
+
+def psnr(mse: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
+    """[B] PSNR in dB for images in 0..``peak``; +inf where the MSE is exactly 0 (a bit-exact background)."""
+    mse = mse.double()
+    value = 10 * torch.log10(peak ** 2 / mse)
+    return torch.where(mse == 0, torch.full_like(value, float("inf")), value)
+
+
+def background_lpips(lpips_model, results: torch.Tensor, reference: torch.Tensor,
+                     edited: torch.Tensor) -> torch.Tensor:
+    """[B] LPIPS between the results and the input with the edited region blacked out in both (BrushBench).
+
+    ``lpips_model(x, y)`` takes images in [-1,1] (the ``lpips`` package's convention) and returns one distance
+    per image.
+    """
+    keep = (~edited).float()
+    with torch.no_grad():
+        out = lpips_model(results * keep * 2 - 1, reference * keep * 2 - 1)
+    return out.reshape(results.shape[0]).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------- the seam
+
+
+def border_rings(edited: torch.Tensor, width: int = DEFAULT_RING_WIDTH):
+    """(inner, outer) bool [B,1,H,W]: ``width`` pixels just inside and just outside the mask border."""
+    if width < 1:
+        raise BlendedInputError(f"the seam ring must be at least 1 pixel wide, got {width}")
+    region = edited.float()
+    inner = edited & ~(regions.grow_mask(region, -width) > 0)
+    outer = (regions.grow_mask(region, width) > 0) & ~edited
+    return inner, outer
+
+
+def gradient_rms(images: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """[B] RMS of the horizontal and vertical pixel differences whose two pixels both lie in ``ring``."""
+    dx = images[..., :, 1:] - images[..., :, :-1]
+    dy = images[..., 1:, :] - images[..., :-1, :]
+    in_x = (ring[..., :, 1:] & ring[..., :, :-1]).float()
+    in_y = (ring[..., 1:, :] & ring[..., :-1, :]).float()
+    total = (dx ** 2 * in_x).flatten(1).sum(dim=1) + (dy ** 2 * in_y).flatten(1).sum(dim=1)
+    count = (in_x.flatten(1).sum(dim=1) + in_y.flatten(1).sum(dim=1)) * images.shape[1]
+    return torch.sqrt(total / count.clamp(min=1))
+
+
+def ring_mean(images: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """[B,C] mean colour of the pixels in ``ring``."""
+    weight = ring.float()
+    return (images * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp(min=1)
+
+
+def colour_step(images: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """[B,C] mean colour just inside the border minus mean colour just outside it."""
+    return ring_mean(images, inner) - ring_mean(images, outer)
+
+
+def seam_scores(results: torch.Tensor, reference: torch.Tensor, edited: torch.Tensor,
+                width: int = DEFAULT_RING_WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] seam_gradient, [B] seam_colour), each 0 when the ring looks as it did in the input.
+
+    ``seam_gradient`` = RMS gradient across the border ring in the result minus the same in the input (a hard
+    paste seam raises it; a blurred border lowers it). ``seam_colour`` = mean over channels of |colour step
+    across the border in the result - the step in the input| (a tint or brightness shift of the edit raises it).
+    """
+    inner, outer = border_rings(edited, width)
+    ring = inner | outer
+    gradient = gradient_rms(results, ring) - gradient_rms(reference, ring)
+    colour = (colour_step(results, inner, outer) - colour_step(reference, inner, outer)).abs().mean(dim=1)
+    return gradient, colour
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+
+
+def masked_views(images: torch.Tensor, edited: torch.Tensor, size: int) -> torch.Tensor:
+    """[B,3,size,size] in 0..1: a square crop around each mask, mid-grey outside the mask, resized for CLIP."""
+    views = []
+    for image, region in zip(images, edited, strict=True):
+        box = regions.mask_bounding_box(region[0])
+        row0, row1, col0, col1 = box
+        side = max(row1 - row0, col1 - col0)
+        top = row0 - (side - (row1 - row0)) // 2
+        left = col0 - (side - (col1 - col0)) // 2
+        grey = image * region + 0.5 * (~region)
+        height, width = grey.shape[-2:]
+        padded = F.pad(grey[None], (max(-left, 0), max(left + side - width, 0), max(-top, 0),
+                                    max(top + side - height, 0)), value=0.5)
+        top, left = max(top, 0), max(left, 0)
+        crop = padded[..., top:top + side, left:left + side]
+        views.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=side > size))
+    return torch.cat(views)
+
+
+def image_embeddings(clip, views: torch.Tensor) -> torch.Tensor:
+    """[B,D] unit-length CLIP embeddings of [B,3,S,S] 0..1 views."""
+    with torch.no_grad():
+        embeds = clip.encode_image(clip.normalize(views.to(clip.device)))
+    return F.normalize(embeds.float().cpu(), dim=-1)
+
+
+def clip_similarity(clip, embeds: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """[B] cosine similarity of each image embedding to its prompt (one prompt, or one per image)."""
+    with torch.no_grad():
+        text = torch.cat([clip.text_embedding(p) for p in prompts]).float().cpu()
+    text = F.normalize(text, dim=-1)
+    if text.shape[0] not in (1, embeds.shape[0]):
+        raise BlendedInputError(f"{text.shape[0]} prompts for {embeds.shape[0]} images: give one prompt, or one "
+                                "per image")
+    return (embeds * text).sum(dim=-1)
+
+
+def pairwise_distances(embeds: torch.Tensor) -> torch.Tensor:
+    """[B,B] ``|a - b|^2 / 2`` of unit embeddings: 1 - cosine similarity, and exactly 0 for identical images."""
+    diff = embeds[:, None, :] - embeds[None, :, :]
+    return (diff ** 2).sum(dim=-1) / 2
+
+
+def diversity(embeds: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """([B] mean distance of each image to the others, batch mean over all pairs); NaN for a single image."""
+    count = embeds.shape[0]
+    if count < 2:
+        return torch.full((count,), float("nan")), float("nan")
+    dist = pairwise_distances(embeds)
+    per_image = dist.sum(dim=1) / (count - 1)
+    return per_image, float(dist.sum() / (count * (count - 1)))
+
+
+def split_prompts(prompt: str, batch: int) -> list[str]:
+    """One prompt per line, fitted to the batch like the sampler's outputs (each prompt's results together)."""
+    lines = [" ".join(line.split()) for line in str(prompt).splitlines() if line.strip()]
+    if not lines:
+        raise BlendedInputError("CLIP similarity needs a prompt: type the text the edits should match")
+    if len(lines) == 1 or len(lines) == batch:
+        return lines
+    if batch % len(lines):
+        raise BlendedInputError(f"{len(lines)} prompt lines for {batch} images: give one prompt, one per image, "
+                                "or one per equal group of images")
+    group = batch // len(lines)
+    return [lines[i // group] for i in range(batch)]
+
+
+# ---------------------------------------------------------------------------------------------- all scores
+
+
+@dataclass
+class EditScores:
+    """Per-image scores (lists of floats, NaN = not measured) and the batch diversity."""
+
+    clip_similarity: list = field(default_factory=list)
+    background_mse: list = field(default_factory=list)
+    background_psnr: list = field(default_factory=list)
+    background_lpips: list = field(default_factory=list)
+    seam_gradient: list = field(default_factory=list)
+    seam_colour: list = field(default_factory=list)
+    diversity: list = field(default_factory=list)
+    batch_diversity: float = float("nan")
+
+    COLUMNS = (("clip_similarity", "CLIP sim (+)", "{:.4f}"), ("background_psnr", "PSNR dB (+)", "{:.2f}"),
+               ("background_mse", "MSE (-)", "{:.3g}"), ("background_lpips", "LPIPS (-)", "{:.4f}"),
+               ("seam_gradient", "seam grad (-)", "{:+.4f}"), ("seam_colour", "seam colour (-)", "{:.4f}"),
+               ("diversity", "diversity (+)", "{:.4f}"))
+
+    def table(self, names: Optional[Sequence[str]] = None) -> str:
+        """A plain-text table, one row per image plus the mean; (+) = higher is better, (-) = lower is better."""
+        count = len(self.seam_colour)
+        names = list(names) if names is not None else [str(i) for i in range(count)]
+        header = ["image"] + [title for _, title, _ in self.COLUMNS]
+        rows = []
+        for i in range(count):
+            rows.append([names[i]] + [_fmt(getattr(self, key)[i], fmt) for key, _, fmt in self.COLUMNS])
+        rows.append(["mean"] + [_fmt(_mean(getattr(self, key)), fmt) for key, _, fmt in self.COLUMNS])
+        widths = [max(len(str(row[c])) for row in [header] + rows) for c in range(len(header))]
+        lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths, strict=True)) for row in [header] + rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"batch diversity (mean pairwise CLIP distance, higher = more varied): "
+                     f"{_fmt(self.batch_diversity, '{:.4f}')}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return fmt.format(value)
+
+
+def _mean(values: list) -> float:
+    """Mean of the measured values; +inf if any is +inf (e.g. PSNR of an exact background)."""
+    measured = [v for v in values if v is not None and not math.isnan(v)]
+    if not measured:
+        return float("nan")
+    return float(sum(measured) / len(measured))
+
+
+def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, clip=None,
+                prompt: Optional[str] = None, lpips_model=None, ring_width: int = DEFAULT_RING_WIDTH) -> EditScores:
+    """Every score for a batch of edits of ``reference`` in ``mask``.
+
+    ``results`` [B,3,H,W] 0..1; ``reference`` [1|B|divisor,3,H,W]; ``mask`` [1|B|divisor,(1,)H,W] (> 0 =
+    edited). CLIP similarity needs ``clip`` and ``prompt``, diversity ``clip``; LPIPS needs ``lpips_model``.
+    What is not measured stays NaN.
+    """
+    results, reference, edited = prepare(results, reference, mask)
+    batch = results.shape[0]
+    nan = [float("nan")] * batch
+    mse = background_mse(results, reference, edited)
+    gradient, colour = seam_scores(results, reference, edited, ring_width)
+    scores = EditScores(background_mse=mse.tolist(), background_psnr=psnr(mse).tolist(),
+                        seam_gradient=gradient.tolist(), seam_colour=colour.tolist(),
+                        clip_similarity=list(nan), background_lpips=list(nan), diversity=list(nan))
+    if lpips_model is not None:
+        scores.background_lpips = background_lpips(lpips_model, results, reference, edited).tolist()
+    if clip is not None:
+        embeds = image_embeddings(clip, masked_views(results, edited, clip.image_size))
+        if prompt is not None and str(prompt).strip():
+            scores.clip_similarity = clip_similarity(clip, embeds, split_prompts(prompt, batch)).tolist()
+        per_image, scores.batch_diversity = diversity(embeds)
+        scores.diversity = per_image.tolist()
+    return scores

@@ -1,0 +1,95 @@
+"""Blended Edit Metrics: scores a batch of edits (ours or any inpainting node's) against the input and mask."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..blended import metrics
+from ..blended.errors import BlendedInputError
+from ..blended.image_io import prepare_mask
+from ..blended.lpips_loss import load_lpips
+from . import comfy_bridge as bridge
+
+log = logging.getLogger(__name__)
+
+LPIPS_CHOICES = ["if available", "off"]
+
+
+class EditMetrics:
+    DESCRIPTION = ("Measures edits instead of eyeballing them: CLIP similarity of the edited region to the prompt, "
+                   "background preservation outside the mask (PSNR, MSE, LPIPS when installed), a seam score on a "
+                   "thin ring across the mask border compared with the input, and batch diversity. Scores any "
+                   "IMAGE batch: this pack's results or another inpainting node's (e.g. core ImageCompositeMasked "
+                   "or a KSampler with SetLatentNoiseMask). Use a CLIP other than the guiding one for a fair "
+                   "similarity score.")
+    CATEGORY = "BlendedDiffusion/evaluate"
+    RETURN_TYPES = ("STRING", "FLOAT", "FLOAT", "FLOAT", "FLOAT", "FLOAT")
+    RETURN_NAMES = ("table", "clip_similarity", "background_psnr", "seam_gradient", "seam_colour", "diversity")
+    OUTPUT_IS_LIST = (False, True, True, True, True, False)
+    OUTPUT_TOOLTIPS = (
+        "A text table: one row per image, the mean, and the batch diversity; (+) higher is better, (-) lower "
+        "is better. Wire it to Preview Any.",
+        "Per image: cosine similarity of the masked crop to the prompt (higher = better; NaN without a CLIP).",
+        "Per image: PSNR of the background outside the mask in dB (higher = better; inf = untouched).",
+        "Per image: RMS gradient on the border ring minus the input's (lower = better; 0 = as smooth as the "
+        "input; positive = a visible seam).",
+        "Per image: colour step across the border minus the input's, 0..1 (lower = better; 0 = no tint).",
+        "Mean pairwise CLIP distance of the edited regions, 0..2 (higher = more varied; 0 = all the same).",
+    )
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "results": ("IMAGE", {"tooltip": "The edits to score (any batch), e.g. the Sampler's images."}),
+                "image": ("IMAGE", {"tooltip": "The input the edits were made from, same size: one image, one per "
+                                               "result, or one per group of results (the Sampler's order)."}),
+                "mask": ("MASK", {"tooltip": "The edited region (> 0 = edited, 0 = background), e.g. the "
+                                             "Sampler's mask output. Resized to the image if sizes differ."}),
+                "ring_width": ("INT", {"default": metrics.DEFAULT_RING_WIDTH, "min": 1, "max": 64, "tooltip":
+                               "Seam scores: pixels on each side of the mask border that make up the ring."}),
+                "lpips": (LPIPS_CHOICES, {"default": "if available", "tooltip":
+                          "Background LPIPS (lower = better) when the 'lpips' package and torchvision's VGG16 "
+                          "weights are installed; skipped (n/a) otherwise. Nothing is downloaded."}),
+            },
+            "optional": {
+                "clip": ("GUIDANCE_CLIP", {"tooltip": "CLIP for similarity and diversity (from Load CLIP "
+                                                      "(guidance)). A different CLIP from the guiding one is the "
+                                                      "fair judge. Without it those columns are n/a."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
+                           "The text the edited region should match (higher CLIP similarity = better): one line, "
+                           "or one line per image or per equal group of images."}),
+            },
+        }
+
+    def score(self, results, image, mask, ring_width=metrics.DEFAULT_RING_WIDTH, lpips="if available", clip=None,
+              prompt=""):
+        if results.shape[0] == 0:
+            raise BlendedInputError("Blended Edit Metrics got an empty image batch: connect the edits to score")
+        pixels = results.movedim(-1, 1)[:, :3].float().cpu()
+        reference = image.movedim(-1, 1)[:, :3].float().cpu()
+        mask_in = prepare_mask(mask.float().cpu(), pixels.shape[2], pixels.shape[3],
+                               mask.shape[0] if mask.dim() == 3 else 1)
+        lpips_model = None
+        if lpips == "if available":
+            try:
+                lpips_model = load_lpips()
+            except BlendedInputError as exc:
+                log.info("Blended Edit Metrics: LPIPS skipped (%s)", exc)
+        guidance_clip = None
+        if clip is not None:
+            bridge.load_for_sampling([clip.patcher], 0)
+            guidance_clip = clip.clip
+        with torch.no_grad():
+            scores = metrics.score_edits(pixels, reference, mask_in, clip=guidance_clip,
+                                         prompt=prompt if clip is not None else None, lpips_model=lpips_model,
+                                         ring_width=ring_width)
+        table = scores.table()
+        log.info("Blended Edit Metrics:\n%s", table)
+        return {"ui": {"text": [table]},
+                "result": (table, scores.clip_similarity, scores.background_psnr, scores.seam_gradient,
+                           scores.seam_colour, scores.batch_diversity)}

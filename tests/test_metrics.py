@@ -1,0 +1,199 @@
+"""Edit metrics on synthetic inputs whose scores are known in advance."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blended import metrics
+from blended.clip_model import load_guidance_clip
+from blended.errors import BlendedInputError
+
+CLIP_DIR = Path(__file__).parent / "fixtures" / "reference" / "clip_tiny"
+PROMPT = "a red rock"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_guidance_clip(CLIP_DIR / "model.safetensors")
+
+
+def _photo(batch=1, size=48, seed=0):
+    """A smooth random image (low-frequency noise): natural-looking edges, no flat areas."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 6, 6, generator=gen)
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _mask(size=48, box=(12, 36, 16, 40)):
+    mask = torch.zeros(1, size, size)
+    mask[:, box[0]:box[1], box[2]:box[3]] = 1
+    return mask
+
+
+def test_an_unchanged_image_has_a_perfect_background_and_no_seam(clip):
+    image, mask = _photo(), _mask()
+    scores = metrics.score_edits(image.clone(), image, mask, clip=clip, prompt=PROMPT)
+    assert scores.background_mse == [0.0]
+    assert scores.background_psnr == [math.inf]
+    assert scores.seam_gradient == [0.0] and scores.seam_colour == [0.0]
+    assert -1 <= scores.clip_similarity[0] <= 1
+    assert math.isnan(scores.batch_diversity) and math.isnan(scores.diversity[0])  # one image: no pairs
+    assert math.isnan(scores.background_lpips[0])  # no LPIPS model given: not measured
+    assert "inf" in scores.table() and "n/a" in scores.table()
+
+
+def test_background_error_has_the_known_psnr_and_ignores_the_edited_region():
+    image, mask = _photo(size=32), _mask(32, (8, 24, 8, 24))
+    result = image.clone()
+    result[..., mask[0] > 0] = torch.rand_like(result[..., mask[0] > 0])    # the edit: anything goes
+    shifted = result.clone()
+    shifted[..., mask[0] == 0] += 0.1                                      # background off by 0.1
+    scores = metrics.score_edits(torch.cat([result, shifted]), image, mask)
+    assert scores.background_mse[0] == 0.0 and scores.background_psnr[0] == math.inf
+    assert scores.background_mse[1] == pytest.approx(0.01, rel=1e-4)
+    assert scores.background_psnr[1] == pytest.approx(20.0, abs=1e-3)
+
+
+def test_a_tinted_paste_has_the_tint_as_its_colour_seam_and_a_gradient_jump():
+    image = torch.full((1, 3, 32, 32), 0.5)
+    image[:, 0] = torch.linspace(0.2, 0.8, 32)  # a smooth horizontal ramp in red
+    mask = _mask(32, (8, 24, 8, 24))
+    tinted = image.clone()
+    tinted[..., 8:24, 8:24] += torch.tensor([0.0, 0.2, -0.1]).view(1, 3, 1, 1)
+    gradient, colour = metrics.seam_scores(*metrics.prepare(tinted, image, mask))
+    # the colour step across the border is exactly the tint: (0 + 0.2 + 0.1) / 3
+    assert colour.item() == pytest.approx(0.1, abs=1e-5)
+    assert gradient.item() > 0.02
+    # the same content without the tint: no seam at all
+    assert metrics.seam_scores(*metrics.prepare(image.clone(), image, mask))[1].item() == 0.0
+
+
+def test_a_hard_seam_scores_worse_than_a_soft_one():
+    image, mask = _photo(size=48), _mask()
+    edit = image.flip(-1)  # other content, same statistics
+    hard = image * (1 - mask) + edit * mask
+    soft_mask = F.avg_pool2d(F.pad(mask[None], (3, 3, 3, 3), mode="replicate"), 7, stride=1)[0]
+    soft = image * (1 - soft_mask) + edit * soft_mask
+    g_hard, _ = metrics.seam_scores(*metrics.prepare(hard, image, mask))
+    g_soft, _ = metrics.seam_scores(*metrics.prepare(soft, image, (soft_mask > 0).float()))
+    assert g_hard.item() > g_soft.item()
+
+
+def test_identical_results_have_zero_diversity_and_different_ones_do_not(clip):
+    image, mask = _photo(), _mask()
+    same = image.expand(3, -1, -1, -1).clone()
+    scores = metrics.score_edits(same, image, mask, clip=clip, prompt=PROMPT)
+    assert scores.batch_diversity == 0.0 and scores.diversity == [0.0, 0.0, 0.0]
+    assert scores.clip_similarity[0] == pytest.approx(scores.clip_similarity[2], abs=1e-6)
+    varied = torch.cat([image, _photo(seed=1), _photo(seed=2)])
+    scores = metrics.score_edits(varied, image, mask, clip=clip, prompt=PROMPT)
+    assert scores.batch_diversity > 1e-5  # tiny random CLIP: small but far above float noise
+
+
+def test_diversity_and_similarity_are_the_documented_formulas(clip):
+    image, mask = _photo(), _mask()
+    results = torch.cat([_photo(seed=3), _photo(seed=4)])
+    scores = metrics.score_edits(results, image, mask, clip=clip, prompt=PROMPT)
+    # by hand: the 24x24 box is already square; grey outside the mask, resized to CLIP's 32 px
+    crop = (results * mask[:, None] + 0.5 * (1 - mask[:, None]))[..., 12:36, 16:40]
+    views = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        embeds = F.normalize(clip.encode_image(clip.normalize(views)), dim=-1)
+    text = F.normalize(clip.text_embedding(PROMPT), dim=-1)
+    torch.testing.assert_close(torch.tensor(scores.clip_similarity), (embeds * text).sum(-1), atol=1e-5, rtol=0)
+    cosine = float((embeds[0] * embeds[1]).sum())
+    assert scores.batch_diversity == pytest.approx(1 - cosine, abs=1e-5)
+    assert scores.diversity == pytest.approx([1 - cosine] * 2, abs=1e-5)
+
+
+def test_clip_similarity_ignores_the_background(clip):
+    image, mask = _photo(), _mask()
+    edit = _photo(seed=5)
+    a = image * (1 - mask) + edit * mask
+    b = _photo(seed=6) * (1 - mask) + edit * mask
+    s = metrics.score_edits(torch.cat([a, b]), torch.cat([image, image]), mask, clip=clip, prompt=PROMPT)
+    assert s.clip_similarity[0] == pytest.approx(s.clip_similarity[1], abs=1e-6)
+    assert s.batch_diversity == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lpips_is_measured_on_the_background_only():
+    calls = []
+
+    def fake_lpips(x, y):  # stands in for lpips.LPIPS: [-1,1] inputs, one distance per image
+        calls.append((x.min().item(), x.max().item()))
+        return (x - y).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+
+    image, mask = _photo(size=32), _mask(32, (8, 24, 8, 24))
+    result = image.clone()
+    result[..., 8:24, 8:24] = 1.0
+    scores = metrics.score_edits(result, image, mask, lpips_model=fake_lpips)
+    assert scores.background_lpips == [0.0]  # the edit is blacked out in both images
+    assert calls and calls[0][0] >= -1 and calls[0][1] <= 1
+
+
+def test_results_are_paired_with_their_input_and_prompt():
+    inputs = torch.cat([_photo(seed=7), _photo(seed=8)])
+    mask = _mask()
+    # the sampler's order: both results of input 0, then both of input 1
+    results = inputs.repeat_interleave(2, dim=0)
+    scores = metrics.score_edits(results, inputs, mask)
+    assert scores.background_psnr == [math.inf] * 4
+    assert metrics.split_prompts("a\nb", 4) == ["a", "a", "b", "b"]
+    with pytest.raises(BlendedInputError, match="multiple"):
+        metrics.score_edits(results[:3], inputs, mask)
+    with pytest.raises(BlendedInputError, match="same size"):
+        metrics.score_edits(results[..., :40], inputs, mask)
+    with pytest.raises(BlendedInputError, match="empty"):
+        metrics.score_edits(results, inputs, torch.zeros(1, 48, 48))
+
+
+def test_the_table_has_a_row_per_image_a_mean_and_the_directions():
+    image, mask = _photo(), _mask()
+    shifted = image + 0.05 * (1 - mask[:, None])
+    table = metrics.score_edits(torch.cat([image, shifted.clamp(0, 1)]), image, mask).table(["a.png", "b.png"])
+    lines = table.splitlines()
+    assert "PSNR dB (+)" in lines[0] and "seam grad (-)" in lines[0]
+    assert lines[2].lstrip().startswith("a.png") and lines[3].lstrip().startswith("b.png")
+    assert lines[4].lstrip().startswith("mean")
+    assert "batch diversity" in lines[-1]
+
+
+def _save(tensor, path):
+    import numpy as np
+    from PIL import Image
+    array = (tensor.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+
+
+def test_evaluate_script_scores_a_folder_of_edits(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate", Path(__file__).parent.parent / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+
+    case = tmp_path / "cases" / "square"
+    (case / "results").mkdir(parents=True)
+    image, mask = _photo(), _mask()
+    _save(image[0], case / "image.png")
+    _save(mask, case / "mask.png")
+    (case / "prompt.txt").write_text(PROMPT + "\n", encoding="utf-8")
+    _save(image[0], case / "results" / "a_unchanged.png")
+    tinted = image[0].clone()
+    tinted[:, 12:36, 16:40] = (tinted[:, 12:36, 16:40] + 0.2).clamp(0, 1)
+    _save(tinted, case / "results" / "b_tinted.png")
+
+    assert evaluate.main([str(tmp_path / "cases"), "--clip", str(CLIP_DIR / "model.safetensors")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()[:2] in ("a_", "b_")}
+    assert rows["a_unchanged.png"][2] == "inf"                     # PSNR of the untouched image
+    assert rows["b_tinted.png"][2] == "inf"                        # the tint is inside the mask only
+    assert float(rows["a_unchanged.png"][6]) == 0.0                # no colour seam
+    assert float(rows["b_tinted.png"][6]) > 0.1                    # the tint's colour step
+    assert "batch diversity" in out
+    assert evaluate.main([str(tmp_path / "nothing")]) == 1

@@ -1,0 +1,74 @@
+"""Blended Edit Metrics inside ComfyUI, scoring another node's output (core ImageCompositeMasked)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import harness
+from blended import metrics
+from blended.clip_model import load_guidance_clip
+from workflow_format import fill_defaults
+
+PROMPT = "a red rock"
+
+
+def _core_paste_prompt(node_defs, colour=0xFF2020, **metric_inputs):
+    """A flat red square pasted into the photo by core ImageCompositeMasked, then scored."""
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "blended_example_img.png"}},
+        "2": {"class_type": "LoadImageMask", "inputs": {"image": "blended_example_mask.png", "channel": "red"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 256, "batch_size": 1,
+                                                     "color": colour}},
+        "4": {"class_type": "ImageCompositeMasked", "inputs": {"destination": ["1", 0], "source": ["3", 0],
+                                                               "x": 0, "y": 0, "resize_source": False,
+                                                               "mask": ["2", 0]}},
+        "5": {"class_type": "BlendedDiffusion_LoadCLIP", "inputs": {"clip_name": harness.CLIP_TINY_NAME}},
+        "6": {"class_type": "BlendedDiffusion_EditMetrics", "inputs": {
+            "results": ["4", 0], "image": ["1", 0], "mask": ["2", 0], "clip": ["5", 0], "prompt": PROMPT,
+            **metric_inputs}},
+    }
+    return fill_defaults(prompt, node_defs)
+
+
+@pytest.mark.comfy
+def test_metrics_node_scores_a_core_composite(comfy_inprocess):
+    prompt = _core_paste_prompt(comfy_inprocess.node_defs())
+    outputs, tensors = comfy_inprocess.run(prompt)
+    table, similarity, psnr, seam_gradient, seam_colour, diversity = (slot for slot in tensors["6"])
+    # list outputs arrive as lists; the single outputs as one-item lists
+    assert len(similarity) == len(psnr) == len(seam_gradient) == len(seam_colour) == 1
+    assert psnr == [math.inf], "core's composite keeps the background exactly"
+    assert seam_colour[0] > 0.05 and seam_gradient[0] > 0, "a flat red paste has a seam"
+    assert math.isnan(diversity[0])  # one image: no pairs
+    assert "PSNR dB (+)" in table[0] and "inf" in table[0]
+    assert outputs["6"]["text"] == [table[0]]  # shown on the node in the UI
+
+    # the same numbers as the library on the same tensors
+    composite, image, mask = tensors["4"][0][0], tensors["1"][0][0], tensors["2"][0][0]
+    clip = load_guidance_clip(harness.TINY_MODELS[1][2])
+    expected = metrics.score_edits(composite.movedim(-1, 1), image.movedim(-1, 1), mask, clip=clip, prompt=PROMPT)
+    assert seam_colour[0] == pytest.approx(expected.seam_colour[0], abs=1e-6)
+    assert seam_gradient[0] == pytest.approx(expected.seam_gradient[0], abs=1e-6)
+    assert similarity[0] == pytest.approx(expected.clip_similarity[0], abs=1e-4)
+
+
+@pytest.mark.comfy
+def test_metrics_node_without_clip_and_lpips(comfy_inprocess):
+    prompt = _core_paste_prompt(comfy_inprocess.node_defs(), lpips="off")
+    del prompt["6"]["inputs"]["clip"]
+    _, tensors = comfy_inprocess.run(prompt)
+    table, similarity, psnr = tensors["6"][0][0], tensors["6"][1], tensors["6"][2]
+    assert math.isnan(similarity[0]) and psnr == [math.inf]
+    assert "n/a" in table
+
+
+@pytest.mark.comfy
+def test_metrics_node_refuses_a_mismatched_input(comfy_inprocess):
+    prompt = _core_paste_prompt(comfy_inprocess.node_defs())
+    prompt["7"] = {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                          "width": 128, "height": 128, "crop": "disabled"}}
+    prompt["6"]["inputs"]["image"] = ["7", 0]
+    with pytest.raises(harness.PromptExecutionError, match="same size"):
+        comfy_inprocess.run(prompt)
