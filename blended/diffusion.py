@@ -202,32 +202,60 @@ class GaussianDiffusion:
         self.log_betas = np.log(betas)
         # FIXED_LARGE (the original's choice without learn_sigma) uses betas, with t=0 made posterior-like.
         self.fixed_large_variance = np.append(clip_source if self.num_timesteps > 1 else betas[0], betas[1:])
+        self.log_fixed_large_variance = np.log(self.fixed_large_variance)
+        self._device_tables = {}
 
     # --- helpers -------------------------------------------------------------------------------------
 
-    def _timesteps(self, t: TimestepLike, x: torch.Tensor) -> torch.Tensor:
-        """Spaced indices as a [B] long CPU tensor; an int or 0-dim tensor applies to the whole batch.
+    def _timesteps(self, t: TimestepLike, x: torch.Tensor) -> TimestepLike:
+        """A spaced index as a Python int, or spaced indices as a [B] long tensor on ``x``'s device.
 
-        The tables live on the CPU, so the indices are brought there (once) to gather and range-check.
+        An int (what the sampler passes) is range-checked here, on the host. A CPU tensor is checked too; a
+        tensor already on an accelerator is trusted, since checking it would make the host wait for the device.
         """
-        t = torch.as_tensor(t, dtype=torch.long).cpu()
+        if isinstance(t, (int, np.integer)):
+            if not 0 <= int(t) < self.num_timesteps:
+                raise BlendedInputError(f"timestep index out of range 0..{self.num_timesteps - 1}: {int(t)}")
+            return int(t)
+        t = torch.as_tensor(t, dtype=torch.long)
+        if t.device.type == "cpu" and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise BlendedInputError(f"timestep index out of range 0..{self.num_timesteps - 1}: {t.tolist()}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        if t.min() < 0 or t.max() >= self.num_timesteps:
-            raise BlendedInputError(f"timestep index out of range 0..{self.num_timesteps - 1}: {t.tolist()}")
-        return t
+        return t.to(x.device)
+
+    def device_table(self, table: np.ndarray, device) -> torch.Tensor:
+        """``table`` cast to float32 and kept on ``device`` (built once per table and device).
+
+        Casting the whole float64 table and then gathering gives the same float32 values as gathering in
+        float64 and casting after (the cast is element-wise), so the original's numbers are kept while the
+        step gathers on the device and never waits for the host.
+        """
+        device = torch.device(device)
+        key = (id(table), device)
+        cached = self._device_tables.get(key)
+        if cached is None or cached[0] is not table:
+            cached = (table, torch.from_numpy(np.asarray(table, dtype=np.float64)).float().to(device))
+            self._device_tables[key] = cached
+        return cached[1]
 
     def extract(self, table: np.ndarray, t: TimestepLike, x: torch.Tensor) -> torch.Tensor:
-        """``table[t]`` gathered in float64, cast to float32, shaped to broadcast over ``x``.
-
-        The gather happens on the CPU (not every accelerator has float64); only the float32 result moves.
-        """
+        """``table[t]`` as the original's float64 gather cast to float32, shaped to broadcast over ``x``."""
         t = self._timesteps(t, x)
-        values = torch.from_numpy(table)[t].float()
-        return values.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        values = self.device_table(table, x.device)[t]
+        if isinstance(t, int):  # one value for the batch: a broadcast view, no gather
+            return values.reshape(1, *([1] * (x.ndim - 1))).expand(x.shape[0], *([1] * (x.ndim - 1)))
+        return values.reshape(-1, *([1] * (x.ndim - 1)))
 
-    def model_timesteps(self, t: TimestepLike, batch_size: int | None = None) -> torch.Tensor:
+    def model_timesteps(self, t: TimestepLike, batch_size: int | None = None, device=None) -> torch.Tensor:
         """The float timesteps the UNet is given for spaced indices ``t``: original-scale, like training."""
+        if isinstance(t, (int, np.integer)):
+            # The same float32 arithmetic as the tensor path, done on the host, then one fill on the device.
+            value = np.float32(self.timestep_map[int(t)])
+            if self.rescale_timesteps:
+                value = value * np.float32(RESCALED_TIMESTEP_RANGE / self.original_num_steps)
+            shape = (batch_size,) if batch_size is not None else ()
+            return torch.full(shape, float(value), dtype=torch.float32, device=device)
         t = torch.as_tensor(t, dtype=torch.long)
         if t.ndim == 0 and batch_size is not None:
             t = t.expand(batch_size)
@@ -281,7 +309,7 @@ class GaussianDiffusion:
         if model_output is None:
             if model is None:
                 raise ValueError("p_mean_variance needs a model or a model_output")
-            model_output = model(x, self.model_timesteps(t.to(x.device)), **(model_kwargs or {}))
+            model_output = model(x, self.model_timesteps(t, x.shape[0], x.device), **(model_kwargs or {}))
         channels = x.shape[1]
         if self.learn_sigma:
             if model_output.shape[1] != 2 * channels:
@@ -299,7 +327,7 @@ class GaussianDiffusion:
             if self.sigma_small:
                 variance_table, log_table = self.posterior_variance, self.posterior_log_variance_clipped
             else:
-                variance_table, log_table = self.fixed_large_variance, np.log(self.fixed_large_variance)
+                variance_table, log_table = self.fixed_large_variance, self.log_fixed_large_variance
             variance = self.extract(variance_table, t, x).expand(x.shape)
             log_variance = self.extract(log_table, t, x).expand(x.shape)
         pred_xstart = self.predict_xstart_from_eps(x, t, eps)
@@ -336,7 +364,10 @@ class GaussianDiffusion:
         """x_{t-1} = mean + sigma * noise, with no noise at t = 0 (``mean`` overrides, e.g. a guided one)."""
         mean = p_mean_var["mean"] if mean is None else mean
         t = self._timesteps(t, mean)
-        nonzero = (t != 0).float().to(mean.device).reshape(-1, *([1] * (mean.ndim - 1)))
+        if isinstance(t, int):
+            nonzero = float(t != 0)
+        else:
+            nonzero = (t != 0).float().reshape(-1, *([1] * (mean.ndim - 1)))
         return mean + nonzero * torch.exp(0.5 * p_mean_var["log_variance"]) * noise
 
     def ddim_step(
@@ -357,7 +388,8 @@ class GaussianDiffusion:
         if eta != 0:
             if noise is None:
                 raise ValueError("ddim_step with eta > 0 needs noise")
-            nonzero = (self._timesteps(t, x) != 0).float().to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+            t = self._timesteps(t, x)
+            nonzero = float(t != 0) if isinstance(t, int) else (t != 0).float().reshape(-1, *([1] * (x.ndim - 1)))
             sample = sample + nonzero * sigma * noise
         return sample
 

@@ -60,7 +60,28 @@ class GuidanceObjective:
         self.group_size = max(1, int(group_size))
         # The original returns a zero gradient (no CLIP, no range loss) for an empty prompt; a per-sample flag
         # ([1] or [B] bools) keeps that rule when several prompts are mixed in one batch.
-        self.prompt_is_empty = None
+        self._prompt_is_empty = None
+        self._prompt_keep = {}
+
+    @property
+    def prompt_is_empty(self):
+        return self._prompt_is_empty
+
+    @prompt_is_empty.setter
+    def prompt_is_empty(self, flags) -> None:
+        # Decided here, once per edit, so the step itself never reads a flag back from a tensor.
+        flags = None if flags is None else torch.as_tensor(flags, dtype=torch.bool).cpu()
+        self._prompt_is_empty = flags if flags is not None and bool(flags.any()) else None
+        self._prompt_keep = {}
+
+    def gradient_keep(self, like: torch.Tensor):
+        """[B,1,1,1] 1/0 factors zeroing the gradient of empty-prompt samples, on ``like``'s device; None if none."""
+        if self._prompt_is_empty is None:
+            return None
+        key = (like.device, like.dtype)
+        if key not in self._prompt_keep:
+            self._prompt_keep[key] = (~self._prompt_is_empty).to(like.dtype).to(like.device).view(-1, 1, 1, 1)
+        return self._prompt_keep[key]
 
     @property
     def needs_gradient(self) -> bool:
@@ -82,28 +103,25 @@ class GuidanceObjective:
         return self.text_embeds
 
     def _views(self, masked: torch.Tensor, result_ids, step: int) -> torch.Tensor:
-        """Augmented CLIP views, [B*V,3,s,s] sample-major.
+        """Augmented CLIP views of the whole batch, [V*B,3,s,s] in the original's view-major order.
 
-        Each sample's augmentation parameters come from its own stream, so a result does not depend on the
-        other results in its batch. With one view the pipeline is deterministic and needs no RNG.
+        Each sample's warps come from its own stream (seed, augmentation, result id, step), so a result does
+        not depend on the other results in its batch; all views are then warped in one batched call.
         """
         if self.settings.augmentations.num_views <= 1:
             return self.augment(masked)
-        views = []
-        for i, rid in enumerate(result_ids):
-            with seeds.seeded_global_rng(self.seed, seeds.STREAM_AUGMENTATION, rid, step):
-                views.append(self.augment(masked[i:i + 1]))
-        return torch.cat(views)
+        generators = [seeds.generator_for(self.seed, seeds.STREAM_AUGMENTATION, rid, step) for rid in result_ids]
+        return self.augment(masked, generators)
 
     def clip_distances(self, x_in: torch.Tensor, result_ids, step: int) -> torch.Tensor:
         """Per-sample mean spherical distance over the views, [B]."""
         batch = x_in.shape[0]
-        views = self._views(x_in * self.mask, result_ids, step)  # sample-major: sample i's views contiguous
+        views = self._views(x_in * self.mask, result_ids, step)  # view-major: view v of sample i at v*B+i
         num_views = views.shape[0] // batch
         clip_in = self.clip.normalize(from_model_range(views, clamp=False))
         image_embeds = self.clip.encode_image(clip_in).float()
-        text = self._text_for(batch).repeat_interleave(num_views, dim=0)
-        return spherical_distance(image_embeds, text).view(batch, num_views).mean(dim=1)
+        text = self._text_for(batch).repeat(num_views, 1)
+        return spherical_distance(image_embeds, text).view(num_views, batch).mean(dim=0)
 
     def loss(self, x_t: torch.Tensor, pred_xstart: torch.Tensor, fac: float, result_ids, step: int):
         """The original's loss for x_in = pred_xstart*fac + x_t*(1-fac), summed over the batch."""
@@ -128,24 +146,27 @@ class GuidanceObjective:
         return total, parts
 
 
-def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch.Tensor, t: torch.Tensor,
-                      result_ids, step: int, model_kwargs=None):
+def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch.Tensor, t, result_ids,
+                      step: int, model_kwargs=None):
     """-d(loss)/d(x_t), through a grad-enabled UNet forward, plus that forward's p_mean_variance.
 
-    Returning the forward's outputs (detached) lets the sampler skip its own unguided forward: with dropout 0
-    the model is deterministic, so both forwards give the same prediction (the "reuse forward" fast path).
+    ``t`` is the spaced step index, an int (the sampler's: no tensor is read back) or a [B] tensor of equal
+    indices. Returning the forward's outputs (detached) lets the sampler skip its own unguided forward: with
+    dropout 0 the model is deterministic, so both forwards give the same prediction (the "reuse forward"
+    fast path).
     """
+    index = t if isinstance(t, int) else int(torch.as_tensor(t).reshape(-1)[0])
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
         out = diffusion.p_mean_variance(model, x, t, model_kwargs=model_kwargs, clip_denoised=False)
-        fac = float(diffusion.sqrt_one_minus_alphas_cumprod[int(t[0])])
+        fac = float(diffusion.sqrt_one_minus_alphas_cumprod[index])
         loss, parts = objective.loss(x, out["pred_xstart"], fac, result_ids, step)
         if loss.requires_grad:
             grad = -torch.autograd.grad(loss, x)[0]
         else:
             grad = torch.zeros_like(x)
-    if objective.prompt_is_empty is not None and bool(objective.prompt_is_empty.any()):
-        keep = (~objective.prompt_is_empty).to(grad.dtype).to(grad.device).view(-1, 1, 1, 1)
+    keep = objective.gradient_keep(grad)
+    if keep is not None:
         grad = grad * keep
     detached = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
     return grad.float(), detached, parts

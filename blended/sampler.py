@@ -25,6 +25,7 @@ import torch
 
 from . import image_io, regions, seeds
 from .diffusion import GaussianDiffusion, create_diffusion
+from .devices import to_device
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
@@ -107,9 +108,9 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
     Returns the step's tensors (``sample`` is the next x, already blended) so tests can compare each against
     the reference computed by the original code.
     """
-    # Timesteps stay on the CPU: the schedule tables are gathered there (float64), so a device tensor would
-    # force a GPU->CPU sync at every lookup.
-    t = torch.full((x.shape[0],), index, dtype=torch.long)
+    # The step index stays a Python int: the diffusion gathers its coefficients from float32 copies of its
+    # tables kept on the device, and nothing in the step reads a value back from the device.
+    t = int(index)
     guided = objective is not None and objective.needs_gradient
     grad = None
     if guided and settings.reuse_guided_forward:
@@ -133,11 +134,9 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
         blended = sample
         if settings.mode == "blended":
             if settings.background_noise_step == "current":
-                background = diffusion.q_sample(init_image, torch.tensor([index]),
-                                                noise=background_noise)
+                background = diffusion.q_sample(init_image, t, noise=background_noise)
             elif index > 0:
-                background = diffusion.q_sample(init_image, torch.tensor([index - 1]),
-                                                noise=background_noise)
+                background = diffusion.q_sample(init_image, t - 1, noise=background_noise)
             else:
                 background = init_image
             background = background.expand(x.shape[0], -1, -1, -1)
@@ -164,17 +163,16 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
     indices = list(range(diffusion.num_timesteps - settings.skip_timesteps))[::-1]
     noise = noise_source if noise_source is not None else SeededNoise(seed, device, settings.group_size)
 
-    start = torch.full((k,), indices[0], dtype=torch.long)
-    x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), start,
-                           noise=noise.initial(indices[0], shape, result_ids).to(device))
+    x = diffusion.q_sample(init_image.expand(k, -1, -1, -1), indices[0],
+                           noise=to_device(noise.initial(indices[0], shape, result_ids), device))
     frames = []
     pred_xstart = None
     for n, index in enumerate(indices):
         model_kwargs = None
         if num_classes:
-            model_kwargs = {"y": noise.labels(index, result_ids, num_classes).to(device)}
-        step_noise = noise.step(index, shape, result_ids).to(device)
-        background_noise = noise.background(index, shape, result_ids).to(device)
+            model_kwargs = {"y": to_device(noise.labels(index, result_ids, num_classes), device)}
+        step_noise = to_device(noise.step(index, shape, result_ids), device)
+        background_noise = to_device(noise.background(index, shape, result_ids), device)
         out = guided_step(unet, diffusion, objective, x, index, init_image, mask, step_noise, background_noise,
                           settings, result_ids, model_kwargs)
         x = out["blended"]

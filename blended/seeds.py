@@ -11,9 +11,9 @@ so that:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from .devices import to_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,17 +64,16 @@ def generator_for(seed: int, *parts: int) -> torch.Generator:
 def randn(shape, seed: int, *parts: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from the stream (seed, *parts), then moved to ``device``."""
     noise = torch.randn(shape, generator=generator_for(seed, *parts), dtype=torch.float32)
-    return noise.to(device=device, dtype=dtype)
+    return to_device(noise, device, dtype)
 
 
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, *parts: int):
-    """Run code that draws from torch's global CPU RNG (kornia's augmentations) repeatably, then restore it.
+def randn_per_result(shape, seed: int, stream: int, result_ids, step: int, device=None,
+                     dtype=torch.float32) -> torch.Tensor:
+    """[len(result_ids), ...] noise, result ``r`` from the stream (seed, stream, r, step), in one copy.
 
-    Only the CPU generator is seeded (``torch.manual_seed`` would also reseed, and lazily initialise, every
-    CUDA generator, which ``fork_rng(devices=[])`` does not restore): forking then leaves the caller's (and
-    ComfyUI's) CPU and GPU random states untouched.
+    ``shape`` is one result's shape with a leading 1. The values are those of :func:`randn` per result; they are
+    drawn on the CPU and cross to the device together, so a step costs one copy however many results it has.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(derive_seed(seed, *parts))
-        yield
+    noise = torch.cat([torch.randn(shape, generator=generator_for(seed, stream, rid, step), dtype=torch.float32)
+                       for rid in result_ids])
+    return to_device(noise, device, dtype)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blended.augment import AugmentationSettings, ImageAugmentations
+from blended.augment import AugmentationSettings, ImageAugmentations, sample_view_params
 from blended.clip_model import CLIP_MEAN, CLIP_STD, load_guidance_clip
 from blended.errors import BlendedInputError
 from blended.guidance import GuidanceObjective, GuidanceSettings
@@ -51,40 +51,117 @@ def test_view_order_is_tiled_and_first_block_is_clean():
         assert not torch.allclose(views[k], pooled[k % 3])
 
 
-def _affine_translations(settings: AugmentationSettings, n=256):
-    augment = ImageAugmentations(32, settings)
-    affine = augment.warp[0]
-    params = affine.forward_parameters(torch.Size((n, 3, 32, 32)))
-    return params["translations"]
+def _stream(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _affine_translations(settings: AugmentationSettings, n=256, seed=0):
+    return sample_view_params(settings, 32, n, [_stream(seed)])["affine"]["translations"]
 
 
 def test_default_reproduces_kornia_vertical_only_translation():
-    torch.manual_seed(0)
     shifts = _affine_translations(AugmentationSettings(p_affine=1.0))
     assert torch.all(shifts[:, 0] == 0)
     assert shifts[:, 1].abs().max() > 0.05 * 32
     assert shifts[:, 1].abs().max() <= 0.1 * 32 + 1e-6
 
 
-def test_explicit_range_equals_the_originals_scalar_argument():
-    """The original passed translate=0.1 as a scalar; our explicit (0, 0.1) must sample identically."""
+@pytest.mark.parametrize("settings", [AugmentationSettings(),
+                                      AugmentationSettings(p_affine=1.0, p_perspective=0.0, degrees=30.0),
+                                      AugmentationSettings(fix_translate=True, distortion=0.3, p_perspective=1.0)])
+def test_parameters_are_kornias_own_draws(settings):
+    """Our sampler draws what the original's kornia modules draw from a global RNG seeded alike."""
     import kornia.augmentation as K
 
+    shape = torch.Size((64, 3, 32, 32))
+    translate = settings.translate if not settings.fix_translate else (settings.translate, settings.translate)
     torch.manual_seed(5)
-    original = K.RandomAffine(degrees=15, translate=0.1, p=0.7, padding_mode="border")
-    expected = original.forward_parameters(torch.Size((64, 3, 32, 32)))
-    torch.manual_seed(5)
-    ours = ImageAugmentations(32, AugmentationSettings()).warp[0].forward_parameters(torch.Size((64, 3, 32, 32)))
-    for key in ("translations", "angle", "batch_prob"):
-        torch.testing.assert_close(ours[key], expected[key], rtol=0, atol=0)
+    affine = K.RandomAffine(degrees=settings.degrees, translate=translate, p=settings.p_affine,
+                            padding_mode="border").forward_parameters(shape)
+    perspective = K.RandomPerspective(settings.distortion, p=settings.p_perspective).forward_parameters(shape)
+    ours = sample_view_params(settings, 32, 64, [_stream(5)])
+    for key in ("translations", "center", "scale", "angle", "shear_x", "shear_y", "batch_prob"):
+        torch.testing.assert_close(ours["affine"][key], affine[key].float(), rtol=0, atol=0)
+    for key in ("start_points", "end_points", "batch_prob"):
+        torch.testing.assert_close(ours["perspective"][key], perspective[key].float(), rtol=0, atol=0)
 
 
 def test_fix_translate_shifts_both_axes():
-    torch.manual_seed(0)
     shifts = _affine_translations(AugmentationSettings(p_affine=1.0, fix_translate=True))
     assert shifts[:, 0].abs().max() > 0.05 * 32
     assert shifts[:, 1].abs().max() > 0.05 * 32
     assert shifts.abs().max() <= 0.1 * 32 + 1e-6
+
+
+def _slice_params(group: dict, k: int) -> dict:
+    return {key: value[k:k + 1] for key, value in group.items()}
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros", "reflection"])
+def test_batched_warp_equals_kornias_per_view_warps(padding_mode):
+    """All views warped in one call = each view through kornia's RandomAffine then RandomPerspective."""
+    import kornia.augmentation as K
+
+    settings = AugmentationSettings(num_views=6, padding_mode=padding_mode)
+    augment = ImageAugmentations(32, settings)
+    x = _images(batch=3)
+    streams = [_stream(10 + i) for i in range(3)]
+    params = augment.sample(3, streams)
+    views = augment(x, params=params)
+    assert views.shape == (18, 3, 32, 32)
+    pooled = F.adaptive_avg_pool2d(x, 32)
+    torch.testing.assert_close(views[:3], pooled, rtol=0, atol=0)
+    affine = K.RandomAffine(degrees=15, translate=0.1, p=0.7, padding_mode=padding_mode)
+    perspective = K.RandomPerspective(0.7, p=0.7)
+    applied = 0
+    for k in range(15):  # warped view k is view k // 3 + 1 of sample k % 3
+        one = affine(pooled[k % 3:k % 3 + 1], params=_slice_params(params["affine"], k))
+        one = perspective(one, params=_slice_params(params["perspective"], k))
+        torch.testing.assert_close(views[3 + k:4 + k], one, atol=2e-5, rtol=0)
+        applied += int(not torch.equal(one, pooled[k % 3:k % 3 + 1]))
+    assert applied >= 10  # most views really are warped (p = 0.7 for each warp)
+
+
+def test_a_samples_views_do_not_depend_on_its_batch():
+    settings = AugmentationSettings(num_views=5)
+    augment = ImageAugmentations(32, settings)
+    x = _images(batch=4)
+    together = augment(x, [_stream(i) for i in range(4)]).view(5, 4, 3, 32, 32)
+    for i in range(4):
+        alone = augment(x[i:i + 1], [_stream(i)]).view(5, 1, 3, 32, 32)
+        torch.testing.assert_close(together[:, i], alone[:, 0], rtol=0, atol=1e-6)
+
+
+def test_per_sample_streams_leave_the_global_rng_alone():
+    augment = ImageAugmentations(32, AugmentationSettings(num_views=4))
+    state = torch.random.get_rng_state()
+    augment(_images(batch=2), [_stream(1), _stream(2)])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_single_resample_keeps_the_geometry_and_blurs_less():
+    g = torch.Generator().manual_seed(3)
+    smooth = F.interpolate(torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, size=64, mode="bicubic",
+                           align_corners=False)
+    streams = lambda: [_stream(20), _stream(21)]  # noqa: E731
+    # With only the rotation/shift, one homography warp is the affine warp itself.
+    only_affine = dict(num_views=4, p_affine=1.0, p_perspective=0.0)
+    two = ImageAugmentations(64, AugmentationSettings(**only_affine))(smooth, streams())
+    one = ImageAugmentations(64, AugmentationSettings(**only_affine, single_resample=True))(smooth, streams())
+    torch.testing.assert_close(one, two, atol=1e-4, rtol=0)
+    # Both warps: the same picture (same parameters) up to the second resampling's blur ...
+    both = dict(num_views=4, p_affine=1.0, p_perspective=1.0)
+    two = ImageAugmentations(64, AugmentationSettings(**both))(smooth, streams())
+    one = ImageAugmentations(64, AugmentationSettings(**both, single_resample=True))(smooth, streams())
+    assert (one - two).abs().mean() < 0.02
+    assert not torch.allclose(one[2:], two[2:], atol=1e-4)
+    # ... which shows on fine detail: one resampling keeps more of a noise image's variance.
+    noise = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    two = ImageAugmentations(64, AugmentationSettings(**both, padding_mode="zeros"))(noise, streams())
+    one = ImageAugmentations(64, AugmentationSettings(**both, padding_mode="zeros",
+                                                      single_resample=True))(noise, streams())
+    center = (slice(None), slice(None), slice(24, 40), slice(24, 40))
+    assert one[2:][center].std() > two[2:][center].std() * 1.05
 
 
 def test_gradient_flows_through_warped_views():

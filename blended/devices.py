@@ -1,0 +1,21 @@
+"""Host-to-device copies that do not stall the host.
+
+A plain ``tensor.to("cuda")`` from ordinary (pageable) CPU memory makes torch wait for the copy, which also
+waits for every kernel queued before it: inside the guided step that idles the GPU once per copy. Copying
+from pinned memory without blocking lets the host go on queueing work; the pinned buffer is only reused
+once the copy is done (torch's pinned-memory cache tracks that).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device`` in ``dtype``, without a host sync when ``device`` is CUDA."""
+    device = torch.device(device) if device is not None else tensor.device
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
+    return tensor if dtype is None else tensor.to(dtype)
