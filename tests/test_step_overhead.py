@@ -1,0 +1,86 @@
+"""The guided step's host work: nothing read back from the device, and a cost that does not grow per result.
+
+On a GPU, every value read back (``.item()``, ``float(tensor)``, ``bool(tensor)``, ``nonzero``) stalls the host
+until the GPU has drained its queue, and every small op is a kernel launch. Both are visible on the CPU:
+reads go through ``aten._local_scalar_dense`` (or a data-dependent op), and ops can be counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from blended.augment import AugmentationSettings
+from blended.checkpoint import load_guided_diffusion
+from blended.clip_model import load_guidance_clip
+from blended.diffusion import create_diffusion
+from blended.guidance import GuidanceObjective, GuidanceSettings
+from blended.sampler import SamplerSettings, guided_step
+
+REF = Path(__file__).parent / "fixtures" / "reference"
+
+# Ops that need a device value on the host (they synchronize a CUDA stream).
+_READBACK = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2"}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def models():
+    unet = load_guided_diffusion(path=REF / "gd_tiny" / "model.safetensors")[0]
+    clip = load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
+    return unet, clip, create_diffusion(timestep_respacing="100")
+
+
+def _step(models, batch: int, views: int, **settings):
+    unet, clip, diffusion = models
+    size = unet.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    init = torch.rand(1, 3, size, size, generator=gen) * 2 - 1
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 16:48, 16:48] = 1
+    objective = GuidanceObjective(clip, clip.text_embedding("a red rock"), mask, init,
+                                  GuidanceSettings(augmentations=AugmentationSettings(num_views=views)), seed=3)
+    objective.prompt_is_empty = torch.tensor([False] * batch)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    noise, background = torch.randn(batch, 3, size, size, generator=gen), torch.randn(1, 3, size, size, generator=gen)
+    sampler = SamplerSettings(**settings)
+
+    def run():
+        return guided_step(unet, diffusion, objective, x, 40, init, mask, noise, background, sampler,
+                           list(range(batch)))
+    return run
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(reuse_guided_forward=True), dict(method="ddim"),
+                                      dict(background_noise_step="previous")])
+def test_guided_step_reads_nothing_back(models, settings):
+    run = _step(models, batch=2, views=4, **settings)
+    run()  # first call builds the device tables
+    with _Recorder() as recorder:
+        run()
+    assert len(recorder.calls) > 100  # the recorder saw the step
+    assert sorted(set(recorder.calls) & _READBACK) == []
+
+
+def test_step_op_count_hardly_grows_with_the_batch(models):
+    """All views of all results share one augmentation: 8 results cost little more host work than 1."""
+    counts = {}
+    for batch in (1, 8):
+        run = _step(models, batch=batch, views=8, reuse_guided_forward=True)
+        run()
+        with _Recorder() as recorder:
+            run()
+        counts[batch] = len(recorder.calls)
+    assert counts[8] < counts[1] * 1.15, counts
