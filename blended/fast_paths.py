@@ -38,12 +38,17 @@ __all__ = [
     "FASTEST_CPU",
     "FASTEST_GPU",
     "FastPathOptions",
+    "OPTION_TOKENS",
+    "PRESETS",
     "apply_channels_last",
     "apply_fast_paths",
     "autocast_context",
     "compile_unet",
+    "guidance_settings_with",
+    "parse_preset",
     "parse_dtype",
     "sampler_settings_with",
+    "set_clip_checkpointing",
     "set_clip_precision",
     "set_gradient_checkpointing",
     "set_unet_precision",
@@ -79,6 +84,9 @@ class FastPathOptions:
     gradient_checkpointing: recompute UNet blocks in the backward instead of keeping their activations.
     compile: ``torch.compile`` the UNet (the first steps pay the compile time).
     reuse_guided_forward: skip the sampler's unguided UNet forward (saves a third of the UNet work).
+    single_resample: warp each CLIP view once (rotation/shift and perspective composed into one homography)
+        instead of the original's two resamplings: less blur, one warp fewer (see ``AugmentationSettings``).
+    clip_checkpointing: recompute CLIP's vision blocks in the backward instead of keeping their activations.
     """
 
     precision: str = "fp32"
@@ -88,6 +96,8 @@ class FastPathOptions:
     gradient_checkpointing: bool = False
     compile: bool = False
     reuse_guided_forward: bool = False
+    single_resample: bool = False
+    clip_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.precision)
@@ -117,19 +127,69 @@ class FastPathOptions:
         if self.clip_dtype != self.unet_dtype:
             parts.append(f"clip-{self.clip_precision}")
         for flag, label in ((self.channels_last, "channels_last"), (self.gradient_checkpointing, "ckpt"),
-                            (self.compile, "compile"), (self.reuse_guided_forward, "reuse")):
+                            (self.compile, "compile"), (self.reuse_guided_forward, "reuse"),
+                            (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt")):
             if flag:
                 parts.append(label)
         return "+".join(parts)
 
 
 FAITHFUL = FastPathOptions()
-# Measured fastest on a 2-core AMX CPU (docs/speed.md): AMX makes bf16 convs pay; channels_last does not
+# Measured fastest on a 2-core AMX CPU (README, "Speed"): AMX makes bf16 convs pay; channels_last does not
 # (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
 FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
 # The intended GPU setting (to be confirmed by scripts/bench.py on the card): bf16 autocast, NHWC,
 # compiled, one UNet forward per step. Checkpointing stays a memory-only choice (it costs time).
 FASTEST_GPU = FastPathOptions(precision="bf16", channels_last=True, compile=True, reuse_guided_forward=True)
+
+# Named option sets for the benchmark and for users; a name or an option may be '+'-joined with more options
+# (see :func:`parse_preset`).
+PRESETS = {
+    "faithful": FAITHFUL,
+    "fast-cpu": FASTEST_CPU,
+    "fast-gpu": FASTEST_GPU,
+    # The fast GPU path without a compile wait: bf16 autocast and one UNet forward per step.
+    "fast-gpu-eager": FastPathOptions(precision="bf16", reuse_guided_forward=True),
+    # The original's GPU numerics: fp16 torso UNet, fp16 CLIP, two UNet forwards per step (attention via SDPA).
+    "original-gpu": FastPathOptions(precision="fp16", precision_scheme="torso"),
+    # Memory-first: fast-gpu with the UNet's and CLIP's activations recomputed, for the largest batches.
+    "fast-gpu-lowmem": dataclasses.replace(FASTEST_GPU, gradient_checkpointing=True, clip_checkpointing=True),
+}
+
+# The options a preset can be extended with, each the FastPathOptions fields it sets.
+OPTION_TOKENS = {
+    "fp32": {"precision": "fp32", "precision_scheme": "autocast"},
+    "bf16": {"precision": "bf16", "precision_scheme": "autocast"},
+    "fp16": {"precision": "fp16", "precision_scheme": "autocast"},
+    "bf16-torso": {"precision": "bf16", "precision_scheme": "torso"},
+    "fp16-torso": {"precision": "fp16", "precision_scheme": "torso"},
+    "clip-fp32": {"clip_precision": "fp32"},
+    "channels_last": {"channels_last": True},
+    "ckpt": {"gradient_checkpointing": True},
+    "clip_ckpt": {"clip_checkpointing": True},
+    "compile": {"compile": True},
+    "reuse": {"reuse_guided_forward": True},
+    "single_resample": {"single_resample": True},
+}
+
+
+def parse_preset(text: str) -> FastPathOptions:
+    """'fast-gpu', 'bf16+channels_last+reuse' or 'fast-gpu-eager+ckpt': presets and options joined by '+'.
+
+    Parts apply left to right on top of the faithful mode, so a later option overrides a preset's.
+    """
+    fields: dict = {}
+    for token in str(text).strip().split("+"):
+        if token in PRESETS:
+            preset = PRESETS[token]
+            fields.update({f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
+                           if getattr(preset, f.name) != getattr(FAITHFUL, f.name)})
+        elif token in OPTION_TOKENS:
+            fields.update(OPTION_TOKENS[token])
+        else:
+            raise BlendedInputError(f"unknown speed option {token!r} in {text!r}: use presets "
+                                    f"({', '.join(PRESETS)}) and options ({', '.join(OPTION_TOKENS)}) joined by '+'")
+    return FastPathOptions(**fields)
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype | str):
@@ -217,6 +277,20 @@ def set_gradient_checkpointing(unet, enabled: bool):
     return unet
 
 
+def set_clip_checkpointing(clip, enabled: bool):
+    """Recompute CLIP's vision transformer blocks in the backward (open_clip's own grad checkpointing).
+
+    The views' activations inside CLIP are saved per result and per view; recomputing them costs about one
+    more CLIP forward per step and frees that memory for a larger batch.
+    """
+    visual = clip.model.visual
+    if hasattr(visual, "set_grad_checkpointing"):
+        visual.set_grad_checkpointing(bool(enabled))
+    elif enabled:
+        raise BlendedInputError("this CLIP model has no gradient checkpointing: turn clip_checkpointing off")
+    return clip
+
+
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = False):
     """``torch.compile`` the whole UNet in place (its ``config`` and parameters stay where callers look).
 
@@ -247,6 +321,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     set_clip_precision(clip, options.clip_dtype)
     apply_channels_last(unet, clip, enabled=options.channels_last)
     set_gradient_checkpointing(unet, options.gradient_checkpointing)
+    set_clip_checkpointing(clip, options.clip_checkpointing)
     if options.compile and not is_compiled(unet):
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):
@@ -258,3 +333,9 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
 def sampler_settings_with(settings, options: FastPathOptions):
     """A copy of ``settings`` (a SamplerSettings) with the sampler-level fast paths of ``options``."""
     return dataclasses.replace(settings, reuse_guided_forward=options.reuse_guided_forward)
+
+
+def guidance_settings_with(settings, options: FastPathOptions):
+    """A copy of ``settings`` (a GuidanceSettings) with the augmentation-level fast paths of ``options``."""
+    augmentations = dataclasses.replace(settings.augmentations, single_resample=options.single_resample)
+    return dataclasses.replace(settings, augmentations=augmentations)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ..blended import fast_paths
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
+from ..blended.memory import activation_bytes_per_result, auto_batch_size
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from . import comfy_bridge as bridge
 
@@ -66,9 +68,10 @@ class BlendedDiffusionSampler:
                                        "Paste the untouched original outside the mask at the end (original: on)."}),
                 "invert_mask": ("BOOLEAN", {"default": False, "tooltip":
                                 "Edit where the mask is 0 instead (e.g. background replacement)."}),
-                "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 256, "tooltip":
+                "batch_size": ("INT", {"default": d.batch_size, "min": 0, "max": 256, "tooltip":
                                "Results denoised together. Lower it if you run out of memory; results do not "
-                               "depend on it."}),
+                               "depend on it. 0 = auto: as many as fit in the memory that is free once the "
+                               "models are loaded."}),
             },
             "optional": {
                 "region": (["full", "mask_crop"], {"default": d.region, "tooltip":
@@ -125,7 +128,7 @@ class BlendedDiffusionSampler:
         num_prompts = len(guidance.prompts)
         # The library reports the real total with every step (it knows the final batch after broadcasting).
         callback = bridge.progress_callback(1, node_id=unique_id, preview=preview)
-        memory = bridge.activation_bytes(min(batch_size, num_prompts * num_results), model.unet.config.image_size,
+        memory = bridge.activation_bytes(min(batch_size or 1, num_prompts * num_results), model.unet.config.image_size,
                                          model.compute_dtype, getattr(model.unet, "gradient_checkpointing", False))
         with bridge.autograd_enabled():
             lpips_model = None
@@ -133,6 +136,9 @@ class BlendedDiffusionSampler:
                 lpips_model = load_lpips()
             bridge.load_for_sampling([model.patcher, guidance.clip.patcher], memory)
             device = model.patcher.load_device
+            if batch_size == 0:
+                settings = dataclasses.replace(settings, batch_size=_auto_batch_size(
+                    model, device, num_prompts * num_results, PRECISIONS[precision]))
             # Per-run speed options, applied to the shared model without changing its stored weights.
             model.unet.autocast_dtype = PRECISIONS[precision]
             fast_paths.apply_channels_last(model.unet, guidance.clip.clip, enabled=channels_last)
@@ -161,3 +167,13 @@ class BlendedDiffusionSampler:
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
+
+
+def _auto_batch_size(model, device, num_results: int, autocast_dtype) -> int:
+    """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
+    low_precision = autocast_dtype is not None or model.compute_dtype in (torch.float16, torch.bfloat16)
+    per_result = activation_bytes_per_result(model.unet.config.image_size, low_precision,
+                                             getattr(model.unet, "gradient_checkpointing", False))
+    batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result, num_results)
+    log.info("Blended Diffusion: batch_size auto = %d", batch)
+    return batch

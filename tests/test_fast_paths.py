@@ -1,10 +1,8 @@
 """Fast paths keep the faithful numbers where they must, stay close where they trade precision, and the
 benchmark script runs and prints its figures (tests/fixtures only; CPU)."""
 
-import importlib.util
 import io
 import json
-import sys
 
 import pytest
 import torch
@@ -24,11 +22,9 @@ INDEX = 60  # a mid-schedule step of the blended_step reference
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("blended_bench_script", REPO_ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    from blended import benchmark
+
+    return benchmark
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +258,11 @@ def test_bench_reports_mfu_with_a_given_peak_and_refuses_bad_options():
     assert rows[1]["saved_gib"] < rows[0]["saved_gib"] / 2
     with pytest.raises(SystemExit):
         bench.parse_option_set("bf16+turbo")
+    with pytest.raises(BlendedInputError):
+        fast_paths.parse_preset("fast-gpu+turbo")
+    assert fast_paths.parse_preset("fast-gpu-eager+ckpt") == fast_paths.FastPathOptions(
+        precision="bf16", reuse_guided_forward=True, gradient_checkpointing=True)
+    assert fast_paths.parse_preset("fast-gpu+fp32").precision == "fp32"  # later parts override a preset's
     specs = bench.run_specs(bench.parse_args(["--dtype", "fp32,bf16", "--precision-scheme", "autocast,torso",
                                               "--checkpointing", "on,off", "--batch", "1,4"]))
     # fp32 has one scheme, bf16 two: (1 + 2) x 2 checkpointing x 2 batches

@@ -1,0 +1,45 @@
+"""How many results fit in one batch: the guided step's memory grows linearly with the batch.
+
+Each result of a guided step keeps the activations of its grad-enabled UNet forward and of CLIP on all its
+views until the backward: at 256x256 with 8 views that is 3.8 GiB per result with the original's fp16 torso
+(measured on an H100 with ``scripts/bench.py``'s saved-tensor count) and 5.4 GiB in fp32. The weights and
+ComfyUI's own needs come on top, so a batch is sized from the memory that is free once the models are loaded.
+"""
+
+from __future__ import annotations
+
+GIB = 1 << 30
+
+# Activations saved for the backward per result at 256x256, 8 views (H100 measurements, bench `saved_gib`).
+_SAVED_PER_RESULT_256 = {"fp32": 5.4 * GIB, "low": 3.84 * GIB}
+# Only each block's input is kept with checkpointing (CPU measurement of the tiny layout: about a quarter).
+_CHECKPOINT_FACTOR = 0.25
+# The backward's own temporaries (gradients of the largest activations, conv workspaces) above the saved set.
+_TRANSIENT_FACTOR = 1.25
+
+
+def activation_bytes_per_result(image_size: int = 256, low_precision: bool = False,
+                                gradient_checkpointing: bool = False) -> int:
+    """Estimated peak bytes one result adds to a guided step (saved activations and backward temporaries)."""
+    saved = _SAVED_PER_RESULT_256["low" if low_precision else "fp32"] * (image_size / 256) ** 2
+    if gradient_checkpointing:
+        saved *= _CHECKPOINT_FACTOR
+    return int(saved * _TRANSIENT_FACTOR)
+
+
+def auto_batch_size(free_bytes: int, per_result_bytes: int, num_results: int, reserve_bytes: int = GIB,
+                    max_batch: int = 64) -> int:
+    """The largest batch (1 .. min(num_results, max_batch)) whose activations fit in ``free_bytes``.
+
+    ``reserve_bytes`` stays free for the allocator's fragmentation and other nodes. The batch is then evened
+    out over the results (64 results with room for 24 run as 3 batches of 22, not 24+24+16), which costs
+    nothing and keeps the last batch from being a small, poorly used one. Never below 1: a result that does
+    not fit even alone is for the out-of-memory advice to explain.
+    """
+    if per_result_bytes <= 0:
+        raise ValueError("per_result_bytes must be positive")
+    limit = max(1, min(int(num_results), int(max_batch)))
+    fits = int(max(0, free_bytes - reserve_bytes) // per_result_bytes)
+    batch = max(1, min(limit, fits))
+    batches = -(-int(num_results) // batch)
+    return max(1, -(-int(num_results) // batches))
