@@ -267,3 +267,26 @@ def test_bench_reports_mfu_with_a_given_peak_and_refuses_bad_options():
                                               "--checkpointing", "on,off", "--batch", "1,4"]))
     # fp32 has one scheme, bf16 two: (1 + 2) x 2 checkpointing x 2 batches
     assert len(specs) == 12
+
+
+def test_clip_checkpointing_gives_identical_gradients_and_fewer_saved_bytes():
+    from blended import benchmark
+
+    clip = load_guidance_clip(REF / "clip_tiny" / "model.safetensors")
+    x = torch.rand(4, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
+
+    def gradient():
+        leaf = x.clone().requires_grad_(True)
+        return torch.autograd.grad(clip.encode_image(clip.normalize(leaf)).pow(2).sum(), leaf)[0]
+
+    def saved():
+        return benchmark.saved_activation_bytes(gradient, clip.model)
+
+    plain, plain_saved = gradient(), saved()
+    fast_paths.set_clip_checkpointing(clip, True)
+    try:
+        torch.testing.assert_close(gradient(), plain, rtol=0, atol=1e-6)
+        assert saved() < plain_saved / 2
+    finally:
+        fast_paths.set_clip_checkpointing(clip, False)
+    assert fast_paths.parse_preset("fast-gpu-lowmem").clip_checkpointing

@@ -68,10 +68,12 @@ def _step(models, batch: int, views: int, **settings):
 def test_guided_step_reads_nothing_back(models, settings):
     run = _step(models, batch=2, views=4, **settings)
     run()  # first call builds the device tables
+    rng = torch.random.get_rng_state()
     with _Recorder() as recorder:
         run()
     assert len(recorder.calls) > 100  # the recorder saw the step
     assert sorted(set(recorder.calls) & _READBACK) == []
+    assert torch.equal(torch.random.get_rng_state(), rng)  # per-result generators only, never the global RNG
 
 
 def test_step_op_count_hardly_grows_with_the_batch(models):
