@@ -19,8 +19,9 @@ Usage (from the repository root):
 Comma lists (``--batch``, ``--dtype``, ``--precision-scheme``, ``--channels-last``, ``--checkpointing``,
 ``--compile``, ``--reuse``) are crossed: one row per combination. ``--preset`` replaces the option axes with
 a comma list of option sets, each presets and options joined by '+' (``fast-gpu-eager``,
-``bf16+channels_last+reuse``, ``fast-gpu+ckpt``; see ``blended.fast_paths.PRESETS`` and ``OPTION_TOKENS``). ``--rounds`` interleaves the rows several times (for a
-shared machine); ``--threads 1`` keeps CPU timings stable when other processes compete for the cores.
+``bf16+channels_last+reuse``, ``fast-gpu+ckpt``; see ``blended.fast_paths.PRESETS`` and ``OPTION_TOKENS``).
+``--rounds`` interleaves the rows several times (for a shared machine); ``--threads 1`` keeps CPU timings
+stable when other processes compete for the cores.
 
 Each row prints: seconds per guided step (median and best), the first step (with compile time), seconds for
 the whole edit, results per minute, peak memory (CUDA peak allocated; on CPU the process's peak RSS, which
@@ -79,8 +80,8 @@ PEAK_TFLOPS = (
 )
 
 FIELDS = ("config", "device", "batch", "views", "options", "s_per_step", "s_step_min", "s_first_step", "edit_steps",
-          "s_per_edit", "results_per_min", "peak_mem_gib", "base_mem_gib", "saved_gib", "tflop_per_step", "achieved_tflops", "mfu",
-          "clip_fwd_per_step", "aten_ops_per_step", "saved_mib_per_result")
+          "s_per_edit", "results_per_min", "peak_mem_gib", "base_mem_gib", "saved_gib", "tflop_per_step",
+          "achieved_tflops", "mfu", "clip_fwd_per_step", "aten_ops_per_step", "saved_mib_per_result")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -102,8 +103,8 @@ def build_models(config: str, device: torch.device):
     if config == "full256":
         import open_clip
 
-        from .unet import GuidedDiffusionUNet
         from .architecture_detection import unet_config_from_original_kwargs
+        from .unet import GuidedDiffusionUNet
 
         layout = json.loads(FULL256_LAYOUT.read_text())
         with torch.device(device):  # initialise on the device: 552M parameters are slow to init on a CPU

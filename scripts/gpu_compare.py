@@ -77,7 +77,8 @@ def _env():
 
 def _table(rows: list[dict], num_results: int) -> str:
     original = {r["batch"]: r for r in rows if r["stage"].startswith("original-step") and r.get("s_per_step")}
-    lines = ["| run | batch | s / guided step (min) | speed-up vs original | peak GiB | MFU |", "|---|---|---|---|---|---|"]
+    lines = ["| run | batch | s / guided step (min) | speed-up vs original | peak GiB | MFU |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if not r.get("s_per_step") or r["stage"] == "original-edit":
             continue
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     rows: list[dict] = []
     common = ["--config", args.config, "--device", args.device, "--views", str(args.views)]
-    original_common = common + (["--ref", str(REPO / "tests" / "fixtures" / "reference")] if args.config == "tiny" else [])
+    reference = REPO / "tests" / "fixtures" / "reference"
+    original_common = common + (["--ref", str(reference)] if args.config == "tiny" else [])
     with args.out.open("w") as out:
         if args.original is not None:
             extra = ["--original-src", str(args.original_src)] if args.original_src else []
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
                 rows += run_stage(f"original-step-b{batch}", [args.python, str(args.original), *original_common,
                                   *extra, "--batch", str(batch), "--steps", "5"], args.timeout, out)
             rows += run_stage("original-edit", [args.python, str(args.original), *original_common, *extra,
-                              "--batch", str(max(batches)), "--steps", "1", "--edit-steps", str(args.steps)], args.timeout, out)
+                              "--batch", str(max(batches)), "--steps", "1", "--edit-steps", str(args.steps)],
+                              args.timeout, out)
         for preset in args.presets.split(","):
             for batch in batches:
                 rows += run_stage(f"pack-step-{preset}-b{batch}", [args.python, str(BENCH), *common, "--preset",
@@ -142,8 +145,8 @@ def main(argv=None) -> int:
                                   "--saved", "off", "--ops", "off"], args.timeout, out)
         for preset in filter(None, args.edit_presets.split(",")):
             rows += run_stage(f"pack-ranked-edit-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
-                              "--batch", str(args.edit_batch), "--steps", str(args.steps), "--ranked-edit", str(args.results)],
-                              args.timeout, out)
+                              "--batch", str(args.edit_batch), "--steps", str(args.steps),
+                              "--ranked-edit", str(args.results)], args.timeout, out)
     print(_table(rows, args.results))
     return 0
 

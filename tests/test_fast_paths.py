@@ -16,7 +16,7 @@ from blended.fast_paths import FastPathOptions, WeightSnapshot
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.sampler import SamplerSettings, guided_step
 from blended.unet import GuidedDiffusionUNet
-from conftest import REF, REPO_ROOT, assert_close, tiny_clip, tiny_unet
+from conftest import REF, assert_close, tiny_clip, tiny_unet
 
 INDEX = 60  # a mid-schedule step of the blended_step reference
 
@@ -272,7 +272,7 @@ def test_bench_reports_mfu_with_a_given_peak_and_refuses_bad_options():
 def test_clip_checkpointing_gives_identical_gradients_and_fewer_saved_bytes():
     from blended import benchmark
 
-    clip = load_guidance_clip(REF / "clip_tiny" / "model.safetensors")
+    clip = tiny_clip()
     x = torch.rand(4, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
 
     def gradient():
