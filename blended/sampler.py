@@ -24,8 +24,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import image_io, regions, seeds
-from .diffusion import GaussianDiffusion, create_diffusion
 from .devices import to_device
+from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
 from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
