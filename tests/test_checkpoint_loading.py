@@ -35,6 +35,15 @@ def refused(path: Path, *fragments: str) -> CheckpointError:
     return info.value
 
 
+def copy_with_config(folder: Path, file_name: str, **changes) -> tuple[Path, dict]:
+    """The tiny checkpoint copied into `folder` with the original's config.json beside it, changed by `changes`."""
+    path = folder / file_name
+    shutil.copyfile(GD_TINY / file_name, path)
+    config = {**json.loads((GD_TINY / "config.json").read_text()), **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return path, config
+
+
 def test_loaded_model_is_frozen_float32_eval_on_cpu(tmp_path, tiny_state):
     half = {k: v.half() for k, v in tiny_state.items()}
     path = tmp_path / "half.safetensors"
@@ -150,11 +159,7 @@ def test_wrapped_state_dict_and_misnamed_formats_load(tmp_path, tiny_state):
 
 
 def test_config_json_beside_wins_and_overrides_win_over_it(tmp_path):
-    path = tmp_path / "model.pt"
-    shutil.copyfile(GD_TINY / "model.pt", path)
-    config = json.loads((GD_TINY / "config.json").read_text())
-    config["num_head_channels"] = 32
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    path, config = copy_with_config(tmp_path, "model.pt", num_head_channels=32)
 
     _, detected = load_guided_diffusion(state_dict=read_state_dict(path))
     assert detected.num_head_channels == 64
@@ -172,11 +177,7 @@ def test_config_json_beside_wins_and_overrides_win_over_it(tmp_path):
 
 
 def test_config_json_that_contradicts_the_weights_is_reported(tmp_path):
-    path = tmp_path / "model.safetensors"
-    shutil.copyfile(GD_TINY / "model.safetensors", path)
-    config = json.loads((GD_TINY / "config.json").read_text())
-    config["num_res_blocks"] = 2
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    path, _ = copy_with_config(tmp_path, "model.safetensors", num_res_blocks=2)
     refused(path, "config.json", "missing")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):

@@ -9,17 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blended import regions
 from blended.image_io import check_mask_not_empty, match_batches, prepare_mask, to_rgb_nchw
-from blended.regions import (
-    crop_image,
-    crop_mask,
-    feather_mask,
-    grow_mask,
-    mask_bounding_box,
-    paste_back,
-    plan_full_image,
-    plan_mask_crop,
-)
 
 MODEL_SIZES = st.sampled_from([8, 64, 256])
 PROPERTY_SETTINGS = settings(
@@ -78,8 +69,8 @@ def region_cases(draw):
 def test_plan_is_square_and_contains_the_mask(case, model_size, context, min_crop):
     height, width, boxes = case
     mask = _mask_from(boxes, height, width)
-    plan = plan_mask_crop(mask, model_size, context=context, min_crop=min_crop)
-    row0, row1, col0, col1 = mask_bounding_box(mask)
+    plan = regions.plan_mask_crop(mask, model_size, context=context, min_crop=min_crop)
+    row0, row1, col0, col1 = regions.mask_bounding_box(mask)
     assert plan.is_square and plan.model_size == model_size
     assert plan.top <= row0 and plan.bottom >= row1 and plan.left <= col0 and plan.right >= col1
     assert max(row1 - row0, col1 - col0) <= plan.height <= max(height, width)
@@ -97,11 +88,11 @@ def test_crop_shapes_ranges_and_mask_survival(case, model_size, full, batch):
     height, width, boxes = case
     mask = _mask_from(boxes, height, width, value=0.3)[None, None].expand(batch, 1, -1, -1)
     image = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(height * 7 + width))
-    plan = plan_full_image(height, width, model_size) if full else plan_mask_crop(mask, model_size)
-    crop = crop_image(image, plan)
+    plan = regions.plan_full_image(height, width, model_size) if full else regions.plan_mask_crop(mask, model_size)
+    crop = regions.crop_image(image, plan)
     assert crop.shape == (batch, 3, model_size, model_size)
     assert torch.isfinite(crop).all() and crop.min() >= 0 and crop.max() <= 1
-    model_mask = crop_mask(mask, plan)
+    model_mask = regions.crop_mask(mask, plan)
     assert model_mask.shape == (batch, 1, model_size, model_size)
     assert set(model_mask.unique().tolist()) <= {0.0, 1.0}
     # every region keeps at least one model pixel near where it maps, however thin it is
@@ -126,8 +117,8 @@ def test_paste_back_keeps_everything_outside_the_composite_mask(case, model_size
     height, width, boxes = case
     generator = torch.Generator().manual_seed(seed)
     mask = _mask_from(boxes, height, width)[None, None]
-    grown = grow_mask(mask, grow + feather, shape=shape)
-    composite = feather_mask(grown, feather, shape=shape)
+    grown = regions.grow_mask(mask, grow + feather, shape=shape)
+    composite = regions.feather_mask(grown, feather, shape=shape)
     assert composite.shape == mask.shape
     assert composite.min() >= 0 and composite.max() <= 1
     if grow >= 0:
@@ -135,9 +126,9 @@ def test_paste_back_keeps_everything_outside_the_composite_mask(case, model_size
     if composite.amax() == 0:  # eroded away entirely: nothing to plan
         return
     image = torch.rand(1, 3, height, width, generator=generator)
-    plan = plan_mask_crop(composite, model_size)
+    plan = regions.plan_mask_crop(composite, model_size)
     edited = torch.rand(1, 3, model_size, model_size, generator=generator)
-    out = paste_back(image, edited, plan, composite)
+    out = regions.paste_back(image, edited, plan, composite)
     assert out.shape == image.shape
     keep = (composite == 0).expand_as(image)
     assert torch.equal(out[keep], image[keep])
@@ -179,8 +170,8 @@ def test_any_image_and_mask_layout_prepares_cleanly(
     expected_batch = mask_batch if image_batch == 1 else image_batch
     assert matched_image.shape == (expected_batch, 3, height, width)
     if matched_mask.amax() > 0:
-        plan = plan_mask_crop(matched_mask, 64)
-        assert crop_image(matched_image, plan).shape == (expected_batch, 3, 64, 64)
+        plan = regions.plan_mask_crop(matched_mask, 64)
+        assert regions.crop_image(matched_image, plan).shape == (expected_batch, 3, 64, 64)
     try:
         check_mask_not_empty(matched_mask)
         assert all(item.amax() > 0 for item in matched_mask)
