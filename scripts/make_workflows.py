@@ -119,11 +119,23 @@ def save(g: Graph, src, output, prefix, x, y):
     return node
 
 
-def ranked_results(defs):
+def edit_start(defs, prompt, image=IMG, mask=MASK):
+    """A new workflow holding the two models, the photo and mask loaders and the guidance for `prompt`."""
     g = Graph(defs)
     unet, clip = models(g)
-    img, msk = inputs(g)
-    guide = guidance(g, clip, "a big rock")
+    img, msk = inputs(g, image, mask)
+    return g, unet, clip, img, msk, guidance(g, clip, prompt)
+
+
+def simple_edit(defs, prompt, prefix, note, image=IMG, mask=MASK, **widgets):
+    """Photo and mask -> sampler guided by one prompt -> SaveImage."""
+    g, unet, _, img, msk, guide = edit_start(defs, prompt, image, mask)
+    save(g, sampler(g, unet, guide, (img, 0), (msk, 0), **widgets), 0, prefix, 1220, 0)
+    return g.to_json(note)
+
+
+def ranked_results(defs):
+    g, unet, clip, img, msk, guide = edit_start(defs, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=8, batch_size=4)
     rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 2}, size=(340, 220))
     g.link(samp, 0, rank, "images")
@@ -138,14 +150,10 @@ def ranked_results(defs):
 
 
 def different_prompts(defs):
-    g = Graph(defs)
-    unet, clip = models(g)
-    img, msk = inputs(g, IMG2, MASK2)
-    guide = guidance(g, clip, "a teddy bear\na white cat\na red ball")
-    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=2, batch_size=2)
-    save(g, samp, 0, "blended/different_prompts", 1220, 0)
-    return g.to_json("Different prompts for one image and mask: one line per prompt, results of every prompt "
-                     "share their seeds so they differ only by the text.")
+    return simple_edit(defs, "a teddy bear\na white cat\na red ball", "blended/different_prompts",
+                       "Different prompts for one image and mask: one line per prompt, results of every prompt "
+                       "share their seeds so they differ only by the text.", IMG2, MASK2, num_results=2,
+                       batch_size=2)
 
 
 def alter_object_part(defs):
@@ -165,26 +173,18 @@ def alter_object_part(defs):
 
 
 def background_replacement(defs):
-    g = Graph(defs)
-    unet, clip = models(g)
-    img, msk = inputs(g, IMG2, MASK2)
     # Mask the dogs (white) and invert it: everything else is regenerated.
-    guide = guidance(g, clip, "a snowy mountain landscape")
-    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4, skip_timesteps=33, invert_mask=True)
-    save(g, samp, 0, "blended/background", 1220, 0)
-    return g.to_json("Background replacement: invert_mask regenerates everything outside the painted mask "
-                     "(paper: skip 33 of 100 steps).")
+    return simple_edit(defs, "a snowy mountain landscape", "blended/background",
+                       "Background replacement: invert_mask regenerates everything outside the painted mask "
+                       "(paper: skip 33 of 100 steps).", IMG2, MASK2, num_results=4, skip_timesteps=33,
+                       invert_mask=True)
 
 
 def scribble_guided(defs):
-    g = Graph(defs)
-    unet, clip = models(g)
-    img, msk = inputs(g, SCRIBBLE, MASK)
-    guide = guidance(g, clip, "a blue ball")
-    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4, skip_timesteps=40)
-    save(g, samp, 0, "blended/scribble", 1220, 0)
-    return g.to_json("Scribble-guided editing: a rough colour scribble inside the mask plus a prompt; more "
-                     "skipped steps keep the scribble's colours (paper: skip 40).")
+    return simple_edit(defs, "a blue ball", "blended/scribble",
+                       "Scribble-guided editing: a rough colour scribble inside the mask plus a prompt; more "
+                       "skipped steps keep the scribble's colours (paper: skip 40).", SCRIBBLE, MASK,
+                       num_results=4, skip_timesteps=40)
 
 
 def text_guided_extrapolation(defs):
@@ -219,10 +219,7 @@ def sequential_edits(defs):
 
 
 def chain_core_compositing(defs):
-    g = Graph(defs)
-    unet, clip = models(g)
-    img, msk = inputs(g)
-    guide = guidance(g, clip, "a puddle of water")
+    g, unet, _, img, msk, guide = edit_start(defs, "a puddle of water")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=1)
     grow = g.add("GrowMask", (1220, 0), {"expand": 6, "tapered_corners": True}, size=(300, 110))
     g.link(samp, 1, grow, "mask")
@@ -253,10 +250,7 @@ def high_resolution(defs):
 
 
 def process_video(defs):
-    g = Graph(defs)
-    unet, clip = models(g)
-    img, msk = inputs(g)
-    guide = guidance(g, clip, "a big rock")
+    g, unet, _, img, msk, guide = edit_start(defs, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=1, capture_every=3)
     save(g, samp, 0, "blended/process_final", 1220, 0)
     anim = g.add("SaveAnimatedWEBP", (1220, 400), {"filename_prefix": "blended/process", "fps": 8.0},
