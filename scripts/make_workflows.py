@@ -202,10 +202,7 @@ def text_guided_extrapolation(defs):
 
 
 def sequential_edits(defs):
-    g = Graph(defs)
-    unet, clip = models(g)
-    img, msk = inputs(g)
-    first = guidance(g, clip, "a big rock")
+    g, unet, clip, img, msk, first = edit_start(defs, "a big rock")
     s1 = sampler(g, unet, first, (img, 0), (msk, 0), title="Edit 1: rock", num_results=1)
     mask2 = g.add("SolidMask", (400, 760), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
     box = g.add("SolidMask", (400, 900), {"value": 1.0, "width": 60, "height": 60}, size=(300, 110))
