@@ -57,7 +57,8 @@ def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
         guidance_settings=GuidanceSettings(augmentations=AugmentationSettings(num_views=1),
                                            schedule=GuidanceSchedule("linear", (1.5, 0.2), "normalize", 0.5)),
         extra_clips=[GuidanceClip(clip, 0.5, 2)], image_targets=[ImageTarget(reference, region, 0.7)])
-    torch.testing.assert_close(images, expected.images, atol=1e-5, rtol=0)
+    # float32 rounding of the core image/mask nodes only: far below one 8-bit grey level (4e-3)
+    torch.testing.assert_close(images, expected.images, atol=1e-4, rtol=0)
     # and the options did change the edit: the plain first line alone gives other images
     plain = comfy_inprocess.run(graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt="a red rock"))
     assert not torch.allclose(plain.tensors["4"][0][0][0], images[0], atol=1e-3)
