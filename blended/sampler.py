@@ -263,7 +263,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             result_ids = [seeds.result_id(b, r) for _, r in chunk]  # same noise for result r of every prompt
             terms = [ClipTerm(member.clip, targets.stack_targets([lines[p] for p, _ in chunk]), member.weight,
                               targets.member_augmentations(member, guidance_settings.augmentations))
-                     for member, lines in zip(members, member_targets)]
+                     for member, lines in zip(members, member_targets, strict=True)]
             objective = GuidanceObjective(None, None, model_mask, init, guidance_settings, seed=seed,
                                           lpips_model=lpips_model, group_size=settings.group_size, terms=terms,
                                           num_steps=num_steps)

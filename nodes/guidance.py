@@ -7,10 +7,10 @@ They only parse widget values and pass them on; what the values mean lives in th
 from __future__ import annotations
 
 from ..blended import image_io
+from ..blended import schedule as guidance_schedule
 from ..blended.augment import AugmentationSettings
 from ..blended.guidance import GuidanceSettings
 from ..blended.prompts import parse_prompt_lines
-from ..blended import schedule as guidance_schedule
 from . import comfy_bridge as bridge
 
 CATEGORY = "BlendedDiffusion/guidance"

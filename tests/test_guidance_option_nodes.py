@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import comfy_harness as harness
 from test_node_errors import empty_image, graph, solid_mask
+
+import harness
 
 pytestmark = pytest.mark.comfy
 
@@ -16,14 +16,15 @@ PROMPT = "a red rock:1.0 | moss:0.5 | blurry:-0.5\na blue sky"
 
 def options_graph(prompt=PROMPT, values="1.5, 0.2"):
     nodes = graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt=prompt)
-    nodes["3"]["inputs"].update(image_target=["20", 0], image_target_mask=["23", 0], image_target_weight=0.7,
+    nodes["guidance"]["inputs"].update(image_target=["20", 0], image_target_mask=["23", 0], image_target_weight=0.7,
                                 more_clips=["24", 0], schedule=["25", 0])
-    nodes["20"] = empty_image(48, 40, color=0xCC4422)
-    nodes["21"] = solid_mask(0.0, 48, 40)
-    nodes["22"] = solid_mask(1.0, 20, 16)
+    nodes["20"] = {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1,
+                                                        "color": 0xCC4422}}
+    nodes["21"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 48, "height": 40}}
+    nodes["22"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 20, "height": 16}}
     nodes["23"] = {"class_type": "MaskComposite", "inputs": {"destination": ["21", 0], "source": ["22", 0],
                                                              "x": 10, "y": 8, "operation": "add"}}
-    nodes["24"] = {"class_type": "BlendedDiffusion_CLIPList", "inputs": {"clip": ["2", 0], "weight": 0.5,
+    nodes["24"] = {"class_type": "BlendedDiffusion_CLIPList", "inputs": {"clip": ["clip", 0], "weight": 0.5,
                                                                          "num_views": 2}}
     nodes["25"] = {"class_type": "BlendedDiffusion_GuidanceSchedule",
                    "inputs": {"shape": "linear", "values": values, "gradient_guard": "normalize", "limit": 0.5}}
@@ -42,7 +43,7 @@ def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
     from blended.targets import GuidanceClip, ImageTarget
 
     result = comfy_inprocess.run(options_graph())
-    images = result.tensors["4"][0][0]
+    images = result.tensors["sampler"][0][0]
     assert images.shape == (2, 64, 64, 3)
 
     unet = load_guided_diffusion(path=harness.TINY_MODELS[0][2])[0]
@@ -61,7 +62,7 @@ def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
     torch.testing.assert_close(images, expected.images, atol=1e-4, rtol=0)
     # and the options did change the edit: the plain first line alone gives other images
     plain = comfy_inprocess.run(graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt="a red rock"))
-    assert not torch.allclose(plain.tensors["4"][0][0][0], images[0], atol=1e-3)
+    assert not torch.allclose(plain.tensors["sampler"][0][0][0], images[0], atol=1e-3)
 
 
 def test_a_malformed_weight_is_refused_quoting_the_part(comfy_inprocess):
@@ -79,9 +80,9 @@ def test_a_bad_schedule_value_is_refused_quoting_it(comfy_inprocess):
 def test_each_part_has_its_own_token_limit(comfy_inprocess):
     long_part = " ".join(["rock"] * 60)  # 62 tokens alone, more than 77 with the other part
     prompt = graph(empty_image(), solid_mask(1.0), prompt=f"{long_part} | {long_part}:0.5")
-    prompt["3"]["inputs"]["truncate_long_prompts"] = False
-    assert comfy_inprocess.run(prompt).tensors["4"][0][0].shape == (1, 64, 64, 3)
+    prompt["guidance"]["inputs"]["truncate_long_prompts"] = False
+    assert comfy_inprocess.run(prompt).tensors["sampler"][0][0].shape == (1, 64, 64, 3)
     prompt = graph(empty_image(), solid_mask(1.0), prompt=f"{long_part} {long_part} | moss")
-    prompt["3"]["inputs"]["truncate_long_prompts"] = False
+    prompt["guidance"]["inputs"]["truncate_long_prompts"] = False
     with pytest.raises(harness.PromptExecutionError, match="limit is 77"):
         comfy_inprocess.run(prompt)

@@ -180,7 +180,9 @@ def test_the_ensemble_loss_is_the_weighted_sum_of_each_clips_loss(clip, clip2):
     settings = GuidanceSettings(range_lambda=0.0, augmentations=AugmentationSettings(num_views=1))
 
     def loss(*weights):
-        terms = [ClipTerm(c, TargetSet.single(c.text_embedding(PROMPT)), w) for c, w in zip((clip, clip2), weights)]
+        clips = (clip, clip2)[:len(weights)]
+        terms = [ClipTerm(c, TargetSet.single(c.text_embedding(PROMPT)), w)
+                 for c, w in zip(clips, weights, strict=True)]
         return GuidanceObjective(None, None, mask, init, settings, terms=terms).loss(x, x, 0.0, [0, 1], 3)[0]
 
     assert torch.equal(loss(1.0, 0.0), loss(1.0))
