@@ -4,12 +4,18 @@ This is the original's ``cond_fn`` split in two: :class:`GuidanceObjective` hold
 edit (text embeddings, mask, init image, weights, augmentations) and computes the loss of one guided
 prediction; :func:`guidance_gradient` differentiates it w.r.t. x_t through the UNet. The sampler decides how
 the gradient is applied (DDPM mean or DDIM score).
+
+The CLIP loss composes weighted terms: one :class:`ClipTerm` per CLIP model (its weight, its views at its
+own input size), each pulling every sample toward its :class:`TargetSet` (weighted text or image
+embeddings; a negative weight pushes away). One CLIP with one target of weight 1 is the original's loss, and
+the weights of 1 multiply exactly, so its numbers are unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
@@ -19,6 +25,7 @@ from .errors import BlendedInputError
 from .image_io import from_model_range
 from .losses import background_l2, range_loss, spherical_distance
 from .noise import ORIGINAL_GROUP_SIZE
+from .schedule import GuidanceSchedule
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +42,65 @@ class GuidanceSettings:
     # LPIPS is used only when the optional ``lpips`` package and its weights are installed.
     background_lpips_lambda: float = 0.0
     augmentations: AugmentationSettings = field(default_factory=AugmentationSettings)
+    # CLIP weight per step and gradient guard; None = constant weight, no guard (the original).
+    schedule: Optional[GuidanceSchedule] = None
+
+
+@dataclass
+class TargetSet:
+    """K weighted CLIP targets per sample: ``embeds`` [N,K,D], ``weights`` [N,K], N = 1 (every sample) or B.
+
+    Samples of one batch may have different numbers of targets: unused slots have weight 0.
+    """
+
+    embeds: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def single(cls, embeds: torch.Tensor) -> "TargetSet":
+        """[N,D] embeddings, one target of weight 1 each: the original's one prompt."""
+        if embeds.dim() != 2:
+            raise BlendedInputError(f"text embeddings must be [1,D] or [B,D], got shape {tuple(embeds.shape)}; "
+                                    "pass one embedding per prompt.")
+        embeds = embeds.float()
+        return cls(embeds.unsqueeze(1), torch.ones(embeds.shape[0], 1, device=embeds.device))
+
+
+@dataclass
+class ClipTerm:
+    """One CLIP of the guidance: its targets, its weight and its views (None = the objective's settings)."""
+
+    clip: object
+    targets: TargetSet
+    weight: float = 1.0
+    augmentations: Optional[AugmentationSettings] = None
 
 
 class GuidanceObjective:
     """The guidance loss of one edit.
 
-    ``text_embeds`` is [1,D] (one prompt for every sample) or [B,D] (a prompt per sample). ``mask`` is
+    ``text_embeds`` is [1,D] (one prompt for every sample) or [B,D] (a prompt per sample); or give ``terms``
+    (then ``clip`` and ``text_embeds`` may be None) for weighted targets and several CLIPs. ``mask`` is
     [1|B,1,S,S] with 1 = edit; ``init_image`` [1,3,S,S] in [-1,1] (used by the background losses).
+    ``num_steps`` (steps the edit runs) places each step on a non-constant schedule.
     """
 
-    def __init__(self, clip, text_embeds: torch.Tensor, mask: torch.Tensor, init_image: torch.Tensor,
+    def __init__(self, clip, text_embeds: Optional[torch.Tensor], mask: torch.Tensor, init_image: torch.Tensor,
                  settings: GuidanceSettings, seed: int = 0, lpips_model=None,
-                 group_size: int = ORIGINAL_GROUP_SIZE):
-        self.clip = clip
-        self.text_embeds = text_embeds.float()
+                 group_size: int = ORIGINAL_GROUP_SIZE, terms: Optional[Sequence[ClipTerm]] = None,
+                 num_steps: Optional[int] = None):
+        if terms is None:
+            terms = [ClipTerm(clip, TargetSet.single(text_embeds))]
+        self.terms = list(terms)
+        self.clip = self.terms[0].clip
         self.mask = mask
         self.init_image = init_image
         self.settings = settings
         self.seed = seed
-        self.augment = ImageAugmentations(clip.image_size, settings.augmentations)
+        self.num_steps = num_steps
+        self.augments = [ImageAugmentations(t.clip.image_size, t.augmentations or settings.augmentations)
+                         for t in self.terms]
+        self.augment = self.augments[0]
         self.lpips_model = lpips_model
         # The original's background L2 is a mean over its whole batch of ``group_size`` (4) results: each result
         # weighs lambda / group_size, whatever batch it is computed in here.
@@ -89,39 +136,71 @@ class GuidanceObjective:
         return any(w != 0 for w in (s.clip_lambda, s.range_lambda, s.background_l2_lambda,
                                     s.background_lpips_lambda))
 
-    def _text_for(self, batch: int) -> torch.Tensor:
-        if self.text_embeds.dim() != 2:
+    @staticmethod
+    def _targets_for(targets: TargetSet, batch: int):
+        embeds, weights = targets.embeds, targets.weights
+        if embeds.dim() != 3 or weights.shape != embeds.shape[:2]:
             raise BlendedInputError(
-                f"text embeddings must be [1,D] or [B,D], got shape {tuple(self.text_embeds.shape)}; "
-                "pass one embedding per prompt.")
-        if self.text_embeds.shape[0] == 1:
-            return self.text_embeds.expand(batch, -1)
-        if self.text_embeds.shape[0] != batch:
+                f"target embeddings must be [N,K,D] with weights [N,K], got {tuple(embeds.shape)} and "
+                f"{tuple(weights.shape)}; pass one embedding per prompt (part).")
+        if embeds.shape[0] == 1:
+            return embeds.expand(batch, -1, -1), weights.expand(batch, -1)
+        if embeds.shape[0] != batch:
             raise BlendedInputError(
-                f"{self.text_embeds.shape[0]} text embeddings for a batch of {batch}; give one prompt for the "
-                "whole batch or exactly one per sample.")
-        return self.text_embeds
+                f"{embeds.shape[0]} text embeddings for a batch of {batch}; give one prompt for the whole "
+                "batch or exactly one per sample.")
+        return embeds, weights
 
-    def _views(self, masked: torch.Tensor, result_ids, step: int) -> torch.Tensor:
+    def _views(self, masked: torch.Tensor, result_ids, step: int, augment=None, stream=()) -> torch.Tensor:
         """Augmented CLIP views of the whole batch, [V*B,3,s,s] in the original's view-major order.
 
         Each sample's warps come from its own stream (seed, augmentation, result id, step), so a result does
         not depend on the other results in its batch; all views are then warped in one batched call.
+        ``augment`` and ``stream`` select another CLIP's views (its size, its own random stream).
         """
-        if self.settings.augmentations.num_views <= 1:
-            return self.augment(masked)
-        generators = [seeds.generator_for(self.seed, seeds.STREAM_AUGMENTATION, rid, step) for rid in result_ids]
-        return self.augment(masked, generators)
+        augment = self.augment if augment is None else augment
+        if augment.num_views <= 1:
+            return augment(masked)
+        generators = [seeds.generator_for(self.seed, seeds.STREAM_AUGMENTATION, rid, step, *stream)
+                      for rid in result_ids]
+        return augment(masked, generators)
+
+    def _term_distances(self, index: int, masked: torch.Tensor, result_ids, step: int) -> torch.Tensor:
+        """One CLIP's weighted sum over its targets of the mean spherical distance over the views, [B]."""
+        term, batch = self.terms[index], masked.shape[0]
+        # the first CLIP keeps the original's augmentation stream; the others get their own
+        views = self._views(masked, result_ids, step, self.augments[index], (index,) if index else ())
+        num_views = views.shape[0] // batch  # view-major: view v of sample i at v*B+i
+        clip_in = term.clip.normalize(from_model_range(views, clamp=False))
+        image_embeds = term.clip.encode_image(clip_in).float()
+        embeds, weights = self._targets_for(term.targets, batch)
+        weights = weights.to(image_embeds.device)
+        total = None
+        for k in range(embeds.shape[1]):
+            text = embeds[:, k].to(image_embeds.device).repeat(num_views, 1)
+            dists = spherical_distance(image_embeds, text).view(num_views, batch).mean(dim=0) * weights[:, k]
+            total = dists if total is None else total + dists
+        return total if total is not None else image_embeds.new_zeros(batch)
 
     def clip_distances(self, x_in: torch.Tensor, result_ids, step: int) -> torch.Tensor:
-        """Per-sample mean spherical distance over the views, [B]."""
-        batch = x_in.shape[0]
-        views = self._views(x_in * self.mask, result_ids, step)  # view-major: view v of sample i at v*B+i
-        num_views = views.shape[0] // batch
-        clip_in = self.clip.normalize(from_model_range(views, clamp=False))
-        image_embeds = self.clip.encode_image(clip_in).float()
-        text = self._text_for(batch).repeat(num_views, 1)
-        return spherical_distance(image_embeds, text).view(num_views, batch).mean(dim=0)
+        """Per-sample CLIP loss before clip_lambda, [B]: the weighted sum of the CLIP terms' distances."""
+        masked = x_in * self.mask
+        total = None
+        for index, term in enumerate(self.terms):
+            if term.weight == 0:
+                continue
+            dists = self._term_distances(index, masked, result_ids, step) * term.weight
+            total = dists if total is None else total + dists
+        return total if total is not None else x_in.new_zeros(x_in.shape[0])
+
+    def clip_weight(self, step: int) -> float:
+        """clip_lambda at diffusion index ``step`` (counting down to 0), after the schedule."""
+        schedule = self.settings.schedule
+        if schedule is None or schedule.is_constant:
+            return self.settings.clip_lambda
+        if self.num_steps is None:
+            raise ValueError("a non-constant guidance schedule needs the objective's num_steps")
+        return self.settings.clip_lambda * schedule.factor(self.num_steps - 1 - int(step), self.num_steps)
 
     def loss(self, x_t: torch.Tensor, pred_xstart: torch.Tensor, fac: float, result_ids, step: int):
         """The original's loss for x_in = pred_xstart*fac + x_t*(1-fac), summed over the batch."""
@@ -129,10 +208,11 @@ class GuidanceObjective:
         x_in = pred_xstart * fac + x_t * (1 - fac)
         total = x_t.new_zeros(())
         parts = {}
-        if s.clip_lambda != 0:
+        clip_lambda = self.clip_weight(step) if s.clip_lambda != 0 else 0.0
+        if clip_lambda != 0:
             dists = self.clip_distances(x_in, result_ids, step)
             parts["clip"] = dists.detach()
-            total = total + dists.sum() * s.clip_lambda
+            total = total + dists.sum() * clip_lambda
         if s.range_lambda != 0:
             r = range_loss(pred_xstart)
             parts["range"] = r.detach()
@@ -165,6 +245,8 @@ def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch
             grad = -torch.autograd.grad(loss, x)[0]
         else:
             grad = torch.zeros_like(x)
+    if objective.settings.schedule is not None:
+        grad = objective.settings.schedule.guard_gradient(grad)
     keep = objective.gradient_keep(grad)
     if keep is not None:
         grad = grad * keep

@@ -92,6 +92,29 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
         return spherical_distance(image_embeds, text.to(image_embeds.device)).float()
 
 
+def image_embeddings(clip, images: torch.Tensor, mask: torch.Tensor | None = None,
+                     normalized: bool = True) -> torch.Tensor:
+    """[B,D] float32 CLIP embeddings of [B,3,H,W] images in [0,1], as :func:`clip_scores` sees them in its
+    guidance view (``normalized``) or the original's view.
+
+    Shared by ranking and by image targets, so a result is scored against a reference picture with exactly
+    the view the target was embedded with. Differentiable when called with grad enabled.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
+    x = images.float()
+    if mask is not None:
+        m = _as_mask(mask, x)
+        # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
+        x = from_model_range(to_model_range(x) * m, clamp=False) if normalized else x * m
+    size = clip.image_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=normalized)
+    if normalized:
+        x = clip.normalize(x)
+    return clip.encode_image(x)
+
+
 def rank_by_clip(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
                  mode: str | None = None, normalized: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices best first, distances [B]); ties keep the input order so ranking is reproducible."""

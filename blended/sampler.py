@@ -23,13 +23,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import colour_match, image_io, regions, resampling, seeds, soft_mask
+from . import colour_match, image_io, regions, resampling, seeds, soft_mask, targets
 from .devices import to_device
 from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
-from .guidance import GuidanceObjective, GuidanceSettings, guidance_gradient
+from .guidance import ClipTerm, GuidanceObjective, GuidanceSettings, guidance_gradient
 from .noise import ORIGINAL_GROUP_SIZE, NoiseSource, SeededNoise
+from .prompts import as_weighted
 
 log = logging.getLogger(__name__)
 
@@ -209,22 +210,26 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
 
 
 def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusion, clip,
-               prompts: Sequence[str], seed: int, num_results: int = 1,
+               prompts: Sequence, seed: int, num_results: int = 1,
                settings: Optional[SamplerSettings] = None, guidance_settings=None, invert_mask: bool = False,
                callback: Optional[StepCallback] = None, device=None, lpips_model=None,
-               noise_source: Optional[NoiseSource] = None) -> EditResult:
+               noise_source: Optional[NoiseSource] = None,
+               extra_clips: Sequence[targets.GuidanceClip] = (),
+               image_targets: Sequence[targets.ImageTarget] = ()) -> EditResult:
     """Edit ``image`` where ``mask`` is 1, steering toward each prompt; ``num_results`` per prompt and input.
 
     ``image`` IMAGE [B,H,W,C] 0..1; ``mask`` MASK [B|1,H,W] or None (edit everything, as the original
     without --mask). Every output keeps the input's size. ``noise_source`` replaces the seeded random draws
-    (see :mod:`blended.noise`); result r of input b has the result id ``seeds.result_id(b, r)``.
+    (see :mod:`blended.noise`); result r of input b has the result id ``seeds.result_id(b, r)``. A prompt is a
+    string (taken literally) or a :class:`~blended.prompts.WeightedPrompt`; ``image_targets`` join every
+    prompt's targets; ``extra_clips`` guide alongside ``clip`` (weight 1), each at its own input size.
     """
     settings = settings or SamplerSettings()
     guidance_settings = guidance_settings or GuidanceSettings()
     _validate(settings, diffusion)
     if num_results < 1:
         raise BlendedInputError("num_results must be at least 1")
-    prompts = list(prompts) or [""]
+    prompts = [as_weighted(p) for p in (list(prompts) or [""])]
     device = device or next(unet.parameters()).device
     model_size = unet.config.image_size
     num_classes = unet.config.num_classes
@@ -238,7 +243,14 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     image_io.check_mask_not_empty(masks)
     batch = images.shape[0]
 
-    text_embeds = torch.cat([clip.text_embedding(p) for p in prompts]).to(device)
+    # Per CLIP: its augmentations, and each prompt line's targets in its own embedding space.
+    members = [targets.GuidanceClip(clip, 1.0, None)] + list(extra_clips)
+    member_targets = []
+    for member in members:
+        pictures = targets.image_target_embeddings(member.clip, image_targets, device)
+        member_targets.append([targets.line_targets(member.clip, p, pictures, device) for p in prompts])
+    line_is_empty = [line[2] for line in member_targets[0]]
+    num_steps = diffusion.num_timesteps - settings.skip_timesteps
     per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
     run_steps = resampling.total_steps(diffusion.num_timesteps - settings.skip_timesteps,
                                        settings.resample_jump_length, settings.resample_count)
@@ -273,10 +285,13 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
         for start in range(0, len(per_prompt), max(1, settings.batch_size)):
             chunk = per_prompt[start:start + max(1, settings.batch_size)]
             result_ids = [seeds.result_id(b, r) for _, r in chunk]  # same noise for result r of every prompt
-            chunk_text = text_embeds[[p for p, _ in chunk]]
-            objective = GuidanceObjective(clip, chunk_text, model_mask, init, guidance_settings, seed=seed,
-                                          lpips_model=lpips_model, group_size=settings.group_size)
-            objective.prompt_is_empty = torch.tensor([prompts[p] == "" for p, _ in chunk])
+            terms = [ClipTerm(member.clip, targets.stack_targets([lines[p] for p, _ in chunk]), member.weight,
+                              targets.member_augmentations(member, guidance_settings.augmentations))
+                     for member, lines in zip(members, member_targets, strict=True)]
+            objective = GuidanceObjective(None, None, model_mask, init, guidance_settings, seed=seed,
+                                          lpips_model=lpips_model, group_size=settings.group_size, terms=terms,
+                                          num_steps=num_steps)
+            objective.prompt_is_empty = torch.tensor([line_is_empty[p] for p, _ in chunk])
 
             def chunk_callback(done, total, pred, _base=steps_done):
                 if callback is not None:
@@ -288,7 +303,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             edited.append(pred.detach().float().cpu())
             if chunk_frames:
                 frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
-            output_prompts.extend(prompts[p] for p, _ in chunk)
+            output_prompts.extend(prompts[p].source for p, _ in chunk)
         edited = image_io.from_model_range(torch.cat(edited))
         if settings.colour_match != "off":
             edited = colour_match.match_border(edited, image_io.from_model_range(init.detach().float().cpu()),

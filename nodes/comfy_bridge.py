@@ -44,14 +44,34 @@ class GuidanceClipModel:
 
 
 @dataclass
+class ClipListEntry:
+    """One entry of the GUIDANCE_CLIP_LIST passed between nodes: a CLIP of the ensemble."""
+
+    model: GuidanceClipModel
+    weight: float = 1.0
+    num_views: int = 8
+
+
+@dataclass
+class ImageTargetSpec:
+    """A reference picture for CLIP Guidance: [N,3,H,W] 0..1, optional [N,1,H,W] mask, weight."""
+
+    image: torch.Tensor
+    mask: object = None
+    weight: float = 1.0
+
+
+@dataclass
 class ClipGuidanceSpec:
-    """The CLIP_GUIDANCE passed between nodes: which CLIP, which prompts, which loss weights."""
+    """The CLIP_GUIDANCE passed between nodes: which CLIP(s), which prompts and targets, which loss weights."""
 
     clip: GuidanceClipModel
     prompts: list
     settings: object
     truncate_prompts: bool = True
     extra: dict = field(default_factory=dict)
+    extra_clips: list = field(default_factory=list)     # ClipListEntry
+    image_targets: list = field(default_factory=list)   # ImageTargetSpec
 
 
 def resolve_dtype(choice: str, device) -> torch.dtype:

@@ -13,6 +13,7 @@ from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
 from ..blended.memory import activation_bytes_per_result, auto_batch_size
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
+from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,10 @@ class BlendedDiffusionSampler:
             lpips_model = None
             if guidance.settings.background_lpips_lambda:
                 lpips_model = load_lpips()
-            bridge.load_for_sampling([model.patcher, guidance.clip.patcher], memory)
+            extra = getattr(guidance, "extra_clips", [])
+            clip_patchers = [guidance.clip.patcher] + [e.model.patcher for e in extra
+                                                       if e.model.patcher is not guidance.clip.patcher]
+            bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
             device = model.patcher.load_device
             if batch_size == 0:
                 settings = dataclasses.replace(settings, batch_size=_auto_batch_size(
@@ -171,11 +175,15 @@ class BlendedDiffusionSampler:
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
             image_in = image.clone()
             mask_in = mask.clone() if mask is not None else None
+            extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
+            image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
+                             for t in getattr(guidance, "image_targets", [])]
             try:
                 result = edit_image(image_in, mask_in, model.unet, diffusion, guidance.clip.clip,
                                     guidance.prompts, seed=seed, num_results=num_results, settings=settings,
                                     guidance_settings=guidance.settings, invert_mask=invert_mask,
-                                    callback=callback, device=device, lpips_model=lpips_model)
+                                    callback=callback, device=device, lpips_model=lpips_model,
+                                    extra_clips=extra_clips, image_targets=image_targets)
             except Exception as exc:
                 # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours, and only
                 # for real OOMs.

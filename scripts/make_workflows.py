@@ -354,6 +354,66 @@ def harmonising_resampling(defs):
         metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: resampling {name}")
     return g.to_json("Harmonising resampling (RePaint): every 5 steps are re-noised and denoised twice more, so "
                      "the edit and the background agree at the border; compare the seam columns.")
+def weighted_prompts(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    guide = guidance(g, clip, "a big rock:1.0 | moss:0.5 | blurry:-0.5\na big rock")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4, batch_size=4)
+    save(g, samp, 0, "blended/weighted_prompts", 1220, 0)
+    return g.to_json("Weighted and negative prompts: parts split by '|', each with ':weight'; a negative weight "
+                     "pushes away. The second line is the plain prompt, with the same seeds, for comparison.")
+
+
+def image_target(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    ref = g.add("LoadImage", (400, 380), {"image": IMG2}, title="Reference picture", size=(340, 320))
+    ref_mask = g.add("LoadImageMask", (400, 740), {"image": MASK2, "channel": "red"},
+                     title="Part of the reference that counts", size=(340, 320))
+    guide = guidance(g, clip, "", image_target_weight=1.0)
+    g.link(ref, 0, guide, "image_target")
+    g.link(ref_mask, 0, guide, "image_target_mask")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
+    save(g, samp, 0, "blended/image_target", 1220, 0)
+    return g.to_json("An image target: the masked part of a reference picture steers the edit instead of a "
+                     "prompt (combine both by writing a prompt too).")
+
+
+def clip_ensemble(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    clip2 = g.add("BlendedDiffusion_LoadCLIP", (0, -160), {"clip_name": "ViT-L-14.safetensors"},
+                  title="Second CLIP", size=(340, 110))
+    members = g.add("BlendedDiffusion_CLIPList", (400, -220), {"weight": 0.5, "num_views": 4}, size=(340, 130))
+    g.link(clip2, 0, members, "clip")
+    guide = guidance(g, clip, "a big rock")
+    g.link(members, 0, guide, "more_clips")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
+    rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 1}, size=(340, 220))
+    g.link(samp, 0, rank, "images")
+    g.link(clip2, 0, rank, "clip")
+    g.link(samp, 1, rank, "mask")
+    save(g, rank, 1, "blended/ensemble_best", 1600, 0)
+    return g.to_json("Several CLIPs at once: the second CLIP (weight 0.5, 4 views at its own input size) guides "
+                     "with the main one; CLIP Rank can use either.")
+
+
+def guidance_schedule(defs):
+    g = Graph(defs)
+    unet, clip = models(g)
+    img, msk = inputs(g)
+    sched = g.add("BlendedDiffusion_GuidanceSchedule", (400, -220),
+                  {"shape": "linear", "values": "1.5, 0.2", "gradient_guard": "normalize", "limit": 0.05},
+                  size=(340, 160))
+    guide = guidance(g, clip, "a big rock", clip_lambda=2000.0)
+    g.link(sched, 0, guide, "schedule")
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
+    save(g, samp, 0, "blended/schedule", 1220, 0)
+    return g.to_json("A guidance schedule: CLIP pulls hard early (1.5x) and gently late (0.2x), and each "
+                     "result's guidance gradient is capped (normalize guard).")
 
 
 WORKFLOWS = {
@@ -367,6 +427,10 @@ WORKFLOWS = {
     "08_chain_core_compositing": chain_core_compositing,
     "09_high_resolution_crop": high_resolution,
     "10_process_animation": process_video,
+    "11_weighted_negative_prompts": weighted_prompts,
+    "12_image_target": image_target,
+    "13_clip_ensemble": clip_ensemble,
+    "14_guidance_schedule": guidance_schedule,
     "15_edit_metrics": edit_metrics,
     "16_colour_match": colour_match_at_paste,
     "17_soft_mask": soft_mask_schedule,

@@ -1,0 +1,98 @@
+"""Weighted and negative prompts: ``a red rock:1.0 | moss:0.5 | blurry:-0.5``.
+
+One line of the prompt box is one prompt (one set of results). Within a line, ``|`` separates parts; a part
+may end in ``:weight``. The CLIP loss of the line is the weighted sum of each part's spherical distance, so a
+negative weight pushes the edit away from that text. A line without ``|`` or ``:weight`` is one part of
+weight 1: exactly the original's single prompt.
+
+A trailing ``:<token>`` counts as a weight when the token (no spaces) starts like a number (a digit, a sign or
+a dot) or is empty; it must then be a finite number, otherwise the part is refused with a message quoting it.
+Any other colon stays text ("style: watercolor"). ``\\:`` and ``\\|`` write a literal colon or bar.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import BlendedInputError
+
+_ESCAPES = {"\\|": "\x00", "\\:": "\x01"}
+_WEIGHT = re.compile(r"^(?P<text>.*):\s*(?P<weight>\S*)\s*$", re.DOTALL)
+_LOOKS_NUMERIC = re.compile(r"^[-+.\d]")
+SYNTAX_HINT = "write parts as 'text:weight' separated by '|', e.g. 'a red rock:1.0 | moss:0.5 | blurry:-0.5'"
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class WeightedPrompt:
+    """One prompt line: its parts and the line as the user wrote it (named in the results)."""
+
+    parts: tuple
+    source: str
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.parts
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\x00", "|").replace("\x01", ":")
+
+
+def parse_prompt(line: str) -> WeightedPrompt:
+    """Parse one prompt line. An empty line is the empty prompt (no text guidance)."""
+    source = str(line).strip()
+    if not source:
+        return WeightedPrompt((), "")
+    escaped = source
+    for escape, placeholder in _ESCAPES.items():
+        escaped = escaped.replace(escape, placeholder)
+    raw_parts = escaped.split("|")
+    parts = []
+    for raw in raw_parts:
+        shown = _unescape(raw).strip()
+        text, weight = raw.strip(), 1.0
+        match = _WEIGHT.match(text)
+        if match and (match["weight"] == "" or _LOOKS_NUMERIC.match(match["weight"])):
+            try:
+                weight = float(match["weight"])
+            except ValueError:
+                weight = math.nan
+            if not math.isfinite(weight):
+                raise BlendedInputError(
+                    f"malformed weight in the prompt part {shown!r}: {match['weight']!r} is not a number; "
+                    f"{SYNTAX_HINT} (write '\\:' for a literal colon).")
+            text = match["text"].strip()
+        text = _unescape(text)
+        if not text:
+            if len(raw_parts) == 1 and not match:
+                return WeightedPrompt((), "")
+            raise BlendedInputError(f"empty part {shown!r} in the prompt {source!r}: every part between '|' "
+                                    f"needs text; {SYNTAX_HINT}.")
+        parts.append(PromptPart(text, weight))
+    return WeightedPrompt(tuple(parts), source)
+
+
+def parse_prompt_lines(text: str) -> list[WeightedPrompt]:
+    """One weighted prompt per non-empty line; [the empty prompt] when there is none (no text guidance)."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return [parse_prompt(line) for line in lines] or [WeightedPrompt((), "")]
+
+
+def as_weighted(prompt) -> WeightedPrompt:
+    """A plain string is taken literally, as one part of weight 1 (no parsing): the original's behaviour."""
+    if isinstance(prompt, WeightedPrompt):
+        return prompt
+    if isinstance(prompt, str):
+        return WeightedPrompt((PromptPart(prompt, 1.0),) if prompt != "" else (), prompt)
+    raise BlendedInputError(f"a prompt must be text or a parsed weighted prompt, not {type(prompt).__name__}.")

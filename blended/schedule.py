@@ -1,0 +1,92 @@
+"""How hard CLIP pulls at each step, and an optional guard on the guidance gradient.
+
+The original keeps the CLIP weight constant. Disco Diffusion's users often ramp it (strong early to set the
+layout, weak late to spare the details, or the reverse) and cap the gradient, a common guard against
+blow-ups with high weights. The schedule is a multiplier of ``clip_lambda``; the constant schedule (the
+default) multiplies by exactly 1, so default numbers are the original's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BlendedInputError
+
+SHAPES = ("constant", "linear", "values")
+GUARDS = ("off", "clamp", "normalize")
+
+
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """``shape``: "constant" (x1 at every step), "linear" (two values: first step -> last step) or "values"
+    (any number of values placed evenly from the first to the last step, linearly interpolated between).
+
+    ``guard``: "off", "clamp" (every gradient element clamped to +-``limit``) or "normalize" (each sample's
+    gradient scaled down so its RMS is at most ``limit``, as Disco Diffusion's ``clamp_grad``).
+    """
+
+    shape: str = "constant"
+    values: tuple = ()
+    guard: str = "off"
+    limit: float = 0.0
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise BlendedInputError(f"unknown schedule shape {self.shape!r}: use one of {', '.join(SHAPES)}.")
+        if self.guard not in GUARDS:
+            raise BlendedInputError(f"unknown gradient guard {self.guard!r}: use one of {', '.join(GUARDS)}.")
+        if self.shape == "linear" and len(self.values) != 2:
+            raise BlendedInputError(f"a linear schedule needs exactly two values (first step, last step), got "
+                                    f"{len(self.values)}: e.g. '0.2, 1.0'.")
+        if self.shape == "values" and not self.values:
+            raise BlendedInputError("a 'values' schedule needs at least one value, e.g. '1.0, 0.5, 0.25'.")
+        if self.guard != "off" and not (math.isfinite(self.limit) and self.limit > 0):
+            raise BlendedInputError(f"the gradient guard {self.guard!r} needs a limit > 0, got {self.limit}.")
+
+    @property
+    def is_constant(self) -> bool:
+        return self.shape == "constant"
+
+    def factor(self, step: int, num_steps: int) -> float:
+        """Multiplier of the CLIP weight at run step ``step`` (0 = first step run) of ``num_steps``."""
+        if self.is_constant:
+            return 1.0
+        values = [float(v) for v in self.values]
+        if len(values) == 1 or num_steps <= 1:
+            return values[0]
+        position = min(max(step, 0), num_steps - 1) / (num_steps - 1) * (len(values) - 1)
+        low = min(int(position), len(values) - 2)
+        frac = position - low
+        return values[low] * (1 - frac) + values[low + 1] * frac
+
+    def guard_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The guarded gradient [B,...]; per sample, so a result does not depend on its batch."""
+        if self.guard == "clamp":
+            return grad.clamp(-self.limit, self.limit)
+        if self.guard == "normalize":
+            rms = grad.pow(2).mean(dim=tuple(range(1, grad.dim())), keepdim=True).sqrt()
+            return grad * (self.limit / rms.clamp(min=1e-30)).clamp(max=1.0)
+        return grad
+
+
+CONSTANT = GuidanceSchedule()
+
+
+def parse_values(text: str) -> tuple:
+    """'0.2, 1.0' (commas and/or spaces) -> (0.2, 1.0); a bad entry is quoted in the error."""
+    entries = [e for e in re.split(r"[,\s;]+", str(text).strip()) if e]
+    values = []
+    for entry in entries:
+        try:
+            value = float(entry)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise BlendedInputError(f"schedule value {entry!r} in {str(text)!r} is not a number: write numbers "
+                                    "separated by commas, e.g. '1.0, 0.5, 0.25'.")
+        values.append(value)
+    return tuple(values)

@@ -1,0 +1,101 @@
+"""What each CLIP pulls the edit toward: a prompt line's weighted parts plus optional reference pictures.
+
+Embeddings are computed per CLIP (each has its own text and image space and input size), once per edit, and
+arranged as :class:`~blended.guidance.TargetSet` rows, one per result, for the guidance objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .augment import AugmentationSettings
+from .errors import BlendedInputError
+from .guidance import TargetSet
+from .prompts import WeightedPrompt
+from .rank import image_embeddings
+
+
+@dataclass
+class ImageTarget:
+    """A reference picture whose CLIP image embedding is a target like a prompt part.
+
+    ``image`` [N,3,H,W] in [0,1]; ``mask`` [N|1,1,H,W] (1 = the part that counts) or None for the whole
+    picture. A batch of N pictures counts as N targets of weight ``weight / N`` each.
+    """
+
+    image: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    weight: float = 1.0
+
+
+@dataclass
+class GuidanceClip:
+    """One more CLIP of an ensemble: its weight relative to the main CLIP's 1, and its number of views."""
+
+    clip: object
+    weight: float = 1.0
+    num_views: Optional[int] = None  # None = the main CLIP's augmentation settings
+
+
+def member_augmentations(member: GuidanceClip, base: AugmentationSettings) -> AugmentationSettings:
+    if member.num_views is None:
+        return base
+    import dataclasses
+
+    return dataclasses.replace(base, num_views=int(member.num_views))
+
+
+def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> list:
+    """[(embeds [N,D], weight per picture)] of every image target, in this CLIP's space."""
+    out = []
+    for target in targets:
+        image = target.image
+        if image.dim() != 4 or image.shape[1] != 3 or image.shape[0] == 0:
+            raise BlendedInputError(f"an image target must be one or more RGB pictures, got shape "
+                                    f"{tuple(image.shape)}.")
+        mask = target.mask
+        if mask is not None:
+            if mask.dim() == 3:
+                mask = mask[:, None]
+            if not bool((mask > 0).any()):
+                raise BlendedInputError("the image target's mask is empty: paint the part of the reference "
+                                        "picture that should count, or leave the mask unconnected.")
+        with torch.inference_mode(False), torch.no_grad():
+            clip_device = clip.device
+            embeds = image_embeddings(clip, image.to(clip_device),
+                                      None if mask is None else mask.to(clip_device)).float()
+        out.append((embeds.detach().clone().to(device), float(target.weight) / image.shape[0]))
+    return out
+
+
+def line_targets(clip, prompt: WeightedPrompt, images: list, device):
+    """(embeds [K,D], weights [K], empty) of one prompt line for one CLIP.
+
+    ``empty`` marks a line with no part and no image: it gets the empty text as a placeholder target of
+    weight 1, which is what the original computes for an empty prompt before it zeroes the gradient.
+    """
+    embeds, weights = [], []
+    for part in prompt.parts:
+        embeds.append(clip.text_embedding(part.text).to(device))
+        weights.append(float(part.weight))
+    for image_embeds, weight in images:
+        embeds.extend(image_embeds[i:i + 1] for i in range(image_embeds.shape[0]))
+        weights.extend([weight] * image_embeds.shape[0])
+    empty = not embeds
+    if empty:
+        embeds, weights = [clip.text_embedding("").to(device)], [1.0]
+    return torch.cat(embeds).float(), torch.tensor(weights, dtype=torch.float32, device=device), empty
+
+
+def stack_targets(lines: Sequence[tuple]) -> TargetSet:
+    """One row per sample from (embeds [K_i,D], weights [K_i], _) lines; short rows padded with weight 0."""
+    k = max(line[0].shape[0] for line in lines)
+    embeds, weights = [], []
+    for line_embeds, line_weights, *_ in lines:
+        pad = k - line_embeds.shape[0]
+        embeds.append(torch.cat([line_embeds, line_embeds[:1].expand(pad, -1)]) if pad else line_embeds)
+        weights.append(torch.cat([line_weights, line_weights.new_zeros(pad)]) if pad else line_weights)
+    return TargetSet(torch.stack(embeds), torch.stack(weights))

@@ -1,0 +1,88 @@
+"""Weighted prompts, image targets, CLIP List and Guidance Schedule through ComfyUI's executor: the nodes only
+parse and pass (the same images as the library given the same inputs), and bad text gets a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_node_errors import empty_image, graph, solid_mask
+
+import harness
+
+pytestmark = pytest.mark.comfy
+
+PROMPT = "a red rock:1.0 | moss:0.5 | blurry:-0.5\na blue sky"
+
+
+def options_graph(prompt=PROMPT, values="1.5, 0.2"):
+    nodes = graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt=prompt)
+    nodes["guidance"]["inputs"].update(image_target=["20", 0], image_target_mask=["23", 0], image_target_weight=0.7,
+                                more_clips=["24", 0], schedule=["25", 0])
+    nodes["20"] = {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1,
+                                                        "color": 0xCC4422}}
+    nodes["21"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 48, "height": 40}}
+    nodes["22"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 20, "height": 16}}
+    nodes["23"] = {"class_type": "MaskComposite", "inputs": {"destination": ["21", 0], "source": ["22", 0],
+                                                             "x": 10, "y": 8, "operation": "add"}}
+    nodes["24"] = {"class_type": "BlendedDiffusion_CLIPList", "inputs": {"clip": ["clip", 0], "weight": 0.5,
+                                                                         "num_views": 2}}
+    nodes["25"] = {"class_type": "BlendedDiffusion_GuidanceSchedule",
+                   "inputs": {"shape": "linear", "values": values, "gradient_guard": "normalize", "limit": 0.5}}
+    return nodes
+
+
+def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
+    from blended.augment import AugmentationSettings
+    from blended.checkpoint import load_guided_diffusion
+    from blended.clip_model import load_guidance_clip
+    from blended.diffusion import create_diffusion
+    from blended.guidance import GuidanceSettings
+    from blended.prompts import parse_prompt_lines
+    from blended.sampler import SamplerSettings, edit_image
+    from blended.schedule import GuidanceSchedule
+    from blended.targets import GuidanceClip, ImageTarget
+
+    result = comfy_inprocess.run(options_graph())
+    images = result.tensors["sampler"][0][0]
+    assert images.shape == (2, 64, 64, 3)
+
+    unet = load_guided_diffusion(path=harness.TINY_MODELS[0][2])[0]
+    clip = load_guidance_clip(path=harness.TINY_MODELS[1][2])
+    reference = torch.tensor([0xCC, 0x44, 0x22]).div(255.0).view(1, 3, 1, 1).expand(1, 3, 40, 48)
+    region = torch.zeros(1, 1, 40, 48)
+    region[..., 8:24, 10:30] = 1
+    expected = edit_image(
+        torch.full((1, 64, 64, 3), 0x80 / 255.0), torch.ones(1, 64, 64), unet, create_diffusion(timestep_respacing="4"),
+        clip, parse_prompt_lines(PROMPT), seed=1, num_results=1,
+        settings=SamplerSettings(skip_timesteps=1, batch_size=1),
+        guidance_settings=GuidanceSettings(augmentations=AugmentationSettings(num_views=1),
+                                           schedule=GuidanceSchedule("linear", (1.5, 0.2), "normalize", 0.5)),
+        extra_clips=[GuidanceClip(clip, 0.5, 2)], image_targets=[ImageTarget(reference, region, 0.7)])
+    # float32 rounding of the core image/mask nodes only: far below one 8-bit grey level (4e-3)
+    torch.testing.assert_close(images, expected.images, atol=1e-4, rtol=0)
+    # and the options did change the edit: the plain first line alone gives other images
+    plain = comfy_inprocess.run(graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt="a red rock"))
+    assert not torch.allclose(plain.tensors["sampler"][0][0][0], images[0], atol=1e-3)
+
+
+def test_a_malformed_weight_is_refused_quoting_the_part(comfy_inprocess):
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(options_graph(prompt="a red rock:1.0 | moss:0.5x"))
+    assert "'moss:0.5x'" in str(err.value) and "malformed weight" in str(err.value)
+
+
+def test_a_bad_schedule_value_is_refused_quoting_it(comfy_inprocess):
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(options_graph(values="1.0, lots"))
+    assert "'lots'" in str(err.value)
+
+
+def test_each_part_has_its_own_token_limit(comfy_inprocess):
+    long_part = " ".join(["rock"] * 60)  # 62 tokens alone, more than 77 with the other part
+    prompt = graph(empty_image(), solid_mask(1.0), prompt=f"{long_part} | {long_part}:0.5")
+    prompt["guidance"]["inputs"]["truncate_long_prompts"] = False
+    assert comfy_inprocess.run(prompt).tensors["sampler"][0][0].shape == (1, 64, 64, 3)
+    prompt = graph(empty_image(), solid_mask(1.0), prompt=f"{long_part} {long_part} | moss")
+    prompt["guidance"]["inputs"]["truncate_long_prompts"] = False
+    with pytest.raises(harness.PromptExecutionError, match="limit is 77"):
+        comfy_inprocess.run(prompt)

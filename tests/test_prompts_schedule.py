@@ -1,0 +1,89 @@
+"""The weighted-prompt syntax and the guidance schedule, on their own (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blended.errors import BlendedInputError
+from blended.prompts import PromptPart, as_weighted, parse_prompt, parse_prompt_lines
+from blended.schedule import GuidanceSchedule, parse_values
+
+
+def parts(line):
+    return [(p.text, p.weight) for p in parse_prompt(line).parts]
+
+
+def test_a_plain_prompt_is_one_part_of_weight_one():
+    assert parts("a red rock") == [("a red rock", 1.0)]
+    assert parse_prompt("  a red rock ").source == "a red rock"
+    assert as_weighted("a red rock").parts == (PromptPart("a red rock", 1.0),)
+    assert parse_prompt("").is_empty and as_weighted("").is_empty
+
+
+def test_weighted_and_negative_parts():
+    assert parts("a red rock:1.0 | moss:0.5 | blurry:-0.5") == [("a red rock", 1.0), ("moss", 0.5),
+                                                               ("blurry", -0.5)]
+    assert parts("moss: 2 | sky:+.5 | fog:1e-1") == [("moss", 2.0), ("sky", 0.5), ("fog", 0.1)]
+
+
+def test_colons_that_are_not_weights_stay_text():
+    assert parts("style: watercolor") == [("style: watercolor", 1.0)]
+    assert parts("a 3:4 photo of a cat") == [("a 3:4 photo of a cat", 1.0)]
+    assert parts(r"ratio 3\:4 | a bar \| pipe:2") == [("ratio 3:4", 1.0), ("a bar | pipe", 2.0)]
+
+
+@pytest.mark.parametrize("line, quoted", [("a red rock:1.0 | moss:0.5x", "moss:0.5x"), ("moss:", "moss:"),
+                                          ("rock:1..0", "rock:1..0"), ("rock:-", "rock:-"),
+                                          ("rock:1e999", "rock:1e999")])
+def test_malformed_weight_is_refused_quoting_the_part(line, quoted):
+    with pytest.raises(BlendedInputError, match="malformed weight") as err:
+        parse_prompt(line)
+    assert repr(quoted) in str(err.value) and "text:weight" in str(err.value)
+
+
+@pytest.mark.parametrize("line", ["a red rock | | moss", "| moss", "moss |", ":0.5 | moss"])
+def test_empty_part_is_refused(line):
+    with pytest.raises(BlendedInputError, match="empty part"):
+        parse_prompt(line)
+
+
+def test_lines_stay_separate_prompts():
+    lines = parse_prompt_lines("a red rock | blurry:-1\n\n  a blue sky  \n")
+    assert [p.source for p in lines] == ["a red rock | blurry:-1", "a blue sky"]
+    assert [len(p.parts) for p in lines] == [2, 1]
+    assert [p.is_empty for p in parse_prompt_lines(" \n")] == [True]
+
+
+def test_schedule_factors():
+    assert GuidanceSchedule().factor(3, 10) == 1.0
+    ramp = GuidanceSchedule("linear", (0.2, 1.0))
+    assert [round(ramp.factor(i, 5), 6) for i in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    listed = GuidanceSchedule("values", (1.0, 0.0, 2.0))
+    assert [listed.factor(i, 5) for i in range(5)] == [1.0, 0.5, 0.0, 1.0, 2.0]
+    assert GuidanceSchedule("values", (0.7,)).factor(4, 9) == 0.7
+    assert ramp.factor(0, 1) == 0.2
+
+
+def test_schedule_refuses_bad_settings_with_what_to_do():
+    with pytest.raises(BlendedInputError, match="two values"):
+        GuidanceSchedule("linear", (1.0,))
+    with pytest.raises(BlendedInputError, match="at least one"):
+        GuidanceSchedule("values", ())
+    with pytest.raises(BlendedInputError, match="limit > 0"):
+        GuidanceSchedule(guard="clamp", limit=0.0)
+    with pytest.raises(BlendedInputError, match="'x'"):
+        parse_values("1.0, x")
+    assert parse_values(" 1, 0.5;0.25 ") == (1.0, 0.5, 0.25)
+
+
+def test_gradient_guards():
+    grad = torch.tensor([[3.0, -4.0], [0.01, 0.0]]).view(2, 2, 1, 1)
+    assert torch.equal(GuidanceSchedule().guard_gradient(grad), grad)
+    clamped = GuidanceSchedule(guard="clamp", limit=1.0).guard_gradient(grad)
+    assert torch.equal(clamped.flatten(), torch.tensor([1.0, -1.0, 0.01, 0.0]))
+    normalized = GuidanceSchedule(guard="normalize", limit=1.0).guard_gradient(grad)
+    rms = normalized.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms[0], torch.tensor(1.0))        # capped: direction kept, RMS = limit
+    torch.testing.assert_close(normalized[0], grad[0] / grad[0].pow(2).mean().sqrt())
+    assert torch.equal(normalized[1], grad[1])                     # under the limit: untouched
