@@ -5,6 +5,7 @@ from .loaders import LoadGuidanceCLIP, LoadGuidedDiffusionModel
 from .model_folders import register_model_folders
 from .rank import CLIPRank
 from .sampler import BlendedDiffusionSampler
+from .speed import BlendedDiffusionSpeed
 
 register_model_folders()
 
@@ -14,14 +15,17 @@ NODE_CLASS_MAPPINGS = {
     "BlendedDiffusion_Augmentations": Augmentations,
     "BlendedDiffusion_CLIPGuidance": CLIPGuidance,
     "BlendedDiffusion_Sampler": BlendedDiffusionSampler,
+    "BlendedDiffusion_Speed": BlendedDiffusionSpeed,
     "BlendedDiffusion_CLIPRank": CLIPRank,
 }
 
+# One prefix, so that typing "Blended Diffusion" in the node search lists them all.
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "BlendedDiffusion_LoadGuidedDiffusion": "Load Guided Diffusion Model",
-    "BlendedDiffusion_LoadCLIP": "Load CLIP (guidance)",
-    "BlendedDiffusion_Augmentations": "CLIP Augmentations",
-    "BlendedDiffusion_CLIPGuidance": "CLIP Guidance",
-    "BlendedDiffusion_Sampler": "Blended Diffusion Sampler",
-    "BlendedDiffusion_CLIPRank": "CLIP Rank",
+    "BlendedDiffusion_LoadGuidedDiffusion": "Blended Diffusion: Load Guided Diffusion Model",
+    "BlendedDiffusion_LoadCLIP": "Blended Diffusion: Load CLIP (guidance)",
+    "BlendedDiffusion_Augmentations": "Blended Diffusion: CLIP Augmentations",
+    "BlendedDiffusion_CLIPGuidance": "Blended Diffusion: CLIP Guidance",
+    "BlendedDiffusion_Sampler": "Blended Diffusion: Sampler",
+    "BlendedDiffusion_Speed": "Blended Diffusion: Speed",
+    "BlendedDiffusion_CLIPRank": "Blended Diffusion: CLIP Rank",
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -18,10 +18,11 @@ import torch
 
 from ..blended.image_io import from_model_range
 
+from ..blended.fast_paths import parse_dtype
+
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -30,7 +31,6 @@ class GuidedDiffusionModel:
 
     patcher: object
     unet: torch.nn.Module
-    compute_dtype: torch.dtype
     name: str
 
 
@@ -50,15 +50,13 @@ class ClipGuidanceSpec:
     clip: GuidanceClipModel
     prompts: list
     settings: object
-    truncate_prompts: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_dtype(choice: str, device) -> torch.dtype:
     """'auto' follows ComfyUI: half precision where ComfyUI would use it on that device (the original ran its
     UNet torso and CLIP in fp16 on the GPU), float32 on the CPU."""
-    if choice in _DTYPES:
-        return _DTYPES[choice]
+    if choice != "auto":
+        return parse_dtype(choice)
     if mm.should_use_fp16(device, prioritize_performance=True):
         return torch.float16
     if mm.should_use_bf16(device):

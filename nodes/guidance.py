@@ -103,5 +103,4 @@ class CLIPGuidance:
         if not truncate_long_prompts:
             for p in prompts:  # fail here, before any model is loaded or step is run
                 clip.clip.tokenize([p], truncate=False)
-        return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings,
-                                        truncate_prompts=truncate_long_prompts),)
+        return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings),)
