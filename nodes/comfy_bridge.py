@@ -16,9 +16,8 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
-from ..blended.image_io import from_model_range
-
 from ..blended.fast_paths import parse_dtype
+from ..blended.image_io import from_model_range
 
 log = logging.getLogger(__name__)
 

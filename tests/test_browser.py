@@ -309,7 +309,7 @@ def test_a_workflow_saved_with_the_earlier_widget_layouts_opens_with_its_values(
     for node_id, node in saved.items():
         declared = object_info[node["type"]]["input"]
         current = set(declared["required"]) | set(declared.get("optional", {}))
-        expected = {name: value for name, value in zip(OLD_WIDGETS[node["type"]], node["widgets_values"])
-                    if name in current}
+        saved_values = zip(OLD_WIDGETS[node["type"]], node["widgets_values"], strict=True)
+        expected = {name: value for name, value in saved_values if name in current}
         got = {k: v for k, v in prompt[str(node_id)]["inputs"].items() if not isinstance(v, list)}
         assert got == expected, (node["type"], got, expected)

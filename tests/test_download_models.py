@@ -82,7 +82,8 @@ def server():
     httpd.server_close()
 
 
-def _item(server, tmp_path, name="good.pt", min_bytes=len(WEIGHTS)):
+def _item(server, tmp_path, name="good.pt", min_bytes=None):
+    min_bytes = len(WEIGHTS) if min_bytes is None else min_bytes
     model = ModelFile(name, "guided_diffusion", f"http://127.0.0.1:{server.server_port}/files/{name}", min_bytes,
                       True, "test file")
     return download.plan([model], tmp_path)[0]
