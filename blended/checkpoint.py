@@ -76,7 +76,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     head = _read_head(path)
     if not head:
         raise CheckpointError(path, f"the file is empty. {_REDOWNLOAD}.")
-    _refuse_text(path, head)
+    refuse_text(path, head)
     if _looks_like_safetensors(head) or (path.suffix.lower() == SAFETENSORS_SUFFIX and not _looks_like_torch(head)):
         loaded: Any = _read_safetensors(path)
     else:
@@ -92,7 +92,9 @@ def _read_head(path: Path) -> bytes:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc}); check its permissions") from exc
 
 
-def _refuse_text(path: Path, head: bytes) -> None:
+def refuse_text(path: Path, head: bytes) -> None:
+    """Refuse a file whose first bytes are a Git LFS pointer, a web page or other text instead of weights
+    (shared with the model download script)."""
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(
             path, "this is a Git LFS pointer, not the weights; fetch the real file (git lfs pull) or download it "

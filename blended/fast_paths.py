@@ -23,8 +23,10 @@ Faithful mode is :data:`FAITHFUL` (every option off): the models are left exactl
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +48,9 @@ __all__ = [
     "compile_unet",
     "guidance_settings_with",
     "parse_preset",
+    "dtype_name",
     "parse_dtype",
+    "run_clones",
     "sampler_settings_with",
     "set_clip_checkpointing",
     "set_clip_precision",
@@ -70,6 +74,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if dtype is None:
         raise BlendedInputError(f"unknown dtype {name!r}: use fp32, bf16 or fp16")
     return dtype
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The short name ('fp32', 'bf16', 'fp16') of a dtype, as FastPathOptions spells it."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[parse_dtype(dtype)]
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,7 @@ class FastPathOptions:
 
 
 FAITHFUL = FastPathOptions()
-# Measured fastest on a 2-core AMX CPU (README, "Speed"): AMX makes bf16 convs pay; channels_last does not
+# Measured fastest on a 2-core AMX CPU (README, "Speed and memory"): AMX makes bf16 convs pay; channels_last does not
 # (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
 FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
 # The intended GPU setting (to be confirmed by scripts/bench.py on the card): bf16 autocast, NHWC,
@@ -339,3 +348,75 @@ def guidance_settings_with(settings, options: FastPathOptions):
     """A copy of ``settings`` (a GuidanceSettings) with the augmentation-level fast paths of ``options``."""
     augmentations = dataclasses.replace(settings.augmentations, single_resample=options.single_resample)
     return dataclasses.replace(settings, augmentations=augmentations)
+# -------------------------------------------------------------------------------------- per-run clones
+#
+# A host such as ComfyUI caches one loaded model and hands it to every node that asks. Options that one run
+# chooses must not stay on that shared model, so they are applied to a clone: the clone has its own module
+# objects and its own Parameter objects, which alias the shared model's tensors until an option replaces a
+# tensor (a low-precision or channels_last copy), so the shared model's tensors are never written. The clone of
+# a model is kept (weakly keyed by the shared model) so that a compiled clone compiles once, not every run; its
+# parameters are re-pointed at the shared model's current tensors (the host may have moved them) when a run
+# starts and emptied when it ends, so a kept clone holds no weights between runs.
+
+_CLONES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _tensors(module: torch.nn.Module) -> list:
+    # Non-persistent buffers too (CLIP's attention mask): the clone must own every tensor object it empties.
+    return list(module.parameters()) + list(module.buffers())
+
+
+def _structural_clone(module: torch.nn.Module) -> torch.nn.Module:
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in module.parameters()}
+    memo.update({id(b): b.detach() for b in module.buffers()})
+    clone = copy.deepcopy(module, memo)
+    clone._compiled_call_impl = None  # a compile of the shared model is its own, not the clone's
+    return clone
+
+
+def _clone_of(module: torch.nn.Module) -> torch.nn.Module:
+    clone = _CLONES.get(module)
+    if clone is None:
+        clone = _CLONES[module] = _structural_clone(module)
+    for shared, own in zip(_tensors(module), _tensors(clone), strict=True):
+        own.data = shared.data
+    return clone
+
+
+def _empty(clone: torch.nn.Module) -> None:
+    for tensor in _tensors(clone):
+        tensor.data = tensor.data.new_empty(0)
+
+
+def clone_bytes(unet, clip, options: FastPathOptions) -> int:
+    """Bytes of the tensors a run clone adds to the shared models for ``options`` (an upper bound)."""
+    total = 0
+    if options.precision_scheme == "torso" and options.unet_dtype != torch.float32:
+        item = torch.empty(0, dtype=options.unet_dtype).element_size()
+        total += sum(p.numel() * item for stack in (unet.input_blocks, unet.middle_block, unet.output_blocks)
+                     for m in stack.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))
+                     for p in m.parameters(recurse=False))
+    if options.channels_last:
+        total += sum(p.numel() * p.element_size() for p in unet.parameters() if p.dim() == 4)
+    if clip is not None and options.clip_dtype != clip.dtype:
+        total += sum(p.numel() * torch.empty(0, dtype=options.clip_dtype).element_size()
+                     for p in clip.model.parameters())
+    return total
+
+
+@contextlib.contextmanager
+def run_clones(unet, clip, options: FastPathOptions, compile_backend: str = "inductor"):
+    """``(unet, clip)`` clones configured by :func:`apply_fast_paths` for one run; the given models stay as
+    they are, bit for bit and option for option. Yields the clones; empties them when the run ends."""
+    unet_clone = _clone_of(unet)
+    clip_clone = None
+    if clip is not None:
+        clip_clone = copy.copy(clip)
+        clip_clone.model = _clone_of(clip.model)
+    try:
+        apply_fast_paths(unet_clone, clip_clone, options, compile_backend=compile_backend)
+        yield unet_clone, clip_clone
+    finally:
+        _empty(unet_clone)
+        if clip_clone is not None:
+            _empty(clip_clone.model)

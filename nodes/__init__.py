@@ -6,6 +6,7 @@ from .metrics import EditMetrics
 from .model_folders import register_model_folders
 from .rank import CLIPRank
 from .sampler import BlendedDiffusionSampler
+from .speed import BlendedDiffusionSpeed
 
 register_model_folders()
 
@@ -17,18 +18,21 @@ NODE_CLASS_MAPPINGS = {
     "BlendedDiffusion_CLIPList": CLIPList,
     "BlendedDiffusion_GuidanceSchedule": GuidanceSchedule,
     "BlendedDiffusion_Sampler": BlendedDiffusionSampler,
+    "BlendedDiffusion_Speed": BlendedDiffusionSpeed,
     "BlendedDiffusion_CLIPRank": CLIPRank,
     "BlendedDiffusion_EditMetrics": EditMetrics,
 }
 
+# One prefix, so that typing "Blended Diffusion" in the node search lists them all.
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "BlendedDiffusion_LoadGuidedDiffusion": "Load Guided Diffusion Model",
-    "BlendedDiffusion_LoadCLIP": "Load CLIP (guidance)",
-    "BlendedDiffusion_Augmentations": "CLIP Augmentations",
-    "BlendedDiffusion_CLIPGuidance": "CLIP Guidance",
-    "BlendedDiffusion_CLIPList": "CLIP List (ensemble)",
-    "BlendedDiffusion_GuidanceSchedule": "Guidance Schedule",
-    "BlendedDiffusion_Sampler": "Blended Diffusion Sampler",
-    "BlendedDiffusion_CLIPRank": "CLIP Rank",
-    "BlendedDiffusion_EditMetrics": "Blended Edit Metrics",
+    "BlendedDiffusion_LoadGuidedDiffusion": "Blended Diffusion: Load Guided Diffusion Model",
+    "BlendedDiffusion_LoadCLIP": "Blended Diffusion: Load CLIP (guidance)",
+    "BlendedDiffusion_Augmentations": "Blended Diffusion: CLIP Augmentations",
+    "BlendedDiffusion_CLIPGuidance": "Blended Diffusion: CLIP Guidance",
+    "BlendedDiffusion_CLIPList": "Blended Diffusion: CLIP List (ensemble)",
+    "BlendedDiffusion_GuidanceSchedule": "Blended Diffusion: Guidance Schedule",
+    "BlendedDiffusion_Sampler": "Blended Diffusion: Sampler",
+    "BlendedDiffusion_Speed": "Blended Diffusion: Speed",
+    "BlendedDiffusion_CLIPRank": "Blended Diffusion: CLIP Rank",
+    "BlendedDiffusion_EditMetrics": "Blended Diffusion: Edit Metrics",
 }

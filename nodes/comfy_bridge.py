@@ -16,12 +16,12 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
+from ..blended.fast_paths import parse_dtype
 from ..blended.image_io import from_model_range
 
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -30,7 +30,6 @@ class GuidedDiffusionModel:
 
     patcher: object
     unet: torch.nn.Module
-    compute_dtype: torch.dtype
     name: str
 
 
@@ -68,8 +67,6 @@ class ClipGuidanceSpec:
     clip: GuidanceClipModel
     prompts: list
     settings: object
-    truncate_prompts: bool = True
-    extra: dict = field(default_factory=dict)
     extra_clips: list = field(default_factory=list)     # ClipListEntry
     image_targets: list = field(default_factory=list)   # ImageTargetSpec
 
@@ -77,8 +74,8 @@ class ClipGuidanceSpec:
 def resolve_dtype(choice: str, device) -> torch.dtype:
     """'auto' follows ComfyUI: half precision where ComfyUI would use it on that device (the original ran its
     UNet torso and CLIP in fp16 on the GPU), float32 on the CPU."""
-    if choice in _DTYPES:
-        return _DTYPES[choice]
+    if choice != "auto":
+        return parse_dtype(choice)
     if mm.should_use_fp16(device, prioritize_performance=True):
         return torch.float16
     if mm.should_use_bf16(device):

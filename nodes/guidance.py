@@ -145,8 +145,7 @@ class CLIPGuidance:
                 mask = image_io.prepare_mask(image_target_mask, pictures.shape[2], pictures.shape[3],
                                              pictures.shape[0])
             image_targets.append(bridge.ImageTargetSpec(pictures, mask, float(image_target_weight)))
-        return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings,
-                                        truncate_prompts=truncate_long_prompts, extra_clips=extra_clips,
+        return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings, extra_clips=extra_clips,
                                         image_targets=image_targets),)
 
 

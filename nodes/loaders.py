@@ -20,7 +20,8 @@ class LoadGuidedDiffusionModel:
     DESCRIPTION = ("Loads an OpenAI guided-diffusion UNet (256x256_diffusion_uncond.pt, the model Blended "
                    "Diffusion uses; or the class-conditional 256x256_diffusion.pt / 512x512_diffusion.pt) from "
                    "models/guided_diffusion. The architecture is read from the weights; a config.json beside "
-                   "the file wins over detection, the widgets below win over both.")
+                   "the file wins over detection, the widgets below win over both. The weights stay as released "
+                   "(float32); precision and the other speed options are the Speed node's, per run.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("GUIDED_DIFFUSION_MODEL",)
     RETURN_NAMES = ("model",)
@@ -33,11 +34,6 @@ class LoadGuidedDiffusionModel:
             "required": {
                 "model_name": (model_file_list(GUIDED_DIFFUSION_FOLDER), {
                     "tooltip": "Checkpoint in models/guided_diffusion (.pt state dict or .safetensors)."}),
-                "dtype": (bridge.DTYPE_CHOICES, {
-                    "default": "auto",
-                    "tooltip": "Precision of the UNet's convolutions. auto = float16 on GPUs that suit it "
-                               "(as the original), float32 on CPU. Norms and timestep embedding always run "
-                               "in float32."}),
                 "attention_order": (["auto", "legacy", "new"], {
                     "default": "auto",
                     "tooltip": "Layout of the attention qkv weights. OpenAI's released checkpoints use "
@@ -46,15 +42,10 @@ class LoadGuidedDiffusionModel:
                     "default": 0, "min": 0, "max": 1024, "step": 1,
                     "tooltip": "Channels per attention head; 0 = auto (config.json, else 64 as the released "
                                "checkpoints)."}),
-                "gradient_checkpointing": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "Recompute UNet blocks during the guidance backward pass instead of keeping "
-                               "their activations: much less memory for big batches, about a third slower."}),
             }
         }
 
-    def load(self, model_name, dtype="auto", attention_order="auto", head_channels=0,
-             gradient_checkpointing=False):
+    def load(self, model_name, attention_order="auto", head_channels=0):
         path = model_file_path(GUIDED_DIFFUSION_FOLDER, model_name)
         overrides = {}
         if attention_order != "auto":
@@ -62,17 +53,11 @@ class LoadGuidedDiffusionModel:
         if head_channels:
             overrides["num_head_channels"] = int(head_channels)
         state_dict = bridge.load_state_dict(path)
-        device = bridge.mm.get_torch_device()
-        compute_dtype = bridge.resolve_dtype(dtype, device)
         with torch.inference_mode(False):
             unet, config = load_guided_diffusion(path=path, state_dict=state_dict, overrides=overrides or None)
-            if compute_dtype != torch.float32:
-                unet.to_compute_dtype(compute_dtype)
-            unet.gradient_checkpointing = bool(gradient_checkpointing)
         del state_dict
-        log.info("Loaded guided-diffusion UNet %s (%s, %s)", model_name, config, compute_dtype)
-        return (bridge.GuidedDiffusionModel(bridge.make_patcher(unet), unet, compute_dtype,
-                                            os.path.basename(model_name)),)
+        log.info("Loaded guided-diffusion UNet %s (%s)", model_name, config)
+        return (bridge.GuidedDiffusionModel(bridge.make_patcher(unet), unet, os.path.basename(model_name)),)
 
 
 class LoadGuidanceCLIP:
@@ -90,8 +75,8 @@ class LoadGuidanceCLIP:
         return {
             "required": {
                 "clip_name": (model_file_list(CLIP_GUIDANCE_FOLDER), {
-                    "tooltip": "CLIP weights in models/clip_guidance, e.g. open_clip's ViT-B-16 (OpenAI) "
-                               "open_clip_model.safetensors renamed to ViT-B-16.safetensors."}),
+                    "tooltip": "CLIP weights in models/clip_guidance: ViT-B-16.safetensors (open_clip's ViT-B-16 "
+                               "OpenAI weights; scripts/download_models.py fetches it)."}),
                 "dtype": (bridge.DTYPE_CHOICES, {
                     "default": "auto",
                     "tooltip": "Precision of CLIP's convolution, linear and attention weights. auto = float16 "

@@ -9,8 +9,10 @@ import os
 
 import folder_paths
 
-GUIDED_DIFFUSION_FOLDER = "guided_diffusion"
-CLIP_GUIDANCE_FOLDER = "clip_guidance"
+from ..blended.model_files import CLIP_GUIDANCE_FOLDER, GUIDED_DIFFUSION_FOLDER
+
+__all__ = ["CLIP_GUIDANCE_FOLDER", "GUIDED_DIFFUSION_FOLDER", "model_file_list", "model_file_path",
+           "register_model_folders"]
 
 
 def register_model_folders() -> None:
@@ -37,5 +39,6 @@ def model_file_path(name: str, filename: str) -> str:
         folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
         raise FileNotFoundError(
             f"model file {filename!r} was not found in the {name} folder ({folders}). "
-            f"Put the file there (see the pack's README for downloads) and press R to refresh the list.")
+            f"Put the file there (scripts/download_models.py fetches the released ones; README, 'Models') and "
+            "press R to refresh the list.")
     return path

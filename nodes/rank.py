@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..blended import image_io
+from ..blended.errors import BlendedInputError
 from ..blended.rank import RANK_MODES, rank_by_clip
 from . import comfy_bridge as bridge
 
@@ -62,16 +64,16 @@ class CLIPRank:
 
     def rank(self, images, clip, prompt, top_k, mode="original", mask=None):
         if images.shape[0] == 0:
-            raise ValueError("CLIP Rank got an empty image batch: connect a node that outputs images")
+            raise BlendedInputError("CLIP Rank got an empty image batch: connect a node that outputs images")
         prompt = " ".join(str(prompt).split())
         with bridge.autograd_enabled():
             bridge.load_for_sampling([clip.patcher], 0)
             device = clip.patcher.load_device
-            pixels = images.clone().movedim(-1, 1)[:, :3].to(device, torch.float32)
+            pixels = image_io.to_rgb_nchw(images.clone()).to(device, torch.float32)  # gray and RGBA too
             mask_in = None
             if mask is not None:
-                from ..blended.image_io import prepare_mask
-                mask_in = prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3], pixels.shape[0]).to(device)
+                mask_in = image_io.prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3],
+                                                pixels.shape[0]).to(device)
             with torch.no_grad():
                 order, distances = rank_by_clip(clip.clip, pixels, prompt, mask=mask_in, mode=_mode_of(mode))
         order = order.cpu()

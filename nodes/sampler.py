@@ -15,11 +15,11 @@ from ..blended.memory import activation_bytes_per_result, auto_batch_size
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
+from .speed import for_clip, speed_options
 
 log = logging.getLogger(__name__)
 
-# autocast dtype per choice; None keeps the loader's dtype (the faithful path)
-PRECISIONS = {"model dtype": None, "bf16 autocast": torch.bfloat16, "fp16 autocast": torch.float16}
+SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplerSettings))
 
 
 class BlendedDiffusionSampler:
@@ -82,9 +82,9 @@ class BlendedDiffusionSampler:
                            "resolution: far more detail on big photos."}),
                 "context": ("FLOAT", {"default": d.context, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip":
                             "mask_crop: margin around the mask's bounding box, as a fraction of its size."}),
-                "grow_mask": ("INT", {"default": 0, "min": 0, "max": 512, "tooltip":
+                "grow_mask": ("INT", {"default": d.grow_mask, "min": 0, "max": 512, "tooltip":
                               "Grow the final composite mask by this many pixels (0 = original hard mask)."}),
-                "feather": ("INT", {"default": 0, "min": 0, "max": 512, "tooltip":
+                "feather": ("INT", {"default": d.feather, "min": 0, "max": 512, "tooltip":
                             "Soften the final composite's edge over this many pixels (0 = hard edge)."}),
                 "resample_count": ("INT", {"default": d.resample_count, "min": 0, "max": 20, "tooltip":
                                    "Harmonising resampling (RePaint): after every resample_jump_length steps, add "
@@ -106,40 +106,28 @@ class BlendedDiffusionSampler:
                                           "tooltip": "Noise level of the blended-in background: 'current' step "
                                                      "(original, one step too noisy) or the 'previous' "
                                                      "(corrected) one."}),
-                "reuse_guided_forward": ("BOOLEAN", {"default": d.reuse_guided_forward, "tooltip":
-                                         "Fast path: one UNet forward per step instead of two (same result in "
-                                         "float32; ~1/3 less UNet work)."}),
-                "capture_every": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
+                "capture_every": ("INT", {"default": d.capture_every, "min": 0, "max": 1000, "tooltip":
                                   "Keep the model's prediction every N steps as the frames output (0 = off)."}),
-                "ddim_eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                "ddim_eta": ("FLOAT", {"default": d.ddim_eta, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                              "DDIM noise (0 = deterministic, as the original)."}),
-                "precision": (list(PRECISIONS), {"default": "model dtype", "tooltip":
-                              "Compute precision of the UNet for this run. 'model dtype' = what the loader chose "
-                              "(faithful). bf16/fp16 autocast keep the weights untouched and run the kernels in "
-                              "low precision (about 2x faster, half the activation memory); best with the loader "
-                              "at float32."}),
-                "channels_last": ("BOOLEAN", {"default": False, "tooltip":
-                                  "NHWC memory layout for the convolutions (faster on recent GPUs; same numbers)."}),
-                "compile": ("BOOLEAN", {"default": False, "tooltip":
-                            "torch.compile the UNet: the first steps pay the compile time (a minute or more), "
-                            "later steps run faster. Worth it for many results on a GPU."}),
+                "speed": ("FAST_PATH_OPTIONS", {"tooltip":
+                          "From the Speed node: precision, reuse_guided_forward, channels_last, gradient "
+                          "checkpointing, compile, for this run only. Unconnected = the original's settings."}),
                 "preview": ("BOOLEAN", {"default": True, "tooltip": "Show the prediction in the progress bar."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, model, guidance, image, mask, seed, num_results, respacing, skip_timesteps, method, mode,
-               enforce_background, invert_mask, batch_size, region="full", context=0.25, grow_mask=0, feather=0,
-               resample_count=0, resample_jump_length=5, soft_mask=False, colour_match="off",
-               background_noise_step="current", reuse_guided_forward=False, capture_every=0, ddim_eta=0.0,
-               precision="model dtype", channels_last=False, compile=False, preview=True, unique_id=None):
-        settings = SamplerSettings(
-            skip_timesteps=skip_timesteps, method=method, ddim_eta=ddim_eta, mode=mode,
-            enforce_background=enforce_background, background_noise_step=background_noise_step,
-            reuse_guided_forward=reuse_guided_forward, batch_size=batch_size, capture_every=capture_every,
-            region=region, context=context, grow_mask=grow_mask, feather=feather,
-            colour_match=colour_match, soft_mask=soft_mask, resample_count=resample_count,
-            resample_jump_length=resample_jump_length)
+    def sample(self, model, guidance, image, mask, seed, num_results, respacing, invert_mask, speed=None,
+               preview=True, unique_id=None, **widgets):
+        # The other widgets are named like SamplerSettings' fields; absent ones take the dataclass's defaults.
+        unknown = set(widgets) - SETTING_NAMES
+        if unknown:
+            raise TypeError(f"unexpected sampler inputs {sorted(unknown)}")
+        options = for_clip(speed if speed is not None else speed_options(), guidance.clip.clip)
+        settings = fast_paths.sampler_settings_with(SamplerSettings(**widgets), options)
+        guidance_settings = fast_paths.guidance_settings_with(guidance.settings, options)
+        batch_size = settings.batch_size
         try:
             # The model's own training schedule (config.json's noise_schedule), respaced as asked.
             diffusion = diffusion_for(model.unet, str(respacing).strip())
@@ -150,26 +138,20 @@ class BlendedDiffusionSampler:
         # The library reports the real total with every step (it knows the final batch after broadcasting).
         callback = bridge.progress_callback(1, node_id=unique_id, preview=preview)
         memory = bridge.activation_bytes(min(batch_size or 1, num_prompts * num_results), model.unet.config.image_size,
-                                         model.compute_dtype, getattr(model.unet, "gradient_checkpointing", False))
+                                         options.unet_dtype, options.gradient_checkpointing)
         with bridge.autograd_enabled():
             lpips_model = None
             if guidance.settings.background_lpips_lambda:
                 lpips_model = load_lpips()
-            extra = getattr(guidance, "extra_clips", [])
+            memory += fast_paths.clone_bytes(model.unet, guidance.clip.clip, options)
+            extra = list(getattr(guidance, "extra_clips", []))
             clip_patchers = [guidance.clip.patcher] + [e.model.patcher for e in extra
                                                        if e.model.patcher is not guidance.clip.patcher]
             bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
             device = model.patcher.load_device
             if batch_size == 0:
-                settings = dataclasses.replace(settings, batch_size=_auto_batch_size(
-                    model, device, num_prompts * num_results, PRECISIONS[precision]))
-            # Per-run speed options, applied to the shared model without changing its stored weights.
-            model.unet.autocast_dtype = PRECISIONS[precision]
-            fast_paths.apply_channels_last(model.unet, guidance.clip.clip, enabled=channels_last)
-            if compile and not fast_paths.is_compiled(model.unet):
-                fast_paths.compile_unet(model.unet)
-            elif not compile and fast_paths.is_compiled(model.unet):
-                fast_paths.uncompile_unet(model.unet)
+                batch_size = _auto_batch_size(model, device, num_prompts * num_results, options)
+                settings = dataclasses.replace(settings, batch_size=batch_size)
             if lpips_model is not None:
                 lpips_model = lpips_model.to(device)
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
@@ -179,29 +161,31 @@ class BlendedDiffusionSampler:
             image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
                              for t in getattr(guidance, "image_targets", [])]
             try:
-                result = edit_image(image_in, mask_in, model.unet, diffusion, guidance.clip.clip,
-                                    guidance.prompts, seed=seed, num_results=num_results, settings=settings,
-                                    guidance_settings=guidance.settings, invert_mask=invert_mask,
-                                    callback=callback, device=device, lpips_model=lpips_model,
-                                    extra_clips=extra_clips, image_targets=image_targets)
+                # The speed options apply to clones: the loader's cached models stay as loaded.
+                with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
+                    result = edit_image(image_in, mask_in, unet, diffusion, clip, guidance.prompts, seed=seed,
+                                        num_results=num_results, settings=settings,
+                                        guidance_settings=guidance_settings, invert_mask=invert_mask,
+                                        callback=callback, device=device, lpips_model=lpips_model,
+                                        extra_clips=extra_clips, image_targets=image_targets)
             except Exception as exc:
                 # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours, and only
                 # for real OOMs.
                 if bridge.is_out_of_memory(exc):
                     log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
-                              "do not depend on it), turn on gradient_checkpointing in the loader, or use "
-                              "precision 'bf16 autocast'.", batch_size)
+                              "do not depend on it), or connect a Speed node with "
+                              "gradient_checkpointing on or precision 'bf16 autocast'.", batch_size)
                 raise
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
 
 
-def _auto_batch_size(model, device, num_results: int, autocast_dtype) -> int:
+def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
     """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
-    low_precision = autocast_dtype is not None or model.compute_dtype in (torch.float16, torch.bfloat16)
+    low_precision = options.unet_dtype != torch.float32
     per_result = activation_bytes_per_result(model.unet.config.image_size, low_precision,
-                                             getattr(model.unet, "gradient_checkpointing", False))
+                                             options.gradient_checkpointing)
     batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result, num_results)
     log.info("Blended Diffusion: batch_size auto = %d", batch)
     return batch

@@ -17,12 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from blended.model_files import model_file
 from workflow_format import widget_default, widget_layout
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "workflows"
-GD = "256x256_diffusion_uncond.pt"
-CLIP = "ViT-B-16.safetensors"
+GD = model_file("256x256_diffusion_uncond.pt")
+CLIP = model_file("ViT-B-16.safetensors")
 IMG, MASK = "blended_example_img.png", "blended_example_mask.png"
 IMG2, MASK2 = "blended_example_img2.png", "blended_example_mask2.png"
 SCRIBBLE = "blended_example_scribble.png"
@@ -87,8 +88,11 @@ class Graph:
 
 
 def models(g: Graph, x=0, y=0):
-    unet = g.add("BlendedDiffusion_LoadGuidedDiffusion", (x, y), {"model_name": GD}, size=(340, 180))
-    clip = g.add("BlendedDiffusion_LoadCLIP", (x, y + 220), {"clip_name": CLIP}, size=(340, 110))
+    unet = g.add("BlendedDiffusion_LoadGuidedDiffusion", (x, y), {"model_name": GD.name}, size=(340, 180))
+    clip = g.add("BlendedDiffusion_LoadCLIP", (x, y + 220), {"clip_name": CLIP.name}, size=(340, 110))
+    # Declared as ComfyUI's frontend reads them: a user without the files is told what to get, and where.
+    unet["properties"]["models"] = [GD.declaration()]
+    clip["properties"]["models"] = [CLIP.declaration()]
     return unet, clip
 
 
@@ -137,6 +141,9 @@ def simple_edit(defs, prompt, prefix, note, image=IMG, mask=MASK, **widgets):
 def ranked_results(defs):
     g, unet, clip, img, msk, guide = edit_start(defs, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=8, batch_size=4)
+    # Speed options at their (faithful) defaults: where to turn on bf16, reuse_guided_forward, compile, ...
+    speed = g.add("BlendedDiffusion_Speed", (400, 300), size=(380, 200))
+    g.link(speed, 0, samp, "speed")
     rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 2}, size=(340, 220))
     g.link(samp, 0, rank, "images")
     g.link(clip, 0, rank, "clip")
@@ -146,7 +153,8 @@ def ranked_results(defs):
     g.link(rank, 0, preview, "images")
     text = g.add("PreviewAny", (1600, 420), size=(340, 200))
     g.link(rank, 2, text, "source")
-    return g.to_json("Many results for one prompt, ranked by CLIP (the original makes 32; 64 recommended).")
+    return g.to_json("Many results for one prompt, ranked by CLIP (the original makes 32; 64 recommended). The "
+                     "Speed node holds the speed and memory options, at the original's settings.")
 
 
 def different_prompts(defs):
@@ -259,8 +267,9 @@ def process_video(defs):
 def edit_metrics(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    judge = g.add("BlendedDiffusion_LoadCLIP", (0, 1100), {"clip_name": CLIP}, size=(340, 110),
+    judge = g.add("BlendedDiffusion_LoadCLIP", (0, 1100), {"clip_name": CLIP.name}, size=(340, 110),
                   title="Judge CLIP (fairest: another CLIP than the guiding one)")
+    judge["properties"]["models"] = [CLIP.declaration()]
     img, msk = inputs(g)
     guide = guidance(g, clip, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)

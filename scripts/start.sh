@@ -2,12 +2,25 @@
 # Start ComfyUI with this pack: set up (idempotent), put the example photos where the shipped workflows
 # expect them, then run ComfyUI on 127.0.0.1:${PORT:-8188}. Extra arguments go to ComfyUI's main.py.
 # Works without a GPU: --cpu is added when torch sees neither CUDA nor MPS.
+# --download-models first fetches the models the pack uses into ComfyUI's model folders (resumable; files
+# already there are kept): see scripts/download_models.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BLENDED_VENV:-$ROOT/.venv}"
 
+DOWNLOAD=0
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--download-models" ]; then DOWNLOAD=1; else args+=("$arg"); fi
+done
+set -- ${args[@]+"${args[@]}"}
+
 bash "$ROOT/scripts/setup_env.sh"
 COMFY="$(cat "$VENV/comfyui-path")"
+
+if [ "$DOWNLOAD" = 1 ]; then
+  PYTHONPATH="$ROOT" "$VENV/bin/python" "$ROOT/scripts/download_models.py" --comfyui "$COMFY"
+fi
 
 # The workflows' LoadImage nodes name these files; ComfyUI only lists files in its input folder.
 mkdir -p "$COMFY/input"

@@ -215,6 +215,24 @@ def test_core_workflow_queued_from_the_page_shows_its_image(page, comfy_client, 
     page.screenshot(path=str(screenshots / "core_workflow_done.png"))
 
 
+def _declared_models(workflow: dict) -> list[dict]:
+    return [model for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])]
+
+
+def test_a_workflow_opened_without_its_models_says_what_to_get_and_where(page):
+    """Each shipped loader declares its file (name, official URL, folder) as the frontend reads it."""
+    from blended.model_files import MODEL_FILES
+
+    workflow = harness.load_workflow(harness.workflow_files()[0])
+    declared = {m["name"]: m for m in _declared_models(workflow)}
+    official = {m.name: m.declaration() for m in MODEL_FILES if m.required}
+    assert declared == official
+    text = "\n".join(_load_graph(page, workflow))
+    for model in official.values():
+        assert f"{model['directory']} / {model['name']}" in text
+    assert official["256x256_diffusion_uncond.pt"]["url"] in text  # shown where the panel cannot download it
+
+
 def _comparable(prompt: dict, object_info: dict) -> dict:
     """Class and inputs only; inputs the node does not declare (frontend-only display widgets such as
     PreviewAny's `preview`) are dropped, since the server ignores them."""
@@ -236,8 +254,13 @@ def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_in
 
     dialogs = _load_graph(page, workflow)
     page.screenshot(path=str(screenshots / f"{path.stem}.png"))
-    assert not [d for d in dialogs if "missing" in d.lower()], dialogs
-    assert dialogs == [], dialogs
+    # The test models folder holds only the tiny models: the one dialog is the frontend's missing-models
+    # panel, naming each model the workflow declares with the folder it goes in (no missing nodes).
+    declared = _declared_models(workflow)
+    assert declared, f"{path.name}: its loaders declare no models (properties.models)"
+    assert len(dialogs) == 1 and dialogs[0].startswith("Missing Models"), dialogs
+    for model in declared:
+        assert f"{model['directory']} / {model['name']}" in dialogs[0], (model, dialogs)
     assert page.page_errors == []
 
     frontend = _comparable(_frontend_prompt(page), object_info)
@@ -260,3 +283,33 @@ def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_cli
     assert images
     for image in images:
         assert comfy_client.view(image)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Widget names of the layouts that web/js/blended_diffusion.js upgrades, in their saved order (written out here,
+# independently of the extension, from the pack's earlier INPUT_TYPES).
+OLD_WIDGETS = {
+    "BlendedDiffusion_Sampler": ["seed", None, "num_results", "respacing", "skip_timesteps", "method", "mode",
+                                 "enforce_background", "invert_mask", "batch_size", "region", "context",
+                                 "grow_mask", "feather", "background_noise_step", "reuse_guided_forward",
+                                 "capture_every", "ddim_eta", "precision", "channels_last", "compile", "preview"],
+    "BlendedDiffusion_LoadGuidedDiffusion": ["model_name", "dtype", "attention_order", "head_channels",
+                                             "gradient_checkpointing"],
+}
+
+
+def test_a_workflow_saved_with_the_earlier_widget_layouts_opens_with_its_values(page, object_info):
+    """The speed widgets left the Sampler and the loader: an old workflow still gets every remaining value on
+    the widget of the same name (not shifted by position), and the frontend queues what it saved."""
+    workflow = json.loads((harness.FIXTURES / "workflows_v1" / "01_ranked_results.json").read_text())
+    saved = {n["id"]: n for n in workflow["nodes"] if n["type"] in OLD_WIDGETS}
+    assert len(saved) == 2
+    assert _load_graph(page, workflow) == []
+    assert page.page_errors == []
+    prompt = _frontend_prompt(page)
+    for node_id, node in saved.items():
+        declared = object_info[node["type"]]["input"]
+        current = set(declared["required"]) | set(declared.get("optional", {}))
+        saved_values = zip(OLD_WIDGETS[node["type"]], node["widgets_values"], strict=True)
+        expected = {name: value for name, value in saved_values if name in current}
+        got = {k: v for k, v in prompt[str(node_id)]["inputs"].items() if not isinstance(v, list)}
+        assert got == expected, (node["type"], got, expected)

@@ -25,6 +25,7 @@ EXPECTED_NODES = {
     "BlendedDiffusion_CLIPGuidance": ["CLIP_GUIDANCE"],
     "BlendedDiffusion_Sampler": ["IMAGE", "MASK", "IMAGE"],
     "BlendedDiffusion_CLIPRank": ["IMAGE", "IMAGE", "STRING"],
+    "BlendedDiffusion_Speed": ["FAST_PATH_OPTIONS"],
 }
 
 
@@ -57,6 +58,7 @@ def test_object_info_lists_the_node_contract(object_info):
         assert list(ours[name]["output"]) == outputs, name
     for name, info in ours.items():
         assert info["category"].split("/")[0] == "BlendedDiffusion", name
+        assert info["display_name"].startswith("Blended Diffusion: "), name  # found by one node search
 
 
 def test_every_input_has_a_tooltip_and_every_node_a_description(object_info):

@@ -209,7 +209,8 @@ def test_options_describe_and_validate():
 # ----------------------------------------------------------------------------------------------- benchmark
 
 def test_flop_count_of_the_released_unet_matches_the_spec():
-    """The spec measured 1119.8 GMAC (2.24 TFLOP) per 256x256 forward with hooks; count it on 'meta' (free)."""
+    """The released 256x256 UNet's forward is 1119.8 GMAC (2.24 TFLOP), as forward hooks count it on the original
+    implementation; count ours on 'meta' (free)."""
     bench = load_bench()
     layout = json.loads(bench.FULL256_LAYOUT.read_text())
     with torch.device("meta"):
@@ -290,3 +291,37 @@ def test_clip_checkpointing_gives_identical_gradients_and_fewer_saved_bytes():
     finally:
         fast_paths.set_clip_checkpointing(clip, False)
     assert fast_paths.parse_preset("fast-gpu-lowmem").clip_checkpointing
+# ------------------------------------------------------------------------------------------ per-run clones
+
+def _snapshot(module):
+    tensors = list(module.named_parameters()) + list(module.named_buffers())  # non-persistent buffers too
+    return {name: (t.detach().clone(), t.stride()) for name, t in tensors}
+
+
+def test_run_clones_apply_the_options_and_leave_the_given_models_unchanged(unet, clip, diffusion, reference):
+    options = FastPathOptions(channels_last=True, gradient_checkpointing=True, compile=True,
+                              clip_precision="fp32")
+    unet_before, clip_before = _snapshot(unet), _snapshot(clip.model)
+    for _run in range(2):  # the second run finds the kept, already compiled clone
+        with fast_paths.run_clones(unet, clip, options, compile_backend="aot_eager") as (unet_run, clip_run):
+            assert unet_run is not unet and clip_run.model is not clip.model
+            assert fast_paths.is_compiled(unet_run) and unet_run.gradient_checkpointing
+            conv = unet_run.input_blocks[0][0].weight
+            assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+            check_step_against_reference(step(unet_run, clip_run, diffusion, reference), reference)
+        kept = unet_run
+    assert all(p.numel() == 0 for p in kept.parameters())  # a kept clone holds no weights between runs
+    assert not fast_paths.is_compiled(unet) and not unet.gradient_checkpointing and unet.autocast_dtype is None
+    for before, module in ((unet_before, unet), (clip_before, clip.model)):
+        after = _snapshot(module)
+        assert after.keys() == before.keys()
+        for name, (tensor, stride) in after.items():
+            assert stride == before[name][1] and torch.equal(tensor, before[name][0]), name
+
+
+def test_run_clone_in_low_precision_leaves_the_shared_weights_in_float32(unet, clip):
+    with fast_paths.run_clones(unet, clip, FastPathOptions(precision="bf16", precision_scheme="torso")) as (u, c):
+        assert u.compute_dtype == torch.bfloat16 and c.dtype == torch.bfloat16
+        assert fast_paths.clone_bytes(unet, clip, FastPathOptions(precision="bf16", precision_scheme="torso")) > 0
+    assert unet.compute_dtype == torch.float32 and clip.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in list(unet.parameters()) + list(clip.model.parameters()))

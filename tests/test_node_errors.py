@@ -13,21 +13,27 @@ import harness
 
 pytestmark = pytest.mark.comfy
 
+SPEED_DEFAULTS = {"precision": "auto", "reuse_guided_forward": False, "channels_last": False,
+                  "gradient_checkpointing": False, "compile": False}
 
-def graph(image, mask, prompt="a red rock", respacing="4", skip=1, **sampler):
+
+def graph(image, mask, prompt="a red rock", respacing="4", skip=1, speed=None, **sampler):
     """An API prompt: tiny models -> guidance -> sampler(image, mask) -> PreviewImage.
 
-    `image` and `mask` add their own nodes to the builder and return the output to feed the sampler. Node
-    ids are names: "unet", "clip", "guidance", "sampler", "preview".
+    `image` and `mask` add their own nodes to the builder and return the output to feed the sampler. `speed`:
+    widget values of a Speed node to connect (None = no Speed node). Node ids are names: "unet", "clip",
+    "guidance", "sampler", "preview" (and "speed").
     """
     g = harness.graph_builder()
     unet = g.node("BlendedDiffusion_LoadGuidedDiffusion", id="unet", model_name=harness.GD_TINY_NAME,
-                  dtype="float32", attention_order="auto", head_channels=0, gradient_checkpointing=False)
+                  attention_order="auto", head_channels=0)
     clip = g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME, dtype="float32")
     guidance = g.node("BlendedDiffusion_CLIPGuidance", id="guidance", clip=clip.out(0), prompt=prompt,
                       clip_lambda=1000.0, range_lambda=50.0, num_views=1, truncate_long_prompts=True)
     widgets = {"seed": 1, "num_results": 1, "respacing": respacing, "skip_timesteps": skip, "method": "ddpm",
                "mode": "blended", "enforce_background": True, "invert_mask": False, "batch_size": 1, **sampler}
+    if speed is not None:
+        widgets["speed"] = g.node("BlendedDiffusion_Speed", id="speed", **{**SPEED_DEFAULTS, **speed}).out(0)
     edit = g.node("BlendedDiffusion_Sampler", id="sampler", model=unet.out(0), guidance=guidance.out(0),
                   image=image(g), mask=mask(g), **widgets)
     g.node("PreviewImage", id="preview", images=edit.out(0))

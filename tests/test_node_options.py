@@ -1,4 +1,5 @@
-"""The sampler node's speed options run through ComfyUI and keep the background exact."""
+"""The Speed node's options run through ComfyUI, keep the background exact and leave the loader's cached models
+exactly as loaded."""
 
 from __future__ import annotations
 
@@ -11,9 +12,29 @@ import harness
 pytestmark = pytest.mark.comfy
 
 
+def model_state(module: torch.nn.Module) -> dict:
+    """Everything a run could leave behind on a module: its tensors (values, dtype, layout) and its options."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())  # non-persistent buffers too
+    return {
+        "tensors": {name: (t.detach().clone(), t.dtype, t.stride()) for name, t in tensors},
+        "parameters": [id(t) for _, t in tensors],
+        "options": {k: getattr(module, k, None) for k in ("autocast_dtype", "gradient_checkpointing",
+                                                           "_compiled_call_impl")},
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["parameters"] == before["parameters"] and after["options"] == before["options"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, (value, dtype, stride) in before["tensors"].items():
+        now, now_dtype, now_stride = after["tensors"][name]
+        assert (now_dtype, now_stride) == (dtype, stride), name
+        assert torch.equal(now, value), name
+
+
 def test_bf16_autocast_and_channels_last_run_and_keep_background(comfy_inprocess):
     prompt = graph(empty_image(64, 64, color=0x446688), box_mask(),
-                   precision="bf16 autocast", channels_last=True, reuse_guided_forward=True)
+                   speed={"precision": "bf16 autocast", "channels_last": True, "reuse_guided_forward": True})
     result = comfy_inprocess.run(prompt)
     images = result.tensors["sampler"][0][0]
     assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
@@ -22,6 +43,35 @@ def test_bf16_autocast_and_channels_last_run_and_keep_background(comfy_inprocess
     # the shared model is left usable for a faithful run afterwards
     faithful = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0)))
     assert faithful.tensors["sampler"][0][0].shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("speed", [
+    {"precision": "bf16 torso", "channels_last": True, "gradient_checkpointing": True},
+    {"precision": "fp16 autocast", "reuse_guided_forward": True},
+], ids=["torso+channels_last+ckpt", "autocast+reuse"])
+def test_speed_options_leave_the_loaders_cached_models_unchanged(comfy_inprocess, speed):
+    """The options apply to clones for the run: the loader's cached UNet and CLIP are the same objects, with the
+    same tensors bit for bit (dtype and layout too) and the same options, after a run as before it."""
+    faithful_prompt = graph(empty_image(), solid_mask(1.0))
+    first = comfy_inprocess.run(faithful_prompt)
+    unet, clip = first.tensors["unet"][0][0], first.tensors["clip"][0][0]
+    before = (model_state(unet.unet), model_state(clip.clip.model))
+
+    sped = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), speed=speed))
+    assert sped.tensors["unet"][0][0] is unet and sped.tensors["clip"][0][0] is clip  # the cached loader outputs
+    assert_same_state(before[0], model_state(unet.unet))
+    assert_same_state(before[1], model_state(clip.clip.model))
+
+    # and a faithful run afterwards gives exactly what it gave before the sped-up run
+    again = comfy_inprocess.run(faithful_prompt)
+    torch.testing.assert_close(again.tensors["sampler"][0][0], first.tensors["sampler"][0][0], atol=0, rtol=0)
+
+
+def test_speed_node_defaults_are_the_samplers_defaults(comfy_inprocess):
+    """An unconnected speed input and a Speed node left at its defaults give the same images, bit for bit."""
+    plain = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3))
+    sped = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3, speed={}))
+    torch.testing.assert_close(sped.tensors["sampler"][0][0], plain.tensors["sampler"][0][0], atol=0, rtol=0)
 
 
 RANK_COLORS = [0xFF2020, 0x2040FF, 0x20C040]
@@ -82,3 +132,18 @@ def test_batch_size_zero_sizes_the_batch_from_free_memory(comfy_inprocess, caplo
     assert auto.shape == (2, 64, 64, 3)
     # float32 batch effects of the conv kernels only, far below one 8-bit grey level
     torch.testing.assert_close(auto, one, atol=1 / 255, rtol=0)
+def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
+    """A 1-channel IMAGE is CLIP-ranked as the same picture in RGB; an empty batch gets the pack's input error."""
+    g = harness.graph_builder()
+    g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
+                                       dtype="float32").out(0))
+    clip = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
+    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    gray = torch.linspace(0, 1, 3)[:, None, None, None].expand(3, 40, 48, 1).contiguous()
+    ranked_gray, _, scores_gray = node.rank(gray, clip, "a white wall", top_k=1)
+    ranked_rgb, _, scores_rgb = node.rank(gray.expand(-1, -1, -1, 3), clip, "a white wall", top_k=1)
+    assert ranked_gray.shape == (3, 40, 48, 1) and scores_gray == scores_rgb
+    torch.testing.assert_close(ranked_gray.expand(-1, -1, -1, 3), ranked_rgb, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="empty image batch") as error:
+        node.rank(gray[:0], clip, "a white wall", top_k=1)
+    assert type(error.value).__name__ == "BlendedInputError"  # the pack's class, as ComfyUI loaded it

@@ -1,0 +1,101 @@
+"""The Speed node: every speed and memory option of a run in one place, as ``FastPathOptions``.
+
+The Sampler applies them for its run to clones of the loaded models (``fast_paths.run_clones``), so a
+choice made here never stays on the loader's cached model for other nodes or later runs. Without a Speed
+node the Sampler uses this node's defaults, which reproduce the original code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..blended import fast_paths
+from ..blended.errors import BlendedInputError
+from ..blended.fast_paths import FastPathOptions
+from . import comfy_bridge as bridge
+
+# choice -> (dtype, scheme); "auto" is resolved on the device that runs (see resolve_precision)
+PRECISIONS = {
+    "auto": None,
+    "fp32": ("fp32", "autocast"),
+    "fp16 torso": ("fp16", "torso"),
+    "bf16 torso": ("bf16", "torso"),
+    "bf16 autocast": ("bf16", "autocast"),
+    "fp16 autocast": ("fp16", "autocast"),
+}
+DEFAULTS = {"precision": "auto", "reuse_guided_forward": False, "channels_last": False,
+            "gradient_checkpointing": False, "compile": False, "clip_checkpointing": False,
+            "single_resample": False}
+
+
+def resolve_precision(choice: str, device) -> tuple[str, str]:
+    """(dtype name, scheme) of a precision choice; 'auto' is the original's choice on ``device``: its fp16
+    "torso" on GPUs where ComfyUI would use half precision, float32 on the CPU."""
+    if choice not in PRECISIONS:
+        raise BlendedInputError(f"unknown precision {choice!r}: use one of {', '.join(PRECISIONS)}")
+    if PRECISIONS[choice] is not None:
+        return PRECISIONS[choice]
+    dtype = bridge.resolve_dtype("auto", device)
+    return fast_paths.dtype_name(dtype), "autocast" if dtype == torch.float32 else "torso"
+
+
+def speed_options(**choices) -> FastPathOptions:
+    """FastPathOptions from the node's widget values (missing ones take the node's defaults)."""
+    values = {**DEFAULTS, **choices}
+    precision, scheme = resolve_precision(values.pop("precision"), bridge.mm.get_torch_device())
+    return FastPathOptions(precision=precision, precision_scheme=scheme, **values)
+
+
+def for_clip(options: FastPathOptions, clip) -> FastPathOptions:
+    """``options`` with CLIP kept at the precision its loader chose (that CLIP serves ranking too)."""
+    return dataclasses.replace(options, clip_precision=fast_paths.dtype_name(clip.dtype))
+
+
+class BlendedDiffusionSpeed:
+    DESCRIPTION = ("Speed and memory options of the Blended Diffusion Sampler, for its runs only: the loaded "
+                   "models stay as loaded for every other node and run. Without this node the Sampler uses "
+                   "these defaults, which reproduce the original code.")
+    CATEGORY = "BlendedDiffusion"
+    RETURN_TYPES = ("FAST_PATH_OPTIONS",)
+    RETURN_NAMES = ("speed",)
+    OUTPUT_TOOLTIPS = ("Speed options for the Blended Diffusion Sampler's 'speed' input.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = DEFAULTS
+        return {
+            "required": {
+                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip":
+                              "UNet compute precision. auto = the original's: fp16 'torso' (block convs stored "
+                              "in fp16) on GPUs that suit it, fp32 on the CPU. 'autocast' keeps fp32 weights and "
+                              "runs the kernels in bf16/fp16 (about 2x faster, half the activation memory); "
+                              "'torso' converts a copy of the block convs' weights."}),
+                "reuse_guided_forward": ("BOOLEAN", {"default": d["reuse_guided_forward"], "tooltip":
+                                         "One UNet forward per step instead of two (same result in float32; "
+                                         "about a third less UNet work)."}),
+                "channels_last": ("BOOLEAN", {"default": d["channels_last"], "tooltip":
+                                  "NHWC memory layout for the convolutions (faster on recent GPUs; same numbers). "
+                                  "Costs a copy of the conv weights during the run."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip":
+                                           "Recompute UNet blocks in the guidance backward pass instead of keeping "
+                                           "their activations: far bigger batches, about a third slower."}),
+                "compile": ("BOOLEAN", {"default": d["compile"], "tooltip":
+                            "torch.compile the UNet: the first run pays the compile time (a minute or more), "
+                            "later steps and runs are faster. Worth it for many results on a GPU."}),
+            },
+            "optional": {
+                "clip_checkpointing": ("BOOLEAN", {"default": d["clip_checkpointing"], "tooltip":
+                                       "Recompute CLIP's vision blocks in the backward pass instead of keeping "
+                                       "their activations: less memory with many views, a little slower."}),
+                "single_resample": ("BOOLEAN", {"default": d["single_resample"], "tooltip":
+                                    "Warp each CLIP view once (rotation/shift and perspective composed) instead "
+                                    "of the original's two resamplings: less blur, one warp fewer. Off = the "
+                                    "original."}),
+            },
+        }
+
+    def build(self, **choices):
+        return (speed_options(**choices),)
