@@ -299,7 +299,8 @@ OLD_WIDGETS = {
 
 def test_a_workflow_saved_with_the_earlier_widget_layouts_opens_with_its_values(page, object_info):
     """The speed widgets left the Sampler and the loader: an old workflow still gets every remaining value on
-    the widget of the same name (not shifted by position), and the frontend queues what it saved."""
+    the widget of the same name (not shifted by position), widgets added since get their defaults, and the
+    frontend queues what it saved."""
     workflow = json.loads((harness.FIXTURES / "workflows_v1" / "01_ranked_results.json").read_text())
     saved = {n["id"]: n for n in workflow["nodes"] if n["type"] in OLD_WIDGETS}
     assert len(saved) == 2
@@ -311,5 +312,9 @@ def test_a_workflow_saved_with_the_earlier_widget_layouts_opens_with_its_values(
         current = set(declared["required"]) | set(declared.get("optional", {}))
         saved_values = zip(OLD_WIDGETS[node["type"]], node["widgets_values"], strict=True)
         expected = {name: value for name, value in saved_values if name in current}
+        for name in current - set(OLD_WIDGETS[node["type"]]):  # widgets added since: their declared defaults
+            spec = declared["required"].get(name) or declared["optional"][name]
+            if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                expected[name] = spec[1]["default"] if "default" in spec[1] else spec[0][0]
         got = {k: v for k, v in prompt[str(node_id)]["inputs"].items() if not isinstance(v, list)}
         assert got == expected, (node["type"], got, expected)

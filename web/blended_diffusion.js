@@ -3,7 +3,7 @@
 // The frontend restores a node's widgets by position. When a release removes widgets (the speed options moved
 // from the Sampler and the loader to the Speed node), the saved values after them would land on the wrong
 // widgets. An old layout is recognised by its length and by a value only it could hold; its values are then
-// re-read by name. Values of removed widgets are dropped with a console note (set them on a Speed node).
+// re-read by name, and widgets added since then take their declared defaults. Values of removed widgets are dropped with a console note (set them on a Speed node).
 import { app } from "../../scripts/app.js";
 
 const OLD_LAYOUTS = {
@@ -22,6 +22,15 @@ const OLD_LAYOUTS = {
   }],
 };
 
+// The declared default of a widget input: its "default" option, or a combo's first choice.
+function declaredDefault(nodeData, name) {
+  const spec = nodeData.input?.required?.[name] ?? nodeData.input?.optional?.[name];
+  if (!spec) return undefined;
+  const [type, options] = spec;
+  if (options && "default" in options) return options.default;
+  return Array.isArray(type) ? type[0] : undefined;
+}
+
 function matchingLayout(layouts, values) {
   if (!Array.isArray(values)) return null;
   return layouts.find((l) => l.names.length === values.length && l.marker.values.includes(values[l.marker.index]))
@@ -38,6 +47,12 @@ app.registerExtension({
       const result = onConfigure?.apply(this, arguments);
       const layout = matchingLayout(layouts, info?.widgets_values);
       if (layout && this.widgets) {
+        // Widgets added since that layout got a saved value by position: give them their defaults instead.
+        this.widgets.forEach((w) => {
+          if (layout.names.includes(w.name)) return;
+          const value = declaredDefault(nodeData, w.name);
+          if (value !== undefined) w.value = value;
+        });
         const dropped = [];
         layout.names.forEach((name, i) => {
           const widget = this.widgets.find((w) => w.name === name);
