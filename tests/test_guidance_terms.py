@@ -84,7 +84,8 @@ def run(unet, diffusion, clip, image, mask, prompts=(PROMPT,), clip_lambda=1e5, 
 
 
 def distances(clip, result, target, mask):
-    return clip_scores(clip, result.images.movedim(-1, 1), target, mask=mask[:, None])
+    """CLIP distances as the guidance measures them (masked region on grey, CLIP-normalised)."""
+    return clip_scores(clip, result.images.movedim(-1, 1), target, mask=mask[:, None], mode="guidance view")
 
 
 @pytest.fixture(scope="module")
