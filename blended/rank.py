@@ -72,23 +72,11 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
     (True = "guidance view", False = "original"), used only when ``mode`` is not given.
     """
     mode = _resolve_mode(mode, normalized)
-    guidance_view = mode == "guidance view"
     if images.dim() != 4 or images.shape[1] != 3:
         raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
-    batch = images.shape[0]
     with torch.no_grad():
-        text = _text_embeds(clip, prompt_or_embed, batch)
-        x = images.float()
-        if mask is not None:
-            m = _as_mask(mask, x)
-            # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
-            x = from_model_range(to_model_range(x) * m, clamp=False) if guidance_view else x * m
-        size = clip.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=guidance_view)
-        if guidance_view:
-            x = clip.normalize(x)
-        image_embeds = clip.encode_image(x)
+        text = _text_embeds(clip, prompt_or_embed, images.shape[0])
+        image_embeds = image_embeddings(clip, images, mask, normalized=mode == "guidance view")
         return spherical_distance(image_embeds, text.to(image_embeds.device)).float()
 
 

@@ -133,3 +133,15 @@ def comfy_client(comfy_server):
     client = harness.ComfyClient(comfy_server.base_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def image_and_mask():
+    """A random 64x64 IMAGE and a box MASK (1 = edit), for short edits on the tiny models."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 64, 64, 3, generator=gen)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 20:44] = 1
+    return image, mask

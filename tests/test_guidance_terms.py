@@ -63,15 +63,6 @@ def diffusion():
     return create_diffusion(timestep_respacing="6")
 
 
-@pytest.fixture(scope="module")
-def image_and_mask():
-    gen = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 64, 64, 3, generator=gen)
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 16:48, 20:44] = 1
-    return image, mask
-
-
 def run(unet, diffusion, clip, image, mask, prompts=(PROMPT,), clip_lambda=1e5, views=1, seed=1, schedule=None,
         range_lambda=50.0, **kwargs):
     """A short edit: 4 steps, 2 results."""

@@ -20,15 +20,6 @@ def diffusion():
     return create_diffusion(timestep_respacing="10")
 
 
-@pytest.fixture(scope="module")
-def image_and_mask():
-    gen = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 64, 64, 3, generator=gen)
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 16:48, 20:44] = 1
-    return image, mask
-
-
 def run(unet, diffusion, clip, image, mask, seed=1, num_results=2, clip_lambda=1000.0, views=2, prompts=(PROMPT,),
         **settings):
     defaults = dict(skip_timesteps=3, batch_size=num_results)
