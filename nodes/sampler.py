@@ -170,7 +170,8 @@ class BlendedDiffusionSampler:
                                         extra_clips=extra_clips, image_targets=image_targets)
             except Exception as exc:
                 # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours, and only
-                # for real OOMs.
+                # for real OOMs. ComfyUI's interrupt (an Exception in older releases, a BaseException in newer
+                # ones) passes through unchanged either way.
                 if bridge.is_out_of_memory(exc):
                     log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
                               "do not depend on it), or connect a Speed node with "

@@ -3,9 +3,6 @@ executor keeps working afterwards (nothing is corrupted)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -164,15 +161,8 @@ def test_lpips_without_its_files_is_refused_clearly(comfy_inprocess):
     assert "LPIPS" in str(err.value) and ("lpips" in str(err.value) or "VGG16" in str(err.value))
 
 
-def _pack_module(name: str):
-    """One of the pack's modules as ComfyUI loaded it (under a name ComfyUI chose)."""
-    path = harness.REPO_ROOT / "nodes" / f"{name}.py"
-    return next(module for module in list(sys.modules.values())
-                if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path)
-
-
 def test_only_real_out_of_memory_errors_get_the_advice(comfy_inprocess):
-    bridge = _pack_module("comfy_bridge")
+    bridge = comfy_inprocess.pack_module("comfy_bridge")
     assert bridge.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not bridge.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not bridge.is_out_of_memory(ValueError("the mask is empty"))

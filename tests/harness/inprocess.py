@@ -11,6 +11,8 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,36 @@ from typing import Any
 from workflow_format import node_info_v1
 
 from .errors import PromptExecutionError, custom_node_import_failures, shorten
-from .locate import use_comfyui
+from .locate import REPO_ROOT, use_comfyui
 from .workspace import ComfyWorkspace
 
-# The executor's cache settings: classic caching reads none; newer executors read "ram" and "ram_inactive"
-# at every prompt whatever the cache type.
+# The executor's cache settings: classic caching reads none, but executors read some at every prompt
+# whatever the cache type ("ram" since 0.3.x, "ram_inactive" in newer ones). Any other key the installed
+# executor indexes is found in its source (`executor_cache_args`); 0 is "no headroom", unused by classic caching.
 CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
+_INDEXED_KEY = re.compile(r"""cache_args\[\s*["'](\w+)["']\s*\]""")
+
+
+def executor_cache_args(execution) -> dict:
+    """`cache_args` for `execution.PromptExecutor`: the known keys plus every one its module indexes directly
+    (a key read with `.get()` has a default and needs nothing)."""
+    try:
+        source = inspect.getsource(execution)
+    except (OSError, TypeError):  # no source shipped: the known keys are the best guess
+        source = ""
+    return {**CACHE_ARGS, **{key: 0 for key in _INDEXED_KEY.findall(source)}}
+
+
+def cached_output(cache, node_id: str):
+    """A node's entry in the executor's output cache, on old and new caches alike.
+
+    Newer caches make `get` a coroutine (it may ask external cache providers) and keep a synchronous
+    `get_local`; older ones have only a synchronous `get`. A `get` returning an awaitable is awaited.
+    """
+    entry = cache.get_local(node_id) if hasattr(cache, "get_local") else cache.get(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    return entry
 
 class _LogCapture(logging.Handler):
     def __init__(self) -> None:
@@ -104,7 +130,7 @@ class InProcessComfy:
         self.import_failures = custom_node_import_failures(capture.lines)
         self.server = _RecordingServer()
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args=CACHE_ARGS)
+                                                 cache_args=executor_cache_args(execution))
 
         def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
             self.server.messages.append(("progress", {"value": value, "max": total, "node": node_id,
@@ -112,17 +138,15 @@ class InProcessComfy:
 
         comfy.utils.set_progress_bar_global_hook(progress_hook)
 
-    def _cached_output(self, node_id: str):
-        """A node's cache entry: `get_local` where the cache's `get` is a coroutine, else `get`."""
-        cache = self.executor.caches.outputs
-        entry = cache.get_local(node_id) if hasattr(cache, "get_local") else cache.get(node_id)
-        if inspect.isawaitable(entry):
-            entry = asyncio.run(entry)
-        return entry
-
     @property
     def node_class_mappings(self) -> dict:
         return self._nodes.NODE_CLASS_MAPPINGS
+
+    def pack_module(self, name: str):
+        """One of the pack's `nodes/` modules as ComfyUI loaded it (under a module name ComfyUI chose)."""
+        path = REPO_ROOT / "nodes" / f"{name}.py"
+        return next(module for module in list(sys.modules.values())
+                    if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path)
 
     def node_defs(self) -> dict[str, dict]:
         return {name: node_info_v1(cls) for name, cls in self._nodes.NODE_CLASS_MAPPINGS.items()}
@@ -153,7 +177,7 @@ class InProcessComfy:
             raise PromptExecutionError(f"execution failed: {summary}", errors)
         tensors = {}
         for node_id in prompt:
-            entry = self._cached_output(node_id)
+            entry = cached_output(self.executor.caches.outputs, node_id)
             if entry is not None:
                 tensors[node_id] = entry.outputs if hasattr(entry, "outputs") else entry
         return InProcessResult(prompt_id, self.executor.history_result.get("outputs", {}), tensors, messages)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import os
 import socket
 import subprocess
@@ -46,15 +48,33 @@ class ComfyServer:
         return custom_node_import_failures(self.log_text().splitlines())
 
 
+# Run in ComfyUI's directory: its argument parser, as `main.py` will build it (no argv is parsed on import).
+_LIST_FLAGS = "import json, comfy.cli_args as c; print(json.dumps(sorted(c.parser._option_string_actions)))"
+# Flags only some ComfyUI versions know, passed where the parser has them. Newer servers start an assets
+# system (a database scan of every model folder, outputs registered as assets) unless told not to.
+OPTIONAL_FLAGS = ("--disable-assets",)
+
+
+@functools.lru_cache(maxsize=None)
+def server_flags(comfy_dir: Path) -> frozenset[str]:
+    """Every command-line flag this ComfyUI's `main.py` accepts, asked of its own argument parser in a
+    separate process (so this one imports nothing of that ComfyUI)."""
+    done = subprocess.run([sys.executable, "-c", _LIST_FLAGS], cwd=str(comfy_dir), capture_output=True,
+                          text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise HarnessError(f"could not read ComfyUI's command-line flags in {comfy_dir} "
+                           f"(exit {done.returncode}):\n{tail(done.stderr)}")
+    return frozenset(json.loads(lines[-1]))
+
+
 def server_supports(comfy_dir: Path, flag: str) -> bool:
-    """Whether this ComfyUI's `main.py` accepts a command-line flag (read from its argument parser)."""
-    cli_args = comfy_dir / "comfy" / "cli_args.py"
-    return cli_args.is_file() and f'"{flag}"' in cli_args.read_text(encoding="utf-8", errors="replace")
+    """Whether this ComfyUI's `main.py` accepts a command-line flag."""
+    return flag in server_flags(Path(comfy_dir))
 
 
 def server_command(comfy_dir: Path, workspace: ComfyWorkspace, port: int, extra_args=()) -> list[str]:
-    # Newer servers start an assets system (a database scan of every model folder) unless told not to.
-    optional = [flag for flag in ("--disable-assets",) if server_supports(comfy_dir, flag)]
+    optional = [flag for flag in OPTIONAL_FLAGS if server_supports(comfy_dir, flag)]
     return [sys.executable, "-u", str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
             "--port", str(port), "--extra-model-paths-config", str(workspace.extra_model_paths),
             "--output-directory", str(workspace.output_dir), "--input-directory", str(workspace.input_dir),
