@@ -51,6 +51,7 @@ def cached_output(cache, node_id: str):
         entry = asyncio.run(entry)
     return entry
 
+
 class _LogCapture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
