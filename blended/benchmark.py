@@ -18,7 +18,7 @@ Usage (from the repository root):
 
 Comma lists (``--batch``, ``--dtype``, ``--precision-scheme``, ``--channels-last``, ``--checkpointing``,
 ``--compile``, ``--reuse``) are crossed: one row per combination. ``--preset`` replaces the option axes with
-a comma list of option sets, each presets and options joined by '+' (``fast-gpu-eager``,
+a comma list of option sets, each presets and options joined by '+' (``fast-gpu``,
 ``bf16+channels_last+reuse``, ``fast-gpu+ckpt``; see ``blended.fast_paths.PRESETS`` and ``OPTION_TOKENS``).
 ``--rounds`` interleaves the rows several times (for a shared machine); ``--threads 1`` keeps CPU timings
 stable when other processes compete for the cores.
@@ -91,7 +91,6 @@ def build_models(config: str, device: torch.device):
 
     Random weights cost the same FLOPs as the released ones and need no download.
     """
-    from .clip_model import GuidanceCLIP
 
     if config == "tiny":
         from .checkpoint import load_guided_diffusion
@@ -101,8 +100,6 @@ def build_models(config: str, device: torch.device):
         clip = load_guidance_clip(path=REFERENCE / "clip_tiny" / "model.safetensors")
         return unet.to(device), clip.to(device=device)
     if config == "full256":
-        import open_clip
-
         from .architecture_detection import unet_config_from_original_kwargs
         from .unet import GuidedDiffusionUNet
 
@@ -110,10 +107,19 @@ def build_models(config: str, device: torch.device):
         with torch.device(device):  # initialise on the device: 552M parameters are slow to init on a CPU
             unet = GuidedDiffusionUNet(unet_config_from_original_kwargs(layout["config"]))
         unet.eval().requires_grad_(False)
-        model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)  # OpenAI's ViT-B/16 shape
-        model.eval().requires_grad_(False)
-        return unet, GuidanceCLIP(model, 224).to(device=device)
+        return unet, random_vit_b16_clip().to(device=device)
     raise SystemExit(f"unknown --config {config!r}: use tiny or full256")
+
+
+def random_vit_b16_clip():
+    """OpenAI's ViT-B/16 shape with random weights, built through the loader like a user's file, so that its
+    LayerNorms compute in float32 whatever the tower's precision (as OpenAI's and the loader's do)."""
+    import open_clip
+
+    from .clip_model import load_guidance_clip
+
+    random_weights = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).state_dict()
+    return load_guidance_clip(state_dict=random_weights)
 
 
 @dataclasses.dataclass
@@ -500,6 +506,14 @@ def _ranked_edits(models: Models, inputs: EditInputs, specs, args, device, out) 
     return rows
 
 
+def out_of_memory_row(spec: RunSpec, args, device: torch.device, exc: BaseException) -> dict:
+    """The row of a spec that ran out of memory (its buffers freed, so the next spec starts clean)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"config": args.config, "device": describe_device(device), "batch": spec.batch, "views": args.views,
+            "options": spec.options.describe(), "out_of_memory": str(exc).split(".")[0]}
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -565,6 +579,9 @@ def format_table(rows: list[dict]) -> str:
               "| saved for backward GiB | TFLOP/step | TFLOPS | MFU | aten ops/step |")
     lines = [header, "|" + "---|" * 11]
     for r in rows:
+        if "out_of_memory" in r:
+            lines.append(f"| {r['options']} | {r['batch']} | out of memory |" + " |" * 8)
+            continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['options']} | {r['batch']} | {_fmt(r['s_per_step'])} ({_fmt(r['s_step_min'])}) | "
                      f"{_fmt(r['s_per_edit'])} | "
@@ -596,7 +613,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default=None,
                    help=f"comma list of option sets instead of the axes, each presets ({', '.join(fast_paths.PRESETS)})"
                         f" and options ({', '.join(fast_paths.OPTION_TOKENS)}) joined by '+', "
-                        "e.g. faithful,fast-gpu-eager,bf16+channels_last+reuse")
+                        "e.g. faithful,fast-gpu,bf16+channels_last+reuse")
     p.add_argument("--steps", type=int, default=75,
                    help="guided steps of the timed whole edit (the original runs 75 of 100); 0 = time steps only")
     p.add_argument("--views", type=int, default=8, help="CLIP views per sample (the original's aug_num=8)")
@@ -669,6 +686,7 @@ def _run(args, out) -> list[dict]:
         if args.ranked_edit:
             return _ranked_edits(models, inputs, specs, args, device, out)
         runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+        out_of_memory: dict[int, dict] = {}
         flop_cache: dict = {}
         out.write(f"# bench: config={args.config} device={describe_device(device)} torch={torch.__version__} "
                   f"threads={torch.get_num_threads()} views={args.views} edit_steps={args.steps} "
@@ -676,11 +694,21 @@ def _run(args, out) -> list[dict]:
         # Rounds interleave the specs, so slow phases of a shared machine hit every spec alike.
         for round_index in range(args.rounds):
             for i, spec in enumerate(specs):
-                runs[i].append(measure(models, inputs, spec, args, flop_cache))
+                if i in out_of_memory:
+                    continue
+                try:
+                    runs[i].append(measure(models, inputs, spec, args, flop_cache))
+                except torch.OutOfMemoryError as exc:
+                    # One row that does not fit must not cost the rows after it (a sweep up to batch 64).
+                    out_of_memory[i] = out_of_memory_row(spec, args, device, exc)
+                    out.write(" ".join(f"{k}={v}" for k, v in out_of_memory[i].items()) + "\n")
+                    out.flush()
+                    continue
                 if round_index == args.rounds - 1:
                     out.write(format_row(summarise(spec, runs[i], args, device, flop_cache)) + "\n")
                     out.flush()
-        rows = [summarise(spec, runs[i], args, device, flop_cache) for i, spec in enumerate(specs)]
+        rows = [out_of_memory[i] if i in out_of_memory else summarise(spec, runs[i], args, device, flop_cache)
+                for i, spec in enumerate(specs)]
         models.configure(fast_paths.FAITHFUL)
     out.write(format_table(rows) + "\n")
     if args.json:

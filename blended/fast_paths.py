@@ -10,7 +10,9 @@ here act on the two networks and leave the sampler's math alone:
 * low precision for CLIP (the whole frozen tower converted; its embeddings come back fp32);
 * channels_last memory format for both networks (what cuDNN/oneDNN's fastest conv kernels want);
 * gradient checkpointing of the UNet blocks (trades ~one extra forward for most of the saved activations);
-* ``torch.compile`` of the UNet;
+* ``torch.compile`` of the UNet, or only of its GroupNorm+scale-shift+SiLU chains (``fused_norm``: one small
+  compile shared by every block, about ten seconds cold on an H100; measured slower there than eager GroupNorm
+  for now, see :mod:`blended.fused_norm`);
 * reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``).
 
 Autocast is deliberately NOT meant to wrap the whole guided step: kornia builds its warp grids with matmuls,
@@ -96,6 +98,8 @@ class FastPathOptions:
     single_resample: warp each CLIP view once (rotation/shift and perspective composed into one homography)
         instead of the original's two resamplings: less blur, one warp fewer (see ``AugmentationSettings``).
     clip_checkpointing: recompute CLIP's vision blocks in the backward instead of keeping their activations.
+    fused_norm: compile each ResBlock's GroupNorm (+ scale-shift) + SiLU into one function (``blended.fused_norm``):
+        fewer passes over the activations, no layout copies in channels_last, float32 statistics.
     """
 
     precision: str = "fp32"
@@ -107,6 +111,7 @@ class FastPathOptions:
     reuse_guided_forward: bool = False
     single_resample: bool = False
     clip_checkpointing: bool = False
+    fused_norm: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.precision)
@@ -137,7 +142,8 @@ class FastPathOptions:
             parts.append(f"clip-{self.clip_precision}")
         for flag, label in ((self.channels_last, "channels_last"), (self.gradient_checkpointing, "ckpt"),
                             (self.compile, "compile"), (self.reuse_guided_forward, "reuse"),
-                            (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt")):
+                            (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt"),
+                            (self.fused_norm, "fused_norm")):
             if flag:
                 parts.append(label)
         return "+".join(parts)
@@ -147,9 +153,10 @@ FAITHFUL = FastPathOptions()
 # Measured fastest on a 2-core AMX CPU (README, "Speed and memory"): AMX makes bf16 convs pay; channels_last does not
 # (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
 FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
-# The intended GPU setting (to be confirmed by scripts/bench.py on the card): bf16 autocast, NHWC,
-# compiled, one UNet forward per step. Checkpointing stays a memory-only choice (it costs time).
-FASTEST_GPU = FastPathOptions(precision="bf16", channels_last=True, compile=True, reuse_guided_forward=True)
+# Measured fastest on an H100 (README, "GPU"): bf16 autocast and one UNet forward per step, NCHW, eager. There
+# channels_last made the convolutions faster but GroupNorm slower (0.605 vs 0.406 s/step at batch 16), and the
+# fused_norm compile did not pay either; a whole-UNet compile takes minutes.
+FASTEST_GPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
 
 # Named option sets for the benchmark and for users; a name or an option may be '+'-joined with more options
 # (see :func:`parse_preset`).
@@ -157,11 +164,11 @@ PRESETS = {
     "faithful": FAITHFUL,
     "fast-cpu": FASTEST_CPU,
     "fast-gpu": FASTEST_GPU,
-    # The fast GPU path without a compile wait: bf16 autocast and one UNet forward per step.
-    "fast-gpu-eager": FastPathOptions(precision="bf16", reuse_guided_forward=True),
+    # The name earlier workflows and scripts used for the same setting.
+    "fast-gpu-eager": FASTEST_GPU,
     # The original's GPU numerics: fp16 torso UNet, fp16 CLIP, two UNet forwards per step (attention via SDPA).
     "original-gpu": FastPathOptions(precision="fp16", precision_scheme="torso"),
-    # Memory-first: fast-gpu with the UNet's and CLIP's activations recomputed, for the largest batches.
+    # Memory-first: the UNet's and CLIP's activations recomputed in the backward, for the largest batches.
     "fast-gpu-lowmem": dataclasses.replace(FASTEST_GPU, gradient_checkpointing=True, clip_checkpointing=True),
 }
 
@@ -179,11 +186,12 @@ OPTION_TOKENS = {
     "compile": {"compile": True},
     "reuse": {"reuse_guided_forward": True},
     "single_resample": {"single_resample": True},
+    "fused_norm": {"fused_norm": True},
 }
 
 
 def parse_preset(text: str) -> FastPathOptions:
-    """'fast-gpu', 'bf16+channels_last+reuse' or 'fast-gpu-eager+ckpt': presets and options joined by '+'.
+    """'fast-gpu', 'bf16+channels_last+reuse' or 'fast-gpu+ckpt': presets and options joined by '+'.
 
     Parts apply left to right on top of the faithful mode, so a later option overrides a preset's.
     """
@@ -331,6 +339,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     apply_channels_last(unet, clip, enabled=options.channels_last)
     set_gradient_checkpointing(unet, options.gradient_checkpointing)
     set_clip_checkpointing(clip, options.clip_checkpointing)
+    unet.fused_norm = options.fused_norm
     if options.compile and not is_compiled(unet):
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):

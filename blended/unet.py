@@ -14,7 +14,9 @@ checkpointing) is free, and is chosen for speed:
   three block stacks in low precision; GroupNorm, timestep embedding, ``emb_layers`` and ``out`` in fp32);
 * ``gradient_checkpointing`` trades compute for memory in the grad-enabled forward of CLIP guidance;
 * ``autocast_dtype`` (bf16/fp16) runs the block stacks under autocast instead, keeping fp32 weights; the
-  timestep embedding and ``out`` stay fp32 as in :meth:`GuidedDiffusionUNet.to_compute_dtype`.
+  timestep embedding and ``out`` stay fp32 as in :meth:`GuidedDiffusionUNet.to_compute_dtype`;
+* ``fused_norm`` runs each GroupNorm (+ scale-shift) + SiLU of the ResBlocks and ``out`` as one compiled
+  function (:mod:`blended.fused_norm`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .fused_norm import fused_group_norm_act
 
 __all__ = ["UNetConfig", "GuidedDiffusionUNet", "timestep_embedding"]
 
@@ -217,9 +221,12 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
+    # Set on every ResBlock by GuidedDiffusionUNet.fused_norm; a class default keeps old pickles working.
+    fused_norm = False
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm_in, act_in, conv_in = self.in_layers
-        h = act_in(norm_in(x))
+        h = _fused_norm_silu(norm_in, x) if self.fused_norm else act_in(norm_in(x))
         if self.resample is not None:
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
@@ -227,6 +234,12 @@ class ResBlock(nn.Module):
         h = conv_in(h)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         norm_out, act_out, dropout, conv_out = self.out_layers
+        if self.fused_norm:
+            if self.use_scale_shift_norm:
+                h = _fused_norm_silu(norm_out, h, emb_out)
+            else:
+                h = _fused_norm_silu(norm_out, h + emb_out)
+            return self.skip_connection(x) + conv_out(dropout(h))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = torch.addcmul(shift, norm_out(h), 1 + scale)
@@ -234,6 +247,11 @@ class ResBlock(nn.Module):
             h = norm_out(h + emb_out)
         h = conv_out(dropout(act_out(h)))
         return self.skip_connection(x) + h
+
+
+def _fused_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+    return fused_group_norm_act(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps,
+                                scale_shift)
 
 
 class AttentionBlock(nn.Module):
@@ -377,6 +395,18 @@ class GuidedDiffusionUNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, config.out_channels, 3, padding=1))
 
     @property
+    def fused_norm(self) -> bool:
+        """GroupNorm (+ scale-shift) + SiLU compiled into one function in every ResBlock and ``out``."""
+        return getattr(self, "_fused_norm", False)
+
+    @fused_norm.setter
+    def fused_norm(self, enabled: bool) -> None:
+        self._fused_norm = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                module.fused_norm = self._fused_norm
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """Dtype the block stacks run in (that of their convs, as :meth:`to_compute_dtype` set it)."""
         return self.input_blocks[0][0].weight.dtype
@@ -417,7 +447,10 @@ class GuidedDiffusionUNet(nn.Module):
             h = self._run_block(self.middle_block, h, emb)
             for block in self.output_blocks:
                 h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)
+        norm, act, conv = self.out
+        h = h.to(conv.weight.dtype)
+        h = _fused_norm_silu(norm, h) if self.fused_norm else act(norm(h))
+        return conv(h).to(x.dtype)
 
     def _block_precision(self, device: torch.device):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:

@@ -15,7 +15,7 @@ from ..blended.memory import activation_bytes_per_result, auto_batch_size
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
-from .speed import for_clip, speed_options
+from .speed import default_speed_options, for_clip
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ class BlendedDiffusionSampler:
                              "DDIM noise (0 = deterministic, as the original)."}),
                 "speed": ("FAST_PATH_OPTIONS", {"tooltip":
                           "From the Speed node: precision, reuse_guided_forward, channels_last, gradient "
-                          "checkpointing, compile, for this run only. Unconnected = the original's settings."}),
+                          "checkpointing, compile, for this run only. Unconnected = the measured fastest for the "
+                          "device: bf16 with one UNet forward per step on a CUDA GPU (about 1.4-1.8x the "
+                          "original's speed), the original's settings on the CPU."}),
                 "preview": ("BOOLEAN", {"default": True, "tooltip": "Show the prediction in the progress bar."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -124,7 +126,7 @@ class BlendedDiffusionSampler:
         unknown = set(widgets) - SETTING_NAMES
         if unknown:
             raise TypeError(f"unexpected sampler inputs {sorted(unknown)}")
-        options = for_clip(speed if speed is not None else speed_options(), guidance.clip.clip)
+        options = for_clip(speed if speed is not None else default_speed_options(), guidance.clip.clip)
         settings = fast_paths.sampler_settings_with(SamplerSettings(**widgets), options)
         guidance_settings = fast_paths.guidance_settings_with(guidance.settings, options)
         batch_size = settings.batch_size

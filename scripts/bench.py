@@ -5,7 +5,7 @@ Usage (from the repository root):
     PYTHONPATH=. .venv/bin/python scripts/bench.py                      # tiny fixture, CPU, faithful fp32
     PYTHONPATH=. .venv/bin/python scripts/bench.py --short              # CI smoke run: a few seconds
     PYTHONPATH=. .venv/bin/python scripts/bench.py --preset faithful,fast-cpu --batch 4
-    PYTHONPATH=. .venv/bin/python scripts/bench.py --config full256 --device cuda --preset fast-gpu-eager \\
+    PYTHONPATH=. .venv/bin/python scripts/bench.py --config full256 --device cuda --preset fast-gpu \\
         --batch 1,4,16 --steps 75 --views 8
 
 Run with ``--help`` for every option; ``scripts/gpu_compare.py`` runs it beside the original on a GPU.

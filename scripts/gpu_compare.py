@@ -34,8 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
-DEFAULT_PRESETS = "original-gpu,faithful,fast-gpu-eager,fast-gpu-eager+channels_last,fast-gpu-eager+single_resample"
-DEFAULT_EDIT_PRESETS = "fast-gpu-eager,fast-gpu-lowmem"
+DEFAULT_PRESETS = "original-gpu,faithful,fast-gpu,fast-gpu+channels_last,fast-gpu+single_resample"
+DEFAULT_EDIT_PRESETS = "fast-gpu,fast-gpu-lowmem"
 
 
 def run_stage(name: str, command: list[str], timeout: float, out_file) -> list[dict]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import zipfile
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -237,3 +239,29 @@ def test_non_finite_clip_weights_are_refused(state_dict, tmp_path):
     with pytest.raises(CheckpointError, match="ln_final.weight contains NaN") as info:
         load_guidance_clip(path)
     assert "damaged_clip.safetensors" in str(info.value)
+
+
+def _layer_norms_see_their_weights_dtype(clip: GuidanceCLIP, dtype: torch.dtype) -> list[str]:
+    """LayerNorms that would get a low-precision input with float32 weights without casting it (CUDA refuses
+    that mix; the CPU kernels accept it, so the forward alone cannot show it here)."""
+    bad = []
+    for name, module in clip.model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) and module.weight.dtype != dtype:
+            casts_input = type(module).forward is not torch.nn.LayerNorm.forward and "float" in \
+                inspect.getsource(type(module).forward)
+            if not casts_input:
+                bad.append(name)
+    return bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer_norms_compute_in_float32(dtype):
+    """Loaded CLIPs (and the benchmark's random ViT-B/16, built through the same loader) keep their LayerNorms
+    in float32 and cast what enters them, as OpenAI's do."""
+    from blended.benchmark import random_vit_b16_clip
+
+    for clip in (load_guidance_clip(CLIP_DIR / "model.pt"), random_vit_b16_clip()):
+        assert _layer_norms_see_their_weights_dtype(clip.to(dtype=dtype), dtype) == []
+    plain = GuidanceCLIP(open_clip.create_model("ViT-B-16-quickgelu", pretrained=None), 224)
+    # What the benchmark built before: open_clip's plain LayerNorm, which CUDA fails on in low precision.
+    assert _layer_norms_see_their_weights_dtype(plain.to(dtype=dtype), dtype) != []

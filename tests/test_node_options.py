@@ -67,11 +67,27 @@ def test_speed_options_leave_the_loaders_cached_models_unchanged(comfy_inprocess
     torch.testing.assert_close(again.tensors["sampler"][0][0], first.tensors["sampler"][0][0], atol=0, rtol=0)
 
 
-def test_speed_node_defaults_are_the_samplers_defaults(comfy_inprocess):
-    """An unconnected speed input and a Speed node left at its defaults give the same images, bit for bit."""
+def test_speed_node_defaults_are_the_samplers_defaults_on_the_cpu(comfy_inprocess):
+    """On the CPU an unconnected speed input and a Speed node left at its defaults give the same images, bit for
+    bit (both are the original's settings there)."""
     plain = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3))
     sped = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3, speed={}))
     torch.testing.assert_close(sped.tensors["sampler"][0][0], plain.tensors["sampler"][0][0], atol=0, rtol=0)
+
+
+def test_without_a_speed_node_a_cuda_gpu_runs_the_measured_fastest_path(comfy_inprocess, monkeypatch):
+    speed = comfy_inprocess.pack_module("speed")
+    mm = speed.bridge.mm
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: True)
+    assert speed.default_speed_options() == speed.fast_paths.FASTEST_GPU
+    assert speed.default_speed_options().describe() == "bf16-autocast+reuse"
+    # A GPU without bf16: the Speed node's own defaults, i.e. the original's fp16 torso.
+    monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: False)
+    monkeypatch.setattr(mm, "should_use_fp16", lambda *args, **kwargs: True)
+    assert speed.default_speed_options() == speed.speed_options() == speed.fast_paths.PRESETS["original-gpu"]
+    monkeypatch.undo()
+    assert mm.get_torch_device().type == "cpu" and speed.default_speed_options().is_faithful
 
 
 RANK_COLORS = [0xFF2020, 0x2040FF, 0x20C040]

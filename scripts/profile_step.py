@@ -1,0 +1,67 @@
+"""Profile one guided step with torch.profiler: where the kernel time goes and how many ops are launched.
+
+Usage (from the repository root):
+
+    PYTHONPATH=. .venv/bin/python scripts/profile_step.py --config full256 --device cuda --preset fast-gpu \\
+        --batch 8
+
+Prints the wall time of the profiled step, the summed device (or CPU) time, and the top ops by self time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from blended import benchmark, fast_paths
+from blended.diffusion import create_diffusion
+from blended.sampler import SamplerSettings
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", choices=("tiny", "full256"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="fast-gpu", help="presets and options joined by '+'")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--views", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, cuDNN autotuning)")
+    p.add_argument("--rows", type=int, default=30)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    options = fast_paths.parse_preset(args.preset)
+    torch.backends.cudnn.benchmark = True
+    with torch.inference_mode(False):
+        unet, clip = benchmark.build_models(args.config, device)
+        fast_paths.apply_fast_paths(unet, clip, options)
+        inputs = benchmark.edit_inputs(unet, clip, device)
+        diffusion = create_diffusion(timestep_respacing=str(benchmark.SCHEDULE_STEPS))
+        settings = fast_paths.sampler_settings_with(SamplerSettings(batch_size=args.batch), options)
+        step = benchmark.StepRunner(unet, diffusion, clip, inputs, args.batch, args.views, settings, options)
+        for _ in range(args.warmup):
+            step()
+        benchmark.synchronize(device)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            step()
+            benchmark.synchronize(device)
+            wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    device_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    launches = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"{options.describe()} batch {args.batch}: wall {wall:.3f} s/step; summed self device time "
+          f"{device_total:.3f} s; {launches} aten ops")
+    print(events.table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()

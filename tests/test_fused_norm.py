@@ -1,0 +1,110 @@
+"""The fused_norm fast path: GroupNorm (+ scale-shift) + SiLU as one function, eager reference and compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blended import fast_paths, fused_norm
+from blended.fast_paths import FastPathOptions
+from conftest import tiny_unet
+
+
+def unfused(x, weight, bias, groups, eps, scale_shift=None):
+    """What the UNet computes without the option: GroupNorm, then shift + h * (1 + scale), then SiLU."""
+    h = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)
+    if scale_shift is not None:
+        scale, shift = scale_shift.float().chunk(2, dim=1)
+        h = torch.addcmul(shift, h, 1 + scale)
+    return F.silu(h)
+
+
+def case(batch, channels, size, channels_last, scale_shift, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=gen) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    ss = torch.randn(batch, 2 * channels, 1, 1, generator=gen) if scale_shift else None
+    return x.requires_grad_(True), weight, bias, ss
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_reference_equals_groupnorm_scale_shift_silu_forward_and_backward(channels_last, scale_shift):
+    x, weight, bias, ss = case(3, 64, 8, channels_last, scale_shift)
+    y = fused_norm.group_norm_act(x, weight, bias, 64 // 32, 1e-5, ss)
+    expected = unfused(x, weight, bias, 32, 1e-5, ss)
+    assert rel(y, expected) < 1e-6
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad_out = torch.randn_like(expected)
+    (gx,) = torch.autograd.grad(y, x, grad_out)
+    (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
+    assert rel(gx, gx_expected) < 1e-5
+
+
+def test_low_precision_input_is_normalised_in_float32_and_rounded_once():
+    x, weight, bias, ss = case(2, 64, 8, True, True)
+    y = fused_norm.group_norm_act(x.detach().bfloat16(), weight, bias, 2, 1e-5, ss.bfloat16())
+    assert y.dtype == torch.bfloat16
+    # Only the input's and the output's bf16 rounding: about 2**-8 relative, not the drift of bf16 statistics.
+    assert rel(y, unfused(x.detach().bfloat16(), weight, bias, 32, 1e-5, ss.bfloat16())) < 5e-3
+
+
+def test_compiled_function_matches_the_reference_and_shares_code_across_shapes():
+    """The inductor path on the CPU: the same numbers as the reference, and a second shape (another batch,
+    channel count and size) runs on the first compile's code instead of compiling again."""
+    torch._dynamo.reset()
+    fused_norm.set_compile_backend("inductor")
+    compiled_frames = []
+    for batch, channels, size in ((2, 64, 8), (3, 128, 4)):
+        x, weight, bias, ss = case(batch, channels, size, True, True, seed=batch)
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        y = fused_norm.fused_group_norm_act(x, weight, bias, channels // 32, 1e-5, ss)
+        compiled_frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+        expected = fused_norm.group_norm_act(x, weight, bias, channels // 32, 1e-5, ss)
+        assert rel(y, expected) < 1e-5
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        grad_out = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, grad_out)
+        (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
+        assert rel(gx, gx_expected) < 1e-5
+    assert compiled_frames == [1, 0]
+
+
+def test_unet_with_fused_norm_matches_the_unet_without(unet, clip):
+    """The whole tiny UNet, forward and input gradient, with the option on (compiled through aot_eager here:
+    the same graphs and autograd as inductor, without C++ builds) against the faithful path."""
+    fused_norm.set_compile_backend("aot_eager")
+    try:
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 3, 64, 64, generator=gen, requires_grad=True)
+        t = torch.tensor([10.0, 500.0])
+        expected = unet(x, t)
+        (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
+        with fast_paths.run_clones(unet, clip, FastPathOptions(fused_norm=True)) as (fused, _):
+            assert fused.fused_norm and not unet.fused_norm
+            out = fused(x, t)
+            (g,) = torch.autograd.grad(out.square().sum(), x)
+        assert not unet.fused_norm
+        assert rel(out, expected) < 1e-5
+        assert rel(g, g_expected) < 1e-4
+    finally:
+        fused_norm.set_compile_backend("inductor")
+
+
+def test_fused_norm_is_an_option_token_and_not_in_the_presets():
+    assert fast_paths.parse_preset("bf16+fused_norm").fused_norm
+    assert "fused_norm" in fast_paths.parse_preset("bf16+fused_norm").describe()
+    assert not any(preset.fused_norm for preset in fast_paths.PRESETS.values())
+
+
+def test_a_fresh_unet_has_the_option_off():
+    model = tiny_unet()
+    assert not model.fused_norm
+    assert not any(getattr(m, "fused_norm", False) for m in model.modules())
