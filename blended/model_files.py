@@ -44,6 +44,10 @@ MODEL_FILES = (
               "https://huggingface.co/timm/vit_base_patch16_clip_224.openai/resolve/main/"
               "open_clip_model.safetensors", 4 * 149_620_737, True,
               "CLIP ViT-B/16 (OpenAI weights, open_clip layout): guidance and ranking"),
+    ModelFile("ViT-L-14.safetensors", CLIP_GUIDANCE_FOLDER,
+              "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/"
+              "open_clip_model.safetensors", 4 * 427_616_513, False,
+              "CLIP ViT-L/14 (OpenAI weights, open_clip layout): the second CLIP of the ensemble workflow (optional)"),
 )
 
 

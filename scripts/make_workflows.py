@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "workflows"
 GD = model_file("256x256_diffusion_uncond.pt")
 CLIP = model_file("ViT-B-16.safetensors")
+CLIP_LARGE = model_file("ViT-L-14.safetensors")
 IMG, MASK = "blended_example_img.png", "blended_example_mask.png"
 IMG2, MASK2 = "blended_example_img2.png", "blended_example_mask2.png"
 SCRIBBLE = "blended_example_scribble.png"
@@ -394,8 +395,9 @@ def clip_ensemble(defs):
     g = Graph(defs)
     unet, clip = models(g)
     img, msk = inputs(g)
-    clip2 = g.add("BlendedDiffusion_LoadCLIP", (0, -160), {"clip_name": "ViT-L-14.safetensors"},
+    clip2 = g.add("BlendedDiffusion_LoadCLIP", (0, -160), {"clip_name": CLIP_LARGE.name},
                   title="Second CLIP", size=(340, 110))
+    clip2["properties"]["models"] = [CLIP_LARGE.declaration()]
     members = g.add("BlendedDiffusion_CLIPList", (400, -220), {"weight": 0.5, "num_views": 4}, size=(340, 130))
     g.link(clip2, 0, members, "clip")
     guide = guidance(g, clip, "a big rock")
