@@ -46,6 +46,7 @@ __all__ = [
     "PRESETS",
     "apply_channels_last",
     "apply_fast_paths",
+    "precast_autocast_weights",
     "autocast_context",
     "compile_unet",
     "guidance_settings_with",
@@ -348,6 +349,30 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     return unet, clip
 
 
+def _block_weight_layers(unet):
+    for stack in (unet.input_blocks, unet.middle_block, unet.output_blocks):
+        for module in stack.modules():
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+                yield module
+
+
+def precast_autocast_weights(unet, options: FastPathOptions):
+    """Store the block stacks' conv and linear weights in the autocast dtype before a run (bf16/fp16 autocast).
+
+    Autocast reuses a cast weight only for leaves that require grad; ours are frozen, so every forward cast each
+    weight and bias again: one kernel per tensor (358 per forward of the 256x256 model, 551M parameters read fp32 and
+    written bf16 each time). A weight cast once gives the same bits (the same rounding autocast applies), so the
+    results do not change. It rounds the weights it is applied to: it is for run clones (``run_clones``) and for
+    the benchmark's models, which are restored from float32 between runs, never for a shared model.
+    """
+    if options.precision_scheme != "autocast" or options.unet_dtype == torch.float32:
+        return unet
+    for module in _block_weight_layers(unet):
+        for parameter in module.parameters(recurse=False):
+            parameter.data = parameter.data.to(options.unet_dtype)
+    return unet
+
+
 def sampler_settings_with(settings, options: FastPathOptions):
     """A copy of ``settings`` (a SamplerSettings) with the sampler-level fast paths of ``options``."""
     return dataclasses.replace(settings, reuse_guided_forward=options.reuse_guided_forward)
@@ -400,10 +425,12 @@ def _empty(clone: torch.nn.Module) -> None:
 def clone_bytes(unet, clip, options: FastPathOptions) -> int:
     """Bytes of the tensors a run clone adds to the shared models for ``options`` (an upper bound)."""
     total = 0
-    if options.precision_scheme == "torso" and options.unet_dtype != torch.float32:
+    if options.unet_dtype != torch.float32:
+        # torso: the block convs in low precision; autocast: the block convs and linears (precast_autocast_weights)
         item = torch.empty(0, dtype=options.unet_dtype).element_size()
-        total += sum(p.numel() * item for stack in (unet.input_blocks, unet.middle_block, unet.output_blocks)
-                     for m in stack.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))
+        kinds = (torch.nn.Conv1d, torch.nn.Conv2d) if options.precision_scheme == "torso" else \
+            (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
+        total += sum(p.numel() * item for m in _block_weight_layers(unet) if isinstance(m, kinds)
                      for p in m.parameters(recurse=False))
     if options.channels_last:
         total += sum(p.numel() * p.element_size() for p in unet.parameters() if p.dim() == 4)
@@ -424,6 +451,7 @@ def run_clones(unet, clip, options: FastPathOptions, compile_backend: str = "ind
         clip_clone.model = _clone_of(clip.model)
     try:
         apply_fast_paths(unet_clone, clip_clone, options, compile_backend=compile_backend)
+        precast_autocast_weights(unet_clone, options)
         yield unet_clone, clip_clone
     finally:
         _empty(unet_clone)

@@ -346,3 +346,42 @@ def test_a_row_out_of_memory_is_reported_and_the_sweep_goes_on(monkeypatch):
     assert rows[0]["out_of_memory"].startswith("CUDA out of memory") and "s_per_step" not in rows[0]
     assert rows[1]["s_per_step"] > 0
     assert "| faithful | 2 | out of memory |" in out.getvalue()
+
+
+def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip):
+    """Run clones store the block weights in the autocast dtype: the same outputs and input gradients, bit for
+    bit, as casting them on every use, and no per-forward weight casts."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 64, 64, generator=gen, requires_grad=True)
+    t = torch.tensor([30.0, 700.0])
+    options = FastPathOptions(precision="bf16")
+
+    def run(model):
+        casts = []
+
+        class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket is torch.ops.aten._to_copy and args[0].dim() >= 2 and \
+                        isinstance(args[0], torch.nn.Parameter):
+                    casts.append(tuple(args[0].shape))
+                return func(*args, **(kwargs or {}))
+
+        out = model(x, t)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        with CountCasts():
+            model(x, t)
+        return out, grad, casts
+
+    snapshot = WeightSnapshot(unet)
+    try:
+        fast_paths.apply_fast_paths(unet, clip, options)  # autocast only: fp32 weights cast on every use
+        out_plain, grad_plain, casts_plain = run(unet)
+    finally:
+        fast_paths.apply_fast_paths(unet, clip, fast_paths.FAITHFUL)
+        snapshot.restore(unet)
+    with fast_paths.run_clones(unet, clip, options) as (clone, _):
+        assert clone.input_blocks[1][0].in_layers[2].weight.dtype == torch.bfloat16
+        out_fast, grad_fast, casts_fast = run(clone)
+    assert all(p.dtype == torch.float32 for p in unet.parameters())  # the shared model is untouched
+    assert torch.equal(out_fast, out_plain) and torch.equal(grad_fast, grad_plain)
+    assert len(casts_plain) > 20 and casts_fast == []
