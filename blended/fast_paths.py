@@ -12,7 +12,8 @@ here act on the two networks and leave the sampler's math alone:
 * gradient checkpointing of the UNet blocks (trades ~one extra forward for most of the saved activations);
 * ``torch.compile`` of the UNet, or only of its GroupNorm+scale-shift+SiLU chains (``fused_norm``: one small
   compile shared by every block, about ten seconds cold on an H100; measured slower there than eager GroupNorm
-  for now, see :mod:`blended.fused_norm`);
+  for now, see :mod:`blended.fused_norm`), or the same chain by the pack's Triton kernels (``triton_norm``,
+  :mod:`blended.triton_norm`);
 * reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``).
 
 Autocast is deliberately NOT meant to wrap the whole guided step: kornia builds its warp grids with matmuls,
@@ -101,6 +102,7 @@ class FastPathOptions:
     clip_checkpointing: recompute CLIP's vision blocks in the backward instead of keeping their activations.
     fused_norm: compile each ResBlock's GroupNorm (+ scale-shift) + SiLU into one function (``blended.fused_norm``):
         fewer passes over the activations, no layout copies in channels_last, float32 statistics.
+    triton_norm: the same chain by the pack's Triton kernels (``blended.triton_norm``; CUDA, plain torch elsewhere).
     """
 
     precision: str = "fp32"
@@ -113,6 +115,7 @@ class FastPathOptions:
     single_resample: bool = False
     clip_checkpointing: bool = False
     fused_norm: bool = False
+    triton_norm: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.precision)
@@ -144,7 +147,7 @@ class FastPathOptions:
         for flag, label in ((self.channels_last, "channels_last"), (self.gradient_checkpointing, "ckpt"),
                             (self.compile, "compile"), (self.reuse_guided_forward, "reuse"),
                             (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt"),
-                            (self.fused_norm, "fused_norm")):
+                            (self.fused_norm, "fused_norm"), (self.triton_norm, "triton_norm")):
             if flag:
                 parts.append(label)
         return "+".join(parts)
@@ -188,6 +191,7 @@ OPTION_TOKENS = {
     "reuse": {"reuse_guided_forward": True},
     "single_resample": {"single_resample": True},
     "fused_norm": {"fused_norm": True},
+    "triton_norm": {"triton_norm": True},
 }
 
 
@@ -340,7 +344,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     apply_channels_last(unet, clip, enabled=options.channels_last)
     set_gradient_checkpointing(unet, options.gradient_checkpointing)
     set_clip_checkpointing(clip, options.clip_checkpointing)
-    unet.fused_norm = options.fused_norm
+    unet.norm_kernel = "triton" if options.triton_norm else "compile" if options.fused_norm else None
     if options.compile and not is_compiled(unet):
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):

@@ -15,14 +15,15 @@ checkpointing) is free, and is chosen for speed:
 * ``gradient_checkpointing`` trades compute for memory in the grad-enabled forward of CLIP guidance;
 * ``autocast_dtype`` (bf16/fp16) runs the block stacks under autocast instead, keeping fp32 weights; the
   timestep embedding and ``out`` stay fp32 as in :meth:`GuidedDiffusionUNet.to_compute_dtype`;
-* ``fused_norm`` runs each GroupNorm (+ scale-shift) + SiLU of the ResBlocks and ``out`` as one compiled
-  function (:mod:`blended.fused_norm`).
+* ``norm_kernel`` runs each GroupNorm (+ scale-shift) + SiLU of the ResBlocks and ``out`` as one function:
+  "compile" (:mod:`blended.fused_norm`) or "triton" (:mod:`blended.triton_norm`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused_norm import fused_group_norm_act
+from .fused_norm import fused_group_norm_act, group_norm_act
 
 __all__ = ["UNetConfig", "GuidedDiffusionUNet", "timestep_embedding"]
 
@@ -221,12 +222,12 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
-    # Set on every ResBlock by GuidedDiffusionUNet.fused_norm; a class default keeps old pickles working.
-    fused_norm = False
+    # Set on every ResBlock by GuidedDiffusionUNet.norm_kernel; a class default keeps old pickles working.
+    norm_kernel: str | None = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm_in, act_in, conv_in = self.in_layers
-        h = _fused_norm_silu(norm_in, x) if self.fused_norm else act_in(norm_in(x))
+        h = _fused_norm_silu(self.norm_kernel, norm_in, x) if self.norm_kernel else act_in(norm_in(x))
         if self.resample is not None:
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
@@ -234,11 +235,11 @@ class ResBlock(nn.Module):
         h = conv_in(h)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         norm_out, act_out, dropout, conv_out = self.out_layers
-        if self.fused_norm:
+        if self.norm_kernel:
             if self.use_scale_shift_norm:
-                h = _fused_norm_silu(norm_out, h, emb_out)
+                h = _fused_norm_silu(self.norm_kernel, norm_out, h, emb_out)
             else:
-                h = _fused_norm_silu(norm_out, h + emb_out)
+                h = _fused_norm_silu(self.norm_kernel, norm_out, h + emb_out)
             return self.skip_connection(x) + conv_out(dropout(h))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -249,9 +250,20 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-def _fused_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | None = None) -> torch.Tensor:
-    return fused_group_norm_act(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps,
-                                scale_shift)
+NORM_KERNELS = ("compile", "triton")
+
+
+def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor,
+                     scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+    group_size = norm.num_channels // norm.num_groups
+    if kernel == "compile":
+        return fused_group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from .triton_norm import group_norm_silu
+
+        return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
+    # Triton kernels run on CUDA; elsewhere the same function in plain torch.
+    return group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
 
 
 class AttentionBlock(nn.Module):
@@ -395,16 +407,19 @@ class GuidedDiffusionUNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, config.out_channels, 3, padding=1))
 
     @property
-    def fused_norm(self) -> bool:
-        """GroupNorm (+ scale-shift) + SiLU compiled into one function in every ResBlock and ``out``."""
-        return getattr(self, "_fused_norm", False)
+    def norm_kernel(self) -> str | None:
+        """How every ResBlock and ``out`` run GroupNorm (+ scale-shift) + SiLU: None (the modules, eagerly),
+        "compile" (one torch.compile'd function) or "triton" (the pack's Triton kernels)."""
+        return getattr(self, "_norm_kernel", None)
 
-    @fused_norm.setter
-    def fused_norm(self, enabled: bool) -> None:
-        self._fused_norm = bool(enabled)
+    @norm_kernel.setter
+    def norm_kernel(self, kernel: str | None) -> None:
+        if kernel is not None and kernel not in NORM_KERNELS:
+            raise ValueError(f"unknown norm kernel {kernel!r}: use None or one of {', '.join(NORM_KERNELS)}")
+        self._norm_kernel = kernel
         for module in self.modules():
             if isinstance(module, ResBlock):
-                module.fused_norm = self._fused_norm
+                module.norm_kernel = kernel
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -449,7 +464,7 @@ class GuidedDiffusionUNet(nn.Module):
                 h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb)
         norm, act, conv = self.out
         h = h.to(conv.weight.dtype)
-        h = _fused_norm_silu(norm, h) if self.fused_norm else act(norm(h))
+        h = _fused_norm_silu(self.norm_kernel, norm, h) if self.norm_kernel else act(norm(h))
         return conv(h).to(x.dtype)
 
     def _block_precision(self, device: torch.device):

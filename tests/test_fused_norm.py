@@ -88,23 +88,26 @@ def test_unet_with_fused_norm_matches_the_unet_without(unet, clip):
         expected = unet(x, t)
         (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
         with fast_paths.run_clones(unet, clip, FastPathOptions(fused_norm=True)) as (fused, _):
-            assert fused.fused_norm and not unet.fused_norm
+            assert fused.norm_kernel == "compile" and unet.norm_kernel is None
             out = fused(x, t)
             (g,) = torch.autograd.grad(out.square().sum(), x)
-        assert not unet.fused_norm
+        assert unet.norm_kernel is None
         assert rel(out, expected) < 1e-5
         assert rel(g, g_expected) < 1e-4
     finally:
         fused_norm.set_compile_backend("inductor")
 
 
-def test_fused_norm_is_an_option_token_and_not_in_the_presets():
-    assert fast_paths.parse_preset("bf16+fused_norm").fused_norm
-    assert "fused_norm" in fast_paths.parse_preset("bf16+fused_norm").describe()
-    assert not any(preset.fused_norm for preset in fast_paths.PRESETS.values())
+def test_norm_kernels_are_option_tokens_and_not_in_the_presets():
+    for token in ("fused_norm", "triton_norm"):
+        assert getattr(fast_paths.parse_preset(f"bf16+{token}"), token)
+        assert token in fast_paths.parse_preset(f"bf16+{token}").describe()
+        assert not any(getattr(preset, token) for preset in fast_paths.PRESETS.values())
 
 
-def test_a_fresh_unet_has_the_option_off():
+def test_a_fresh_unet_runs_its_norm_modules_and_refuses_unknown_kernels():
     model = tiny_unet()
-    assert not model.fused_norm
-    assert not any(getattr(m, "fused_norm", False) for m in model.modules())
+    assert model.norm_kernel is None
+    assert not any(getattr(m, "norm_kernel", None) for m in model.modules())
+    with pytest.raises(ValueError, match="compile, triton"):
+        model.norm_kernel = "cuda"

@@ -1,0 +1,279 @@
+"""GroupNorm (+ the timestep scale-shift) + SiLU as hand-written Triton kernels: the ``triton_norm`` fast path.
+
+Why: the H100 profile of a guided step (README, "GPU") spends about a fifth of its kernel time in GroupNorm and
+SiLU, and eager GroupNorm cannot read channels_last activations without an NCHW copy, so the convolutions must
+stay NCHW and pay their own layout copies (12% of the step). ``torch.compile`` with dynamic shapes fuses the
+chain but its NHWC group reductions ran slower than eager (``blended.fused_norm``). These kernels do the chain in
+the passes it needs, reading either memory format in place:
+
+* forward: one split reduction (each group's mean and M2 by Chan's parallel formula, so a large mean does not
+  cost precision; the splits keep every SM busy even at batch 1), then one pass writing
+  ``silu((x - mean) * rstd * w + b) * (1 + scale) + shift``-order output (scale-shift before SiLU, as the UNet);
+* backward (input gradient only, which is all CLIP guidance needs; the frozen weights get theirs from the
+  reference path if anyone asks): one split reduction of the two group sums GroupNorm's backward needs,
+  recomputing the activation from ``x``, then one pass writing ``dx``.
+
+Only ``x`` (in its own dtype) and two float32 numbers per group are kept for the backward. Each kernel is also
+run by Triton's CPU interpreter in the tests (``TRITON_INTERPRET=1``), against :func:`blended.fused_norm
+.group_norm_act`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_norm import group_norm_act
+
+__all__ = ["group_norm_silu"]
+
+_TARGET_PROGRAMS = 1024  # split reductions until about this many programs run (an H100 has 132 SMs)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
+                  BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)  # batch * groups + group
+    split = tl.program_id(1)
+    groups = C // Cg
+    b = (row // groups).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
+    g = row % groups
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < Cg
+    base = x_ptr + b * stride_b + (g * Cg + c) * stride_c
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, HW)
+    count = tl.zeros((), dtype=tl.float32)
+    mean = tl.zeros((), dtype=tl.float32)
+    m2 = tl.zeros((), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_HW):
+        rows = r0 + tl.arange(0, BLOCK_HW)
+        mask = (rows < end)[:, None] & c_mask[None, :]
+        v = tl.load(base[None, :] + rows[:, None] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+        n_tile = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+        mean_tile = tl.sum(tl.sum(v, axis=1), axis=0) / n_tile
+        d = tl.where(mask, v - mean_tile, 0.0)
+        m2_tile = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        delta = mean_tile - mean
+        total = count + n_tile
+        mean = mean + delta * (n_tile / total)
+        m2 = m2 + m2_tile + delta * delta * (count * n_tile / total)
+        count = total
+    out = partial_ptr + (row * num_splits + split) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    if HAS_SCALE_SHIFT:
+        scale = tl.load(ss_ptr + b * 2 * C + cols, mask=c_mask, other=0.0)
+        shift = tl.load(ss_ptr + b * 2 * C + C + cols, mask=c_mask, other=0.0)
+    else:
+        scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+        shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _activation(v, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT: tl.constexpr):
+    xhat = (v - mean) * rstd
+    z = xhat * w + bias
+    if HAS_SCALE_SHIFT:
+        z = z * (1.0 + scale) + shift
+    return xhat, z
+
+
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
+                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c,
+                    HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    mask = (rows < HW)[:, None] & c_mask[None, :]
+    v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
+    stat = b * (C // Cg) + cols // Cg
+    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)
+    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)
+    scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
+    _, z = _activation(v.to(tl.float32), mean[None, :], rstd[None, :], w[None, :], bias[None, :], scale[None, :],
+                       shift[None, :], HAS_SCALE_SHIFT)
+    y = z * tl.sigmoid(z)
+    tl.store(y_ptr + b * sy_b + rows[:, None] * sy_hw + cols[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _input_gradient_terms(v, dy, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT: tl.constexpr):
+    # d/dxhat of silu(z): dy * silu'(z) * (1 + scale) * w, with silu'(z) = s(z) * (1 + z * (1 - s(z))).
+    xhat, z = _activation(v, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT)
+    sig = tl.sigmoid(z)
+    dz = dy * sig * (1.0 + z * (1.0 - sig))
+    if HAS_SCALE_SHIFT:
+        dz = dz * (1.0 + scale)
+    return xhat, dz * w
+
+
+@triton.jit
+def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
+                           sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
+                           HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    groups = C // Cg
+    b = (row // groups).to(tl.int64)
+    g = row % groups
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < Cg
+    cols = g * Cg + c
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
+    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)[None, :]
+    scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
+    scale, shift = scale[None, :], shift[None, :]
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, HW)
+    sum_dxhat = tl.zeros((), dtype=tl.float32)
+    sum_dxhat_xhat = tl.zeros((), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_HW):
+        rows = r0 + tl.arange(0, BLOCK_HW)
+        mask = (rows < end)[:, None] & c_mask[None, :]
+        v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
+        xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
+                                            HAS_SCALE_SHIFT)
+        dxhat = tl.where(mask, dxhat, 0.0)
+        sum_dxhat += tl.sum(tl.sum(dxhat, axis=1), axis=0)
+        sum_dxhat_xhat += tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0)
+    out = partial_ptr + (row * num_splits + split) * 2
+    tl.store(out, sum_dxhat)
+    tl.store(out + 1, sum_dxhat_xhat)
+
+
+@triton.jit
+def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
+                     sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c,
+                     HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    mask = (rows < HW)[:, None] & c_mask[None, :]
+    v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
+    stat = b * (C // Cg) + cols // Cg
+    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
+    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)[None, :]
+    scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
+    scale, shift = scale[None, :], shift[None, :]
+    xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
+                                        HAS_SCALE_SHIFT)
+    dx = rstd * (dxhat - c1 - xhat * c2)
+    tl.store(dx_ptr + b * so_b + rows[:, None] * so_hw + cols[None, :] * so_c, dx.to(dx_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(tensor, (batch, pixel, channel) strides): H and W merge into one pixel stride in NCHW and NHWC alike."""
+    if t.shape[2] > 1 and t.shape[3] > 1 and t.stride(2) != t.shape[3] * t.stride(3):
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(3) if t.shape[3] > 1 else t.stride(2), t.stride(1))
+
+
+def _reduction_grid(batch: int, groups: int, hw: int, block_hw: int) -> tuple[int, int]:
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, batch * groups), triton.cdiv(hw, block_hw)))
+    rows_per_split = triton.cdiv(triton.cdiv(hw, splits), block_hw) * block_hw
+    return triton.cdiv(hw, rows_per_split), rows_per_split
+
+
+def _block_sizes(group_size: int) -> tuple[int, int]:
+    block_c = triton.next_power_of_2(group_size)
+    return max(16, 2048 // block_c), block_c
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
+        batch, channels, height, width = x.shape
+        group_size, hw = channels // num_groups, height * width
+        x, sx = _flat_strides(x)
+        weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
+        ss = (scale_shift.reshape(batch, 2 * channels).float().contiguous() if scale_shift is not None
+              else weight32)  # a valid pointer; never read without HAS_SCALE_SHIFT
+        block_hw, block_c = _block_sizes(group_size)
+        splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
+        partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
+        _stats_kernel[(batch * num_groups, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
+                                                    BLOCK_HW=block_hw, BLOCK_C=block_c)
+        count, means, m2 = partial.unbind(-1)
+        total = count.sum(1)
+        mean = (count * means).sum(1) / total
+        var = (m2.sum(1) + (count * (means - mean[:, None]) ** 2).sum(1)) / total
+        rstd = torch.rsqrt(var + eps)
+        y = torch.empty_like(x)
+        _, sy = _flat_strides(y)
+        grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
+        _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
+                              HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
+        ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
+        ctx.num_groups, ctx.eps = num_groups, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, scale_shift, mean, rstd = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups)
+        if not any(ctx.needs_input_grad[1:4]):
+            return grad_x, None, None, None, None, None
+        # Gradients for weights or timestep terms: nothing in CLIP guidance asks for them (frozen weights, a
+        # timestep embedding without grad), so the plain reference computes them when someone does.
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) if t is not None else None
+                      for t, need in zip((weight, bias, scale_shift), ctx.needs_input_grad[1:4], strict=True)]
+            y = group_norm_act(x.detach(), leaves[0], leaves[1], x.shape[1] // ctx.num_groups, ctx.eps, leaves[2])
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, dy))
+        rest = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return (grad_x, *rest, None, None)
+
+
+def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups):
+    batch, channels, height, width = x.shape
+    group_size, hw = channels // num_groups, height * width
+    x, sx = _flat_strides(x)
+    dy, sd = _flat_strides(dy)
+    weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
+    ss = scale_shift.reshape(batch, 2 * channels).float().contiguous() if scale_shift is not None else weight32
+    block_hw, block_c = _block_sizes(group_size)
+    splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
+    partial = torch.empty(batch * num_groups, splits, 2, device=x.device, dtype=torch.float32)
+    _backward_stats_kernel[(batch * num_groups, splits)](
+        x, dy, partial, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sd, rows_per_split, splits,
+        HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    sums = partial.sum(1) / (group_size * hw)
+    c1, c2 = sums[:, 0].contiguous(), sums[:, 1].contiguous()
+    dx = torch.empty_like(x)
+    _, so = _flat_strides(dx)
+    grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
+    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, hw, channels, group_size,
+                           *sx, *sd, *so, HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
+    return dx
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int, eps: float,
+                    scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`blended.fused_norm.group_norm_act` by the Triton kernels (same arguments, same result)."""
+    return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps)
