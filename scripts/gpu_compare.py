@@ -34,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
-DEFAULT_PRESETS = "original-gpu,fast-gpu,fast-gpu+channels_last+triton_norm,fast-gpu+triton_norm,fast-gpu+single_resample"
+DEFAULT_PRESETS = ("original-gpu,fast-gpu,fast-gpu+channels_last+triton_norm,fast-gpu+triton_norm,"
+                   "fast-gpu+single_resample")
 DEFAULT_EDIT_PRESETS = "fast-gpu,fast-gpu-lowmem"
 
 
