@@ -1,0 +1,67 @@
+"""The fake-tensor memory tracer (blended.memory_trace) and what it found in the checkpointed UNet."""
+
+import torch
+
+from blended.fast_paths import parse_preset
+from blended.memory_trace import MemoryTracer, trace_unet_backward
+
+MIB = 1024 ** 2
+BATCH = 2
+
+
+def test_tracer_counts_live_storages_and_frees_them():
+    # Real tensors: x (4 MiB) is held; exp's result is saved for the backward, sin's is released by del.
+    tracer = MemoryTracer()
+    with tracer:
+        x = torch.zeros(1024, 1024, requires_grad=True)
+        y = x.exp()
+        z = y.sin()
+        view = z.view(-1)  # a view adds nothing
+        del y
+        assert tracer.current == 3 * 4 * MIB
+        (grad,) = torch.autograd.grad(view.sum(), x)
+        del z, view
+    assert tracer.current == 2 * 4 * MIB  # x and its gradient
+    assert tracer.peak >= 4 * 4 * MIB and grad.shape == x.shape
+    assert tracer.largest()[0].nbytes == 4 * MIB and tracer.largest()[0].dtype == "float32"
+
+
+def _maps(rows, dtype, channels):
+    """Allocations of ``dtype`` with ``channels`` channels at the full 256 px."""
+    return [a for a in rows if a["dtype"] == dtype and tuple(a["shape"]) == (BATCH, channels, 256, 256)]
+
+
+def test_checkpointed_unet_keeps_no_concatenation_and_no_float32_head_for_the_backward():
+    """Under checkpointing the output blocks concatenate inside the checkpoint and the float32 ``out`` head is
+    recomputed too: the backward used to find the [B, 512, 256, 256] concatenations (a copy of each skip) and
+    three float32 [B, 256, 256, 256] maps of the head kept from the forward (30 GiB in all at batch 64)."""
+    result = trace_unet_backward(parse_preset("bf16+channels_last+ckpt"), batch=BATCH, config="full256", keep=10_000)
+    kept = result["live_after_forward"]
+    assert _maps(kept, "bfloat16", 256), "the trace should see the saved block outputs"
+    assert not [a for a in kept if a["op"] == "cat.default"]
+    assert not _maps(kept, "float32", 256)
+    assert not [a for a in result["live_at_peak"] if a["op"] == "cat.default" and a["phase"] == "forward"]
+    # bf16 autocast keeps the largest maps (512 channels at 256 px) in bf16: nothing float32 of that size.
+    assert max(a["nbytes"] for a in result["largest"]) == BATCH * 512 * 256 * 256 * 2
+    assert not _maps(result["largest"], "float32", 512)
+
+
+def test_checkpointing_lowers_the_traced_peak():
+    plain = trace_unet_backward(parse_preset("bf16"), batch=BATCH, config="full256")
+    checkpointed = trace_unet_backward(parse_preset("bf16+ckpt"), batch=BATCH, config="full256")
+    weights = plain["weights_gib"]
+    assert checkpointed["weights_gib"] == weights
+    assert checkpointed["peak_gib"] - weights < 0.5 * (plain["peak_gib"] - weights)
+    assert checkpointed["after_forward_gib"] - weights < 0.25 * (plain["after_forward_gib"] - weights)
+
+
+def test_script_prints_one_trace_per_option_set(capsys):
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "memory_trace.py"))
+    results = script["main"](["--config", "tiny", "--batch", "2", "--preset", "faithful,bf16+ckpt", "--top", "3"])
+    printed = capsys.readouterr().out
+    assert [r["options"] for r in results] == ["faithful", "bf16-autocast+ckpt"]
+    assert "faithful batch 2: UNet forward+backward (tiny, 64 px, CUDA rules)" in printed
+    assert results[1]["peak_gib"] < results[0]["peak_gib"]
