@@ -87,23 +87,37 @@ def _activation(v, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT: tl.conste
 
 
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
-                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c,
-                    HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+def _pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # This program's batch index, pixel rows and channel columns, and their masks.
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
     rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
-    mask = (rows < HW)[:, None] & c_mask[None, :]
-    v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
+    return b, rows, cols, c_mask, (rows < HW)[:, None] & c_mask[None, :]
+
+
+@triton.jit
+def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
+                   HAS_SCALE_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Per-column group statistics, affine and timestep terms as [1, BLOCK_C] rows (and the stats' index).
     stat = b * (C // Cg) + cols // Cg
-    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)
-    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)
-    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)
+    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
+    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)[None, :]
     scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
-    _, z = _activation(v.to(tl.float32), mean[None, :], rstd[None, :], w[None, :], bias[None, :], scale[None, :],
-                       shift[None, :], HAS_SCALE_SHIFT)
+    return stat, mean, rstd, w, bias, scale[None, :], shift[None, :]
+
+
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
+                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c,
+                    HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
+    v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
+    _, mean, rstd, w, bias, scale, shift = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols,
+                                                          c_mask, HAS_SCALE_SHIFT, BLOCK_C)
+    _, z = _activation(v.to(tl.float32), mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT)
     y = z * tl.sigmoid(z)
     tl.store(y_ptr + b * sy_b + rows[:, None] * sy_hw + cols[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
              mask=mask)
@@ -161,22 +175,13 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
                      sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c,
                      HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cols < C
-    mask = (rows < HW)[:, None] & c_mask[None, :]
+    b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
-    stat = b * (C // Cg) + cols // Cg
-    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    stat, mean, rstd, w, bias, scale, shift = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg,
+                                                             cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
-    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)[None, :]
-    scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
-    scale, shift = scale[None, :], shift[None, :]
     xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
                                         HAS_SCALE_SHIFT)
     dx = rstd * (dxhat - c1 - xhat * c2)
