@@ -33,3 +33,42 @@ def test_the_checks_listed_here_are_all_the_driver_has():
     source = (TESTS / "triton_interpreter_checks.py").read_text()
     assert sorted(CHECKS) == sorted(line.split("def check_")[1].split("(")[0] for line in source.splitlines()
                                     if line.startswith("def check_"))
+
+
+# Each kernel's arguments as Triton types; pointers get the activation dtype or float32, strides may be 1.
+_POINTERS = {"_stats_kernel": ("x_ptr", "partial_ptr"),
+             "_forward_kernel": ("x_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "w_ptr", "b_ptr", "ss_ptr"),
+             "_backward_stats_kernel": ("x_ptr", "dy_ptr", "partial_ptr", "mean_ptr", "rstd_ptr", "w_ptr", "b_ptr",
+                                        "ss_ptr"),
+             "_backward_kernel": ("x_ptr", "dy_ptr", "dx_ptr", "mean_ptr", "rstd_ptr", "c1_ptr", "c2_ptr", "w_ptr",
+                                  "b_ptr", "ss_ptr")}
+_ACTIVATIONS = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("kernel", list(_POINTERS))
+def test_kernels_compile_for_hopper(kernel, dtype):
+    """Each kernel compiles to a cubin for sm_90 (the H100) with the compiler Triton ships, as a GPU run would
+    JIT it for channels_last input (channel stride 1) with and without the timestep scale-shift: the
+    interpreter alone would not catch code that only the real compiler refuses."""
+    import inspect
+
+    import triton  # a dependency of torch's Linux builds
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from blended import triton_norm
+
+    fn = getattr(triton_norm, kernel)
+    names = list(inspect.signature(fn.fn).parameters)
+    for has_scale_shift in (True, False):
+        constexprs = {"BLOCK_HW": 128, "BLOCK_C": 16}
+        if "HAS_SCALE_SHIFT" in names:
+            constexprs["HAS_SCALE_SHIFT"] = has_scale_shift
+        constexprs.update({name: 1 for name in names if name.endswith("_c") or name == "stride_c"})
+        signature = {name: "constexpr" if name in constexprs else
+                     (f"*{dtype}" if name in _ACTIVATIONS else "*fp32") if name in _POINTERS[kernel] else "i32"
+                     for name in names}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
