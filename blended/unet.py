@@ -260,11 +260,12 @@ def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor,
     group_size = norm.num_channels // norm.num_groups
     if kernel == "compile":
         return fused_group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
+    # The Triton kernels run on CUDA, or on the CPU under Triton's interpreter (how the tests check them);
+    # anywhere else the same function in plain torch. Imported only here: Triton is needed only on this path.
     if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         from .triton_norm import group_norm_silu
 
         return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
-    # Triton kernels run on CUDA; elsewhere the same function in plain torch.
     return group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
 
 
