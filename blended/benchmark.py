@@ -91,7 +91,6 @@ def build_models(config: str, device: torch.device):
 
     Random weights cost the same FLOPs as the released ones and need no download.
     """
-
     if config == "tiny":
         from .checkpoint import load_guided_diffusion
         from .clip_model import load_guidance_clip

@@ -134,6 +134,11 @@ class FastPathOptions:
         return parse_dtype(self.clip_precision or self.precision)
 
     @property
+    def norm_kernel(self) -> str | None:
+        """The UNet's ``norm_kernel`` for these options: "triton", "compile" (fused_norm) or None (eager)."""
+        return "triton" if self.triton_norm else "compile" if self.fused_norm else None
+
+    @property
     def is_faithful(self) -> bool:
         return self == FAITHFUL
 
@@ -344,7 +349,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     apply_channels_last(unet, clip, enabled=options.channels_last)
     set_gradient_checkpointing(unet, options.gradient_checkpointing)
     set_clip_checkpointing(clip, options.clip_checkpointing)
-    unet.norm_kernel = "triton" if options.triton_norm else "compile" if options.fused_norm else None
+    unet.norm_kernel = options.norm_kernel
     if options.compile and not is_compiled(unet):
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):
@@ -353,11 +358,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     return unet, clip
 
 
-def _block_weight_layers(unet):
-    for stack in (unet.input_blocks, unet.middle_block, unet.output_blocks):
-        for module in stack.modules():
-            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
-                yield module
+_AUTOCAST_LAYERS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
 
 
 def precast_autocast_weights(unet, options: FastPathOptions):
@@ -371,7 +372,7 @@ def precast_autocast_weights(unet, options: FastPathOptions):
     """
     if options.precision_scheme != "autocast" or options.unet_dtype == torch.float32:
         return unet
-    for module in _block_weight_layers(unet):
+    for module in unet.block_layers(_AUTOCAST_LAYERS):
         for parameter in module.parameters(recurse=False):
             parameter.data = parameter.data.to(options.unet_dtype)
     return unet
@@ -432,10 +433,8 @@ def clone_bytes(unet, clip, options: FastPathOptions) -> int:
     if options.unet_dtype != torch.float32:
         # torso: the block convs in low precision; autocast: the block convs and linears (precast_autocast_weights)
         item = torch.empty(0, dtype=options.unet_dtype).element_size()
-        kinds = (torch.nn.Conv1d, torch.nn.Conv2d) if options.precision_scheme == "torso" else \
-            (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
-        total += sum(p.numel() * item for m in _block_weight_layers(unet) if isinstance(m, kinds)
-                     for p in m.parameters(recurse=False))
+        kinds = (torch.nn.Conv1d, torch.nn.Conv2d) if options.precision_scheme == "torso" else _AUTOCAST_LAYERS
+        total += sum(p.numel() * item for m in unet.block_layers(kinds) for p in m.parameters(recurse=False))
     if options.channels_last:
         total += sum(p.numel() * p.element_size() for p in unet.parameters() if p.dim() == 4)
     if clip is not None and options.clip_dtype != clip.dtype:

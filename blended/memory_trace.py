@@ -237,7 +237,7 @@ def _configure_unet(unet, options) -> None:
     fast_paths.set_unet_precision(unet, options.unet_dtype, options.precision_scheme)
     fast_paths.apply_channels_last(unet, enabled=options.channels_last)
     fast_paths.set_gradient_checkpointing(unet, options.gradient_checkpointing)
-    unet.norm_kernel = "triton" if options.triton_norm else "compile" if options.fused_norm else None
+    unet.norm_kernel = options.norm_kernel
     # Not precast_autocast_weights: a run clone's bf16 weight copies sit beside the shared fp32 model, which
     # this trace already counts; the copies (1.1 GB for the 256x256 model) are left out, the per-use casts in.
 

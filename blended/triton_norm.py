@@ -196,6 +196,14 @@ def _flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(3) if t.shape[3] > 1 else t.stride(2), t.stride(1))
 
 
+def _channel_arguments(weight, bias, scale_shift, batch: int, channels: int):
+    """Float32 affine parameters and the [B, 2C] timestep terms as the kernels read them. Without scale-shift
+    the weight stands in as a valid pointer that HAS_SCALE_SHIFT=False never reads."""
+    weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
+    ss = scale_shift.reshape(batch, 2 * channels).float().contiguous() if scale_shift is not None else weight32
+    return weight32, bias32, ss
+
+
 def _reduction_grid(batch: int, groups: int, hw: int, block_hw: int) -> tuple[int, int]:
     splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, batch * groups), triton.cdiv(hw, block_hw)))
     rows_per_split = triton.cdiv(triton.cdiv(hw, splits), block_hw) * block_hw
@@ -213,9 +221,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         batch, channels, height, width = x.shape
         group_size, hw = channels // num_groups, height * width
         x, sx = _flat_strides(x)
-        weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
-        ss = (scale_shift.reshape(batch, 2 * channels).float().contiguous() if scale_shift is not None
-              else weight32)  # a valid pointer; never read without HAS_SCALE_SHIFT
+        weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
         block_hw, block_c = _block_sizes(group_size)
         splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
         partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
@@ -260,8 +266,7 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups):
     group_size, hw = channels // num_groups, height * width
     x, sx = _flat_strides(x)
     dy, sd = _flat_strides(dy)
-    weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
-    ss = scale_shift.reshape(batch, 2 * channels).float().contiguous() if scale_shift is not None else weight32
+    weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
     block_hw, block_c = _block_sizes(group_size)
     splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
     partial = torch.empty(batch * num_groups, splits, 2, device=x.device, dtype=torch.float32)

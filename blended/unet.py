@@ -440,11 +440,17 @@ class GuidedDiffusionUNet(nn.Module):
         converted (what guided-diffusion's ``convert_to_fp16`` does); GroupNorm affine parameters, the time
         embedding, ``emb_layers`` and the final ``out`` stay float32. ``torch.float32`` undoes it.
         """
+        for module in self.block_layers((nn.Conv1d, nn.Conv2d)):
+            module.to(dtype)
+        return self
+
+    def block_layers(self, kinds: tuple[type, ...]):
+        """The modules of ``kinds`` inside the three block stacks (not the time embedding, not ``out``): the
+        layers a low-precision scheme converts."""
         for stack in (self.input_blocks, self.middle_block, self.output_blocks):
             for module in stack.modules():
-                if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-                    module.to(dtype)
-        return self
+                if isinstance(module, kinds):
+                    yield module
 
     def _run_block(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor,
                    skip: torch.Tensor | None = None) -> torch.Tensor:
