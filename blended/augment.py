@@ -6,21 +6,23 @@ adversarial pixel patterns that satisfy CLIP without looking like the prompt.
 The original runs kornia's ``RandomAffine`` then ``RandomPerspective`` on its batch. Here the random
 parameters are drawn by this module, from the same distributions and in the same order as kornia 0.9 draws
 them, but from explicit ``torch.Generator`` streams (one per result when the sampler asks), and all views of
-all results are then warped together, one batched kornia.geometry call per warp. That keeps a result
-independent of its batch, leaves torch's global RNG alone, and makes the step's cost independent of the
-number of results (the per-result kornia pipelines were most of the step's host work on a GPU).
+all results are then warped together, one resampling per warp (:mod:`blended.view_warps`, kornia 0.9's
+geometry). That keeps a result independent of its batch, leaves torch's global RNG alone, and makes the step's
+cost independent of the number of results (the per-result kornia pipelines were most of the step's host work
+on a GPU).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import view_warps
 from .devices import to_device
 from .errors import BlendedInputError
 
@@ -30,7 +32,7 @@ _PADDING_MODES = ("border", "zeros", "reflection")
 
 # Corner directions of kornia's "basic" perspective sampling: each corner moves inward by up to
 # distortion * size / 2 along both axes.
-_CORNER_DIRECTIONS = ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))
+_CORNER_DIRECTIONS = np.array([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]], dtype=np.float32)
 
 
 @dataclass
@@ -98,88 +100,87 @@ def _draws_per_view(settings: AugmentationSettings) -> int:
     return int(_gated(settings.p_affine)) + 3 + int(_gated(settings.p_perspective)) + 8
 
 
-def _uniform(low: float, high: float, u: torch.Tensor) -> torch.Tensor:
-    """``torch.distributions.Uniform(low, high).rsample`` given its U[0,1) draw, in the same float32 ops."""
-    low_t, high_t = torch.tensor(low, dtype=torch.float32), torch.tensor(high, dtype=torch.float32)
-    return low_t + u * (high_t - low_t)
+def _uniform(low: float, high: float, u: np.ndarray) -> np.ndarray:
+    """``torch.distributions.Uniform(low, high).rsample`` given its U[0,1) draw, in the same float32 operations."""
+    low32, high32 = np.float32(low), np.float32(high)
+    return low32 + u * (high32 - low32)
 
 
-def _gate(p: float, u: Optional[torch.Tensor], shape) -> torch.Tensor:
+def _gate(p: float, u: Optional[np.ndarray], n: int) -> np.ndarray:
     if u is None:
-        return torch.full(shape, 1.0 if p >= 1.0 else 0.0)
-    return (u < p).float()
+        return np.full(n, 1.0 if p >= 1.0 else 0.0, dtype=np.float32)
+    return (u < np.float32(p)).astype(np.float32)
 
 
-def sample_view_params(settings: AugmentationSettings, size: int, views: int,
-                       generators: Sequence[Optional[torch.Generator]]) -> dict:
-    """kornia-format parameters of ``views`` warped views per stream, [S*views] stream-major, on the CPU.
+def draw_view_params(settings: AugmentationSettings, size: int, views: int,
+                     generators: Sequence[Optional[torch.Generator]]) -> dict:
+    """The parameters of ``views`` warped views per stream, [S*views] stream-major: float32 numpy arrays.
 
     Each stream makes one ``torch.rand`` call and slices it the way kornia 0.9 consumes its global RNG
     (affine coin, angle, x shift, y shift, perspective coin, corner offsets; a coin only when 0 < p < 1),
     so a generator seeded like the global RNG gives kornia's very parameters. ``None`` draws from torch's
-    global RNG, as kornia does.
+    global RNG, as kornia does. The arithmetic after the draws is kornia's, in float32, on host arrays: a
+    step's few hundred tiny values are not worth a tensor op each.
     """
     s = settings
     per_view = _draws_per_view(s)
-    u = torch.stack([torch.rand(views * per_view, generator=g) for g in generators])  # [S, views*per_view]
+    u = np.stack([torch.rand(views * per_view, generator=g).numpy() for g in generators])  # [S, views*per_view]
     cursor = 0
 
-    def take(count: int) -> torch.Tensor:
+    def take(count: int) -> np.ndarray:
         nonlocal cursor
         part = u[:, cursor * views:(cursor + count) * views]
         cursor += count
         return part.reshape(len(generators) * views, *((count,) if count > 1 else ()))
 
     n = len(generators) * views
+    size32 = np.float32(size)
     affine_u = take(1) if _gated(s.p_affine) else None
     angle = _uniform(-s.degrees, s.degrees, take(1))
     tx_max, ty_max = s.translate_range()
-    tx = _uniform(-tx_max, tx_max, take(1)) * size
-    ty = _uniform(-ty_max, ty_max, take(1)) * size
+    tx = _uniform(-tx_max, tx_max, take(1)) * size32
+    ty = _uniform(-ty_max, ty_max, take(1)) * size32
     perspective_u = take(1) if _gated(s.p_perspective) else None
-    corner_u = take(8).view(n, 4, 2)
+    corner_u = take(8).reshape(n, 4, 2)
 
-    last = float(size - 1)
-    start = torch.tensor([[[0.0, 0.0], [last, 0.0], [last, last], [0.0, last]]]).expand(n, -1, -1)
-    reach = torch.tensor(s.distortion, dtype=torch.float32) * size / 2
-    factor = torch.stack([reach, reach]).view(-1, 1, 2)
-    end = start + factor * corner_u * torch.tensor([_CORNER_DIRECTIONS])
-    center = (torch.tensor([size, size], dtype=torch.float32).view(1, 2) / 2.0 - 0.5).expand(n, -1)
-    return {
-        "affine": {"translations": torch.stack([tx, ty], dim=-1), "center": center,
-                   "scale": torch.ones(n, 2), "angle": angle, "shear_x": torch.zeros(n),
-                   "shear_y": torch.zeros(n), "batch_prob": _gate(s.p_affine, affine_u, (n,))},
-        "perspective": {"start_points": start, "end_points": end,
-                        "batch_prob": _gate(s.p_perspective, perspective_u, (n,))},
-    }
+    last = np.float32(size - 1)
+    start = np.array([[0.0, 0.0], [last, 0.0], [last, last], [0.0, last]], dtype=np.float32)
+    reach = np.float32(s.distortion) * size32 / np.float32(2)
+    end = start + np.array([reach, reach], dtype=np.float32).reshape(1, 1, 2) * corner_u * _CORNER_DIRECTIONS
+    return {"angle": angle, "translations": np.stack([tx, ty], axis=-1),
+            "center": np.full((n, 2), size32 / np.float32(2) - np.float32(0.5), dtype=np.float32),
+            "apply_affine": _gate(s.p_affine, affine_u, n),
+            "start_points": np.repeat(start[None], n, axis=0), "end_points": end,
+            "apply_perspective": _gate(s.p_perspective, perspective_u, n)}
 
 
 def interleave_streams(params: dict, streams: int) -> dict:
     """Reorder stream-major parameters [S*V] to the original's view-major order [V*S] (I1..IS, I1..IS...)."""
-    def reorder(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(streams, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    def reorder(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(streams, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape))
 
-    return {warp: {k: reorder(v) for k, v in group.items()} for warp, group in params.items()}
+    return {key: reorder(value) for key, value in params.items()}
 
 
-def view_matrices(params: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(affine [N,3,3], perspective [N,3,3], apply_affine [N], apply_perspective [N]) from kornia params.
+def kornia_params(params: dict) -> dict:
+    """The parameters as kornia's RandomAffine and RandomPerspective take them (``params=``): CPU tensors."""
+    n = params["angle"].shape[0]
+    t = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in params.items()}
+    return {
+        "affine": {"translations": t["translations"], "center": t["center"], "scale": torch.ones(n, 2),
+                   "angle": t["angle"], "shear_x": torch.zeros(n), "shear_y": torch.zeros(n),
+                   "batch_prob": t["apply_affine"]},
+        "perspective": {"start_points": t["start_points"], "end_points": t["end_points"],
+                        "batch_prob": t["apply_perspective"]},
+    }
 
-    Built with kornia's own matrix functions, on the CPU (small 3x3 algebra; the perspective solve would
-    wait for the GPU there). A view that skips a warp gets the identity for it.
-    """
-    from kornia.geometry.transform import get_affine_matrix2d, get_perspective_transform
 
+def _from_kornia_params(params: dict) -> dict:
     a, p = params["affine"], params["perspective"]
-    deg2rad = math.pi / 180.0
-    affine = get_affine_matrix2d(a["translations"], a["center"], a["scale"], a["angle"],
-                                 a["shear_x"] * deg2rad, a["shear_y"] * deg2rad)
-    perspective = get_perspective_transform(p["start_points"], p["end_points"])
-    apply_affine, apply_perspective = a["batch_prob"] > 0.5, p["batch_prob"] > 0.5
-    eye = torch.eye(3).expand_as(affine)
-    affine = torch.where(apply_affine.view(-1, 1, 1), affine, eye)
-    perspective = torch.where(apply_perspective.view(-1, 1, 1), perspective, eye)
-    return affine, perspective, apply_affine, apply_perspective
+    host = {"angle": a["angle"], "translations": a["translations"], "center": a["center"],
+            "apply_affine": a["batch_prob"], "start_points": p["start_points"], "end_points": p["end_points"],
+            "apply_perspective": p["batch_prob"]}
+    return {key: value.detach().cpu().numpy() for key, value in host.items()}
 
 
 class ImageAugmentations(nn.Module):
@@ -196,62 +197,70 @@ class ImageAugmentations(nn.Module):
         self.settings.validate()
         self.output_size = int(output_size)
         self.pool = nn.AdaptiveAvgPool2d((self.output_size, self.output_size))
+        self._grid_base_cache: tuple = (None, None)  # the output pixels' positions, kept per size/device/dtype
 
     @property
     def num_views(self) -> int:
         return int(self.settings.num_views)
 
     def sample(self, batch: int, generators: Sequence[torch.Generator] | None = None) -> dict:
-        """kornia-format parameters of the batch's warped views, view-major [(V-1)*B], on the CPU."""
+        """kornia-format parameters of the batch's warped views, view-major [(V-1)*B], as CPU tensors."""
+        return kornia_params(self._draw(batch, generators))
+
+    def _draw(self, batch: int, generators: Sequence[torch.Generator] | None) -> dict:
         warped = self.num_views - 1
         if generators is None:
-            return sample_view_params(self.settings, self.output_size, warped * batch, [None])
+            return draw_view_params(self.settings, self.output_size, warped * batch, [None])
         if len(generators) != batch:
             raise ValueError(f"{len(generators)} generators for a batch of {batch}")
-        params = sample_view_params(self.settings, self.output_size, warped, generators)
-        return interleave_streams(params, batch)
+        return interleave_streams(draw_view_params(self.settings, self.output_size, warped, generators), batch)
 
     def forward(self, x: torch.Tensor, generators: Sequence[torch.Generator] | None = None,
                 params: dict | None = None) -> torch.Tensor:
+        """``params`` (kornia's format, as :meth:`sample` gives) replaces the draws."""
         if x.dim() != 4:
             raise BlendedInputError(f"expected images [B,C,H,W], got shape {tuple(x.shape)}.")
         pooled = self.pool(x)
         if self.num_views == 1:
             return pooled
         batch = pooled.shape[0]
-        if params is None:
-            params = self.sample(batch, generators)
+        host = self._draw(batch, generators) if params is None else _from_kornia_params(params)
         tiled = pooled.repeat(self.num_views - 1, 1, 1, 1)
-        return torch.cat([pooled, self.warp(tiled, params)], dim=0)
+        return torch.cat([pooled, self.warp(tiled, host)], dim=0)
 
     def warp(self, images: torch.Tensor, params: dict) -> torch.Tensor:
-        """Warp [N,C,S,S] by the N views' parameters: one batched kornia.geometry call per warp."""
-        from kornia.geometry.transform import warp_affine, warp_perspective
+        """Warp [N,C,H,W] by the N views' parameters (:func:`draw_view_params`' host arrays): one matmul makes the
+        sampling grids, then one resampling per warp."""
+        n, _, height, width = images.shape
+        inverses, gates = view_warps.inverse_view_matrices(params, self.settings.single_resample)
+        matrices = view_warps.sampling_matrices(inverses, height, width)  # [2n,3,3]
+        # One host-to-device copy for all of the step's warp parameters. Warps run in float32 at least (as
+        # kornia's): grid positions in bf16 would be off by up to a pixel.
+        dtype = torch.promote_types(images.dtype, torch.float32)
+        packed = torch.from_numpy(np.concatenate([matrices.reshape(-1), gates.astype(np.float64)]))
+        packed = to_device(packed, images.device, dtype)
+        base = self._grid_base(height, width, images.device, dtype)
+        grids = view_warps.sampling_grids(packed[:18 * n].view(2 * n, 3, 3), base, height, width)
+        first, second = grids[:n], grids[n:]
+        gate_affine = (packed[18 * n:19 * n] > 0.5).view(n, 1, 1, 1)
+        gate_perspective = (packed[19 * n:] > 0.5).view(n, 1, 1, 1)
+        return self._resample(images.to(dtype), first, second, gate_affine, gate_perspective).to(images.dtype)
 
-        n = images.shape[0]
-        affine, perspective, apply_affine, apply_perspective = view_matrices(params)
-        # One host-to-device copy for all of the step's warp parameters.
-        packed = torch.cat([affine.reshape(n, 9), perspective.reshape(n, 9),
-                            apply_affine.float().view(n, 1), apply_perspective.float().view(n, 1)], dim=1)
-        packed = to_device(packed, images.device, images.dtype)
-        affine, perspective = packed[:, :9].view(n, 3, 3), packed[:, 9:18].view(n, 3, 3)
-        gate_affine = (packed[:, 18] > 0.5).view(n, 1, 1, 1)
-        gate_perspective = (packed[:, 19] > 0.5).view(n, 1, 1, 1)
-        size = tuple(images.shape[-2:])
+    def _resample(self, images, first, second, gate_affine, gate_perspective) -> torch.Tensor:
         padding = self.settings.padding_mode
         if self.settings.single_resample:
-            out = warp_perspective(images, perspective @ affine, size, mode="bilinear", padding_mode=padding,
-                                   align_corners=False)
+            out = view_warps.resample(images, first, padding)
             if padding != "zeros":
                 # What the perspective warp would have padded with zeros is zero here too.
-                inside = warp_perspective(torch.ones_like(images[:, :1]), perspective, size, mode="bilinear",
-                                          padding_mode="zeros", align_corners=False)
+                inside = view_warps.resample(torch.ones_like(images[:, :1]), second, "zeros")
                 out = out * torch.where(gate_perspective, inside, torch.ones_like(inside))
             return torch.where(gate_affine | gate_perspective, out, images)
         # The original's two resamplings: rotation/shift with its padding, then perspective with zeros.
-        out = warp_affine(images, affine[:, :2, :], size, mode="bilinear", padding_mode=padding,
-                          align_corners=False)
-        out = torch.where(gate_affine, out, images)
-        warped = warp_perspective(out, perspective, size, mode="bilinear", padding_mode="zeros",
-                                  align_corners=False)
-        return torch.where(gate_perspective, warped, out)
+        out = torch.where(gate_affine, view_warps.resample(images, first, padding), images)
+        return torch.where(gate_perspective, view_warps.resample(out, second, "zeros"), out)
+
+    def _grid_base(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (height, width, device, dtype)
+        if self._grid_base_cache[0] != key:
+            self._grid_base_cache = (key, view_warps.grid_base(height, width, device, dtype))
+        return self._grid_base_cache[1]

@@ -16,9 +16,10 @@ here act on the two networks and leave the sampler's math alone:
   :mod:`blended.triton_norm`);
 * reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``).
 
-Autocast is deliberately NOT meant to wrap the whole guided step: kornia builds its warp grids with matmuls,
-and in bf16 those coordinates would be off by up to a pixel at 224 px. Low precision therefore lives inside the
-networks (``unet.autocast_dtype``, a CLIP dtype), where it needs no hook in the sampler.
+Autocast is deliberately NOT meant to wrap the whole guided step: the views' warp grids are built with a
+matmul (``blended.view_warps``), and in bf16 those coordinates would be off by up to a pixel at 224 px. Low
+precision therefore lives inside the networks (``unet.autocast_dtype``, a CLIP dtype), where it needs no hook in
+the sampler.
 
 Faithful mode is :data:`FAITHFUL` (every option off): the models are left exactly as loaded.
 """
@@ -362,7 +363,7 @@ _AUTOCAST_LAYERS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
 
 
 def precast_autocast_weights(unet, options: FastPathOptions):
-    """Store the block stacks' conv and linear weights in the autocast dtype before a run (bf16/fp16 autocast).
+    """Store the block stacks' conv, linear and GroupNorm weights in the autocast dtype (bf16/fp16 autocast).
 
     Autocast reuses a cast weight only for leaves that require grad; ours are frozen, so every forward cast each
     weight and bias again: one kernel per tensor (358 per forward of the 256x256 model, 551M parameters read fp32 and
@@ -372,10 +373,22 @@ def precast_autocast_weights(unet, options: FastPathOptions):
     """
     if options.precision_scheme != "autocast" or options.unet_dtype == torch.float32:
         return unet
-    for module in unet.block_layers(_AUTOCAST_LAYERS):
+    for module in unet.block_layers(_precast_layers(options)):
         for parameter in module.parameters(recurse=False):
             parameter.data = parameter.data.to(options.unet_dtype)
     return unet
+
+
+def _precast_layers(options: FastPathOptions) -> tuple[type, ...]:
+    """The layer kinds whose parameters :func:`precast_autocast_weights` stores in the autocast dtype.
+
+    GroupNorm's affine parameters too (68 casts per forward of the tiny model, 4 aten ops each), where every
+    GroupNorm applies them in that dtype: NCHW activations and no fused norm kernel. Under channels_last the CPU
+    GroupNorm takes its float32 path, and the fused kernels compute in float32: both read the float32 weights.
+    """
+    if options.channels_last or options.norm_kernel is not None:
+        return _AUTOCAST_LAYERS
+    return _AUTOCAST_LAYERS + (torch.nn.GroupNorm,)
 
 
 def sampler_settings_with(settings, options: FastPathOptions):
@@ -433,7 +446,7 @@ def clone_bytes(unet, clip, options: FastPathOptions) -> int:
     if options.unet_dtype != torch.float32:
         # torso: the block convs in low precision; autocast: the block convs and linears (precast_autocast_weights)
         item = torch.empty(0, dtype=options.unet_dtype).element_size()
-        kinds = (torch.nn.Conv1d, torch.nn.Conv2d) if options.precision_scheme == "torso" else _AUTOCAST_LAYERS
+        kinds = (torch.nn.Conv1d, torch.nn.Conv2d) if options.precision_scheme == "torso" else _precast_layers(options)
         total += sum(p.numel() * item for m in unet.block_layers(kinds) for p in m.parameters(recurse=False))
     if options.channels_last:
         total += sum(p.numel() * p.element_size() for p in unet.parameters() if p.dim() == 4)

@@ -18,7 +18,8 @@ CATEGORY = "BlendedDiffusion/guidance"
 
 class Augmentations:
     DESCRIPTION = ("Settings of the random views CLIP judges each guided prediction through (1 clean view + "
-                   "the rest randomly rotated, shifted and perspective-warped with kornia), which keep CLIP "
+                   "the rest randomly rotated, shifted and perspective-warped as kornia's RandomAffine and "
+                   "RandomPerspective do), which keep CLIP "
                    "from being fooled by adversarial pixels. Defaults are the original's.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CLIP_AUGMENTATIONS",)

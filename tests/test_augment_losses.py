@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from blended.augment import AugmentationSettings, ImageAugmentations, sample_view_params
+from blended import view_warps
+from blended.augment import AugmentationSettings, ImageAugmentations, draw_view_params, kornia_params
 from blended.clip_model import CLIP_MEAN, CLIP_STD, load_guidance_clip
 from blended.errors import BlendedInputError
 from blended.guidance import GuidanceObjective, GuidanceSettings
@@ -56,7 +58,7 @@ def _stream(seed):
 
 
 def _affine_translations(settings: AugmentationSettings, n=256, seed=0):
-    return sample_view_params(settings, 32, n, [_stream(seed)])["affine"]["translations"]
+    return kornia_params(draw_view_params(settings, 32, n, [_stream(seed)]))["affine"]["translations"]
 
 
 def test_default_reproduces_kornia_vertical_only_translation():
@@ -79,7 +81,7 @@ def test_parameters_are_kornias_own_draws(settings):
     affine = K.RandomAffine(degrees=settings.degrees, translate=translate, p=settings.p_affine,
                             padding_mode="border").forward_parameters(shape)
     perspective = K.RandomPerspective(settings.distortion, p=settings.p_perspective).forward_parameters(shape)
-    ours = sample_view_params(settings, 32, 64, [_stream(5)])
+    ours = kornia_params(draw_view_params(settings, 32, 64, [_stream(5)]))
     for key in ("translations", "center", "scale", "angle", "shear_x", "shear_y", "batch_prob"):
         torch.testing.assert_close(ours["affine"][key], affine[key].float(), rtol=0, atol=0)
     for key in ("start_points", "end_points", "batch_prob"):
@@ -120,6 +122,42 @@ def test_batched_warp_equals_kornias_per_view_warps(padding_mode):
         torch.testing.assert_close(views[3 + k:4 + k], one, atol=2e-5, rtol=0)
         applied += int(not torch.equal(one, pooled[k % 3:k % 3 + 1]))
     assert applied >= 10  # most views really are warped (p = 0.7 for each warp)
+
+
+def test_view_matrices_are_kornias_inverted():
+    """The host-side matrices invert kornia's own: its get_affine_matrix2d and get_perspective_transform."""
+    from kornia.geometry.transform import get_affine_matrix2d, get_perspective_transform
+
+    settings = AugmentationSettings(num_views=9, p_affine=1.0, p_perspective=1.0, fix_translate=True)
+    params = draw_view_params(settings, 224, 8, [_stream(7), _stream(8)])
+    k = kornia_params(params)
+    a, p = k["affine"], k["perspective"]
+    affine = get_affine_matrix2d(a["translations"], a["center"], a["scale"], a["angle"], a["shear_x"], a["shear_y"])
+    perspective = get_perspective_transform(p["start_points"], p["end_points"])
+    inverses, gates = view_warps.inverse_view_matrices(params)
+    assert gates.all() and inverses.shape == (32, 3, 3)
+    eye = np.broadcast_to(np.eye(3), (16, 3, 3))
+    np.testing.assert_allclose(inverses[:16] @ affine.double().numpy(), eye, atol=2e-5)
+    product = inverses[16:] @ perspective.double().numpy()
+    np.testing.assert_allclose(product / product[:, 2:, 2:], eye, atol=2e-5)  # a homography up to its scale
+
+
+def test_a_view_that_skips_both_warps_is_the_pooled_image_exactly():
+    settings = AugmentationSettings(num_views=4, p_affine=0.0, p_perspective=0.0)
+    x = _images(batch=2)
+    views = ImageAugmentations(32, settings)(x, [_stream(1), _stream(2)])
+    torch.testing.assert_close(views, F.adaptive_avg_pool2d(x, 32).repeat(4, 1, 1, 1), rtol=0, atol=0)
+
+
+def test_low_precision_views_are_warped_in_float32():
+    """A bf16 batch is warped on float32 grids (bf16 positions would be off by up to a pixel), as kornia does."""
+    augment = ImageAugmentations(32, AugmentationSettings(num_views=5, p_affine=1.0, p_perspective=1.0))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # pooling leaves it alone
+    params = augment.sample(2, [_stream(3), _stream(4)])
+    low = augment(x.bfloat16(), params=params)
+    assert low.dtype == torch.bfloat16
+    reference = augment(x.bfloat16().float(), params=params).bfloat16()
+    torch.testing.assert_close(low, reference, rtol=0, atol=0)
 
 
 def test_a_samples_views_do_not_depend_on_its_batch():

@@ -86,3 +86,16 @@ def test_step_op_count_hardly_grows_with_the_batch(models):
             run()
         counts[batch] = len(recorder.calls)
     assert counts[8] < counts[1] * 1.15, counts
+
+
+def test_the_views_warps_add_few_ops(models):
+    """Seven warped views per result cost a few dozen ops in all (kornia.geometry's warps took about 600): their
+    matrices are host arithmetic, one matmul makes every sampling grid, and each warp is one grid_sample."""
+    counts = {}
+    for views in (1, 8):
+        run = _step(models, batch=1, views=views, reuse_guided_forward=True)
+        run()
+        with _Recorder() as recorder:
+            run()
+        counts[views] = len(recorder.calls)
+    assert counts[8] - counts[1] < 100, counts
