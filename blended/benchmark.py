@@ -333,11 +333,15 @@ def peak_tflops_for(device: torch.device, dtype: torch.dtype, override: float | 
 
 
 class ClipForwardCounter:
-    """Counts CLIP image-tower calls, to confirm all views of all samples go through one forward."""
+    """Counts CLIP image-tower calls, to confirm all views of all samples go through one forward.
+
+    Counted at the tower's stem (its first convolution, run once per forward, whichever code runs the tower).
+    """
 
     def __init__(self, clip):
         self.calls = 0
-        self._handle = clip.model.visual.register_forward_pre_hook(self._count)
+        visual = clip.model.visual
+        self._handle = getattr(visual, "conv1", visual).register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
         self.calls += 1

@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from . import clip_vision
 from .errors import BlendedInputError, CheckpointError
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,7 @@ class GuidanceCLIP:
         self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self._text_cache: OrderedDict = OrderedDict()
+        self._vision_supported = None  # (vision tower, whether blended.clip_vision runs it), checked once
 
     # -- placement
     @property
@@ -335,8 +337,19 @@ class GuidanceCLIP:
         return (images - mean) / std
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised [N,3,S,S] images -> [N,D] float32 embeddings (differentiable w.r.t. the images)."""
-        return self.model.encode_image(images.to(device=self.device, dtype=self.dtype)).float()
+        """Normalised [N,3,S,S] images -> [N,D] float32 embeddings (differentiable w.r.t. the images).
+
+        OpenAI-layout ViTs run through :mod:`blended.clip_vision` (the same modules and weights, attention
+        without the copies of ``nn.MultiheadAttention``); other towers through open_clip's ``encode_image``.
+        """
+        images = images.to(device=self.device, dtype=self.dtype)
+        visual = self.model.visual
+        checked = getattr(self, "_vision_supported", None)
+        if checked is None or checked[0] is not visual:
+            checked = self._vision_supported = (visual, clip_vision.supports(visual))
+        if checked[1]:
+            return clip_vision.encode_image(visual, images).float()
+        return self.model.encode_image(images).float()
 
 
 def load_guidance_clip(path: str | os.PathLike | None = None, state_dict: Mapping | None = None, *,

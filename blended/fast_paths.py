@@ -306,7 +306,8 @@ def set_gradient_checkpointing(unet, enabled: bool):
 
 
 def set_clip_checkpointing(clip, enabled: bool):
-    """Recompute CLIP's vision transformer blocks in the backward (open_clip's own grad checkpointing).
+    """Recompute CLIP's vision transformer blocks in the backward (open_clip's grad-checkpointing flag, which
+    :mod:`blended.clip_vision` honours too).
 
     The views' activations inside CLIP are saved per result and per view; recomputing them costs about one
     more CLIP forward per step and frees that memory for a larger batch.

@@ -1,8 +1,11 @@
 """Fast paths keep the faithful numbers where they must, stay close where they trade precision, and the
 benchmark script runs and prints its figures (tests/fixtures only; CPU)."""
 
+import contextlib
+import importlib.util
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +387,24 @@ def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip):
     assert all(p.dtype == torch.float32 for p in unet.parameters())  # the shared model is untouched
     assert torch.equal(out_fast, out_plain) and torch.equal(grad_fast, grad_plain)
     assert len(casts_plain) > 20 and casts_fast == []
+
+
+def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
+    """The one-command GPU comparison, run on the CPU with the tiny model: every stage writes its JSON rows and the
+    table shows them, so a session on a lent GPU does not find a broken script."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_compare.py"
+    spec = importlib.util.spec_from_file_location("gpu_compare", script)
+    gpu_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_compare)
+    out = tmp_path / "rows.jsonl"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        gpu_compare.main(["--config", "tiny", "--device", "cpu", "--presets", "fast-gpu", "--batches", "1",
+                          "--edit-presets", "fast-gpu", "--results", "2", "--edit-batch", "2", "--steps", "2",
+                          "--views", "2", "--timeout", "300", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["stage"] for row in rows] == ["pack-step-fast-gpu-b1", "pack-ranked-edit-fast-gpu"]
+    assert all(row["rc"] == 0 and not row["timed_out"] for row in rows)
+    assert rows[0]["s_per_step"] > 0 and rows[1]["s_ranked"] > 0 and rows[1]["num_results"] == 2
+    table = printed.getvalue()
+    assert "| pack `bf16-autocast+reuse` | 1 |" in table and "2 ranked results, batch 2" in table
