@@ -29,6 +29,8 @@ def supports(visual: nn.Module) -> bool:
         return False
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
         return False
+    if getattr(visual, "global_average_pool", False):  # open_clip 2.x's spelling of average pooling
+        return False
     transformer = getattr(visual, "transformer", None)
     blocks = getattr(transformer, "resblocks", None)
     if blocks is None or not all(_plain_block(block) for block in blocks):

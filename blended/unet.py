@@ -227,7 +227,9 @@ class ResBlock(nn.Module):
     # Set on every ResBlock by GuidedDiffusionUNet.norm_kernel; a class default keeps old pickles working.
     norm_kernel: str | None = None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activated_emb: torch.Tensor) -> torch.Tensor:
+        """``activated_emb`` is SiLU of the timestep embedding, ``emb_layers[0]`` applied once by the UNet for
+        every block (as autocast would cast it, in the blocks' dtype); this block applies ``emb_layers[1]``."""
         norm_in, act_in, conv_in = self.in_layers
         h = _fused_norm_silu(self.norm_kernel, norm_in, x) if self.norm_kernel else act_in(norm_in(x))
         if self.resample is not None:
@@ -235,21 +237,26 @@ class ResBlock(nn.Module):
             h = self.resample(h)
             x = self.resample(x)
         h = conv_in(h)
-        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        norm_out, act_out, dropout, conv_out = self.out_layers
+        emb_out = self.emb_layers[1](activated_emb).to(h.dtype)[:, :, None, None]
+        norm_out, act_out, _, conv_out = self.out_layers
         if self.norm_kernel:
             if self.use_scale_shift_norm:
                 h = _fused_norm_silu(self.norm_kernel, norm_out, h, emb_out)
             else:
                 h = _fused_norm_silu(self.norm_kernel, norm_out, h + emb_out)
-            return self.skip_connection(x) + conv_out(dropout(h))
+            return self.skip_connection(x) + conv_out(self._dropout(h))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = torch.addcmul(shift, norm_out(h), 1 + scale)
         else:
             h = norm_out(h + emb_out)
-        h = conv_out(dropout(act_out(h)))
+        h = conv_out(self._dropout(act_out(h)))
         return self.skip_connection(x) + h
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        # Dropout only acts in training with p > 0; otherwise calling it is one more op per block for nothing.
+        dropout = self.out_layers[2]
+        return dropout(h) if self.training and dropout.p > 0 else h
 
 
 NORM_KERNELS = ("compile", "triton")
@@ -474,6 +481,11 @@ class GuidedDiffusionUNet(nn.Module):
         emb = self.time_embed(t_emb)
         if y is not None:
             emb = emb + self.label_emb(y)
+        # Every ResBlock's emb_layers begins with SiLU of this same embedding: it is applied once here, and cast
+        # once to the autocast dtype, which autocast would otherwise do before each block's Linear.
+        emb = F.silu(emb)
+        if self.autocast_dtype is not None and self.autocast_dtype != torch.float32:
+            emb = emb.to(self.autocast_dtype)
 
         h = x.to(self.compute_dtype)
         with self._block_precision(h.device):
