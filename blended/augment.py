@@ -237,8 +237,9 @@ class ImageAugmentations(nn.Module):
         # One host-to-device copy for all of the step's warp parameters. Warps run in float32 at least (as
         # kornia's): grid positions in bf16 would be off by up to a pixel.
         dtype = torch.promote_types(images.dtype, torch.float32)
-        packed = torch.from_numpy(np.concatenate([matrices.reshape(-1), gates.astype(np.float64)]))
-        packed = to_device(packed, images.device, dtype)
+        host_dtype = np.float64 if dtype == torch.float64 else np.float32
+        packed = np.concatenate([matrices.reshape(-1), gates]).astype(host_dtype)
+        packed = to_device(torch.from_numpy(packed), images.device)
         base = self._grid_base(height, width, images.device, dtype)
         grids = view_warps.sampling_grids(packed[:18 * n].view(2 * n, 3, 3), base, height, width)
         first, second = grids[:n], grids[n:]
