@@ -503,11 +503,16 @@ def _ranked_edits(models: Models, inputs: EditInputs, specs, args, device, out) 
         out.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()) + "\n")
         out.flush()
         rows.append(row)
+        _write_json(args, rows)
     models.configure(fast_paths.FAITHFUL)
+    return rows
+
+
+def _write_json(args, rows: list[dict]) -> None:
+    """``--json`` rewritten after every finished row, so a run stopped by a time limit keeps what it measured."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
-    return rows
 
 
 def out_of_memory_row(spec: RunSpec, args, device: torch.device, exc: BaseException) -> dict:
@@ -691,6 +696,7 @@ def _run(args, out) -> list[dict]:
             return _ranked_edits(models, inputs, specs, args, device, out)
         runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
         out_of_memory: dict[int, dict] = {}
+        finished: list[dict] = []
         flop_cache: dict = {}
         out.write(f"# bench: config={args.config} device={describe_device(device)} torch={torch.__version__} "
                   f"threads={torch.get_num_threads()} views={args.views} edit_steps={args.steps} "
@@ -707,15 +713,17 @@ def _run(args, out) -> list[dict]:
                     out_of_memory[i] = out_of_memory_row(spec, args, device, exc)
                     out.write(" ".join(f"{k}={v}" for k, v in out_of_memory[i].items()) + "\n")
                     out.flush()
+                    finished.append(out_of_memory[i])
+                    _write_json(args, finished)
                     continue
                 if round_index == args.rounds - 1:
-                    out.write(format_row(summarise(spec, runs[i], args, device, flop_cache)) + "\n")
+                    finished.append(summarise(spec, runs[i], args, device, flop_cache))
+                    out.write(format_row(finished[-1]) + "\n")
                     out.flush()
+                    _write_json(args, finished)
         rows = [out_of_memory[i] if i in out_of_memory else summarise(spec, runs[i], args, device, flop_cache)
                 for i, spec in enumerate(specs)]
         models.configure(fast_paths.FAITHFUL)
     out.write(format_table(rows) + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+    _write_json(args, rows)
     return rows

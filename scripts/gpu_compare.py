@@ -6,17 +6,23 @@ Usage (from the repository root, on a machine with a CUDA GPU):
         --out gpu-rows.jsonl
 
 ``--original`` is a step benchmark of the original code (it must accept ``--config full256 --device cuda
---batch B --views V --steps N [--edit-steps N] --json FILE`` and write a JSON list of rows with
-``s_per_step``/``s_step_min``/``peak_gib``/``s_edit``); it is run as given, never copied. Without it only the
-pack's rows are measured.
+--batch B[,B...] --views V --steps N [--edit-steps N] --json FILE``, print each finished row as a JSON line and
+write them all as a JSON list, with ``s_per_step``/``s_step_min``/``peak_gib``/``s_edit``); it is run as given,
+never copied. Without it only the pack's rows are measured.
 
-Stages (each its own process with ``--timeout``, so an out-of-memory or a slow compile loses only that stage):
-1. the original at each ``--batches`` (full 256x256 layout, random weights, 8 views);
-2. the original's whole edit (75 steps) at the largest batch, for the time to ``--results`` results;
-3. the pack's ``scripts/bench.py`` for every ``--presets`` entry at each batch (seconds per guided step, peak
-   memory, MFU);
-4. the pack's ranked edit: ``--results`` results (whole edits at ``--edit-batch``, then CLIP ranking) for every
-   ``--edit-presets`` entry.
+The stages run in order of importance, each its own process with a timeout, so an out-of-memory or a slow
+compile loses only that stage, and the whole run keeps within ``--budget`` seconds: a stage gets what is left
+of it (at most ``--timeout``), and the stages it no longer reaches are listed as skipped. Rows a stage finished
+before its time ran out are kept.
+
+1. the original at every ``--batches`` (full 256x256 layout, random weights, 8 views);
+2. the pack's ``scripts/bench.py`` for each ``--presets`` entry, all batches in one process (seconds per
+   guided step, peak memory, MFU);
+3. the pack's ranked edit: ``--results`` results (whole edits at ``--edit-batch``, then CLIP ranking) for each
+   ``--edit-presets`` entry;
+4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch`` (a text file beside
+   ``--out``);
+5. with ``--original-edit``, the original's whole edit (75 steps) at the largest batch.
 
 Every row goes to ``--out`` as one JSON line (with its stage, command, exit code and whether it timed out), and
 a Markdown table with the speed-up over the original at the same batch is printed at the end.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,32 +41,63 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
-DEFAULT_PRESETS = ("original-gpu,fast-gpu,fast-gpu+channels_last+triton_norm,fast-gpu+triton_norm,"
-                   "fast-gpu+single_resample")
-DEFAULT_EDIT_PRESETS = "fast-gpu,fast-gpu-lowmem"
+PROFILE = REPO / "scripts" / "profile_step.py"
+DEFAULT_PRESETS = "fast-gpu,fast-gpu+channels_last+triton_norm,fast-gpu+triton_norm,fast-gpu+single_resample"
+DEFAULT_EDIT_PRESETS = "fast-gpu"
+DEFAULT_PROFILES = "fast-gpu+channels_last+triton_norm"
+# A stage is not started with less time than this left: loading the 256x256 models alone takes a while.
+MIN_STAGE_SECONDS = 45
 
 
-def run_stage(name: str, command: list[str], timeout: float, out_file) -> list[dict]:
-    """Run one stage; return its JSON rows (read from the --json file it writes), tagged with the stage."""
+class Budget:
+    """The run's wall-clock allowance; each stage's timeout is what is left of it, at most ``per_stage``."""
+
+    def __init__(self, seconds: float, per_stage: float):
+        self.deadline = time.monotonic() + seconds
+        self.per_stage = per_stage
+
+    def stage_timeout(self) -> float | None:
+        """Seconds for the next stage, or None when too little is left to start one."""
+        left = self.deadline - time.monotonic()
+        return min(self.per_stage, left) if left >= MIN_STAGE_SECONDS else None
+
+
+def run_stage(name: str, command: list[str], budget: Budget, out_file, json_file: bool = True,
+              text_out: Path | None = None) -> list[dict]:
+    """Run one stage; return its JSON rows, tagged with the stage.
+
+    Rows come from the ``--json`` file the stage writes (rewritten after each row by the pack's bench) or, for
+    a stage stopped before it wrote one, from the JSON lines it printed. ``text_out`` keeps the whole output.
+    """
+    timeout = budget.stage_timeout()
+    if timeout is None:
+        return _record([{"error": "skipped: the --budget was spent"}], name, command, None, False, 0.0, out_file)
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(tmp) / "rows.json"
-        command = command + ["--json", str(json_path)]
-        print(f"[{name}] {' '.join(command)}", flush=True)
+        if json_file:
+            command = command + ["--json", str(json_path)]
+        print(f"[{name}] ({timeout:.0f} s at most) {' '.join(command)}", flush=True)
         start = time.perf_counter()
         timed_out, rc = False, None
         try:
-            done = subprocess.run(command, cwd=REPO, timeout=timeout, capture_output=True, text=True,
-                                  env=_env())
-            rc = done.returncode
-            tail = (done.stdout + done.stderr)[-2000:]
+            done = subprocess.run(command, cwd=REPO, timeout=timeout, capture_output=True, text=True, env=_env())
+            rc, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as exc:
             timed_out = True
-            tail = ((exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"))[-2000:]
+            output = _text(exc.stdout) + _text(exc.stderr)
         wall = time.perf_counter() - start
-        rows = json.loads(json_path.read_text()) if json_path.exists() else []
+        rows = _rows_from(json_path, output) if json_file else []
+    if text_out is not None:
+        text_out.write_text(output)
+        rows = rows or [{"text": str(text_out)}]
     if not rows:
-        rows = [{"error": tail.strip().splitlines()[-1] if tail.strip() else "no output"}]
-        print(tail, flush=True)
+        tail = output.strip().splitlines()
+        rows = [{"error": tail[-1] if tail else "no output"}]
+        print(output[-2000:], flush=True)
+    return _record(rows, name, command, rc, timed_out, wall, out_file)
+
+
+def _record(rows, name, command, rc, timed_out, wall, out_file) -> list[dict]:
     for row in rows:
         row.update({"stage": name, "rc": rc, "timed_out": timed_out, "stage_wall_s": wall, "command": command})
         out_file.write(json.dumps(row) + "\n")
@@ -68,16 +106,34 @@ def run_stage(name: str, command: list[str], timeout: float, out_file) -> list[d
     return rows
 
 
-def _env():
-    import os
+def _rows_from(json_path: Path, output: str) -> list[dict]:
+    if json_path.exists():
+        return json.loads(json_path.read_text())
+    rows = []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "s_per_step" in row:
+                rows.append(row)
+    return rows
 
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
 def _table(rows: list[dict], num_results: int) -> str:
-    original = {r["batch"]: r for r in rows if r["stage"].startswith("original-step") and r.get("s_per_step")}
+    original = {r["batch"]: r for r in rows if r["stage"] == "original-step" and r.get("s_per_step")}
     lines = ["| run | batch | s / guided step (min) | speed-up vs original | peak GiB | MFU |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -88,9 +144,9 @@ def _table(rows: list[dict], num_results: int) -> str:
         speedup = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "n/a"
         peak = r.get("peak_gib", r.get("peak_mem_gib"))
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        peak_text = f"{peak:.1f}" if peak is not None else "n/a"
         lines.append(f"| {label} | {r['batch']} | {r['s_per_step']:.3f} ({r.get('s_step_min', 0):.3f}) | {speedup} | "
-                     f"{peak:.1f} | {mfu} |" if peak is not None else
-                     f"| {label} | {r['batch']} | {r['s_per_step']:.3f} | {speedup} | n/a | {mfu} |")
+                     f"{peak_text} | {mfu} |")
     for r in rows:
         if r.get("s_ranked"):
             lines.append(f"| pack `{r['options']}`: {r['num_results']} ranked results, batch {r['batch']} | | "
@@ -101,7 +157,15 @@ def _table(rows: list[dict], num_results: int) -> str:
             lines.append(f"| original: {num_results} results = {edits} edits of {r['batch']} "
                          f"({r.get('edit_steps', 75)} steps each, ranking not included) | {r['batch']} | "
                          f"{edits * r['s_edit']:.1f} s in all ({r['s_edit']:.1f} s per edit) | | | |")
+        elif r.get("error"):
+            lines.append(f"| {r['stage']}: {r['error']} | | | | | |")
+        elif r.get("text"):
+            lines.append(f"| {r['stage']}: {r['text']} | | | | | |")
     return "\n".join(lines)
+
+
+def _items(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
 
 
 def main(argv=None) -> int:
@@ -110,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--original", type=Path, default=None, help="the original's step benchmark script (run as is)")
     p.add_argument("--original-src", type=Path, default=None,
                    help="passed on as --original-src (where the original code lives), if given")
+    p.add_argument("--original-edit", action="store_true",
+                   help="also time the original's whole edit (75 steps) at the largest batch (last stage)")
     p.add_argument("--python", default=sys.executable, help="interpreter for every stage")
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--views", type=int, default=8)
@@ -117,37 +183,45 @@ def main(argv=None) -> int:
     p.add_argument("--edit-presets", default=DEFAULT_EDIT_PRESETS, help="option sets for the ranked edit ('' = none)")
     p.add_argument("--results", type=int, default=64, help="results of the whole ranked edit")
     p.add_argument("--edit-batch", type=int, default=16, help="batch size of the pack's ranked edit")
+    p.add_argument("--profile", default=DEFAULT_PROFILES, help="option sets to profile one step of ('' = none)")
+    p.add_argument("--profile-batch", type=int, default=8)
     p.add_argument("--config", default="full256", choices=("full256", "tiny"),
                    help="tiny (the test fixtures) with --device cpu is a dry run of the plumbing")
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=75, help="guided steps of a whole edit")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per stage")
+    p.add_argument("--budget", type=float, default=540,
+                   help="seconds for the whole run (a lent GPU machine's command limit is 600)")
+    p.add_argument("--timeout", type=float, default=240, help="seconds per stage at most")
     p.add_argument("--out", type=Path, default=Path("gpu-rows.jsonl"))
     args = p.parse_args(argv)
 
-    batches = [int(b) for b in args.batches.split(",")]
+    budget = Budget(args.budget, args.timeout)
+    batches = args.batches
     rows: list[dict] = []
     common = ["--config", args.config, "--device", args.device, "--views", str(args.views)]
     reference = REPO / "tests" / "fixtures" / "reference"
-    original_common = common + (["--ref", str(reference)] if args.config == "tiny" else [])
+    original = [args.python, str(args.original), *common, *(["--ref", str(reference)] if args.config == "tiny" else []),
+                *(["--original-src", str(args.original_src)] if args.original_src else [])]
     with args.out.open("w") as out:
         if args.original is not None:
-            extra = ["--original-src", str(args.original_src)] if args.original_src else []
-            for batch in batches:
-                rows += run_stage(f"original-step-b{batch}", [args.python, str(args.original), *original_common,
-                                  *extra, "--batch", str(batch), "--steps", "5"], args.timeout, out)
-            rows += run_stage("original-edit", [args.python, str(args.original), *original_common, *extra,
-                              "--batch", str(max(batches)), "--steps", "1", "--edit-steps", str(args.steps)],
-                              args.timeout, out)
-        for preset in args.presets.split(","):
-            for batch in batches:
-                rows += run_stage(f"pack-step-{preset}-b{batch}", [args.python, str(BENCH), *common, "--preset",
-                                  preset, "--batch", str(batch), "--steps", "0", "--repeats", "3",
-                                  "--saved", "off", "--ops", "off"], args.timeout, out)
-        for preset in filter(None, args.edit_presets.split(",")):
+            rows += run_stage("original-step", original + ["--batch", batches, "--steps", "5"], budget, out)
+        for preset in _items(args.presets):
+            rows += run_stage(f"pack-step-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
+                              "--batch", batches, "--steps", "0", "--repeats", "3", "--saved", "off",
+                              "--ops", "off"], budget, out)
+        for preset in _items(args.edit_presets):
             rows += run_stage(f"pack-ranked-edit-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
                               "--batch", str(args.edit_batch), "--steps", str(args.steps),
-                              "--ranked-edit", str(args.results)], args.timeout, out)
+                              "--ranked-edit", str(args.results)], budget, out)
+        for preset in _items(args.profile):
+            text_out = args.out.with_name(f"{args.out.stem}.profile-{preset.replace('+', '_')}.txt")
+            rows += run_stage(f"profile-{preset}", [args.python, str(PROFILE), "--config", args.config,
+                              "--device", args.device, "--views", str(args.views), "--preset", preset,
+                              "--batch", str(args.profile_batch)], budget, out, json_file=False, text_out=text_out)
+        if args.original is not None and args.original_edit:
+            largest = str(max(int(b) for b in _items(batches)))
+            rows += run_stage("original-edit", original + ["--batch", largest, "--steps", "1",
+                              "--edit-steps", str(args.steps)], budget, out)
     print(_table(rows, args.results))
     return 0
 

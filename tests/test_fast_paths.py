@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -389,22 +390,50 @@ def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip):
     assert len(casts_plain) > 20 and casts_fast == []
 
 
-def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
-    """The one-command GPU comparison, run on the CPU with the tiny model: every stage writes its JSON rows and the
-    table shows them, so a session on a lent GPU does not find a broken script."""
+def _gpu_compare():
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_compare.py"
     spec = importlib.util.spec_from_file_location("gpu_compare", script)
     gpu_compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_compare)
+    return gpu_compare
+
+
+def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
+    """The one-command GPU comparison, run on the CPU with the tiny model: every stage writes its JSON rows (or
+    its profile) and the table shows them, so a session on a lent GPU does not find a broken script."""
+    gpu_compare = _gpu_compare()
     out = tmp_path / "rows.jsonl"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        gpu_compare.main(["--config", "tiny", "--device", "cpu", "--presets", "fast-gpu", "--batches", "1",
+        gpu_compare.main(["--config", "tiny", "--device", "cpu", "--presets", "fast-gpu", "--batches", "1,2",
                           "--edit-presets", "fast-gpu", "--results", "2", "--edit-batch", "2", "--steps", "2",
-                          "--views", "2", "--timeout", "300", "--out", str(out)])
+                          "--profile", "fast-gpu", "--profile-batch", "1", "--views", "2", "--timeout", "300",
+                          "--budget", "900", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["stage"] for row in rows] == ["pack-step-fast-gpu-b1", "pack-ranked-edit-fast-gpu"]
+    assert [row["stage"] for row in rows] == ["pack-step-fast-gpu"] * 2 + ["pack-ranked-edit-fast-gpu",
+                                                                          "profile-fast-gpu"]
     assert all(row["rc"] == 0 and not row["timed_out"] for row in rows)
-    assert rows[0]["s_per_step"] > 0 and rows[1]["s_ranked"] > 0 and rows[1]["num_results"] == 2
+    assert [row["batch"] for row in rows[:2]] == [1, 2] and all(row["s_per_step"] > 0 for row in rows[:2])
+    assert rows[2]["s_ranked"] > 0 and rows[2]["num_results"] == 2
+    profile = Path(rows[3]["text"])
+    assert profile.parent == tmp_path and "aten ops" in profile.read_text()
     table = printed.getvalue()
     assert "| pack `bf16-autocast+reuse` | 1 |" in table and "2 ranked results, batch 2" in table
+
+
+def test_gpu_compare_keeps_rows_of_a_stage_cut_short_and_skips_past_the_budget(tmp_path):
+    """A stage stopped by its timeout keeps the rows it printed; a stage the budget no longer reaches is listed
+    as skipped instead of started."""
+    gpu_compare = _gpu_compare()
+    slow = tmp_path / "slow_original.py"
+    slow.write_text("import json, time\n"
+                    "print(json.dumps({'impl': 'original', 'batch': 1, 's_per_step': 0.5}), flush=True)\n"
+                    "time.sleep(60)\n")
+    out_file = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = gpu_compare.run_stage("original-step", [sys.executable, str(slow)], gpu_compare.Budget(120, 3),
+                                     out_file)
+        skipped = gpu_compare.run_stage("late", [sys.executable, str(slow)], gpu_compare.Budget(0, 3), out_file)
+    assert len(rows) == 1 and rows[0]["timed_out"] and rows[0]["s_per_step"] == 0.5 and rows[0]["batch"] == 1
+    assert skipped[0]["error"].startswith("skipped") and skipped[0]["stage_wall_s"] == 0.0
+    assert len(out_file.getvalue().splitlines()) == 2
