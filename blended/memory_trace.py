@@ -295,9 +295,9 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
 
     The CLIP tower is built for real first (a few hundred MB, some seconds) to encode the prompt.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-    from . import benchmark, fast_paths
+    from . import augment, benchmark, fast_paths
     from .diffusion import create_diffusion
     from .sampler import SamplerSettings
 
@@ -312,7 +312,14 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
     inputs = benchmark.edit_inputs(unet, clip, torch.device("cpu"))
     diffusion = create_diffusion(timestep_respacing=str(benchmark.SCHEDULE_STEPS))
     settings = fast_paths.sampler_settings_with(SamplerSettings(skip_timesteps=25), options)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    draw_view_params = augment.draw_view_params
+
+    def draw_for_real(*args, **kwargs):
+        # The views' parameters are host-side numpy arrays drawn from CPU generators: real numbers even here.
+        with unset_fake_temporarily():
+            return draw_view_params(*args, **kwargs)
+
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(augment, "draw_view_params", draw_for_real):
         weights = _fake_weights(unet, clip.model)
         runner = benchmark.StepRunner(unet, diffusion, clip, inputs, batch, views, settings, options)
         with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda)) as tracer:

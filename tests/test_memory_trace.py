@@ -65,3 +65,15 @@ def test_script_prints_one_trace_per_option_set(capsys):
     assert [r["options"] for r in results] == ["faithful", "bf16-autocast+ckpt"]
     assert "faithful batch 2: UNet forward+backward (tiny, 64 px, CUDA rules)" in printed
     assert results[1]["peak_gib"] < results[0]["peak_gib"]
+
+
+def test_whole_guided_step_traces_with_its_views_drawn_on_the_host():
+    """``--step`` traces UNet, augmentations and CLIP together. The views' parameters are numpy arrays drawn from
+    real CPU generators, which a fake tensor cannot give; the trace must still run, and CLIP's clip_ckpt must lower
+    what the views keep for the backward."""
+    from blended.memory_trace import trace_guided_step
+
+    plain = trace_guided_step(parse_preset("fast-gpu"), batch=1, views=8, keep=3)
+    lowmem = trace_guided_step(parse_preset("fast-gpu+clip_ckpt"), batch=1, views=8, keep=3)
+    assert plain["views"] == 8 and plain["peak_gib"] > plain["weights_gib"] + 1
+    assert lowmem["peak_gib"] < plain["peak_gib"]
