@@ -20,8 +20,8 @@ before its time ran out are kept.
    guided step, peak memory, MFU);
 3. the pack's ranked edit: ``--results`` results (whole edits at ``--edit-batch``, then CLIP ranking) for each
    ``--edit-presets`` entry;
-4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch`` (a text file beside
-   ``--out``);
+4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch``, by op and by op and
+   input shapes (a text file beside ``--out``);
 5. with ``--original-edit``, the original's whole edit (75 steps) at the largest batch.
 
 Every row goes to ``--out`` as one JSON line (with its stage, command, exit code and whether it timed out), and
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
             text_out = args.out.with_name(f"{args.out.stem}.profile-{preset.replace('+', '_')}.txt")
             rows += run_stage(f"profile-{preset}", [args.python, str(PROFILE), "--config", args.config,
                               "--device", args.device, "--views", str(args.views), "--preset", preset,
-                              "--batch", str(args.profile_batch)], budget, out, json_file=False, text_out=text_out)
+                              "--batch", str(args.profile_batch), "--rows", "40", "--by-shape"], budget, out,
+                              json_file=False, text_out=text_out)
         if args.original is not None and args.original_edit:
             largest = str(max(int(b) for b in _items(batches)))
             rows += run_stage("original-edit", original + ["--batch", largest, "--steps", "1",

@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, cuDNN autotuning)")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--by-shape", action="store_true",
+                   help="also a table grouped by input shapes (tells, e.g., a conv's bias add [B,C,H,W]+[1,C,1,1] "
+                        "from a gradient accumulation [B,C,H,W]+[B,C,H,W])")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -48,7 +51,7 @@ def main(argv=None) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=args.by_shape) as prof:
             start = time.perf_counter()
             step()
             benchmark.synchronize(device)
@@ -60,6 +63,9 @@ def main(argv=None) -> None:
     print(f"{options.describe()} batch {args.batch}: wall {wall:.3f} s/step; summed self device time "
           f"{device_total:.3f} s; {launches} aten ops")
     print(events.table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60))
+    if args.by_shape:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=args.rows,
+                                                                  max_name_column_width=40, max_shapes_column_width=60))
 
 
 if __name__ == "__main__":
