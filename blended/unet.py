@@ -16,7 +16,9 @@ checkpointing) is free, and is chosen for speed:
 * ``autocast_dtype`` (bf16/fp16) runs the block stacks under autocast instead, keeping fp32 weights; the
   timestep embedding and ``out`` stay fp32 as in :meth:`GuidedDiffusionUNet.to_compute_dtype`;
 * ``norm_kernel`` runs each GroupNorm (+ scale-shift) + SiLU of the ResBlocks and ``out`` as one function:
-  "compile" (:mod:`blended.fused_norm`) or "triton" (:mod:`blended.triton_norm`).
+  "compile" (:mod:`blended.fused_norm`) or "triton" (:mod:`blended.triton_norm`);
+* the convolutions keep only their (frozen) weight for the backward, not their input
+  (:mod:`blended.frozen_conv`): guidance needs the gradient w.r.t. the image, never the weights'.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .frozen_conv import FrozenWeightConv2d
 from .fused_norm import fused_group_norm_act, group_norm_act
 
 __all__ = ["UNetConfig", "GuidedDiffusionUNet", "timestep_embedding"]
@@ -168,7 +171,7 @@ class Downsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op = FrozenWeightConv2d(channels, out_channels, 3, stride=2, padding=1)
         else:
             if out_channels != channels:
                 raise ValueError("pooling cannot change the channel count")
@@ -206,7 +209,7 @@ class Upsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+            self.conv = FrozenWeightConv2d(channels, out_channels, 3, padding=1)
         elif out_channels != channels:
             raise ValueError("upsampling without a conv cannot change the channel count")
 
@@ -232,7 +235,8 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(),
+                                       FrozenWeightConv2d(channels, out_channels, 3, padding=1))
         self.resample: nn.Module | None
         if up:
             self.resample = Upsample(channels, use_conv=False)
@@ -243,12 +247,13 @@ class ResBlock(nn.Module):
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            _norm(out_channels), nn.SiLU(), nn.Dropout(p=dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            _norm(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            FrozenWeightConv2d(out_channels, out_channels, 3, padding=1),
         )
         if out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = FrozenWeightConv2d(channels, out_channels, 1)
 
     # Set on every ResBlock by GuidedDiffusionUNet.norm_kernel; a class default keeps old pickles working.
     norm_kernel: str | None = None
@@ -408,7 +413,7 @@ class GuidedDiffusionUNet(nn.Module):
             return ResBlock(ch_in, emb_dim, config.dropout, ch_out, config.use_scale_shift_norm, **resample)
 
         ch = input_ch = int(config.channel_mult[0] * mc)
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepBlock(FrozenWeightConv2d(config.in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         ds = 1
         for level, mult in enumerate(config.channel_mult):
@@ -446,7 +451,7 @@ class GuidedDiffusionUNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepBlock(*layers))
 
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), FrozenWeightConv2d(input_ch, config.out_channels, 3, padding=1))
 
     @property
     def norm_kernel(self) -> str | None:

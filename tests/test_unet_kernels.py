@@ -1,4 +1,5 @@
-"""Kernel choices inside the UNet that must not change a bit: the down ResBlocks' 2x2 average pooling backward."""
+"""Kernel choices inside the UNet that must not change a bit: the down ResBlocks' 2x2 average pooling backward and
+the convolutions that keep only their weight for the backward."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blended.frozen_conv import FrozenWeightConv2d
 from blended.unet import Downsample, _HalvingAvgPool
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,3 +68,86 @@ def test_unet_input_gradient_unchanged_by_the_pool_backward(unet, monkeypatch):
     fast = input_grad()
     monkeypatch.setattr(Downsample, "forward", lambda self, h: self.op(h))
     assert torch.equal(fast, input_grad())
+
+
+def _saved_shapes(fn):
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, shapes
+
+
+CONVS = [dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
+         dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1),
+         dict(in_channels=8, out_channels=16, kernel_size=1)]
+
+
+@pytest.mark.parametrize("conv_args", CONVS, ids=("3x3", "3x3-stride2", "1x1"))
+@pytest.mark.parametrize("precision", ("fp32", "bf16-autocast"))
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "nhwc"))
+def test_frozen_weight_conv_gives_conv2d_bits_and_keeps_only_its_weight(conv_args, precision, channels_last):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(**conv_args).requires_grad_(False)
+    frozen = FrozenWeightConv2d(**conv_args).requires_grad_(False)
+    frozen.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 8, 12, 12)
+    if channels_last:
+        x, plain, frozen = (t.to(memory_format=torch.channels_last) for t in (x, plain, frozen))
+    results = []
+    for conv in (plain, frozen):
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32"):
+            out, saved = _saved_shapes(lambda conv=conv, leaf=leaf: conv(leaf.sin()))  # the conv input is not the leaf
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        out.backward(grad)
+        results.append((out, leaf.grad, saved))
+    (out, grad, saved), (frozen_out, frozen_grad, frozen_saved) = results
+    assert torch.equal(frozen_out, out) and frozen_out.stride() == out.stride()
+    assert torch.equal(frozen_grad, grad) and frozen_grad.stride() == grad.stride()
+    conv_input = tuple(x.shape)
+    assert saved.count(conv_input) == 2  # sin's input and the conv's
+    assert frozen_saved.count(conv_input) == 1 and tuple(plain.weight.shape) in frozen_saved
+
+
+def test_frozen_weight_conv_is_a_plain_conv_when_its_weight_learns():
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1)
+    conv = FrozenWeightConv2d(4, 4, 3, padding=1)
+    conv.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    plain(x).square().sum().backward()
+    conv(x).square().sum().backward()
+    assert torch.equal(conv.weight.grad, plain.weight.grad) and torch.equal(conv.bias.grad, plain.bias.grad)
+
+
+@pytest.mark.parametrize("autocast", (None, torch.bfloat16), ids=("fp32", "bf16-autocast"))
+def test_unet_keeps_less_for_the_backward_with_the_same_gradient(unet, monkeypatch, autocast):
+    """The tiny UNet's input gradient is the same bits with its convs keeping their inputs (plain Conv2d) or
+    not, and it keeps less for the backward."""
+    assert all(type(m) is FrozenWeightConv2d for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    size = unet.config.image_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([10, 90])
+    previous = unet.autocast_dtype
+    unet.autocast_dtype = autocast
+
+    def run():
+        leaf = x.clone().requires_grad_(True)
+        out, saved = _saved_shapes(lambda: unet(leaf, t))
+        out.square().sum().backward()
+        return leaf.grad, sum(torch.Size(shape).numel() for shape in saved)
+
+    try:
+        grad, kept = run()
+        with monkeypatch.context() as patch:
+            patch.setattr(FrozenWeightConv2d, "forward", torch.nn.Conv2d.forward)
+            plain_grad, plain_kept = run()
+    finally:
+        unet.autocast_dtype = previous
+    assert torch.equal(grad, plain_grad)
+    assert kept < 0.8 * plain_kept
