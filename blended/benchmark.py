@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from . import fast_paths
+from . import cuda_graphs, fast_paths
 from .augment import AugmentationSettings
 from .diffusion import create_diffusion
 from .errors import BlendedInputError
@@ -335,19 +335,22 @@ def peak_tflops_for(device: torch.device, dtype: torch.dtype, override: float | 
 class ClipForwardCounter:
     """Counts CLIP image-tower calls, to confirm all views of all samples go through one forward.
 
-    Counted at the tower's stem (its first convolution, run once per forward, whichever code runs the tower).
+    Counted at ``encode_image``, which every guided step calls once per CLIP for all its views (a tower hook
+    would miss the calls a CUDA graph replays).
     """
 
     def __init__(self, clip):
         self.calls = 0
-        visual = clip.model.visual
-        self._handle = getattr(visual, "conv1", visual).register_forward_pre_hook(self._count)
+        self._clip = clip
+        encode = clip.encode_image
 
-    def _count(self, module, args):
-        self.calls += 1
+        def counted(images):
+            self.calls += 1
+            return encode(images)
+        clip.encode_image = counted
 
     def close(self):
-        self._handle.remove()
+        del self._clip.encode_image
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -381,7 +384,8 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
     unet, clip, diffusion = models.unet, models.clip, models.diffusion
     device = inputs.init.device
     opts = spec.options
-    models.configure(dataclasses.replace(opts, compile=False))
+    # FLOPs and saved activations are counted on the eager networks: a compiled or graphed one hides its ops.
+    models.configure(dataclasses.replace(opts, compile=False, cuda_graphs=False))
     settings = fast_paths.sampler_settings_with(SamplerSettings(skip_timesteps=SCHEDULE_STEPS - args.steps
                                                                 if args.steps else 0,
                                                                 batch_size=spec.batch), opts)
@@ -389,9 +393,11 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
         flop_cache[opts.reuse_guided_forward] = count_step_flops(unet, diffusion, clip, inputs, args.views, settings)
     runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings, opts)
     saved = saved_activation_bytes(runner, unet, clip.model) if args.saved else None  # eager, before compile
+    if opts.cuda_graphs:
+        cuda_graphs.install(unet, clip)
     ops = None
     if args.ops:
-        runner()  # the first step builds per-device caches; count a steady one
+        runner()  # the first step builds per-device caches (and captures the graphs); count a steady one
         ops = count_aten_ops(runner)
     if opts.compile:
         # Each row (batch, checkpointing, dtype) is a new graph: without a reset, a long sweep would reach

@@ -271,6 +271,8 @@ class GuidanceCLIP:
         self.std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self._text_cache: OrderedDict = OrderedDict()
         self._vision_supported = None  # (vision tower, whether blended.clip_vision runs it), checked once
+        # The image tower replayed from CUDA graphs, set on a run's clone only (fast_paths, cuda_graphs option).
+        self.graphed_tower = None
 
     # -- placement
     @property
@@ -343,13 +345,18 @@ class GuidanceCLIP:
         without the copies of ``nn.MultiheadAttention``); other towers through open_clip's ``encode_image``.
         """
         images = images.to(device=self.device, dtype=self.dtype)
+        tower = self.graphed_tower if self.graphed_tower is not None else self.image_tower()
+        return tower(images).float()
+
+    def image_tower(self):
+        """The function from prepared images to embeddings (in the tower's dtype) that :meth:`encode_image` runs."""
         visual = self.model.visual
         checked = getattr(self, "_vision_supported", None)
         if checked is None or checked[0] is not visual:
             checked = self._vision_supported = (visual, clip_vision.supports(visual))
         if checked[1]:
-            return clip_vision.encode_image(visual, images).float()
-        return self.model.encode_image(images).float()
+            return functools.partial(clip_vision.encode_image, visual)
+        return self.model.encode_image
 
 
 def load_guidance_clip(path: str | os.PathLike | None = None, state_dict: Mapping | None = None, *,

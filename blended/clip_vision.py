@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cuda_graphs import CHECKPOINT_ARGS
+
 __all__ = ["supports", "encode_image"]
 
 
@@ -58,7 +60,7 @@ def encode_image(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     x = visual.ln_pre(x)
     recompute = getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block in visual.transformer.resblocks:
-        x = checkpoint(_block, block, x, use_reentrant=False) if recompute else _block(block, x)
+        x = checkpoint(_block, block, x, **CHECKPOINT_ARGS) if recompute else _block(block, x)
     # Class-token pooling; a LayerNorm acts per token, so normalising only the pooled token is the same.
     pooled = visual.ln_post(x[:, 0])
     return pooled @ visual.proj if visual.proj is not None else pooled

@@ -14,7 +14,9 @@ here act on the two networks and leave the sampler's math alone:
   compile shared by every block, about ten seconds cold on an H100; measured slower there than eager GroupNorm
   for now, see :mod:`blended.fused_norm`), or the same chain by the pack's Triton kernels (``triton_norm``,
   :mod:`blended.triton_norm`);
-* reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``).
+* reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``);
+* CUDA graphs of the UNet's and CLIP's forward and backward (``cuda_graphs``, :mod:`blended.cuda_graphs`): one
+  launch per network and direction instead of thousands of small ones, without a compile.
 
 Autocast is deliberately NOT meant to wrap the whole guided step: the views' warp grids are built with a
 matmul (``blended.view_warps``), and in bf16 those coordinates would be off by up to a pixel at 224 px. Low
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cuda_graphs
 from .errors import BlendedInputError
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,8 @@ class FastPathOptions:
     fused_norm: compile each ResBlock's GroupNorm (+ scale-shift) + SiLU into one function (``blended.fused_norm``):
         fewer passes over the activations, no layout copies in channels_last, float32 statistics.
     triton_norm: the same chain by the pack's Triton kernels (``blended.triton_norm``; CUDA, plain torch elsewhere).
+    cuda_graphs: replay the UNet's and CLIP's guided forward and backward from CUDA graphs captured once per run
+        (``blended.cuda_graphs``; CUDA only, eager elsewhere). The same kernels, so the same numbers.
     """
 
     precision: str = "fp32"
@@ -117,9 +122,13 @@ class FastPathOptions:
     clip_checkpointing: bool = False
     fused_norm: bool = False
     triton_norm: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.precision)
+        if self.cuda_graphs and self.compile:
+            raise BlendedInputError("cuda_graphs and compile cannot be combined: cuda_graphs replays the eager "
+                                    "UNet's kernels; choose one of them")
         if self.clip_precision is not None:
             parse_dtype(self.clip_precision)
         if self.precision_scheme not in PRECISION_SCHEMES:
@@ -153,7 +162,8 @@ class FastPathOptions:
         for flag, label in ((self.channels_last, "channels_last"), (self.gradient_checkpointing, "ckpt"),
                             (self.compile, "compile"), (self.reuse_guided_forward, "reuse"),
                             (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt"),
-                            (self.fused_norm, "fused_norm"), (self.triton_norm, "triton_norm")):
+                            (self.fused_norm, "fused_norm"), (self.triton_norm, "triton_norm"),
+                            (self.cuda_graphs, "cuda_graphs")):
             if flag:
                 parts.append(label)
         return "+".join(parts)
@@ -198,6 +208,7 @@ OPTION_TOKENS = {
     "single_resample": {"single_resample": True},
     "fused_norm": {"fused_norm": True},
     "triton_norm": {"triton_norm": True},
+    "cuda_graphs": {"cuda_graphs": True},
 }
 
 
@@ -356,6 +367,10 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):
         uncompile_unet(unet)
+    if options.cuda_graphs:
+        cuda_graphs.install(unet, clip)
+    else:
+        cuda_graphs.remove(unet, clip)
     log.info("fast paths: %s", options.describe())
     return unet, clip
 
@@ -471,6 +486,7 @@ def run_clones(unet, clip, options: FastPathOptions, compile_backend: str = "ind
         precast_autocast_weights(unet_clone, options)
         yield unet_clone, clip_clone
     finally:
+        cuda_graphs.remove(unet_clone, clip_clone)
         _empty(unet_clone)
         if clip_clone is not None:
             _empty(clip_clone.model)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cuda_graphs import CHECKPOINT_ARGS
 from .frozen_conv import FrozenWeightConv2d
 from .fused_norm import fused_group_norm_act, group_norm_act
 
@@ -502,8 +503,8 @@ class GuidedDiffusionUNet(nn.Module):
         """
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if skip is None:
-                return checkpoint(block, h, emb, use_reentrant=False)
-            return checkpoint(_concat_and_run, block, h, skip, emb, use_reentrant=False)
+                return checkpoint(block, h, emb, **CHECKPOINT_ARGS)
+            return checkpoint(_concat_and_run, block, h, skip, emb, **CHECKPOINT_ARGS)
         return block(h, emb) if skip is None else _concat_and_run(block, h, skip, emb)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -532,7 +533,7 @@ class GuidedDiffusionUNet(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             # The head saves three float32 maps of the block output's size (its input copy, the norm's and the
             # SiLU's outputs: 12 GiB at 256 px and batch 64); recomputed, only the block output is kept.
-            return checkpoint(self._out_head, h, use_reentrant=False).to(x.dtype)
+            return checkpoint(self._out_head, h, **CHECKPOINT_ARGS).to(x.dtype)
         return self._out_head(h).to(x.dtype)
 
     def _out_head(self, h: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,11 @@ before its time ran out are kept.
 2. the pack's ``scripts/bench.py`` for each ``--presets`` entry, all batches in one process (seconds per
    guided step, peak memory, MFU);
 3. the pack's ranked edit: ``--results`` results (whole edits at ``--edit-batch``, then CLIP ranking) for each
-   ``--edit-presets`` entry;
+   ``--edit-presets`` entry ("fastest": the preset fastest at ``--edit-batch`` in stage 2);
 4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch``, by op and by op and
    input shapes (a text file beside ``--out``);
-5. with ``--original-edit``, the original's whole edit (75 steps) at the largest batch.
+5. the ``--late-presets``, as stage 2;
+6. with ``--original-edit``, the original's whole edit (75 steps) at the largest batch.
 
 Every row goes to ``--out`` as one JSON line (with its stage, command, exit code and whether it timed out), and
 a Markdown table with the speed-up over the original at the same batch is printed at the end.
@@ -42,8 +43,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 PROFILE = REPO / "scripts" / "profile_step.py"
-DEFAULT_PRESETS = "fast-gpu,fast-gpu+channels_last+triton_norm,fast-gpu+triton_norm,fast-gpu+single_resample"
-DEFAULT_EDIT_PRESETS = "fast-gpu"
+DEFAULT_PRESETS = ("fast-gpu,fast-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm,"
+                   "fast-gpu+channels_last+triton_norm+cuda_graphs")
+# Measured after the ranked edit and the profile, if the budget still allows.
+DEFAULT_LATE_PRESETS = "fast-gpu+triton_norm,fast-gpu+single_resample"
+# "fastest": the --presets entry with the lowest seconds per step at --edit-batch in this run.
+DEFAULT_EDIT_PRESETS = "fastest"
 DEFAULT_PROFILES = "fast-gpu+channels_last+triton_norm"
 # A stage is not started with less time than this left: loading the 256x256 models alone takes a while.
 MIN_STAGE_SECONDS = 45
@@ -168,6 +173,14 @@ def _items(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
+def fastest_preset(rows: list[dict], batch: int, fallback: str = "fast-gpu") -> str:
+    """The step stage's preset with the lowest seconds per guided step at ``batch`` (``fallback`` if none ran)."""
+    prefix = "pack-step-"
+    timed = [(r["s_per_step"], r["stage"][len(prefix):]) for r in rows
+             if r.get("stage", "").startswith(prefix) and r.get("batch") == batch and r.get("s_per_step")]
+    return min(timed)[1] if timed else fallback
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +193,10 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--presets", default=DEFAULT_PRESETS, help="comma list of pack option sets (bench --preset)")
-    p.add_argument("--edit-presets", default=DEFAULT_EDIT_PRESETS, help="option sets for the ranked edit ('' = none)")
+    p.add_argument("--late-presets", default=DEFAULT_LATE_PRESETS,
+                   help="option sets measured like --presets after the edit and the profile ('' = none)")
+    p.add_argument("--edit-presets", default=DEFAULT_EDIT_PRESETS,
+                   help="option sets for the ranked edit ('' = none; 'fastest' = the fastest --presets entry)")
     p.add_argument("--results", type=int, default=64, help="results of the whole ranked edit")
     p.add_argument("--edit-batch", type=int, default=16, help="batch size of the pack's ranked edit")
     p.add_argument("--profile", default=DEFAULT_PROFILES, help="option sets to profile one step of ('' = none)")
@@ -205,11 +221,15 @@ def main(argv=None) -> int:
     with args.out.open("w") as out:
         if args.original is not None:
             rows += run_stage("original-step", original + ["--batch", batches, "--steps", "5"], budget, out)
-        for preset in _items(args.presets):
-            rows += run_stage(f"pack-step-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
-                              "--batch", batches, "--steps", "0", "--repeats", "3", "--saved", "off",
-                              "--ops", "off"], budget, out)
-        for preset in _items(args.edit_presets):
+        def step_stages(presets: str):
+            for preset in _items(presets):
+                yield from run_stage(f"pack-step-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
+                                     "--batch", batches, "--steps", "0", "--repeats", "3", "--saved", "off",
+                                     "--ops", "off"], budget, out)
+        rows += step_stages(args.presets)
+        edit_presets = [fastest_preset(rows, args.edit_batch) if preset == "fastest" else preset
+                        for preset in _items(args.edit_presets)]
+        for preset in edit_presets:
             rows += run_stage(f"pack-ranked-edit-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
                               "--batch", str(args.edit_batch), "--steps", str(args.steps),
                               "--ranked-edit", str(args.results)], budget, out)
@@ -219,6 +239,7 @@ def main(argv=None) -> int:
                               "--device", args.device, "--views", str(args.views), "--preset", preset,
                               "--batch", str(args.profile_batch), "--rows", "40", "--by-shape"], budget, out,
                               json_file=False, text_out=text_out)
+        rows += step_stages(args.late_presets)
         if args.original is not None and args.original_edit:
             largest = str(max(int(b) for b in _items(batches)))
             rows += run_stage("original-edit", original + ["--batch", largest, "--steps", "1",

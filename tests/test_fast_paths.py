@@ -406,8 +406,9 @@ def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         gpu_compare.main(["--config", "tiny", "--device", "cpu", "--presets", "fast-gpu", "--batches", "1,2",
-                          "--edit-presets", "fast-gpu", "--results", "2", "--edit-batch", "2", "--steps", "2",
+                          "--edit-presets", "fastest", "--results", "2", "--edit-batch", "2", "--steps", "2",
                           "--profile", "fast-gpu", "--profile-batch", "1", "--views", "2", "--timeout", "300",
+                          "--late-presets", "",
                           "--budget", "900", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["stage"] for row in rows] == ["pack-step-fast-gpu"] * 2 + ["pack-ranked-edit-fast-gpu",
@@ -419,6 +420,19 @@ def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
     assert profile.parent == tmp_path and "aten ops" in profile.read_text()
     table = printed.getvalue()
     assert "| pack `bf16-autocast+reuse` | 1 |" in table and "2 ranked results, batch 2" in table
+
+
+def test_gpu_compare_edits_with_the_preset_fastest_at_the_edit_batch():
+    gpu_compare = _gpu_compare()
+    rows = [{"stage": "original-step", "batch": 16, "s_per_step": 0.1},
+            {"stage": "pack-step-fast-gpu", "batch": 16, "s_per_step": 0.40},
+            {"stage": "pack-step-fast-gpu", "batch": 4, "s_per_step": 0.10},
+            {"stage": "pack-step-fast-gpu+cuda_graphs", "batch": 16, "s_per_step": 0.35},
+            {"stage": "pack-step-fast-gpu+cuda_graphs", "batch": 4, "s_per_step": 0.12},
+            {"stage": "pack-step-fast-gpu+channels_last", "batch": 16, "error": "out of memory"}]
+    assert gpu_compare.fastest_preset(rows, 16) == "fast-gpu+cuda_graphs"
+    assert gpu_compare.fastest_preset(rows, 4) == "fast-gpu"
+    assert gpu_compare.fastest_preset(rows, 64) == "fast-gpu"  # nothing measured there: the default GPU path
 
 
 def test_gpu_compare_keeps_rows_of_a_stage_cut_short_and_skips_past_the_budget(tmp_path):

@@ -1,0 +1,160 @@
+"""Replay the frozen networks' forward and backward as CUDA graphs: one launch where eager mode makes thousands.
+
+Why: on a GPU the guided step is bound by the host. A profile of one step (the H100, batch 8) had the GPU busy
+two thirds of the time, the rest spent launching the UNet's and CLIP's thousands of small kernels one by one.
+A captured CUDA graph replays all the kernels of a network's forward, or of its backward, in one launch.
+
+Guidance suits capture: the networks are frozen, their inputs keep their shapes for a whole run, and nothing
+in them reads a value back or copies from the host (``tests/test_cuda_graphs.py`` checks both). Nothing is
+traced or generated, so there is no compile to wait for: a capture costs a few warm-up forwards and
+backwards, once per run and input shape.
+
+:class:`GraphedCalls` wraps one network call. It captures a graph (``torch.cuda.make_graphed_callables``) the
+first time it sees an input signature (shapes, dtypes, strides, which inputs need a gradient) and replays it
+from then on. It runs the network eagerly instead where a graph cannot stand in: inputs not on a CUDA device,
+no input that needs a gradient (the unguided forward), autocast active around the call, non-tensor arguments.
+Replays write their outputs into the same buffers each time, so the outputs are copied before they are
+returned (a [B,6,256,256] UNet output: 1.5 MB per result): what a caller keeps is never overwritten.
+
+The graphs belong to one run (``fast_paths.run_clones`` installs them on the run's clones and drops them when
+it ends): their memory pools hold the inputs, outputs and activations of one step of one batch size.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+# The device types whose calls are captured, and the capture itself; tests replace them to run the same
+# bookkeeping on the CPU with a replay emulator (``tests/test_cuda_graphs.py``).
+GRAPH_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+# Gradient checkpointing (the ``ckpt`` and ``clip_ckpt`` options) without saving and restoring the RNG state: the
+# frozen blocks draw no random numbers (dropout acts only in training), so the recomputation is the same without
+# it. Saving it reads the generators' state at every checkpoint: host work each time, and on many torch versions
+# an error inside a CUDA graph capture ("Cannot call CUDAGeneratorImpl::current_seed during CUDA graph capture").
+CHECKPOINT_ARGS = {"use_reentrant": False, "preserve_rng_state": False}
+
+
+def capture_cuda_graphs(fn: Callable, samples: tuple) -> Callable:
+    """``fn``'s forward and backward captured on ``samples``' device; the result replays them."""
+    with torch.cuda.device(samples[0].device):
+        return torch.cuda.make_graphed_callables(fn, samples, allow_unused_input=True)
+
+
+CAPTURE: Callable[[Callable, tuple], Callable] = capture_cuda_graphs
+
+
+def _signature(tensor: torch.Tensor) -> tuple:
+    return (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device, tensor.requires_grad)
+
+
+def _own(tensor):
+    return tensor.clone() if isinstance(tensor, torch.Tensor) else tensor
+
+
+class GraphedCalls:
+    """One network call (``fn``), replayed from CUDA graphs captured per input signature.
+
+    ``keep`` graphs are kept (an edit sees its batch size and perhaps a smaller last chunk); the oldest is
+    dropped for a new one. After ``max_captures`` captures, or a capture that fails, the rest of the run is
+    eager, with a warning: a call whose shapes keep changing gains nothing from graphs.
+    """
+
+    def __init__(self, fn: Callable, name: str, keep: int = 2, max_captures: int = 8):
+        self.fn, self.name, self.keep, self.max_captures = fn, name, keep, max_captures
+        self._graphs: dict[tuple, Callable] = {}
+        self.captures = 0
+        self.replays = 0
+        self.disabled: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        names = tuple(sorted(kwargs))
+        flat = args + tuple(kwargs[name] for name in names)
+        if not self._graphable(flat):
+            return self.fn(*args, **kwargs)
+        key = (len(args), names) + tuple(_signature(t) for t in flat)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            graphed = self._capture(key, flat, len(args), names)
+            if graphed is None:
+                return self.fn(*args, **kwargs)
+        self.replays += 1
+        return pytree.tree_map(_own, graphed(*flat))
+
+    def _graphable(self, flat: tuple) -> bool:
+        if self.disabled is not None or not flat or not torch.is_grad_enabled():
+            return False
+        if not all(isinstance(t, torch.Tensor) for t in flat):
+            return False
+        if not any(t.requires_grad for t in flat):
+            return False
+        device_type = flat[0].device.type
+        if device_type not in GRAPH_DEVICE_TYPES or any(t.device != flat[0].device for t in flat):
+            return False
+        return not torch.is_autocast_enabled(device_type)
+
+    def _capture(self, key: tuple, flat: tuple, num_args: int, names: tuple) -> Callable | None:
+        if self.captures >= self.max_captures:
+            self._disable(f"{self.captures} input shapes in one run")
+            return None
+        while len(self._graphs) >= self.keep:
+            self._graphs.pop(next(iter(self._graphs)))
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        fn = functools.partial(_call_flat, self.fn, num_args, names)
+        try:
+            graphed = CAPTURE(fn, samples)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: keep the run going, eagerly
+            self._disable(f"its capture failed ({type(exc).__name__}: {exc})")
+            return None
+        self.captures += 1
+        log.info("cuda_graphs: captured the %s for inputs %s", self.name, [tuple(t.shape) for t in flat])
+        self._graphs[key] = graphed
+        return graphed
+
+    def _disable(self, why: str) -> None:
+        self.disabled = why
+        self._graphs.clear()
+        log.warning("cuda_graphs: the %s runs eagerly for the rest of this run: %s", self.name, why)
+
+    def release(self) -> None:
+        """Drop the graphs (and with them their memory pools)."""
+        self._graphs.clear()
+
+
+def _call_flat(fn: Callable, num_args: int, names: tuple, *flat: Any):
+    return fn(*flat[:num_args], **dict(zip(names, flat[num_args:], strict=True)))
+
+
+# ------------------------------------------------------------------------------- the networks of a run
+
+def install(unet, clip) -> None:
+    """Graph ``unet``'s forward and ``clip``'s image tower (run clones: the shared models are never touched)."""
+    if not isinstance(unet.__dict__.get("forward"), GraphedCalls):
+        unet.forward = GraphedCalls(functools.partial(type(unet).forward, unet), "UNet")
+    if clip is not None and clip.graphed_tower is None:
+        clip.graphed_tower = GraphedCalls(clip.image_tower(), "CLIP image tower")
+
+
+def remove(unet, clip) -> None:
+    """Back to eager calls; the graphs' memory is released."""
+    graphed = unet.__dict__.get("forward")
+    if isinstance(graphed, GraphedCalls):
+        graphed.release()
+        del unet.forward
+    if clip is not None and clip.graphed_tower is not None:
+        clip.graphed_tower.release()
+        clip.graphed_tower = None
+
+
+def graphed_calls(unet, clip=None) -> list[GraphedCalls]:
+    """The installed :class:`GraphedCalls` of ``unet`` and ``clip`` (for logs and tests)."""
+    calls = [unet.__dict__.get("forward"), getattr(clip, "graphed_tower", None)]
+    return [c for c in calls if isinstance(c, GraphedCalls)]

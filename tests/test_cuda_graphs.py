@@ -1,0 +1,311 @@
+"""CUDA graphs of the networks (``cuda_graphs``): the bookkeeping, on the CPU, with a replay emulator; and what a
+capture needs of the networks (no value read back, nothing copied from the host), checked without a GPU.
+
+A real capture needs a CUDA device. What can go wrong around one is visible without it: a graph replays into
+the same input, output and gradient buffers every time, so anything that keeps a graph's output past the next
+replay, or a per-step value baked into the graph, gives different numbers. :func:`emulated_capture` reproduces
+exactly those semantics (static buffers, outputs and gradients returned as aliases of them, the most recent
+replay's activations used by the backward); whole guided runs through it must give eager's bits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from blended import cuda_graphs, fast_paths
+from blended.augment import AugmentationSettings
+from blended.errors import BlendedInputError
+from blended.fast_paths import FastPathOptions, parse_preset
+from blended.guidance import GuidanceObjective, GuidanceSettings
+from blended.sampler import SamplerSettings, sample_results
+from conftest import tiny_clip, tiny_unet
+
+
+def emulated_capture(fn, samples, label: str = "emulated graph"):
+    """``torch.cuda.make_graphed_callables``'s contract on any device: inputs copied into static buffers,
+    outputs and input gradients written into buffers allocated once and returned as detached aliases.
+
+    Each replay (forward or backward) runs inside a profiler range named ``label``, so the host work that
+    graphs would leave (the ops outside those ranges) can be counted.
+    """
+    static_inputs = samples
+    state = {"outputs": None, "static_outputs": None, "static_grads": None, "spec": None}
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch.no_grad():
+                for static, given in zip(static_inputs, inputs, strict=True):
+                    if static.data_ptr() != given.data_ptr():
+                        static.copy_(given)
+            with torch.enable_grad(), torch.profiler.record_function(label):
+                flat, state["spec"] = pytree.tree_flatten(fn(*static_inputs))
+            state["outputs"] = flat
+            if state["static_outputs"] is None:
+                state["static_outputs"] = [o.detach().clone() for o in flat]
+            else:
+                for static, out in zip(state["static_outputs"], flat, strict=True):
+                    static.copy_(out.detach())
+            return tuple(o.detach() for o in state["static_outputs"])
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            pairs = [(o, g) for o, g in zip(state["outputs"], grads, strict=True) if o.requires_grad]
+            wanted = [i for i in static_inputs if i.requires_grad]
+            with torch.profiler.record_function(label):
+                computed = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                               allow_unused=True)
+            if state["static_grads"] is None:
+                state["static_grads"] = [None if g is None else g.detach().clone() for g in computed]
+            else:
+                for static, g in zip(state["static_grads"], computed, strict=True):
+                    if static is not None:
+                        static.copy_(g)
+            returned, it = [], iter(state["static_grads"])
+            for i in static_inputs:
+                g = next(it) if i.requires_grad else None
+                returned.append(None if g is None else g.detach())
+            return tuple(returned)
+
+    def graphed(*flat):
+        out = Replay.apply(*flat)
+        return pytree.tree_unflatten(list(out), state["spec"])
+
+    return graphed
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """Graph CPU calls through :func:`emulated_capture`, counting captures."""
+    captured = []
+
+    def capture(fn, samples):
+        captured.append([tuple(s.shape) for s in samples])
+        return emulated_capture(fn, samples)
+    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(cuda_graphs, "CAPTURE", capture)
+    return captured
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_unet(), tiny_clip()
+
+
+def _run(unet, clip, diffusion, options: FastPathOptions, batch=2, steps=3, views=4, **sampler):
+    size = unet.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    init = torch.rand(1, 3, size, size, generator=gen) * 2 - 1
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 16:48, 12:40] = 1
+    settings = SamplerSettings(skip_timesteps=diffusion.num_timesteps - steps, **sampler)
+    settings = fast_paths.sampler_settings_with(settings, options)
+    with fast_paths.run_clones(unet, clip, options) as (unet_run, clip_run):
+        guidance = fast_paths.guidance_settings_with(
+            GuidanceSettings(range_lambda=50.0, background_l2_lambda=100.0,
+                             augmentations=AugmentationSettings(num_views=views)), options)
+        objective = GuidanceObjective(clip_run, clip_run.text_embedding("a red rock"), mask, init, guidance, seed=5)
+        trace = []
+        pred, _ = sample_results(unet_run, diffusion, objective, init, mask, list(range(batch)), seed=7,
+                                 settings=settings, on_step=lambda i, out: trace.append(out["grad"].clone()))
+        calls = [(c.name, c.captures, c.replays, c.disabled) for c in cuda_graphs.graphed_calls(unet_run, clip_run)]
+    return pred, trace, calls
+
+
+@pytest.mark.parametrize("preset, sampler", [
+    ("bf16+reuse", {}),                        # the fast path's shape: one grad-enabled UNet forward per step
+    ("fp32", {}),                              # the unguided forward (no grad) stays eager, the guided one graphs
+    ("bf16+reuse+ckpt+clip_ckpt", {"method": "ddim"}),  # recomputation inside the captured backward
+])
+def test_a_run_through_replayed_graphs_gives_eagers_bits(models, diffusion, emulated, preset, sampler):
+    unet, clip = models
+    eager_pred, eager_grads, eager_calls = _run(unet, clip, diffusion, parse_preset(preset), **sampler)
+    pred, grads, calls = _run(unet, clip, diffusion, parse_preset(preset + "+cuda_graphs"), **sampler)
+    assert eager_calls == []
+    # one capture per network for the run, then a replay every step (the capture's own call included)
+    assert calls == [("UNet", 1, 3, None), ("CLIP image tower", 1, 3, None)]
+    assert len(emulated) == 2
+    assert torch.equal(pred, eager_pred)
+    assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads, strict=True))
+    assert not eager_grads[-1].eq(0).all()  # guidance did act
+
+
+def test_the_emulator_reuses_its_buffers_and_graphed_calls_hand_out_copies(models, emulated):
+    """The harness must be able to fail: a graph's raw outputs are overwritten by the next replay."""
+    unet = models[0]
+    size = unet.config.image_size
+    x1 = torch.randn(2, 3, size, size, requires_grad=True)
+    x2 = torch.randn(2, 3, size, size, requires_grad=True)
+    t = torch.full((2,), 500.0)
+    raw = emulated_capture(lambda x, ts: unet(x, ts), (x1.detach().clone().requires_grad_(), t.clone()))
+    first = raw(x1, t)
+    kept = first.clone()
+    raw(x2, t)
+    assert not torch.equal(first, kept)  # the raw output was overwritten
+
+    calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
+    first = calls(x1, t)
+    kept = first.clone()
+    second = calls(x2, t)
+    assert torch.equal(first, kept) and not torch.equal(second, kept)
+    assert calls.captures == 1 and calls.replays == 2
+    with torch.no_grad():
+        assert torch.equal(unet(x1, t), first)
+
+
+def test_graphed_calls_capture_per_input_signature_and_fall_back_to_eager(models, emulated, caplog):
+    unet = models[0]
+    size = unet.config.image_size
+    calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet", keep=2, max_captures=3)
+    t = torch.full((2,), 500.0)
+
+    def x(batch, grad=True):
+        return torch.randn(batch, 3, size, size, requires_grad=grad)
+    calls(x(2), t)
+    calls(x(2), t)
+    assert calls.captures == 1
+    calls(x(1), t[:1])  # a smaller last chunk: a second graph
+    assert calls.captures == 2 and len(calls._graphs) == 2
+    calls(x(3), t.new_full((3,), 500.0))  # a third signature drops the oldest graph
+    assert calls.captures == 3 and len(calls._graphs) == 2
+    with torch.no_grad():
+        calls(x(2), t)  # no gradient wanted: eager
+    calls(x(2, grad=False), t)  # nothing to differentiate: eager
+    assert calls.captures == 3
+    with caplog.at_level(logging.WARNING, logger="blended.cuda_graphs"):
+        out = calls(x(4), t.new_full((4,), 500.0))  # past max_captures: eager for the rest of the run
+    assert calls.captures == 3 and "3 input shapes in one run" in calls.disabled
+    assert "runs eagerly for the rest of this run" in caplog.text and out.shape[0] == 4
+
+
+def test_a_failed_capture_leaves_the_run_eager_with_a_warning(models, monkeypatch, caplog):
+    def failing(fn, samples):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(cuda_graphs, "CAPTURE", failing)
+    unet = models[0]
+    size = unet.config.image_size
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    t = torch.full((1,), 500.0)
+    calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
+    with caplog.at_level(logging.WARNING, logger="blended.cuda_graphs"):
+        out = calls(x, t)
+        calls(x, t)
+    assert "not permitted when stream is capturing" in caplog.text and caplog.text.count("runs eagerly") == 1
+    with torch.no_grad():
+        assert torch.equal(out, unet(x, t))
+
+
+def test_keyword_tensors_reach_the_network(emulated):
+    seen = []
+
+    def fn(x, t, y=None):
+        seen.append(y)
+        return x * t + y
+    calls = cuda_graphs.GraphedCalls(fn, "net")
+    x = torch.ones(2, requires_grad=True)
+    out = calls(x, torch.full((2,), 3.0), y=torch.full((2,), 1.0))
+    assert torch.equal(out, torch.full((2,), 4.0)) and seen[-1] is not None
+    grad, = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad, torch.full((2,), 3.0))
+
+
+def test_on_the_cpu_the_option_runs_eagerly_and_gives_the_same_bits(models, diffusion):
+    unet, clip = models
+    eager_pred, _, _ = _run(unet, clip, diffusion, parse_preset("bf16+reuse"), steps=2)
+    pred, _, calls = _run(unet, clip, diffusion, parse_preset("bf16+reuse+cuda_graphs"), steps=2)
+    assert torch.equal(pred, eager_pred)
+    assert calls == [("UNet", 0, 0, None), ("CLIP image tower", 0, 0, None)]
+
+
+def test_graphs_live_on_the_run_clones_only(models, diffusion, emulated):
+    unet, clip = models
+    options = parse_preset("fast-gpu+cuda_graphs")
+    with fast_paths.run_clones(unet, clip, options) as (unet_run, clip_run):
+        assert len(cuda_graphs.graphed_calls(unet_run, clip_run)) == 2
+        assert "forward" not in unet.__dict__ and clip.graphed_tower is None
+    assert cuda_graphs.graphed_calls(unet_run, clip_run) == []  # dropped with the run
+    assert "forward" not in unet_run.__dict__
+
+
+def test_the_option_parses_and_refuses_compile():
+    options = parse_preset("fast-gpu+cuda_graphs")
+    assert options.cuda_graphs and "cuda_graphs" in options.describe()
+    with pytest.raises(BlendedInputError, match="cuda_graphs and compile"):
+        parse_preset("fast-gpu+cuda_graphs+compile")
+
+
+# ------------------------------------------------------------------- what a capture needs of the networks
+
+# Ops that read a device value on the host, or make a tensor from host data: neither may run inside a capture.
+_NOT_CAPTURABLE = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
+                   "lift_fresh", "lift_fresh_copy", "item"}
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Records ops that need the host: readbacks, tensors from host data, copies from a CPU tensor to another
+    device (under a fake CUDA device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found, self.ops, self.names = [], 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        self.names.add(name)
+        inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        from_host = any(a.device.type == "cpu" for a in inputs) and any(o.device.type != "cpu" for o in outputs)
+        if name in _NOT_CAPTURABLE or from_host:
+            self.found.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("preset", ["faithful", "bf16", "bf16+channels_last+triton_norm+ckpt+clip_ckpt"])
+def test_the_networks_forward_and_backward_need_nothing_from_the_host(models, preset, monkeypatch):
+    def no_rng_state(*args, **kwargs):  # checkpointing must not read it: a capture cannot
+        raise AssertionError("the RNG state was read")
+    monkeypatch.setattr(torch, "get_rng_state", no_rng_state)
+    unet, clip = models
+    options = parse_preset(preset)
+    with fast_paths.run_clones(unet, clip, options) as (unet_run, clip_run):
+        size = unet.config.image_size
+        x = torch.randn(2, 3, size, size, requires_grad=True)
+        views = torch.randn(8, 3, clip.image_size, clip.image_size, dtype=clip_run.dtype, requires_grad=True)
+        tower = clip_run.image_tower()
+        with _HostTraffic() as traffic:
+            out = unet_run(x, torch.full((2,), 500.0))
+            torch.autograd.grad(out.float().square().sum(), x)
+            embeds = tower(views)
+            torch.autograd.grad(embeds.float().sum(), views)
+    assert traffic.ops > 500 and {"convolution_backward", "native_group_norm_backward"} <= traffic.names
+    assert traffic.found == []
+
+
+def test_the_unet_forward_on_a_cuda_device_copies_nothing_from_the_host():
+    """On fake CUDA tensors (no GPU needed), so every device-dependent branch takes its CUDA path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from blended import memory_trace
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet = memory_trace.unet_for_trace("tiny")
+        for module in unet.modules():
+            for name, param in module.named_parameters(recurse=False):
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="cuda"),
+                                                              requires_grad=False)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = torch.empty_like(buffer, device="cuda")
+        x = torch.randn(2, 3, unet.config.image_size, unet.config.image_size, device="cuda")
+        with _HostTraffic() as traffic:
+            out = unet(x, torch.full((2,), 500.0, device="cuda"))
+    assert out.device.type == "cuda" and traffic.ops > 500 and traffic.found == []
