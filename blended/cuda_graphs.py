@@ -99,7 +99,8 @@ class GraphedCalls:
         device_type = flat[0].device.type
         if device_type not in GRAPH_DEVICE_TYPES or any(t.device != flat[0].device for t in flat):
             return False
-        return not torch.is_autocast_enabled(device_type)
+        # The no-argument form is CUDA's in every torch version; the per-device form is newer.
+        return not (torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_enabled(device_type))
 
     def _capture(self, key: tuple, flat: tuple, num_args: int, names: tuple) -> Callable | None:
         if self.captures >= self.max_captures:

@@ -177,7 +177,10 @@ def test_graphed_calls_capture_per_input_signature_and_fall_back_to_eager(models
     with torch.no_grad():
         calls(x(2), t)  # no gradient wanted: eager
     calls(x(2, grad=False), t)  # nothing to differentiate: eager
-    assert calls.captures == 3
+    replays = calls.replays
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        calls(x(3), t.new_full((3,), 500.0))  # autocast around the call: eager (a graph would bake its casts)
+    assert calls.captures == 3 and calls.replays == replays
     with caplog.at_level(logging.WARNING, logger="blended.cuda_graphs"):
         out = calls(x(4), t.new_full((4,), 500.0))  # past max_captures: eager for the rest of the run
     assert calls.captures == 3 and "3 input shapes in one run" in calls.disabled
