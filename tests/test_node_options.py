@@ -163,3 +163,32 @@ def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inproces
     with pytest.raises(ValueError, match="empty image batch") as error:
         node.rank(gray[:0], clip, "a white wall", top_k=1)
     assert type(error.value).__name__ == "BlendedInputError"  # the pack's class, as ComfyUI loaded it
+
+
+def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inprocess, monkeypatch):
+    """The Sampler node with ``cuda_graphs``, its networks replayed through the tests' graph emulator (the static
+    buffers a CUDA graph reuses) inside ComfyUI's executor: inference mode around the node, autograd inside. The
+    images are eager's bits, each network is captured once, and the loader's cached models keep no graph."""
+    from test_cuda_graphs import emulated_capture
+
+    sampler = comfy_inprocess.pack_module("sampler")
+    graphs = sampler.fast_paths.cuda_graphs
+    captured = []
+
+    def capture(fn, samples):
+        captured.append([tuple(s.shape) for s in samples])
+        return emulated_capture(fn, samples)
+    monkeypatch.setattr(graphs, "GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(graphs, "CAPTURE", capture)
+
+    def run(preset, preview):  # preview only changes the cache key: ComfyUI runs the node again
+        monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.parse_preset(preset))
+        return comfy_inprocess.run(graph(empty_image(64, 64, color=0x446688), box_mask(), respacing="6", seed=4,
+                                         num_results=2, batch_size=2, preview=preview))
+    eager = run("bf16+reuse", True)
+    assert captured == []
+    graphed = run("bf16+reuse+cuda_graphs", False)
+    assert len(captured) == 2  # the UNet and CLIP's image tower, once each for the run
+    torch.testing.assert_close(graphed.tensors["sampler"][0][0], eager.tensors["sampler"][0][0], atol=0, rtol=0)
+    unet, clip = graphed.tensors["unet"][0][0], graphed.tensors["clip"][0][0]
+    assert "forward" not in unet.unet.__dict__ and clip.clip.graphed_tower is None
