@@ -14,7 +14,10 @@ first time it sees an input signature (shapes, dtypes, strides, which inputs nee
 from then on. It runs the network eagerly instead where a graph cannot stand in: inputs not on a CUDA device,
 no input that needs a gradient (the unguided forward), autocast active around the call, non-tensor arguments.
 Replays write their outputs into the same buffers each time, so the outputs are copied before they are
-returned (a [B,6,256,256] UNet output: 1.5 MB per result): what a caller keeps is never overwritten.
+returned (a [B,6,256,256] UNet output: 1.5 MB per result): what a caller keeps is never overwritten. A replay's
+backward reads the activations its forward left in the graph's memory, so a graph is not replayed again while
+the previous replay's output still waits for its gradient: such a call runs eagerly (a guided step makes one
+grad-enabled call of each network and backpropagates it before the next step).
 
 The graphs belong to one run (``fast_paths.run_clones`` installs them on the run's clones and drops them when
 it ends): their memory pools hold the inputs, outputs and activations of one step of one batch size.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -71,8 +75,11 @@ class GraphedCalls:
     def __init__(self, fn: Callable, name: str, keep: int = 2, max_captures: int = 8):
         self.fn, self.name, self.keep, self.max_captures = fn, name, keep, max_captures
         self._graphs: dict[tuple, Callable] = {}
+        # per graph: the last replay's output that needs a gradient (weakly) and whether its gradient came
+        self._awaiting: dict[tuple, tuple[weakref.ref, list]] = {}
         self.captures = 0
         self.replays = 0
+        self.eager_while_awaiting = 0
         self.disabled: str | None = None
 
     def __call__(self, *args, **kwargs):
@@ -86,8 +93,29 @@ class GraphedCalls:
             graphed = self._capture(key, flat, len(args), names)
             if graphed is None:
                 return self.fn(*args, **kwargs)
+        elif self._awaits_backward(key):
+            self.eager_while_awaiting += 1
+            return self.fn(*args, **kwargs)
         self.replays += 1
-        return pytree.tree_map(_own, graphed(*flat))
+        outputs = pytree.tree_map(_own, graphed(*flat))
+        self._note_awaiting(key, outputs)
+        return outputs
+
+    def _awaits_backward(self, key: tuple) -> bool:
+        entry = self._awaiting.get(key)
+        return entry is not None and not entry[1][0] and entry[0]() is not None
+
+    def _note_awaiting(self, key: tuple, outputs) -> None:
+        needing = [o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not needing:
+            self._awaiting.pop(key, None)
+            return
+        arrived = [False]
+
+        def gradient_arrived(grad):
+            arrived[0] = True
+        needing[0].register_hook(gradient_arrived)
+        self._awaiting[key] = (weakref.ref(needing[0]), arrived)
 
     def _graphable(self, flat: tuple) -> bool:
         if self.disabled is not None or not flat or not torch.is_grad_enabled():
@@ -107,7 +135,9 @@ class GraphedCalls:
             self._disable(f"{self.captures} input shapes in one run")
             return None
         while len(self._graphs) >= self.keep:
-            self._graphs.pop(next(iter(self._graphs)))
+            oldest = next(iter(self._graphs))
+            self._graphs.pop(oldest)
+            self._awaiting.pop(oldest, None)
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
         fn = functools.partial(_call_flat, self.fn, num_args, names)
         try:
@@ -122,12 +152,13 @@ class GraphedCalls:
 
     def _disable(self, why: str) -> None:
         self.disabled = why
-        self._graphs.clear()
+        self.release()
         log.warning("cuda_graphs: the %s runs eagerly for the rest of this run: %s", self.name, why)
 
     def release(self) -> None:
         """Drop the graphs (and with them their memory pools)."""
         self._graphs.clear()
+        self._awaiting.clear()
 
 
 def _call_flat(fn: Callable, num_args: int, names: tuple, *flat: Any):

@@ -114,7 +114,8 @@ def _run(unet, clip, diffusion, options: FastPathOptions, batch=2, steps=3, view
         trace = []
         pred, _ = sample_results(unet_run, diffusion, objective, init, mask, list(range(batch)), seed=7,
                                  settings=settings, on_step=lambda i, out: trace.append(out["grad"].clone()))
-        calls = [(c.name, c.captures, c.replays, c.disabled) for c in cuda_graphs.graphed_calls(unet_run, clip_run)]
+        calls = [(c.name, c.captures, c.replays, c.disabled or c.eager_while_awaiting)
+                 for c in cuda_graphs.graphed_calls(unet_run, clip_run)]
     return pred, trace, calls
 
 
@@ -129,7 +130,7 @@ def test_a_run_through_replayed_graphs_gives_eagers_bits(models, diffusion, emul
     pred, grads, calls = _run(unet, clip, diffusion, parse_preset(preset + "+cuda_graphs"), **sampler)
     assert eager_calls == []
     # one capture per network for the run, then a replay every step (the capture's own call included)
-    assert calls == [("UNet", 1, 3, None), ("CLIP image tower", 1, 3, None)]
+    assert calls == [("UNet", 1, 3, 0), ("CLIP image tower", 1, 3, 0)]
     assert len(emulated) == 2
     assert torch.equal(pred, eager_pred)
     assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads, strict=True))
@@ -152,6 +153,7 @@ def test_the_emulator_reuses_its_buffers_and_graphed_calls_hand_out_copies(model
     calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
     first = calls(x1, t)
     kept = first.clone()
+    torch.autograd.grad(first.sum(), x1)  # its backward done, the graph may be replayed while `first` lives on
     second = calls(x2, t)
     assert torch.equal(first, kept) and not torch.equal(second, kept)
     assert calls.captures == 1 and calls.replays == 2
@@ -185,6 +187,29 @@ def test_graphed_calls_capture_per_input_signature_and_fall_back_to_eager(models
         out = calls(x(4), t.new_full((4,), 500.0))  # past max_captures: eager for the rest of the run
     assert calls.captures == 3 and "3 input shapes in one run" in calls.disabled
     assert "runs eagerly for the rest of this run" in caplog.text and out.shape[0] == 4
+
+
+def test_a_graph_is_not_replayed_while_its_last_output_awaits_its_gradient(models, emulated):
+    """Two grad-enabled calls before one backward: a second replay would overwrite the activations the first
+    one's backward reads. The second call runs eagerly, and both gradients are right."""
+    unet = models[0]
+    size = unet.config.image_size
+    t = torch.full((1,), 500.0)
+    xs = [torch.randn(1, 3, size, size, requires_grad=True) for _ in range(3)]
+
+    def eager_grad(x):
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(unet(x, t).square().sum(), x)[0]
+    calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
+    first, second = calls(xs[0], t), calls(xs[1], t)
+    assert calls.replays == 1 and calls.eager_while_awaiting == 1
+    g0, g1 = torch.autograd.grad((first.square().sum(), second.square().sum()), (xs[0], xs[1]))
+    assert torch.equal(g0, eager_grad(xs[0])) and torch.equal(g1, eager_grad(xs[1]))
+    third = calls(xs[2], t)  # the first one's gradient came: replays again
+    assert calls.replays == 2 and torch.equal(torch.autograd.grad(third.square().sum(), xs[2])[0], eager_grad(xs[2]))
+    calls(xs[0], t)
+    calls(xs[1], t)  # the previous output was dropped without a backward: nothing waits for it any more
+    assert calls.replays == 4 and calls.eager_while_awaiting == 1
 
 
 def test_a_failed_capture_leaves_the_run_eager_with_a_warning(models, monkeypatch, caplog):
@@ -224,7 +249,7 @@ def test_on_the_cpu_the_option_runs_eagerly_and_gives_the_same_bits(models, diff
     eager_pred, _, _ = _run(unet, clip, diffusion, parse_preset("bf16+reuse"), steps=2)
     pred, _, calls = _run(unet, clip, diffusion, parse_preset("bf16+reuse+cuda_graphs"), steps=2)
     assert torch.equal(pred, eager_pred)
-    assert calls == [("UNet", 0, 0, None), ("CLIP image tower", 0, 0, None)]
+    assert calls == [("UNet", 0, 0, 0), ("CLIP image tower", 0, 0, 0)]
 
 
 def test_graphs_live_on_the_run_clones_only(models, diffusion, emulated):
