@@ -9,10 +9,14 @@ in them reads a value back or copies from the host (``tests/test_cuda_graphs.py`
 traced or generated, so there is no compile to wait for: a capture costs a few warm-up forwards and
 backwards, once per run and input shape.
 
-:class:`GraphedCalls` wraps one network call. It captures a graph (``torch.cuda.make_graphed_callables``) the
-first time it sees an input signature (shapes, dtypes, strides, which inputs need a gradient) and replays it
-from then on. It runs the network eagerly instead where a graph cannot stand in: inputs not on a CUDA device,
-no input that needs a gradient (the unguided forward), autocast active around the call, non-tensor arguments.
+:class:`GraphedCalls` wraps one network call. The second time it sees an input signature (shapes, dtypes,
+strides, which inputs need a gradient, whether autograd is on) it captures a graph, and replays it from then
+on; a call seen once (the ranking's, say) stays eager, since a capture costs a few calls. Calls that need a
+gradient get the forward and the backward captured (``torch.cuda.make_graphed_callables``); calls without
+autograd (the sampler's unguided forward when ``reuse_guided_forward`` is off) get the forward alone. Calls
+run eagerly where a graph cannot stand in: inputs not on a CUDA device, autocast active around the call,
+non-tensor arguments.
+
 Replays write their outputs into the same buffers each time, so the outputs are copied before they are
 returned (a [B,6,256,256] UNet output: 1.5 MB per result): what a caller keeps is never overwritten. A replay's
 backward reads the activations its forward left in the graph's memory, so a graph is not replayed again while
@@ -53,7 +57,32 @@ def capture_cuda_graphs(fn: Callable, samples: tuple) -> Callable:
         return torch.cuda.make_graphed_callables(fn, samples, allow_unused_input=True)
 
 
+def capture_cuda_forward(fn: Callable, samples: tuple, warmup: int = 2) -> Callable:
+    """``fn``'s forward alone (autograd off) captured on ``samples``' device; the result copies its arguments
+    into ``samples``, replays, and returns the graph's own output tensors."""
+    with torch.cuda.device(samples[0].device), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (cuDNN and Triton choose and build their kernels) off the graph
+            for _ in range(warmup):
+                fn(*samples)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*samples)
+
+    def replay(*args):
+        with torch.no_grad():
+            for static, given in zip(samples, args, strict=True):
+                if static.data_ptr() != given.data_ptr():
+                    static.copy_(given)
+            graph.replay()
+        return outputs
+    return replay
+
+
 CAPTURE: Callable[[Callable, tuple], Callable] = capture_cuda_graphs
+CAPTURE_FORWARD: Callable[[Callable, tuple], Callable] = capture_cuda_forward
 
 
 def _signature(tensor: torch.Tensor) -> tuple:
@@ -67,14 +96,15 @@ def _own(tensor):
 class GraphedCalls:
     """One network call (``fn``), replayed from CUDA graphs captured per input signature.
 
-    ``keep`` graphs are kept (an edit sees its batch size and perhaps a smaller last chunk); the oldest is
-    dropped for a new one. After ``max_captures`` captures, or a capture that fails, the rest of the run is
-    eager, with a warning: a call whose shapes keep changing gains nothing from graphs.
+    ``keep`` graphs are kept (an edit sees its batch size and perhaps a smaller last chunk; with and without
+    autograd); the oldest is dropped for a new one. After ``max_captures`` captures, or a capture that fails,
+    the rest of the run is eager, with a warning: a call whose shapes keep changing gains nothing from graphs.
     """
 
-    def __init__(self, fn: Callable, name: str, keep: int = 2, max_captures: int = 8):
+    def __init__(self, fn: Callable, name: str, keep: int = 3, max_captures: int = 8):
         self.fn, self.name, self.keep, self.max_captures = fn, name, keep, max_captures
         self._graphs: dict[tuple, Callable] = {}
+        self._seen: set[tuple] = set()
         # per graph: the last replay's output that needs a gradient (weakly) and whether its gradient came
         self._awaiting: dict[tuple, tuple[weakref.ref, list]] = {}
         self.captures = 0
@@ -87,10 +117,14 @@ class GraphedCalls:
         flat = args + tuple(kwargs[name] for name in names)
         if not self._graphable(flat):
             return self.fn(*args, **kwargs)
-        key = (len(args), names) + tuple(_signature(t) for t in flat)
+        autograd = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+        key = (autograd, len(args), names) + tuple(_signature(t) for t in flat)
         graphed = self._graphs.get(key)
         if graphed is None:
-            graphed = self._capture(key, flat, len(args), names)
+            if key not in self._seen:  # first sighting: eager (a one-off call is not worth a capture)
+                self._seen.add(key)
+                return self.fn(*args, **kwargs)
+            graphed = self._capture(key, flat, len(args), names, autograd)
             if graphed is None:
                 return self.fn(*args, **kwargs)
         elif self._awaits_backward(key):
@@ -98,7 +132,8 @@ class GraphedCalls:
             return self.fn(*args, **kwargs)
         self.replays += 1
         outputs = pytree.tree_map(_own, graphed(*flat))
-        self._note_awaiting(key, outputs)
+        if autograd:
+            self._note_awaiting(key, outputs)
         return outputs
 
     def _awaits_backward(self, key: tuple) -> bool:
@@ -118,11 +153,9 @@ class GraphedCalls:
         self._awaiting[key] = (weakref.ref(needing[0]), arrived)
 
     def _graphable(self, flat: tuple) -> bool:
-        if self.disabled is not None or not flat or not torch.is_grad_enabled():
+        if self.disabled is not None or not flat:
             return False
         if not all(isinstance(t, torch.Tensor) for t in flat):
-            return False
-        if not any(t.requires_grad for t in flat):
             return False
         device_type = flat[0].device.type
         if device_type not in GRAPH_DEVICE_TYPES or any(t.device != flat[0].device for t in flat):
@@ -130,7 +163,7 @@ class GraphedCalls:
         # The no-argument form is CUDA's in every torch version; the per-device form is newer.
         return not (torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_enabled(device_type))
 
-    def _capture(self, key: tuple, flat: tuple, num_args: int, names: tuple) -> Callable | None:
+    def _capture(self, key: tuple, flat: tuple, num_args: int, names: tuple, autograd: bool) -> Callable | None:
         if self.captures >= self.max_captures:
             self._disable(f"{self.captures} input shapes in one run")
             return None
@@ -138,15 +171,16 @@ class GraphedCalls:
             oldest = next(iter(self._graphs))
             self._graphs.pop(oldest)
             self._awaiting.pop(oldest, None)
-        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad and autograd) for t in flat)
         fn = functools.partial(_call_flat, self.fn, num_args, names)
         try:
-            graphed = CAPTURE(fn, samples)
+            graphed = CAPTURE(fn, samples) if autograd else CAPTURE_FORWARD(fn, samples)
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep the run going, eagerly
             self._disable(f"its capture failed ({type(exc).__name__}: {exc})")
             return None
         self.captures += 1
-        log.info("cuda_graphs: captured the %s for inputs %s", self.name, [tuple(t.shape) for t in flat])
+        log.info("cuda_graphs: captured the %s%s for inputs %s", self.name, "" if autograd else " (forward only)",
+                 [tuple(t.shape) for t in flat])
         self._graphs[key] = graphed
         return graphed
 
@@ -158,6 +192,7 @@ class GraphedCalls:
     def release(self) -> None:
         """Drop the graphs (and with them their memory pools)."""
         self._graphs.clear()
+        self._seen.clear()
         self._awaiting.clear()
 
 

@@ -107,8 +107,8 @@ class FastPathOptions:
     fused_norm: compile each ResBlock's GroupNorm (+ scale-shift) + SiLU into one function (``blended.fused_norm``):
         fewer passes over the activations, no layout copies in channels_last, float32 statistics.
     triton_norm: the same chain by the pack's Triton kernels (``blended.triton_norm``; CUDA, plain torch elsewhere).
-    cuda_graphs: replay the UNet's and CLIP's guided forward and backward from CUDA graphs captured once per run
-        (``blended.cuda_graphs``; CUDA only, eager elsewhere). The same kernels, so the same numbers.
+    cuda_graphs: replay the UNet's and CLIP's forward and backward from CUDA graphs captured at a run's second
+        step (``blended.cuda_graphs``; CUDA only, eager elsewhere). The same kernels, so the same numbers.
     """
 
     precision: str = "fp32"

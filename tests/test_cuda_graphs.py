@@ -80,17 +80,47 @@ def emulated_capture(fn, samples, label: str = "emulated graph"):
     return graphed
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    """Graph CPU calls through :func:`emulated_capture`, counting captures."""
+def emulated_forward_capture(fn, samples, label: str = "emulated graph"):
+    """A forward-only capture's contract (``cuda_graphs.capture_cuda_forward``): inputs copied into static
+    buffers, the outputs written into buffers allocated once and returned themselves."""
+    outputs = []
+
+    def replay(*args):
+        with torch.no_grad(), torch.profiler.record_function(label):
+            for static, given in zip(samples, args, strict=True):
+                if static.data_ptr() != given.data_ptr():
+                    static.copy_(given)
+            flat, spec = pytree.tree_flatten(fn(*samples))
+            if not outputs:
+                outputs.extend(o.clone() for o in flat)
+            else:
+                for static, out in zip(outputs, flat, strict=True):
+                    static.copy_(out)
+        return pytree.tree_unflatten(list(outputs), spec)
+    return replay
+
+
+def emulate_graphs(monkeypatch, module=cuda_graphs) -> list:
+    """Graph CPU calls through the emulators (in ``module``: ComfyUI loads the pack's own copy of
+    ``blended.cuda_graphs``); returns the list of captures made, each ('autograd' or 'forward', the shapes)."""
     captured = []
 
     def capture(fn, samples):
-        captured.append([tuple(s.shape) for s in samples])
+        captured.append(("autograd", [tuple(s.shape) for s in samples]))
         return emulated_capture(fn, samples)
-    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(cuda_graphs, "CAPTURE", capture)
+
+    def capture_forward(fn, samples):
+        captured.append(("forward", [tuple(s.shape) for s in samples]))
+        return emulated_forward_capture(fn, samples)
+    monkeypatch.setattr(module, "GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(module, "CAPTURE", capture)
+    monkeypatch.setattr(module, "CAPTURE_FORWARD", capture_forward)
     return captured
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    return emulate_graphs(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +149,19 @@ def _run(unet, clip, diffusion, options: FastPathOptions, batch=2, steps=3, view
     return pred, trace, calls
 
 
-@pytest.mark.parametrize("preset, sampler", [
-    ("bf16+reuse", {}),                        # the fast path's shape: one grad-enabled UNet forward per step
-    ("fp32", {}),                              # the unguided forward (no grad) stays eager, the guided one graphs
-    ("bf16+reuse+ckpt+clip_ckpt", {"method": "ddim"}),  # recomputation inside the captured backward
+@pytest.mark.parametrize("preset, sampler, unet_graphs", [
+    ("bf16+reuse", {}, 1),                       # the fast path's shape: one grad-enabled UNet forward per step
+    ("fp32", {}, 2),                             # the faithful numerics: the unguided forward gets its own graph
+    ("bf16+reuse+ckpt+clip_ckpt", {"method": "ddim"}, 1),  # recomputation inside the captured backward
 ])
-def test_a_run_through_replayed_graphs_gives_eagers_bits(models, diffusion, emulated, preset, sampler):
+def test_a_run_through_replayed_graphs_gives_eagers_bits(models, diffusion, emulated, preset, sampler, unet_graphs):
     unet, clip = models
-    eager_pred, eager_grads, eager_calls = _run(unet, clip, diffusion, parse_preset(preset), **sampler)
-    pred, grads, calls = _run(unet, clip, diffusion, parse_preset(preset + "+cuda_graphs"), **sampler)
+    eager_pred, eager_grads, eager_calls = _run(unet, clip, diffusion, parse_preset(preset), steps=4, **sampler)
+    pred, grads, calls = _run(unet, clip, diffusion, parse_preset(preset + "+cuda_graphs"), steps=4, **sampler)
     assert eager_calls == []
-    # one capture per network for the run, then a replay every step (the capture's own call included)
-    assert calls == [("UNet", 1, 3, 0), ("CLIP image tower", 1, 3, 0)]
-    assert len(emulated) == 2
+    # the first step is eager (a call seen once is not captured), the second captures, every later one replays
+    assert calls == [("UNet", unet_graphs, 3 * unet_graphs, 0), ("CLIP image tower", 1, 3, 0)]
+    assert sorted(kind for kind, _ in emulated) == ["autograd"] * 2 + ["forward"] * (unet_graphs - 1)
     assert torch.equal(pred, eager_pred)
     assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads, strict=True))
     assert not eager_grads[-1].eq(0).all()  # guidance did act
@@ -151,6 +181,7 @@ def test_the_emulator_reuses_its_buffers_and_graphed_calls_hand_out_copies(model
     assert not torch.equal(first, kept)  # the raw output was overwritten
 
     calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
+    calls(x2, t)  # seen once: eager
     first = calls(x1, t)
     kept = first.clone()
     torch.autograd.grad(first.sum(), x1)  # its backward done, the graph may be replayed while `first` lives on
@@ -165,28 +196,36 @@ def test_graphed_calls_capture_per_input_signature_and_fall_back_to_eager(models
     unet = models[0]
     size = unet.config.image_size
     calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet", keep=2, max_captures=3)
-    t = torch.full((2,), 500.0)
 
     def x(batch, grad=True):
         return torch.randn(batch, 3, size, size, requires_grad=grad)
-    calls(x(2), t)
-    calls(x(2), t)
-    assert calls.captures == 1
-    calls(x(1), t[:1])  # a smaller last chunk: a second graph
+
+    def t(batch):
+        return torch.full((batch,), 500.0)
+    calls(x(2), t(2))
+    assert calls.captures == 0  # seen once: eager
+    calls(x(2), t(2))
+    calls(x(2), t(2))
+    assert calls.captures == 1 and calls.replays == 2
+    calls(x(1), t(1))
+    calls(x(1), t(1))  # a smaller last chunk: a second graph
     assert calls.captures == 2 and len(calls._graphs) == 2
-    calls(x(3), t.new_full((3,), 500.0))  # a third signature drops the oldest graph
-    assert calls.captures == 3 and len(calls._graphs) == 2
-    with torch.no_grad():
-        calls(x(2), t)  # no gradient wanted: eager
-    calls(x(2, grad=False), t)  # nothing to differentiate: eager
+    with torch.no_grad():  # the same shapes without autograd: a forward-only graph, dropping the oldest
+        calls(x(2), t(2))
+        calls(x(2), t(2))
+    assert calls.captures == 3 and len(calls._graphs) == 2 and [k for k, _ in emulated] == [
+        "autograd", "autograd", "forward"]
     replays = calls.replays
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        calls(x(3), t.new_full((3,), 500.0))  # autocast around the call: eager (a graph would bake its casts)
+        calls(x(1), t(1))  # autocast around the call: eager (a graph would bake its casts)
     assert calls.captures == 3 and calls.replays == replays
     with caplog.at_level(logging.WARNING, logger="blended.cuda_graphs"):
-        out = calls(x(4), t.new_full((4,), 500.0))  # past max_captures: eager for the rest of the run
+        calls(x(3), t(3))
+        out = calls(x(3), t(3))  # past max_captures: eager for the rest of the run
     assert calls.captures == 3 and "3 input shapes in one run" in calls.disabled
-    assert "runs eagerly for the rest of this run" in caplog.text and out.shape[0] == 4
+    assert "runs eagerly for the rest of this run" in caplog.text and out.shape[0] == 3
+    calls(x(1), t(1))
+    assert calls.replays == replays
 
 
 def test_a_graph_is_not_replayed_while_its_last_output_awaits_its_gradient(models, emulated):
@@ -201,6 +240,7 @@ def test_a_graph_is_not_replayed_while_its_last_output_awaits_its_gradient(model
         x = x.detach().requires_grad_(True)
         return torch.autograd.grad(unet(x, t).square().sum(), x)[0]
     calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
+    calls(xs[0], t)  # seen once: eager
     first, second = calls(xs[0], t), calls(xs[1], t)
     assert calls.replays == 1 and calls.eager_while_awaiting == 1
     g0, g1 = torch.autograd.grad((first.square().sum(), second.square().sum()), (xs[0], xs[1]))
@@ -223,7 +263,8 @@ def test_a_failed_capture_leaves_the_run_eager_with_a_warning(models, monkeypatc
     t = torch.full((1,), 500.0)
     calls = cuda_graphs.GraphedCalls(lambda x, ts: unet(x, ts), "UNet")
     with caplog.at_level(logging.WARNING, logger="blended.cuda_graphs"):
-        out = calls(x, t)
+        calls(x, t)
+        out = calls(x, t)  # the capture fails
         calls(x, t)
     assert "not permitted when stream is capturing" in caplog.text and caplog.text.count("runs eagerly") == 1
     with torch.no_grad():
@@ -238,7 +279,9 @@ def test_keyword_tensors_reach_the_network(emulated):
         return x * t + y
     calls = cuda_graphs.GraphedCalls(fn, "net")
     x = torch.ones(2, requires_grad=True)
+    calls(x, torch.full((2,), 3.0), y=torch.full((2,), 1.0))
     out = calls(x, torch.full((2,), 3.0), y=torch.full((2,), 1.0))
+    assert calls.replays == 1
     assert torch.equal(out, torch.full((2,), 4.0)) and seen[-1] is not None
     grad, = torch.autograd.grad(out.sum(), x)
     assert torch.equal(grad, torch.full((2,), 3.0))

@@ -169,17 +169,10 @@ def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inproce
     """The Sampler node with ``cuda_graphs``, its networks replayed through the tests' graph emulator (the static
     buffers a CUDA graph reuses) inside ComfyUI's executor: inference mode around the node, autograd inside. The
     images are eager's bits, each network is captured once, and the loader's cached models keep no graph."""
-    from test_cuda_graphs import emulated_capture
+    from test_cuda_graphs import emulate_graphs
 
     sampler = comfy_inprocess.pack_module("sampler")
-    graphs = sampler.fast_paths.cuda_graphs
-    captured = []
-
-    def capture(fn, samples):
-        captured.append([tuple(s.shape) for s in samples])
-        return emulated_capture(fn, samples)
-    monkeypatch.setattr(graphs, "GRAPH_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(graphs, "CAPTURE", capture)
+    captured = emulate_graphs(monkeypatch, sampler.fast_paths.cuda_graphs)
 
     def run(preset, preview):  # preview only changes the cache key: ComfyUI runs the node again
         monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.parse_preset(preset))
@@ -188,7 +181,7 @@ def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inproce
     eager = run("bf16+reuse", True)
     assert captured == []
     graphed = run("bf16+reuse+cuda_graphs", False)
-    assert len(captured) == 2  # the UNet and CLIP's image tower, once each for the run
+    assert [kind for kind, _ in captured] == ["autograd"] * 2  # the UNet and CLIP's image tower, once each
     torch.testing.assert_close(graphed.tensors["sampler"][0][0], eager.tensors["sampler"][0][0], atol=0, rtol=0)
     unet, clip = graphed.tensors["unet"][0][0], graphed.tensors["clip"][0][0]
     assert "forward" not in unet.unet.__dict__ and clip.clip.graphed_tower is None
