@@ -393,11 +393,15 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
         flop_cache[opts.reuse_guided_forward] = count_step_flops(unet, diffusion, clip, inputs, args.views, settings)
     runner = StepRunner(unet, diffusion, clip, inputs, spec.batch, args.views, settings, opts)
     saved = saved_activation_bytes(runner, unet, clip.model) if args.saved else None  # eager, before compile
+    # Steps before a steady one: per-device caches are built in the first; graphs are captured in the second.
+    settle = 1
     if opts.cuda_graphs:
         cuda_graphs.install(unet, clip)
+        settle = 2
     ops = None
     if args.ops:
-        runner()  # the first step builds per-device caches (and captures the graphs); count a steady one
+        for _ in range(settle):
+            runner()
         ops = count_aten_ops(runner)
     if opts.compile:
         # Each row (batch, checkpointing, dtype) is a new graph: without a reset, a long sweep would reach
@@ -408,7 +412,7 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
     base = current_memory_bytes(device)
     reset_peak_memory(device)
     first_step = None
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, settle if opts.cuda_graphs else 0)):
         start = time.perf_counter()
         runner()
         synchronize(device)
