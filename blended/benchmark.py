@@ -436,7 +436,8 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
         synchronize(device)
         s_per_edit = time.perf_counter() - start
     return {"step_times": times, "first_step": first_step, "saved": saved, "s_per_edit": s_per_edit,
-            "peak": peak_memory_bytes(device), "base": base, "clip_calls": counter.calls, "ops": ops}
+            "peak": peak_memory_bytes(device), "base": base, "clip_calls": counter.calls, "ops": ops,
+            "graphs": cuda_graphs.summary(unet, clip)}
 
 
 def time_ranked_edit(models: Models, inputs: EditInputs, options: FastPathOptions, num_results: int,
@@ -463,13 +464,14 @@ def time_ranked_edit(models: Models, inputs: EditInputs, options: FastPathOption
                         settings=settings, guidance_settings=guidance, device=device)
     synchronize(device)
     edit_seconds = time.perf_counter() - start
+    graphs = cuda_graphs.summary(unet, clip)
     rank_by_clip(clip, result.images.movedim(-1, 1).to(device), PROMPT, mask=result.mask[:, None].to(device))
     synchronize(device)
     total = time.perf_counter() - start
     return {"config": None, "device": describe_device(device), "options": options.describe(),
             "num_results": num_results, "batch": batch_size, "views": views, "edit_steps": steps,
             "s_edit": edit_seconds, "s_ranked": total, "results_per_min": num_results * 60.0 / total,
-            "peak_mem_gib": peak_memory_bytes(device) / 2**30}
+            "peak_mem_gib": peak_memory_bytes(device) / 2**30, "cuda_graphs": graphs}
 
 
 def summarise(spec: RunSpec, runs: list[dict], args, device: torch.device, flop_cache: dict) -> dict:
@@ -501,6 +503,7 @@ def summarise(spec: RunSpec, runs: list[dict], args, device: torch.device, flop_
         "clip_fwd_per_step": sum(run["clip_calls"] for run in runs) / max(1, len(times)),
         "aten_ops_per_step": runs[0]["ops"],
         "saved_mib_per_result": runs[0]["saved"] / 2**20 / spec.batch if runs[0]["saved"] is not None else None,
+        "cuda_graphs": runs[-1]["graphs"],
     }
 
 

@@ -225,3 +225,13 @@ def graphed_calls(unet, clip=None) -> list[GraphedCalls]:
     """The installed :class:`GraphedCalls` of ``unet`` and ``clip`` (for logs and tests)."""
     calls = [unet.__dict__.get("forward"), getattr(clip, "graphed_tower", None)]
     return [c for c in calls if isinstance(c, GraphedCalls)]
+
+
+def summary(unet, clip=None) -> str | None:
+    """'UNet 1 captured / 12 replayed, ...' for benchmark rows (None when no graphs are installed), so a table
+    never shows an eager fallback as a graphed figure."""
+    calls = graphed_calls(unet, clip)
+    if not calls:
+        return None
+    return "; ".join(f"{c.name} {c.captures} captured / {c.replays} replayed"
+                     + (f" (eager since: {c.disabled})" if c.disabled else "") for c in calls)

@@ -145,6 +145,9 @@ def _table(rows: list[dict], num_results: int) -> str:
         if not r.get("s_per_step") or r["stage"] == "original-edit":
             continue
         label = "original" if r["stage"].startswith("original") else f"pack `{r.get('options')}`"
+        graphs = r.get("cuda_graphs") or ""
+        if "eager since" in graphs or " 0 replayed" in graphs:
+            label += " (CUDA graphs not replayed: see the row's cuda_graphs)"
         base = original.get(r["batch"])
         speedup = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "n/a"
         peak = r.get("peak_gib", r.get("peak_mem_gib"))

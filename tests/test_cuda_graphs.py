@@ -300,9 +300,11 @@ def test_graphs_live_on_the_run_clones_only(models, diffusion, emulated):
     options = parse_preset("fast-gpu+cuda_graphs")
     with fast_paths.run_clones(unet, clip, options) as (unet_run, clip_run):
         assert len(cuda_graphs.graphed_calls(unet_run, clip_run)) == 2
+        assert cuda_graphs.summary(unet_run, clip_run) == ("UNet 0 captured / 0 replayed; "
+                                                           "CLIP image tower 0 captured / 0 replayed")
         assert "forward" not in unet.__dict__ and clip.graphed_tower is None
     assert cuda_graphs.graphed_calls(unet_run, clip_run) == []  # dropped with the run
-    assert "forward" not in unet_run.__dict__
+    assert "forward" not in unet_run.__dict__ and cuda_graphs.summary(unet_run, clip_run) is None
 
 
 def test_the_option_parses_and_refuses_compile():
