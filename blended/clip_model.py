@@ -273,6 +273,8 @@ class GuidanceCLIP:
         self._vision_supported = None  # (vision tower, whether blended.clip_vision runs it), checked once
         # The image tower replayed from CUDA graphs, set on a run's clone only (fast_paths, cuda_graphs option).
         self.graphed_tower = None
+        # "triton": the vision blocks' LayerNorms and QuickGELU by blended.triton_clip (the triton_clip option).
+        self.kernels: str | None = None
 
     # -- placement
     @property
@@ -355,7 +357,8 @@ class GuidanceCLIP:
         if checked is None or checked[0] is not visual:
             checked = self._vision_supported = (visual, clip_vision.supports(visual))
         if checked[1]:
-            return functools.partial(clip_vision.encode_image, visual)
+            return functools.partial(clip_vision.encode_image, visual,
+                                     kernels=getattr(self, "kernels", None))
         return self.model.encode_image
 
 

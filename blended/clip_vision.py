@@ -15,6 +15,8 @@ any other tower (ResNet CLIPs, open_clip's custom blocks) runs through open_clip
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,8 +52,12 @@ def _plain_block(block: nn.Module) -> bool:
             and all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
 
 
-def encode_image(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[N,3,S,S] normalised images (in the tower's dtype) -> [N,D] image embeddings, as ``visual(images)``."""
+def encode_image(visual: nn.Module, images: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+    """[N,3,S,S] normalised images (in the tower's dtype) -> [N,D] image embeddings, as ``visual(images)``.
+
+    ``kernels="triton"`` runs the blocks' LayerNorms and QuickGELU by :mod:`blended.triton_clip` (on CUDA, or
+    under Triton's interpreter; elsewhere, and for other norms and activations, the blocks' own modules run).
+    """
     x = visual.conv1(images)  # [N, width, grid, grid]
     x = x.flatten(2).transpose(1, 2)  # [N, grid * grid, width]
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
@@ -60,15 +66,47 @@ def encode_image(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     x = visual.ln_pre(x)
     recompute = getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block in visual.transformer.resblocks:
-        x = checkpoint(_block, block, x, **CHECKPOINT_ARGS) if recompute else _block(block, x)
+        x = checkpoint(_block, block, x, kernels, **CHECKPOINT_ARGS) if recompute else _block(block, x, kernels)
     # Class-token pooling; a LayerNorm acts per token, so normalising only the pooled token is the same.
     pooled = visual.ln_post(x[:, 0])
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x)))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+def _block(block: nn.Module, x: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+    x = x + block.ls_1(_self_attention(block.attn, _layer_norm(block.ln_1, x, kernels)))
+    return x + block.ls_2(_mlp(block.mlp, _layer_norm(block.ln_2, x, kernels), kernels))
+
+
+def _triton(kernels: str | None, x: torch.Tensor) -> bool:
+    return kernels == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _layer_norm(norm: nn.Module, x: torch.Tensor, kernels: str | None) -> torch.Tensor:
+    if _triton(kernels, x) and _is_affine_layer_norm(norm, x):
+        from .triton_clip import layer_norm  # imported only here: Triton is needed only on this path
+
+        return layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, kernels: str | None) -> torch.Tensor:
+    if _triton(kernels, x) and _is_quick_gelu(getattr(mlp, "gelu", None)):
+        from .triton_clip import quick_gelu
+
+        return mlp.c_proj(quick_gelu(mlp.c_fc(x)))
+    return mlp(x)
+
+
+def _is_affine_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """A LayerNorm over the last dimension with weight and bias: open_clip's float32 one (OpenAI's) or its
+    plain one; the kernels compute in float32 either way, as both do inside."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None and norm.normalized_shape[0] == x.shape[-1])
+
+
+def _is_quick_gelu(module: nn.Module | None) -> bool:
+    """open_clip's QuickGELU (OpenAI's activation), whatever module it is defined in."""
+    return module is not None and type(module).__name__ == "QuickGELU" and not list(module.parameters())
 
 
 def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ here act on the two networks and leave the sampler's math alone:
   compile shared by every block, about ten seconds cold on an H100; measured slower there than eager GroupNorm
   for now, see :mod:`blended.fused_norm`), or the same chain by the pack's Triton kernels (``triton_norm``,
   :mod:`blended.triton_norm`);
+* CLIP's LayerNorms and QuickGELU as Triton kernels, one each way (``triton_clip``, :mod:`blended.triton_clip`);
 * reusing the grad-enabled UNet forward for the mean/variance (``SamplerSettings.reuse_guided_forward``);
 * CUDA graphs of the UNet's and CLIP's forward and backward (``cuda_graphs``, :mod:`blended.cuda_graphs`): one
   launch per network and direction instead of thousands of small ones, without a compile.
@@ -107,6 +108,8 @@ class FastPathOptions:
     fused_norm: compile each ResBlock's GroupNorm (+ scale-shift) + SiLU into one function (``blended.fused_norm``):
         fewer passes over the activations, no layout copies in channels_last, float32 statistics.
     triton_norm: the same chain by the pack's Triton kernels (``blended.triton_norm``; CUDA, plain torch elsewhere).
+    triton_clip: CLIP's vision LayerNorms and QuickGELU by Triton kernels, one each way (``blended.triton_clip``;
+        CUDA, the model's own modules elsewhere): computed in float32 and rounded once.
     cuda_graphs: replay the UNet's and CLIP's forward and backward from CUDA graphs captured at a run's second
         step (``blended.cuda_graphs``; CUDA only, eager elsewhere). The same kernels, so the same numbers.
     """
@@ -122,6 +125,7 @@ class FastPathOptions:
     clip_checkpointing: bool = False
     fused_norm: bool = False
     triton_norm: bool = False
+    triton_clip: bool = False
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
@@ -163,7 +167,7 @@ class FastPathOptions:
                             (self.compile, "compile"), (self.reuse_guided_forward, "reuse"),
                             (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt"),
                             (self.fused_norm, "fused_norm"), (self.triton_norm, "triton_norm"),
-                            (self.cuda_graphs, "cuda_graphs")):
+                            (self.triton_clip, "triton_clip"), (self.cuda_graphs, "cuda_graphs")):
             if flag:
                 parts.append(label)
         return "+".join(parts)
@@ -208,6 +212,7 @@ OPTION_TOKENS = {
     "single_resample": {"single_resample": True},
     "fused_norm": {"fused_norm": True},
     "triton_norm": {"triton_norm": True},
+    "triton_clip": {"triton_clip": True},
     "cuda_graphs": {"cuda_graphs": True},
 }
 
@@ -363,6 +368,8 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     set_gradient_checkpointing(unet, options.gradient_checkpointing)
     set_clip_checkpointing(clip, options.clip_checkpointing)
     unet.norm_kernel = options.norm_kernel
+    if clip is not None:
+        clip.kernels = "triton" if options.triton_clip else None
     if options.compile and not is_compiled(unet):
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):

@@ -28,7 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Allocation", "MemoryTracer", "trace_guided_step", "trace_unet_backward", "unet_for_trace"]
+__all__ = ["Allocation", "MemoryTracer", "fake_guided_step", "trace_guided_step", "trace_unet_backward",
+           "unet_for_trace"]
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _THIS_FILE = str(Path(__file__).resolve())
@@ -295,6 +296,19 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
 
     The CLIP tower is built for real first (a few hundred MB, some seconds) to encode the prompt.
     """
+    with fake_guided_step(options, batch, views, config) as (runner, weights):
+        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda)) as tracer:
+            runner()
+        result = tracer.report()
+    result.update(config=config, batch=batch, views=views, image_size=runner.unet.config.image_size,
+                  options=options.describe(), emulate_cuda=emulate_cuda, weights_gib=round(weights / GIB, 3))
+    return result
+
+
+@contextlib.contextmanager
+def fake_guided_step(options, batch: int, views: int = 8, config: str = "full256"):
+    """Inside a ``FakeTensorMode``: a :class:`blended.benchmark.StepRunner` of one guided step with the
+    benchmark's models configured for ``options``, and the bytes of their (fake) weights. For tracers."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from . import augment, benchmark, fast_paths
@@ -302,13 +316,14 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
     from .sampler import SamplerSettings
 
     if config != "full256":
-        raise ValueError("trace_guided_step traces the full256 models; use trace_unet_backward for the tiny UNet")
+        raise ValueError("guided-step traces use the full256 models; use trace_unet_backward for the tiny UNet")
     unet = unet_for_trace(config, device="meta")
     _configure_unet(unet, options)
     clip = benchmark.random_vit_b16_clip()
     fast_paths.set_clip_precision(clip, options.clip_dtype)
     fast_paths.apply_channels_last(unet, clip, enabled=options.channels_last)
     fast_paths.set_clip_checkpointing(clip, options.clip_checkpointing)
+    clip.kernels = "triton" if options.triton_clip else None
     inputs = benchmark.edit_inputs(unet, clip, torch.device("cpu"))
     diffusion = create_diffusion(timestep_respacing=str(benchmark.SCHEDULE_STEPS))
     settings = fast_paths.sampler_settings_with(SamplerSettings(skip_timesteps=25), options)
@@ -321,10 +336,4 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
 
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(augment, "draw_view_params", draw_for_real):
         weights = _fake_weights(unet, clip.model)
-        runner = benchmark.StepRunner(unet, diffusion, clip, inputs, batch, views, settings, options)
-        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda)) as tracer:
-            runner()
-        result = tracer.report()
-    result.update(config=config, batch=batch, views=views, image_size=unet.config.image_size,
-                  options=options.describe(), emulate_cuda=emulate_cuda, weights_gib=round(weights / GIB, 3))
-    return result
+        yield benchmark.StepRunner(unet, diffusion, clip, inputs, batch, views, settings, options), weights

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .fused_norm import group_norm_act
 
-__all__ = ["group_norm_silu"]
+__all__ = ["group_norm_silu", "group_norm_silu_and_input"]
 
 _TARGET_PROGRAMS = 1024  # split reductions until about this many programs run (an H100 has 132 SMs)
 
@@ -172,9 +172,10 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
 
 
 @triton.jit
-def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
-                     sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c,
-                     HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, r_ptr,
+                     HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
+                     HAS_SCALE_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_HW: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
@@ -185,6 +186,9 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
     xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
                                         HAS_SCALE_SHIFT)
     dx = rstd * (dxhat - c1 - xhat * c2)
+    if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
+        r = tl.load(r_ptr + b * sr_b + rows[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask, other=0.0)
+        dx = dx + r.to(tl.float32)
     tl.store(dx_ptr + b * so_b + rows[:, None] * so_hw + cols[None, :] * so_c, dx.to(dx_ptr.dtype.element_ty),
              mask=mask)
 
@@ -215,53 +219,75 @@ def _block_sizes(group_size: int) -> tuple[int, int]:
     return max(16, 2048 // block_c), block_c
 
 
+def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
+    batch, channels, height, width = x.shape
+    group_size, hw = channels // num_groups, height * width
+    x, sx = _flat_strides(x)
+    weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
+    block_hw, block_c = _block_sizes(group_size)
+    splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
+    partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
+    _stats_kernel[(batch * num_groups, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
+                                                BLOCK_HW=block_hw, BLOCK_C=block_c)
+    count, means, m2 = partial.unbind(-1)
+    total = count.sum(1)
+    mean = (count * means).sum(1) / total
+    var = (m2.sum(1) + (count * (means - mean[:, None]) ** 2).sum(1)) / total
+    rstd = torch.rsqrt(var + eps)
+    y = torch.empty_like(x)
+    _, sy = _flat_strides(y)
+    grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
+    _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
+                          HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
+    ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
+    ctx.num_groups, ctx.eps = num_groups, eps
+    return y
+
+
+def _backward(ctx, dy, residual=None):
+    x, weight, bias, scale_shift, mean, rstd = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residual)
+    if not any(ctx.needs_input_grad[1:4]):
+        return grad_x, None, None, None, None, None
+    # Gradients for weights or timestep terms: nothing in CLIP guidance asks for them (frozen weights, a
+    # timestep embedding without grad), so the plain reference computes them when someone does.
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip((weight, bias, scale_shift), ctx.needs_input_grad[1:4], strict=True)]
+        y = group_norm_act(x.detach(), leaves[0], leaves[1], x.shape[1] // ctx.num_groups, ctx.eps, leaves[2])
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, dy))
+    rest = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return (grad_x, *rest, None, None)
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
-        batch, channels, height, width = x.shape
-        group_size, hw = channels // num_groups, height * width
-        x, sx = _flat_strides(x)
-        weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
-        block_hw, block_c = _block_sizes(group_size)
-        splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
-        partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
-        _stats_kernel[(batch * num_groups, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
-                                                    BLOCK_HW=block_hw, BLOCK_C=block_c)
-        count, means, m2 = partial.unbind(-1)
-        total = count.sum(1)
-        mean = (count * means).sum(1) / total
-        var = (m2.sum(1) + (count * (means - mean[:, None]) ** 2).sum(1)) / total
-        rstd = torch.rsqrt(var + eps)
-        y = torch.empty_like(x)
-        _, sy = _flat_strides(y)
-        grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
-        _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
-                              HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
-        ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
-        ctx.num_groups, ctx.eps = num_groups, eps
-        return y
+        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, scale_shift, mean, rstd = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups)
-        if not any(ctx.needs_input_grad[1:4]):
-            return grad_x, None, None, None, None, None
-        # Gradients for weights or timestep terms: nothing in CLIP guidance asks for them (frozen weights, a
-        # timestep embedding without grad), so the plain reference computes them when someone does.
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None
-                      for t, need in zip((weight, bias, scale_shift), ctx.needs_input_grad[1:4], strict=True)]
-            y = group_norm_act(x.detach(), leaves[0], leaves[1], x.shape[1] // ctx.num_groups, ctx.eps, leaves[2])
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, dy))
-        rest = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return (grad_x, *rest, None, None)
+        return _backward(ctx, dy)
 
 
-def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups):
+class _GroupNormSiLUAndInput(torch.autograd.Function):
+    """``(group_norm_silu(x), x)``: the second output is ``x`` itself, to be used in its place (the skip
+    connection), so that both of ``x``'s gradients arrive here and the backward kernel adds them as it writes
+    ``dx``, where autograd would write ``dx`` and then read it back with the other gradient to sum them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
+        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy, d_input):
+        return _backward(ctx, dy, d_input)
+
+
+def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residual=None):
     batch, channels, height, width = x.shape
     group_size, hw = channels // num_groups, height * width
     x, sx = _flat_strides(x)
@@ -277,9 +303,11 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups):
     c1, c2 = sums[:, 0].contiguous(), sums[:, 1].contiguous()
     dx = torch.empty_like(x)
     _, so = _flat_strides(dx)
+    residual, sr = _flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read
     grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
-    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, hw, channels, group_size,
-                           *sx, *sd, *so, HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
+    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, residual, hw, channels, group_size,
+                           *sx, *sd, *so, *sr, HAS_SCALE_SHIFT=scale_shift is not None,
+                           HAS_RESIDUAL=residual is not dx, BLOCK_HW=32, BLOCK_C=64)
     return dx
 
 
@@ -287,3 +315,10 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
                     scale_shift: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`blended.fused_norm.group_norm_act` by the Triton kernels (same arguments, same result)."""
     return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps)
+
+
+def group_norm_silu_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(group_norm_silu(x, ...), x)``, for a block that also uses ``x`` itself (a ResBlock's skip path): use
+    the returned ``x`` there, and its gradient is added to the norm's inside the backward kernel."""
+    return _GroupNormSiLUAndInput.apply(x, weight, bias, None, x.shape[1] // group_size, eps)

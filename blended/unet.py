@@ -263,7 +263,10 @@ class ResBlock(nn.Module):
         """``activated_emb`` is SiLU of the timestep embedding, ``emb_layers[0]`` applied once by the UNet for
         every block (as autocast would cast it, in the blocks' dtype); this block applies ``emb_layers[1]``."""
         norm_in, act_in, conv_in = self.in_layers
-        h = _fused_norm_silu(self.norm_kernel, norm_in, x) if self.norm_kernel else act_in(norm_in(x))
+        if self.norm_kernel:
+            h, x = _fused_norm_silu_keeping_input(self.norm_kernel, norm_in, x)
+        else:
+            h = act_in(norm_in(x))
         if self.resample is not None:
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
@@ -308,6 +311,18 @@ def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor,
 
         return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
     return group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
+
+
+def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm,
+                                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(_fused_norm_silu(kernel, norm, x), x)``, for a ResBlock whose skip path uses ``x`` too. With the Triton
+    kernels the returned ``x`` carries its skip-path gradient into the norm's backward kernel, which adds it
+    as it writes ``x``'s gradient (one pass where autograd's sum would read that gradient back)."""
+    if kernel == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from .triton_norm import group_norm_silu_and_input
+
+        return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
+    return _fused_norm_silu(kernel, norm, x), x
 
 
 class AttentionBlock(nn.Module):

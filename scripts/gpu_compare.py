@@ -43,13 +43,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 PROFILE = REPO / "scripts" / "profile_step.py"
-DEFAULT_PRESETS = ("fast-gpu,fast-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm,"
-                   "fast-gpu+channels_last+triton_norm+cuda_graphs")
-# Measured after the ranked edit and the profile, if the budget still allows.
-DEFAULT_LATE_PRESETS = "original-gpu+cuda_graphs,fast-gpu+triton_norm,fast-gpu+single_resample"
+DEFAULT_PRESETS = ("fast-gpu,fast-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm+triton_clip,"
+                   "fast-gpu+channels_last+triton_norm+triton_clip+cuda_graphs")
+# Measured after the ranked edit and the profile, if the budget still allows: the original's numerics with graphs,
+# and each Triton option alone, to tell their shares apart.
+DEFAULT_LATE_PRESETS = ("original-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm,fast-gpu+triton_clip,"
+                        "fast-gpu+single_resample")
 # "fastest": the --presets entry with the lowest seconds per step at --edit-batch in this run.
 DEFAULT_EDIT_PRESETS = "fastest"
-DEFAULT_PROFILES = "fast-gpu+channels_last+triton_norm"
+DEFAULT_PROFILES = "fast-gpu+channels_last+triton_norm+triton_clip"
 # A stage is not started with less time than this left: loading the 256x256 models alone takes a while.
 MIN_STAGE_SECONDS = 45
 

@@ -84,3 +84,23 @@ def test_other_towers_take_open_clips_forward(variant):
     cfg.update(variant)
     tower = _build_vision_tower(32, CLIPVisionCfg(**cfg), quick_gelu=True)
     assert not clip_vision.supports(tower)
+
+
+def test_triton_clip_is_an_option_for_the_run_clone_and_the_towers_own_modules_off_cuda():
+    """The option reaches the run clone's tower only; off CUDA (no interpreter) the blocks run their own
+    LayerNorm and QuickGELU modules, so the bits are eager's. The kernels: tests/triton_interpreter_checks.py."""
+    from blended import fast_paths
+    from conftest import tiny_unet
+
+    options = fast_paths.parse_preset("bf16+triton_clip")
+    assert options.triton_clip and "triton_clip" in options.describe()
+    assert not any(preset.triton_clip for preset in fast_paths.PRESETS.values())
+    clip = load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
+    images = torch.randn(2, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(3))
+    expected, g_expected, _ = _embed_and_grad(clip.model.visual, images, clip_vision.encode_image)
+    with fast_paths.run_clones(tiny_unet(), clip, fast_paths.FastPathOptions(triton_clip=True)) as (_, fast):
+        assert fast.kernels == "triton" and clip.kernels is None
+        embeds, grad, ops = _embed_and_grad(fast.model.visual, images, lambda _, x: fast.image_tower()(x))
+    assert torch.equal(embeds, expected) and torch.equal(grad, g_expected)
+    blocks = len(clip.model.visual.transformer.resblocks)
+    assert ops.count("sigmoid") == blocks and ops.count("native_layer_norm") >= 2 * blocks  # the modules' own

@@ -1,5 +1,5 @@
-"""Checks of the triton_norm kernels in Triton's CPU interpreter, run by tests/test_triton_norm.py in a fresh
-process: the interpreter must be chosen before Triton builds the kernels, and a process where Triton or
+"""Checks of the triton_norm and triton_clip kernels in Triton's CPU interpreter, run by tests/test_triton_norm.py
+in a fresh process: the interpreter must be chosen before Triton builds the kernels, and a process where Triton or
 inductor already ran cannot switch reliably.
 
     TRITON_INTERPRET=1 python tests/triton_interpreter_checks.py [check ...]
@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-from blended import fast_paths  # noqa: E402
+from blended import fast_paths, triton_clip  # noqa: E402
 from blended import triton_norm as kernels  # noqa: E402
 from blended.fast_paths import FastPathOptions  # noqa: E402
 from blended.fused_norm import group_norm_act  # noqa: E402
@@ -95,6 +95,145 @@ def check_float32_forward_and_input_gradient_match_the_reference():
         for channels_last in (True, False):
             for scale_shift in (True, False):
                 _float32_case(shape, channels_last, scale_shift)
+
+
+def check_skip_path_gradient_is_added_inside_the_backward_kernel():
+    # A ResBlock's use: the norm's output goes one way, x itself (the second output) the skip way; both
+    # gradients come back to x. In float32 the sum is autograd's to the bit (the kernel adds the same two
+    # float32 numbers); the skip gradient may come in another memory format than x.
+    for channels_last, skip_channels_last in ((True, True), (True, False), (False, True)):
+        x, weight, bias, _ = case((2, 64, 6, 6), torch.float32, channels_last, False, seed=11)
+        gen = torch.Generator().manual_seed(12)
+        grad_y = torch.randn(x.shape, generator=gen)
+        skip_scale = torch.randn(x.shape, generator=gen)
+        if skip_channels_last:
+            skip_scale = skip_scale.to(memory_format=torch.channels_last)
+        y, x_skip = kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5)
+        assert torch.equal(x_skip, x)
+        (gx,) = torch.autograd.grad((y * grad_y).sum() + (x_skip * skip_scale).square().sum(), x)
+        y_plain = kernels.group_norm_silu(x, weight, bias, 2, 1e-5)
+        (gx_plain,) = torch.autograd.grad((y_plain * grad_y).sum() + (x * skip_scale).square().sum(), x)
+        assert torch.equal(gx, gx_plain) and gx.stride() == x.stride()
+        expected = group_norm_act(x, weight, bias, 2, 1e-5)
+        (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum(), x)
+        assert rel(gx, gx_expected) < 1e-6
+    x, weight, bias, _ = case((2, 64, 6, 6), torch.bfloat16, True, False, seed=13)
+    y, x_skip = kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5)
+    (gx,) = torch.autograd.grad(y.float().sum() + x_skip.float().square().sum(), x)
+    x32 = x.detach().float().requires_grad_(True)
+    (gx_expected,) = torch.autograd.grad(group_norm_act(x32, weight, bias, 2, 1e-5).sum() + x32.square().sum(), x32)
+    assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)  # open_clip's QuickGELU
+
+
+def check_quick_gelu_float32_forward_and_input_gradient_match_the_formula():
+    gen = torch.Generator().manual_seed(7)
+    # Several programs with a ragged last one; a transposed (non-contiguous) input; an empty one.
+    for x in (torch.randn(3, 197, 37, generator=gen) * 4, torch.randn(40, 70, generator=gen).t(), torch.empty(0, 5)):
+        x = x.requires_grad_(True)
+        y = triton_clip.quick_gelu(x)
+        expected = _quick_gelu(x)
+        assert y.shape == x.shape and torch.allclose(y, expected, rtol=1e-6, atol=1e-7)
+        if x.numel():
+            grad_out = torch.randn(y.shape, generator=gen)
+            (gx,) = torch.autograd.grad(y, x, grad_out)
+            (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
+            assert gx.shape == x.shape and torch.allclose(gx, gx_expected, rtol=1e-5, atol=1e-6)
+
+
+def check_quick_gelu_bfloat16_is_computed_in_float32_and_rounded_once():
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(4, 50, 96, generator=gen) * 3).to(torch.bfloat16).requires_grad_(True)
+    y = triton_clip.quick_gelu(x)
+    exact = _quick_gelu(x.detach().double())
+    assert y.dtype == torch.bfloat16
+    # One rounding of the float32 value: within one bf16 step (2**-8 relative) of the exact function, the
+    # interpreter truncating where a GPU rounds to nearest; and within a step of the plain-torch reference.
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -7).all()
+    reference = triton_clip.quick_gelu_reference(x.detach())
+    assert reference.dtype == torch.bfloat16
+    assert ((y.double() - reference.double()).abs() <= reference.double().abs() * 2 ** -7).all()
+    grad_out = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    (gx,) = torch.autograd.grad(y, x, grad_out)
+    x64 = x.detach().double().requires_grad_(True)
+    (gx_exact,) = torch.autograd.grad(_quick_gelu(x64), x64, grad_out.double())
+    assert gx.dtype == torch.bfloat16 and rel(gx, gx_exact) < 4e-3
+
+
+def check_layer_norm_float32_forward_and_input_gradient_match_torch():
+    gen = torch.Generator().manual_seed(14)
+    # A width that is not a power of two (the tokens' 768 is not), a mean well off zero, a non-contiguous input.
+    for x in (torch.randn(3, 7, 96, generator=gen) * 2 + 5, torch.randn(80, 6, generator=gen).t(), torch.empty(0, 8)):
+        width = x.shape[-1]
+        weight, bias = torch.randn(width, generator=gen), torch.randn(width, generator=gen)
+        x = x.requires_grad_(True)
+        y = triton_clip.layer_norm(x, weight, bias, 1e-5)
+        expected = torch.nn.functional.layer_norm(x, (width,), weight, bias, 1e-5)
+        assert y.shape == x.shape and torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
+        if x.numel():
+            grad_out = torch.randn(y.shape, generator=gen)
+            (gx,) = torch.autograd.grad(y, x, grad_out)
+            (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
+            assert rel(gx, gx_expected) < 1e-5
+
+
+def check_layer_norm_bfloat16_is_openais_float32_norm_rounded_once():
+    from open_clip.transformer import LayerNormFp32
+
+    gen = torch.Generator().manual_seed(15)
+    norm = LayerNormFp32(96)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=gen))
+        norm.bias.copy_(torch.randn(96, generator=gen))
+    x = (torch.randn(4, 9, 96, generator=gen) * 3 + 1).to(torch.bfloat16).requires_grad_(True)
+    y = triton_clip.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    expected = norm(x)  # float32 statistics and affine, cast back
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(triton_clip.layer_norm_reference(x, norm.weight, norm.bias, norm.eps), expected)
+    # Within a bf16 step of it (the interpreter truncates where a GPU rounds to nearest).
+    assert ((y.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7 + 1e-6).all()
+    grad_out = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    (gx,) = torch.autograd.grad(y, x, grad_out)
+    x32 = x.detach().float().requires_grad_(True)
+    (gx_expected,) = torch.autograd.grad(norm(x32), x32, grad_out.float())
+    assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3
+
+
+def check_layer_norm_weight_gradients_come_from_the_reference_when_asked():
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(5, 40, generator=gen).requires_grad_(True)
+    weight = torch.randn(40, generator=gen).requires_grad_(True)
+    bias = torch.randn(40, generator=gen).requires_grad_(True)
+    grads = torch.autograd.grad(triton_clip.layer_norm(x, weight, bias, 1e-5).square().sum(), [x, weight, bias])
+    expected = torch.autograd.grad(torch.nn.functional.layer_norm(x, (40,), weight, bias, 1e-5).square().sum(),
+                                   [x, weight, bias])
+    for got, want in zip(grads, expected, strict=True):
+        assert rel(got, want) < 1e-5
+
+
+def check_clip_with_triton_kernels_matches_the_clip_without():
+    from unittest import mock
+
+    unet, clip = tiny_unet(), tiny_clip()
+    gen = torch.Generator().manual_seed(9)
+    images = torch.randn(3, 3, clip.image_size, clip.image_size, generator=gen).requires_grad_(True)
+    expected = clip.encode_image(images)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), images)
+    calls = []
+    gelu = mock.patch.object(triton_clip, "quick_gelu",
+                             side_effect=lambda x: calls.append("gelu") or triton_clip._QuickGELU.apply(x))
+    norm = mock.patch.object(triton_clip, "layer_norm",
+                             side_effect=lambda *args: calls.append("norm") or triton_clip._LayerNorm.apply(*args))
+    with fast_paths.run_clones(unet, clip, FastPathOptions(triton_clip=True)) as (_, fast), gelu, norm:
+        assert fast.kernels == "triton" and clip.kernels is None
+        out = fast.encode_image(images)
+        (g,) = torch.autograd.grad(out.square().sum(), images)
+    blocks = len(clip.model.visual.transformer.resblocks)  # every block's two norms and its MLP, by the kernels
+    assert calls.count("gelu") == blocks and calls.count("norm") == 2 * blocks
+    assert rel(out, expected) < 1e-6 and rel(g, g_expected) < 1e-5
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}

@@ -1,0 +1,246 @@
+"""How many bytes each kernel of a guided step reads and writes, counted on fake tensors: where fusions pay.
+
+On a GPU the guided step's convolutions and matmuls run near the tensor cores' peak, but everything between
+them (GroupNorm, SiLU, residual sums, gradient accumulation, casts, layout copies, CLIP's activations) is bound
+by memory bandwidth: each such kernel costs about the bytes it moves. Counting those bytes needs no GPU. The
+step runs on fake tensors (shapes, dtypes and strides, no data; :func:`blended.memory_trace.fake_guided_step`)
+under a dispatch mode that charges every ATen op the bytes of its tensor inputs and outputs:
+
+* views, allocations and metadata queries move nothing; an in-place op reads and writes what it changes;
+* an input broadcast along a dimension (a stride of 0) is charged once, not once per use;
+* the layout copies CUDA's GroupNorm and cuDNN make inside their kernels are charged as "CUDA layout copy";
+* the pack's Triton kernels (``triton_norm``, ``triton_clip``) are charged by the passes they make over their
+  tensors, since off CUDA their reference runs instead: GroupNorm + SiLU reads ``x`` twice and writes once
+  forward, reads ``x`` and the gradient twice each and writes once backward (a ResBlock's first norm also
+  reads its skip path's gradient, which it adds); CLIP's LayerNorm and QuickGELU read and write once
+  forward, read two and write one backward;
+* cuDNN's own NCHW<->NHWC transposes around a bf16/fp16 convolution given NCHW activations (CUDA rules).
+
+Convolutions, matmuls and attention are listed apart ("compute"): their time follows FLOPs, not bytes. The
+result is a model of traffic, not a timing: kernels reach their bandwidth to different degrees.
+
+    PYTHONPATH=. python scripts/memory_trace.py --traffic --step --batch 8 \
+        --preset fast-gpu,fast-gpu+channels_last+triton_norm+triton_clip
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import memory_trace
+
+__all__ = ["KernelTraffic", "touched_bytes", "trace_step_traffic"]
+
+GB = 1e9
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_THIS_FILE = str(Path(__file__).resolve())
+# Ops whose time is set by their FLOPs.
+COMPUTE_OPS = frozenset({
+    "convolution", "convolution_backward", "mm", "bmm", "addmm", "baddbmm", "linear",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"})
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+def touched_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a kernel reads or writes for ``tensor``: its elements, a broadcast (stride 0) dimension once."""
+    count = 1
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        if stride != 0:
+            count *= size
+    return count * tensor.element_size()
+
+
+class KernelTraffic(TorchDispatchMode):
+    """Bytes moved by every memory-bound op (and, apart, by the compute ops), by op and by site in the pack.
+
+    A site is the innermost line of the pack's code that issued the op, with the phase ("forward", or
+    "backward of <autograd node>"), so the backward's bytes are told apart by the forward op they undo.
+    ``emulate_cuda`` charges CUDA's in-kernel layout copies (see :mod:`blended.memory_trace`).
+    """
+
+    def __init__(self, emulate_cuda: bool = True):
+        super().__init__()
+        self.emulate_cuda = emulate_cuda
+        self.by_op: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+        self.by_site: collections.Counter = collections.Counter()
+        self.compute: collections.Counter = collections.Counter()
+
+    def charge(self, op: str, nbytes: int) -> None:
+        """Count ``nbytes`` of memory-bound traffic for ``op`` at the current site (modelled kernels use it)."""
+        self.by_op[op] += nbytes
+        self.calls[op] += 1
+        self.by_site[(op, _site())] += nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.emulate_cuda:
+            copied = memory_trace._cuda_layout_copies(func, args)
+            for before, after in zip(args, copied, strict=True):
+                if after is not before:
+                    self.charge("CUDA layout copy", 2 * touched_bytes(after))
+            args = copied
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        mutates = func._schema.is_mutable
+        if name in _ALLOCATIONS or (not outputs and not mutates):
+            return out  # an allocation or a query
+        input_storages = {a.untyped_storage()._cdata for a in inputs}
+        aliased = [o.untyped_storage()._cdata in input_storages for o in outputs]
+        if outputs and all(aliased) and not mutates:
+            return out  # a view
+        # Inputs are read; new outputs written; a mutated input is read (counted with the inputs) and written.
+        nbytes = sum(touched_bytes(a) for a in inputs) + sum(touched_bytes(o) for o in outputs)
+        if name in COMPUTE_OPS:
+            self.compute[name] += nbytes
+            if self.emulate_cuda and name in ("convolution", "convolution_backward"):
+                self._cudnn_transposes(name, args, outputs)
+        else:
+            self.charge(name, nbytes)
+        return out
+
+    def _cudnn_transposes(self, name: str, args: tuple, outputs: list) -> None:
+        # cuDNN's bf16/fp16 convolutions run in NHWC: given NCHW activations, it transposes what it reads and
+        # what it writes, in kernels of its own (an H100 profile of a bf16 NCHW step: 508 such kernels, 12% of
+        # the kernel time). Forward: input and output; backward (input gradient): the output's gradient and
+        # the input's.
+        moved = [t for t in (args[0], outputs[0] if outputs else None) if t is not None and t.dim() == 4]
+        if not moved or moved[0].dtype not in (torch.bfloat16, torch.float16):
+            return
+        if memory_trace._layout(moved[0]) == "channels_last":
+            return
+        self.charge("cuDNN NCHW<->NHWC transposes", sum(2 * touched_bytes(t) for t in moved))
+
+    @property
+    def memory_bound_bytes(self) -> int:
+        return sum(self.by_op.values())
+
+    def report(self, keep: int = 25) -> dict:
+        ops = [{"op": op, "gb": round(n / GB, 2), "calls": self.calls[op]} for op, n in self.by_op.most_common(keep)]
+        sites = [{"op": op, "site": site, "gb": round(n / GB, 2)} for (op, site), n in self.by_site.most_common(keep)]
+        return {"memory_bound_gb": round(self.memory_bound_bytes / GB, 1),
+                "compute_op_gb": round(sum(self.compute.values()) / GB, 1),
+                "layout_copy_gb": round(self.by_op.get("CUDA layout copy", 0) / GB, 2),
+                "by_op": ops, "by_site": sites}
+
+
+def _site() -> str:
+    phase = "forward"
+    if torch._C._current_graph_task_id() != -1:
+        node = torch._C._current_autograd_node()
+        phase = f"backward of {node.name()}" if node is not None else "backward"
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_PACKAGE_DIR) and filename not in (_THIS_FILE, memory_trace._THIS_FILE):
+            return f"{phase}: {Path(filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return phase
+
+
+# ------------------------------------------------------------------ the Triton kernels, by their passes
+
+class _ModelledKernel(torch.autograd.Function):
+    """Stands in for one of the pack's Triton kernels on fake tensors: charges its passes, returns a fake
+    output of the input's shape, dtype and strides (as the kernels write)."""
+
+    @staticmethod
+    def forward(ctx, counter, name, forward_passes, backward_passes, x, extra):
+        ctx.counter, ctx.kernel, ctx.backward_passes = counter, name, backward_passes
+        counter.charge(f"{name} (Triton)", forward_passes * touched_bytes(x)
+                       + (touched_bytes(extra) if extra is not None else 0))
+        ctx.save_for_backward(x)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.backward_passes * touched_bytes(x))
+        return None, None, None, None, torch.empty_like(x), None
+
+
+class _ModelledKernelKeepingInput(torch.autograd.Function):
+    """:class:`_ModelledKernel` for the norm that also hands ``x`` on (the skip path) and adds that path's
+    gradient in its backward kernel: one more read there, and no accumulation by autograd."""
+
+    @staticmethod
+    def forward(ctx, counter, name, forward_passes, backward_passes, x):
+        ctx.counter, ctx.kernel, ctx.backward_passes = counter, name, backward_passes
+        counter.charge(f"{name} (Triton)", forward_passes * touched_bytes(x))
+        ctx.save_for_backward(x)
+        return torch.empty_like(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad, grad_input):
+        (x,) = ctx.saved_tensors
+        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.backward_passes * touched_bytes(x))
+        return None, None, None, None, torch.empty_like(x)
+
+
+@contextlib.contextmanager
+def _modelled_triton_kernels(counter: KernelTraffic, options):
+    from . import clip_vision
+    from . import unet as unet_module
+
+    patches = contextlib.ExitStack()
+    with patches:
+        if options.triton_norm:
+            def norm_silu(kernel, norm, x, scale_shift=None):
+                # forward: the statistics pass and the output pass read x; one write. Backward: two passes
+                # over x and the gradient, one write.
+                return _ModelledKernel.apply(counter, "GroupNorm+SiLU", 3, 5, x, scale_shift)
+            def norm_silu_keeping_input(kernel, norm, x):
+                # the same passes, and the skip path's gradient read once more as dx is written
+                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 3, 6, x)
+            patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu", norm_silu))
+            patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
+                                                    norm_silu_keeping_input))
+        if options.triton_clip:
+            def mlp(module, x, kernels):
+                if kernels != "triton" or not clip_vision._is_quick_gelu(getattr(module, "gelu", None)):
+                    return module(x)
+                hidden = module.c_fc(x)
+                return module.c_proj(_ModelledKernel.apply(counter, "QuickGELU", 2, 3, hidden, None))
+
+            def layer_norm(norm, x, kernels):
+                if kernels != "triton" or not clip_vision._is_affine_layer_norm(norm, x):
+                    return norm(x)
+                return _ModelledKernel.apply(counter, "LayerNorm", 2, 3, x, None)
+            patches.enter_context(mock.patch.object(clip_vision, "_mlp", mlp))
+            patches.enter_context(mock.patch.object(clip_vision, "_layer_norm", layer_norm))
+        yield
+
+
+def trace_step_traffic(options, batch: int, views: int = 8, config: str = "full256", keep: int = 25,
+                       emulate_cuda: bool = True) -> dict:
+    """The bytes one whole guided step moves (:func:`blended.memory_trace.fake_guided_step`), by op and by site.
+
+    ``options`` is a :class:`~blended.fast_paths.FastPathOptions`. ``memory_bound_gb`` sums the ops whose time
+    follows their bytes (``compute_op_gb``: the convolutions', matmuls' and attention's, apart).
+    """
+    from . import fast_paths
+    from . import unet as unet_module
+
+    counter = KernelTraffic(emulate_cuda=emulate_cuda)
+    fp32_norm_devices = frozenset() if emulate_cuda else unet_module.STRIDED_NORM_FP32_DEVICES
+    with memory_trace.fake_guided_step(options, batch, views, config) as (runner, _):
+        fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
+        with mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", fp32_norm_devices), \
+                _modelled_triton_kernels(counter, options), counter:
+            runner()
+    result = counter.report(keep)
+    result.update(config=config, batch=batch, views=views, options=options.describe(), emulate_cuda=emulate_cuda)
+    return result
