@@ -114,7 +114,9 @@ def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tenso
     batch, length, width = x.shape
     heads = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [N, L, 3D], rows [q | k | v], heads inside each
-    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    # Unbound along the packed dimension itself, so that the backward stacks the three gradients straight into
+    # the projection's layout; unbound after a permute, the stacked gradient needed one more copy to get there.
+    q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, width // heads).unbind(2))
     attended = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, D/H]
     attended = attended.transpose(1, 2).reshape(batch, length, width)
     return F.linear(attended, attn.out_proj.weight, attn.out_proj.bias)

@@ -155,21 +155,27 @@ def _site() -> str:
 
 class _ModelledKernel(torch.autograd.Function):
     """Stands in for one of the pack's Triton kernels on fake tensors: charges its passes, returns a fake
-    output of the input's shape, dtype and strides (as the kernels write)."""
+    output of the input's shape and strides (as the kernels write) in ``out_dtype``.
+
+    Forward, the kernel reads ``x`` ``x_reads`` times (and ``extra``, the timestep terms, once) and writes its
+    output; backward it reads ``x`` and the output's gradient ``grad_reads`` times each and writes ``x``'s.
+    """
 
     @staticmethod
-    def forward(ctx, counter, name, forward_passes, backward_passes, x, extra):
-        ctx.counter, ctx.kernel, ctx.backward_passes = counter, name, backward_passes
-        counter.charge(f"{name} (Triton)", forward_passes * touched_bytes(x)
+    def forward(ctx, counter, name, x_reads, grad_reads, x, extra, out_dtype):
+        ctx.counter, ctx.kernel, ctx.grad_reads = counter, name, grad_reads
+        y = torch.empty_like(x, dtype=out_dtype or x.dtype)
+        counter.charge(f"{name} (Triton)", x_reads * touched_bytes(x) + touched_bytes(y)
                        + (touched_bytes(extra) if extra is not None else 0))
         ctx.save_for_backward(x)
-        return torch.empty_like(x)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.backward_passes * touched_bytes(x))
-        return None, None, None, None, torch.empty_like(x), None
+        ctx.counter.charge(f"{ctx.kernel} backward (Triton)",
+                           ctx.grad_reads * (touched_bytes(x) + touched_bytes(grad)) + touched_bytes(x))
+        return None, None, None, None, torch.empty_like(x), None, None
 
 
 class _ModelledKernelKeepingInput(torch.autograd.Function):
@@ -177,16 +183,17 @@ class _ModelledKernelKeepingInput(torch.autograd.Function):
     gradient in its backward kernel: one more read there, and no accumulation by autograd."""
 
     @staticmethod
-    def forward(ctx, counter, name, forward_passes, backward_passes, x):
-        ctx.counter, ctx.kernel, ctx.backward_passes = counter, name, backward_passes
-        counter.charge(f"{name} (Triton)", forward_passes * touched_bytes(x))
+    def forward(ctx, counter, name, x_reads, grad_reads, x):
+        ctx.counter, ctx.kernel, ctx.grad_reads = counter, name, grad_reads
+        counter.charge(f"{name} (Triton)", (x_reads + 1) * touched_bytes(x))
         ctx.save_for_backward(x)
         return torch.empty_like(x), x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad, grad_input):
         (x,) = ctx.saved_tensors
-        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.backward_passes * touched_bytes(x))
+        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.grad_reads * (touched_bytes(x) + touched_bytes(grad))
+                           + touched_bytes(grad_input) + touched_bytes(x))
         return None, None, None, None, torch.empty_like(x)
 
 
@@ -198,13 +205,13 @@ def _modelled_triton_kernels(counter: KernelTraffic, options):
     patches = contextlib.ExitStack()
     with patches:
         if options.triton_norm:
-            def norm_silu(kernel, norm, x, scale_shift=None):
-                # forward: the statistics pass and the output pass read x; one write. Backward: two passes
-                # over x and the gradient, one write.
-                return _ModelledKernel.apply(counter, "GroupNorm+SiLU", 3, 5, x, scale_shift)
+            def norm_silu(kernel, norm, x, scale_shift=None, out_dtype=None):
+                # Forward: a statistics pass and an output pass read x. Backward: a statistics pass and an
+                # output pass read x and the gradient.
+                return _ModelledKernel.apply(counter, "GroupNorm+SiLU", 2, 2, x, scale_shift, out_dtype)
+
             def norm_silu_keeping_input(kernel, norm, x):
-                # the same passes, and the skip path's gradient read once more as dx is written
-                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 3, 6, x)
+                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 2, 2, x)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu", norm_silu))
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
                                                     norm_silu_keeping_input))
@@ -213,12 +220,12 @@ def _modelled_triton_kernels(counter: KernelTraffic, options):
                 if kernels != "triton" or not clip_vision._is_quick_gelu(getattr(module, "gelu", None)):
                     return module(x)
                 hidden = module.c_fc(x)
-                return module.c_proj(_ModelledKernel.apply(counter, "QuickGELU", 2, 3, hidden, None))
+                return module.c_proj(_ModelledKernel.apply(counter, "QuickGELU", 1, 1, hidden, None, None))
 
             def layer_norm(norm, x, kernels):
                 if kernels != "triton" or not clip_vision._is_affine_layer_norm(norm, x):
                     return norm(x)
-                return _ModelledKernel.apply(counter, "LayerNorm", 2, 3, x, None)
+                return _ModelledKernel.apply(counter, "LayerNorm", 1, 1, x, None, None)
             patches.enter_context(mock.patch.object(clip_vision, "_mlp", mlp))
             patches.enter_context(mock.patch.object(clip_vision, "_layer_norm", layer_norm))
         yield

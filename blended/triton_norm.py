@@ -219,7 +219,7 @@ def _block_sizes(group_size: int) -> tuple[int, int]:
     return max(16, 2048 // block_c), block_c
 
 
-def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
+def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None):
     batch, channels, height, width = x.shape
     group_size, hw = channels // num_groups, height * width
     x, sx = _flat_strides(x)
@@ -234,13 +234,13 @@ def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
     mean = (count * means).sum(1) / total
     var = (m2.sum(1) + (count * (means - mean[:, None]) ** 2).sum(1)) / total
     rstd = torch.rsqrt(var + eps)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     _, sy = _flat_strides(y)
     grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
     _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
                           HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
     ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
-    ctx.num_groups, ctx.eps = num_groups, eps
+    ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
     return y
 
 
@@ -256,7 +256,8 @@ def _backward(ctx, dy, residual=None):
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) if t is not None else None
                   for t, need in zip((weight, bias, scale_shift), ctx.needs_input_grad[1:4], strict=True)]
-        y = group_norm_act(x.detach(), leaves[0], leaves[1], x.shape[1] // ctx.num_groups, ctx.eps, leaves[2])
+        x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
+        y = group_norm_act(x_in, leaves[0], leaves[1], x.shape[1] // ctx.num_groups, ctx.eps, leaves[2])
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, dy))
     rest = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
@@ -265,12 +266,12 @@ def _backward(ctx, dy, residual=None):
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
-        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps)
+    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype):
+        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy)
+        return *_backward(ctx, dy), None
 
 
 class _GroupNormSiLUAndInput(torch.autograd.Function):
@@ -312,9 +313,14 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int, eps: float,
-                    scale_shift: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`blended.fused_norm.group_norm_act` by the Triton kernels (same arguments, same result)."""
-    return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps)
+                    scale_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`blended.fused_norm.group_norm_act` by the Triton kernels (same arguments, same result).
+
+    ``out_dtype`` (default: ``x``'s) is the output's dtype: the function of ``x.to(out_dtype)`` without that
+    copy, since the kernels compute in float32 whatever they read (the UNet's float32 ``out`` head on a bf16
+    block output). The input's gradient comes back in ``x``'s dtype.
+    """
+    return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps, out_dtype)
 
 
 def group_norm_silu_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int,

@@ -299,17 +299,20 @@ class ResBlock(nn.Module):
 NORM_KERNELS = ("compile", "triton")
 
 
-def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor,
-                     scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out_dtype``: compute on ``x`` converted to it (the float32 ``out`` head); the Triton kernels read ``x``
+    as it is and write that dtype, which gives the same values without the converted copy."""
     group_size = norm.num_channels // norm.num_groups
-    if kernel == "compile":
-        return fused_group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
     # The Triton kernels run on CUDA, or on the CPU under Triton's interpreter (how the tests check them);
     # anywhere else the same function in plain torch. Imported only here: Triton is needed only on this path.
-    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if kernel == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from .triton_norm import group_norm_silu
 
-        return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
+        return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift, out_dtype=out_dtype)
+    x = x if out_dtype is None else _in_dtype(x, out_dtype)
+    if kernel == "compile":
+        return fused_group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
     return group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
 
 
@@ -554,9 +557,9 @@ class GuidedDiffusionUNet(nn.Module):
     def _out_head(self, h: torch.Tensor) -> torch.Tensor:
         """``out`` (GroupNorm, SiLU, conv) in the dtype of its conv: float32 unless the torso scheme says so."""
         norm, act, conv = self.out
-        h = h.to(conv.weight.dtype)
-        h = _fused_norm_silu(self.norm_kernel, norm, h) if self.norm_kernel else act(norm(h))
-        return conv(h)
+        if self.norm_kernel:
+            return conv(_fused_norm_silu(self.norm_kernel, norm, h, out_dtype=conv.weight.dtype))
+        return conv(act(norm(h.to(conv.weight.dtype))))
 
     def _block_precision(self, device: torch.device):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:

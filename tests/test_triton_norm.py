@@ -24,7 +24,8 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "layer_norm_bfloat16_is_openais_float32_norm_rounded_once",
           "layer_norm_weight_gradients_come_from_the_reference_when_asked",
           "clip_with_triton_kernels_matches_the_clip_without",
-          "skip_path_gradient_is_added_inside_the_backward_kernel")
+          "skip_path_gradient_is_added_inside_the_backward_kernel",
+          "float32_output_of_a_bfloat16_input_needs_no_converted_copy")
 
 
 @pytest.mark.parametrize("check", CHECKS)

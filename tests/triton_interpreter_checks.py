@@ -97,6 +97,28 @@ def check_float32_forward_and_input_gradient_match_the_reference():
                 _float32_case(shape, channels_last, scale_shift)
 
 
+def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
+    # The UNet's float32 out head on the bf16 block output: the same values as on x.float(), the gradient
+    # back in bf16 (within one rounding of the float32 one).
+    x, weight, bias, _ = case((2, 64, 6, 6), torch.bfloat16, True, False, seed=17)
+    y = kernels.group_norm_silu(x, weight, bias, 2, 1e-5, out_dtype=torch.float32)
+    x32 = x.detach().float().requires_grad_(True)
+    y_expected = kernels.group_norm_silu(x32, weight, bias, 2, 1e-5)
+    assert y.dtype == torch.float32 and torch.equal(y, y_expected) and y.stride() == x.stride()
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(18))
+    (gx,) = torch.autograd.grad(y, x, grad_out)
+    (gx32,) = torch.autograd.grad(y_expected, x32, grad_out)
+    assert gx.dtype == torch.bfloat16 and ((gx.float() - gx32).abs() <= gx32.abs() * 2 ** -7).all()
+    # The weights' gradients, when asked, are those of the float32 function too.
+    w = weight.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(kernels.group_norm_silu(x.detach(), w, bias, 2, 1e-5, out_dtype=torch.float32)
+                                .square().sum(), w)
+    w_ref = weight.clone().requires_grad_(True)
+    (gw_expected,) = torch.autograd.grad(group_norm_act(x.detach().float(), w_ref, bias, 2, 1e-5).square().sum(),
+                                         w_ref)
+    assert rel(gw, gw_expected) < 1e-5
+
+
 def check_skip_path_gradient_is_added_inside_the_backward_kernel():
     # A ResBlock's use: the norm's output goes one way, x itself (the second output) the skip way; both
     # gradients come back to x. In float32 the sum is autograd's to the bit (the kernel adds the same two
