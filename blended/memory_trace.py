@@ -244,11 +244,15 @@ def _configure_unet(unet, options) -> None:
 
 
 @contextlib.contextmanager
-def _tracing(tracer: MemoryTracer):
+def _tracing(tracer: MemoryTracer, options):
     from . import unet as unet_module
+    from .traffic_trace import KernelTraffic, modelled_triton_kernels
 
     fp32_norm_devices = frozenset() if tracer.emulate_cuda else unet_module.STRIDED_NORM_FP32_DEVICES
-    with tracer, mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", fp32_norm_devices):
+    # The Triton kernels cannot run on fake tensors (their plain-torch references would keep more): stand-ins
+    # that keep what the kernels keep.
+    with tracer, mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", fp32_norm_devices), \
+            modelled_triton_kernels(KernelTraffic(), options):
         yield tracer
 
 
@@ -273,7 +277,7 @@ def trace_unet_backward(options, batch: int, config: str = "full256", image_size
         size = image_size or unet.config.image_size
         x = torch.empty(batch, unet.config.in_channels, size, size)
         timesteps = torch.full((batch,), 500.0)
-        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda)) as tracer:
+        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda), options) as tracer:
             x = x.requires_grad_(True)
             out = unet(x, timesteps)
             loss = out.sum()
@@ -297,7 +301,7 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
     The CLIP tower is built for real first (a few hundred MB, some seconds) to encode the prompt.
     """
     with fake_guided_step(options, batch, views, config) as (runner, weights):
-        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda)) as tracer:
+        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda), options) as tracer:
             runner()
         result = tracer.report()
     result.update(config=config, batch=batch, views=views, image_size=runner.unet.config.image_size,

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import memory_trace
 
-__all__ = ["KernelTraffic", "touched_bytes", "trace_step_traffic"]
+__all__ = ["KernelTraffic", "modelled_triton_kernels", "touched_bytes", "trace_step_traffic"]
 
 GB = 1e9
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -198,7 +198,9 @@ class _ModelledKernelKeepingInput(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _modelled_triton_kernels(counter: KernelTraffic, options):
+def modelled_triton_kernels(counter: KernelTraffic, options):
+    """The pack's Triton kernels (per ``options``) replaced by stand-ins that run on fake tensors, charge
+    ``counter`` their passes and keep for the backward what the kernels keep (their input)."""
     from . import clip_vision
     from . import unet as unet_module
 
@@ -246,7 +248,7 @@ def trace_step_traffic(options, batch: int, views: int = 8, config: str = "full2
     with memory_trace.fake_guided_step(options, batch, views, config) as (runner, _):
         fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
         with mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", fp32_norm_devices), \
-                _modelled_triton_kernels(counter, options), counter:
+                modelled_triton_kernels(counter, options), counter:
             runner()
     result = counter.report(keep)
     result.update(config=config, batch=batch, views=views, options=options.describe(), emulate_cuda=emulate_cuda)
