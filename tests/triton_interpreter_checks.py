@@ -26,6 +26,22 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def within_one_bf16_step(got, want, atol=0.0):
+    """``got`` is one rounding of ``want`` to bf16 (2**-8 relative; the interpreter truncates where a GPU rounds
+    to nearest, so a full step is allowed)."""
+    got, want = got.double(), want.double()
+    return bool(((got - want).abs() <= want.abs() * 2 ** -7 + atol).all())
+
+
+def bf16_input_gradient_error(fn, reference, x, grad_out, dtype):
+    """Relative error of ``fn``'s bf16 input gradient against ``reference``'s computed in ``dtype``."""
+    (gx,) = torch.autograd.grad(fn(x), x, grad_out)
+    assert gx.dtype == torch.bfloat16
+    x_exact = x.detach().to(dtype).requires_grad_(True)
+    (gx_exact,) = torch.autograd.grad(reference(x_exact), x_exact, grad_out.to(dtype))
+    return rel(gx, gx_exact)
+
+
 def case(shape, dtype, channels_last, scale_shift, seed):
     gen = torch.Generator().manual_seed(seed)
     batch, channels = shape[:2]
@@ -108,7 +124,7 @@ def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(18))
     (gx,) = torch.autograd.grad(y, x, grad_out)
     (gx32,) = torch.autograd.grad(y_expected, x32, grad_out)
-    assert gx.dtype == torch.bfloat16 and ((gx.float() - gx32).abs() <= gx32.abs() * 2 ** -7).all()
+    assert gx.dtype == torch.bfloat16 and within_one_bf16_step(gx, gx32)
     # The weights' gradients, when asked, are those of the float32 function too.
     w = weight.clone().requires_grad_(True)
     (gw,) = torch.autograd.grad(kernels.group_norm_silu(x.detach(), w, bias, 2, 1e-5, out_dtype=torch.float32)
@@ -172,17 +188,12 @@ def check_quick_gelu_bfloat16_is_computed_in_float32_and_rounded_once():
     y = triton_clip.quick_gelu(x)
     exact = _quick_gelu(x.detach().double())
     assert y.dtype == torch.bfloat16
-    # One rounding of the float32 value: within one bf16 step (2**-8 relative) of the exact function, the
-    # interpreter truncating where a GPU rounds to nearest; and within a step of the plain-torch reference.
-    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -7).all()
+    # One rounding of the float32 value: within a bf16 step of the exact function and of the torch reference.
+    assert within_one_bf16_step(y, exact)
     reference = triton_clip.quick_gelu_reference(x.detach())
-    assert reference.dtype == torch.bfloat16
-    assert ((y.double() - reference.double()).abs() <= reference.double().abs() * 2 ** -7).all()
+    assert reference.dtype == torch.bfloat16 and within_one_bf16_step(y, reference)
     grad_out = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
-    (gx,) = torch.autograd.grad(y, x, grad_out)
-    x64 = x.detach().double().requires_grad_(True)
-    (gx_exact,) = torch.autograd.grad(_quick_gelu(x64), x64, grad_out.double())
-    assert gx.dtype == torch.bfloat16 and rel(gx, gx_exact) < 4e-3
+    assert bf16_input_gradient_error(triton_clip.quick_gelu, _quick_gelu, x, grad_out, torch.float64) < 4e-3
 
 
 def check_layer_norm_float32_forward_and_input_gradient_match_torch():
@@ -215,13 +226,10 @@ def check_layer_norm_bfloat16_is_openais_float32_norm_rounded_once():
     expected = norm(x)  # float32 statistics and affine, cast back
     assert y.dtype == torch.bfloat16
     assert torch.equal(triton_clip.layer_norm_reference(x, norm.weight, norm.bias, norm.eps), expected)
-    # Within a bf16 step of it (the interpreter truncates where a GPU rounds to nearest).
-    assert ((y.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7 + 1e-6).all()
+    assert within_one_bf16_step(y, expected, atol=1e-6)
     grad_out = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
-    (gx,) = torch.autograd.grad(y, x, grad_out)
-    x32 = x.detach().float().requires_grad_(True)
-    (gx_expected,) = torch.autograd.grad(norm(x32), x32, grad_out.float())
-    assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3
+    assert bf16_input_gradient_error(lambda t: triton_clip.layer_norm(t, norm.weight, norm.bias, norm.eps), norm, x,
+                                     grad_out, torch.float32) < 4e-3
 
 
 def check_layer_norm_weight_gradients_come_from_the_reference_when_asked():
