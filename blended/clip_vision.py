@@ -15,14 +15,13 @@ any other tower (ResNet CLIPs, open_clip's custom blocks) runs through open_clip
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .cuda_graphs import CHECKPOINT_ARGS
+from .devices import runs_triton_kernels
 
 __all__ = ["supports", "encode_image"]
 
@@ -78,7 +77,7 @@ def _block(block: nn.Module, x: torch.Tensor, kernels: str | None = None) -> tor
 
 
 def _triton(kernels: str | None, x: torch.Tensor) -> bool:
-    return kernels == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return kernels == "triton" and runs_triton_kernels(x)
 
 
 def _layer_norm(norm: nn.Module, x: torch.Tensor, kernels: str | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not stall the host.
+"""Where work runs: host-to-device copies that do not stall the host, and where the Triton kernels run.
 
 A plain ``tensor.to("cuda")`` from ordinary (pageable) CPU memory makes torch wait for the copy, which also
 waits for every kernel queued before it: inside the guided step that idles the GPU once per copy. Copying
@@ -7,6 +7,8 @@ once the copy is done (torch's pinned-memory cache tracks that).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,3 +21,10 @@ def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) ->
     else:
         tensor = tensor.to(device)
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def runs_triton_kernels(tensor: torch.Tensor) -> bool:
+    """Whether the pack's Triton kernels (``triton_norm``, ``triton_clip``) take ``tensor``: on CUDA, or on the
+    CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests check them); elsewhere their options
+    fall back to plain torch."""
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -62,6 +62,7 @@ __all__ = [
     "run_clones",
     "sampler_settings_with",
     "set_clip_checkpointing",
+    "set_clip_kernels",
     "set_clip_precision",
     "set_gradient_checkpointing",
     "set_unet_precision",
@@ -321,6 +322,12 @@ def set_gradient_checkpointing(unet, enabled: bool):
     return unet
 
 
+def set_clip_kernels(clip, triton: bool):
+    """Run CLIP's vision LayerNorms and QuickGELU by the pack's Triton kernels (the ``triton_clip`` option)."""
+    clip.kernels = "triton" if triton else None
+    return clip
+
+
 def set_clip_checkpointing(clip, enabled: bool):
     """Recompute CLIP's vision transformer blocks in the backward (open_clip's grad-checkpointing flag, which
     :mod:`blended.clip_vision` honours too).
@@ -369,7 +376,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
     set_clip_checkpointing(clip, options.clip_checkpointing)
     unet.norm_kernel = options.norm_kernel
     if clip is not None:
-        clip.kernels = "triton" if options.triton_clip else None
+        set_clip_kernels(clip, options.triton_clip)
     if options.compile and not is_compiled(unet):
         compile_unet(unet, backend=compile_backend)
     elif not options.compile and is_compiled(unet):

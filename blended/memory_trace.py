@@ -88,14 +88,16 @@ def _layout(tensor: torch.Tensor) -> str:
     return "contiguous" if tensor.is_contiguous() else "strided"
 
 
-def _where() -> tuple[str, bool]:
-    """The innermost frame in the pack (this module excluded), as 'file:line function', and whether torch's
-    checkpoint is further out (in the backward: a checkpointed block recomputing its forward)."""
-    frame = sys._getframe(2)
+def _where(skip: tuple[str, ...] = ()) -> tuple[str, bool]:
+    """The innermost frame in the pack (this module and the files in ``skip`` excluded), as 'file:line
+    function', and whether torch's checkpoint is further out (in the backward: a checkpointed block
+    recomputing its forward)."""
+    skipped = (_THIS_FILE, *skip)
+    frame = sys._getframe(1)
     where, through_checkpoint = "-", False
     while frame is not None:
         filename = frame.f_code.co_filename
-        if where == "-" and filename.startswith(_PACKAGE_DIR) and filename != _THIS_FILE:
+        if where == "-" and filename.startswith(_PACKAGE_DIR) and filename not in skipped:
             where = f"{Path(filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
         through_checkpoint = through_checkpoint or filename.endswith(_CHECKPOINT_FILE)
         frame = frame.f_back
@@ -327,7 +329,7 @@ def fake_guided_step(options, batch: int, views: int = 8, config: str = "full256
     fast_paths.set_clip_precision(clip, options.clip_dtype)
     fast_paths.apply_channels_last(unet, clip, enabled=options.channels_last)
     fast_paths.set_clip_checkpointing(clip, options.clip_checkpointing)
-    clip.kernels = "triton" if options.triton_clip else None
+    fast_paths.set_clip_kernels(clip, options.triton_clip)
     inputs = benchmark.edit_inputs(unet, clip, torch.device("cpu"))
     diffusion = create_diffusion(timestep_respacing=str(benchmark.SCHEDULE_STEPS))
     settings = fast_paths.sampler_settings_with(SamplerSettings(skip_timesteps=25), options)

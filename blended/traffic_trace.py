@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -40,7 +39,6 @@ from . import memory_trace
 __all__ = ["KernelTraffic", "modelled_triton_kernels", "touched_bytes", "trace_step_traffic"]
 
 GB = 1e9
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _THIS_FILE = str(Path(__file__).resolve())
 # Ops whose time is set by their FLOPs.
 COMPUTE_OPS = frozenset({
@@ -107,12 +105,12 @@ class KernelTraffic(TorchDispatchMode):
         if name in COMPUTE_OPS:
             self.compute[name] += nbytes
             if self.emulate_cuda and name in ("convolution", "convolution_backward"):
-                self._cudnn_transposes(name, args, outputs)
+                self._cudnn_transposes(args, outputs)
         else:
             self.charge(name, nbytes)
         return out
 
-    def _cudnn_transposes(self, name: str, args: tuple, outputs: list) -> None:
+    def _cudnn_transposes(self, args: tuple, outputs: list) -> None:
         # cuDNN's bf16/fp16 convolutions run in NHWC: given NCHW activations, it transposes what it reads and
         # what it writes, in kernels of its own (an H100 profile of a bf16 NCHW step: 508 such kernels, 12% of
         # the kernel time). Forward: input and output; backward (input gradient): the output's gradient and
@@ -142,13 +140,8 @@ def _site() -> str:
     if torch._C._current_graph_task_id() != -1:
         node = torch._C._current_autograd_node()
         phase = f"backward of {node.name()}" if node is not None else "backward"
-    frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename.startswith(_PACKAGE_DIR) and filename not in (_THIS_FILE, memory_trace._THIS_FILE):
-            return f"{phase}: {Path(filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
-        frame = frame.f_back
-    return phase
+    where, _ = memory_trace._where(skip=(_THIS_FILE,))
+    return phase if where == "-" else f"{phase}: {where}"
 
 
 # ------------------------------------------------------------------ the Triton kernels, by their passes

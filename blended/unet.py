@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .cuda_graphs import CHECKPOINT_ARGS
+from .devices import runs_triton_kernels
 from .frozen_conv import FrozenWeightConv2d
 from .fused_norm import fused_group_norm_act, group_norm_act
 
@@ -304,9 +304,9 @@ def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor, scale_shi
     """``out_dtype``: compute on ``x`` converted to it (the float32 ``out`` head); the Triton kernels read ``x``
     as it is and write that dtype, which gives the same values without the converted copy."""
     group_size = norm.num_channels // norm.num_groups
-    # The Triton kernels run on CUDA, or on the CPU under Triton's interpreter (how the tests check them);
-    # anywhere else the same function in plain torch. Imported only here: Triton is needed only on this path.
-    if kernel == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    # Where the Triton kernels cannot run, the same function in plain torch. Imported only here: Triton is
+    # needed only on this path.
+    if kernel == "triton" and runs_triton_kernels(x):
         from .triton_norm import group_norm_silu
 
         return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift, out_dtype=out_dtype)
@@ -321,7 +321,7 @@ def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm,
     """``(_fused_norm_silu(kernel, norm, x), x)``, for a ResBlock whose skip path uses ``x`` too. With the Triton
     kernels the returned ``x`` carries its skip-path gradient into the norm's backward kernel, which adds it
     as it writes ``x``'s gradient (one pass where autograd's sum would read that gradient back)."""
-    if kernel == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if kernel == "triton" and runs_triton_kernels(x):
         from .triton_norm import group_norm_silu_and_input
 
         return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
