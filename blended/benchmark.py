@@ -412,7 +412,9 @@ def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache:
     base = current_memory_bytes(device)
     reset_peak_memory(device)
     first_step = None
-    for _ in range(max(args.warmup, settle if opts.cuda_graphs else 0)):
+    # A graphed run is timed only once its graphs are captured, whatever --warmup says.
+    warmup = max(args.warmup, settle) if opts.cuda_graphs else args.warmup
+    for _ in range(warmup):
         start = time.perf_counter()
         runner()
         synchronize(device)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 __all__ = ["layer_norm", "layer_norm_reference", "quick_gelu", "quick_gelu_reference"]
 
-_BLOCK = 1024
+GELU_BLOCK = 1024  # elements per program of the QuickGELU passes
 
 
 # ----------------------------------------------------------------------------------------------- QuickGELU
@@ -59,7 +59,7 @@ class _QuickGELU(torch.autograd.Function):
         x = x.contiguous()  # a Linear's output already is
         y = torch.empty_like(x)
         if x.numel():
-            _gelu_forward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, y, x.numel(), BLOCK=_BLOCK)
+            _gelu_forward_kernel[(triton.cdiv(x.numel(), GELU_BLOCK),)](x, y, x.numel(), BLOCK=GELU_BLOCK)
         ctx.save_for_backward(x)
         return y
 
@@ -69,7 +69,7 @@ class _QuickGELU(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         if x.numel():
-            _gelu_backward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, dy, dx, x.numel(), BLOCK=_BLOCK)
+            _gelu_backward_kernel[(triton.cdiv(x.numel(), GELU_BLOCK),)](x, dy, dx, x.numel(), BLOCK=GELU_BLOCK)
         return dx
 
 

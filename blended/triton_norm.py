@@ -6,8 +6,9 @@ stay NCHW and pay their own layout copies (12% of the step). ``torch.compile`` w
 chain but its NHWC group reductions ran slower than eager (``blended.fused_norm``). These kernels do the chain in
 the passes it needs, reading either memory format in place:
 
-* forward: one split reduction (each group's mean and M2 by Chan's parallel formula, so a large mean does not
-  cost precision; the splits keep every SM busy even at batch 1), then one pass writing
+* forward: one split reduction (each group's mean and M2: every lane of a tile keeps its own by Welford's update
+  and the lanes and splits are merged by Chan's parallel formula, so a large mean does not cost precision; the
+  splits keep every SM busy even at batch 1), then one pass writing
   ``silu((x - mean) * rstd * w + b) * (1 + scale) + shift``-order output (scale-shift before SiLU, as the UNet);
 * backward (input gradient only, which is all CLIP guidance needs; the frozen weights get theirs from the
   reference path if anyone asks): one split reduction of the two group sums GroupNorm's backward needs,
@@ -29,11 +30,17 @@ from .fused_norm import group_norm_act
 __all__ = ["group_norm_silu", "group_norm_silu_and_input"]
 
 _TARGET_PROGRAMS = 1024  # split reductions until about this many programs run (an H100 has 132 SMs)
+# (pixels, channels) per program of the passes that write a map. The forward's tile is the larger: each program
+# first gathers its columns' statistics and affine terms, and over 32 pixels that setup made the pass execute more
+# instructions per byte than an H100 can issue at full bandwidth (``scripts/kernel_report.py``). The backward,
+# with more registers per element, stays at 32 pixels to keep more programs resident.
+FORWARD_TILE = (64, 64)
+BACKWARD_TILE = (32, 64)
 
 
 @triton.jit
 def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
-                  BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                  GROUP_ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)  # batch * groups + group
     split = tl.program_id(1)
     groups = C // Cg
@@ -41,29 +48,36 @@ def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, 
     g = row % groups
     c = tl.arange(0, BLOCK_C)
     c_mask = c < Cg
-    base = x_ptr + b * stride_b + (g * Cg + c) * stride_c
+    base = x_ptr + b * stride_b + (tl.multiple_of(g * Cg, GROUP_ALIGN) + c) * stride_c
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, HW)
-    count = tl.zeros((), dtype=tl.float32)
-    mean = tl.zeros((), dtype=tl.float32)
-    m2 = tl.zeros((), dtype=tl.float32)
+    # Each lane of the tile keeps its own running count, mean and M2 (Welford's update), and the lanes are merged
+    # once after the loop: no reduction across the program (shared memory and barriers) per tile.
+    count = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_HW):
         rows = r0 + tl.arange(0, BLOCK_HW)
         mask = (rows < end)[:, None] & c_mask[None, :]
         v = tl.load(base[None, :] + rows[:, None] * stride_hw, mask=mask, other=0.0).to(tl.float32)
-        n_tile = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-        mean_tile = tl.sum(tl.sum(v, axis=1), axis=0) / n_tile
-        d = tl.where(mask, v - mean_tile, 0.0)
-        m2_tile = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        delta = mean_tile - mean
-        total = count + n_tile
-        mean = mean + delta * (n_tile / total)
-        m2 = m2 + m2_tile + delta * delta * (count * n_tile / total)
-        count = total
+        # Only the last tile can be partial, so every lane this tile updates has seen one value per tile so far:
+        # one reciprocal per tile serves them all.
+        tiles = ((r0 - start) // BLOCK_HW + 1).to(tl.float32)
+        delta = v - mean
+        mean_next = mean + delta * (1.0 / tiles)
+        m2 = tl.where(mask, m2 + delta * (v - mean_next), m2)
+        mean = tl.where(mask, mean_next, mean)
+        count = tl.where(mask, tiles, count)
+    # The lanes merged as the splits are on the host: the parts' M2s plus each part's count times its mean's
+    # squared distance from the whole's mean (Chan's formula for many parts).
+    total = tl.sum(tl.sum(count, axis=1), axis=0)
+    total_mean = tl.sum(tl.sum(count * mean, axis=1), axis=0) / tl.maximum(total, 1.0)
+    spread = mean - total_mean
+    total_m2 = tl.sum(tl.sum(m2 + count * spread * spread, axis=1), axis=0)
     out = partial_ptr + (row * num_splits + split) * 3
-    tl.store(out, count)
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+    tl.store(out, total)
+    tl.store(out + 1, total_mean)
+    tl.store(out + 2, total_m2)
 
 
 @triton.jit
@@ -137,7 +151,8 @@ def _input_gradient_terms(v, dy, mean, rstd, w, bias, scale, shift, HAS_SCALE_SH
 @triton.jit
 def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
                            sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
-                           HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                           HAS_SCALE_SHIFT: tl.constexpr, GROUP_ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     groups = C // Cg
@@ -145,7 +160,7 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
     g = row % groups
     c = tl.arange(0, BLOCK_C)
     c_mask = c < Cg
-    cols = g * Cg + c
+    cols = tl.multiple_of(g * Cg, GROUP_ALIGN) + c
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
@@ -154,8 +169,8 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
     scale, shift = scale[None, :], shift[None, :]
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, HW)
-    sum_dxhat = tl.zeros((), dtype=tl.float32)
-    sum_dxhat_xhat = tl.zeros((), dtype=tl.float32)
+    sum_dxhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)  # per lane, summed once after the loop
+    sum_dxhat_xhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_HW):
         rows = r0 + tl.arange(0, BLOCK_HW)
         mask = (rows < end)[:, None] & c_mask[None, :]
@@ -164,11 +179,11 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
         xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
                                             HAS_SCALE_SHIFT)
         dxhat = tl.where(mask, dxhat, 0.0)
-        sum_dxhat += tl.sum(tl.sum(dxhat, axis=1), axis=0)
-        sum_dxhat_xhat += tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0)
+        sum_dxhat += dxhat
+        sum_dxhat_xhat += dxhat * xhat
     out = partial_ptr + (row * num_splits + split) * 2
-    tl.store(out, sum_dxhat)
-    tl.store(out + 1, sum_dxhat_xhat)
+    tl.store(out, tl.sum(tl.sum(sum_dxhat, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(sum_dxhat_xhat, axis=1), axis=0))
 
 
 @triton.jit
@@ -214,9 +229,18 @@ def _reduction_grid(batch: int, groups: int, hw: int, block_hw: int) -> tuple[in
     return triton.cdiv(hw, rows_per_split), rows_per_split
 
 
-def _block_sizes(group_size: int) -> tuple[int, int]:
+def reduction_tile(group_size: int) -> tuple[int, int]:
+    """(pixels, channels) per loop iteration of the split reductions: one group's channels, 2048 elements."""
     block_c = triton.next_power_of_2(group_size)
     return max(16, 2048 // block_c), block_c
+
+
+def group_alignment(group_size: int) -> int:
+    """The largest power of two (up to 16) dividing the group size: where a group's channels start, so that the
+    reductions load a pixel's channels of one group as vectors in channels_last (Triton's JIT cannot see that
+    ``group * group_size`` is aligned when the group size is not itself a multiple of 16, and then loads them
+    one by one)."""
+    return min(16, group_size & -group_size)
 
 
 def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None):
@@ -224,11 +248,12 @@ def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None)
     group_size, hw = channels // num_groups, height * width
     x, sx = _flat_strides(x)
     weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
-    block_hw, block_c = _block_sizes(group_size)
+    block_hw, block_c = reduction_tile(group_size)
     splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
     partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
     _stats_kernel[(batch * num_groups, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
-                                                BLOCK_HW=block_hw, BLOCK_C=block_c)
+                                                GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw,
+                                                BLOCK_C=block_c)
     count, means, m2 = partial.unbind(-1)
     total = count.sum(1)
     mean = (count * means).sum(1) / total
@@ -236,9 +261,10 @@ def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None)
     rstd = torch.rsqrt(var + eps)
     y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     _, sy = _flat_strides(y)
-    grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
+    block_hw, block_c = FORWARD_TILE
+    grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
     _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
-                          HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=32, BLOCK_C=64)
+                          HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=block_hw, BLOCK_C=block_c)
     ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
     ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
     return y
@@ -294,21 +320,23 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     x, sx = _flat_strides(x)
     dy, sd = _flat_strides(dy)
     weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
-    block_hw, block_c = _block_sizes(group_size)
+    block_hw, block_c = reduction_tile(group_size)
     splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
     partial = torch.empty(batch * num_groups, splits, 2, device=x.device, dtype=torch.float32)
     _backward_stats_kernel[(batch * num_groups, splits)](
         x, dy, partial, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sd, rows_per_split, splits,
-        HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=block_hw, BLOCK_C=block_c)
+        HAS_SCALE_SHIFT=scale_shift is not None, GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw,
+        BLOCK_C=block_c)
     sums = partial.sum(1) / (group_size * hw)
     c1, c2 = sums[:, 0].contiguous(), sums[:, 1].contiguous()
     dx = torch.empty_like(x)
     _, so = _flat_strides(dx)
     residual, sr = _flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read
-    grid = (batch, triton.cdiv(hw, 32), triton.cdiv(channels, 64))
+    block_hw, block_c = BACKWARD_TILE
+    grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
     _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, residual, hw, channels, group_size,
                            *sx, *sd, *so, *sr, HAS_SCALE_SHIFT=scale_shift is not None,
-                           HAS_RESIDUAL=residual is not dx, BLOCK_HW=32, BLOCK_C=64)
+                           HAS_RESIDUAL=residual is not dx, BLOCK_HW=block_hw, BLOCK_C=block_c)
     return dx
 
 

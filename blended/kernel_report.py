@@ -1,0 +1,201 @@
+"""Static figures of the pack's Triton kernels as the H100 would run them, on any machine.
+
+Why: a kernel between the UNet's convolutions is worth its bytes only if it can keep up with the memory, and
+that can be read off its machine code without a GPU. Triton ships the compiler chain for NVIDIA cards (ptxas,
+nvdisasm), so each kernel is compiled here for sm_90 the way the JIT would specialise it at run time (pointers
+and sizes divisible by 16, unit channel strides as constants: channels_last activations), and then:
+
+* ptxas reports its registers and any spills to local memory;
+* the SASS gives the instructions per element each thread executes, and the barriers inside its loops. An H100
+  SXM issues about 31 T thread-instructions per second against 3.35 TB/s of memory: a kernel that executes
+  more than about 9 instructions per byte it moves is bound by its arithmetic, not its memory, and a barrier
+  inside a reduction loop stalls every warp of the program once per tile.
+
+``scripts/kernel_report.py`` prints the table; ``tests/test_triton_norm.py`` holds every kernel to compiling
+without spills and to reduction loops without barriers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["KernelCase", "kernel_cases", "compile_for_hopper", "ptxas_figures", "sass_figures", "report_rows"]
+
+_NUM_WARPS = 4  # Triton's default, which the pack's launches keep
+_ALIGNED_INTS = ("HW", "C", "n", "D", "rows_per_split", "stride_b", "stride_hw") + tuple(
+    f"{t}_{d}" for t in ("sx", "sd", "sy", "so", "sr") for d in ("b", "hw"))
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One kernel in one specialisation: its module, name, activation dtype and compile-time constants."""
+
+    module: str
+    kernel: str
+    dtype: str  # Triton's name: bf16, fp16, fp32
+    constexprs: dict = field(default_factory=dict)
+    activations: tuple = ()  # pointer arguments in the activation dtype; other pointers are float32
+    bytes_per_element: int = 0  # bytes each element of the tile costs the kernel in memory traffic
+
+    @property
+    def label(self) -> str:
+        flags = "+".join(k.lower().removeprefix("has_") for k, v in self.constexprs.items() if v is True)
+        return f"{self.kernel}[{self.dtype}{'+' + flags if flags else ''}]"
+
+    def elements_per_thread(self) -> int:
+        """Tile elements per thread per program (or per loop iteration, for the split reductions)."""
+        block = self.constexprs.get("BLOCK") or self.constexprs.get("BLOCK_D") or (
+            self.constexprs["BLOCK_HW"] * self.constexprs["BLOCK_C"])
+        return block // (32 * _NUM_WARPS)
+
+
+_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
+    """Every Triton kernel of ``triton_norm`` (channels_last, a ViT-B/16 row for ``triton_clip``) with the tile
+    sizes the pack launches it with, in each dtype, with and without its optional terms."""
+    from .triton_clip import GELU_BLOCK
+    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, group_alignment, reduction_tile
+
+    def tile(block_hw_and_c):
+        return dict(zip(("BLOCK_HW", "BLOCK_C"), block_hw_and_c, strict=True))
+
+    # A group of 8 channels: the 256-channel blocks of the 256x256 model, whose group size the JIT cannot see
+    # is aligned.
+    reduction = {**tile(reduction_tile(8)), "GROUP_ALIGN": group_alignment(8)}
+    row = {"BLOCK_D": 1024}  # ViT-B's 768-wide tokens, padded to a power of two
+    cases = []
+    for dtype in dtypes:
+        size = _ITEMSIZE[dtype]
+        cases.append(KernelCase("triton_norm", "_stats_kernel", dtype, reduction, ("x_ptr",), size))
+        for scale_shift in (True, False):
+            cases.append(KernelCase("triton_norm", "_forward_kernel", dtype,
+                                    {**tile(FORWARD_TILE), "HAS_SCALE_SHIFT": scale_shift}, ("x_ptr", "y_ptr"),
+                                    2 * size))
+            cases.append(KernelCase("triton_norm", "_backward_stats_kernel", dtype,
+                                    {**reduction, "HAS_SCALE_SHIFT": scale_shift}, ("x_ptr", "dy_ptr"), 2 * size))
+            for residual in (True, False):
+                terms = {"HAS_SCALE_SHIFT": scale_shift, "HAS_RESIDUAL": residual}
+                cases.append(KernelCase("triton_norm", "_backward_kernel", dtype, {**tile(BACKWARD_TILE), **terms},
+                                        ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr"), (4 if residual else 3) * size))
+        gelu = {"BLOCK": GELU_BLOCK}
+        cases.append(KernelCase("triton_clip", "_gelu_forward_kernel", dtype, gelu, ("x_ptr", "y_ptr"), 2 * size))
+        cases.append(KernelCase("triton_clip", "_gelu_backward_kernel", dtype, gelu, ("x_ptr", "dy_ptr", "dx_ptr"),
+                                3 * size))
+        cases.append(KernelCase("triton_clip", "_norm_forward_kernel", dtype, row, ("x_ptr", "y_ptr"), 2 * size))
+        cases.append(KernelCase("triton_clip", "_norm_backward_kernel", dtype, row, ("x_ptr", "dy_ptr", "dx_ptr"),
+                                3 * size))
+    return cases
+
+
+def _jit_function(case: KernelCase):
+    import importlib
+
+    return getattr(importlib.import_module(f"blended.{case.module}"), case.kernel)
+
+
+def compile_for_hopper(case: KernelCase):
+    """The kernel compiled for sm_90, specialised as Triton's JIT would for channels_last activations."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(case)
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = dict(case.constexprs)
+    for name in names:
+        if name in constexprs:
+            continue
+        if name.endswith("_c") or name == "stride_c":  # channels_last: the channel stride is 1
+            constexprs[name] = 1
+        elif name.startswith(("HAS_", "BLOCK")):
+            raise ValueError(f"{case.kernel}: no value given for its constant {name}")
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{case.dtype}" if name in case.activations else "*fp32"
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+               if signature[name] != "constexpr" and (name.endswith("_ptr") or name in _ALIGNED_INTS)}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32))
+
+
+def _nvidia_tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def ptxas_figures(compiled) -> dict:
+    """Registers per thread and bytes spilled to local memory, by the ptxas Triton ships (``ptxas -v``)."""
+    ptx = compiled.asm["ptx"]
+    target = ptx.split(".target", 1)[1].split()[0]  # sm_90a
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "kernel.ptx"
+        path.write_text(ptx)
+        done = subprocess.run([str(_nvidia_tool("ptxas")), "-v", "--gpu-name", target, str(path),
+                               "-o", str(Path(work) / "kernel.cubin")], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {done.stderr}")
+    registers = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+    return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
+            "ptxas": done.stderr}
+
+
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;")
+
+
+def sass_figures(compiled) -> dict:
+    """The SASS's instruction count and, for each loop (a branch back to an earlier label), its body's
+    instructions and barriers."""
+    with tempfile.TemporaryDirectory() as work:
+        cubin = Path(work) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        done = subprocess.run([str(_nvidia_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True,
+                              timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {done.stderr}")
+    labels, instructions, loops = {}, [], []
+    for line in done.stdout.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = _INSTRUCTION.match(line)
+        if not found:
+            continue
+        instructions.append(found.group(1))
+        branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", found.group(1))
+        if branch and branch.group(1) in labels and labels[branch.group(1)] < len(instructions) - 1:
+            body = instructions[labels[branch.group(1)]:]
+            loops.append({"instructions": len(body), "barriers": sum(" BAR." in f" {i}" for i in body)})
+    return {"instructions": len(instructions), "loops": loops}
+
+
+def report_rows(cases=None) -> list[dict]:
+    """One row per case: registers, spills, SASS instructions per element (of the loop body where the kernel
+    loops over its tile, of the whole kernel otherwise), instructions per byte moved, barriers in loops."""
+    rows = []
+    for case in cases or kernel_cases():
+        compiled = compile_for_hopper(case)
+        ptxas, sass = ptxas_figures(compiled), sass_figures(compiled)
+        loops = sass["loops"]
+        executed = loops[0]["instructions"] if loops else sass["instructions"]
+        per_element = executed / case.elements_per_thread()
+        rows.append({"kernel": case.label, "registers": ptxas["registers"], "spill_bytes": ptxas["spill_bytes"],
+                     "sass_instructions": sass["instructions"], "loop_instructions": [x["instructions"] for x in loops],
+                     "loop_barriers": sum(x["barriers"] for x in loops),
+                     "instructions_per_element": round(per_element, 1),
+                     "instructions_per_byte": round(per_element / case.bytes_per_element, 1)})
+    return rows
