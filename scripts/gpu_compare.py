@@ -20,6 +20,9 @@ before its time ran out are kept.
    guided step, peak memory, MFU);
 3. the pack's ranked edit: ``--results`` results (whole edits at ``--edit-batch``, then CLIP ranking) for each
    ``--edit-presets`` entry ("fastest": the preset fastest at ``--edit-batch`` in stage 2);
+3b. on CUDA, the Triton kernels' checks against the plain-torch reference (``tests/triton_kernel_checks.py
+   --device cuda``): the compiled kernels as the JIT specialises them, which CPU machines only interpret; a
+   Triton preset's timings count only if these pass;
 4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch``, by op and by op and
    input shapes (a text file beside ``--out``);
 5. the ``--late-presets``, as stage 2;
@@ -43,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 PROFILE = REPO / "scripts" / "profile_step.py"
+KERNEL_CHECKS = REPO / "tests" / "triton_kernel_checks.py"
 DEFAULT_PRESETS = ("fast-gpu,fast-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm+triton_clip,"
                    "fast-gpu+channels_last+triton_norm+triton_clip+cuda_graphs")
 # Measured after the ranked edit and the profile, if the budget still allows: the original's numerics with graphs,
@@ -157,7 +161,14 @@ def _table(rows: list[dict], num_results: int) -> str:
         peak_text = f"{peak:.1f}" if peak is not None else "n/a"
         lines.append(f"| {label} | {r['batch']} | {r['s_per_step']:.3f} ({r.get('s_step_min', 0):.3f}) | {speedup} | "
                      f"{peak_text} | {mfu} |")
+    checks = [r for r in rows if "check" in r]
+    if checks:
+        failed = [r["check"] for r in checks if not r["ok"]]
+        lines.append(f"| Triton kernel checks on {checks[0]['device']}: {len(checks) - len(failed)} of {len(checks)} "
+                     f"passed{'; FAILED: ' + ', '.join(failed) if failed else ''} | | | | | |")
     for r in rows:
+        if "check" in r:
+            continue
         if r.get("s_ranked"):
             lines.append(f"| pack `{r['options']}`: {r['num_results']} ranked results, batch {r['batch']} | | "
                          f"{r['s_ranked']:.1f} s in all ({r['results_per_min']:.1f} results/min) | | "
@@ -238,6 +249,8 @@ def main(argv=None) -> int:
             rows += run_stage(f"pack-ranked-edit-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
                               "--batch", str(args.edit_batch), "--steps", str(args.steps),
                               "--ranked-edit", str(args.results)], budget, out)
+        if args.device == "cuda":
+            rows += run_stage("kernel-checks", [args.python, str(KERNEL_CHECKS), "--device", "cuda"], budget, out)
         for preset in _items(args.profile):
             text_out = args.out.with_name(f"{args.out.stem}.profile-{preset.replace('+', '_')}.txt")
             rows += run_stage(f"profile-{preset}", [args.python, str(PROFILE), "--config", args.config,

@@ -88,7 +88,7 @@ def test_other_towers_take_open_clips_forward(variant):
 
 def test_triton_clip_is_an_option_for_the_run_clone_and_the_towers_own_modules_off_cuda():
     """The option reaches the run clone's tower only; off CUDA (no interpreter) the blocks run their own
-    LayerNorm and QuickGELU modules, so the bits are eager's. The kernels: tests/triton_interpreter_checks.py."""
+    LayerNorm and QuickGELU modules, so the bits are eager's. The kernels: tests/triton_kernel_checks.py."""
     from blended import fast_paths
     from conftest import tiny_unet
 

@@ -440,6 +440,14 @@ def test_gpu_compare_edits_with_the_preset_fastest_at_the_edit_batch():
     assert "CUDA graphs not replayed" in table
 
 
+def test_gpu_compare_reports_the_kernel_checks():
+    gpu_compare = _gpu_compare()
+    rows = [{"stage": "kernel-checks", "check": "a", "ok": True, "device": "cuda"},
+            {"stage": "kernel-checks", "check": "b", "ok": False, "error": "AssertionError", "device": "cuda"}]
+    table = gpu_compare._table(rows, 64)
+    assert "| Triton kernel checks on cuda: 1 of 2 passed; FAILED: b |" in table and "AssertionError" not in table
+
+
 def test_gpu_compare_keeps_rows_of_a_stage_cut_short_and_skips_past_the_budget(tmp_path):
     """A stage stopped by its timeout keeps the rows it printed; a stage the budget no longer reaches is listed
     as skipped instead of started."""

@@ -1,11 +1,14 @@
-"""The triton_norm and triton_clip kernels, run by Triton's CPU interpreter against the plain-torch reference.
+"""The triton_norm and triton_clip kernels, run by Triton's CPU interpreter against the plain-torch reference,
+and compiled for the H100.
 
-Each check runs in a fresh process (tests/triton_interpreter_checks.py): Triton picks the interpreter when it
-builds the kernels, which an earlier test's Triton or inductor use in this process would get in the way of.
+Each check runs in a fresh process (tests/triton_kernel_checks.py): Triton picks the interpreter when it
+builds the kernels, which an earlier test's Triton or inductor use in this process would get in the way of. On a
+GPU machine the same checks run the compiled kernels (scripts/gpu_compare.py's kernel-checks stage).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,20 +28,21 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "layer_norm_weight_gradients_come_from_the_reference_when_asked",
           "clip_with_triton_kernels_matches_the_clip_without",
           "skip_path_gradient_is_added_inside_the_backward_kernel",
-          "float32_output_of_a_bfloat16_input_needs_no_converted_copy")
+          "float32_output_of_a_bfloat16_input_needs_no_converted_copy",
+          "the_256px_models_group_sizes_match_the_reference")
 
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_triton_kernels_in_the_interpreter(check):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(TESTS.parent), str(TESTS)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    done = subprocess.run([sys.executable, str(TESTS / "triton_interpreter_checks.py"), check], env=env,
+    done = subprocess.run([sys.executable, str(TESTS / "triton_kernel_checks.py"), check], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and f"ok {check}" in done.stdout, done.stdout + done.stderr[-4000:]
 
 
 def test_the_checks_listed_here_are_all_the_driver_has():
-    source = (TESTS / "triton_interpreter_checks.py").read_text()
+    source = (TESTS / "triton_kernel_checks.py").read_text()
     assert sorted(CHECKS) == sorted(line.split("def check_")[1].split("(")[0] for line in source.splitlines()
                                     if line.startswith("def check_"))
 
@@ -65,3 +69,18 @@ def test_kernels_compile_for_hopper(case):
     loops = sass_figures(compiled)["loops"]
     assert bool(loops) == ("stats" in case.kernel), loops  # only the split reductions loop over their tiles
     assert all(loop["barriers"] == 0 for loop in loops), loops
+
+
+def test_the_checks_write_one_row_each_and_refuse_unknown_names(tmp_path):
+    """The JSON rows gpu_compare's kernel-checks stage reads (there with --device cuda)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(TESTS.parent))
+    rows_file = tmp_path / "rows.json"
+    check = "layer_norm_weight_gradients_come_from_the_reference_when_asked"
+    done = subprocess.run([sys.executable, str(TESTS / "triton_kernel_checks.py"), check, "--json", str(rows_file)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    rows = json.loads(rows_file.read_text())
+    assert [(row["check"], row["ok"], row["device"]) for row in rows] == [(check, True, "cpu")]
+    done = subprocess.run([sys.executable, str(TESTS / "triton_kernel_checks.py"), "no_such_check"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no such check: no_such_check" in done.stderr

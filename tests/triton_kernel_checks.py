@@ -1,17 +1,34 @@
-"""Checks of the triton_norm and triton_clip kernels in Triton's CPU interpreter, run by tests/test_triton_norm.py
-in a fresh process: the interpreter must be chosen before Triton builds the kernels, and a process where Triton or
-inductor already ran cannot switch reliably.
+"""Checks of the triton_norm and triton_clip kernels against the plain-torch reference.
 
-    TRITON_INTERPRET=1 python tests/triton_interpreter_checks.py [check ...]
+On the CPU they run in Triton's interpreter, each in a fresh process started by tests/test_triton_norm.py: the
+interpreter must be chosen before Triton builds the kernels, and a process where Triton or inductor already ran
+cannot switch reliably. On a CUDA GPU (``--device cuda``: the kernel-checks stage of scripts/gpu_compare.py) the
+same checks run the compiled kernels as the JIT specialises them for real tensors, which neither the interpreter
+nor the sm_90 compile test sees, with TF32 off so that the references are plain float32.
+
+    TRITON_INTERPRET=1 python tests/triton_kernel_checks.py [check ...]
+    python tests/triton_kernel_checks.py --device cuda [--json rows.json] [check ...]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _device_asked(argv: list[str]) -> str:
+    # Read before torch and Triton are imported: on the CPU the interpreter must be chosen first.
+    return argv[argv.index("--device") + 1] if "--device" in argv[:-1] else "cpu"
+
+
+DEVICE = _device_asked(sys.argv)
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -20,6 +37,11 @@ from blended import triton_norm as kernels  # noqa: E402
 from blended.fast_paths import FastPathOptions  # noqa: E402
 from blended.fused_norm import group_norm_act  # noqa: E402
 from conftest import tiny_clip, tiny_unet  # noqa: E402
+
+
+def on_device(*tensors):
+    moved = tuple(t.to(DEVICE) if t is not None else None for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
 
 
 def rel(a, b):
@@ -45,11 +67,11 @@ def bf16_input_gradient_error(fn, reference, x, grad_out, dtype):
 def case(shape, dtype, channels_last, scale_shift, seed):
     gen = torch.Generator().manual_seed(seed)
     batch, channels = shape[:2]
-    x = (torch.randn(*shape, generator=gen) * 3 + 2).to(dtype)  # a mean well off zero: the statistics' test
+    x = on_device((torch.randn(*shape, generator=gen) * 3 + 2).to(dtype))  # a mean well off zero: the statistics'
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    weight, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
-    ss = torch.randn(batch, 2 * channels, 1, 1, generator=gen).to(dtype) if scale_shift else None
+    weight, bias = on_device(torch.randn(channels, generator=gen), torch.randn(channels, generator=gen))
+    ss = on_device(torch.randn(batch, 2 * channels, 1, 1, generator=gen).to(dtype)) if scale_shift else None
     return x.requires_grad_(True), weight, bias, ss
 
 
@@ -59,7 +81,7 @@ def _float32_case(shape, channels_last, scale_shift):
     expected = group_norm_act(x, weight, bias, shape[1] // 32, 1e-5, ss)
     assert rel(y, expected) < 1e-6
     assert y.stride() == x.stride()  # written in the input's memory format
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grad_out = on_device(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
     (gx,) = torch.autograd.grad(y, x, grad_out)
     (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
     assert rel(gx, gx_expected) < 1e-6 and gx.stride() == x.stride()
@@ -89,10 +111,10 @@ def check_weight_and_timestep_gradients_come_from_the_reference_when_asked():
 
 
 def check_unet_with_triton_norm_matches_the_unet_without():
-    unet, clip = tiny_unet(), tiny_clip()
+    unet, clip = tiny_unet().to(DEVICE), tiny_clip().to(DEVICE)
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 3, 64, 64, generator=gen).to(memory_format=torch.channels_last).requires_grad_(True)
-    t = torch.tensor([20.0, 600.0])
+    x = on_device(torch.randn(2, 3, 64, 64, generator=gen)).to(memory_format=torch.channels_last).requires_grad_(True)
+    t = on_device(torch.tensor([20.0, 600.0]))
     expected = unet(x, t)
     (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
     options = FastPathOptions(triton_norm=True, channels_last=True)
@@ -121,7 +143,7 @@ def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
     x32 = x.detach().float().requires_grad_(True)
     y_expected = kernels.group_norm_silu(x32, weight, bias, 2, 1e-5)
     assert y.dtype == torch.float32 and torch.equal(y, y_expected) and y.stride() == x.stride()
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(18))
+    grad_out = on_device(torch.randn(y.shape, generator=torch.Generator().manual_seed(18)))
     (gx,) = torch.autograd.grad(y, x, grad_out)
     (gx32,) = torch.autograd.grad(y_expected, x32, grad_out)
     assert gx.dtype == torch.bfloat16 and within_one_bf16_step(gx, gx32)
@@ -138,12 +160,13 @@ def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
 def check_skip_path_gradient_is_added_inside_the_backward_kernel():
     # A ResBlock's use: the norm's output goes one way, x itself (the second output) the skip way; both
     # gradients come back to x. In float32 the sum is autograd's to the bit (the kernel adds the same two
-    # float32 numbers); the skip gradient may come in another memory format than x.
+    # float32 numbers) in the interpreter; a GPU compiler may fuse the kernel's last multiply with that add (one
+    # rounding instead of two), so there it is within a float32 rounding. The skip gradient may come in another
+    # memory format than x.
     for channels_last, skip_channels_last in ((True, True), (True, False), (False, True)):
         x, weight, bias, _ = case((2, 64, 6, 6), torch.float32, channels_last, False, seed=11)
         gen = torch.Generator().manual_seed(12)
-        grad_y = torch.randn(x.shape, generator=gen)
-        skip_scale = torch.randn(x.shape, generator=gen)
+        grad_y, skip_scale = on_device(torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen))
         if skip_channels_last:
             skip_scale = skip_scale.to(memory_format=torch.channels_last)
         y, x_skip = kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5)
@@ -151,7 +174,8 @@ def check_skip_path_gradient_is_added_inside_the_backward_kernel():
         (gx,) = torch.autograd.grad((y * grad_y).sum() + (x_skip * skip_scale).square().sum(), x)
         y_plain = kernels.group_norm_silu(x, weight, bias, 2, 1e-5)
         (gx_plain,) = torch.autograd.grad((y_plain * grad_y).sum() + (x * skip_scale).square().sum(), x)
-        assert torch.equal(gx, gx_plain) and gx.stride() == x.stride()
+        assert (torch.equal(gx, gx_plain) if DEVICE == "cpu" else rel(gx, gx_plain) < 1e-6)
+        assert gx.stride() == x.stride()
         expected = group_norm_act(x, weight, bias, 2, 1e-5)
         (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum(), x)
         assert rel(gx, gx_expected) < 1e-6
@@ -163,6 +187,26 @@ def check_skip_path_gradient_is_added_inside_the_backward_kernel():
     assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3
 
 
+def check_the_256px_models_group_sizes_match_the_reference():
+    # The released 256x256 UNet's GroupNorms: 32 groups of 8, 16, 24, 32 and 48 channels (the decoder's skip
+    # concatenations give the odd ones), whose alignment the kernels are told at launch (group_alignment); in
+    # float32 and bf16, both memory formats. Small maps in the interpreter, larger ones on a GPU.
+    size = 4 if DEVICE == "cpu" else 32
+    for channels in (256, 512, 768, 1024, 1536):
+        shape = (2, channels, size, size)
+        for channels_last in (True, False):
+            _float32_case(shape, channels_last, scale_shift=True)
+            x, weight, bias, ss = case(shape, torch.bfloat16, channels_last, True, seed=channels)
+            y = kernels.group_norm_silu(x, weight, bias, channels // 32, 1e-5, ss)
+            x32 = x.detach().float().requires_grad_(True)
+            expected = group_norm_act(x32, weight, bias, channels // 32, 1e-5, ss.float())
+            assert y.stride() == x.stride() and rel(y, expected) < 4e-3
+            grad_out = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(channels)))
+            (gx,) = torch.autograd.grad(y, x, grad_out.to(torch.bfloat16))
+            (gx_expected,) = torch.autograd.grad(expected, x32, grad_out)
+            assert gx.stride() == x.stride() and rel(gx, gx_expected) < 1e-2
+
+
 def _quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)  # open_clip's QuickGELU
 
@@ -171,12 +215,12 @@ def check_quick_gelu_float32_forward_and_input_gradient_match_the_formula():
     gen = torch.Generator().manual_seed(7)
     # Several programs with a ragged last one; a transposed (non-contiguous) input; an empty one.
     for x in (torch.randn(3, 197, 37, generator=gen) * 4, torch.randn(40, 70, generator=gen).t(), torch.empty(0, 5)):
-        x = x.requires_grad_(True)
+        x = on_device(x).requires_grad_(True)
         y = triton_clip.quick_gelu(x)
         expected = _quick_gelu(x)
         assert y.shape == x.shape and torch.allclose(y, expected, rtol=1e-6, atol=1e-7)
         if x.numel():
-            grad_out = torch.randn(y.shape, generator=gen)
+            grad_out = on_device(torch.randn(y.shape, generator=gen))
             (gx,) = torch.autograd.grad(y, x, grad_out)
             (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
             assert gx.shape == x.shape and torch.allclose(gx, gx_expected, rtol=1e-5, atol=1e-6)
@@ -184,7 +228,7 @@ def check_quick_gelu_float32_forward_and_input_gradient_match_the_formula():
 
 def check_quick_gelu_bfloat16_is_computed_in_float32_and_rounded_once():
     gen = torch.Generator().manual_seed(8)
-    x = (torch.randn(4, 50, 96, generator=gen) * 3).to(torch.bfloat16).requires_grad_(True)
+    x = on_device((torch.randn(4, 50, 96, generator=gen) * 3).to(torch.bfloat16)).requires_grad_(True)
     y = triton_clip.quick_gelu(x)
     exact = _quick_gelu(x.detach().double())
     assert y.dtype == torch.bfloat16
@@ -192,7 +236,7 @@ def check_quick_gelu_bfloat16_is_computed_in_float32_and_rounded_once():
     assert within_one_bf16_step(y, exact)
     reference = triton_clip.quick_gelu_reference(x.detach())
     assert reference.dtype == torch.bfloat16 and within_one_bf16_step(y, reference)
-    grad_out = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    grad_out = on_device(torch.randn(y.shape, generator=gen).to(torch.bfloat16))
     assert bf16_input_gradient_error(triton_clip.quick_gelu, _quick_gelu, x, grad_out, torch.float64) < 4e-3
 
 
@@ -201,13 +245,13 @@ def check_layer_norm_float32_forward_and_input_gradient_match_torch():
     # A width that is not a power of two (the tokens' 768 is not), a mean well off zero, a non-contiguous input.
     for x in (torch.randn(3, 7, 96, generator=gen) * 2 + 5, torch.randn(80, 6, generator=gen).t(), torch.empty(0, 8)):
         width = x.shape[-1]
-        weight, bias = torch.randn(width, generator=gen), torch.randn(width, generator=gen)
-        x = x.requires_grad_(True)
+        weight, bias = on_device(torch.randn(width, generator=gen), torch.randn(width, generator=gen))
+        x = on_device(x).requires_grad_(True)
         y = triton_clip.layer_norm(x, weight, bias, 1e-5)
         expected = torch.nn.functional.layer_norm(x, (width,), weight, bias, 1e-5)
         assert y.shape == x.shape and torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
         if x.numel():
-            grad_out = torch.randn(y.shape, generator=gen)
+            grad_out = on_device(torch.randn(y.shape, generator=gen))
             (gx,) = torch.autograd.grad(y, x, grad_out)
             (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
             assert rel(gx, gx_expected) < 1e-5
@@ -221,22 +265,23 @@ def check_layer_norm_bfloat16_is_openais_float32_norm_rounded_once():
     with torch.no_grad():
         norm.weight.copy_(torch.randn(96, generator=gen))
         norm.bias.copy_(torch.randn(96, generator=gen))
-    x = (torch.randn(4, 9, 96, generator=gen) * 3 + 1).to(torch.bfloat16).requires_grad_(True)
+    norm = norm.to(DEVICE)
+    x = on_device((torch.randn(4, 9, 96, generator=gen) * 3 + 1).to(torch.bfloat16)).requires_grad_(True)
     y = triton_clip.layer_norm(x, norm.weight, norm.bias, norm.eps)
     expected = norm(x)  # float32 statistics and affine, cast back
     assert y.dtype == torch.bfloat16
     assert torch.equal(triton_clip.layer_norm_reference(x, norm.weight, norm.bias, norm.eps), expected)
     assert within_one_bf16_step(y, expected, atol=1e-6)
-    grad_out = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    grad_out = on_device(torch.randn(y.shape, generator=gen).to(torch.bfloat16))
     assert bf16_input_gradient_error(lambda t: triton_clip.layer_norm(t, norm.weight, norm.bias, norm.eps), norm, x,
                                      grad_out, torch.float32) < 4e-3
 
 
 def check_layer_norm_weight_gradients_come_from_the_reference_when_asked():
     gen = torch.Generator().manual_seed(16)
-    x = torch.randn(5, 40, generator=gen).requires_grad_(True)
-    weight = torch.randn(40, generator=gen).requires_grad_(True)
-    bias = torch.randn(40, generator=gen).requires_grad_(True)
+    x, weight, bias = (on_device(t).requires_grad_(True) for t in (torch.randn(5, 40, generator=gen),
+                                                                    torch.randn(40, generator=gen),
+                                                                    torch.randn(40, generator=gen)))
     grads = torch.autograd.grad(triton_clip.layer_norm(x, weight, bias, 1e-5).square().sum(), [x, weight, bias])
     expected = torch.autograd.grad(torch.nn.functional.layer_norm(x, (40,), weight, bias, 1e-5).square().sum(),
                                    [x, weight, bias])
@@ -247,9 +292,9 @@ def check_layer_norm_weight_gradients_come_from_the_reference_when_asked():
 def check_clip_with_triton_kernels_matches_the_clip_without():
     from unittest import mock
 
-    unet, clip = tiny_unet(), tiny_clip()
+    unet, clip = tiny_unet().to(DEVICE), tiny_clip().to(DEVICE)
     gen = torch.Generator().manual_seed(9)
-    images = torch.randn(3, 3, clip.image_size, clip.image_size, generator=gen).requires_grad_(True)
+    images = on_device(torch.randn(3, 3, clip.image_size, clip.image_size, generator=gen)).requires_grad_(True)
     expected = clip.encode_image(images)
     (g_expected,) = torch.autograd.grad(expected.square().sum(), images)
     calls = []
@@ -269,17 +314,35 @@ def check_clip_with_triton_kernels_matches_the_clip_without():
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
 
 
-def main(names: list[str]) -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    failed = 0
-    for name in names or list(CHECKS):
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checks", nargs="*", help=f"the checks to run (default: all): {', '.join(CHECKS)}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: Triton's interpreter (TRITON_INTERPRET=1); cuda: the compiled kernels")
+    parser.add_argument("--json", type=Path, help="also write one row per check to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.checks) - set(CHECKS))
+    if unknown:
+        parser.error(f"no such check: {', '.join(unknown)}")
+    if args.device == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    else:  # plain float32 references: no TF32 in the convolutions and matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for name in args.checks or list(CHECKS):
+        start = time.perf_counter()
         try:
             CHECKS[name]()
+            rows.append({"check": name, "ok": True})
             print(f"ok {name}", flush=True)
         except Exception:  # report every check, then fail
-            failed += 1
+            rows.append({"check": name, "ok": False, "error": traceback.format_exc(limit=-3)})
             print(f"FAILED {name}\n{traceback.format_exc()}", flush=True)
-    return 1 if failed else 0
+        rows[-1].update(device=args.device, wall_s=round(time.perf_counter() - start, 2))
+        if args.json:
+            args.json.write_text(json.dumps(rows))
+    return 0 if all(row["ok"] for row in rows) else 1
 
 
 if __name__ == "__main__":
