@@ -109,13 +109,12 @@ def compile_for_hopper(case: KernelCase):
     fn = _jit_function(case)
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = dict(case.constexprs)
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    if missing:
+        raise ValueError(f"{case.kernel}: no value given for its constants {', '.join(missing)}")
     for name in names:
-        if name in constexprs:
-            continue
-        if name.endswith("_c") or name == "stride_c":  # channels_last: the channel stride is 1
+        if name not in constexprs and (name.endswith("_c") or name == "stride_c"):  # channels_last: stride 1
             constexprs[name] = 1
-        elif name.startswith(("HAS_", "BLOCK")):
-            raise ValueError(f"{case.kernel}: no value given for its constant {name}")
     signature = {}
     for name in names:
         if name in constexprs:

@@ -67,7 +67,8 @@ def bf16_input_gradient_error(fn, reference, x, grad_out, dtype):
 def case(shape, dtype, channels_last, scale_shift, seed):
     gen = torch.Generator().manual_seed(seed)
     batch, channels = shape[:2]
-    x = on_device((torch.randn(*shape, generator=gen) * 3 + 2).to(dtype))  # a mean well off zero: the statistics'
+    # A mean well off zero: the statistics' test.
+    x = on_device((torch.randn(*shape, generator=gen) * 3 + 2).to(dtype))
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     weight, bias = on_device(torch.randn(channels, generator=gen), torch.randn(channels, generator=gen))
