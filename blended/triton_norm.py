@@ -36,9 +36,15 @@ _TARGET_PROGRAMS = 1024  # split reductions until about this many programs run (
 # with more registers per element, stays at 32 pixels to keep more programs resident.
 FORWARD_TILE = (64, 64)
 BACKWARD_TILE = (32, 64)
+# Integers the JIT is told not to specialise on. By default it compiles a kernel anew for every argument that is 1
+# or a multiple of 16, and these vary with the block and the batch for no gain: the group size's alignment
+# reaches the kernels as GROUP_ALIGN, and the split count only places each program's partial sums. Specialising
+# on them cost a 256x256 run 45 compiles where 22 now serve every batch size
+# (``blended.kernel_specialisations``).
+_NOT_SPECIALISED = ("Cg", "num_splits")  # the passes that write a map take no split count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
                   GROUP_ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)  # batch * groups + group
@@ -123,7 +129,7 @@ def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_m
     return stat, mean, rstd, w, bias, scale[None, :], shift[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
 def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
                     sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c,
                     HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -148,7 +154,7 @@ def _input_gradient_terms(v, dy, mean, rstd, w, bias, scale, shift, HAS_SCALE_SH
     return xhat, dz * w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
                            sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
                            HAS_SCALE_SHIFT: tl.constexpr, GROUP_ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -186,7 +192,7 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
     tl.store(out + 1, tl.sum(tl.sum(sum_dxhat_xhat, axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, r_ptr,
                      HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
                      HAS_SCALE_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_HW: tl.constexpr,

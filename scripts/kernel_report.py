@@ -4,11 +4,18 @@ Usage (from the repository root):
 
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py            # bf16 and fp32
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --dtype bf16 --json
+    PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --cold-start \\
+        --preset fast-gpu+channels_last+triton_norm+triton_clip --batch 1,4,16
 
 For each kernel in each specialisation the pack launches (``blended.kernel_report``): registers per thread,
 bytes spilled, SASS instructions per element a thread executes (in the loop body for the split reductions)
 and per byte the kernel moves, and barriers inside loops. Above about 9 instructions per byte an H100 kernel is
 bound by its arithmetic rather than its memory.
+
+``--cold-start`` instead lists the specialisations one guided step of the 256x256 model launches with each
+preset, over the given batch sizes (``blended.kernel_specialisations``), compiles each for sm_90 into an empty
+Triton cache and prints its compile time on this machine's CPU: what a first run on a new machine waits for
+before Triton's on-disk cache has them.
 """
 
 import argparse
@@ -17,11 +24,7 @@ import json
 from blended.kernel_report import kernel_cases, report_rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="bf16,fp32", help="comma-separated Triton dtypes: bf16, fp16, fp32")
-    parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead of a table")
-    args = parser.parse_args()
+def _static_report(args) -> None:
     rows = report_rows(kernel_cases(tuple(args.dtype.split(","))))
     if args.json:
         for row in rows:
@@ -33,6 +36,40 @@ def main() -> None:
         loops = f" ({', '.join(map(str, row['loop_instructions']))})" if row["loop_instructions"] else ""
         print(f"| {row['kernel']} | {row['registers']} | {row['spill_bytes']} | {row['sass_instructions']}{loops} "
               f"| {row['instructions_per_element']} | {row['instructions_per_byte']} | {row['loop_barriers']} |")
+
+
+def _cold_start_report(args) -> None:
+    from blended import fast_paths
+    from blended.kernel_specialisations import compile_times, launched_specialisations
+
+    batches = tuple(int(b) for b in args.batch.split(","))
+    for preset in args.preset.split(","):
+        options = fast_paths.parse_preset(preset)
+        rows = compile_times(launched_specialisations(options, batches, args.views))
+        total = sum(row["compile_s"] for row in rows)
+        if args.json:
+            for row in rows:
+                print(json.dumps({"preset": preset, "batches": list(batches), **row}))
+            continue
+        print(f"\n{preset}, batches {args.batch}, {args.views} views: {len(rows)} Triton specialisations, "
+              f"{total:.1f} s to compile them one after the other on this CPU\n")
+        print("| specialisation | launches per step (all batches) | compile s |\n|---|---|---|")
+        for row in rows:
+            print(f"| `{row['specialisation']}` | {row['launches']} | {row['compile_s']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bf16,fp32", help="comma-separated Triton dtypes: bf16, fp16, fp32")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="the specialisations a step launches and their compile times, per --preset")
+    parser.add_argument("--preset", default="fast-gpu+channels_last+triton_norm+triton_clip",
+                        help="--cold-start: comma-separated option sets (as scripts/bench.py takes them)")
+    parser.add_argument("--batch", default="1,4,16", help="--cold-start: comma-separated batch sizes")
+    parser.add_argument("--views", type=int, default=8, help="--cold-start: CLIP views per result")
+    args = parser.parse_args()
+    (_cold_start_report if args.cold_start else _static_report)(args)
 
 
 if __name__ == "__main__":

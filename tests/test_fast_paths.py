@@ -433,11 +433,11 @@ def test_gpu_compare_edits_with_the_preset_fastest_at_the_edit_batch():
     assert gpu_compare.fastest_preset(rows, 16) == "fast-gpu+cuda_graphs"
     assert gpu_compare.fastest_preset(rows, 4) == "fast-gpu"
     assert gpu_compare.fastest_preset(rows, 64) == "fast-gpu"  # nothing measured there: the default GPU path
-    # a row whose graphs fell back to eager says so in the table
+    # a row whose graphs fell back to eager says so in the table; its first step (the cold start) has a column
     table = gpu_compare._table([{"stage": "pack-step-fast-gpu+cuda_graphs", "batch": 16, "s_per_step": 0.3,
-                                 "options": "bf16-autocast+reuse+cuda_graphs",
+                                 "options": "bf16-autocast+reuse+cuda_graphs", "s_first_step": 12.34,
                                  "cuda_graphs": "UNet 0 captured / 0 replayed (eager since: its capture failed)"}], 64)
-    assert "CUDA graphs not replayed" in table
+    assert "CUDA graphs not replayed" in table and table.splitlines()[-1].endswith("| n/a | 12.3 |")
 
 
 def test_gpu_compare_reports_the_kernel_checks():

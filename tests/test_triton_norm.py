@@ -84,3 +84,23 @@ def test_the_checks_write_one_row_each_and_refuse_unknown_names(tmp_path):
     done = subprocess.run([sys.executable, str(TESTS / "triton_kernel_checks.py"), "no_such_check"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "no such check: no_such_check" in done.stderr
+
+
+def test_a_step_compiles_the_same_few_kernels_at_every_batch_size():
+    """A cold start compiles each Triton specialisation a step launches once (then Triton's on-disk cache has it).
+    One guided step of the 256x256 model on fake tensors, its launches bound by Triton's own specialisation code
+    for the H100: batch 1 and batch 16 launch the same specialisations (the auto batch size must not bring new
+    compiles), no two of a kernel differ only in which integers are multiples of 16 (the group size and the
+    split count vary with the block and the batch, and specialising on them doubled the compiles), every kernel
+    of both options is among them, and each compiles for sm_90."""
+    from blended import fast_paths
+    from blended.kernel_specialisations import KERNELS, compile_times, launched_specialisations
+
+    options = fast_paths.parse_preset("fast-gpu+channels_last+triton_norm+triton_clip")
+    one, sixteen = (launched_specialisations(options, (batch,)) for batch in (1, 16))
+    assert sorted(s.describe() for s in one) == sorted(s.describe() for s in sixteen)
+    without_alignment = [s.describe().rsplit("; x16:", 1)[0] for s in one]
+    assert len(set(without_alignment)) == len(without_alignment), sorted(without_alignment)
+    assert {s.kernel for s in one} == {name for _, name in KERNELS}
+    rows = compile_times(one)
+    assert len(rows) == len(one) and all(row["compile_s"] > 0 for row in rows)
