@@ -8,6 +8,7 @@ node the Sampler uses this node's defaults, which reproduce the original code.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import torch
 
@@ -27,7 +28,7 @@ PRECISIONS = {
 }
 DEFAULTS = {"precision": "auto", "reuse_guided_forward": False, "channels_last": False,
             "gradient_checkpointing": False, "compile": False, "clip_checkpointing": False,
-            "single_resample": False}
+            "single_resample": False, "triton_kernels": False, "cuda_graphs": False}
 
 
 def resolve_precision(choice: str, device) -> tuple[str, str]:
@@ -42,10 +43,18 @@ def resolve_precision(choice: str, device) -> tuple[str, str]:
 
 
 def speed_options(**choices) -> FastPathOptions:
-    """FastPathOptions from the node's widget values (missing ones take the node's defaults)."""
+    """FastPathOptions from the node's widget values (missing ones take the node's defaults). ``triton_kernels``
+    is both of the library's Triton options: the UNet's (``triton_norm``) and CLIP's (``triton_clip``)."""
     values = {**DEFAULTS, **choices}
-    precision, scheme = resolve_precision(values.pop("precision"), bridge.mm.get_torch_device())
-    return FastPathOptions(precision=precision, precision_scheme=scheme, **values)
+    device = torch.device(bridge.mm.get_torch_device())
+    precision, scheme = resolve_precision(values.pop("precision"), device)
+    triton = values.pop("triton_kernels")
+    if triton and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise BlendedInputError("triton_kernels needs the 'triton' Python package, which this ComfyUI's Python does "
+                                "not have: install it (pip install triton; on Windows, triton-windows) or turn "
+                                "triton_kernels off on the Speed node")
+    return FastPathOptions(precision=precision, precision_scheme=scheme, triton_norm=triton, triton_clip=triton,
+                           **values)
 
 
 def default_speed_options() -> FastPathOptions:
@@ -108,6 +117,18 @@ class BlendedDiffusionSpeed:
                                     "Warp each CLIP view once (rotation/shift and perspective composed) instead "
                                     "of the original's two resamplings: less blur, one warp fewer. Off = the "
                                     "original."}),
+                "triton_kernels": ("BOOLEAN", {"default": d["triton_kernels"], "tooltip":
+                                   "Experimental, speed not yet measured. The UNet's GroupNorm + scale-shift + "
+                                   "SiLU and CLIP's LayerNorms and QuickGELU as the pack's own Triton kernels: "
+                                   "fewer passes over memory, less kept for the backward, the same numbers within "
+                                   "float32 rounding. Needs a CUDA GPU and the triton package (the first run on a "
+                                   "machine compiles them, seconds); elsewhere the usual kernels run."}),
+                "cuda_graphs": ("BOOLEAN", {"default": d["cuda_graphs"], "tooltip":
+                                "Experimental, speed not yet measured. Replays the UNet's and CLIP's forward and "
+                                "backward from CUDA graphs captured at the second step: a few launches per step "
+                                "instead of thousands, the same kernels and numbers. CUDA only (elsewhere the "
+                                "usual path); if a capture fails the run goes on without graphs. Cannot be "
+                                "combined with compile."}),
             },
         }
 

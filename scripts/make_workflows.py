@@ -143,7 +143,7 @@ def ranked_results(defs):
     g, unet, clip, img, msk, guide = edit_start(defs, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=8, batch_size=4)
     # Speed options at their (faithful) defaults: where to turn on bf16, reuse_guided_forward, compile, ...
-    speed = g.add("BlendedDiffusion_Speed", (400, 300), size=(380, 200))
+    speed = g.add("BlendedDiffusion_Speed", (400, 300), size=(380, 260))
     g.link(speed, 0, samp, "speed")
     rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 2}, size=(340, 220))
     g.link(samp, 0, rank, "images")

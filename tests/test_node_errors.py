@@ -166,3 +166,22 @@ def test_only_real_out_of_memory_errors_get_the_advice(comfy_inprocess):
     assert bridge.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not bridge.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not bridge.is_out_of_memory(ValueError("the mask is empty"))
+
+
+def test_speed_options_that_cannot_run_are_refused_with_what_to_do(comfy_inprocess, monkeypatch):
+    """cuda_graphs with compile (one replays the eager kernels the other replaces) is refused at the Speed node;
+    triton_kernels on a CUDA device whose Python has no triton package says what to install."""
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), speed={"compile": True, "cuda_graphs": True}))
+    assert "cuda_graphs and compile cannot be combined" in str(err.value)
+    speed = comfy_inprocess.pack_module("speed")
+    monkeypatch.setattr(speed.bridge.mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(speed.bridge.mm, "should_use_fp16", lambda *args, **kwargs: True)
+    find_spec = speed.importlib.util.find_spec
+    monkeypatch.setattr(speed.importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+                        find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"triton_kernels needs the 'triton' Python package.*pip install triton"):
+        speed.speed_options(triton_kernels=True)
+    assert speed.speed_options(cuda_graphs=True).cuda_graphs  # graphs need no package beyond torch
+    monkeypatch.undo()
+    assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)

@@ -185,3 +185,24 @@ def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inproce
     torch.testing.assert_close(graphed.tensors["sampler"][0][0], eager.tensors["sampler"][0][0], atol=0, rtol=0)
     unet, clip = graphed.tensors["unet"][0][0], graphed.tensors["clip"][0][0]
     assert "forward" not in unet.unet.__dict__ and clip.clip.graphed_tower is None
+
+
+def test_speed_node_runs_the_triton_kernels_and_cuda_graphs_options(comfy_inprocess, monkeypatch):
+    """triton_kernels is both Triton options (the UNet's GroupNorm + SiLU, CLIP's LayerNorm and QuickGELU) and
+    cuda_graphs the graph replay. Through ComfyUI's executor on the CPU, where the Triton paths run their
+    plain-torch references and the graphs stay eager, the images match the Speed node without them (within
+    1e-4: the references round in float32 in another order than torch's GroupNorm, over a whole run)."""
+    speed = comfy_inprocess.pack_module("speed")
+    options = speed.BlendedDiffusionSpeed().build(triton_kernels=True, cuda_graphs=True)[0]
+    assert options.triton_norm and options.triton_clip and options.cuda_graphs
+    assert speed.speed_options() == speed.speed_options(triton_kernels=False, cuda_graphs=False)
+    chosen = []
+    sampler = comfy_inprocess.pack_module("sampler")
+    run_clones = sampler.fast_paths.run_clones
+    monkeypatch.setattr(sampler.fast_paths, "run_clones", lambda unet, clip, opts, *a, **k: (
+        chosen.append(opts), run_clones(unet, clip, opts, *a, **k))[1])
+    plain = comfy_inprocess.run(graph(empty_image(color=0x446688), box_mask(), seed=5, speed={}))
+    kernels = comfy_inprocess.run(graph(empty_image(color=0x446688), box_mask(), seed=5,
+                                        speed={"triton_kernels": True, "cuda_graphs": True}))
+    assert [(o.triton_norm, o.triton_clip, o.cuda_graphs) for o in chosen][-1] == (True, True, True)
+    torch.testing.assert_close(kernels.tensors["sampler"][0][0], plain.tensors["sampler"][0][0], atol=1e-4, rtol=0)
