@@ -9,6 +9,7 @@ once the copy is done (torch's pinned-memory cache tracks that).
 from __future__ import annotations
 
 import os
+import traceback
 
 import torch
 
@@ -28,3 +29,11 @@ def runs_triton_kernels(tensor: torch.Tensor) -> bool:
     CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests check them); elsewhere their options
     fall back to plain torch."""
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def raised_in_triton(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside the triton package (its compiler, ptxas, its driver layer): how a GPU
+    that Triton cannot compile the pack's kernels for shows. Told apart by where it was raised, since Triton
+    raises plain RuntimeErrors as well as its own classes."""
+    marker = f"{os.sep}triton{os.sep}"
+    return any(marker in frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__))

@@ -9,6 +9,7 @@ import torch
 
 from ..blended import fast_paths
 from ..blended.colour_match import SPACES as COLOUR_MATCH
+from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
 from ..blended.memory import activation_bytes_per_result, auto_batch_size
@@ -173,11 +174,18 @@ class BlendedDiffusionSampler:
             except Exception as exc:
                 # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours, and only
                 # for real OOMs. ComfyUI's interrupt (an Exception in older releases, a BaseException in newer
-                # ones) passes through unchanged either way.
+                # ones) passes through unchanged either way. A failure inside Triton with the Triton kernels on
+                # (a GPU it cannot compile them for) becomes an input error that says which option to turn off.
                 if bridge.is_out_of_memory(exc):
                     log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
                               "do not depend on it), or connect a Speed node with "
                               "gradient_checkpointing on or precision 'bf16 autocast'.", batch_size)
+                elif (options.triton_norm or options.triton_clip) and raised_in_triton(exc):
+                    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+                    raise BlendedInputError(
+                        f"the pack's Triton kernels failed on this GPU ({type(exc).__name__}: {first_line}). "
+                        "Turn triton_kernels off on the Speed node: the usual kernels compute the same "
+                        "results.") from exc
                 raise
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)

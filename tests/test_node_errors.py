@@ -3,6 +3,8 @@ executor keeps working afterwards (nothing is corrupted)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -183,5 +185,27 @@ def test_speed_options_that_cannot_run_are_refused_with_what_to_do(comfy_inproce
     with pytest.raises(ValueError, match=r"triton_kernels needs the 'triton' Python package.*pip install triton"):
         speed.speed_options(triton_kernels=True)
     assert speed.speed_options(cuda_graphs=True).cuda_graphs  # graphs need no package beyond torch
+    monkeypatch.undo()
+    assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)
+
+
+def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(comfy_inprocess, monkeypatch):
+    """A GPU that Triton cannot compile the pack's kernels for fails inside the triton package: with
+    triton_kernels on, the Sampler's error names the option to turn off (the original error is its cause);
+    with it off, an error from elsewhere passes through as it was."""
+    source = "def compile_kernel():\n    raise RuntimeError('ptxas fatal: Value sm_61 is not defined')\n"
+    namespace = {}
+    exec(compile(source, os.path.join(os.sep, "env", "site-packages", "triton", "compiler", "compiler.py"), "exec"),
+         namespace)
+    sampler = comfy_inprocess.pack_module("sampler")
+    monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["compile_kernel"]())
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), speed={"triton_kernels": True}))
+    message = str(err.value)
+    assert "Triton kernels failed on this GPU (RuntimeError: ptxas fatal" in message
+    assert "Turn triton_kernels off on the Speed node" in message
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=2, speed={}))
+    assert "ptxas fatal" in str(err.value) and "triton_kernels" not in str(err.value)
     monkeypatch.undo()
     assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)
