@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["KernelCase", "kernel_cases", "compile_for_hopper", "ptxas_figures", "sass_figures", "report_rows"]
+__all__ = ["KernelCase", "kernel_cases", "hopper_target", "compile_for_hopper", "ptxas_figures", "sass_figures",
+           "report_rows"]
 
 _NUM_WARPS = 4  # Triton's default, which the pack's launches keep
 _ALIGNED_INTS = ("HW", "C", "n", "D", "rows_per_split", "stride_b", "stride_hw") + tuple(
@@ -100,10 +101,16 @@ def _jit_function(case: KernelCase):
     return getattr(importlib.import_module(f"blended.{case.module}"), case.kernel)
 
 
+def hopper_target():
+    """Triton's compile target for the H100: CUDA, compute capability 9.0, 32 threads a warp."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
 def compile_for_hopper(case: KernelCase):
     """The kernel compiled for sm_90, specialised as Triton's JIT would for channels_last activations."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _jit_function(case)
@@ -126,7 +133,7 @@ def compile_for_hopper(case: KernelCase):
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                if signature[name] != "constexpr" and (name.endswith("_ptr") or name in _ALIGNED_INTS)}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32))
+                          target=hopper_target())
 
 
 def _nvidia_tool(name: str) -> Path:

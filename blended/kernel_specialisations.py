@@ -2,14 +2,14 @@
 
 Why: a user should not wait minutes for a compile. Triton compiles a kernel once for each specialisation the
 JIT meets: the dtypes of its pointers, which integers are 1 or multiples of 16, which pointers are 16-byte
-aligned, and its compile-time constants. The pack's kernels meet several (group sizes, optional terms, the float32
-``out`` head, the split count a batch gives), and each is a compile of its own: Triton's MLIR passes, then ptxas.
+aligned, and its compile-time constants. The pack's kernels meet several (group sizes and their tiles, optional
+terms, the float32 ``out`` head), and each is a compile of its own: Triton's MLIR passes, then ptxas.
 
 :func:`launched_specialisations` runs one guided step of the 256x256 model on fake tensors with the kernel
 objects replaced by recorders, which bind the launch arguments with Triton's own specialisation code (as its JIT
 does, for the H100's target) and keep each distinct specialisation. :func:`compile_times` then compiles each one
 for sm_90 into an empty cache, as a cold start does, and times it. The compile runs on the host's CPU, so the
-times are this machine's: a GPU host with faster cores compiles faster. Triton keeps what it compiled in its
+times are this machine's CPU's. Triton keeps what it compiled in its
 on-disk cache (``~/.triton/cache`` unless ``TRITON_CACHE_DIR`` says otherwise), so only the first run on a
 machine, or after a Triton or pack update changes a kernel, pays for this.
 
@@ -98,12 +98,6 @@ class _Recorder:
         self.found[key].launches += 1
 
 
-def hopper_target():
-    from triton.backends.compiler import GPUTarget
-
-    return GPUTarget("cuda", 90, 32)
-
-
 @contextlib.contextmanager
 def recording_launches(found: dict, target=None):
     """Inside: the pack's Triton kernels record into ``found`` instead of launching, and the UNet and CLIP take
@@ -114,6 +108,7 @@ def recording_launches(found: dict, target=None):
 
     from . import clip_vision
     from . import unet as unet_module
+    from .kernel_report import hopper_target
 
     backend = make_backend(target or hopper_target())
     with contextlib.ExitStack() as patches:
@@ -130,8 +125,8 @@ def recording_launches(found: dict, target=None):
 
 def launched_specialisations(options, batches=(1,), views: int = 8) -> list[Specialisation]:
     """The distinct Triton specialisations one guided step of the 256x256 model launches with ``options`` (a
-    :class:`~blended.fast_paths.FastPathOptions`), over the given batch sizes (a batch can change a split
-    reduction's split count, and a count of 1 is a specialisation of its own)."""
+    :class:`~blended.fast_paths.FastPathOptions`), over the given batch sizes: a launch's integer arguments
+    follow the batch, and an integer the JIT specialises on could make a new batch size compile anew."""
     from . import fast_paths, memory_trace
 
     found: dict = {}
@@ -148,6 +143,8 @@ def compile_times(specialisations, target=None) -> list[dict]:
     other, as a cold start compiles them: one row each with its wall time in seconds."""
     import triton
     from triton.compiler import ASTSource
+
+    from .kernel_report import hopper_target
 
     rows = []
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):

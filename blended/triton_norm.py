@@ -39,8 +39,8 @@ BACKWARD_TILE = (32, 64)
 # Integers the JIT is told not to specialise on. By default it compiles a kernel anew for every argument that is 1
 # or a multiple of 16, and these vary with the block and the batch for no gain: the group size's alignment
 # reaches the kernels as GROUP_ALIGN, and the split count only places each program's partial sums. Specialising
-# on them cost a 256x256 run 45 compiles where 22 now serve every batch size
-# (``blended.kernel_specialisations``).
+# on them cost a 256x256 step 39 compiles at batch 1 and more at other batches (45 over batches 1, 4 and 16);
+# 24 now serve every batch size (``scripts/kernel_report.py --cold-start``).
 _NOT_SPECIALISED = ("Cg", "num_splits")  # the passes that write a map take no split count
 
 

@@ -184,8 +184,8 @@ class BlendedDiffusionSampler:
                     first_line = (str(exc).strip().splitlines() or [""])[0][:300]
                     raise BlendedInputError(
                         f"the pack's Triton kernels failed on this GPU ({type(exc).__name__}: {first_line}). "
-                        "Turn triton_kernels off on the Speed node: the usual kernels compute the same "
-                        "results.") from exc
+                        "Turn triton_kernels off on the Speed node: the usual kernels give the same results "
+                        "within rounding.") from exc
                 raise
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)

@@ -120,8 +120,8 @@ class BlendedDiffusionSpeed:
                 "triton_kernels": ("BOOLEAN", {"default": d["triton_kernels"], "tooltip":
                                    "Experimental, speed not yet measured. The UNet's GroupNorm + scale-shift + "
                                    "SiLU and CLIP's LayerNorms and QuickGELU as the pack's own Triton kernels: "
-                                   "fewer passes over memory, less kept for the backward, the same numbers within "
-                                   "float32 rounding. Needs a CUDA GPU and the triton package (the first run on a "
+                                   "fewer passes over memory, less kept for the backward, the same results within "
+                                   "rounding. Needs a CUDA GPU and the triton package (the first run on a "
                                    "machine compiles them, seconds); elsewhere the usual kernels run."}),
                 "cuda_graphs": ("BOOLEAN", {"default": d["cuda_graphs"], "tooltip":
                                 "Experimental, speed not yet measured. Replays the UNet's and CLIP's forward and "
