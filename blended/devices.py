@@ -8,6 +8,7 @@ once the copy is done (torch's pinned-memory cache tracks that).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import traceback
 
@@ -31,9 +32,19 @@ def runs_triton_kernels(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_package_dir() -> str | None:
+    """Where the installed triton package lives (None without one), found without importing it."""
+    spec = importlib.util.find_spec("triton")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return os.path.realpath(locations[0]) if locations else None
+
+
 def raised_in_triton(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside the triton package (its compiler, ptxas, its driver layer): how a GPU
-    that Triton cannot compile the pack's kernels for shows. Told apart by where it was raised, since Triton
-    raises plain RuntimeErrors as well as its own classes."""
-    marker = f"{os.sep}triton{os.sep}"
-    return any(marker in frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__))
+    """Whether ``exc`` was raised inside the installed triton package (its compiler, ptxas, its driver layer):
+    how a GPU that Triton cannot compile the pack's kernels for shows. Told apart by where it was raised, since
+    Triton raises plain RuntimeErrors as well as its own classes."""
+    package = triton_package_dir()
+    if package is None:
+        return False
+    return any(os.path.realpath(frame.f_code.co_filename).startswith(package + os.sep)
+               for frame, _ in traceback.walk_tb(exc.__traceback__))

@@ -193,11 +193,12 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     """A GPU that Triton cannot compile the pack's kernels for fails inside the triton package: with
     triton_kernels on, the Sampler's error names the option to turn off (the original error is its cause);
     with it off, an error from elsewhere passes through as it was."""
+    sampler = comfy_inprocess.pack_module("sampler")
+    devices = sampler.raised_in_triton.__globals__
     source = "def compile_kernel():\n    raise RuntimeError('ptxas fatal: Value sm_61 is not defined')\n"
     namespace = {}
-    exec(compile(source, os.path.join(os.sep, "env", "site-packages", "triton", "compiler", "compiler.py"), "exec"),
-         namespace)
-    sampler = comfy_inprocess.pack_module("sampler")
+    # code that says it lives in the installed triton package, as its compiler's does
+    exec(compile(source, os.path.join(devices["triton_package_dir"](), "compiler", "compiler.py"), "exec"), namespace)
     monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["compile_kernel"]())
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), speed={"triton_kernels": True}))
@@ -207,5 +208,11 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=2, speed={}))
     assert "ptxas fatal" in str(err.value) and "triton_kernels" not in str(err.value)
+    # the same error from code outside the package (a ComfyUI under a folder named triton, say) is not Triton's
+    elsewhere = {}
+    exec(compile(source, os.path.join(os.sep, "home", "triton", "ComfyUI", "nodes.py"), "exec"), elsewhere)
+    with pytest.raises(RuntimeError) as outside:
+        elsewhere["compile_kernel"]()
+    assert not devices["raised_in_triton"](outside.value)
     monkeypatch.undo()
     assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)
