@@ -60,3 +60,20 @@ class _WeightOnlyConv(torch.autograd.Function):
         grad_input = torch.ops.aten.convolution_backward(
             grad, stand_in, weight, None, stride, padding, dilation, False, [0, 0], groups, (True, False, False))[0]
         return grad_input, None, None, None, None, None, None
+
+
+def pointwise_conv_of_pair(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``conv(torch.cat([a, b], 1))`` for a 1x1 convolution, without the concatenation. In channels_last a 1x1
+    convolution is a matrix product over the channels, so the two parts are two products, the second accumulating
+    into the first (``addmm``, beta 1), and their gradients come back as two dense maps. A frozen weight gets no
+    gradient and the parts are views of the maps, so nothing beyond them is kept. The output is channels_last."""
+    batch, split, height, width = a.shape
+    weight = conv.weight.reshape(conv.out_channels, -1)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [B*H*W, C]: a view of a channels_last map
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    first = rows(a) @ weight[:, :split].t() if conv.bias is None else torch.addmm(conv.bias, rows(a),
+                                                                                 weight[:, :split].t())
+    out = torch.addmm(first, rows(b), weight[:, split:].t())
+    return out.view(batch, height, width, conv.out_channels).permute(0, 3, 1, 2)

@@ -190,6 +190,29 @@ class _ModelledKernelKeepingInput(torch.autograd.Function):
         return None, None, None, None, torch.empty_like(x)
 
 
+class _ModelledKernelOfPair(torch.autograd.Function):
+    """:class:`_ModelledKernelKeepingInput` for the norm of a concatenation's two parts, made without the
+    concatenation: the same passes over the two parts, an output of their joint channels, each part's gradient
+    written as its own map."""
+
+    @staticmethod
+    def forward(ctx, counter, name, x_reads, grad_reads, a, b):
+        ctx.counter, ctx.kernel, ctx.grad_reads = counter, name, grad_reads
+        y = torch.empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), dtype=a.dtype, device=a.device,
+                        memory_format=torch.channels_last)
+        counter.charge(f"{name} (Triton)", x_reads * (touched_bytes(a) + touched_bytes(b)) + touched_bytes(y))
+        ctx.save_for_backward(a, b)
+        return y, a.view_as(a), b.view_as(b)
+
+    @staticmethod
+    def backward(ctx, grad, grad_a, grad_b):
+        a, b = ctx.saved_tensors
+        parts = touched_bytes(a) + touched_bytes(b)
+        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.grad_reads * (parts + touched_bytes(grad))
+                           + touched_bytes(grad_a) + touched_bytes(grad_b) + parts)
+        return None, None, None, None, torch.empty_like(a), torch.empty_like(b)
+
+
 @contextlib.contextmanager
 def modelled_triton_kernels(counter: KernelTraffic, options):
     """The pack's Triton kernels (per ``options``) replaced by stand-ins that run on fake tensors, charge
@@ -210,6 +233,12 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu", norm_silu))
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
                                                     norm_silu_keeping_input))
+
+            def norm_silu_of_pair(norm, a, b):
+                return _ModelledKernelOfPair.apply(counter, "GroupNorm+SiLU", 2, 2, a, b)
+            patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_of_pair", norm_silu_of_pair))
+            # The tensors are fake CPU ones: let the output blocks take the parts as the kernels would on CUDA.
+            patches.enter_context(mock.patch.object(unet_module, "runs_triton_kernels", lambda tensor: True))
         if options.triton_clip:
             def mlp(module, x, kernels):
                 if kernels != "triton" or not clip_vision._is_quick_gelu(getattr(module, "gelu", None)):

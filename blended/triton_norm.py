@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .fused_norm import group_norm_act
 
-__all__ = ["group_norm_silu", "group_norm_silu_and_input"]
+__all__ = ["group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_of_pair"]
 
 _TARGET_PROGRAMS = 1024  # split reductions until about this many programs run (an H100 has 132 SMs)
 # (pixels, channels) per program of the passes that write a map. The forward's tile is the larger: each program
@@ -249,11 +249,11 @@ def group_alignment(group_size: int) -> int:
     return min(16, group_size & -group_size)
 
 
-def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None):
+def _statistics(x, group_size: int, eps: float):
+    """Each (sample, group)'s mean and 1/std over ``x``: float32, [B * groups]."""
     batch, channels, height, width = x.shape
-    group_size, hw = channels // num_groups, height * width
+    num_groups, hw = channels // group_size, height * width
     x, sx = _flat_strides(x)
-    weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
     block_hw, block_c = reduction_tile(group_size)
     splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
     partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
@@ -264,13 +264,31 @@ def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None)
     total = count.sum(1)
     mean = (count * means).sum(1) / total
     var = (m2.sum(1) + (count * (means - mean[:, None]) ** 2).sum(1)) / total
-    rstd = torch.rsqrt(var + eps)
-    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
-    _, sy = _flat_strides(y)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int) -> None:
+    """Write ``silu`` of the normalised, affine (and scale-shifted) ``x`` into ``y``, which may be a channel
+    slice of a larger map (its strides are read as they are)."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    x, sx = _flat_strides(x)
+    y_flat, sy = _flat_strides(y)
+    if y_flat is not y:
+        raise ValueError("the output must merge H and W into one pixel stride (NCHW, NHWC or a channel slice)")
+    weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
     block_hw, block_c = FORWARD_TILE
     grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
     _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
                           HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=block_hw, BLOCK_C=block_c)
+
+
+def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None):
+    group_size = x.shape[1] // num_groups
+    x, _ = _flat_strides(x)
+    mean, rstd = _statistics(x, group_size, eps)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
+    _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size)
     ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
     ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
     return y
@@ -283,17 +301,22 @@ def _backward(ctx, dy, residual=None):
         grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residual)
     if not any(ctx.needs_input_grad[1:4]):
         return grad_x, None, None, None, None, None
-    # Gradients for weights or timestep terms: nothing in CLIP guidance asks for them (frozen weights, a
-    # timestep embedding without grad), so the plain reference computes them when someone does.
+    x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
+    rest = _reference_parameter_gradients(x_in, dy, (weight, bias, scale_shift), ctx.needs_input_grad[1:4],
+                                          x.shape[1] // ctx.num_groups, ctx.eps)
+    return (grad_x, *rest, None, None)
+
+
+def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, eps: float) -> list:
+    """Gradients for weights or timestep terms: nothing in CLIP guidance asks for them (frozen weights, a
+    timestep embedding without grad), so the plain reference computes them when someone does."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((weight, bias, scale_shift), ctx.needs_input_grad[1:4], strict=True)]
-        x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
-        y = group_norm_act(x_in, leaves[0], leaves[1], x.shape[1] // ctx.num_groups, ctx.eps, leaves[2])
+                  for t, need in zip(parameters, needed, strict=True)]
+        y = group_norm_act(x, leaves[0], leaves[1], group_size, eps, *leaves[2:])
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, dy))
-    rest = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    return (grad_x, *rest, None, None)
+    return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -318,6 +341,53 @@ class _GroupNormSiLUAndInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, d_input):
         return _backward(ctx, dy, d_input)
+
+
+class _GroupNormSiLUOfPair(torch.autograd.Function):
+    """``_GroupNormSiLUAndInput`` of ``torch.cat([a, b], 1)`` without the concatenation (a UNet output block's
+    input: its running map and the encoder's skip). Each part's channels are whole groups, so each part's groups
+    are normalised from the part itself into its channels of one output, and each part's gradient is written as a
+    map of its own, its skip-path gradient added. Slicing a concatenation's gradient gave the convolutions
+    strided maps, which they copied first. The second and third outputs are ``a`` and ``b`` themselves, for the
+    skip path; what is kept for the backward is the two parts (the encoder's map is kept anyway) and two float32
+    numbers per group."""
+
+    @staticmethod
+    def forward(ctx, a, b, weight, bias, num_groups, eps):
+        split, channels = a.shape[1], a.shape[1] + b.shape[1]
+        group_size = channels // num_groups
+        if split % group_size or b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:]:
+            raise ValueError(f"a pair of {split} and {b.shape[1]} channels cannot be normalised in groups of "
+                             f"{group_size} as parts: a group would straddle them (or their shapes differ)")
+        a, _ = _flat_strides(a)
+        b, _ = _flat_strides(b)
+        channels_last = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
+        y = torch.empty((a.shape[0], channels, *a.shape[2:]), device=a.device, dtype=a.dtype,
+                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        statistics = []
+        for part, channel in ((a, slice(0, split)), (b, slice(split, channels))):
+            mean, rstd = _statistics(part, group_size, eps)
+            _normalise_into(y[:, channel], part, weight[channel], bias[channel], None, mean, rstd, group_size)
+            statistics += [mean, rstd]
+        ctx.save_for_backward(a, b, weight, bias, *statistics)
+        ctx.group_size, ctx.eps = group_size, eps
+        return y, a.view_as(a), b.view_as(b)
+
+    @staticmethod
+    def backward(ctx, dy, d_a, d_b):
+        a, b, weight, bias, mean_a, rstd_a, mean_b, rstd_b = ctx.saved_tensors
+        split, group_size = a.shape[1], ctx.group_size
+        grads = [None, None]
+        for i, (part, channel, mean, rstd, residual) in enumerate((
+                (a, slice(0, split), mean_a, rstd_a, d_a), (b, slice(split, None), mean_b, rstd_b, d_b))):
+            if ctx.needs_input_grad[i]:
+                grads[i] = _input_gradient(part, dy[:, channel], weight[channel], bias[channel], None, mean, rstd,
+                                           part.shape[1] // group_size, residual)
+        rest = [None, None]
+        if any(ctx.needs_input_grad[2:4]):
+            rest = _reference_parameter_gradients(torch.cat([a.detach(), b.detach()], 1), dy, (weight, bias),
+                                                  ctx.needs_input_grad[2:4], group_size, ctx.eps)
+        return (*grads, *rest, None, None)
 
 
 def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residual=None):
@@ -355,6 +425,14 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     block output). The input's gradient comes back in ``x``'s dtype.
     """
     return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps, out_dtype)
+
+
+def group_norm_silu_of_pair(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            group_size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(group_norm_silu(torch.cat([a, b], 1), ...), a, b)`` without making the concatenation: use the returned
+    ``a`` and ``b`` for the skip path, and their gradients are added inside the backward kernels. ``a``'s
+    channels must be whole groups."""
+    return _GroupNormSiLUOfPair.apply(a, b, weight, bias, (a.shape[1] + b.shape[1]) // group_size, eps)
 
 
 def group_norm_silu_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int,

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cuda_graphs import CHECKPOINT_ARGS
 from .devices import runs_triton_kernels
-from .frozen_conv import FrozenWeightConv2d
+from .frozen_conv import FrozenWeightConv2d, pointwise_conv_of_pair
 from .fused_norm import fused_group_norm_act, group_norm_act
 
 __all__ = ["UNetConfig", "GuidedDiffusionUNet", "timestep_embedding"]
@@ -272,15 +272,10 @@ class ResBlock(nn.Module):
             h = self.resample(h)
             x = self.resample(x)
         h = conv_in(h)
-        emb_out = _in_dtype(self.emb_layers[1](activated_emb), h.dtype)
-        # Views broadcast the projection over H and W: fewer dispatches than indexing with None and chunk().
-        emb_out = emb_out.view(*emb_out.shape, 1, 1)
+        emb_out = self._timestep_terms(activated_emb, h.dtype)
         norm_out, act_out, _, conv_out = self.out_layers
         if self.norm_kernel:
-            if self.use_scale_shift_norm:
-                h = _fused_norm_silu(self.norm_kernel, norm_out, h, emb_out)
-            else:
-                h = _fused_norm_silu(self.norm_kernel, norm_out, h + emb_out)
+            h = self._fused_out_norm(h, emb_out)
             return self.skip_connection(x) + conv_out(self._dropout(h))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.view(emb_out.shape[0], 2, -1, 1, 1).unbind(1)
@@ -289,6 +284,39 @@ class ResBlock(nn.Module):
             h = norm_out(h + emb_out)
         h = conv_out(self._dropout(act_out(h)))
         return self.skip_connection(x) + h
+
+    def takes_pair(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether :meth:`forward_pair` can take ``torch.cat([a, b], 1)`` as its parts: with the Triton norm, on
+        channels_last maps whose first part's channels are whole groups, no resampling and a 1x1 skip conv."""
+        norm, skip = self.in_layers[0], self.skip_connection
+        return (self.norm_kernel == "triton" and self.resample is None and runs_triton_kernels(a)
+                and isinstance(skip, nn.Conv2d) and skip.kernel_size == (1, 1) and skip.stride == (1, 1)
+                and skip.padding == (0, 0) and skip.groups == 1 and norm.affine
+                and a.shape[1] % (norm.num_channels // norm.num_groups) == 0 and a.dtype == b.dtype
+                and a.shape[1] + b.shape[1] == norm.num_channels
+                and all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)))
+
+    def forward_pair(self, a: torch.Tensor, b: torch.Tensor, activated_emb: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.cat([a, b], 1), activated_emb)`` without making the concatenation (a UNet output
+        block's running map and the encoder's skip; see :meth:`takes_pair`): the Triton norm reads the two parts
+        and writes each part's gradient as its own map, and the 1x1 skip conv is two matrix products. The
+        concatenation moved both maps once more, was kept for the backward beside the encoder's own copy, and its
+        gradient's channel slices were copied again before the convolutions' backward could read them."""
+        h, a, b = _fused_norm_silu_of_pair(self.in_layers[0], a, b)
+        h = self.in_layers[2](h)
+        h = self._fused_out_norm(h, self._timestep_terms(activated_emb, h.dtype))
+        return pointwise_conv_of_pair(self.skip_connection, a, b) + self.out_layers[3](self._dropout(h))
+
+    def _timestep_terms(self, activated_emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        emb_out = _in_dtype(self.emb_layers[1](activated_emb), dtype)
+        # Views broadcast the projection over H and W: fewer dispatches than indexing with None and chunk().
+        return emb_out.view(*emb_out.shape, 1, 1)
+
+    def _fused_out_norm(self, h: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
+        norm_out = self.out_layers[0]
+        if self.use_scale_shift_norm:
+            return _fused_norm_silu(self.norm_kernel, norm_out, h, emb_out)
+        return _fused_norm_silu(self.norm_kernel, norm_out, h + emb_out)
 
     def _dropout(self, h: torch.Tensor) -> torch.Tensor:
         # Dropout only acts in training with p > 0; otherwise calling it is one more op per block for nothing.
@@ -326,6 +354,15 @@ def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm,
 
         return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
     return _fused_norm_silu(kernel, norm, x), x
+
+
+def _fused_norm_silu_of_pair(norm: nn.GroupNorm, a: torch.Tensor,
+                             b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(_fused_norm_silu("triton", norm, torch.cat([a, b], 1)), a, b)`` by the Triton kernels, without the
+    concatenation; the returned ``a`` and ``b`` carry their skip-path gradients into the norm's backward."""
+    from .triton_norm import group_norm_silu_of_pair
+
+    return group_norm_silu_of_pair(a, b, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
 
 
 class AttentionBlock(nn.Module):
@@ -398,12 +435,18 @@ class TimestepBlock(nn.Sequential):
     """A block of the UNet: layers that take the timestep embedding get it, the others only see x."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        for layer in self:
+        return self.run_from(0, x, emb)
+
+    def run_from(self, start: int, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in list(self)[start:] if start else self:
             x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
         return x
 
 
-def _concat_and_run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def _concat_and_run(block: TimestepBlock, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    first = block[0]
+    if isinstance(first, ResBlock) and first.takes_pair(h, skip):
+        return block.run_from(1, first.forward_pair(h, skip, emb), emb)
     return block(torch.cat([h, skip], dim=1), emb)
 
 

@@ -29,7 +29,8 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "clip_with_triton_kernels_matches_the_clip_without",
           "skip_path_gradient_is_added_inside_the_backward_kernel",
           "float32_output_of_a_bfloat16_input_needs_no_converted_copy",
-          "the_256px_models_group_sizes_match_the_reference")
+          "the_256px_models_group_sizes_match_the_reference",
+          "pair_of_maps_is_normalised_as_their_concatenation")
 
 
 @pytest.mark.parametrize("check", CHECKS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blended.frozen_conv import FrozenWeightConv2d
+from blended.frozen_conv import FrozenWeightConv2d, pointwise_conv_of_pair
 from blended.unet import Downsample, _HalvingAvgPool
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -151,3 +151,27 @@ def test_unet_keeps_less_for_the_backward_with_the_same_gradient(unet, monkeypat
         unet.autocast_dtype = previous
     assert torch.equal(grad, plain_grad)
     assert kept < 0.8 * plain_kept
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_1x1_conv_of_two_parts_is_the_conv_of_their_concatenation(autocast):
+    """An output block's skip conv on the running map and the encoder's skip without concatenating them: the
+    same output (float32 to rounding; under bf16 autocast within the rounding of the first product, which the
+    second reads back), in channels_last, and each part's gradient a dense channels_last map of its own, where
+    the concatenation's gradient would be sliced into strided views. The frozen weight gets no gradient."""
+    torch.manual_seed(0)
+    conv = FrozenWeightConv2d(96, 40, 1).requires_grad_(False)
+    a, b = (torch.randn(2, c, 5, 6).to(memory_format=torch.channels_last).requires_grad_(True) for c in (64, 32))
+    grad = torch.randn(2, 40, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = conv(torch.cat([a, b], 1))
+        out = pointwise_conv_of_pair(conv, a, b)
+    ga, gb = torch.autograd.grad(out, (a, b), grad)
+    ga_expected, gb_expected = torch.autograd.grad(expected, (a, b), grad)
+    tolerance = 2e-2 if autocast else 1e-6
+    assert out.dtype == expected.dtype and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(ga, ga_expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(gb, gb_expected, atol=tolerance, rtol=tolerance)
+    assert all(g.is_contiguous(memory_format=torch.channels_last) for g in (ga, gb))
+    assert conv.weight.grad is None

@@ -119,11 +119,25 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     expected = unet(x, t)
     (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
     options = FastPathOptions(triton_norm=True, channels_last=True)
-    with fast_paths.run_clones(unet, clip, options) as (fast, _):
-        assert fast.norm_kernel == "triton"
-        out = fast(x, t)
-        (g,) = torch.autograd.grad(out.square().sum(), x)
+    pairs, of_pair = [], kernels.group_norm_silu_of_pair
+    kernels.group_norm_silu_of_pair = lambda a, b, *rest: pairs.append((a.shape[1], b.shape[1])) or of_pair(a, b, *rest)
+    try:
+        with fast_paths.run_clones(unet, clip, options) as (fast, _):
+            assert fast.norm_kernel == "triton"
+            out = fast(x, t)
+            (g,) = torch.autograd.grad(out.square().sum(), x)
+    finally:
+        kernels.group_norm_silu_of_pair = of_pair
     assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    # Each output block whose running map's channels are whole groups of its ResBlock's norm took the map and
+    # the encoder's skip as two parts; the others (a group across the two) made the concatenation.
+    expected, running = [], unet.middle_block[-1].out_layers[3].out_channels
+    for block in unet.output_blocks:
+        norm = block[0].in_layers[0]
+        if running % (norm.num_channels // norm.num_groups) == 0:
+            expected.append((running, norm.num_channels - running))
+        running = block[0].out_layers[3].out_channels
+    assert pairs == expected and len(expected) < len(unet.output_blocks), (pairs, expected)
 
 
 def check_float32_forward_and_input_gradient_match_the_reference():
@@ -186,6 +200,41 @@ def check_skip_path_gradient_is_added_inside_the_backward_kernel():
     x32 = x.detach().float().requires_grad_(True)
     (gx_expected,) = torch.autograd.grad(group_norm_act(x32, weight, bias, 2, 1e-5).sum() + x32.square().sum(), x32)
     assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3
+
+
+def check_pair_of_maps_is_normalised_as_their_concatenation():
+    # A UNet output block's input, its running map and the encoder's skip, taken as two parts: the output and
+    # each part's gradient (with its skip-path gradient added) as for the concatenation, within float32
+    # rounding (each part's statistics are reduced in other splits); the output in the parts' layout, the
+    # gradients dense maps of their own. Parts of unequal widths, a group size of 2 and 3, and bf16.
+    for (ca, cb, groups), channels_last in (((64, 32, 48), True), ((96, 96, 64), True), ((64, 64, 32), False)):
+        a, weight, bias, _ = case((2, ca + cb, 6, 5), torch.float32, channels_last, False, seed=ca + cb)
+        a, b = (t.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                .requires_grad_(True) for t in (a[:, :ca], a[:, ca:]))
+        gen = torch.Generator().manual_seed(21)
+        grad_y = on_device(torch.randn(2, ca + cb, 6, 5, generator=gen))
+        skip_a, skip_b = on_device(torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen))
+        group_size = (ca + cb) // groups
+        y, a_skip, b_skip = kernels.group_norm_silu_of_pair(a, b, weight, bias, group_size, 1e-5)
+        assert torch.equal(a_skip, a) and torch.equal(b_skip, b) and y.stride() == torch.cat([a, b], 1).stride()
+        ga, gb = torch.autograd.grad((y * grad_y).sum() + (a_skip * skip_a).sum() + (b_skip * skip_b).sum(), (a, b))
+        expected = group_norm_act(torch.cat([a, b], 1), weight, bias, group_size, 1e-5)
+        ga_expected, gb_expected = torch.autograd.grad(
+            (expected * grad_y).sum() + (a * skip_a).sum() + (b * skip_b).sum(), (a, b))
+        assert rel(y, expected) < 1e-6 and rel(ga, ga_expected) < 1e-6 and rel(gb, gb_expected) < 1e-6
+        assert ga.stride() == a.stride() and gb.stride() == b.stride()
+    x, weight, bias, _ = case((2, 64, 6, 6), torch.bfloat16, True, False, seed=22)
+    a, b = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            for t in (x[:, :32], x[:, 32:]))
+    y, _, _ = kernels.group_norm_silu_of_pair(a, b, weight, bias, 2, 1e-5)
+    expected = group_norm_act(torch.cat([a, b], 1).detach().float(), weight, bias, 2, 1e-5)
+    assert y.dtype == torch.bfloat16 and rel(y, expected) < 4e-3
+    try:  # a group across the two parts cannot be normalised part by part
+        kernels.group_norm_silu_of_pair(a[:, :31], torch.cat([a[:, 31:], b], 1), weight, bias, 2, 1e-5)
+    except ValueError as error:
+        assert "straddle" in str(error)
+    else:
+        raise AssertionError("a straddling group was accepted")
 
 
 def check_the_256px_models_group_sizes_match_the_reference():
