@@ -106,7 +106,7 @@ def recording_launches(found: dict, target=None):
 
     from triton.compiler import make_backend
 
-    from . import clip_vision
+    from . import clip_vision, memory_trace
     from . import unet as unet_module
     from .kernel_report import hopper_target
 
@@ -118,8 +118,7 @@ def recording_launches(found: dict, target=None):
             patches.enter_context(mock.patch.object(module, name, recorder))
         for module in (unet_module, clip_vision):
             patches.enter_context(mock.patch.object(module, "runs_triton_kernels", lambda tensor: True))
-        # CUDA's rule: no float32 detour for strided GroupNorm (that is a CPU workaround).
-        patches.enter_context(mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", frozenset()))
+        patches.enter_context(memory_trace.cuda_norm_rules())
         yield found
 
 

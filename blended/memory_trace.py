@@ -246,15 +246,23 @@ def _configure_unet(unet, options) -> None:
 
 
 @contextlib.contextmanager
-def _tracing(tracer: MemoryTracer, options):
+def cuda_norm_rules(emulate_cuda: bool = True):
+    """Inside, with ``emulate_cuda``: the UNet's GroupNorm takes CUDA's path on the (fake CPU) tensors, without
+    the float32 detour for strided maps that only the CPU needs (:data:`blended.unet.STRIDED_NORM_FP32_DEVICES`)."""
     from . import unet as unet_module
+
+    devices = frozenset() if emulate_cuda else unet_module.STRIDED_NORM_FP32_DEVICES
+    with mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", devices):
+        yield
+
+
+@contextlib.contextmanager
+def _tracing(tracer: MemoryTracer, options):
     from .traffic_trace import KernelTraffic, modelled_triton_kernels
 
-    fp32_norm_devices = frozenset() if tracer.emulate_cuda else unet_module.STRIDED_NORM_FP32_DEVICES
     # The Triton kernels cannot run on fake tensors (their plain-torch references would keep more): stand-ins
     # that keep what the kernels keep.
-    with tracer, mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", fp32_norm_devices), \
-            modelled_triton_kernels(KernelTraffic(), options):
+    with tracer, cuda_norm_rules(tracer.emulate_cuda), modelled_triton_kernels(KernelTraffic(), options):
         yield tracer
 
 

@@ -263,14 +263,11 @@ def trace_step_traffic(options, batch: int, views: int = 8, config: str = "full2
     follows their bytes (``compute_op_gb``: the convolutions', matmuls' and attention's, apart).
     """
     from . import fast_paths
-    from . import unet as unet_module
 
     counter = KernelTraffic(emulate_cuda=emulate_cuda)
-    fp32_norm_devices = frozenset() if emulate_cuda else unet_module.STRIDED_NORM_FP32_DEVICES
     with memory_trace.fake_guided_step(options, batch, views, config) as (runner, _):
         fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
-        with mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", fp32_norm_devices), \
-                modelled_triton_kernels(counter, options), counter:
+        with memory_trace.cuda_norm_rules(emulate_cuda), modelled_triton_kernels(counter, options), counter:
             runner()
     result = counter.report(keep)
     result.update(config=config, batch=batch, views=views, options=options.describe(), emulate_cuda=emulate_cuda)

@@ -24,6 +24,7 @@ checkpointing) is free, and is chosen for speed:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -438,7 +439,7 @@ class TimestepBlock(nn.Sequential):
         return self.run_from(0, x, emb)
 
     def run_from(self, start: int, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for layer in list(self)[start:] if start else self:
+        for layer in itertools.islice(self, start, None):
             x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
         return x
 

@@ -8,11 +8,11 @@ node the Sampler uses this node's defaults, which reproduce the original code.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 
 from ..blended import fast_paths
+from ..blended.devices import triton_package_dir
 from ..blended.errors import BlendedInputError
 from ..blended.fast_paths import FastPathOptions
 from . import comfy_bridge as bridge
@@ -49,7 +49,7 @@ def speed_options(**choices) -> FastPathOptions:
     device = torch.device(bridge.mm.get_torch_device())
     precision, scheme = resolve_precision(values.pop("precision"), device)
     triton = values.pop("triton_kernels")
-    if triton and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+    if triton and device.type == "cuda" and triton_package_dir() is None:
         raise BlendedInputError("triton_kernels needs the 'triton' Python package, which this ComfyUI's Python does "
                                 "not have: install it (pip install triton; on Windows, triton-windows) or turn "
                                 "triton_kernels off on the Speed node")

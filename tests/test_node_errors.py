@@ -3,6 +3,7 @@ executor keeps working afterwards (nothing is corrupted)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -179,8 +180,8 @@ def test_speed_options_that_cannot_run_are_refused_with_what_to_do(comfy_inproce
     speed = comfy_inprocess.pack_module("speed")
     monkeypatch.setattr(speed.bridge.mm, "get_torch_device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(speed.bridge.mm, "should_use_fp16", lambda *args, **kwargs: True)
-    find_spec = speed.importlib.util.find_spec
-    monkeypatch.setattr(speed.importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+    find_spec = importlib.util.find_spec  # a Python without the triton package
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
                         find_spec(name, *a))
     with pytest.raises(ValueError, match=r"triton_kernels needs the 'triton' Python package.*pip install triton"):
         speed.speed_options(triton_kernels=True)
