@@ -22,6 +22,13 @@ VPY="$VENV/bin/python"
 # torch: keep whatever the venv has; otherwise the version available on this kind of machine.
 if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch (this can take several minutes)"
+  # torch with its CUDA libraries takes about 5.6 GB in the venv; without that much room pip fails half-way
+  # with a bare "No space left on device", so say so first.
+  free_mb="$(df -Pm "$VENV" | awk 'NR==2 {print $4}')"
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt 6500 ]; then
+    echo "[setup] warning: only ${free_mb} MB free where the venv lives ($VENV); torch needs about 6000 MB." \
+         "Free some space, or set BLENDED_VENV to a folder on a disk with room." >&2
+  fi
   "$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
 
