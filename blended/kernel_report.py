@@ -1,9 +1,10 @@
-"""Static figures of the pack's Triton kernels as the H100 would run them, on any machine.
+"""Static figures of the pack's Triton kernels as the H100 (or another NVIDIA card) would run them, on any machine.
 
 Why: a kernel between the UNet's convolutions is worth its bytes only if it can keep up with the memory, and
 that can be read off its machine code without a GPU. Triton ships the compiler chain for NVIDIA cards (ptxas,
-nvdisasm), so each kernel is compiled here for sm_90 the way the JIT would specialise it at run time (pointers
-and sizes divisible by 16, unit channel strides as constants: channels_last activations), and then:
+nvdisasm), so each kernel is compiled here for sm_90 (or any card in :data:`CARDS`) the way the JIT would specialise
+it at run time (pointers and sizes divisible by 16, unit channel strides as constants: channels_last
+activations), and then:
 
 * ptxas reports its registers and any spills to local memory;
 * the SASS gives the instructions per element each thread executes, and the barriers inside its loops. An H100
@@ -12,7 +13,7 @@ and sizes divisible by 16, unit channel strides as constants: channels_last acti
   inside a reduction loop stalls every warp of the program once per tile.
 
 ``scripts/kernel_report.py`` prints the table; ``tests/test_triton_norm.py`` holds every kernel to compiling
-without spills and to reduction loops without barriers.
+without spills for every card family from Turing to Blackwell, and to reduction loops without barriers.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["KernelCase", "kernel_cases", "hopper_target", "compile_for_hopper", "ptxas_figures", "sass_figures",
+__all__ = ["CARDS", "KernelCase", "kernel_cases", "cuda_target", "compile_for", "ptxas_figures", "sass_figures",
            "report_rows"]
 
 _NUM_WARPS = 4  # Triton's default, which the pack's launches keep
 _ALIGNED_INTS = ("HW", "C", "n", "D", "rows_per_split", "stride_b", "stride_hw") + tuple(
     f"{t}_{d}" for t in ("sx", "sd", "sy", "so", "sr") for d in ("b", "hw"))
+
+
+# The NVIDIA card families Triton compiles for, by compute capability: the kernels must build, without spills, for
+# every card a user might bring (``tests/test_triton_norm.py``), not only the H100 the figures are read for.
+CARDS = {75: "Turing: T4, RTX 20xx", 80: "Ampere: A100, A30", 86: "Ampere: RTX 30xx, A10, A40",
+         89: "Ada: RTX 40xx, L4, L40", 90: "Hopper: H100, H200", 100: "Blackwell: B200", 120: "Blackwell: RTX 50xx"}
 
 
 @dataclass(frozen=True)
@@ -101,15 +108,16 @@ def _jit_function(case: KernelCase):
     return getattr(importlib.import_module(f"blended.{case.module}"), case.kernel)
 
 
-def hopper_target():
-    """Triton's compile target for the H100: CUDA, compute capability 9.0, 32 threads a warp."""
+def cuda_target(capability: int = 90):
+    """Triton's compile target for an NVIDIA card of this compute capability (90: the H100), 32 threads a warp."""
     from triton.backends.compiler import GPUTarget
 
-    return GPUTarget("cuda", 90, 32)
+    return GPUTarget("cuda", capability, 32)
 
 
-def compile_for_hopper(case: KernelCase):
-    """The kernel compiled for sm_90, specialised as Triton's JIT would for channels_last activations."""
+def compile_for(case: KernelCase, capability: int = 90):
+    """The kernel compiled for ``sm_<capability>``, specialised as Triton's JIT would for channels_last
+    activations."""
     import triton
     from triton.compiler import ASTSource
 
@@ -133,13 +141,20 @@ def compile_for_hopper(case: KernelCase):
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                if signature[name] != "constexpr" and (name.endswith("_ptr") or name in _ALIGNED_INTS)}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=hopper_target())
+                          target=cuda_target(capability))
 
 
 def _nvidia_tool(name: str) -> Path:
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton itself assembles this card's code with (it ships a second one for Blackwell)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(capability).path
 
 
 def ptxas_figures(compiled) -> dict:
@@ -149,7 +164,7 @@ def ptxas_figures(compiled) -> dict:
     with tempfile.TemporaryDirectory() as work:
         path = Path(work) / "kernel.ptx"
         path.write_text(ptx)
-        done = subprocess.run([str(_nvidia_tool("ptxas")), "-v", "--gpu-name", target, str(path),
+        done = subprocess.run([_ptxas(compiled.metadata.target.arch), "-v", "--gpu-name", target, str(path),
                                "-o", str(Path(work) / "kernel.cubin")], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed: {done.stderr}")
@@ -189,12 +204,12 @@ def sass_figures(compiled) -> dict:
     return {"instructions": len(instructions), "loops": loops}
 
 
-def report_rows(cases=None) -> list[dict]:
+def report_rows(cases=None, capability: int = 90) -> list[dict]:
     """One row per case: registers, spills, SASS instructions per element (of the loop body where the kernel
     loops over its tile, of the whole kernel otherwise), instructions per byte moved, barriers in loops."""
     rows = []
     for case in cases or kernel_cases():
-        compiled = compile_for_hopper(case)
+        compiled = compile_for(case, capability)
         ptxas, sass = ptxas_figures(compiled), sass_figures(compiled)
         loops = sass["loops"]
         executed = loops[0]["instructions"] if loops else sass["instructions"]

@@ -108,9 +108,9 @@ def recording_launches(found: dict, target=None):
 
     from . import clip_vision, memory_trace
     from . import unet as unet_module
-    from .kernel_report import hopper_target
+    from .kernel_report import cuda_target
 
-    backend = make_backend(target or hopper_target())
+    backend = make_backend(target or cuda_target())
     with contextlib.ExitStack() as patches:
         for module_name, name in KERNELS:
             module = importlib.import_module(f"blended.{module_name}")
@@ -143,14 +143,14 @@ def compile_times(specialisations, target=None) -> list[dict]:
     import triton
     from triton.compiler import ASTSource
 
-    from .kernel_report import hopper_target
+    from .kernel_report import cuda_target
 
     rows = []
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
         for spec in specialisations:
             source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
             start = time.perf_counter()
-            triton.compile(source, target=target or hopper_target(), options=spec.options.__dict__)
+            triton.compile(source, target=target or cuda_target(), options=spec.options.__dict__)
             rows.append({"specialisation": spec.describe(), "kernel": spec.kernel, "launches": spec.launches,
                          "compile_s": round(time.perf_counter() - start, 3)})
     return rows

@@ -1,9 +1,11 @@
-"""Print static figures of the pack's Triton kernels compiled for the H100 (sm_90): no GPU needed.
+"""Print static figures of the pack's Triton kernels compiled for the H100 (sm_90; ``--arch`` names another card
+family): no GPU needed.
 
 Usage (from the repository root):
 
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py            # bf16 and fp32
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --dtype bf16 --json
+    PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --arch 86      # an RTX 30xx card instead
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --cold-start \\
         --preset fast-gpu+channels_last+triton_norm+triton_clip --batch 1,4,16
 
@@ -21,15 +23,16 @@ before Triton's on-disk cache has them.
 import argparse
 import json
 
-from blended.kernel_report import kernel_cases, report_rows
+from blended.kernel_report import CARDS, cuda_target, kernel_cases, report_rows
 
 
 def _static_report(args) -> None:
-    rows = report_rows(kernel_cases(tuple(args.dtype.split(","))))
+    rows = report_rows(kernel_cases(tuple(args.dtype.split(","))), args.arch)
     if args.json:
         for row in rows:
-            print(json.dumps(row))  # the report is the script's output
+            print(json.dumps({"arch": args.arch, **row}))  # the report is the script's output
         return
+    print(f"sm_{args.arch} ({CARDS[args.arch]})\n")
     print("| kernel | registers | spilled bytes | SASS instructions (loop bodies) | instructions per element "
           "| per byte | barriers in loops |\n|---|---|---|---|---|---|---|")
     for row in rows:
@@ -45,14 +48,14 @@ def _cold_start_report(args) -> None:
     batches = tuple(int(b) for b in args.batch.split(","))
     for preset in args.preset.split(","):
         options = fast_paths.parse_preset(preset)
-        rows = compile_times(launched_specialisations(options, batches, args.views))
+        rows = compile_times(launched_specialisations(options, batches, args.views), cuda_target(args.arch))
         total = sum(row["compile_s"] for row in rows)
         if args.json:
             for row in rows:
                 print(json.dumps({"preset": preset, "batches": list(batches), **row}))
             continue
         print(f"\n{preset}, batches {args.batch}, {args.views} views: {len(rows)} Triton specialisations, "
-              f"{total:.1f} s to compile them one after the other on this CPU\n")
+              f"{total:.1f} s to compile them for sm_{args.arch} one after the other on this CPU\n")
         print("| specialisation | launches per step (all batches) | compile s |\n|---|---|---|")
         for row in rows:
             print(f"| `{row['specialisation']}` | {row['launches']} | {row['compile_s']:.2f} |")
@@ -62,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16,fp32", help="comma-separated Triton dtypes: bf16, fp16, fp32")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(CARDS),
+                        help="the card's compute capability: " + "; ".join(f"{k} {v}" for k, v in CARDS.items()))
     parser.add_argument("--cold-start", action="store_true",
                         help="the specialisations a step launches and their compile times, per --preset")
     parser.add_argument("--preset", default="fast-gpu+channels_last+triton_norm+triton_clip",

@@ -61,15 +61,33 @@ def test_kernels_compile_for_hopper(case):
     interpreter alone would not catch code that only the real compiler refuses. ptxas reports no register spills,
     and the split reductions' loops hold no barrier (each lane accumulates on its own and the lanes are merged
     once, after the loop)."""
-    from blended.kernel_report import compile_for_hopper, ptxas_figures, sass_figures
+    from blended.kernel_report import compile_for, ptxas_figures, sass_figures
 
-    compiled = compile_for_hopper(case)
+    compiled = compile_for(case)
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
     ptxas = ptxas_figures(compiled)
     assert ptxas["spill_bytes"] == 0, ptxas["ptxas"]
     loops = sass_figures(compiled)["loops"]
     assert bool(loops) == ("stats" in case.kernel), loops  # only the split reductions loop over their tiles
     assert all(loop["barriers"] == 0 for loop in loops), loops
+
+
+@pytest.mark.parametrize("capability", [75, 80, 86, 89, 100, 120])
+def test_kernels_compile_without_spills_for_every_card_family(capability):
+    """Users bring RTX 20xx to 50xx cards, A100s and B200s, not only H100s: every kernel, in every dtype and with
+    every optional term, compiles for each family with the ptxas Triton would use for it (Blackwell has its own),
+    and none spills registers there either (fewer registers per SM on consumer cards would show up as spills)."""
+    from blended.kernel_report import CARDS, compile_for, kernel_cases, ptxas_figures
+
+    assert set(CARDS) == {75, 80, 86, 89, 90, 100, 120}  # 90 is the test above, with its SASS checks
+    spilled = {}
+    for case in kernel_cases(("bf16", "fp16", "fp32")):
+        compiled = compile_for(case, capability)
+        assert compiled.asm["cubin"] and f".target sm_{capability}" in compiled.asm["ptx"], case.label
+        figures = ptxas_figures(compiled)
+        if figures["spill_bytes"]:
+            spilled[case.label] = figures["ptxas"]
+    assert not spilled, spilled
 
 
 def test_the_checks_write_one_row_each_and_refuse_unknown_names(tmp_path):
