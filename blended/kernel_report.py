@@ -56,9 +56,10 @@ class KernelCase:
         return f"{self.kernel}[{self.dtype}{'+' + flags if flags else ''}]"
 
     def elements_per_thread(self) -> int:
-        """Tile elements per thread per program (or per loop iteration, for the split reductions)."""
-        block = self.constexprs.get("BLOCK") or self.constexprs.get("BLOCK_D") or (
-            self.constexprs["BLOCK_HW"] * self.constexprs["BLOCK_C"])
+        """Tile elements per thread per program (or per loop iteration, for the split reductions and merges)."""
+        c = self.constexprs
+        block = c.get("BLOCK") or c.get("BLOCK_D") or c.get("BLOCK_R", 0) * c.get("BLOCK_S", 0) or (
+            c["BLOCK_HW"] * c["BLOCK_C"])
         return block // (32 * _NUM_WARPS)
 
 
@@ -69,7 +70,7 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
     """Every Triton kernel of ``triton_norm`` (channels_last, a ViT-B/16 row for ``triton_clip``) with the tile
     sizes the pack launches it with, in each dtype, with and without its optional terms."""
     from .triton_clip import GELU_BLOCK
-    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, group_alignment, reduction_tile
+    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, MERGE_TILE, group_alignment, reduction_tile
 
     def tile(block_hw_and_c):
         return dict(zip(("BLOCK_HW", "BLOCK_C"), block_hw_and_c, strict=True))
@@ -78,7 +79,10 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
     # is aligned.
     reduction = {**tile(reduction_tile(8)), "GROUP_ALIGN": group_alignment(8)}
     row = {"BLOCK_D": 1024}  # ViT-B's 768-wide tokens, padded to a power of two
-    cases = []
+    merge = dict(zip(("BLOCK_R", "BLOCK_S"), MERGE_TILE, strict=True))
+    # The merges of the split reductions' float32 partial sums, whatever the activations' dtype.
+    cases = [KernelCase("triton_norm", "_stats_merge_kernel", "fp32", merge, (), 12),
+             KernelCase("triton_norm", "_backward_stats_merge_kernel", "fp32", merge, (), 8)]
     for dtype in dtypes:
         size = _ITEMSIZE[dtype]
         cases.append(KernelCase("triton_norm", "_stats_kernel", dtype, reduction, ("x_ptr",), size))
@@ -137,7 +141,7 @@ def compile_for(case: KernelCase, capability: int = 90):
         elif name.endswith("_ptr"):
             signature[name] = f"*{case.dtype}" if name in case.activations else "*fp32"
         else:
-            signature[name] = "fp32" if name == "eps" else "i32"
+            signature[name] = "fp32" if name in ("eps", "count") else "i32"
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                if signature[name] != "constexpr" and (name.endswith("_ptr") or name in _ALIGNED_INTS)}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),

@@ -19,6 +19,7 @@ against the Triton the pack is tested with.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import tempfile
@@ -27,12 +28,15 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["Specialisation", "recording_launches", "launched_specialisations", "compile_times"]
+__all__ = ["Specialisation", "recording_launches", "launched_specialisations", "launches_per_step", "compile_times"]
 
 # (module, kernel) of every Triton kernel the pack launches.
-KERNELS = (("triton_norm", "_stats_kernel"), ("triton_norm", "_forward_kernel"),
-           ("triton_norm", "_backward_stats_kernel"), ("triton_norm", "_backward_kernel"),
+KERNELS = (("triton_norm", "_stats_kernel"), ("triton_norm", "_stats_merge_kernel"), ("triton_norm", "_forward_kernel"),
+           ("triton_norm", "_backward_stats_kernel"), ("triton_norm", "_backward_stats_merge_kernel"),
+           ("triton_norm", "_backward_kernel"),
            ("triton_clip", "_gelu_forward_kernel"), ("triton_clip", "_gelu_backward_kernel"),
            ("triton_clip", "_norm_forward_kernel"), ("triton_clip", "_norm_backward_kernel"))
 
@@ -135,6 +139,46 @@ def launched_specialisations(options, batches=(1,), views: int = 8) -> list[Spec
             with recording_launches(found):
                 runner()
     return list(found.values())
+
+
+class _TorchLaunches(TorchDispatchMode):
+    """Counts the aten ops that run a kernel (not views, allocations or queries), by the pack's file that issued
+    them."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_file: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from . import memory_trace, traffic_trace
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if traffic_trace.launches_a_kernel(func, inputs, outputs):
+            where, _ = memory_trace._where(skip=(__file__,))
+            self.by_file[where.split(":")[0]] += 1
+        return out
+
+
+def launches_per_step(options, batch: int = 1, views: int = 8) -> dict:
+    """The kernels one guided step of the 256x256 model launches on a CUDA GPU with ``options``, counted on fake
+    tensors after a first step: ``{"torch": {file: count}, "triton": {kernel: count}}``, a torch op counted by
+    the pack's file that issued it. At small batches the host's launches, not the GPU, set a step's pace."""
+    from . import fast_paths, memory_trace
+
+    found: dict = {}
+    with memory_trace.fake_guided_step(options, batch, views) as (runner, _):
+        fast_paths.precast_autocast_weights(runner.unet, options)
+        with recording_launches({}):
+            runner()  # the first step builds what later steps reuse
+        with recording_launches(found), _TorchLaunches() as torch_launches:
+            runner()
+    triton = collections.Counter()
+    for spec in found.values():
+        triton[spec.kernel] += spec.launches
+    return {"torch": dict(torch_launches.by_file), "triton": dict(triton)}
 
 
 def compile_times(specialisations, target=None) -> list[dict]:

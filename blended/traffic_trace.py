@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import memory_trace
 
-__all__ = ["KernelTraffic", "modelled_triton_kernels", "touched_bytes", "trace_step_traffic"]
+__all__ = ["KernelTraffic", "launches_a_kernel", "modelled_triton_kernels", "touched_bytes", "trace_step_traffic"]
 
 GB = 1e9
 _THIS_FILE = str(Path(__file__).resolve())
@@ -57,6 +57,16 @@ def touched_bytes(tensor: torch.Tensor) -> int:
         if stride != 0:
             count *= size
     return count * tensor.element_size()
+
+
+def launches_a_kernel(func, inputs: list, outputs: list) -> bool:
+    """Whether an aten op, given its tensor inputs and outputs, runs a kernel on the device: not an allocation,
+    a query (no tensor out, nothing mutated) or a view (every output aliases an input)."""
+    mutates = func._schema.is_mutable
+    if func._overloadpacket.__name__ in _ALLOCATIONS or (not outputs and not mutates):
+        return False
+    input_storages = {a.untyped_storage()._cdata for a in inputs}
+    return mutates or not outputs or not all(o.untyped_storage()._cdata in input_storages for o in outputs)
 
 
 class KernelTraffic(TorchDispatchMode):
@@ -93,13 +103,8 @@ class KernelTraffic(TorchDispatchMode):
         name = func._overloadpacket.__name__
         inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         outputs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
-        mutates = func._schema.is_mutable
-        if name in _ALLOCATIONS or (not outputs and not mutates):
-            return out  # an allocation or a query
-        input_storages = {a.untyped_storage()._cdata for a in inputs}
-        aliased = [o.untyped_storage()._cdata in input_storages for o in outputs]
-        if outputs and all(aliased) and not mutates:
-            return out  # a view
+        if not launches_a_kernel(func, inputs, outputs):
+            return out
         # Inputs are read; new outputs written; a mutated input is read (counted with the inputs) and written.
         nbytes = sum(touched_bytes(a) for a in inputs) + sum(touched_bytes(o) for o in outputs)
         if name in COMPUTE_OPS:

@@ -8,11 +8,15 @@ the passes it needs, reading either memory format in place:
 
 * forward: one split reduction (each group's mean and M2: every lane of a tile keeps its own by Welford's update
   and the lanes and splits are merged by Chan's parallel formula, so a large mean does not cost precision; the
-  splits keep every SM busy even at batch 1), then one pass writing
+  splits keep every SM busy even at batch 1; a small kernel merges the splits, where torch ops took 13 launches
+  per norm), then one pass writing
   ``silu((x - mean) * rstd * w + b) * (1 + scale) + shift``-order output (scale-shift before SiLU, as the UNet);
 * backward (input gradient only, which is all CLIP guidance needs; the frozen weights get theirs from the
   reference path if anyone asks): one split reduction of the two group sums GroupNorm's backward needs,
-  recomputing the activation from ``x``, then one pass writing ``dx``.
+  recomputing the activation from ``x`` (its splits merged by a small kernel too), then one pass writing ``dx``.
+
+The host launches these kernels and nothing else (``scripts/kernel_report.py --launches``): at small batches a
+step's pace on a GPU is its launches'.
 
 Only ``x`` (in its own dtype) and two float32 numbers per group are kept for the backward. Each kernel is also
 run by Triton's CPU interpreter in the tests (``TRITON_INTERPRET=1``), against :func:`blended.fused_norm
@@ -42,6 +46,7 @@ BACKWARD_TILE = (32, 64)
 # on them cost a 256x256 step 39 compiles at batch 1 and more at other batches (45 over batches 1, 4 and 16);
 # 24 now serve every batch size (``scripts/kernel_report.py --cold-start``).
 _NOT_SPECIALISED = ("Cg", "num_splits")  # the passes that write a map take no split count
+_MERGE_NOT_SPECIALISED = ("rows", "num_splits")  # both follow the batch
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
@@ -86,11 +91,63 @@ def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, 
     tl.store(out + 2, total_m2)
 
 
+# Rows (sample, group) and splits per program of the merges below: a step's norms have at most 64 x 32 rows and
+# 32 splits, so one or a few programs merge them all.
+MERGE_TILE = (64, 32)
+
+
+@triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
+def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_splits, eps, BLOCK_R: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    # Each row's splits merged by Chan's formula, as the lanes were: the whole count and mean first, then the
+    # splits' M2s plus each split's count times its mean's squared distance from the whole's.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < rows
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    weighted = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = r_mask[:, None] & (s < num_splits)[None, :]
+        part = partial_ptr + (r[:, None] * num_splits + s[None, :]) * 3
+        count = tl.load(part, mask=mask, other=0.0)
+        total += tl.sum(count, axis=1)
+        weighted += tl.sum(count * tl.load(part + 1, mask=mask, other=0.0), axis=1)
+    mean = weighted / tl.maximum(total, 1.0)
+    m2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = r_mask[:, None] & (s < num_splits)[None, :]
+        part = partial_ptr + (r[:, None] * num_splits + s[None, :]) * 3
+        count = tl.load(part, mask=mask, other=0.0)
+        spread = tl.load(part + 1, mask=mask, other=0.0) - mean[:, None]
+        m2 += tl.sum(tl.load(part + 2, mask=mask, other=0.0) + count * spread * spread, axis=1)
+    tl.store(mean_ptr + r, mean, mask=r_mask)
+    tl.store(rstd_ptr + r, 1.0 / tl.sqrt(m2 / tl.maximum(total, 1.0) + eps), mask=r_mask)
+
+
+@triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
+def _backward_stats_merge_kernel(partial_ptr, c1_ptr, c2_ptr, rows, num_splits, count, BLOCK_R: tl.constexpr,
+                                 BLOCK_S: tl.constexpr):
+    # Each row's two gradient sums over its splits, as means over the group's elements.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < rows
+    sum_dxhat = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sum_dxhat_xhat = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = r_mask[:, None] & (s < num_splits)[None, :]
+        part = partial_ptr + (r[:, None] * num_splits + s[None, :]) * 2
+        sum_dxhat += tl.sum(tl.load(part, mask=mask, other=0.0), axis=1)
+        sum_dxhat_xhat += tl.sum(tl.load(part + 1, mask=mask, other=0.0), axis=1)
+    tl.store(c1_ptr + r, sum_dxhat / count, mask=r_mask)
+    tl.store(c2_ptr + r, sum_dxhat_xhat / count, mask=r_mask)
+
+
 @triton.jit
 def _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
     if HAS_SCALE_SHIFT:
-        scale = tl.load(ss_ptr + b * 2 * C + cols, mask=c_mask, other=0.0)
-        shift = tl.load(ss_ptr + b * 2 * C + C + cols, mask=c_mask, other=0.0)
+        scale = tl.load(ss_ptr + b * 2 * C + cols, mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.load(ss_ptr + b * 2 * C + C + cols, mask=c_mask, other=0.0).to(tl.float32)
     else:
         scale = tl.zeros([BLOCK_C], dtype=tl.float32)
         shift = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -222,10 +279,11 @@ def _flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 
 
 def _channel_arguments(weight, bias, scale_shift, batch: int, channels: int):
-    """Float32 affine parameters and the [B, 2C] timestep terms as the kernels read them. Without scale-shift
-    the weight stands in as a valid pointer that HAS_SCALE_SHIFT=False never reads."""
+    """Float32 affine parameters and the [B, 2C] timestep terms as the kernels read them (in their own dtype: a
+    cast here would be one more launch per norm and per backward). Without scale-shift the weight stands in as a
+    valid pointer that HAS_SCALE_SHIFT=False never reads."""
     weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
-    ss = scale_shift.reshape(batch, 2 * channels).float().contiguous() if scale_shift is not None else weight32
+    ss = scale_shift.reshape(batch, 2 * channels).contiguous() if scale_shift is not None else weight32
     return weight32, bias32, ss
 
 
@@ -256,15 +314,14 @@ def _statistics(x, group_size: int, eps: float):
     x, sx = _flat_strides(x)
     block_hw, block_c = reduction_tile(group_size)
     splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
-    partial = torch.empty(batch * num_groups, splits, 3, device=x.device, dtype=torch.float32)
-    _stats_kernel[(batch * num_groups, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
-                                                GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw,
-                                                BLOCK_C=block_c)
-    count, means, m2 = partial.unbind(-1)
-    total = count.sum(1)
-    mean = (count * means).sum(1) / total
-    var = (m2.sum(1) + (count * (means - mean[:, None]) ** 2).sum(1)) / total
-    return mean, torch.rsqrt(var + eps)
+    rows = batch * num_groups
+    partial = torch.empty(rows, splits, 3, device=x.device, dtype=torch.float32)
+    _stats_kernel[(rows, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
+                                  GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw, BLOCK_C=block_c)
+    mean, rstd = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
+    _stats_merge_kernel[(triton.cdiv(rows, MERGE_TILE[0]),)](partial, mean, rstd, rows, splits, eps,
+                                                             BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
+    return mean, rstd
 
 
 def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int) -> None:
@@ -398,13 +455,15 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
     block_hw, block_c = reduction_tile(group_size)
     splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
-    partial = torch.empty(batch * num_groups, splits, 2, device=x.device, dtype=torch.float32)
-    _backward_stats_kernel[(batch * num_groups, splits)](
+    rows = batch * num_groups
+    partial = torch.empty(rows, splits, 2, device=x.device, dtype=torch.float32)
+    _backward_stats_kernel[(rows, splits)](
         x, dy, partial, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sd, rows_per_split, splits,
         HAS_SCALE_SHIFT=scale_shift is not None, GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw,
         BLOCK_C=block_c)
-    sums = partial.sum(1) / (group_size * hw)
-    c1, c2 = sums[:, 0].contiguous(), sums[:, 1].contiguous()
+    c1, c2 = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
+    _backward_stats_merge_kernel[(triton.cdiv(rows, MERGE_TILE[0]),)](
+        partial, c1, c2, rows, splits, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
     dx = torch.empty_like(x)
     _, so = _flat_strides(dx)
     residual, sr = _flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read

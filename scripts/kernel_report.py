@@ -8,11 +8,16 @@ Usage (from the repository root):
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --arch 86      # an RTX 30xx card instead
     PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --cold-start \\
         --preset fast-gpu+channels_last+triton_norm+triton_clip --batch 1,4,16
+    PYTHONPATH=. .venv/bin/python scripts/kernel_report.py --launches --preset fast-gpu,fast-gpu+triton_norm
 
 For each kernel in each specialisation the pack launches (``blended.kernel_report``): registers per thread,
 bytes spilled, SASS instructions per element a thread executes (in the loop body for the split reductions)
 and per byte the kernel moves, and barriers inside loops. Above about 9 instructions per byte an H100 kernel is
 bound by its arithmetic rather than its memory.
+
+``--launches`` counts the kernels one guided step of the 256x256 model launches on a GPU (torch ops that run a
+kernel, by the pack's file that issued them, and Triton launches), on fake tensors: at small batches the host's
+launches set a step's pace.
 
 ``--cold-start`` instead lists the specialisations one guided step of the 256x256 model launches with each
 preset, over the given batch sizes (``blended.kernel_specialisations``), compiles each for sm_90 into an empty
@@ -61,6 +66,24 @@ def _cold_start_report(args) -> None:
             print(f"| `{row['specialisation']}` | {row['launches']} | {row['compile_s']:.2f} |")
 
 
+def _launches_report(args) -> None:
+    from blended import fast_paths
+    from blended.kernel_specialisations import launches_per_step
+
+    for preset in args.preset.split(","):
+        for batch in (int(b) for b in args.batch.split(",")):
+            counts = launches_per_step(fast_paths.parse_preset(preset), batch, args.views)
+            row = {"preset": preset, "batch": batch, "views": args.views, "torch": sum(counts["torch"].values()),
+                   "triton": sum(counts["triton"].values()), "torch_by_file": counts["torch"],
+                   "triton_by_kernel": counts["triton"]}
+            if args.json:
+                print(json.dumps(row))
+                continue
+            files = ", ".join(f"{f} {n}" for f, n in sorted(counts["torch"].items(), key=lambda kv: -kv[1]))
+            print(f"{preset}, batch {batch}, {args.views} views: {row['torch'] + row['triton']} kernel launches per "
+                  f"step ({row['torch']} torch ops: {files}; {row['triton']} Triton)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16,fp32", help="comma-separated Triton dtypes: bf16, fp16, fp32")
@@ -69,12 +92,14 @@ def main() -> None:
                         help="the card's compute capability: " + "; ".join(f"{k} {v}" for k, v in CARDS.items()))
     parser.add_argument("--cold-start", action="store_true",
                         help="the specialisations a step launches and their compile times, per --preset")
+    parser.add_argument("--launches", action="store_true",
+                        help="the kernels one guided step launches, per --preset and --batch")
     parser.add_argument("--preset", default="fast-gpu+channels_last+triton_norm+triton_clip",
-                        help="--cold-start: comma-separated option sets (as scripts/bench.py takes them)")
-    parser.add_argument("--batch", default="1,4,16", help="--cold-start: comma-separated batch sizes")
-    parser.add_argument("--views", type=int, default=8, help="--cold-start: CLIP views per result")
+                        help="--cold-start, --launches: comma-separated option sets (as scripts/bench.py takes them)")
+    parser.add_argument("--batch", default="1,4,16", help="--cold-start, --launches: comma-separated batch sizes")
+    parser.add_argument("--views", type=int, default=8, help="--cold-start, --launches: CLIP views per result")
     args = parser.parse_args()
-    (_cold_start_report if args.cold_start else _static_report)(args)
+    (_cold_start_report if args.cold_start else _launches_report if args.launches else _static_report)(args)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,23 @@ def check_float32_forward_and_input_gradient_match_the_reference():
                 _float32_case(shape, channels_last, scale_shift)
 
 
+def check_many_splits_are_merged_like_one_reduction():
+    # Two groups over a 64x64 map: each group's reductions split 64 ways, more than one program of the merge
+    # kernels takes at a time (their loop over the splits), and fewer rows than the merge's tile (its mask).
+    shape, group_size = (1, 64, 64, 64), 32
+    splits, _ = kernels._reduction_grid(1, 2, 64 * 64, kernels.reduction_tile(group_size)[0])
+    assert splits > kernels.MERGE_TILE[1] and 2 < kernels.MERGE_TILE[0], splits
+    for channels_last in (True, False):
+        x, weight, bias, ss = case(shape, torch.float32, channels_last, True, seed=5)
+        y = kernels.group_norm_silu(x, weight, bias, group_size, 1e-5, ss)
+        expected = group_norm_act(x, weight, bias, group_size, 1e-5, ss)
+        assert rel(y, expected) < 1e-6
+        grad_out = on_device(torch.randn(shape, generator=torch.Generator().manual_seed(6)))
+        (gx,) = torch.autograd.grad(y, x, grad_out)
+        (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
+        assert rel(gx, gx_expected) < 1e-6
+
+
 def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
     # The UNet's float32 out head on the bf16 block output: the same values as on x.float(), the gradient
     # back in bf16 (within one rounding of the float32 one).
