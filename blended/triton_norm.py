@@ -96,31 +96,50 @@ def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, 
 MERGE_TILE = (64, 32)
 
 
+@triton.jit
+def _merge_rows(rows, BLOCK_R: tl.constexpr):
+    # This program's rows of partial sums, and which exist.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return r, r < rows
+
+
+@triton.jit
+def _split_tile(partial_ptr, r, r_mask, s0, num_splits, WIDTH: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The [rows, splits] tile of partial sums from split s0 on: the address of each split's first of WIDTH
+    # numbers, and the mask of those that exist.
+    s = s0 + tl.arange(0, BLOCK_S)
+    return partial_ptr + (r[:, None] * num_splits + s[None, :]) * WIDTH, r_mask[:, None] & (s < num_splits)[None, :]
+
+
+@triton.jit
+def _split_sums(partial_ptr, r, r_mask, num_splits, WIDTH: tl.constexpr, PRODUCT: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Over each row's splits: the sum of their first numbers, and of their second (times the first, if PRODUCT).
+    first = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    second = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        part, mask = _split_tile(partial_ptr, r, r_mask, s0, num_splits, WIDTH, BLOCK_S)
+        a = tl.load(part, mask=mask, other=0.0)
+        b = tl.load(part + 1, mask=mask, other=0.0)
+        first += tl.sum(a, axis=1)
+        second += tl.sum(a * b if PRODUCT else b, axis=1)
+    return first, second
+
+
 @triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
 def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_splits, eps, BLOCK_R: tl.constexpr,
                         BLOCK_S: tl.constexpr):
     # Each row's splits merged by Chan's formula, as the lanes were: the whole count and mean first, then the
     # splits' M2s plus each split's count times its mean's squared distance from the whole's.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < rows
-    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    weighted = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = r_mask[:, None] & (s < num_splits)[None, :]
-        part = partial_ptr + (r[:, None] * num_splits + s[None, :]) * 3
-        count = tl.load(part, mask=mask, other=0.0)
-        total += tl.sum(count, axis=1)
-        weighted += tl.sum(count * tl.load(part + 1, mask=mask, other=0.0), axis=1)
+    r, r_mask = _merge_rows(rows, BLOCK_R)
+    total, weighted = _split_sums(partial_ptr, r, r_mask, num_splits, 3, True, BLOCK_R, BLOCK_S)
     mean = weighted / tl.maximum(total, 1.0)
     m2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = r_mask[:, None] & (s < num_splits)[None, :]
-        part = partial_ptr + (r[:, None] * num_splits + s[None, :]) * 3
-        count = tl.load(part, mask=mask, other=0.0)
+        part, mask = _split_tile(partial_ptr, r, r_mask, s0, num_splits, 3, BLOCK_S)
         spread = tl.load(part + 1, mask=mask, other=0.0) - mean[:, None]
-        m2 += tl.sum(tl.load(part + 2, mask=mask, other=0.0) + count * spread * spread, axis=1)
+        m2 += tl.sum(tl.load(part + 2, mask=mask, other=0.0) + tl.load(part, mask=mask, other=0.0) * spread * spread,
+                     axis=1)
     tl.store(mean_ptr + r, mean, mask=r_mask)
     tl.store(rstd_ptr + r, 1.0 / tl.sqrt(m2 / tl.maximum(total, 1.0) + eps), mask=r_mask)
 
@@ -129,16 +148,8 @@ def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_splits, eps, 
 def _backward_stats_merge_kernel(partial_ptr, c1_ptr, c2_ptr, rows, num_splits, count, BLOCK_R: tl.constexpr,
                                  BLOCK_S: tl.constexpr):
     # Each row's two gradient sums over its splits, as means over the group's elements.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < rows
-    sum_dxhat = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    sum_dxhat_xhat = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = r_mask[:, None] & (s < num_splits)[None, :]
-        part = partial_ptr + (r[:, None] * num_splits + s[None, :]) * 2
-        sum_dxhat += tl.sum(tl.load(part, mask=mask, other=0.0), axis=1)
-        sum_dxhat_xhat += tl.sum(tl.load(part + 1, mask=mask, other=0.0), axis=1)
+    r, r_mask = _merge_rows(rows, BLOCK_R)
+    sum_dxhat, sum_dxhat_xhat = _split_sums(partial_ptr, r, r_mask, num_splits, 2, False, BLOCK_R, BLOCK_S)
     tl.store(c1_ptr + r, sum_dxhat / count, mask=r_mask)
     tl.store(c2_ptr + r, sum_dxhat_xhat / count, mask=r_mask)
 
