@@ -131,7 +131,7 @@ def test_the_kernels_launch_fewer_kernels_per_step_than_the_ops_they_replace():
     kernels than the eager ops it replaces. The norm's host code launches no torch op of its own: merging the
     split reductions' partial sums in torch took 13 small ops per norm forward and 4 per backward, and casting
     the timestep terms one more (1,767 of a 256x256 step's 3,241 launches at batch 1); a merge kernel each does
-    it now, and the kernels read the timestep terms as they are. Each norm launches its five
+    it now, and the kernels read the timestep terms as they are. Each norm launches its six
     kernels (statistics, merge, output; gradient sums, merge, input gradient) once."""
     from blended import fast_paths
     from blended.kernel_specialisations import launches_per_step
