@@ -13,6 +13,9 @@ times are this machine's CPU's. Triton keeps what it compiled in its
 on-disk cache (``~/.triton/cache`` unless ``TRITON_CACHE_DIR`` says otherwise), so only the first run on a
 machine, or after a Triton or pack update changes a kernel, pays for this.
 
+:func:`launches_per_step` counts what the same step launches, torch ops and Triton kernels: at small batches
+the host's launches, not the GPU, set a step's pace.
+
 This reads Triton's JIT internals (``create_function_from_signature``, ``JITFunction._pack_args``), checked
 against the Triton the pack is tested with.
 """
@@ -126,18 +129,24 @@ def recording_launches(found: dict, target=None):
         yield found
 
 
+@contextlib.contextmanager
+def _fake_run_step(options, batch: int, views: int):
+    """One guided step of the 256x256 model on fake tensors, its weights cast as a run's clone casts them."""
+    from . import fast_paths, memory_trace
+
+    with memory_trace.fake_guided_step(options, batch, views) as (runner, _):
+        fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
+        yield runner
+
+
 def launched_specialisations(options, batches=(1,), views: int = 8) -> list[Specialisation]:
     """The distinct Triton specialisations one guided step of the 256x256 model launches with ``options`` (a
     :class:`~blended.fast_paths.FastPathOptions`), over the given batch sizes: a launch's integer arguments
     follow the batch, and an integer the JIT specialises on could make a new batch size compile anew."""
-    from . import fast_paths, memory_trace
-
     found: dict = {}
     for batch in batches:
-        with memory_trace.fake_guided_step(options, batch, views) as (runner, _):
-            fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
-            with recording_launches(found):
-                runner()
+        with _fake_run_step(options, batch, views) as runner, recording_launches(found):
+            runner()
     return list(found.values())
 
 
@@ -166,11 +175,8 @@ def launches_per_step(options, batch: int = 1, views: int = 8) -> dict:
     """The kernels one guided step of the 256x256 model launches on a CUDA GPU with ``options``, counted on fake
     tensors after a first step: ``{"torch": {file: count}, "triton": {kernel: count}}``, a torch op counted by
     the pack's file that issued it. At small batches the host's launches, not the GPU, set a step's pace."""
-    from . import fast_paths, memory_trace
-
     found: dict = {}
-    with memory_trace.fake_guided_step(options, batch, views) as (runner, _):
-        fast_paths.precast_autocast_weights(runner.unet, options)
+    with _fake_run_step(options, batch, views) as runner:
         with recording_launches({}):
             runner()  # the first step builds what later steps reuse
         with recording_launches(found), _TorchLaunches() as torch_launches:
