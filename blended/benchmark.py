@@ -376,7 +376,7 @@ class Models:
         self.unet_weights.restore(self.unet)
         self.clip_weights.restore(self.clip.model)
         fast_paths.apply_fast_paths(self.unet, self.clip, options, compile_backend=compile_backend)
-        fast_paths.precast_autocast_weights(self.unet, options)  # as the nodes' run clones do
+        fast_paths.precast_run_weights(self.unet, self.clip, options)  # as the nodes' run clones do
 
 
 def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache: dict) -> dict:

@@ -53,6 +53,8 @@ __all__ = [
     "apply_channels_last",
     "apply_fast_paths",
     "precast_autocast_weights",
+    "precast_clip_embeddings",
+    "precast_run_weights",
     "autocast_context",
     "compile_unet",
     "guidance_settings_with",
@@ -403,22 +405,51 @@ def precast_autocast_weights(unet, options: FastPathOptions):
     """
     if options.precision_scheme != "autocast" or options.unet_dtype == torch.float32:
         return unet
-    for module in unet.block_layers(_precast_layers(options)):
+    for module in _precast_modules(unet, options):
         for parameter in module.parameters(recurse=False):
             parameter.data = parameter.data.to(options.unet_dtype)
     return unet
 
 
-def _precast_layers(options: FastPathOptions) -> tuple[type, ...]:
-    """The layer kinds whose parameters :func:`precast_autocast_weights` stores in the autocast dtype.
+def _precast_modules(unet, options: FastPathOptions) -> list[torch.nn.Module]:
+    """The block stacks' layers whose parameters :func:`precast_autocast_weights` stores in the autocast dtype.
 
-    GroupNorm's affine parameters too (68 casts per forward of the tiny model, 4 aten ops each), where every
-    GroupNorm applies them in that dtype: NCHW activations and no fused norm kernel. Under channels_last the CPU
-    GroupNorm takes its float32 path, and the fused kernels compute in float32: both read the float32 weights.
+    Every conv and linear. A GroupNorm too (two casts per call otherwise, 200 per step of the 256x256 model under
+    ``channels_last`` on CUDA), where it applies its weights in that dtype: ``GroupNorm32``'s low-precision path.
+    Not where it reads them in float32: a ResBlock's norms under a fused norm kernel (the attention blocks' norms
+    stay modules), and every norm under ``channels_last`` on a device whose GroupNorm takes the float32 path for
+    strided maps (the CPU).
     """
-    if options.channels_last or options.norm_kernel is not None:
-        return _AUTOCAST_LAYERS
-    return _AUTOCAST_LAYERS + (torch.nn.GroupNorm,)
+    from .unet import STRIDED_NORM_FP32_DEVICES, AttentionBlock
+
+    device = next(unet.parameters()).device
+    float32_norms = options.channels_last and device.type in STRIDED_NORM_FP32_DEVICES
+    modules = list(unet.block_layers(_AUTOCAST_LAYERS))
+    if float32_norms:
+        return modules
+    if options.norm_kernel is not None:
+        return modules + [block.norm for block in unet.block_layers((AttentionBlock,))]
+    return modules + list(unet.block_layers((torch.nn.GroupNorm,)))
+
+
+def precast_run_weights(unet, clip, options: FastPathOptions) -> None:
+    """What a run clone stores in its compute dtype once instead of casting per use: same results, fewer casts
+    (:func:`precast_autocast_weights`, :func:`precast_clip_embeddings`)."""
+    precast_autocast_weights(unet, options)
+    precast_clip_embeddings(clip)
+
+
+def precast_clip_embeddings(clip) -> None:
+    """Store CLIP's class and position embeddings in the tower's dtype. OpenAI's conversion keeps them float32,
+    so every image encoding cast both again (the same rounding each time, so the same bits). For run clones."""
+    visual = getattr(clip.model, "visual", None) if clip is not None else None
+    dtype = clip.dtype if visual is not None else torch.float32
+    if dtype == torch.float32:
+        return
+    for name in ("class_embedding", "positional_embedding"):
+        parameter = getattr(visual, name, None)
+        if isinstance(parameter, torch.Tensor) and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
 
 
 def sampler_settings_with(settings, options: FastPathOptions):
@@ -476,8 +507,9 @@ def clone_bytes(unet, clip, options: FastPathOptions) -> int:
     if options.unet_dtype != torch.float32:
         # torso: the block convs in low precision; autocast: the block convs and linears (precast_autocast_weights)
         item = torch.empty(0, dtype=options.unet_dtype).element_size()
-        kinds = (torch.nn.Conv1d, torch.nn.Conv2d) if options.precision_scheme == "torso" else _precast_layers(options)
-        total += sum(p.numel() * item for m in unet.block_layers(kinds) for p in m.parameters(recurse=False))
+        layers = (unet.block_layers((torch.nn.Conv1d, torch.nn.Conv2d)) if options.precision_scheme == "torso"
+                  else _precast_modules(unet, options))
+        total += sum(p.numel() * item for m in layers for p in m.parameters(recurse=False))
     if options.channels_last:
         total += sum(p.numel() * p.element_size() for p in unet.parameters() if p.dim() == 4)
     if clip is not None and options.clip_dtype != clip.dtype:
@@ -497,7 +529,7 @@ def run_clones(unet, clip, options: FastPathOptions, compile_backend: str = "ind
         clip_clone.model = _clone_of(clip.model)
     try:
         apply_fast_paths(unet_clone, clip_clone, options, compile_backend=compile_backend)
-        precast_autocast_weights(unet_clone, options)
+        precast_run_weights(unet_clone, clip_clone, options)
         yield unet_clone, clip_clone
     finally:
         cuda_graphs.remove(unet_clone, clip_clone)

@@ -135,7 +135,8 @@ def _fake_run_step(options, batch: int, views: int):
     from . import fast_paths, memory_trace
 
     with memory_trace.fake_guided_step(options, batch, views) as (runner, _):
-        fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
+        with memory_trace.cuda_norm_rules():  # which norms apply bf16 weights depends on the device's rules
+            fast_paths.precast_run_weights(runner.unet, runner.objective.clip, options)  # once per run, as a clone
         yield runner
 
 

@@ -271,9 +271,11 @@ def trace_step_traffic(options, batch: int, views: int = 8, config: str = "full2
 
     counter = KernelTraffic(emulate_cuda=emulate_cuda)
     with memory_trace.fake_guided_step(options, batch, views, config) as (runner, _):
-        fast_paths.precast_autocast_weights(runner.unet, options)  # once per run, as the run clones do
-        with memory_trace.cuda_norm_rules(emulate_cuda), modelled_triton_kernels(counter, options), counter:
-            runner()
+        with memory_trace.cuda_norm_rules(emulate_cuda):
+            # once per run, as the run clones do; which norms apply bf16 weights depends on the device's rules
+            fast_paths.precast_run_weights(runner.unet, runner.objective.clip, options)
+            with modelled_triton_kernels(counter, options), counter:
+                runner()
     result = counter.report(keep)
     result.update(config=config, batch=batch, views=views, options=options.describe(), emulate_cuda=emulate_cuda)
     return result

@@ -352,13 +352,19 @@ def test_a_row_out_of_memory_is_reported_and_the_sweep_goes_on(monkeypatch):
     assert "| faithful | 2 | out of memory |" in out.getvalue()
 
 
-def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip):
+@pytest.mark.parametrize("options", [FastPathOptions(precision="bf16"),
+                                     FastPathOptions(precision="bf16", triton_norm=True),
+                                     FastPathOptions(precision="bf16", channels_last=True)],
+                         ids=["autocast", "triton_norm", "channels_last"])
+def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip, options):
     """Run clones store the block weights in the autocast dtype: the same outputs and input gradients, bit for
-    bit, as casting them on every use, and no per-forward weight casts."""
+    bit, as casting them on every use, and no per-forward weight casts. A GroupNorm's weights only where it
+    applies them in that dtype: with a fused norm kernel the attention blocks' norms still do, and under
+    channels_last this CPU's GroupNorm reads float32 weights (CUDA's applies bf16 ones: see
+    test_a_gpu_step_casts_no_weight_per_use)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 64, 64, generator=gen, requires_grad=True)
     t = torch.tensor([30.0, 700.0])
-    options = FastPathOptions(precision="bf16")
 
     def run(model):
         casts = []
@@ -388,6 +394,40 @@ def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip):
     assert all(p.dtype == torch.float32 for p in unet.parameters())  # the shared model is untouched
     assert torch.equal(out_fast, out_plain) and torch.equal(grad_fast, grad_plain)
     assert len(casts_plain) > 20 and casts_fast == []
+
+
+def test_precast_clip_embeddings_give_the_same_bits_with_no_casts(clip):
+    """OpenAI's conversion keeps CLIP's class and position embeddings float32, so each encoding cast both; a
+    run clone stores them in the tower's dtype once (the same rounding), and the embeddings stay the same bits."""
+    gen = torch.Generator().manual_seed(6)
+    images = torch.rand(3, 3, clip.image_size, clip.image_size, generator=gen)
+    options = FastPathOptions(precision="bf16")
+
+    def encode(guidance_clip):
+        casts = []
+
+        class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket is torch.ops.aten._to_copy and isinstance(args[0], torch.nn.Parameter):
+                    casts.append(tuple(args[0].shape))
+                return func(*args, **(kwargs or {}))
+
+        with CountCasts():
+            return guidance_clip.encode_image(images), casts
+
+    snapshot = WeightSnapshot(clip.model)
+    try:
+        fast_paths.set_clip_precision(clip, options.clip_dtype)  # what a run applies to the tower
+        plain, casts_plain = encode(clip)
+    finally:
+        fast_paths.set_clip_precision(clip, torch.float32)
+        snapshot.restore(clip.model)
+    with fast_paths.run_clones(tiny_unet(), clip, options) as (_, clone):
+        assert clone.model.visual.positional_embedding.dtype == torch.bfloat16
+        fast, casts_fast = encode(clone)
+    assert clip.model.visual.positional_embedding.dtype == torch.float32  # the shared model is untouched
+    assert torch.equal(fast, plain)
+    assert len(casts_plain) == 2 and casts_fast == []
 
 
 def _gpu_compare():

@@ -126,6 +126,35 @@ def test_a_step_compiles_the_same_few_kernels_at_every_batch_size():
     assert len(rows) == len(one) and all(row["compile_s"] > 0 for row in rows)
 
 
+@pytest.mark.parametrize("preset", ["fast-gpu", "fast-gpu+channels_last",
+                                    "fast-gpu+channels_last+triton_norm+triton_clip"])
+def test_a_gpu_step_casts_no_weight_per_use(preset):
+    """A run stores every weight a step applies in bf16 in bf16 once (``fast_paths.precast_run_weights``). On a
+    GPU's rules, one guided step of the 256x256 model then casts no parameter: under channels_last CUDA's
+    GroupNorm applies bf16 weights (200 casts a step before), the attention blocks' norms do under the Triton
+    norm (32), and CLIP's class and position embeddings are kept float32 by OpenAI's conversion (2)."""
+    import collections
+
+    import torch
+
+    from blended import fast_paths
+    from blended.kernel_specialisations import _fake_run_step, recording_launches
+
+    casts: collections.Counter = collections.Counter()
+
+    class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and isinstance(args[0], torch.nn.Parameter):
+                casts[tuple(args[0].shape)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _fake_run_step(fast_paths.parse_preset(preset), 1, 2) as runner, recording_launches({}):
+        runner()  # the first step builds what later steps reuse
+        with CountCasts():
+            runner()
+    assert not casts, casts
+
+
 def test_the_kernels_launch_fewer_kernels_per_step_than_the_ops_they_replace():
     """At small batches the host's launches set a step's pace on a GPU, so the Triton path must launch fewer
     kernels than the eager ops it replaces. The norm's host code launches no torch op of its own: merging the
