@@ -1,8 +1,8 @@
 """GroupNorm (+ the timestep scale-shift) + SiLU as hand-written Triton kernels: the ``triton_norm`` fast path.
 
-Why: the H100 profile of a guided step (README, "GPU") spends about a fifth of its kernel time in GroupNorm and
-SiLU, and eager GroupNorm cannot read channels_last activations without an NCHW copy, so the convolutions must
-stay NCHW and pay their own layout copies (12% of the step). ``torch.compile`` with dynamic shapes fuses the
+Why: the H100 profile of a guided step (``benchmarks/gpu-notes.md``) spends about a fifth of its kernel time in
+GroupNorm and SiLU, and eager GroupNorm cannot read channels_last activations without an NCHW copy, so the
+convolutions must stay NCHW and pay their own layout copies (12% of the step). ``torch.compile`` with dynamic shapes fuses the
 chain but its NHWC group reductions ran slower than eager (``blended.fused_norm``). These kernels do the chain in
 the passes it needs, reading either memory format in place:
 
