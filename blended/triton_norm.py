@@ -2,9 +2,9 @@
 
 Why: the H100 profile of a guided step (``benchmarks/gpu-notes.md``) spends about a fifth of its kernel time in
 GroupNorm and SiLU, and eager GroupNorm cannot read channels_last activations without an NCHW copy, so the
-convolutions must stay NCHW and pay their own layout copies (12% of the step). ``torch.compile`` with dynamic shapes fuses the
-chain but its NHWC group reductions ran slower than eager (``blended.fused_norm``). These kernels do the chain in
-the passes it needs, reading either memory format in place:
+convolutions must stay NCHW and pay their own layout copies (12% of the step). ``torch.compile`` with dynamic
+shapes fuses the chain but its NHWC group reductions ran slower than eager (``blended.fused_norm``). These kernels
+do the chain in the passes it needs, reading either memory format in place:
 
 * forward: one split reduction (each group's mean and M2: every lane of a tile keeps its own by Welford's update
   and the lanes and splits are merged by Chan's parallel formula, so a large mean does not cost precision; the
