@@ -370,6 +370,8 @@ class Models:
     diffusion: object
     unet_weights: fast_paths.WeightSnapshot
     clip_weights: fast_paths.WeightSnapshot
+    # "options": cuDNN times its algorithms where the options say so (``cudnn_benchmark``), as a run does; "on"/"off"
+    cudnn_benchmark: str = "options"
 
     def configure(self, options: FastPathOptions, compile_backend: str = "inductor") -> None:
         fast_paths.apply_fast_paths(self.unet, self.clip, fast_paths.FAITHFUL)
@@ -377,6 +379,9 @@ class Models:
         self.clip_weights.restore(self.clip.model)
         fast_paths.apply_fast_paths(self.unet, self.clip, options, compile_backend=compile_backend)
         fast_paths.precast_run_weights(self.unet, self.clip, options)  # as the nodes' run clones do
+        if next(self.unet.parameters()).device.type == "cuda":
+            torch.backends.cudnn.benchmark = (options.cudnn_benchmark if self.cudnn_benchmark == "options"
+                                              else self.cudnn_benchmark == "on")
 
 
 def measure(models: Models, inputs: EditInputs, spec: RunSpec, args, flop_cache: dict) -> dict:
@@ -654,8 +659,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure the activations saved for the backward (one extra eager step per row)")
     p.add_argument("--ops", default="on", choices=("on", "off"),
                    help="count the aten ops one eager guided step launches (torch.profiler; two extra steps per row)")
-    p.add_argument("--cudnn-benchmark", default="on", choices=("on", "off"),
-                   help="let cuDNN pick the fastest conv algorithm per shape (CUDA only)")
+    p.add_argument("--cudnn-benchmark", default="options", choices=("options", "on", "off"),
+                   help="let cuDNN time its conv algorithms and keep the fastest per shape (CUDA only): as each "
+                        "option set's cudnn_benchmark says, as a run does (default), or on/off for every row")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOPS of the device, for MFU")
     p.add_argument("--short", action="store_true",
                    help="CI smoke mode: tiny config, batch 1, 2-step edit, 1 timed step, faithful + fast-cpu")
@@ -699,12 +705,10 @@ def _run(args, out) -> list[dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     with torch.inference_mode(False):
         unet, clip = build_models(args.config, device)
         models = Models(unet, clip, create_diffusion(timestep_respacing=str(SCHEDULE_STEPS)),
-                        fast_paths.WeightSnapshot(unet), fast_paths.WeightSnapshot(clip.model))
+                        fast_paths.WeightSnapshot(unet), fast_paths.WeightSnapshot(clip.model), args.cudnn_benchmark)
         inputs = edit_inputs(unet, clip, device)
         specs = run_specs(args)
         if args.ranked_edit:

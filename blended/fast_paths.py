@@ -57,6 +57,7 @@ __all__ = [
     "precast_run_weights",
     "autocast_context",
     "compile_unet",
+    "cudnn_benchmark",
     "guidance_settings_with",
     "parse_preset",
     "dtype_name",
@@ -115,6 +116,9 @@ class FastPathOptions:
         CUDA, the model's own modules elsewhere): computed in float32 and rounded once.
     cuda_graphs: replay the UNet's and CLIP's forward and backward from CUDA graphs captured at a run's second
         step (``blended.cuda_graphs``; CUDA only, eager elsewhere). The same kernels, so the same numbers.
+    cudnn_benchmark: let cuDNN time its convolution algorithms at a run's first step and keep the fastest for
+        each shape (``torch.backends.cudnn.benchmark`` for the run; CUDA only). The same arithmetic; another
+        algorithm may round differently. Off leaves the host's setting (ComfyUI's ``--fast autotune`` turns it on).
     """
 
     precision: str = "fp32"
@@ -130,6 +134,7 @@ class FastPathOptions:
     triton_norm: bool = False
     triton_clip: bool = False
     cuda_graphs: bool = False
+    cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.precision)
@@ -170,7 +175,8 @@ class FastPathOptions:
                             (self.compile, "compile"), (self.reuse_guided_forward, "reuse"),
                             (self.single_resample, "single_resample"), (self.clip_checkpointing, "clip_ckpt"),
                             (self.fused_norm, "fused_norm"), (self.triton_norm, "triton_norm"),
-                            (self.triton_clip, "triton_clip"), (self.cuda_graphs, "cuda_graphs")):
+                            (self.triton_clip, "triton_clip"), (self.cuda_graphs, "cuda_graphs"),
+                            (self.cudnn_benchmark, "cudnn_benchmark")):
             if flag:
                 parts.append(label)
         return "+".join(parts)
@@ -180,10 +186,11 @@ FAITHFUL = FastPathOptions()
 # Measured fastest on a 2-core AMX CPU (README, "Speed and memory"): AMX makes bf16 convs pay; channels_last does not
 # (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
 FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
-# Measured fastest on an H100 (README, "GPU"): bf16 autocast and one UNet forward per step, NCHW, eager. There
+# Measured fastest on an H100 (README, "GPU"): bf16 autocast and one UNet forward per step, NCHW, eager, with cuDNN
+# choosing its convolution algorithms by timing them (as every GPU row of the bench was measured). There
 # channels_last made the convolutions faster but GroupNorm slower (0.605 vs 0.406 s/step at batch 16), and the
 # fused_norm compile did not pay either; a whole-UNet compile takes minutes.
-FASTEST_GPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
+FASTEST_GPU = FastPathOptions(precision="bf16", reuse_guided_forward=True, cudnn_benchmark=True)
 
 # Named option sets for the benchmark and for users; a name or an option may be '+'-joined with more options
 # (see :func:`parse_preset`).
@@ -217,6 +224,7 @@ OPTION_TOKENS = {
     "triton_norm": {"triton_norm": True},
     "triton_clip": {"triton_clip": True},
     "cuda_graphs": {"cuda_graphs": True},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
 }
 
 
@@ -519,6 +527,22 @@ def clone_bytes(unet, clip, options: FastPathOptions) -> int:
 
 
 @contextlib.contextmanager
+def cudnn_benchmark(enabled: bool, device: torch.device | str):
+    """Inside, when ``enabled`` on a CUDA device: ``torch.backends.cudnn.benchmark`` on, so cuDNN times its
+    convolution algorithms for each new shape and keeps the fastest. A run's shapes stay the same over its steps,
+    so the first step's timing pays for all of them. The previous setting comes back on exit; it is never turned
+    off here, so a host that set it for the whole process keeps it."""
+    if not enabled or torch.device(device).type != "cuda" or torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
 def run_clones(unet, clip, options: FastPathOptions, compile_backend: str = "inductor"):
     """``(unet, clip)`` clones configured by :func:`apply_fast_paths` for one run; the given models stay as
     they are, bit for bit and option for option. Yields the clones; empties them when the run ends."""
@@ -530,7 +554,8 @@ def run_clones(unet, clip, options: FastPathOptions, compile_backend: str = "ind
     try:
         apply_fast_paths(unet_clone, clip_clone, options, compile_backend=compile_backend)
         precast_run_weights(unet_clone, clip_clone, options)
-        yield unet_clone, clip_clone
+        with cudnn_benchmark(options.cudnn_benchmark, next(unet_clone.parameters()).device):
+            yield unet_clone, clip_clone
     finally:
         cuda_graphs.remove(unet_clone, clip_clone)
         _empty(unet_clone)

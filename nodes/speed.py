@@ -28,7 +28,7 @@ PRECISIONS = {
 }
 DEFAULTS = {"precision": "auto", "reuse_guided_forward": False, "channels_last": False,
             "gradient_checkpointing": False, "compile": False, "clip_checkpointing": False,
-            "single_resample": False, "triton_kernels": False, "cuda_graphs": False}
+            "single_resample": False, "triton_kernels": False, "cuda_graphs": False, "cudnn_benchmark": False}
 
 
 def resolve_precision(choice: str, device) -> tuple[str, str]:
@@ -60,9 +60,10 @@ def speed_options(**choices) -> FastPathOptions:
 def default_speed_options() -> FastPathOptions:
     """What the Sampler runs without a Speed node: the measured fastest setting for the device.
 
-    On a CUDA GPU with bf16 that is bf16 autocast with one UNet forward per step (``fast_paths.FASTEST_GPU``:
-    1.4x to 1.8x the original's speed on an H100, README "GPU"); elsewhere the original's settings, this node's
-    defaults. A Speed node, even left at its defaults, always means exactly what it shows.
+    On a CUDA GPU with bf16 that is bf16 autocast with one UNet forward per step, cuDNN choosing its algorithms by
+    timing them (``fast_paths.FASTEST_GPU``: 1.4x to 1.8x the original's speed on an H100, README "GPU");
+    elsewhere the original's settings, this node's defaults. A Speed node, even left at its defaults, always means
+    exactly what it shows.
     """
     device = torch.device(bridge.mm.get_torch_device())
     if device.type == "cuda" and bridge.mm.should_use_bf16(device):
@@ -129,6 +130,12 @@ class BlendedDiffusionSpeed:
                                 "instead of thousands, the same kernels and numbers. CUDA only (elsewhere the "
                                 "usual path); if a capture fails the run goes on without graphs. Cannot be "
                                 "combined with compile."}),
+                "cudnn_benchmark": ("BOOLEAN", {"default": d["cudnn_benchmark"], "tooltip":
+                                    "Let cuDNN time its convolution algorithms at the first step and keep the "
+                                    "fastest for the run (a run's shapes do not change). The same arithmetic; "
+                                    "another algorithm may round differently. CUDA only. Off leaves ComfyUI's "
+                                    "setting (on with --fast autotune). Without a Speed node it is on with bf16 "
+                                    "on a CUDA GPU, as the speed figures were measured."}),
             },
         }
 

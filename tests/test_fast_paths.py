@@ -195,7 +195,8 @@ def test_fast_cpu_preset_steers_like_the_faithful_step(unet, clip, diffusion, re
 def test_options_describe_and_validate():
     assert fast_paths.FAITHFUL.is_faithful and fast_paths.FAITHFUL.describe() == "faithful"
     assert fast_paths.FASTEST_CPU.describe() == "bf16-autocast+reuse"
-    assert fast_paths.FASTEST_GPU.describe() == "bf16-autocast+reuse"
+    assert fast_paths.FASTEST_GPU.describe() == "bf16-autocast+reuse+cudnn_benchmark"
+    assert fast_paths.parse_preset("bf16+reuse+cudnn_benchmark") == fast_paths.FASTEST_GPU
     assert FastPathOptions(precision="fp16", precision_scheme="torso", clip_precision="fp32",
                            gradient_checkpointing=True).describe() == "fp16-torso+clip-fp32+ckpt"
     assert fast_paths.parse_dtype("BF16") is torch.bfloat16
@@ -266,7 +267,7 @@ def test_bench_reports_mfu_with_a_given_peak_and_refuses_bad_options():
     with pytest.raises(BlendedInputError):
         fast_paths.parse_preset("fast-gpu+turbo")
     assert fast_paths.parse_preset("fast-gpu-eager+ckpt") == fast_paths.FastPathOptions(
-        precision="bf16", reuse_guided_forward=True, gradient_checkpointing=True)
+        precision="bf16", reuse_guided_forward=True, gradient_checkpointing=True, cudnn_benchmark=True)
     assert fast_paths.parse_preset("fast-gpu+fp32").precision == "fp32"  # later parts override a preset's
     specs = bench.run_specs(bench.parse_args(["--dtype", "fp32,bf16", "--precision-scheme", "autocast,torso",
                                               "--checkpointing", "on,off", "--batch", "1,4"]))
@@ -396,6 +397,28 @@ def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip, option
     assert len(casts_plain) > 20 and casts_fast == []
 
 
+def test_cudnn_benchmark_is_on_for_a_cuda_run_only_and_comes_back_as_it_was(unet, clip, monkeypatch):
+    """``cudnn_benchmark`` sets torch's process-wide flag for one run on a CUDA device and restores it; it never
+    turns off a flag the host set for the whole process (ComfyUI's ``--fast autotune``)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with fast_paths.cudnn_benchmark(True, "cuda"):
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark is False
+    with fast_paths.cudnn_benchmark(False, "cuda"), fast_paths.cudnn_benchmark(True, "cpu"):
+        assert torch.backends.cudnn.benchmark is False
+    with pytest.raises(RuntimeError), fast_paths.cudnn_benchmark(True, torch.device("cuda", 0)):
+        raise RuntimeError("a run that fails")
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with fast_paths.cudnn_benchmark(True, "cuda"):
+        pass
+    assert torch.backends.cudnn.benchmark is True  # the host's setting stays
+    # A run's clones follow their own device: on the CPU the flag is left alone.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with fast_paths.run_clones(unet, clip, fast_paths.FASTEST_GPU):
+        assert torch.backends.cudnn.benchmark is False
+
+
 def test_precast_clip_embeddings_give_the_same_bits_with_no_casts(clip):
     """OpenAI's conversion keeps CLIP's class and position embeddings float32, so each encoding cast both; a
     run clone stores them in the tower's dtype once (the same rounding), and the embeddings stay the same bits."""
@@ -459,7 +482,7 @@ def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
     profile = Path(rows[3]["text"])
     assert profile.parent == tmp_path and "aten ops" in profile.read_text()
     table = printed.getvalue()
-    assert "| pack `bf16-autocast+reuse` | 1 |" in table and "2 ranked results, batch 2" in table
+    assert "| pack `bf16-autocast+reuse+cudnn_benchmark` | 1 |" in table and "2 ranked results, batch 2" in table
 
 
 def test_gpu_compare_edits_with_the_preset_fastest_at_the_edit_batch():

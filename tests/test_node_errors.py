@@ -186,6 +186,7 @@ def test_speed_options_that_cannot_run_are_refused_with_what_to_do(comfy_inproce
     with pytest.raises(ValueError, match=r"triton_kernels needs the 'triton' Python package.*pip install triton"):
         speed.speed_options(triton_kernels=True)
     assert speed.speed_options(cuda_graphs=True).cuda_graphs  # graphs need no package beyond torch
+    assert speed.speed_options(cudnn_benchmark=True).cudnn_benchmark and not speed.speed_options().cudnn_benchmark
     monkeypatch.undo()
     assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)
 

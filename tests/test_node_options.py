@@ -81,7 +81,7 @@ def test_without_a_speed_node_a_cuda_gpu_runs_the_measured_fastest_path(comfy_in
     monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: True)
     assert speed.default_speed_options() == speed.fast_paths.FASTEST_GPU
-    assert speed.default_speed_options().describe() == "bf16-autocast+reuse"
+    assert speed.default_speed_options().describe() == "bf16-autocast+reuse+cudnn_benchmark"
     # A GPU without bf16: the Speed node's own defaults, i.e. the original's fp16 torso.
     monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: False)
     monkeypatch.setattr(mm, "should_use_fp16", lambda *args, **kwargs: True)
