@@ -531,8 +531,10 @@ def cudnn_benchmark(enabled: bool, device: torch.device | str):
     """Inside, when ``enabled`` on a CUDA device: ``torch.backends.cudnn.benchmark`` on, so cuDNN times its
     convolution algorithms for each new shape and keeps the fastest. A run's shapes stay the same over its steps,
     so the first step's timing pays for all of them. The previous setting comes back on exit; it is never turned
-    off here, so a host that set it for the whole process keeps it."""
-    if not enabled or torch.device(device).type != "cuda" or torch.backends.cudnn.benchmark:
+    off here, so a host that set it for the whole process keeps it. Left off where the host asked for deterministic
+    algorithms (ComfyUI's ``--deterministic``): a timed choice may differ from one process to the next."""
+    if (not enabled or torch.device(device).type != "cuda" or torch.backends.cudnn.benchmark
+            or torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled()):
         yield
         return
     torch.backends.cudnn.benchmark = True

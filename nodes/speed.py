@@ -133,9 +133,10 @@ class BlendedDiffusionSpeed:
                 "cudnn_benchmark": ("BOOLEAN", {"default": d["cudnn_benchmark"], "tooltip":
                                     "Let cuDNN time its convolution algorithms at the first step and keep the "
                                     "fastest for the run (a run's shapes do not change). The same arithmetic; "
-                                    "another algorithm may round differently. CUDA only. Off leaves ComfyUI's "
-                                    "setting (on with --fast autotune). Without a Speed node it is on with bf16 "
-                                    "on a CUDA GPU, as the speed figures were measured."}),
+                                    "another algorithm may round differently. CUDA only; not under ComfyUI's "
+                                    "--deterministic. Off leaves ComfyUI's setting (on with --fast autotune). "
+                                    "Without a Speed node it is on with bf16 on a CUDA GPU, as the speed figures "
+                                    "were measured."}),
             },
         }
 

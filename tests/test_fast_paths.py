@@ -413,8 +413,15 @@ def test_cudnn_benchmark_is_on_for_a_cuda_run_only_and_comes_back_as_it_was(unet
     with fast_paths.cudnn_benchmark(True, "cuda"):
         pass
     assert torch.backends.cudnn.benchmark is True  # the host's setting stays
+    # A host that asked for deterministic algorithms (ComfyUI's --deterministic) keeps cuDNN's fixed choices.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    with fast_paths.cudnn_benchmark(True, "cuda"):
+        assert torch.backends.cudnn.benchmark is False
+    monkeypatch.undo()
     # A run's clones follow their own device: on the CPU the flag is left alone.
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert not torch.are_deterministic_algorithms_enabled()
     with fast_paths.run_clones(unet, clip, fast_paths.FASTEST_GPU):
         assert torch.backends.cudnn.benchmark is False
 
