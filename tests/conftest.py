@@ -42,6 +42,25 @@ def tiny_clip(file_name: str = "model.safetensors"):
     return load_guidance_clip(path=REF / "clip_tiny" / file_name)
 
 
+def parameter_casts():
+    """A dispatch mode that records the shape of every parameter cast (``aten._to_copy`` of an ``nn.Parameter``)
+    made inside it, in its ``shapes`` list: what a run that stores its weights in the compute dtype avoids."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ParameterCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and isinstance(args[0], torch.nn.Parameter):
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    return ParameterCasts()
+
+
 class _RepoRootIsNotATestPackage:
     """Keep pytest from importing the repo root's __init__.py, ComfyUI's entry point for the pack.
 

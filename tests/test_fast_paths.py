@@ -20,7 +20,7 @@ from blended.fast_paths import FastPathOptions, WeightSnapshot
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.sampler import SamplerSettings, guided_step
 from blended.unet import GuidedDiffusionUNet
-from conftest import REF, assert_close, tiny_clip, tiny_unet
+from conftest import REF, assert_close, parameter_casts, tiny_clip, tiny_unet
 
 INDEX = 60  # a mid-schedule step of the blended_step reference
 
@@ -368,19 +368,11 @@ def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip, option
     t = torch.tensor([30.0, 700.0])
 
     def run(model):
-        casts = []
-
-        class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.overloadpacket is torch.ops.aten._to_copy and isinstance(args[0], torch.nn.Parameter):
-                    casts.append(tuple(args[0].shape))
-                return func(*args, **(kwargs or {}))
-
         out = model(x, t)
         (grad,) = torch.autograd.grad(out.square().sum(), x)
-        with CountCasts():
+        with parameter_casts() as casts:
             model(x, t)
-        return out, grad, casts
+        return out, grad, casts.shapes
 
     snapshot = WeightSnapshot(unet)
     try:
@@ -434,16 +426,8 @@ def test_precast_clip_embeddings_give_the_same_bits_with_no_casts(clip):
     options = FastPathOptions(precision="bf16")
 
     def encode(guidance_clip):
-        casts = []
-
-        class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.overloadpacket is torch.ops.aten._to_copy and isinstance(args[0], torch.nn.Parameter):
-                    casts.append(tuple(args[0].shape))
-                return func(*args, **(kwargs or {}))
-
-        with CountCasts():
-            return guidance_clip.encode_image(images), casts
+        with parameter_casts() as casts:
+            return guidance_clip.encode_image(images), casts.shapes
 
     snapshot = WeightSnapshot(clip.model)
     try:

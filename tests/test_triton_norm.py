@@ -133,26 +133,15 @@ def test_a_gpu_step_casts_no_weight_per_use(preset):
     GPU's rules, one guided step of the 256x256 model then casts no parameter: under channels_last CUDA's
     GroupNorm applies bf16 weights (200 casts a step before), the attention blocks' norms do under the Triton
     norm (32), and CLIP's class and position embeddings are kept float32 by OpenAI's conversion (2)."""
-    import collections
-
-    import torch
-
     from blended import fast_paths
     from blended.kernel_specialisations import _fake_run_step, recording_launches
-
-    casts: collections.Counter = collections.Counter()
-
-    class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten._to_copy and isinstance(args[0], torch.nn.Parameter):
-                casts[tuple(args[0].shape)] += 1
-            return func(*args, **(kwargs or {}))
+    from conftest import parameter_casts
 
     with _fake_run_step(fast_paths.parse_preset(preset), 1, 2) as runner, recording_launches({}):
         runner()  # the first step builds what later steps reuse
-        with CountCasts():
+        with parameter_casts() as casts:
             runner()
-    assert not casts, casts
+    assert casts.shapes == []
 
 
 def test_the_kernels_launch_fewer_kernels_per_step_than_the_ops_they_replace():
