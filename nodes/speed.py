@@ -80,7 +80,8 @@ class BlendedDiffusionSpeed:
     DESCRIPTION = ("Speed and memory options of the Blended Diffusion Sampler, for its runs only: the loaded "
                    "models stay as loaded for every other node and run. This node's defaults reproduce the "
                    "original code (on a GPU, its fp16 numerics). Without this node the Sampler runs the measured "
-                   "fastest setting: bf16 with one UNet forward per step on a CUDA GPU, the original's on the CPU.")
+                   "fastest setting: bf16 with one UNet forward per step and cudnn_benchmark on a CUDA GPU, the "
+                   "original's on the CPU.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("FAST_PATH_OPTIONS",)
     RETURN_NAMES = ("speed",)
