@@ -451,13 +451,12 @@ def precast_clip_embeddings(clip) -> None:
     """Store CLIP's class and position embeddings in the tower's dtype. OpenAI's conversion keeps them float32,
     so every image encoding cast both again (the same rounding each time, so the same bits). For run clones."""
     visual = getattr(clip.model, "visual", None) if clip is not None else None
-    dtype = clip.dtype if visual is not None else torch.float32
-    if dtype == torch.float32:
+    if visual is None or clip.dtype == torch.float32:
         return
     for name in ("class_embedding", "positional_embedding"):
         parameter = getattr(visual, name, None)
         if isinstance(parameter, torch.Tensor) and parameter.is_floating_point():
-            parameter.data = parameter.data.to(dtype)
+            parameter.data = parameter.data.to(clip.dtype)
 
 
 def sampler_settings_with(settings, options: FastPathOptions):

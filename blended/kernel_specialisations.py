@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from . import memory_trace
+
 __all__ = ["Specialisation", "recording_launches", "launched_specialisations", "launches_per_step", "compile_times"]
 
 # (module, kernel) of every Triton kernel the pack launches.
@@ -113,7 +115,7 @@ def recording_launches(found: dict, target=None):
 
     from triton.compiler import make_backend
 
-    from . import clip_vision, memory_trace
+    from . import clip_vision
     from . import unet as unet_module
     from .kernel_report import cuda_target
 
@@ -129,24 +131,13 @@ def recording_launches(found: dict, target=None):
         yield found
 
 
-@contextlib.contextmanager
-def _fake_run_step(options, batch: int, views: int):
-    """One guided step of the 256x256 model on fake tensors, its weights cast as a run's clone casts them."""
-    from . import fast_paths, memory_trace
-
-    with memory_trace.fake_guided_step(options, batch, views) as (runner, _):
-        with memory_trace.cuda_norm_rules():  # which norms apply bf16 weights depends on the device's rules
-            fast_paths.precast_run_weights(runner.unet, runner.objective.clip, options)  # once per run, as a clone
-        yield runner
-
-
 def launched_specialisations(options, batches=(1,), views: int = 8) -> list[Specialisation]:
     """The distinct Triton specialisations one guided step of the 256x256 model launches with ``options`` (a
     :class:`~blended.fast_paths.FastPathOptions`), over the given batch sizes: a launch's integer arguments
     follow the batch, and an integer the JIT specialises on could make a new batch size compile anew."""
     found: dict = {}
     for batch in batches:
-        with _fake_run_step(options, batch, views) as runner, recording_launches(found):
+        with memory_trace.fake_run_step(options, batch, views) as runner, recording_launches(found):
             runner()
     return list(found.values())
 
@@ -160,7 +151,7 @@ class _TorchLaunches(TorchDispatchMode):
         self.by_file: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from . import memory_trace, traffic_trace
+        from . import traffic_trace
 
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -177,7 +168,7 @@ def launches_per_step(options, batch: int = 1, views: int = 8) -> dict:
     tensors after a first step: ``{"torch": {file: count}, "triton": {kernel: count}}``, a torch op counted by
     the pack's file that issued it. At small batches the host's launches, not the GPU, set a step's pace."""
     found: dict = {}
-    with _fake_run_step(options, batch, views) as runner:
+    with memory_trace.fake_run_step(options, batch, views) as runner:
         with recording_launches({}):
             runner()  # the first step builds what later steps reuse
         with recording_launches(found), _TorchLaunches() as torch_launches:

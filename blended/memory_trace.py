@@ -351,3 +351,16 @@ def fake_guided_step(options, batch: int, views: int = 8, config: str = "full256
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(augment, "draw_view_params", draw_for_real):
         weights = _fake_weights(unet, clip.model)
         yield benchmark.StepRunner(unet, diffusion, clip, inputs, batch, views, settings, options), weights
+
+
+@contextlib.contextmanager
+def fake_run_step(options, batch: int, views: int = 8, config: str = "full256", emulate_cuda: bool = True):
+    """:func:`fake_guided_step`'s runner with its weights stored once as a run's clone stores them
+    (``fast_paths.precast_run_weights``), under CUDA's norm rules with ``emulate_cuda``: which norms apply bf16
+    weights depends on the device. For counting what each step of a run does (traffic, launches, compiles)."""
+    from . import fast_paths
+
+    with fake_guided_step(options, batch, views, config) as (runner, _):
+        with cuda_norm_rules(emulate_cuda):
+            fast_paths.precast_run_weights(runner.unet, runner.objective.clip, options)
+        yield runner

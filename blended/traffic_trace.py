@@ -262,20 +262,15 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
 
 def trace_step_traffic(options, batch: int, views: int = 8, config: str = "full256", keep: int = 25,
                        emulate_cuda: bool = True) -> dict:
-    """The bytes one whole guided step moves (:func:`blended.memory_trace.fake_guided_step`), by op and by site.
+    """The bytes one whole guided step moves (:func:`blended.memory_trace.fake_run_step`), by op and by site.
 
     ``options`` is a :class:`~blended.fast_paths.FastPathOptions`. ``memory_bound_gb`` sums the ops whose time
     follows their bytes (``compute_op_gb``: the convolutions', matmuls' and attention's, apart).
     """
-    from . import fast_paths
-
     counter = KernelTraffic(emulate_cuda=emulate_cuda)
-    with memory_trace.fake_guided_step(options, batch, views, config) as (runner, _):
-        with memory_trace.cuda_norm_rules(emulate_cuda):
-            # once per run, as the run clones do; which norms apply bf16 weights depends on the device's rules
-            fast_paths.precast_run_weights(runner.unet, runner.objective.clip, options)
-            with modelled_triton_kernels(counter, options), counter:
-                runner()
+    with memory_trace.fake_run_step(options, batch, views, config, emulate_cuda) as runner:
+        with memory_trace.cuda_norm_rules(emulate_cuda), modelled_triton_kernels(counter, options), counter:
+            runner()
     result = counter.report(keep)
     result.update(config=config, batch=batch, views=views, options=options.describe(), emulate_cuda=emulate_cuda)
     return result

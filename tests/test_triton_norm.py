@@ -134,10 +134,11 @@ def test_a_gpu_step_casts_no_weight_per_use(preset):
     GroupNorm applies bf16 weights (200 casts a step before), the attention blocks' norms do under the Triton
     norm (32), and CLIP's class and position embeddings are kept float32 by OpenAI's conversion (2)."""
     from blended import fast_paths
-    from blended.kernel_specialisations import _fake_run_step, recording_launches
+    from blended.kernel_specialisations import recording_launches
+    from blended.memory_trace import fake_run_step
     from conftest import parameter_casts
 
-    with _fake_run_step(fast_paths.parse_preset(preset), 1, 2) as runner, recording_launches({}):
+    with fake_run_step(fast_paths.parse_preset(preset), 1, 2) as runner, recording_launches({}):
         runner()  # the first step builds what later steps reuse
         with parameter_casts() as casts:
             runner()
