@@ -3,12 +3,13 @@
 Usage (from the repository root, on a machine with a CUDA GPU):
 
     PYTHONPATH=. .venv/bin/python scripts/gpu_compare.py --original /path/to/original_step_bench.py \\
-        --out gpu-rows.jsonl
+        --original-src /path/to/original-code --out gpu-rows.jsonl
 
 ``--original`` is a step benchmark of the original code (it must accept ``--config full256 --device cuda
 --batch B[,B...] --views V --steps N [--edit-steps N] --json FILE``, print each finished row as a JSON line and
 write them all as a JSON list, with ``s_per_step``/``s_step_min``/``peak_gib``/``s_edit``); it is run as given,
-never copied. Without it only the pack's rows are measured.
+never copied. Without it only the pack's rows are measured. ``--original-src`` is passed on to it: the folder of
+the original code, needed wherever that folder is not where the benchmark looks by default.
 
 The stages run in order of importance, each its own process with a timeout, so an out-of-memory or a slow
 compile loses only that stage, and the whole run keeps within ``--budget`` seconds: a stage gets what is left
@@ -230,6 +231,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=240, help="seconds per stage at most")
     p.add_argument("--out", type=Path, default=Path("gpu-rows.jsonl"))
     args = p.parse_args(argv)
+    for flag, path, want_dir in (("--original", args.original, False), ("--original-src", args.original_src, True)):
+        if path is not None and not (path.is_dir() if want_dir else path.is_file()):
+            p.error(f"{flag} {path}: no such {'folder' if want_dir else 'file'}; give the path of the original's "
+                    f"{'code folder' if want_dir else 'step benchmark script'}")
 
     budget = Budget(args.budget, args.timeout)
     batches = args.batches
@@ -238,6 +243,7 @@ def main(argv=None) -> int:
     reference = REPO / "tests" / "fixtures" / "reference"
     original = [args.python, str(args.original), *common, *(["--ref", str(reference)] if args.config == "tiny" else []),
                 *(["--original-src", str(args.original_src)] if args.original_src else [])]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as out:
         if args.original is not None:
             rows += run_stage("original-step", original + ["--batch", batches, "--steps", "5"], budget, out)

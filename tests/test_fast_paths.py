@@ -518,3 +518,27 @@ def test_gpu_compare_keeps_rows_of_a_stage_cut_short_and_skips_past_the_budget(t
     assert len(rows) == 1 and rows[0]["timed_out"] and rows[0]["s_per_step"] == 0.5 and rows[0]["batch"] == 1
     assert skipped[0]["error"].startswith("skipped") and skipped[0]["stage_wall_s"] == 0.0
     assert len(out_file.getvalue().splitlines()) == 2
+
+
+def test_gpu_compare_passes_the_original_its_code_folder_and_checks_both_paths_first(tmp_path, capsys):
+    """The original's benchmark finds its code only where it looks by default; elsewhere ``--original-src``
+    must reach it. A wrong path stops the run before any stage starts, instead of losing the original's rows."""
+    gpu_compare = _gpu_compare()
+    code = tmp_path / "original-code"
+    code.mkdir()
+    fake = tmp_path / "fake_original.py"
+    fake.write_text("import json, sys\n"
+                    "src = sys.argv[sys.argv.index('--original-src') + 1]\n"
+                    "print(json.dumps({'impl': 'original', 'batch': 1, 's_per_step': 0.5, 'src': src}), flush=True)\n")
+    out = tmp_path / "new-folder" / "rows.jsonl"
+    none = ["--presets", "", "--edit-presets", "", "--profile", "", "--late-presets", "", "--device", "cpu",
+            "--config", "tiny", "--batches", "1", "--out", str(out)]
+    gpu_compare.main(["--original", str(fake), "--original-src", str(code), *none])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["stage"], row["src"], row["rc"]) for row in rows] == [("original-step", str(code), 0)]
+    for wrong, message in ((["--original", str(tmp_path / "missing.py")], "no such file"),
+                           (["--original", str(fake), "--original-src", str(tmp_path / "nowhere")], "no such folder")):
+        out.unlink(missing_ok=True)
+        with pytest.raises(SystemExit) as stopped:
+            gpu_compare.main([*wrong, *none])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err and not out.exists()
