@@ -231,12 +231,16 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=240, help="seconds per stage at most")
     p.add_argument("--out", type=Path, default=Path("gpu-rows.jsonl"))
     args = p.parse_args(argv)
-    # The stages run in the repository root: relative paths are taken from where the command was given.
-    args.original, args.original_src = (path.resolve() if path else None for path in (args.original, args.original_src))
-    for flag, path, want_dir in (("--original", args.original, False), ("--original-src", args.original_src, True)):
-        if path is not None and not (path.is_dir() if want_dir else path.is_file()):
-            p.error(f"{flag} {path}: no such {'folder' if want_dir else 'file'}; give the path of the original's "
-                    f"{'code folder' if want_dir else 'step benchmark script'}")
+    # Checked before any stage, so a wrong path loses no GPU time; resolved where the command was given, since the
+    # stages run in the repository root.
+    if args.original is not None:
+        if not args.original.is_file():
+            p.error(f"--original {args.original}: no such file; give the path of the original's step benchmark script")
+        args.original = args.original.resolve()
+    if args.original_src is not None:
+        if not args.original_src.is_dir():
+            p.error(f"--original-src {args.original_src}: no such folder; give the path of the original's code folder")
+        args.original_src = args.original_src.resolve()
 
     budget = Budget(args.budget, args.timeout)
     batches = args.batches
