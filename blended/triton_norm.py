@@ -115,15 +115,17 @@ def _split_tile(partial_ptr, r, r_mask, s0, num_splits, WIDTH: tl.constexpr, BLO
 def _split_sums(partial_ptr, r, r_mask, num_splits, WIDTH: tl.constexpr, PRODUCT: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     # Over each row's splits: the sum of their first numbers, and of their second (times the first, if PRODUCT).
-    first = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    second = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    # Tiles are added lane by lane and summed across the lanes once, after the loop, so that no compiler puts a
+    # cross-lane reduction (and its barriers) inside the loop.
+    first = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    second = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         part, mask = _split_tile(partial_ptr, r, r_mask, s0, num_splits, WIDTH, BLOCK_S)
         a = tl.load(part, mask=mask, other=0.0)
         b = tl.load(part + 1, mask=mask, other=0.0)
-        first += tl.sum(a, axis=1)
-        second += tl.sum(a * b if PRODUCT else b, axis=1)
-    return first, second
+        first += a
+        second += a * b if PRODUCT else b
+    return tl.sum(first, axis=1), tl.sum(second, axis=1)
 
 
 @triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
@@ -134,14 +136,13 @@ def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_splits, eps, 
     r, r_mask = _merge_rows(rows, BLOCK_R)
     total, weighted = _split_sums(partial_ptr, r, r_mask, num_splits, 3, True, BLOCK_R, BLOCK_S)
     mean = weighted / tl.maximum(total, 1.0)
-    m2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         part, mask = _split_tile(partial_ptr, r, r_mask, s0, num_splits, 3, BLOCK_S)
         spread = tl.load(part + 1, mask=mask, other=0.0) - mean[:, None]
-        m2 += tl.sum(tl.load(part + 2, mask=mask, other=0.0) + tl.load(part, mask=mask, other=0.0) * spread * spread,
-                     axis=1)
+        m2 += tl.load(part + 2, mask=mask, other=0.0) + tl.load(part, mask=mask, other=0.0) * spread * spread
     tl.store(mean_ptr + r, mean, mask=r_mask)
-    tl.store(rstd_ptr + r, 1.0 / tl.sqrt(m2 / tl.maximum(total, 1.0) + eps), mask=r_mask)
+    tl.store(rstd_ptr + r, 1.0 / tl.sqrt(tl.sum(m2, axis=1) / tl.maximum(total, 1.0) + eps), mask=r_mask)
 
 
 @triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
