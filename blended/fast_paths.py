@@ -47,6 +47,8 @@ __all__ = [
     "FAITHFUL",
     "FASTEST_CPU",
     "FASTEST_GPU",
+    "FASTEST_GPU_WITHOUT_TRITON",
+    "FAST_GPU",
     "FastPathOptions",
     "OPTION_TOKENS",
     "PRESETS",
@@ -186,24 +188,33 @@ FAITHFUL = FastPathOptions()
 # Measured fastest on a 2-core AMX CPU (README, "Speed and memory"): AMX makes bf16 convs pay; channels_last does not
 # (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
 FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
-# Measured fastest on an H100 (README, "GPU"): bf16 autocast and one UNet forward per step, NCHW, eager, with cuDNN
-# choosing its convolution algorithms by timing them (as every GPU row of the bench was measured). There
-# channels_last made the convolutions faster but GroupNorm slower (0.605 vs 0.406 s/step at batch 16), and the
-# fused_norm compile did not pay either; a whole-UNet compile takes minutes.
-FASTEST_GPU = FastPathOptions(precision="bf16", reuse_guided_forward=True, cudnn_benchmark=True)
+# bf16 autocast and one UNet forward per step, NCHW, eager, with cuDNN choosing its convolution algorithms by
+# timing them: the "fast-gpu" preset, which the Sampler ran by default until the CUDA graphs and Triton kernels were
+# measured. On an H100 channels_last alone made it slower (GroupNorm in NHWC: 0.605 vs 0.406 s/step at batch 16),
+# and the fused_norm compile did not pay either; a whole-UNet compile takes minutes.
+FAST_GPU = FastPathOptions(precision="bf16", reuse_guided_forward=True, cudnn_benchmark=True)
+# Measured fastest on an H100 (README, "GPU", 2026-11-27): FAST_GPU in channels_last with the Triton GroupNorm+SiLU
+# and CLIP kernels and the networks replayed from CUDA graphs: 0.029 / 0.079 / 0.294 s per guided step at batches
+# 1 / 4 / 16 against FAST_GPU's 0.152 / 0.131 / 0.380, in half the memory, first step at most 7.4 s (no compile).
+FASTEST_GPU = dataclasses.replace(FAST_GPU, channels_last=True, triton_norm=True, triton_clip=True, cuda_graphs=True)
+# Where the `triton` package is missing (common on Windows): the CUDA graphs alone, 0.043 / 0.110 / 0.376 s.
+FASTEST_GPU_WITHOUT_TRITON = dataclasses.replace(FAST_GPU, cuda_graphs=True)
 
 # Named option sets for the benchmark and for users; a name or an option may be '+'-joined with more options
 # (see :func:`parse_preset`).
 PRESETS = {
     "faithful": FAITHFUL,
     "fast-cpu": FASTEST_CPU,
-    "fast-gpu": FASTEST_GPU,
+    "fast-gpu": FAST_GPU,
     # The name earlier workflows and scripts used for the same setting.
-    "fast-gpu-eager": FASTEST_GPU,
+    "fast-gpu-eager": FAST_GPU,
+    # The Sampler's default on a CUDA GPU with bf16, and the same without Triton.
+    "fastest-gpu": FASTEST_GPU,
+    "fastest-gpu-without-triton": FASTEST_GPU_WITHOUT_TRITON,
     # The original's GPU numerics: fp16 torso UNet, fp16 CLIP, two UNet forwards per step (attention via SDPA).
     "original-gpu": FastPathOptions(precision="fp16", precision_scheme="torso"),
     # Memory-first: the UNet's and CLIP's activations recomputed in the backward, for the largest batches.
-    "fast-gpu-lowmem": dataclasses.replace(FASTEST_GPU, gradient_checkpointing=True, clip_checkpointing=True),
+    "fast-gpu-lowmem": dataclasses.replace(FAST_GPU, gradient_checkpointing=True, clip_checkpointing=True),
 }
 
 # The options a preset can be extended with, each the FastPathOptions fields it sets.

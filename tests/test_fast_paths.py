@@ -195,8 +195,14 @@ def test_fast_cpu_preset_steers_like_the_faithful_step(unet, clip, diffusion, re
 def test_options_describe_and_validate():
     assert fast_paths.FAITHFUL.is_faithful and fast_paths.FAITHFUL.describe() == "faithful"
     assert fast_paths.FASTEST_CPU.describe() == "bf16-autocast+reuse"
-    assert fast_paths.FASTEST_GPU.describe() == "bf16-autocast+reuse+cudnn_benchmark"
-    assert fast_paths.parse_preset("bf16+reuse+cudnn_benchmark") == fast_paths.FASTEST_GPU
+    assert fast_paths.FAST_GPU.describe() == "bf16-autocast+reuse+cudnn_benchmark"
+    assert fast_paths.parse_preset("bf16+reuse+cudnn_benchmark") == fast_paths.PRESETS["fast-gpu"]
+    assert fast_paths.PRESETS["fast-gpu"] == fast_paths.FAST_GPU
+    assert (fast_paths.FASTEST_GPU.describe()
+            == "bf16-autocast+channels_last+reuse+triton_norm+triton_clip+cuda_graphs+cudnn_benchmark")
+    assert fast_paths.parse_preset("fast-gpu+channels_last+triton_norm+triton_clip+cuda_graphs") \
+        == fast_paths.FASTEST_GPU == fast_paths.PRESETS["fastest-gpu"]
+    assert fast_paths.FASTEST_GPU_WITHOUT_TRITON.describe() == "bf16-autocast+reuse+cuda_graphs+cudnn_benchmark"
     assert FastPathOptions(precision="fp16", precision_scheme="torso", clip_precision="fp32",
                            gradient_checkpointing=True).describe() == "fp16-torso+clip-fp32+ckpt"
     assert fast_paths.parse_dtype("BF16") is torch.bfloat16
@@ -414,7 +420,7 @@ def test_cudnn_benchmark_is_on_for_a_cuda_run_only_and_comes_back_as_it_was(unet
     # A run's clones follow their own device: on the CPU the flag is left alone.
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert not torch.are_deterministic_algorithms_enabled()
-    with fast_paths.run_clones(unet, clip, fast_paths.FASTEST_GPU):
+    with fast_paths.run_clones(unet, clip, fast_paths.FAST_GPU):
         assert torch.backends.cudnn.benchmark is False
 
 

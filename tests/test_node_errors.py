@@ -207,6 +207,13 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     message = str(err.value)
     assert "Triton kernels failed on this GPU (RuntimeError: ptxas fatal" in message
     assert "Turn triton_kernels off on the Speed node" in message
+    # Without a Speed node a CUDA GPU runs the Triton kernels by default: the error says which Speed node to connect.
+    monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.FASTEST_GPU)
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3))
+    assert "Triton kernels failed on this GPU" in str(err.value)
+    assert "connect a Speed node with precision 'bf16 autocast'" in str(err.value)
+    assert "triton_kernels off" in str(err.value)
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=2, speed={}))
     assert "ptxas fatal" in str(err.value) and "triton_kernels" not in str(err.value)

@@ -3,6 +3,8 @@ exactly as loaded."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from test_node_errors import box_mask, empty_image, graph, solid_mask
@@ -81,7 +83,14 @@ def test_without_a_speed_node_a_cuda_gpu_runs_the_measured_fastest_path(comfy_in
     monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: True)
     assert speed.default_speed_options() == speed.fast_paths.FASTEST_GPU
-    assert speed.default_speed_options().describe() == "bf16-autocast+reuse+cudnn_benchmark"
+    assert (speed.default_speed_options().describe()
+            == "bf16-autocast+channels_last+reuse+triton_norm+triton_clip+cuda_graphs+cudnn_benchmark")
+    # Without the triton package (common on Windows): the same less the Triton kernels and channels_last.
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+        assert speed.default_speed_options() == speed.fast_paths.FASTEST_GPU_WITHOUT_TRITON
+        assert speed.default_speed_options().describe() == "bf16-autocast+reuse+cuda_graphs+cudnn_benchmark"
     # A GPU without bf16: the Speed node's own defaults, i.e. the original's fp16 torso.
     monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: False)
     monkeypatch.setattr(mm, "should_use_fp16", lambda *args, **kwargs: True)
@@ -148,6 +157,21 @@ def test_batch_size_zero_sizes_the_batch_from_free_memory(comfy_inprocess, caplo
     assert auto.shape == (2, 64, 64, 3)
     # float32 batch effects of the conv kernels only, far below one 8-bit grey level
     torch.testing.assert_close(auto, one, atol=1 / 255, rtol=0)
+
+
+def test_auto_batch_size_counts_the_triton_paths_smaller_peak(comfy_inprocess, monkeypatch):
+    """With the Sampler's CUDA default (Triton kernels in channels_last) an 80 GB card runs 64 results as two
+    batches of 32 (batch 64 did not fit on an H100); the eager bf16 path's larger estimate, 5 batches of 13."""
+    from types import SimpleNamespace
+
+    sampler = comfy_inprocess.pack_module("sampler")
+    monkeypatch.setattr(sampler.bridge.mm, "get_free_memory", lambda *args, **kwargs: 77 * (1 << 30))
+    model = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(image_size=256)))
+    fast_paths = sampler.fast_paths
+    assert sampler._auto_batch_size(model, torch.device("cpu"), 64, fast_paths.FASTEST_GPU) == 32
+    assert sampler._auto_batch_size(model, torch.device("cpu"), 64, fast_paths.FASTEST_GPU_WITHOUT_TRITON) == 13
+
+
 def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
     """A 1-channel IMAGE is CLIP-ranked as the same picture in RGB; an empty batch gets the pack's input error."""
     g = harness.graph_builder()
