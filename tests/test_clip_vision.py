@@ -94,7 +94,8 @@ def test_triton_clip_is_an_option_for_the_run_clone_and_the_towers_own_modules_o
 
     options = fast_paths.parse_preset("bf16+triton_clip")
     assert options.triton_clip and "triton_clip" in options.describe()
-    assert not any(preset.triton_clip for preset in fast_paths.PRESETS.values())
+    # measured on an H100 before it joined a preset: only the Sampler's CUDA default has it
+    assert [name for name, preset in fast_paths.PRESETS.items() if preset.triton_clip] == ["fastest-gpu"]
     clip = load_guidance_clip(path=REF / "clip_tiny" / "model.safetensors")
     images = torch.randn(2, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(3))
     expected, g_expected, _ = _embed_and_grad(clip.model.visual, images, clip_vision.encode_image)

@@ -98,11 +98,13 @@ def test_unet_with_fused_norm_matches_the_unet_without(unet, clip):
         fused_norm.set_compile_backend("inductor")
 
 
-def test_norm_kernels_are_option_tokens_and_not_in_the_presets():
+def test_norm_kernels_are_option_tokens_and_only_the_measured_one_is_in_a_preset():
     for token in ("fused_norm", "triton_norm"):
         assert getattr(fast_paths.parse_preset(f"bf16+{token}"), token)
         assert token in fast_paths.parse_preset(f"bf16+{token}").describe()
-        assert not any(getattr(preset, token) for preset in fast_paths.PRESETS.values())
+    # fused_norm measured slower on an H100; triton_norm faster, in the Sampler's CUDA default only
+    assert not any(preset.fused_norm for preset in fast_paths.PRESETS.values())
+    assert [name for name, preset in fast_paths.PRESETS.items() if preset.triton_norm] == ["fastest-gpu"]
 
 
 def test_a_fresh_unet_runs_its_norm_modules_and_refuses_unknown_kernels():
