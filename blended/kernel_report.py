@@ -70,14 +70,12 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
     """Every Triton kernel of ``triton_norm`` (channels_last, a ViT-B/16 row for ``triton_clip``) with the tile
     sizes the pack launches it with, in each dtype, with and without its optional terms."""
     from .triton_clip import GELU_BLOCK
-    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, MERGE_TILE, group_alignment, reduction_tile
+    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, MERGE_TILE, REDUCTION_TILE
 
     def tile(block_hw_and_c):
         return dict(zip(("BLOCK_HW", "BLOCK_C"), block_hw_and_c, strict=True))
 
-    # A group of 8 channels: the 256-channel blocks of the 256x256 model, whose group size the JIT cannot see
-    # is aligned.
-    reduction = {**tile(reduction_tile(8)), "GROUP_ALIGN": group_alignment(8)}
+    reduction = tile(REDUCTION_TILE[True])  # channels_last: the channels are the contiguous axis
     row = {"BLOCK_D": 1024}  # ViT-B's 768-wide tokens, padded to a power of two
     merge = dict(zip(("BLOCK_R", "BLOCK_S"), MERGE_TILE, strict=True))
     # The merges of the split reductions' float32 partial sums, whatever the activations' dtype.

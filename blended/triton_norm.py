@@ -6,14 +6,19 @@ convolutions must stay NCHW and pay their own layout copies (12% of the step). `
 shapes fuses the chain but its NHWC group reductions ran slower than eager (``blended.fused_norm``). These kernels
 do the chain in the passes it needs, reading either memory format in place:
 
-* forward: one split reduction (each group's mean and M2: every lane of a tile keeps its own by Welford's update
-  and the lanes and splits are merged by Chan's parallel formula, so a large mean does not cost precision; the
-  splits keep every SM busy even at batch 1; a small kernel merges the splits, where torch ops took 13 launches
-  per norm), then one pass writing
-  ``silu((x - mean) * rstd * w + b) * (1 + scale) + shift``-order output (scale-shift before SiLU, as the UNet);
+* forward: one split reduction, then one pass writing ``silu(((x - mean) * rstd * w + b) * (1 + scale) + shift)``
+  (scale-shift before SiLU, as the UNet; ``w``, ``b``, ``scale`` and ``shift`` folded into one gain and one
+  offset per channel). The reduction's programs each take a block of 64 channels over a split of the pixels, so
+  that in channels_last every pixel's load is 128 contiguous bytes. Reducing one group per program read a group's
+  8 channels (16 bytes of bf16) per pixel, strided by the whole row: on an H100 the statistics ran at about a
+  quarter of the bandwidth of the pass that writes the map (``benchmarks/h100-2026-11-27-profile-triton-batch8
+  .txt``). Each lane keeps its own running mean and M2 (Welford's update), each channel's lanes are merged at the
+  end, and a small kernel merges each group's channels and splits (Chan's parallel formula: a large mean costs
+  no precision), where torch ops took 13 launches per norm. The splits keep every SM busy even at batch 1;
 * backward (input gradient only, which is all CLIP guidance needs; the frozen weights get theirs from the
   reference path if anyone asks): one split reduction of the two group sums GroupNorm's backward needs,
-  recomputing the activation from ``x`` (its splits merged by a small kernel too), then one pass writing ``dx``.
+  recomputing the activation from ``x`` and laid out as the forward's (its parts merged by a small kernel too),
+  then one pass writing ``dx``.
 
 The host launches these kernels and nothing else (``scripts/kernel_report.py --launches``): at small batches a
 step's pace on a GPU is its launches'.
@@ -25,6 +30,8 @@ run by Triton's CPU interpreter in the tests (``TRITON_INTERPRET=1``), against :
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,67 +40,83 @@ from .fused_norm import group_norm_act
 
 __all__ = ["group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_of_pair"]
 
-_TARGET_PROGRAMS = 1024  # split reductions until about this many programs run (an H100 has 132 SMs)
+_TARGET_PROGRAMS = 2048  # split reductions until about this many programs run (an H100 has 132 SMs)
+# Tiles per program at least: fewer, and the merges' partial sums would outgrow the work they save.
+_MIN_TILES_PER_SPLIT = 8
 # (pixels, channels) per program of the passes that write a map. The forward's tile is the larger: each program
 # first gathers its columns' statistics and affine terms, and over 32 pixels that setup made the pass execute more
 # instructions per byte than an H100 can issue at full bandwidth (``scripts/kernel_report.py``). The backward,
 # with more registers per element, stays at 32 pixels to keep more programs resident.
 FORWARD_TILE = (64, 64)
 BACKWARD_TILE = (32, 64)
+# (pixels, channels) per loop iteration of the split reductions, by whether the channels are the contiguous axis
+# (channels_last) or the pixels are (NCHW): 128 contiguous bytes of bf16 along that axis either way.
+REDUCTION_TILE = {True: (32, 64), False: (64, 32)}
 # Integers the JIT is told not to specialise on. By default it compiles a kernel anew for every argument that is 1
-# or a multiple of 16, and these vary with the block and the batch for no gain: the group size's alignment
-# reaches the kernels as GROUP_ALIGN, and the split count only places each program's partial sums. Specialising
-# on them cost a 256x256 step 39 compiles at batch 1 and more at other batches (45 over batches 1, 4 and 16);
-# 24 now serve every batch size (``scripts/kernel_report.py --cold-start``).
+# or a multiple of 16, and these vary with the block and the batch for no gain: the group size, and the split
+# count, which only places each program's partial sums. Specialising on them cost a 256x256 step 39 compiles at
+# batch 1 and more at other batches (45 over batches 1, 4 and 16); the same few now serve every batch size
+# (``scripts/kernel_report.py --cold-start``).
 _NOT_SPECIALISED = ("Cg", "num_splits")  # the passes that write a map take no split count
-_MERGE_NOT_SPECIALISED = ("rows", "num_splits")  # both follow the batch
+_MERGE_NOT_SPECIALISED = ("rows", "num_parts")  # both follow the batch
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED)
-def _stats_kernel(x_ptr, partial_ptr, HW, C, Cg, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
-                  GROUP_ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)  # batch * groups + group
+@triton.jit
+def _reduction_tile(HW, C, rows_per_split, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # This program's batch index, split, pixel range and channel columns (and their mask).
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
     split = tl.program_id(1)
-    groups = C // Cg
-    b = (row // groups).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
-    g = row % groups
-    c = tl.arange(0, BLOCK_C)
-    c_mask = c < Cg
-    base = x_ptr + b * stride_b + (tl.multiple_of(g * Cg, GROUP_ALIGN) + c) * stride_c
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, HW)
-    # Each lane of the tile keeps its own running count, mean and M2 (Welford's update), and the lanes are merged
-    # once after the loop: no reduction across the program (shared memory and barriers) per tile.
-    count = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    return b, split, cols, cols < C, start, tl.minimum(start + rows_per_split, HW)
+
+
+@triton.jit
+def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.constexpr):
+    # Where each column's WIDTH partial numbers for this split go: [batch, channel, split, WIDTH], so that one
+    # (sample, group)'s parts (its channels' splits) lie together, as the merges read them.
+    return partial_ptr + ((b * C + cols) * num_splits + split) * WIDTH
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[1:])
+def _stats_kernel(x_ptr, partial_ptr, HW, C, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
+                  BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
+    base = x_ptr + b * stride_b + cols * stride_c
+    # Each lane of the tile keeps its own running mean and M2 (Welford's update), and the lanes are merged once
+    # after the loop: no reduction across the program (shared memory and barriers) per tile. Every lane of a
+    # pixel row has seen the same number of values, so the counts are kept per row.
+    count = tl.zeros((BLOCK_HW,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_HW):
-        rows = r0 + tl.arange(0, BLOCK_HW)
-        mask = (rows < end)[:, None] & c_mask[None, :]
-        v = tl.load(base[None, :] + rows[:, None] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+        pixels = r0 + tl.arange(0, BLOCK_HW)
+        valid = pixels < end
+        v = tl.load(base[None, :] + pixels[:, None] * stride_hw, mask=valid[:, None] & c_mask[None, :],
+                    other=0.0).to(tl.float32)
         # Only the last tile can be partial, so every lane this tile updates has seen one value per tile so far:
         # one reciprocal per tile serves them all.
         tiles = ((r0 - start) // BLOCK_HW + 1).to(tl.float32)
         delta = v - mean
         mean_next = mean + delta * (1.0 / tiles)
-        m2 = tl.where(mask, m2 + delta * (v - mean_next), m2)
-        mean = tl.where(mask, mean_next, mean)
-        count = tl.where(mask, tiles, count)
-    # The lanes merged as the splits are on the host: the parts' M2s plus each part's count times its mean's
-    # squared distance from the whole's mean (Chan's formula for many parts).
-    total = tl.sum(tl.sum(count, axis=1), axis=0)
-    total_mean = tl.sum(tl.sum(count * mean, axis=1), axis=0) / tl.maximum(total, 1.0)
-    spread = mean - total_mean
-    total_m2 = tl.sum(tl.sum(m2 + count * spread * spread, axis=1), axis=0)
-    out = partial_ptr + (row * num_splits + split) * 3
-    tl.store(out, total)
-    tl.store(out + 1, total_mean)
-    tl.store(out + 2, total_m2)
+        m2 = tl.where(valid[:, None], m2 + delta * (v - mean_next), m2)
+        mean = tl.where(valid[:, None], mean_next, mean)
+        count = tl.where(valid, tiles, count)
+    # Each column's lanes merged as the merge kernel merges the columns' splits: the parts' M2s plus each part's
+    # count times its mean's squared distance from the whole's mean (Chan's formula for many parts).
+    total = tl.sum(count, axis=0)
+    column_mean = tl.sum(count[:, None] * mean, axis=0) / tl.maximum(total, 1.0)
+    spread = mean - column_mean[None, :]
+    column_m2 = tl.sum(m2 + count[:, None] * spread * spread, axis=0)
+    out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 3)
+    tl.store(out, tl.zeros((BLOCK_C,), dtype=tl.float32) + total, mask=c_mask)
+    tl.store(out + 1, column_mean, mask=c_mask)
+    tl.store(out + 2, column_m2, mask=c_mask)
 
 
-# Rows (sample, group) and splits per program of the merges below: a step's norms have at most 64 x 32 rows and
-# 32 splits, so one or a few programs merge them all.
-MERGE_TILE = (64, 32)
+# Rows (sample, group) and parts per program of the merges below. A row's parts are its channels' splits (up to a
+# few thousand at batch 1), so a program takes few rows and many parts at a time.
+MERGE_TILE = (8, 256)
 
 
 @triton.jit
@@ -104,75 +127,62 @@ def _merge_rows(rows, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _split_tile(partial_ptr, r, r_mask, s0, num_splits, WIDTH: tl.constexpr, BLOCK_S: tl.constexpr):
-    # The [rows, splits] tile of partial sums from split s0 on: the address of each split's first of WIDTH
-    # numbers, and the mask of those that exist.
+def _part_tile(partial_ptr, r, r_mask, s0, num_parts, WIDTH: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The [rows, parts] tile of partial sums from part s0 on: the address of each part's first of WIDTH numbers,
+    # and the mask of those that exist.
     s = s0 + tl.arange(0, BLOCK_S)
-    return partial_ptr + (r[:, None] * num_splits + s[None, :]) * WIDTH, r_mask[:, None] & (s < num_splits)[None, :]
-
-
-@triton.jit
-def _split_sums(partial_ptr, r, r_mask, num_splits, WIDTH: tl.constexpr, PRODUCT: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Over each row's splits: the sum of their first numbers, and of their second (times the first, if PRODUCT).
-    # Tiles are added lane by lane and summed across the lanes once, after the loop, so that no compiler puts a
-    # cross-lane reduction (and its barriers) inside the loop.
-    first = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-    second = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        part, mask = _split_tile(partial_ptr, r, r_mask, s0, num_splits, WIDTH, BLOCK_S)
-        a = tl.load(part, mask=mask, other=0.0)
-        b = tl.load(part + 1, mask=mask, other=0.0)
-        first += a
-        second += a * b if PRODUCT else b
-    return tl.sum(first, axis=1), tl.sum(second, axis=1)
+    return partial_ptr + (r[:, None] * num_parts + s[None, :]) * WIDTH, r_mask[:, None] & (s < num_parts)[None, :]
 
 
 @triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
-def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_splits, eps, BLOCK_R: tl.constexpr,
+def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_parts, eps, BLOCK_R: tl.constexpr,
                         BLOCK_S: tl.constexpr):
-    # Each row's splits merged by Chan's formula, as the lanes were: the whole count and mean first, then the
-    # splits' M2s plus each split's count times its mean's squared distance from the whole's.
+    # Each row's parts merged by Chan's formula in one pass: each lane merges the parts it meets into its own
+    # count, mean and M2, and the lanes are merged once after the loop, as the reductions merge theirs (no
+    # cross-lane reduction, nor its barriers, inside the loop).
     r, r_mask = _merge_rows(rows, BLOCK_R)
-    total, weighted = _split_sums(partial_ptr, r, r_mask, num_splits, 3, True, BLOCK_R, BLOCK_S)
-    mean = weighted / tl.maximum(total, 1.0)
+    n = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        part, mask = _split_tile(partial_ptr, r, r_mask, s0, num_splits, 3, BLOCK_S)
-        spread = tl.load(part + 1, mask=mask, other=0.0) - mean[:, None]
-        m2 += tl.load(part + 2, mask=mask, other=0.0) + tl.load(part, mask=mask, other=0.0) * spread * spread
-    tl.store(mean_ptr + r, mean, mask=r_mask)
-    tl.store(rstd_ptr + r, 1.0 / tl.sqrt(tl.sum(m2, axis=1) / tl.maximum(total, 1.0) + eps), mask=r_mask)
+    for s0 in range(0, num_parts, BLOCK_S):
+        part, mask = _part_tile(partial_ptr, r, r_mask, s0, num_parts, 3, BLOCK_S)
+        n_part = tl.load(part, mask=mask, other=0.0)
+        delta = tl.load(part + 1, mask=mask, other=0.0) - mean
+        n_next = n + n_part
+        share = n_part / tl.maximum(n_next, 1.0)
+        mean += delta * share
+        m2 += tl.load(part + 2, mask=mask, other=0.0) + delta * delta * n * share
+        n = n_next
+    total = tl.sum(n, axis=1)
+    row_mean = tl.sum(n * mean, axis=1) / tl.maximum(total, 1.0)
+    spread = mean - row_mean[:, None]
+    row_m2 = tl.sum(m2 + n * spread * spread, axis=1)
+    tl.store(mean_ptr + r, row_mean, mask=r_mask)
+    tl.store(rstd_ptr + r, 1.0 / tl.sqrt(row_m2 / tl.maximum(total, 1.0) + eps), mask=r_mask)
 
 
 @triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
-def _backward_stats_merge_kernel(partial_ptr, c1_ptr, c2_ptr, rows, num_splits, count, BLOCK_R: tl.constexpr,
+def _backward_stats_merge_kernel(partial_ptr, c1_ptr, c2_ptr, rows, num_parts, count, BLOCK_R: tl.constexpr,
                                  BLOCK_S: tl.constexpr):
-    # Each row's two gradient sums over its splits, as means over the group's elements.
+    # Each row's two gradient sums over its parts, as means over the group's elements. Tiles are added lane by
+    # lane and summed across the lanes once, after the loop.
     r, r_mask = _merge_rows(rows, BLOCK_R)
-    sum_dxhat, sum_dxhat_xhat = _split_sums(partial_ptr, r, r_mask, num_splits, 2, False, BLOCK_R, BLOCK_S)
-    tl.store(c1_ptr + r, sum_dxhat / count, mask=r_mask)
-    tl.store(c2_ptr + r, sum_dxhat_xhat / count, mask=r_mask)
+    sum_dxhat = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    sum_dxhat_xhat = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    for s0 in range(0, num_parts, BLOCK_S):
+        part, mask = _part_tile(partial_ptr, r, r_mask, s0, num_parts, 2, BLOCK_S)
+        sum_dxhat += tl.load(part, mask=mask, other=0.0)
+        sum_dxhat_xhat += tl.load(part + 1, mask=mask, other=0.0)
+    tl.store(c1_ptr + r, tl.sum(sum_dxhat, axis=1) / count, mask=r_mask)
+    tl.store(c2_ptr + r, tl.sum(sum_dxhat_xhat, axis=1) / count, mask=r_mask)
 
 
 @triton.jit
-def _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    if HAS_SCALE_SHIFT:
-        scale = tl.load(ss_ptr + b * 2 * C + cols, mask=c_mask, other=0.0).to(tl.float32)
-        shift = tl.load(ss_ptr + b * 2 * C + C + cols, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.zeros([BLOCK_C], dtype=tl.float32)
-        shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    return scale, shift
-
-
-@triton.jit
-def _activation(v, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT: tl.constexpr):
+def _activation(v, mean, rstd, gain, offset):
+    # The normalised value and the pre-SiLU activation: z = xhat * w * (1 + scale) + bias * (1 + scale) + shift,
+    # the affine and timestep terms folded per column (:func:`_channel_terms`).
     xhat = (v - mean) * rstd
-    z = xhat * w + bias
-    if HAS_SCALE_SHIFT:
-        z = z * (1.0 + scale) + shift
-    return xhat, z
+    return xhat, xhat * gain + offset
 
 
 @triton.jit
@@ -186,16 +196,20 @@ def _pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
-                   HAS_SCALE_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Per-column group statistics, affine and timestep terms as [1, BLOCK_C] rows (and the stats' index).
+def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask, HAS_SCALE_SHIFT: tl.constexpr):
+    # Per-column group statistics and the affine and timestep terms folded into one gain and one offset, as
+    # [1, BLOCK_C] rows (and the statistics' index): two terms fewer for every element, and two fewer registers per
+    # column, than the four kept apart.
     stat = b * (C // Cg) + cols // Cg
     mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
-    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)[None, :]
-    scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
-    return stat, mean, rstd, w, bias, scale[None, :], shift[None, :]
+    gain = tl.load(w_ptr + cols, mask=c_mask, other=0.0)
+    offset = tl.load(b_ptr + cols, mask=c_mask, other=0.0)
+    if HAS_SCALE_SHIFT:
+        scale = 1.0 + tl.load(ss_ptr + b * 2 * C + cols, mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.load(ss_ptr + b * 2 * C + C + cols, mask=c_mask, other=0.0).to(tl.float32)
+        gain, offset = gain * scale, offset * scale + shift
+    return stat, mean, rstd, gain[None, :], offset[None, :]
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
@@ -204,61 +218,45 @@ def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, 
                     HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-    _, mean, rstd, w, bias, scale, shift = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols,
-                                                          c_mask, HAS_SCALE_SHIFT, BLOCK_C)
-    _, z = _activation(v.to(tl.float32), mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT)
+    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
+                                                 HAS_SCALE_SHIFT)
+    _, z = _activation(v.to(tl.float32), mean, rstd, gain, offset)
     y = z * tl.sigmoid(z)
     tl.store(y_ptr + b * sy_b + rows[:, None] * sy_hw + cols[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
              mask=mask)
 
 
 @triton.jit
-def _input_gradient_terms(v, dy, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT: tl.constexpr):
-    # d/dxhat of silu(z): dy * silu'(z) * (1 + scale) * w, with silu'(z) = s(z) * (1 + z * (1 - s(z))).
-    xhat, z = _activation(v, mean, rstd, w, bias, scale, shift, HAS_SCALE_SHIFT)
+def _input_gradient_terms(v, dy, mean, rstd, gain, offset):
+    # d/dxhat of silu(z): dy * silu'(z) * gain, with silu'(z) = s(z) * (1 + z * (1 - s(z))).
+    xhat, z = _activation(v, mean, rstd, gain, offset)
     sig = tl.sigmoid(z)
-    dz = dy * sig * (1.0 + z * (1.0 - sig))
-    if HAS_SCALE_SHIFT:
-        dz = dz * (1.0 + scale)
-    return xhat, dz * w
+    return xhat, dy * sig * (1.0 + z * (1.0 - sig)) * gain
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
                            sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
-                           HAS_SCALE_SHIFT: tl.constexpr, GROUP_ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    groups = C // Cg
-    b = (row // groups).to(tl.int64)
-    g = row % groups
-    c = tl.arange(0, BLOCK_C)
-    c_mask = c < Cg
-    cols = tl.multiple_of(g * Cg, GROUP_ALIGN) + c
-    mean = tl.load(mean_ptr + row)
-    rstd = tl.load(rstd_ptr + row)
-    w = tl.load(w_ptr + cols, mask=c_mask, other=0.0)[None, :]
-    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.0)[None, :]
-    scale, shift = _load_scale_shift(ss_ptr, b, C, cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
-    scale, shift = scale[None, :], shift[None, :]
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, HW)
+                           HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
+    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
+                                                 HAS_SCALE_SHIFT)
+    x_base = x_ptr + b * sx_b + cols * sx_c
+    dy_base = dy_ptr + b * sd_b + cols * sd_c
     sum_dxhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)  # per lane, summed once after the loop
     sum_dxhat_xhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_HW):
-        rows = r0 + tl.arange(0, BLOCK_HW)
-        mask = (rows < end)[:, None] & c_mask[None, :]
-        v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
-        xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
-                                            HAS_SCALE_SHIFT)
-        dxhat = tl.where(mask, dxhat, 0.0)
+        pixels = r0 + tl.arange(0, BLOCK_HW)
+        mask = (pixels < end)[:, None] & c_mask[None, :]
+        v = tl.load(x_base[None, :] + pixels[:, None] * sx_hw, mask=mask, other=0.0)
+        # A masked lane reads a zero gradient, so its dxhat is zero and adds nothing.
+        dy = tl.load(dy_base[None, :] + pixels[:, None] * sd_hw, mask=mask, other=0.0)
+        xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, gain, offset)
         sum_dxhat += dxhat
         sum_dxhat_xhat += dxhat * xhat
-    out = partial_ptr + (row * num_splits + split) * 2
-    tl.store(out, tl.sum(tl.sum(sum_dxhat, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(sum_dxhat_xhat, axis=1), axis=0))
+    out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 2)
+    tl.store(out, tl.sum(sum_dxhat, axis=0), mask=c_mask)
+    tl.store(out + 1, tl.sum(sum_dxhat_xhat, axis=0), mask=c_mask)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
@@ -269,12 +267,11 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
     b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
-    stat, mean, rstd, w, bias, scale, shift = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg,
-                                                             cols, c_mask, HAS_SCALE_SHIFT, BLOCK_C)
+    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
+                                                    HAS_SCALE_SHIFT)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, w, bias, scale, shift,
-                                        HAS_SCALE_SHIFT)
+    xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, gain, offset)
     dx = rstd * (dxhat - c1 - xhat * c2)
     if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
         r = tl.load(r_ptr + b * sr_b + rows[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask, other=0.0)
@@ -299,40 +296,60 @@ def _channel_arguments(weight, bias, scale_shift, batch: int, channels: int):
     return weight32, bias32, ss
 
 
-def _reduction_grid(batch: int, groups: int, hw: int, block_hw: int) -> tuple[int, int]:
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, batch * groups), triton.cdiv(hw, block_hw)))
-    rows_per_split = triton.cdiv(triton.cdiv(hw, splits), block_hw) * block_hw
-    return triton.cdiv(hw, rows_per_split), rows_per_split
+@dataclass(frozen=True)
+class ReductionGrid:
+    """How a split reduction over a [B, C, H, W] map is launched: programs over (sample, split of the pixels,
+    block of channels), each looping over its pixels in tiles and leaving one partial result per channel. A
+    (sample, group)'s parts are then its channels' splits, ``parts`` of them, which the merge kernels reduce."""
+
+    batch: int
+    channels: int
+    splits: int
+    rows_per_split: int
+    tile: tuple[int, int]
+    parts: int
+
+    @property
+    def launch(self) -> tuple[int, int, int]:
+        return self.batch, self.splits, triton.cdiv(self.channels, self.tile[1])
+
+    def partial_sums(self, width: int, device) -> torch.Tensor:
+        return torch.empty(self.batch * self.channels * self.splits * width, device=device, dtype=torch.float32)
 
 
-def reduction_tile(group_size: int) -> tuple[int, int]:
-    """(pixels, channels) per loop iteration of the split reductions: one group's channels, 2048 elements."""
-    block_c = triton.next_power_of_2(group_size)
-    return max(16, 2048 // block_c), block_c
+def reduction_grid(batch: int, channels: int, hw: int, group_size: int, channels_contiguous: bool) -> ReductionGrid:
+    """Enough splits of the pixels that about ``_TARGET_PROGRAMS`` programs run (so even batch 1 fills the
+    card), but no fewer than ``_MIN_TILES_PER_SPLIT`` tiles each."""
+    tile = REDUCTION_TILE[channels_contiguous]
+    programs_per_split = batch * triton.cdiv(channels, tile[1])
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs_per_split),
+                        triton.cdiv(hw, _MIN_TILES_PER_SPLIT * tile[0])))
+    rows_per_split = triton.cdiv(triton.cdiv(hw, splits), tile[0]) * tile[0]
+    splits = triton.cdiv(hw, rows_per_split)
+    return ReductionGrid(batch, channels, splits, rows_per_split, tile, group_size * splits)
 
 
-def group_alignment(group_size: int) -> int:
-    """The largest power of two (up to 16) dividing the group size: where a group's channels start, so that the
-    reductions load a pixel's channels of one group as vectors in channels_last (Triton's JIT cannot see that
-    ``group * group_size`` is aligned when the group size is not itself a multiple of 16, and then loads them
-    one by one)."""
-    return min(16, group_size & -group_size)
+def _reduction_grid_of(x, group_size: int, strides) -> ReductionGrid:
+    batch, channels, height, width = x.shape
+    return reduction_grid(batch, channels, height * width, group_size, strides[2] == 1 and channels > 1)
+
+
+def _merge_launch(rows: int) -> tuple[int]:
+    return (triton.cdiv(rows, MERGE_TILE[0]),)
 
 
 def _statistics(x, group_size: int, eps: float):
     """Each (sample, group)'s mean and 1/std over ``x``: float32, [B * groups]."""
     batch, channels, height, width = x.shape
-    num_groups, hw = channels // group_size, height * width
     x, sx = _flat_strides(x)
-    block_hw, block_c = reduction_tile(group_size)
-    splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
-    rows = batch * num_groups
-    partial = torch.empty(rows, splits, 3, device=x.device, dtype=torch.float32)
-    _stats_kernel[(rows, splits)](x, partial, hw, channels, group_size, *sx, rows_per_split, splits,
-                                  GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw, BLOCK_C=block_c)
+    grid = _reduction_grid_of(x, group_size, sx)
+    partial = grid.partial_sums(3, x.device)
+    _stats_kernel[grid.launch](x, partial, height * width, channels, *sx, grid.rows_per_split, grid.splits,
+                               BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+    rows = batch * (channels // group_size)
     mean, rstd = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
-    _stats_merge_kernel[(triton.cdiv(rows, MERGE_TILE[0]),)](partial, mean, rstd, rows, splits, eps,
-                                                             BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
+    _stats_merge_kernel[_merge_launch(rows)](partial, mean, rstd, rows, grid.parts, eps, BLOCK_R=MERGE_TILE[0],
+                                             BLOCK_S=MERGE_TILE[1])
     return mean, rstd
 
 
@@ -465,17 +482,15 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     x, sx = _flat_strides(x)
     dy, sd = _flat_strides(dy)
     weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
-    block_hw, block_c = reduction_tile(group_size)
-    splits, rows_per_split = _reduction_grid(batch, num_groups, hw, block_hw)
+    grid = _reduction_grid_of(x, group_size, sx)
+    partial = grid.partial_sums(2, x.device)
+    _backward_stats_kernel[grid.launch](
+        x, dy, partial, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sd, grid.rows_per_split,
+        grid.splits, HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
     rows = batch * num_groups
-    partial = torch.empty(rows, splits, 2, device=x.device, dtype=torch.float32)
-    _backward_stats_kernel[(rows, splits)](
-        x, dy, partial, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sd, rows_per_split, splits,
-        HAS_SCALE_SHIFT=scale_shift is not None, GROUP_ALIGN=group_alignment(group_size), BLOCK_HW=block_hw,
-        BLOCK_C=block_c)
     c1, c2 = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
-    _backward_stats_merge_kernel[(triton.cdiv(rows, MERGE_TILE[0]),)](
-        partial, c1, c2, rows, splits, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
+    _backward_stats_merge_kernel[_merge_launch(rows)](
+        partial, c1, c2, rows, grid.parts, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
     dx = torch.empty_like(x)
     _, so = _flat_strides(dx)
     residual, sr = _flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read

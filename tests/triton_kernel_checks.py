@@ -151,12 +151,14 @@ def check_float32_forward_and_input_gradient_match_the_reference():
 
 
 def check_many_splits_are_merged_like_one_reduction():
-    # Two groups over a 64x64 map: each group's reductions split 64 ways, more than one program of the merge
-    # kernels takes at a time (their loop over the splits), and fewer rows than the merge's tile (its mask).
-    shape, group_size = (1, 64, 64, 64), 32
-    splits, _ = kernels._reduction_grid(1, 2, 64 * 64, kernels.reduction_tile(group_size)[0])
-    assert splits > kernels.MERGE_TILE[1] and 2 < kernels.MERGE_TILE[0], splits
+    # Two groups of 32 channels over a 96x96 map: each channel's reductions split many ways, so each group has
+    # more parts (its channels' splits) than one program of the merge kernels takes at a time (their loop, with a
+    # ragged last tile), and fewer rows than the merge's tile (its mask), in both memory formats.
+    shape, group_size = (1, 64, 96, 96), 32
     for channels_last in (True, False):
+        grid = kernels.reduction_grid(1, 64, 96 * 96, group_size, channels_last)
+        assert grid.parts > kernels.MERGE_TILE[1] and grid.parts % kernels.MERGE_TILE[1], grid
+        assert 2 < kernels.MERGE_TILE[0]
         x, weight, bias, ss = case(shape, torch.float32, channels_last, True, seed=5)
         y = kernels.group_norm_silu(x, weight, bias, group_size, 1e-5, ss)
         expected = group_norm_act(x, weight, bias, group_size, 1e-5, ss)
@@ -165,6 +167,16 @@ def check_many_splits_are_merged_like_one_reduction():
         (gx,) = torch.autograd.grad(y, x, grad_out)
         (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
         assert rel(gx, gx_expected) < 1e-6
+        # A mean a thousand times the spread, different in every channel: the splits' and the channels' means
+        # merged by Chan's formula keep the variance that a sum of squares would lose to cancellation.
+        gen = torch.Generator().manual_seed(7)
+        far = on_device(1000 + torch.randn(1, 64, 1, 1, generator=gen) * 0.01 + torch.randn(shape, generator=gen))
+        if channels_last:
+            far = far.contiguous(memory_format=torch.channels_last)
+        mean, rstd = kernels._statistics(far, group_size, 1e-5)
+        groups = far.double().reshape(2, -1)
+        assert torch.allclose(mean.double().cpu(), groups.mean(1).cpu(), rtol=1e-6)  # a float32 ulp is 6e-8
+        assert torch.allclose(rstd.double().cpu(), (groups.var(1, unbiased=False) + 1e-5).rsqrt().cpu(), rtol=1e-5)
 
 
 def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
@@ -256,7 +268,7 @@ def check_pair_of_maps_is_normalised_as_their_concatenation():
 
 def check_the_256px_models_group_sizes_match_the_reference():
     # The released 256x256 UNet's GroupNorms: 32 groups of 8, 16, 24, 32 and 48 channels (the decoder's skip
-    # concatenations give the odd ones), whose alignment the kernels are told at launch (group_alignment); in
+    # concatenations give the odd ones), which the reductions read as columns of any group size; in
     # float32 and bf16, both memory formats. Small maps in the interpreter, larger ones on a GPU.
     size = 4 if DEVICE == "cpu" else 32
     for channels in (256, 512, 768, 1024, 1536):
