@@ -20,10 +20,18 @@ class FrozenWeightConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state-dict keys) that saves no activation when its weight is frozen."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._convolve(x, self.bias)
+
+    def without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution without its bias, for a caller that adds the bias inside a kernel of its own (on CUDA
+        a convolution adds its bias in a pass of its own over the output)."""
+        return self._convolve(x, None)
+
+    def _convolve(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (self.weight.requires_grad or self.padding_mode != "zeros" or not x.requires_grad
                 or not torch.is_grad_enabled()):
-            return super().forward(x)
-        weight, bias = self.weight, self.bias
+            return self._conv_forward(x, self.weight, bias)
+        weight = self.weight
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # The casts autocast would make for conv2d, made here so that the Function sees the dtypes it runs in.

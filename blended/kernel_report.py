@@ -67,8 +67,9 @@ _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
-    """Every Triton kernel of ``triton_norm`` (channels_last, a ViT-B/16 row for ``triton_clip``) with the tile
-    sizes the pack launches it with, in each dtype, with and without its optional terms."""
+    """Every Triton kernel of ``triton_norm`` and ``triton_residual`` (channels_last, a ViT-B/16 row for
+    ``triton_clip``) with the tile sizes the pack launches it with, in each dtype, with and without its optional
+    terms."""
     from .triton_clip import GELU_BLOCK
     from .triton_norm import BACKWARD_TILE, FORWARD_TILE, MERGE_TILE, REDUCTION_TILE
 
@@ -83,17 +84,24 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
              KernelCase("triton_norm", "_backward_stats_merge_kernel", "fp32", merge, (), 8)]
     for dtype in dtypes:
         size = _ITEMSIZE[dtype]
-        cases.append(KernelCase("triton_norm", "_stats_kernel", dtype, reduction, ("x_ptr",), size))
-        for scale_shift in (True, False):
-            cases.append(KernelCase("triton_norm", "_forward_kernel", dtype,
-                                    {**tile(FORWARD_TILE), "HAS_SCALE_SHIFT": scale_shift}, ("x_ptr", "y_ptr"),
-                                    2 * size))
-            cases.append(KernelCase("triton_norm", "_backward_stats_kernel", dtype,
-                                    {**reduction, "HAS_SCALE_SHIFT": scale_shift}, ("x_ptr", "dy_ptr"), 2 * size))
+        # The pointers a run clone's convolution biases reach (stored in the activations' dtype) as input biases.
+        for input_bias in (False, True):
+            cases.append(KernelCase("triton_norm", "_stats_kernel", dtype, {**reduction, "HAS_INPUT_BIAS": input_bias},
+                                    ("x_ptr", "ib_ptr"), size))
+        # A ResBlock's second norm has the timestep terms and its convolution's bias, the others neither.
+        for terms in ({"HAS_SCALE_SHIFT": True, "HAS_INPUT_BIAS": True},
+                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False}):
+            cases.append(KernelCase("triton_norm", "_forward_kernel", dtype, {**tile(FORWARD_TILE), **terms},
+                                    ("x_ptr", "y_ptr", "ib_ptr"), 2 * size))
+            cases.append(KernelCase("triton_norm", "_backward_stats_kernel", dtype, {**reduction, **terms},
+                                    ("x_ptr", "dy_ptr", "ib_ptr"), 2 * size))
             for residual in (True, False):
-                terms = {"HAS_SCALE_SHIFT": scale_shift, "HAS_RESIDUAL": residual}
-                cases.append(KernelCase("triton_norm", "_backward_kernel", dtype, {**tile(BACKWARD_TILE), **terms},
-                                        ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr"), (4 if residual else 3) * size))
+                pointers = ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr", "ib_ptr")
+                cases.append(KernelCase("triton_norm", "_backward_kernel", dtype,
+                                        {**tile(BACKWARD_TILE), **terms, "HAS_RESIDUAL": residual}, pointers,
+                                        (4 if residual else 3) * size))
+        cases.append(KernelCase("triton_residual", "_residual_sum_kernel", dtype, tile(FORWARD_TILE),
+                                ("s_ptr", "h_ptr", "out_ptr", "bias_ptr"), 3 * size))
         gelu = {"BLOCK": GELU_BLOCK}
         cases.append(KernelCase("triton_clip", "_gelu_forward_kernel", dtype, gelu, ("x_ptr", "y_ptr"), 2 * size))
         cases.append(KernelCase("triton_clip", "_gelu_backward_kernel", dtype, gelu, ("x_ptr", "dy_ptr", "dx_ptr"),

@@ -41,7 +41,7 @@ __all__ = ["Specialisation", "recording_launches", "launched_specialisations", "
 # (module, kernel) of every Triton kernel the pack launches.
 KERNELS = (("triton_norm", "_stats_kernel"), ("triton_norm", "_stats_merge_kernel"), ("triton_norm", "_forward_kernel"),
            ("triton_norm", "_backward_stats_kernel"), ("triton_norm", "_backward_stats_merge_kernel"),
-           ("triton_norm", "_backward_kernel"),
+           ("triton_norm", "_backward_kernel"), ("triton_residual", "_residual_sum_kernel"),
            ("triton_clip", "_gelu_forward_kernel"), ("triton_clip", "_gelu_backward_kernel"),
            ("triton_clip", "_norm_forward_kernel"), ("triton_clip", "_norm_backward_kernel"))
 
@@ -159,7 +159,8 @@ class _TorchLaunches(TorchDispatchMode):
         outputs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
         if traffic_trace.launches_a_kernel(func, inputs, outputs):
             where, _ = memory_trace._where(skip=(__file__,))
-            self.by_file[where.split(":")[0]] += 1
+            # A convolution with a bias is two kernels on CUDA: the convolution, then the bias's add.
+            self.by_file[where.split(":")[0]] += 2 if traffic_trace.adds_bias_in_a_pass(func, args) else 1
         return out
 
 

@@ -79,8 +79,8 @@ def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.conste
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[1:])
-def _stats_kernel(x_ptr, partial_ptr, HW, C, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
-                  BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
+                  HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
     base = x_ptr + b * stride_b + cols * stride_c
     # Each lane of the tile keeps its own running mean and M2 (Welford's update), and the lanes are merged once
@@ -108,6 +108,8 @@ def _stats_kernel(x_ptr, partial_ptr, HW, C, stride_b, stride_hw, stride_c, rows
     column_mean = tl.sum(count[:, None] * mean, axis=0) / tl.maximum(total, 1.0)
     spread = mean - column_mean[None, :]
     column_m2 = tl.sum(m2 + count[:, None] * spread * spread, axis=0)
+    if HAS_INPUT_BIAS:  # the norm is of x + bias[c]: a constant per channel moves its mean, not its M2
+        column_mean += tl.load(ib_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
     out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 3)
     tl.store(out, tl.zeros((BLOCK_C,), dtype=tl.float32) + total, mask=c_mask)
     tl.store(out + 1, column_mean, mask=c_mask)
@@ -196,12 +198,17 @@ def _pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask, HAS_SCALE_SHIFT: tl.constexpr):
+def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols, c_mask,
+                   HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
     # Per-column group statistics and the affine and timestep terms folded into one gain and one offset, as
     # [1, BLOCK_C] rows (and the statistics' index): two terms fewer for every element, and two fewer registers per
-    # column, than the four kept apart.
+    # column, than the four kept apart. With an input bias (the norm of x + bias[c]) the column's mean is moved
+    # by it instead, so that x is read as it is: (x + bias - mean) = (x - (mean - bias)).
     stat = b * (C // Cg) + cols // Cg
-    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
+    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)
+    if HAS_INPUT_BIAS:
+        mean -= tl.load(ib_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+    mean = mean[None, :]
     rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)[None, :]
     gain = tl.load(w_ptr + cols, mask=c_mask, other=0.0)
     offset = tl.load(b_ptr + cols, mask=c_mask, other=0.0)
@@ -213,13 +220,13 @@ def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_m
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
-def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
-                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c,
-                    HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, C, Cg,
+                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
+                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
-                                                 HAS_SCALE_SHIFT)
+    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
+                                                 c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     _, z = _activation(v.to(tl.float32), mean, rstd, gain, offset)
     y = z * tl.sigmoid(z)
     tl.store(y_ptr + b * sy_b + rows[:, None] * sy_hw + cols[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
@@ -235,12 +242,13 @@ def _input_gradient_terms(v, dy, mean, rstd, gain, offset):
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
-def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, HW, C, Cg,
+def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, C, Cg,
                            sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
-                           HAS_SCALE_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                           HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
     b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
-    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
-                                                 HAS_SCALE_SHIFT)
+    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
+                                                 c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     x_base = x_ptr + b * sx_b + cols * sx_c
     dy_base = dy_ptr + b * sd_b + cols * sd_c
     sum_dxhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)  # per lane, summed once after the loop
@@ -260,15 +268,15 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
-def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, r_ptr,
+def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, r_ptr,
                      HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
-                     HAS_SCALE_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_HW: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
-    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, b, C, Cg, cols, c_mask,
-                                                    HAS_SCALE_SHIFT)
+    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
+                                                    c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
     xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, gain, offset)
@@ -280,20 +288,24 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
              mask=mask)
 
 
-def _flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(tensor, (batch, pixel, channel) strides): H and W merge into one pixel stride in NCHW and NHWC alike."""
     if t.shape[2] > 1 and t.shape[3] > 1 and t.stride(2) != t.shape[3] * t.stride(3):
         t = t.contiguous()
     return t, (t.stride(0), t.stride(3) if t.shape[3] > 1 else t.stride(2), t.stride(1))
 
 
-def _channel_arguments(weight, bias, scale_shift, batch: int, channels: int):
-    """Float32 affine parameters and the [B, 2C] timestep terms as the kernels read them (in their own dtype: a
-    cast here would be one more launch per norm and per backward). Without scale-shift the weight stands in as a
-    valid pointer that HAS_SCALE_SHIFT=False never reads."""
+def _channel_arguments(weight, bias, scale_shift, input_bias, batch: int, channels: int):
+    """Float32 affine parameters, and the [B, 2C] timestep terms and the input bias as the kernels read them (in
+    their own dtype: a cast here would be one more launch per norm and per backward). Without scale-shift or input
+    bias the weight stands in as a valid pointer that HAS_SCALE_SHIFT=False or HAS_INPUT_BIAS=False never reads."""
     weight32, bias32 = weight.float().contiguous(), bias.float().contiguous()
     ss = scale_shift.reshape(batch, 2 * channels).contiguous() if scale_shift is not None else weight32
-    return weight32, bias32, ss
+    return weight32, bias32, ss, _input_bias_argument(input_bias, weight32)
+
+
+def _input_bias_argument(input_bias, placeholder):
+    return input_bias.contiguous() if input_bias is not None else placeholder
 
 
 @dataclass(frozen=True)
@@ -338,13 +350,14 @@ def _merge_launch(rows: int) -> tuple[int]:
     return (triton.cdiv(rows, MERGE_TILE[0]),)
 
 
-def _statistics(x, group_size: int, eps: float):
-    """Each (sample, group)'s mean and 1/std over ``x``: float32, [B * groups]."""
+def _statistics(x, group_size: int, eps: float, input_bias=None):
+    """Each (sample, group)'s mean and 1/std over ``x`` (plus ``input_bias`` per channel): float32, [B * groups]."""
     batch, channels, height, width = x.shape
-    x, sx = _flat_strides(x)
+    x, sx = flat_strides(x)
     grid = _reduction_grid_of(x, group_size, sx)
     partial = grid.partial_sums(3, x.device)
-    _stats_kernel[grid.launch](x, partial, height * width, channels, *sx, grid.rows_per_split, grid.splits,
+    _stats_kernel[grid.launch](x, partial, _input_bias_argument(input_bias, partial), height * width, channels, *sx,
+                               grid.rows_per_split, grid.splits, HAS_INPUT_BIAS=input_bias is not None,
                                BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
     rows = batch * (channels // group_size)
     mean, rstd = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
@@ -353,53 +366,58 @@ def _statistics(x, group_size: int, eps: float):
     return mean, rstd
 
 
-def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int) -> None:
+def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int, input_bias=None) -> None:
     """Write ``silu`` of the normalised, affine (and scale-shifted) ``x`` into ``y``, which may be a channel
     slice of a larger map (its strides are read as they are)."""
     batch, channels, height, width = x.shape
     hw = height * width
-    x, sx = _flat_strides(x)
-    y_flat, sy = _flat_strides(y)
+    x, sx = flat_strides(x)
+    y_flat, sy = flat_strides(y)
     if y_flat is not y:
         raise ValueError("the output must merge H and W into one pixel stride (NCHW, NHWC or a channel slice)")
-    weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
+    weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, channels)
     block_hw, block_c = FORWARD_TILE
     grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
-    _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sy,
-                          HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, ib, hw, channels, group_size, *sx, *sy,
+                          HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
+                          BLOCK_HW=block_hw, BLOCK_C=block_c)
 
 
-def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None):
+def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None, input_bias=None):
     group_size = x.shape[1] // num_groups
-    x, _ = _flat_strides(x)
-    mean, rstd = _statistics(x, group_size, eps)
+    x, _ = flat_strides(x)
+    mean, rstd = _statistics(x, group_size, eps, input_bias)
     y = torch.empty_like(x, dtype=out_dtype or x.dtype)
-    _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size)
-    ctx.save_for_backward(x, weight, bias, scale_shift, mean, rstd)
+    _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size, input_bias)
+    ctx.save_for_backward(x, weight, bias, scale_shift, input_bias, mean, rstd)
     ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
     return y
 
 
-def _backward(ctx, dy, residual=None):
-    x, weight, bias, scale_shift, mean, rstd = ctx.saved_tensors
+def _backward(ctx, dy, needed: tuple, residual=None):
+    """``x``'s gradient and, where ``needed`` says, those of the weight, bias, timestep terms and input bias."""
+    x, weight, bias, scale_shift, input_bias, mean, rstd = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residual)
-    if not any(ctx.needs_input_grad[1:4]):
-        return grad_x, None, None, None, None, None
+        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residual, input_bias)
+    if not any(needed):
+        return grad_x, [None] * 4
     x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
-    rest = _reference_parameter_gradients(x_in, dy, (weight, bias, scale_shift), ctx.needs_input_grad[1:4],
-                                          x.shape[1] // ctx.num_groups, ctx.eps)
-    return (grad_x, *rest, None, None)
+    return grad_x, _reference_parameter_gradients(x_in, dy, (weight, bias, scale_shift, input_bias), needed,
+                                                  x.shape[1] // ctx.num_groups, ctx.eps)
 
 
 def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, eps: float) -> list:
-    """Gradients for weights or timestep terms: nothing in CLIP guidance asks for them (frozen weights, a
-    timestep embedding without grad), so the plain reference computes them when someone does."""
+    """Gradients for the weight, bias, timestep terms or input bias: nothing in CLIP guidance asks for them
+    (frozen weights, a timestep embedding without grad), so the plain reference computes them when someone
+    does."""
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(parameters, needed, strict=True)]
-        y = group_norm_act(x, leaves[0], leaves[1], group_size, eps, *leaves[2:])
+        weight, bias, scale_shift, input_bias = leaves = [
+            t.detach().requires_grad_(need) if t is not None else None
+            for t, need in zip(parameters, needed, strict=True)]
+        if input_bias is not None:
+            x = x + input_bias.view(1, -1, 1, 1).to(x.dtype)
+        y = group_norm_act(x, weight, bias, group_size, eps, scale_shift)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, dy))
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
@@ -407,12 +425,14 @@ def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, e
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype):
-        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype)
+    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype, input_bias):
+        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype, input_bias)
 
     @staticmethod
     def backward(ctx, dy):
-        return *_backward(ctx, dy), None
+        grad_x, (weight, bias, scale_shift, input_bias) = _backward(
+            ctx, dy, ctx.needs_input_grad[1:4] + ctx.needs_input_grad[7:8])
+        return grad_x, weight, bias, scale_shift, None, None, None, input_bias
 
 
 class _GroupNormSiLUAndInput(torch.autograd.Function):
@@ -426,7 +446,8 @@ class _GroupNormSiLUAndInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_input):
-        return _backward(ctx, dy, d_input)
+        grad_x, (weight, bias, scale_shift, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:4], False), d_input)
+        return grad_x, weight, bias, scale_shift, None, None
 
 
 class _GroupNormSiLUOfPair(torch.autograd.Function):
@@ -445,8 +466,8 @@ class _GroupNormSiLUOfPair(torch.autograd.Function):
         if split % group_size or b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:]:
             raise ValueError(f"a pair of {split} and {b.shape[1]} channels cannot be normalised in groups of "
                              f"{group_size} as parts: a group would straddle them (or their shapes differ)")
-        a, _ = _flat_strides(a)
-        b, _ = _flat_strides(b)
+        a, _ = flat_strides(a)
+        b, _ = flat_strides(b)
         channels_last = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
         y = torch.empty((a.shape[0], channels, *a.shape[2:]), device=a.device, dtype=a.dtype,
                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -471,46 +492,54 @@ class _GroupNormSiLUOfPair(torch.autograd.Function):
                                            part.shape[1] // group_size, residual)
         rest = [None, None]
         if any(ctx.needs_input_grad[2:4]):
-            rest = _reference_parameter_gradients(torch.cat([a.detach(), b.detach()], 1), dy, (weight, bias),
-                                                  ctx.needs_input_grad[2:4], group_size, ctx.eps)
+            rest = _reference_parameter_gradients(torch.cat([a.detach(), b.detach()], 1), dy,
+                                                  (weight, bias, None, None), (*ctx.needs_input_grad[2:4], False,
+                                                                               False), group_size, ctx.eps)[:2]
         return (*grads, *rest, None, None)
 
 
-def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residual=None):
+def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residual=None, input_bias=None):
     batch, channels, height, width = x.shape
     group_size, hw = channels // num_groups, height * width
-    x, sx = _flat_strides(x)
-    dy, sd = _flat_strides(dy)
-    weight32, bias32, ss = _channel_arguments(weight, bias, scale_shift, batch, channels)
+    x, sx = flat_strides(x)
+    dy, sd = flat_strides(dy)
+    weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, channels)
     grid = _reduction_grid_of(x, group_size, sx)
     partial = grid.partial_sums(2, x.device)
     _backward_stats_kernel[grid.launch](
-        x, dy, partial, mean, rstd, weight32, bias32, ss, hw, channels, group_size, *sx, *sd, grid.rows_per_split,
-        grid.splits, HAS_SCALE_SHIFT=scale_shift is not None, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+        x, dy, partial, mean, rstd, weight32, bias32, ss, ib, hw, channels, group_size, *sx, *sd,
+        grid.rows_per_split, grid.splits, HAS_SCALE_SHIFT=scale_shift is not None,
+        HAS_INPUT_BIAS=input_bias is not None, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
     rows = batch * num_groups
     c1, c2 = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
     _backward_stats_merge_kernel[_merge_launch(rows)](
         partial, c1, c2, rows, grid.parts, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
     dx = torch.empty_like(x)
-    _, so = _flat_strides(dx)
-    residual, sr = _flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read
+    _, so = flat_strides(dx)
+    residual, sr = flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read
     block_hw, block_c = BACKWARD_TILE
     grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
-    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, residual, hw, channels, group_size,
-                           *sx, *sd, *so, *sr, HAS_SCALE_SHIFT=scale_shift is not None,
-                           HAS_RESIDUAL=residual is not dx, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, residual, hw, channels,
+                           group_size, *sx, *sd, *so, *sr, HAS_SCALE_SHIFT=scale_shift is not None,
+                           HAS_INPUT_BIAS=input_bias is not None, HAS_RESIDUAL=residual is not dx, BLOCK_HW=block_hw,
+                           BLOCK_C=block_c)
     return dx
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int, eps: float,
-                    scale_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    scale_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                    input_bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`blended.fused_norm.group_norm_act` by the Triton kernels (same arguments, same result).
 
     ``out_dtype`` (default: ``x``'s) is the output's dtype: the function of ``x.to(out_dtype)`` without that
     copy, since the kernels compute in float32 whatever they read (the UNet's float32 ``out`` head on a bf16
     block output). The input's gradient comes back in ``x``'s dtype.
+
+    ``input_bias`` ([C]): the function of ``x + input_bias`` per channel, in float32, without that sum's map: a
+    convolution's bias, so that the convolution before the norm need not add it in a pass of its own over its
+    output (CUDA convolutions add their bias that way). ``x``'s gradient is the sum's.
     """
-    return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps, out_dtype)
+    return _GroupNormSiLU.apply(x, weight, bias, scale_shift, x.shape[1] // group_size, eps, out_dtype, input_bias)
 
 
 def group_norm_silu_of_pair(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

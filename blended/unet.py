@@ -272,9 +272,13 @@ class ResBlock(nn.Module):
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
             x = self.resample(x)
+        norm_out, act_out, _, conv_out = self.out_layers
+        if self._folds_biases(h):
+            h = conv_in.without_bias(h)
+            h = self._fused_out_norm(h, self._timestep_terms(activated_emb, h.dtype), conv_in.bias)
+            return _residual_sum(self.skip_connection(x), conv_out.without_bias(self._dropout(h)), conv_out.bias)
         h = conv_in(h)
         emb_out = self._timestep_terms(activated_emb, h.dtype)
-        norm_out, act_out, _, conv_out = self.out_layers
         if self.norm_kernel:
             h = self._fused_out_norm(h, emb_out)
             return self.skip_connection(x) + conv_out(self._dropout(h))
@@ -304,20 +308,33 @@ class ResBlock(nn.Module):
         concatenation moved both maps once more, was kept for the backward beside the encoder's own copy, and its
         gradient's channel slices were copied again before the convolutions' backward could read them."""
         h, a, b = _fused_norm_silu_of_pair(self.in_layers[0], a, b)
-        h = self.in_layers[2](h)
-        h = self._fused_out_norm(h, self._timestep_terms(activated_emb, h.dtype))
-        return pointwise_conv_of_pair(self.skip_connection, a, b) + self.out_layers[3](self._dropout(h))
+        conv_in, conv_out = self.in_layers[2], self.out_layers[3]
+        folds = self._folds_biases(h)
+        h = conv_in.without_bias(h) if folds else conv_in(h)
+        h = self._fused_out_norm(h, self._timestep_terms(activated_emb, h.dtype), conv_in.bias if folds else None)
+        skip = pointwise_conv_of_pair(self.skip_connection, a, b)
+        if folds:
+            return _residual_sum(skip, conv_out.without_bias(self._dropout(h)), conv_out.bias)
+        return skip + conv_out(self._dropout(h))
+
+    def _folds_biases(self, h: torch.Tensor) -> bool:
+        """Whether the two convolutions leave their biases to the Triton kernels: the first's to the norm after
+        it, the second's to the residual sum (on CUDA a convolution adds its bias in a pass of its own)."""
+        conv_in, conv_out = self.in_layers[2], self.out_layers[3]
+        return (self.norm_kernel == "triton" and runs_triton_kernels(h)
+                and all(isinstance(conv, FrozenWeightConv2d) and conv.bias is not None for conv in (conv_in, conv_out)))
 
     def _timestep_terms(self, activated_emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         emb_out = _in_dtype(self.emb_layers[1](activated_emb), dtype)
         # Views broadcast the projection over H and W: fewer dispatches than indexing with None and chunk().
         return emb_out.view(*emb_out.shape, 1, 1)
 
-    def _fused_out_norm(self, h: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
+    def _fused_out_norm(self, h: torch.Tensor, emb_out: torch.Tensor,
+                        input_bias: torch.Tensor | None = None) -> torch.Tensor:
         norm_out = self.out_layers[0]
         if self.use_scale_shift_norm:
-            return _fused_norm_silu(self.norm_kernel, norm_out, h, emb_out)
-        return _fused_norm_silu(self.norm_kernel, norm_out, h + emb_out)
+            return _fused_norm_silu(self.norm_kernel, norm_out, h, emb_out, input_bias=input_bias)
+        return _fused_norm_silu(self.norm_kernel, norm_out, h + emb_out, input_bias=input_bias)
 
     def _dropout(self, h: torch.Tensor) -> torch.Tensor:
         # Dropout only acts in training with p > 0; otherwise calling it is one more op per block for nothing.
@@ -329,16 +346,20 @@ NORM_KERNELS = ("compile", "triton")
 
 
 def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor, scale_shift: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, input_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out_dtype``: compute on ``x`` converted to it (the float32 ``out`` head); the Triton kernels read ``x``
-    as it is and write that dtype, which gives the same values without the converted copy."""
+    as it is and write that dtype, which gives the same values without the converted copy. ``input_bias``: the
+    norm of ``x`` plus this per channel (a convolution's bias, which the Triton kernels add as they read ``x``)."""
     group_size = norm.num_channels // norm.num_groups
     # Where the Triton kernels cannot run, the same function in plain torch. Imported only here: Triton is
     # needed only on this path.
     if kernel == "triton" and runs_triton_kernels(x):
         from .triton_norm import group_norm_silu
 
-        return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift, out_dtype=out_dtype)
+        return group_norm_silu(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift, out_dtype=out_dtype,
+                               input_bias=input_bias)
+    if input_bias is not None:
+        x = x + input_bias.view(1, -1, 1, 1)
     x = x if out_dtype is None else _in_dtype(x, out_dtype)
     if kernel == "compile":
         return fused_group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
@@ -355,6 +376,14 @@ def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm,
 
         return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
     return _fused_norm_silu(kernel, norm, x), x
+
+
+def _residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``skip + h + bias`` per channel, by one Triton kernel (a ResBlock's output; see
+    :mod:`blended.triton_residual`)."""
+    from .triton_residual import residual_sum
+
+    return residual_sum(skip, h, bias)
 
 
 def _fused_norm_silu_of_pair(norm: nn.GroupNorm, a: torch.Tensor,

@@ -32,7 +32,7 @@ if DEVICE == "cpu":
 
 import torch  # noqa: E402
 
-from blended import fast_paths, triton_clip  # noqa: E402
+from blended import fast_paths, triton_clip, triton_residual  # noqa: E402
 from blended import triton_norm as kernels  # noqa: E402
 from blended.fast_paths import FastPathOptions  # noqa: E402
 from blended.fused_norm import group_norm_act  # noqa: E402
@@ -120,7 +120,9 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
     options = FastPathOptions(triton_norm=True, channels_last=True)
     pairs, of_pair = [], kernels.group_norm_silu_of_pair
+    sums, residual_sum = [], triton_residual.residual_sum
     kernels.group_norm_silu_of_pair = lambda a, b, *rest: pairs.append((a.shape[1], b.shape[1])) or of_pair(a, b, *rest)
+    triton_residual.residual_sum = lambda skip, h, bias: sums.append(h.shape[1]) or residual_sum(skip, h, bias)
     try:
         with fast_paths.run_clones(unet, clip, options) as (fast, _):
             assert fast.norm_kernel == "triton"
@@ -128,7 +130,11 @@ def check_unet_with_triton_norm_matches_the_unet_without():
             (g,) = torch.autograd.grad(out.square().sum(), x)
     finally:
         kernels.group_norm_silu_of_pair = of_pair
+        triton_residual.residual_sum = residual_sum
     assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    # Every ResBlock left its convolutions' biases to the kernels: its output is one residual sum.
+    resblocks = [m for m in unet.modules() if type(m).__name__ == "ResBlock"]
+    assert len(sums) == len(resblocks) > 0, (len(sums), len(resblocks))
     # Each output block whose running map's channels are whole groups of its ResBlock's norm took the map and
     # the encoder's skip as two parts; the others (a group across the two) made the concatenation.
     expected, running = [], unet.middle_block[-1].out_layers[3].out_channels
@@ -138,6 +144,70 @@ def check_unet_with_triton_norm_matches_the_unet_without():
             expected.append((running, norm.num_channels - running))
         running = block[0].out_layers[3].out_channels
     assert pairs == expected and len(expected) < len(unet.output_blocks), (pairs, expected)
+
+
+def check_input_bias_is_the_norm_of_the_sum():
+    # A convolution's bias handed to the norm: the norm of x + bias, and x's gradient the sum's; in float32 and
+    # bf16 (a bf16 bias, as a run clone stores it), both memory formats, with the timestep terms; the bias's own
+    # gradient from the reference when asked.
+    for channels_last in (True, False):
+        x, weight, bias, ss = case((2, 64, 6, 5), torch.float32, channels_last, True, seed=31)
+        conv_bias = on_device(torch.randn(64, generator=torch.Generator().manual_seed(32)) * 4)
+        y = kernels.group_norm_silu(x, weight, bias, 2, 1e-5, ss, input_bias=conv_bias)
+        expected = group_norm_act(x + conv_bias.view(1, -1, 1, 1), weight, bias, 2, 1e-5, ss)
+        assert rel(y, expected) < 1e-6 and y.stride() == x.stride()
+        grad_out = on_device(torch.randn(y.shape, generator=torch.Generator().manual_seed(33)))
+        (gx,) = torch.autograd.grad(y, x, grad_out)
+        (gx_expected,) = torch.autograd.grad(expected, x, grad_out)
+        assert rel(gx, gx_expected) < 1e-6
+        leaf = conv_bias.clone().requires_grad_(True)
+        (gb,) = torch.autograd.grad(kernels.group_norm_silu(x.detach(), weight, bias, 2, 1e-5, ss, input_bias=leaf),
+                                    leaf, grad_out)
+        leaf_expected = conv_bias.clone().requires_grad_(True)
+        (gb_expected,) = torch.autograd.grad(
+            group_norm_act(x.detach() + leaf_expected.view(1, -1, 1, 1), weight, bias, 2, 1e-5, ss), leaf_expected,
+            grad_out)
+        assert rel(gb, gb_expected) < 1e-5
+        xb, _, _, ssb = case((2, 64, 6, 5), torch.bfloat16, channels_last, True, seed=34)
+        yb = kernels.group_norm_silu(xb, weight, bias, 2, 1e-5, ssb, input_bias=conv_bias.to(torch.bfloat16))
+        expected = group_norm_act(xb.detach().float() + conv_bias.to(torch.bfloat16).float().view(1, -1, 1, 1),
+                                  weight, bias, 2, 1e-5, ssb.float())
+        assert yb.dtype == torch.bfloat16 and rel(yb, expected) < 4e-3
+
+
+def check_residual_sum_is_the_plain_sum_rounded_once():
+    # skip + h + bias in one pass: in float32 the plain sum (within one float32 rounding: the kernel adds the
+    # three in one expression); in bf16 the float32 sum rounded once; h's memory format whatever skip's; the
+    # gradient handed to both maps as it is, and the bias's when asked; mismatched shapes refused.
+    gen = torch.Generator().manual_seed(41)
+    for skip_channels_last, h_channels_last in ((True, True), (False, True), (True, False)):
+        skip, h = (on_device(torch.randn(2, 96, 5, 7, generator=gen)) for _ in range(2))
+        if skip_channels_last:
+            skip = skip.contiguous(memory_format=torch.channels_last)
+        if h_channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        bias = on_device(torch.randn(96, generator=gen)).requires_grad_(True)
+        skip.requires_grad_(True)
+        h.requires_grad_(True)
+        out = triton_residual.residual_sum(skip, h, bias)
+        expected = skip + h + bias.view(1, -1, 1, 1)
+        assert out.stride() == h.stride() and rel(out, expected) < 1e-7
+        grad = on_device(torch.randn(out.shape, generator=gen))
+        for got, want in zip(torch.autograd.grad(out, (skip, h, bias), grad),
+                             torch.autograd.grad(expected, (skip, h, bias), grad), strict=True):
+            assert rel(got, want) < 1e-6
+    skip, h = (on_device(torch.randn(2, 64, 6, 6, generator=gen) * 3).to(torch.bfloat16)
+               .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    bias = on_device(torch.randn(64, generator=gen)).to(torch.bfloat16)
+    out = triton_residual.residual_sum(skip, h, bias)
+    exact = skip.double() + h.double() + bias.double().view(1, -1, 1, 1)
+    assert out.dtype == torch.bfloat16 and within_one_bf16_step(out, exact, atol=2 ** -126)
+    try:
+        triton_residual.residual_sum(skip, h[:, :32], bias)
+    except ValueError as error:
+        assert "one [B, C, H, W] shape" in str(error)
+    else:
+        raise AssertionError("maps of two shapes were summed")
 
 
 def check_float32_forward_and_input_gradient_match_the_reference():
