@@ -51,10 +51,38 @@ GRAPH_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 CHECKPOINT_ARGS = {"use_reentrant": False, "preserve_rng_state": False}
 
 
+# Warm-up calls before a capture (torch's default): they run on a side stream, off the graph.
+CAPTURE_WARMUPS = 3
+
+
 def capture_cuda_graphs(fn: Callable, samples: tuple) -> Callable:
     """``fn``'s forward and backward captured on ``samples``' device; the result replays them."""
     with torch.cuda.device(samples[0].device):
-        return torch.cuda.make_graphed_callables(fn, samples, allow_unused_input=True)
+        warmups = warmups_that_fit(samples[0].device)
+        return torch.cuda.make_graphed_callables(fn, samples, num_warmup_iters=warmups, allow_unused_input=True)
+
+
+def warmups_that_fit(device: torch.device, margin: float = 1.25) -> int:
+    """How many warm-up calls a capture can afford: :data:`CAPTURE_WARMUPS`, or none where memory is short.
+
+    Why: the warm-ups run on a side stream and leave a step's worth of activations cached there, and while a
+    capture runs torch's allocator cannot hand cached memory back to the driver, so the graph's own pool needs a
+    second step's worth on top: at batch 64 of the 256x256 model on an 80 GB card that does not fit (batch 32,
+    about 37 GiB a step, does). The call was already run once eagerly with these shapes before its capture (a
+    call is captured the second time its shapes are seen), so cuDNN's algorithm search, Triton's compiles and
+    the libraries' lazy set-up are done. Here the cache of that eager call is emptied; its size is about a
+    step's transient memory, and where the card's free memory holds less than two of those (with a margin), the
+    capture runs without warm-ups, in one step's worth."""
+    reserved = torch.cuda.memory_reserved(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    step = reserved - torch.cuda.memory_reserved(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if free >= margin * 2 * step:
+        return CAPTURE_WARMUPS
+    log.info("cuda_graphs: capturing without warm-ups (%.1f GiB free, a step takes about %.1f GiB)", free / 2**30,
+             step / 2**30)
+    return 0
 
 
 def capture_cuda_forward(fn: Callable, samples: tuple, warmup: int = 2) -> Callable:
@@ -67,6 +95,9 @@ def capture_cuda_forward(fn: Callable, samples: tuple, warmup: int = 2) -> Calla
             for _ in range(warmup):
                 fn(*samples)
         torch.cuda.current_stream().wait_stream(side)
+        # What the warm-ups cached on their stream cannot be handed back while the capture runs: hand it back now.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = fn(*samples)

@@ -33,6 +33,9 @@ def main(argv=None) -> None:
     p.add_argument("--by-shape", action="store_true",
                    help="also a table grouped by input shapes (tells, e.g., a conv's bias add [B,C,H,W]+[1,C,1,1] "
                         "from a gradient accumulation [B,C,H,W]+[B,C,H,W])")
+    p.add_argument("--stack", default="",
+                   help="comma list of op names (e.g. aten::copy_,aten::add_): also their device time by the pack's "
+                        "Python line that issued them")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -51,7 +54,9 @@ def main(argv=None) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities, record_shapes=args.by_shape) as prof:
+        stack_config = torch._C._profiler._ExperimentalConfig(verbose=True) if args.stack else None
+        with torch.profiler.profile(activities=activities, record_shapes=args.by_shape or bool(args.stack),
+                                    with_stack=bool(args.stack), experimental_config=stack_config) as prof:
             start = time.perf_counter()
             step()
             benchmark.synchronize(device)
@@ -66,6 +71,30 @@ def main(argv=None) -> None:
     if args.by_shape:
         print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=args.rows,
                                                                   max_name_column_width=40, max_shapes_column_width=60))
+    if args.stack:
+        _print_sources(prof, args.stack.split(","), sort_by, args.rows)
+
+
+def _print_sources(prof, names: list[str], sort_by: str, rows: int) -> None:
+    """The named ops' time by where they come from: the ops and autograd nodes enclosing them (a backward's
+    copy runs inside its node, on a thread without a Python stack) and the pack's innermost Python lines. The
+    profile's op table says only what an op is; this says which line or backward issued it."""
+    wanted = set(names)
+    totals: dict = {}
+    for event in prof.events():
+        if event.name not in wanted:
+            continue
+        parents, parent = [], event.cpu_parent
+        while parent is not None and len(parents) < 4:
+            parents.append(parent.name)
+            parent = parent.cpu_parent
+        frames = [f for f in event.stack if "site-packages" not in f and "built-in" not in f][:3]
+        key = (event.name, str(event.input_shapes)[:80], " <- ".join(parents), " <- ".join(frames))
+        time_us = getattr(event, sort_by.replace("_total", ""), 0) or getattr(event, sort_by, 0)
+        count, total = totals.get(key, (0, 0.0))
+        totals[key] = (count + 1, total + time_us)
+    for (name, shapes, parents, frames), (count, total) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"{total / 1e3:8.2f} ms  x{count:<4} {name} {shapes}\n            in: {parents}\n            at: {frames}")
 
 
 if __name__ == "__main__":

@@ -382,3 +382,19 @@ def test_the_unet_forward_on_a_cuda_device_copies_nothing_from_the_host():
         with _HostTraffic() as traffic:
             out = unet(x, torch.full((2,), 500.0, device="cuda"))
     assert out.device.type == "cuda" and traffic.ops > 500 and traffic.found == []
+
+
+@pytest.mark.parametrize(("free_gib", "warmups"), [(80.0, cuda_graphs.CAPTURE_WARMUPS), (60.0, 0)])
+def test_a_capture_skips_its_warmups_where_two_steps_do_not_fit(monkeypatch, free_gib, warmups):
+    """Before a capture the eager call's cache is handed back (the capture could not), and the warm-ups, which
+    leave a step's worth cached on their own stream, run only where the card holds two steps (with a margin):
+    here a step of 30 GiB, judged by what emptying the cache freed, against 80 or 60 GiB free."""
+    gib = 2 ** 30
+    reserved = iter([40 * gib, 10 * gib])
+    calls = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: next(reserved))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), 80 * gib))
+    assert cuda_graphs.warmups_that_fit(torch.device("cuda", 0)) == warmups
+    assert calls == ["synchronize", "empty_cache"]
