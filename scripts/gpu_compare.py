@@ -25,7 +25,8 @@ before its time ran out are kept.
    --device cuda``): the compiled kernels as the JIT specialises them, which CPU machines only interpret; a
    Triton preset's timings count only if these pass;
 4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch``, by op and by op and
-   input shapes (a text file beside ``--out``);
+   input shapes, and the copies' and adds' time by the line or backward that issued them (a text file beside
+   ``--out``);
 5. the ``--late-presets``, as stage 2;
 6. with ``--original-edit``, the original's whole edit (75 steps) at the largest batch.
 
@@ -48,16 +49,18 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 PROFILE = REPO / "scripts" / "profile_step.py"
 KERNEL_CHECKS = REPO / "tests" / "triton_kernel_checks.py"
-DEFAULT_PRESETS = ("fast-gpu,fast-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm+triton_clip,"
-                   "fast-gpu+channels_last+triton_norm+triton_clip+cuda_graphs")
+# The Sampler's CUDA default (with and without Triton) and the eager fast path before it.
+DEFAULT_PRESETS = "fastest-gpu,fastest-gpu-without-triton,fast-gpu"
 # Measured after the ranked edit and the profile, if the budget still allows: fast-gpu without cuDNN's timing of
 # its algorithms (ComfyUI's own default), the original's numerics with graphs, and each Triton option alone, to
 # tell their shares apart.
-DEFAULT_LATE_PRESETS = ("bf16+reuse,original-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm,"
-                        "fast-gpu+triton_clip,fast-gpu+single_resample")
+DEFAULT_LATE_PRESETS = ("bf16+reuse,original-gpu+cuda_graphs,fast-gpu+channels_last+triton_norm+cuda_graphs,"
+                        "fast-gpu+triton_clip+cuda_graphs,fastest-gpu+single_resample")
 # "fastest": the --presets entry with the lowest seconds per step at --edit-batch in this run.
 DEFAULT_EDIT_PRESETS = "fastest"
 DEFAULT_PROFILES = "fast-gpu+channels_last+triton_norm+triton_clip"
+# Ops whose time the profile also gives by the line or backward that issued them (profile_step --stack).
+PROFILE_SOURCES = "aten::copy_,aten::add_,aten::add"
 # A stage is not started with less time than this left: loading the 256x256 models alone takes a while.
 MIN_STAGE_SECONDS = 45
 
@@ -271,7 +274,8 @@ def main(argv=None) -> int:
             text_out = args.out.with_name(f"{args.out.stem}.profile-{preset.replace('+', '_')}.txt")
             rows += run_stage(f"profile-{preset}", [args.python, str(PROFILE), "--config", args.config,
                               "--device", args.device, "--views", str(args.views), "--preset", preset,
-                              "--batch", str(args.profile_batch), "--rows", "40", "--by-shape"], budget, out,
+                              "--batch", str(args.profile_batch), "--rows", "40", "--by-shape",
+                              "--stack", PROFILE_SOURCES], budget, out,
                               json_file=False, text_out=text_out)
         rows += step_stages(args.late_presets)
         if args.original is not None and args.original_edit:

@@ -94,7 +94,8 @@ def _print_sources(prof, names: list[str], sort_by: str, rows: int) -> None:
         count, total = totals.get(key, (0, 0.0))
         totals[key] = (count + 1, total + time_us)
     for (name, shapes, parents, frames), (count, total) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:rows]:
-        print(f"{total / 1e3:8.2f} ms  x{count:<4} {name} {shapes}\n            in: {parents}\n            at: {frames}")
+        print(f"{total / 1e3:8.2f} ms  x{count:<4} {name} {shapes}")
+        print(f"            in: {parents}\n            at: {frames}")
 
 
 if __name__ == "__main__":
