@@ -63,7 +63,9 @@ def test_open_clip_vit_variants_match(variant):
     ours, grad, _ = _embed_and_grad(tower, images, clip_vision.encode_image)
     theirs, grad_theirs, _ = _embed_and_grad(tower, images, lambda v, x: v(x))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, grad_theirs, rtol=1e-5, atol=1e-7)
+    # Float32 sums in another order: the gradients agree to a few roundings of their largest element (0.52 without
+    # ln_pre, where a fixed 1e-7 held on some CPUs' matmul kernels and not on others').
+    torch.testing.assert_close(grad, grad_theirs, rtol=1e-5, atol=4e-6 * grad_theirs.abs().max().item())
 
 
 def test_checkpointed_blocks_give_the_same_gradient():
