@@ -188,7 +188,7 @@ def _activation(v, mean, rstd, gain, offset):
 
 
 @triton.jit
-def _pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # This program's batch index, pixel rows and channel columns, and their masks.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
     rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -223,7 +223,7 @@ def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, c
 def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, C, Cg,
                     sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
+    b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
                                                  c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
@@ -272,7 +272,7 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
                      HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
                      HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, rows, cols, c_mask, mask = _pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
+    b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
     stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,

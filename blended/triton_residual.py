@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_norm import FORWARD_TILE, flat_strides
+from .triton_norm import FORWARD_TILE, flat_strides, pixel_tile
 
 __all__ = ["residual_sum"]
 
@@ -27,11 +27,7 @@ __all__ = ["residual_sum"]
 @triton.jit
 def _residual_sum_kernel(s_ptr, h_ptr, bias_ptr, out_ptr, HW, C, ss_b, ss_hw, ss_c, sh_b, sh_hw, sh_c,
                          so_b, so_hw, so_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
-    pixels = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cols < C
-    mask = (pixels < HW)[:, None] & c_mask[None, :]
+    b, pixels, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     s = tl.load(s_ptr + b * ss_b + pixels[:, None] * ss_hw + cols[None, :] * ss_c, mask=mask, other=0.0)
     h = tl.load(h_ptr + b * sh_b + pixels[:, None] * sh_hw + cols[None, :] * sh_c, mask=mask, other=0.0)
     bias = tl.load(bias_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
