@@ -8,8 +8,10 @@ each gradient, each layout copy. Not seen: kernels' private workspaces (cuDNN, c
 fragmentation, so a real peak is somewhat higher.
 
 The backward of fake CUDA tensors needs a CUDA driver, so without a GPU the trace runs on fake CPU tensors
-under CPU autocast: a proxy for CUDA whose op dtypes agree for the UNet's ops (convs and matmuls in
-bf16/fp16), but whose layout rules differ where the library itself branches on the device type.
+under CPU autocast: a proxy for CUDA whose layout rules differ where the library itself branches on the device
+type. Its dtypes are CUDA's for the UNet: the two autocasts' float32 lists differ (CUDA's has the nearest
+upsampling), the UNet keeps its maps out of that difference, and a test compares every module's output dtype
+under both rules on fake tensors of both devices (a forward needs no driver).
 
     PYTHONPATH=. python scripts/memory_trace.py --batch 64 --preset bf16+channels_last+ckpt
 """
@@ -217,19 +219,19 @@ def unet_for_trace(config: str = "full256", device: str = "cpu"):
     return unet.eval().requires_grad_(False)
 
 
-def _fake_weights(*modules: torch.nn.Module) -> int:
-    """Replace every parameter and buffer by a fake CPU tensor of the same shape, dtype and layout (inside a
-    ``FakeTensorMode``); returns their bytes."""
+def _fake_weights(*modules: torch.nn.Module, device: str = "cpu") -> int:
+    """Replace every parameter and buffer by a fake tensor on ``device`` of the same shape, dtype and layout
+    (inside a ``FakeTensorMode``); returns their bytes."""
     total = 0
     for root in modules:
         for module in root.modules():
             for name, param in module.named_parameters(recurse=False):
-                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device=device),
                                                               requires_grad=param.requires_grad)
                 total += module._parameters[name].untyped_storage().nbytes()
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None:
-                    module._buffers[name] = torch.empty_like(buffer, device="cpu")
+                    module._buffers[name] = torch.empty_like(buffer, device=device)
                     total += module._buffers[name].untyped_storage().nbytes()
     return total
 

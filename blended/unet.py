@@ -216,9 +216,24 @@ class Upsample(nn.Module):
             raise ValueError("upsampling without a conv cannot change the channel count")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = upsample_nearest_2x(x)
         conv = getattr(self, "conv", None)
         return x if conv is None else conv(x)
+
+
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """2x nearest upsampling in ``x``'s own dtype, autocast or not.
+
+    CUDA's autocast runs ``upsample_nearest2d`` in float32 (CPU's does not): a bf16 map was cast up, upsampled
+    into a float32 map twice its size and cast back by the next convolution, both ways again in the backward.
+    In an up ResBlock the float32 skip path then made the block's output, the next block's concatenation and
+    its norm float32 too. Copying a value is exact in any dtype, so the result is the same values; only the
+    sums after it now stay in the blocks' dtype, as on the CPU, where the fast paths' tolerances are tested.
+    """
+    if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class ResBlock(nn.Module):

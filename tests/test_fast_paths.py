@@ -163,6 +163,50 @@ def test_autocast_group_norm_matches_the_fp32_cast_and_saves_low_precision():
     assert_close(out.float(), reference, rel=2e-2, name="bf16 group norm")
 
 
+def _map_dtypes_under_autocast(device: str, options: FastPathOptions) -> dict:
+    """The dtype of every 4-D map each UNet module returns in a bf16-autocast forward of the tiny UNet, on fake
+    tensors of ``device`` (so under that device's autocast rules), and the dtype of the UNet's output."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from blended import memory_trace, traffic_trace
+
+    unet = memory_trace.unet_for_trace("tiny", device="meta")
+    memory_trace._configure_unet(unet, options)
+    dtypes = {}
+
+    def record(module, args, out, name):
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            dtypes[name] = out.dtype
+
+    for name, module in unet.named_modules():
+        module.register_forward_hook(lambda m, a, o, name=name: record(m, a, o, name))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        memory_trace._fake_weights(unet, device=device)
+        x = torch.empty(2, 3, 64, 64, device=device)
+        # Forward only: a backward through fake CUDA tensors needs a CUDA driver.
+        with memory_trace.cuda_norm_rules(), traffic_trace.modelled_triton_kernels(traffic_trace.KernelTraffic(),
+                                                                                    options):
+            dtypes["output"] = unet(x, torch.full((2,), 500.0, device=device)).dtype
+    return dtypes
+
+
+# NCHW: without a CUDA driver, fake CUDA convolutions return NCHW maps whatever their input's layout.
+@pytest.mark.parametrize("preset", ("bf16", "bf16+triton_norm"))
+def test_unet_maps_keep_the_blocks_dtype_under_cudas_autocast_rules_as_under_the_cpus(preset, monkeypatch):
+    # CUDA's autocast runs upsample_nearest2d in float32 and CPU's does not: an up ResBlock's output, the next
+    # block's concatenation and norm went float32 on a GPU only, where the CPU tests and traces saw bf16.
+    # Checked on fake CUDA tensors (no GPU); torch.autocast("cuda") is told CUDA is there.
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    options = fast_paths.parse_preset(preset)
+    on_cpu = _map_dtypes_under_autocast("cpu", options)
+    on_cuda = _map_dtypes_under_autocast("cuda", options)
+    assert on_cuda == on_cpu
+    ups = [name for name in on_cuda if name.endswith(".resample") and "output_blocks" in name]
+    assert ups and all(on_cuda[name] == torch.bfloat16 for name in ups)
+    assert on_cuda["output"] == torch.float32  # the head stays float32, as in the original
+
+
 def test_torso_rounds_weights_and_a_snapshot_restores_them(unet, unet_reference):
     x, t = unet_reference["unet_x"], unet_reference["unet_t"]
     snapshot = WeightSnapshot(unet)
