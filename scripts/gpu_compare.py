@@ -24,6 +24,8 @@ before its time ran out are kept.
 3b. on CUDA, the Triton kernels' checks against the plain-torch reference (``tests/triton_kernel_checks.py
    --device cuda``): the compiled kernels as the JIT specialises them, which CPU machines only interpret; a
    Triton preset's timings count only if these pass;
+3c. the preset fastest at ``--edit-batch`` at ``--large-batch`` (64 by default: all results of an edit in one
+   batch), seconds per step and peak memory, or the out-of-memory row;
 4. a torch.profiler table of one step for each ``--profile`` entry at ``--profile-batch``, by op and by op and
    input shapes, and the copies' and adds' time by the line or backward that issued them (a text file beside
    ``--out``);
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
                    help="option sets for the ranked edit ('' = none; 'fastest' = the fastest --presets entry)")
     p.add_argument("--results", type=int, default=64, help="results of the whole ranked edit")
     p.add_argument("--edit-batch", type=int, default=16, help="batch size of the pack's ranked edit")
+    p.add_argument("--large-batch", type=int, default=64,
+                   help="one more batch for the preset fastest at --edit-batch (0 = none): does it fit, how fast")
     p.add_argument("--profile", default=DEFAULT_PROFILES, help="option sets to profile one step of ('' = none)")
     p.add_argument("--profile-batch", type=int, default=8)
     p.add_argument("--config", default="full256", choices=("full256", "tiny"),
@@ -270,6 +274,11 @@ def main(argv=None) -> int:
                               "--ranked-edit", str(args.results)], budget, out)
         if args.device == "cuda":
             rows += run_stage("kernel-checks", [args.python, str(KERNEL_CHECKS), "--device", "cuda"], budget, out)
+        if args.large_batch > 0 and _items(args.presets):
+            preset = fastest_preset(rows, args.edit_batch)
+            rows += run_stage(f"pack-large-batch-{preset}", [args.python, str(BENCH), *common, "--preset", preset,
+                              "--batch", str(args.large_batch), "--steps", "0", "--repeats", "2", "--saved", "off",
+                              "--ops", "off"], budget, out)
         for preset in _items(args.profile):
             text_out = args.out.with_name(f"{args.out.stem}.profile-{preset.replace('+', '_')}.txt")
             rows += run_stage(f"profile-{preset}", [args.python, str(PROFILE), "--config", args.config,

@@ -512,15 +512,17 @@ def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
         gpu_compare.main(["--config", "tiny", "--device", "cpu", "--presets", "fast-gpu", "--batches", "1,2",
                           "--edit-presets", "fastest", "--results", "2", "--edit-batch", "2", "--steps", "2",
                           "--profile", "fast-gpu", "--profile-batch", "1", "--views", "2", "--timeout", "300",
-                          "--late-presets", "",
+                          "--late-presets", "", "--large-batch", "3",
                           "--budget", "900", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["stage"] for row in rows] == ["pack-step-fast-gpu"] * 2 + ["pack-ranked-edit-fast-gpu",
+                                                                          "pack-large-batch-fast-gpu",
                                                                           "profile-fast-gpu"]
     assert all(row["rc"] == 0 and not row["timed_out"] for row in rows)
     assert [row["batch"] for row in rows[:2]] == [1, 2] and all(row["s_per_step"] > 0 for row in rows[:2])
     assert rows[2]["s_ranked"] > 0 and rows[2]["num_results"] == 2
-    profile = Path(rows[3]["text"])
+    assert rows[3]["batch"] == 3 and rows[3]["s_per_step"] > 0
+    profile = Path(rows[4]["text"])
     assert profile.parent == tmp_path and "aten ops" in profile.read_text()
     table = printed.getvalue()
     assert "| pack `bf16-autocast+reuse+cudnn_benchmark` | 1 |" in table and "2 ranked results, batch 2" in table
@@ -581,7 +583,8 @@ def test_gpu_compare_passes_the_original_its_code_folder_and_checks_both_paths_f
                     "src = sys.argv[sys.argv.index('--original-src') + 1]\n"
                     "print(json.dumps({'impl': 'original', 'batch': 1, 's_per_step': 0.5, 'src': src}), flush=True)\n")
     out = tmp_path / "new-folder" / "rows.jsonl"
-    none = ["--presets", "", "--edit-presets", "", "--profile", "", "--late-presets", "", "--device", "cpu",
+    none = ["--presets", "", "--edit-presets", "", "--profile", "", "--late-presets", "", "--large-batch", "0",
+            "--device", "cpu",
             "--config", "tiny", "--batches", "1", "--out", str(out)]
     gpu_compare.main(["--original", str(fake), "--original-src", str(code), *none])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
