@@ -201,7 +201,7 @@ class _HalvingAvgPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(grad * 0.25, scale_factor=2, mode="nearest")
+        return upsample_nearest_2x(grad * 0.25)
 
 
 class Upsample(nn.Module):
