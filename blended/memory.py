@@ -18,7 +18,9 @@ _CHECKPOINT_FACTOR = 0.25
 _TRANSIENT_FACTOR = 1.25
 # With the Triton kernels in channels_last (the Sampler's default on CUDA), peak memory grows by 1.09 GiB per result
 # (H100, bf16, 8 views, CUDA graphs: 19.6 GiB at batch 16, 37.1 at 32; batch 64 did not fit in 80 GB), counted
-# whole, temporaries included. 1.25 leaves room, and keeps an 80 GB card's batch at 32 or below.
+# whole, temporaries included. 1.25 leaves room, and keeps an 80 GB card's batch at 32 or below. That slope was
+# measured while CUDA's autocast still upsampled in float32 (traced: 1.11 GiB per result then, 0.98 since): to be
+# measured again before the estimate comes down.
 _PEAK_PER_RESULT_256_TRITON = 1.25 * GIB
 
 
