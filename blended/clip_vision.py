@@ -63,9 +63,12 @@ def encode_image(visual: nn.Module, images: torch.Tensor, kernels: str | None = 
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     x = visual.patch_dropout(x) if hasattr(visual, "patch_dropout") else x
     x = visual.ln_pre(x)
-    recompute = getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for block in visual.transformer.resblocks:
-        x = checkpoint(_block, block, x, kernels, **CHECKPOINT_ARGS) if recompute else _block(block, x, kernels)
+    blocks = visual.transformer.resblocks
+    if getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled():
+        for block in blocks:
+            x = checkpoint(_block, block, x, kernels, **CHECKPOINT_ARGS)
+    else:
+        x = _blocks(blocks, x, kernels)
     # Class-token pooling; a LayerNorm acts per token, so normalising only the pooled token is the same.
     pooled = visual.ln_post(x[:, 0])
     return pooled @ visual.proj if visual.proj is not None else pooled
@@ -74,6 +77,23 @@ def encode_image(visual: nn.Module, images: torch.Tensor, kernels: str | None = 
 def _block(block: nn.Module, x: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
     x = x + block.ls_1(_self_attention(block.attn, _layer_norm(block.ln_1, x, kernels)))
     return x + block.ls_2(_mlp(block.mlp, _layer_norm(block.ln_2, x, kernels), kernels))
+
+
+def _blocks(blocks: nn.Module, x: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+    """:func:`_block` over all blocks, each residual sum taken together with the LayerNorm that reads it next (the
+    block's second norm, the next block's first), so that the Triton kernels make both in one pass each way
+    (:func:`_residual_layer_norm`). Checkpointed blocks keep :func:`_block`'s boundaries."""
+    blocks = list(blocks)
+    if not blocks:
+        return x
+    # Each branch's output goes straight into the sum: held in a variable, it would live on into the next
+    # branch's peak (the MLP's hidden activations).
+    h = _layer_norm(blocks[0].ln_1, x, kernels)
+    for block, following in zip(blocks, [*blocks[1:], None], strict=True):
+        x, h = _residual_layer_norm(block.ln_2, x, block.ls_1(_self_attention(block.attn, h)), kernels)
+        next_norm = following.ln_1 if following is not None else None
+        x, h = _residual_layer_norm(next_norm, x, block.ls_2(_mlp(block.mlp, h, kernels)), kernels)
+    return x
 
 
 def _triton(kernels: str | None, x: torch.Tensor) -> bool:
@@ -86,6 +106,19 @@ def _layer_norm(norm: nn.Module, x: torch.Tensor, kernels: str | None) -> torch.
 
         return layer_norm(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
+
+
+def _residual_layer_norm(norm: nn.Module | None, x: torch.Tensor, delta: torch.Tensor,
+                         kernels: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x + delta, norm(x + delta))``; ``(x + delta, None)`` where no norm follows (the last block)."""
+    if norm is None:
+        return x + delta, None
+    if _triton(kernels, x) and _is_affine_layer_norm(norm, x) and x.dtype == delta.dtype:
+        from .triton_clip import residual_layer_norm
+
+        return residual_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    x = x + delta
+    return x, norm(x)
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, kernels: str | None) -> torch.Tensor:

@@ -95,20 +95,24 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
                                     ("x_ptr", "y_ptr", "ib_ptr"), 2 * size))
             cases.append(KernelCase("triton_norm", "_backward_stats_kernel", dtype, {**reduction, **terms},
                                     ("x_ptr", "dy_ptr", "ib_ptr"), 2 * size))
-            for residual in (True, False):
-                pointers = ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr", "ib_ptr")
+            # No other gradient to add, the skip path's, or (an encoder block's input) the skip stack's too.
+            for residuals in (2, 1, 0):
+                pointers = ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr", "r2_ptr", "ib_ptr")
                 cases.append(KernelCase("triton_norm", "_backward_kernel", dtype,
-                                        {**tile(BACKWARD_TILE), **terms, "HAS_RESIDUAL": residual}, pointers,
-                                        (4 if residual else 3) * size))
+                                        {**tile(BACKWARD_TILE), **terms, "HAS_RESIDUAL": residuals > 0,
+                                         "HAS_SECOND_RESIDUAL": residuals > 1}, pointers, (3 + residuals) * size))
         cases.append(KernelCase("triton_residual", "_residual_sum_kernel", dtype, tile(FORWARD_TILE),
                                 ("s_ptr", "h_ptr", "out_ptr", "bias_ptr"), 3 * size))
         gelu = {"BLOCK": GELU_BLOCK}
         cases.append(KernelCase("triton_clip", "_gelu_forward_kernel", dtype, gelu, ("x_ptr", "y_ptr"), 2 * size))
         cases.append(KernelCase("triton_clip", "_gelu_backward_kernel", dtype, gelu, ("x_ptr", "dy_ptr", "dx_ptr"),
                                 3 * size))
-        cases.append(KernelCase("triton_clip", "_norm_forward_kernel", dtype, row, ("x_ptr", "y_ptr"), 2 * size))
-        cases.append(KernelCase("triton_clip", "_norm_backward_kernel", dtype, row, ("x_ptr", "dy_ptr", "dx_ptr"),
-                                3 * size))
+        # With a residual the forward also reads it and writes the sum, and the backward reads the sum's gradient.
+        for residual in (False, True):
+            cases.append(KernelCase("triton_clip", "_norm_forward_kernel", dtype, {**row, "HAS_RESIDUAL": residual},
+                                    ("x_ptr", "r_ptr", "s_ptr", "y_ptr"), (4 if residual else 2) * size))
+            cases.append(KernelCase("triton_clip", "_norm_backward_kernel", dtype, {**row, "HAS_RESIDUAL": residual},
+                                    ("x_ptr", "dy_ptr", "r_ptr", "dx_ptr"), (4 if residual else 3) * size))
     return cases
 
 

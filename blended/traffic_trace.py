@@ -12,8 +12,9 @@ under a dispatch mode that charges every ATen op the bytes of its tensor inputs 
 * the pack's Triton kernels (``triton_norm``, ``triton_clip``) are charged by the passes they make over their
   tensors, since off CUDA their reference runs instead: GroupNorm + SiLU reads ``x`` twice and writes once
   forward, reads ``x`` and the gradient twice each and writes once backward (a ResBlock's first norm also
-  reads its skip path's gradient, which it adds); CLIP's LayerNorm and QuickGELU read and write once
-  forward, read two and write one backward;
+  reads its skip path's gradient, and an encoder block's the skip stack's, which it adds); CLIP's LayerNorm
+  and QuickGELU read and write once forward, read two and write one backward (a LayerNorm that also makes the
+  residual sum it normalises reads two and writes two forward, reads three and writes one backward);
 * cuDNN's own NCHW<->NHWC transposes around a bf16/fp16 convolution given NCHW activations, and the separate
   pass that adds a convolution's bias to its output (CUDA rules).
 
@@ -188,22 +189,24 @@ class _ModelledKernel(torch.autograd.Function):
 
 
 class _ModelledKernelKeepingInput(torch.autograd.Function):
-    """:class:`_ModelledKernel` for the norm that also hands ``x`` on (the skip path) and adds that path's
-    gradient in its backward kernel: one more read there, and no accumulation by autograd."""
+    """:class:`_ModelledKernel` for the norm that also hands ``x`` on (the skip path; ``aliases=2``: the UNet's
+    skip stack too) and adds those paths' gradients in its backward kernel: one more read there for each, and no
+    accumulation by autograd."""
 
     @staticmethod
-    def forward(ctx, counter, name, x_reads, grad_reads, x):
+    def forward(ctx, counter, name, x_reads, grad_reads, x, aliases):
         ctx.counter, ctx.kernel, ctx.grad_reads = counter, name, grad_reads
+        ctx.set_materialize_grads(False)
         counter.charge(f"{name} (Triton)", (x_reads + 1) * touched_bytes(x))
         ctx.save_for_backward(x)
-        return torch.empty_like(x), x.view_as(x)
+        return (torch.empty_like(x), *(x.view_as(x) for _ in range(aliases)))
 
     @staticmethod
-    def backward(ctx, grad, grad_input):
+    def backward(ctx, grad, *grad_aliases):
         (x,) = ctx.saved_tensors
         ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.grad_reads * (touched_bytes(x) + touched_bytes(grad))
-                           + touched_bytes(grad_input) + touched_bytes(x))
-        return None, None, None, None, torch.empty_like(x)
+                           + sum(touched_bytes(g) for g in grad_aliases if g is not None) + touched_bytes(x))
+        return None, None, None, None, torch.empty_like(x), None
 
 
 class _ModelledKernelOfPair(torch.autograd.Function):
@@ -244,6 +247,29 @@ class _ModelledResidualSum(torch.autograd.Function):
         return None, grad, grad
 
 
+class _ModelledResidualLayerNorm(torch.autograd.Function):
+    """Stands in for :func:`blended.triton_clip.residual_layer_norm`: forward reads ``x`` and ``delta`` and
+    writes their sum and its norm; backward reads the sum, the norm's gradient and the sum's own, and writes the
+    one gradient both terms get."""
+
+    @staticmethod
+    def forward(ctx, counter, x, delta):
+        ctx.counter = counter
+        total, y = torch.empty_like(x), torch.empty_like(x)
+        counter.charge("residual sum + LayerNorm (Triton)", touched_bytes(x) + touched_bytes(delta)
+                       + touched_bytes(total) + touched_bytes(y))
+        ctx.save_for_backward(total)
+        return total, y
+
+    @staticmethod
+    def backward(ctx, grad_total, grad):
+        (total,) = ctx.saved_tensors
+        ctx.counter.charge("residual sum + LayerNorm backward (Triton)", 2 * touched_bytes(total)
+                           + touched_bytes(grad) + touched_bytes(grad_total))
+        grad_terms = torch.empty_like(total)
+        return None, grad_terms, grad_terms
+
+
 @contextlib.contextmanager
 def modelled_triton_kernels(counter: KernelTraffic, options):
     """The pack's Triton kernels (per ``options``) replaced by stand-ins that run on fake tensors, charge
@@ -259,8 +285,8 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
                 # output pass read x and the gradient. (An input bias is a few numbers per channel.)
                 return _ModelledKernel.apply(counter, "GroupNorm+SiLU", 2, 2, x, scale_shift, out_dtype)
 
-            def norm_silu_keeping_input(kernel, norm, x):
-                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 2, 2, x)
+            def norm_silu_keeping_input(kernel, norm, x, hand_on=False):
+                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 2, 2, x, 2 if hand_on else 1)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu", norm_silu))
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
                                                     norm_silu_keeping_input))
@@ -273,6 +299,8 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
             # The tensors are fake CPU ones: let the output blocks take the parts as the kernels would on CUDA.
             patches.enter_context(mock.patch.object(unet_module, "runs_triton_kernels", lambda tensor: True))
         if options.triton_clip:
+            real_residual_layer_norm = clip_vision._residual_layer_norm
+
             def mlp(module, x, kernels):
                 if kernels != "triton" or not clip_vision._is_quick_gelu(getattr(module, "gelu", None)):
                     return module(x)
@@ -283,8 +311,15 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
                 if kernels != "triton" or not clip_vision._is_affine_layer_norm(norm, x):
                     return norm(x)
                 return _ModelledKernel.apply(counter, "LayerNorm", 1, 1, x, None, None)
+
+            def residual_layer_norm(norm, x, delta, kernels):
+                if (norm is None or kernels != "triton" or not clip_vision._is_affine_layer_norm(norm, x)
+                        or x.dtype != delta.dtype):
+                    return real_residual_layer_norm(norm, x, delta, None)
+                return _ModelledResidualLayerNorm.apply(counter, x, delta)
             patches.enter_context(mock.patch.object(clip_vision, "_mlp", mlp))
             patches.enter_context(mock.patch.object(clip_vision, "_layer_norm", layer_norm))
+            patches.enter_context(mock.patch.object(clip_vision, "_residual_layer_norm", residual_layer_norm))
         yield
 
 

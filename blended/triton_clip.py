@@ -10,7 +10,9 @@ tower's elementwise work is bound by memory bandwidth, and eager PyTorch spends 
   a cast back, forward and backward.
 
 At batch 8 with 8 views that is about 25 GB of a step's memory traffic (``scripts/memory_trace.py --traffic``).
-One kernel each way reads its tensors once and writes once: about 6 GB.
+One kernel each way reads its tensors once and writes once: about 6 GB. Each residual sum is read next by a
+LayerNorm (the block's second, the next block's first), so the LayerNorm's kernels also make the sum, and add
+the residual stream's gradient in the backward, where autograd read the norm's gradient back to add it.
 
 Both compute in float32 and round once to the tower's dtype. The LayerNorm gives the float32 norm's values (up
 to the order of its sums); QuickGELU rounds once where eager bf16/fp16 rounds after each of its three ops.
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["layer_norm", "layer_norm_reference", "quick_gelu", "quick_gelu_reference"]
+__all__ = ["layer_norm", "layer_norm_reference", "quick_gelu", "quick_gelu_reference", "residual_layer_norm"]
 
 GELU_BLOCK = 1024  # elements per program of the QuickGELU passes
 
@@ -87,11 +89,17 @@ def quick_gelu_reference(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- LayerNorm
 
 @triton.jit
-def _norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, D, eps, BLOCK_D: tl.constexpr):
+def _norm_forward_kernel(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, D, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # one token
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # the norm of the residual sum x + r, which is written too, rounded as torch's sum rounds
+        total = (x.to(tl.float32) + tl.load(r_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32))
+        x = total.to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * D + cols, x, mask=mask)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
@@ -104,7 +112,8 @@ def _norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, D, eps,
 
 
 @triton.jit
-def _norm_backward_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, D, BLOCK_D: tl.constexpr):
+def _norm_backward_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, r_ptr, dx_ptr, D, HAS_RESIDUAL: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -118,21 +127,55 @@ def _norm_backward_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, D, B
     c1 = tl.sum(g, axis=0) / D
     c2 = tl.sum(g * xhat, axis=0) / D
     dx = rstd * (g - c1 - xhat * c2)
+    if HAS_RESIDUAL:  # the normalised sum's gradient along the residual stream, added before the one rounding
+        dx += tl.load(r_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _normalise_rows(x, weight, bias, eps, residual=None):
+    """(LayerNorm of ``x``, or of ``x + residual``; what was normalised; its float32 mean and 1/std per row)."""
+    x = x.contiguous()
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    y = torch.empty_like(x)
+    normalised = x if residual is None else torch.empty_like(x)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if rows:
+        # Without a residual, x stands in for the pointers HAS_RESIDUAL=False never touches.
+        _norm_forward_kernel[(rows,)](x, x if residual is None else residual.contiguous(), normalised, weight, bias,
+                                      y, mean, rstd, width, eps, HAS_RESIDUAL=residual is not None,
+                                      BLOCK_D=triton.next_power_of_2(width))
+    return y, normalised, mean, rstd
+
+
+def _input_gradient_rows(x, dy, weight, mean, rstd, residual=None):
+    dy = dy.contiguous()
+    grad = torch.empty_like(x)
+    if mean.numel():
+        _norm_backward_kernel[(mean.numel(),)](x, dy, weight, mean, rstd, dy if residual is None else
+                                               residual.contiguous(), grad, x.shape[-1],
+                                               HAS_RESIDUAL=residual is not None,
+                                               BLOCK_D=triton.next_power_of_2(x.shape[-1]))
+    return grad
+
+
+def _reference_weight_gradients(x, dy, weight, bias, eps, needed) -> list:
+    """The weights' gradients (a frozen tower asks for none) from the float32 reference."""
+    if not any(needed):
+        return [None, None]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((weight, bias), needed, strict=True)]
+        y = layer_norm_reference(x.detach(), leaves[0], leaves[1], eps)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, dy))
+    return [next(grads) if t.requires_grad else None for t in leaves]
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        x = x.contiguous()
-        width = x.shape[-1]
-        rows = x.numel() // width if width else 0
-        y = torch.empty_like(x)
-        mean = torch.empty(rows, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        if rows:
-            _norm_forward_kernel[(rows,)](x, weight, bias, y, mean, rstd, width, eps,
-                                          BLOCK_D=triton.next_power_of_2(width))
+        y, x, mean, rstd = _normalise_rows(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.eps = eps
         return y
@@ -140,29 +183,48 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            dy = dy.contiguous()
-            grad_x = torch.empty_like(x)
-            if mean.numel():
-                _norm_backward_kernel[(mean.numel(),)](x, dy, weight, mean, rstd, grad_x, x.shape[-1],
-                                                       BLOCK_D=triton.next_power_of_2(x.shape[-1]))
-        if not any(ctx.needs_input_grad[1:3]):
-            return grad_x, None, None, None
-        # The weights' gradients (a frozen tower asks for none) from the float32 reference.
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip((weight, bias), ctx.needs_input_grad[1:3],
-                                                                        strict=True)]
-            y = layer_norm_reference(x.detach(), leaves[0], leaves[1], ctx.eps)
-            wanted = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, dy))
-        return (grad_x, *[next(grads) if t.requires_grad else None for t in leaves], None)
+        grad_x = _input_gradient_rows(x, dy, weight, mean, rstd) if ctx.needs_input_grad[0] else None
+        return grad_x, *_reference_weight_gradients(x, dy, weight, bias, ctx.eps, ctx.needs_input_grad[1:3]), None
+
+
+class _ResidualLayerNorm(torch.autograd.Function):
+    """``(x + delta, layer_norm(x + delta))``: a transformer block's residual sum and the LayerNorm that reads it
+    next, in one kernel each way. Apart, the sum read two tensors and wrote one that the norm read back, and in
+    the backward the norm wrote its input's gradient and autograd read it back to add the residual stream's.
+    Only the sum (which the residual stream needs anyway) and two float32 numbers per row are kept."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, bias, eps):
+        y, total, mean, rstd = _normalise_rows(x, weight, bias, eps, residual=delta)
+        ctx.save_for_backward(total, weight, bias, mean, rstd)
+        ctx.eps = eps
+        return total, y
+
+    @staticmethod
+    def backward(ctx, d_total, dy):
+        total, weight, bias, mean, rstd = ctx.saved_tensors
+        grad = None
+        if any(ctx.needs_input_grad[:2]):  # the sum's gradient is both terms'
+            grad = _input_gradient_rows(total, dy, weight, mean, rstd, residual=d_total)
+        weights = _reference_weight_gradients(total, dy, weight, bias, ctx.eps, ctx.needs_input_grad[2:4])
+        return (grad if ctx.needs_input_grad[0] else None, grad if ctx.needs_input_grad[1] else None, *weights,
+                None)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dimension by the Triton kernels (CUDA, or Triton's interpreter): float32
     statistics and affine whatever ``x``'s dtype, one rounding to it."""
     return _LayerNorm.apply(x, weight, bias, eps)
+
+
+def residual_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, layer_norm(s, ...))`` with ``s = x + delta`` (rounded to their dtype, as torch's sum) by the Triton
+    kernels. ``x`` and ``delta`` must share shape and dtype."""
+    if x.shape != delta.shape or x.dtype != delta.dtype:
+        raise ValueError(f"a residual sum takes two tensors of one shape and dtype, not {tuple(x.shape)} "
+                         f"{x.dtype} and {tuple(delta.shape)} {delta.dtype}")
+    return _ResidualLayerNorm.apply(x, delta, weight, bias, eps)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

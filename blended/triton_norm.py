@@ -269,9 +269,10 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, r_ptr,
-                     HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
-                     HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                     r2_ptr, HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
+                     sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr, BLOCK_HW: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
@@ -284,6 +285,9 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
     if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
         r = tl.load(r_ptr + b * sr_b + rows[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask, other=0.0)
         dx = dx + r.to(tl.float32)
+    if HAS_SECOND_RESIDUAL:  # and along a third (the UNet's skip stack, for an encoder block's input)
+        r2 = tl.load(r2_ptr + b * sr2_b + rows[:, None] * sr2_hw + cols[None, :] * sr2_c, mask=mask, other=0.0)
+        dx = dx + r2.to(tl.float32)
     tl.store(dx_ptr + b * so_b + rows[:, None] * so_hw + cols[None, :] * so_c, dx.to(dx_ptr.dtype.element_ty),
              mask=mask)
 
@@ -394,12 +398,12 @@ def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None,
     return y
 
 
-def _backward(ctx, dy, needed: tuple, residual=None):
+def _backward(ctx, dy, needed: tuple, residuals=()):
     """``x``'s gradient and, where ``needed`` says, those of the weight, bias, timestep terms and input bias."""
     x, weight, bias, scale_shift, input_bias, mean, rstd = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residual, input_bias)
+        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residuals, input_bias)
     if not any(needed):
         return grad_x, [None] * 4
     x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
@@ -436,18 +440,24 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 
 class _GroupNormSiLUAndInput(torch.autograd.Function):
-    """``(group_norm_silu(x), x)``: the second output is ``x`` itself, to be used in its place (the skip
-    connection), so that both of ``x``'s gradients arrive here and the backward kernel adds them as it writes
-    ``dx``, where autograd would write ``dx`` and then read it back with the other gradient to sum them."""
+    """``(group_norm_silu(x), x)`` or, with ``aliases=2``, ``(group_norm_silu(x), x, x)``: the outputs after the
+    first are ``x`` itself, each to be used in its place (the skip connection; the UNet's skip stack), so that all
+    of ``x``'s gradients arrive here and the backward kernel adds them as it writes ``dx``, where autograd would
+    write ``dx`` and then read it back with each other gradient to sum them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps):
-        return _forward(ctx, x, weight, bias, scale_shift, num_groups, eps), x.view_as(x)
+    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps, aliases):
+        ctx.set_materialize_grads(False)  # an alias nobody used sends no gradient, and adds none
+        y = _forward(ctx, x, weight, bias, scale_shift, num_groups, eps)
+        return (y, *(x.view_as(x) for _ in range(aliases)))
 
     @staticmethod
-    def backward(ctx, dy, d_input):
-        grad_x, (weight, bias, scale_shift, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:4], False), d_input)
-        return grad_x, weight, bias, scale_shift, None, None
+    def backward(ctx, dy, *d_aliases):
+        x = ctx.saved_tensors[0]
+        dy = torch.zeros_like(x) if dy is None else dy
+        residuals = tuple(d for d in d_aliases if d is not None)
+        grad_x, (weight, bias, scale_shift, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:4], False), residuals)
+        return grad_x, weight, bias, scale_shift, None, None, None
 
 
 class _GroupNormSiLUOfPair(torch.autograd.Function):
@@ -489,7 +499,7 @@ class _GroupNormSiLUOfPair(torch.autograd.Function):
                 (a, slice(0, split), mean_a, rstd_a, d_a), (b, slice(split, None), mean_b, rstd_b, d_b))):
             if ctx.needs_input_grad[i]:
                 grads[i] = _input_gradient(part, dy[:, channel], weight[channel], bias[channel], None, mean, rstd,
-                                           part.shape[1] // group_size, residual)
+                                           part.shape[1] // group_size, () if residual is None else (residual,))
         rest = [None, None]
         if any(ctx.needs_input_grad[2:4]):
             rest = _reference_parameter_gradients(torch.cat([a.detach(), b.detach()], 1), dy,
@@ -498,7 +508,9 @@ class _GroupNormSiLUOfPair(torch.autograd.Function):
         return (*grads, *rest, None, None)
 
 
-def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residual=None, input_bias=None):
+def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residuals=(), input_bias=None):
+    """``x``'s gradient, with ``residuals`` (up to two: its gradients along other paths) added before the one
+    rounding."""
     batch, channels, height, width = x.shape
     group_size, hw = channels // num_groups, height * width
     x, sx = flat_strides(x)
@@ -516,13 +528,16 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
         partial, c1, c2, rows, grid.parts, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
     dx = torch.empty_like(x)
     _, so = flat_strides(dx)
-    residual, sr = flat_strides(residual) if residual is not None else (dx, so)  # dx: a pointer never read
+    if len(residuals) > 2:
+        raise ValueError(f"the backward kernel adds at most two other gradients, not {len(residuals)}")
+    # dx stands in for the residuals not given: a pointer never read.
+    (r, sr), (r2, sr2) = [flat_strides(t) for t in residuals] + [(dx, so)] * (2 - len(residuals))
     block_hw, block_c = BACKWARD_TILE
     grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
-    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, residual, hw, channels,
-                           group_size, *sx, *sd, *so, *sr, HAS_SCALE_SHIFT=scale_shift is not None,
-                           HAS_INPUT_BIAS=input_bias is not None, HAS_RESIDUAL=residual is not dx, BLOCK_HW=block_hw,
-                           BLOCK_C=block_c)
+    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, r, r2, hw, channels, group_size,
+                           *sx, *sd, *so, *sr, *sr2, HAS_SCALE_SHIFT=scale_shift is not None,
+                           HAS_INPUT_BIAS=input_bias is not None, HAS_RESIDUAL=len(residuals) > 0,
+                           HAS_SECOND_RESIDUAL=len(residuals) > 1, BLOCK_HW=block_hw, BLOCK_C=block_c)
     return dx
 
 
@@ -551,7 +566,11 @@ def group_norm_silu_of_pair(a: torch.Tensor, b: torch.Tensor, weight: torch.Tens
 
 
 def group_norm_silu_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int,
-                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                              eps: float, aliases: int = 1) -> tuple[torch.Tensor, ...]:
     """``(group_norm_silu(x, ...), x)``, for a block that also uses ``x`` itself (a ResBlock's skip path): use
-    the returned ``x`` there, and its gradient is added to the norm's inside the backward kernel."""
-    return _GroupNormSiLUAndInput.apply(x, weight, bias, None, x.shape[1] // group_size, eps)
+    the returned ``x`` there, and its gradient is added to the norm's inside the backward kernel. With
+    ``aliases=2``, ``(group_norm_silu(x, ...), x, x)``: ``x`` has a third use (an encoder block's input, which
+    the UNet's skip stack also keeps), whose gradient is added in the same pass."""
+    if aliases not in (1, 2):
+        raise ValueError(f"the norm hands its input on once or twice, not {aliases} times")
+    return _GroupNormSiLUAndInput.apply(x, weight, bias, None, x.shape[1] // group_size, eps, aliases)

@@ -278,11 +278,27 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, activated_emb: torch.Tensor) -> torch.Tensor:
         """``activated_emb`` is SiLU of the timestep embedding, ``emb_layers[0]`` applied once by the UNet for
         every block (as autocast would cast it, in the blocks' dtype); this block applies ``emb_layers[1]``."""
-        norm_in, act_in, conv_in = self.in_layers
+        return self._forward(x, activated_emb, hand_input_on=False)[0]
+
+    def forward_handing_input(self, x: torch.Tensor, activated_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x, activated_emb), x)``, for an input the UNet's skip stack keeps too: with the Triton norm
+        the returned ``x`` carries the decoder's gradient into this block's norm backward, which adds it with the
+        block's own gradients as it writes ``x``'s, where autograd would read that gradient back to sum them."""
+        return self._forward(x, activated_emb, hand_input_on=True)
+
+    def _forward(self, x: torch.Tensor, activated_emb: torch.Tensor,
+                 hand_input_on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        norm_in, act_in, _ = self.in_layers
+        handed = x
         if self.norm_kernel:
-            h, x = _fused_norm_silu_keeping_input(self.norm_kernel, norm_in, x)
+            h, x, *rest = _fused_norm_silu_keeping_input(self.norm_kernel, norm_in, x, hand_input_on)
+            handed = rest[0] if rest else handed
         else:
             h = act_in(norm_in(x))
+        return self._after_input_norm(h, x, activated_emb), handed
+
+    def _after_input_norm(self, h: torch.Tensor, x: torch.Tensor, activated_emb: torch.Tensor) -> torch.Tensor:
+        conv_in = self.in_layers[2]
         if self.resample is not None:
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
@@ -381,16 +397,18 @@ def _fused_norm_silu(kernel: str, norm: nn.GroupNorm, x: torch.Tensor, scale_shi
     return group_norm_act(x, norm.weight, norm.bias, group_size, norm.eps, scale_shift)
 
 
-def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm,
-                                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(_fused_norm_silu(kernel, norm, x), x)``, for a ResBlock whose skip path uses ``x`` too. With the Triton
-    kernels the returned ``x`` carries its skip-path gradient into the norm's backward kernel, which adds it
-    as it writes ``x``'s gradient (one pass where autograd's sum would read that gradient back)."""
+def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm, x: torch.Tensor,
+                                   hand_on: bool = False) -> tuple[torch.Tensor, ...]:
+    """``(_fused_norm_silu(kernel, norm, x), x)``, for a ResBlock whose skip path uses ``x`` too, and with
+    ``hand_on`` ``x`` once more, for the UNet's skip stack. With the Triton kernels each returned ``x`` carries
+    its gradient into the norm's backward kernel, which adds them as it writes ``x``'s gradient (one pass where
+    autograd's sums would read that gradient back); otherwise ``x`` is returned as it is."""
     if kernel == "triton" and runs_triton_kernels(x):
         from .triton_norm import group_norm_silu_and_input
 
-        return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
-    return _fused_norm_silu(kernel, norm, x), x
+        return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps,
+                                         aliases=2 if hand_on else 1)
+    return (_fused_norm_silu(kernel, norm, x), x, x) if hand_on else (_fused_norm_silu(kernel, norm, x), x)
 
 
 def _residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -481,6 +499,15 @@ class TimestepBlock(nn.Sequential):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.run_from(0, x, emb)
+
+    def forward_handing_input(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x, emb), x)``, ``x`` as a first ResBlock hands it on (:meth:`ResBlock.forward_handing_input`)
+        for the UNet's skip stack, which keeps this block's input too."""
+        first = self[0]
+        if isinstance(first, ResBlock):
+            h, handed = first.forward_handing_input(x, emb)
+            return self.run_from(1, h, emb), handed
+        return self(x, emb), x
 
     def run_from(self, start: int, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for layer in itertools.islice(self, start, None):
@@ -613,6 +640,16 @@ class GuidedDiffusionUNet(nn.Module):
             return checkpoint(_concat_and_run, block, h, skip, emb, **CHECKPOINT_ARGS)
         return block(h, emb) if skip is None else _concat_and_run(block, h, skip, emb)
 
+    def _run_block_handing_input(self, block: TimestepBlock, h: torch.Tensor,
+                                 emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block(h), h)``, ``h`` as the block hands it on for the skip stack (see
+        :meth:`TimestepBlock.forward_handing_input`): only the Triton norm's backward takes the skip stack's
+        gradient, so elsewhere (and without gradients, or in a checkpointed block) ``h`` goes on as it is."""
+        if (self.norm_kernel == "triton" and runs_triton_kernels(h) and torch.is_grad_enabled()
+                and not self.gradient_checkpointing):
+            return block.forward_handing_input(h, emb)
+        return self._run_block(block, h, emb), h
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if (y is None) != (self.config.num_classes is None):
             raise ValueError("class labels y must be given exactly when the model is class-conditional")
@@ -631,9 +668,11 @@ class GuidedDiffusionUNet(nn.Module):
         with self._block_precision(h.device):
             skips = []
             for block in self.input_blocks:
-                h = self._run_block(block, h, emb)
+                h, handed = self._run_block_handing_input(block, h, emb)
+                if skips:  # the previous block's output, which is this block's input, as this block handed it on
+                    skips[-1] = handed
                 skips.append(h)
-            h = self._run_block(self.middle_block, h, emb)
+            h, skips[-1] = self._run_block_handing_input(self.middle_block, h, emb)
             for block in self.output_blocks:
                 h = self._run_block(block, h, emb, skip=skips.pop())
         if self.gradient_checkpointing and torch.is_grad_enabled():

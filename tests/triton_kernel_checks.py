@@ -121,8 +121,11 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     options = FastPathOptions(triton_norm=True, channels_last=True)
     pairs, of_pair = [], kernels.group_norm_silu_of_pair
     sums, residual_sum = [], triton_residual.residual_sum
+    handed, and_input = [], kernels.group_norm_silu_and_input
     kernels.group_norm_silu_of_pair = lambda a, b, *rest: pairs.append((a.shape[1], b.shape[1])) or of_pair(a, b, *rest)
     triton_residual.residual_sum = lambda skip, h, bias: sums.append(h.shape[1]) or residual_sum(skip, h, bias)
+    kernels.group_norm_silu_and_input = lambda *args, aliases=1: (handed.append(aliases == 2)
+                                                                  or and_input(*args, aliases=aliases))
     try:
         with fast_paths.run_clones(unet, clip, options) as (fast, _):
             assert fast.norm_kernel == "triton"
@@ -131,7 +134,12 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     finally:
         kernels.group_norm_silu_of_pair = of_pair
         triton_residual.residual_sum = residual_sum
+        kernels.group_norm_silu_and_input = and_input
     assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    # Every input block after the first that begins with a ResBlock, and the middle block, took the decoder's
+    # gradient for its input into its first norm's backward.
+    taking = [type(block[0]).__name__ == "ResBlock" for block in [*unet.input_blocks[1:], unet.middle_block]]
+    assert handed.count(True) == sum(taking) > 0, (handed, taking)
     # Every ResBlock left its convolutions' biases to the kernels: its output is one residual sum.
     resblocks = [m for m in unet.modules() if type(m).__name__ == "ResBlock"]
     assert len(sums) == len(resblocks) > 0, (len(sums), len(resblocks))
@@ -301,6 +309,31 @@ def check_skip_path_gradient_is_added_inside_the_backward_kernel():
     assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3
 
 
+def check_skip_stack_gradient_is_added_in_the_same_pass():
+    # An encoder block's input: its norm, its skip path and the UNet's skip stack (aliases=2). The stack's
+    # gradient may come as a channel slice of a concatenation's (an output block that concatenates), and an alias
+    # nobody used sends none.
+    x, weight, bias, _ = case((2, 64, 6, 6), torch.float32, True, False, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    grad_y, skip_scale, other = on_device(*(torch.randn(x.shape, generator=gen) for _ in range(3)))
+    expected = group_norm_act(x, weight, bias, 2, 1e-5)
+
+    def stacked(t):  # the stack's use: concatenated after another map, as an output block does
+        return torch.cat([other, t], 1).to(memory_format=torch.channels_last)[:, 64:].square()
+
+    (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum()
+                                         + stacked(x).sum(), x)
+    y, x_skip, x_stack = kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5, aliases=2)
+    assert torch.equal(x_skip, x) and torch.equal(x_stack, x)
+    (gx,) = torch.autograd.grad((y * grad_y).sum() + (x_skip * skip_scale).square().sum() + stacked(x_stack).sum(), x)
+    assert rel(gx, gx_expected) < 1e-6 and gx.stride() == x.stride()
+    y, x_skip, _ = kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5, aliases=2)
+    (gx,) = torch.autograd.grad((y * grad_y).sum() + (x_skip * skip_scale).square().sum(), x)
+    expected = group_norm_act(x, weight, bias, 2, 1e-5)
+    (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum(), x)
+    assert rel(gx, gx_expected) < 1e-6
+
+
 def check_pair_of_maps_is_normalised_as_their_concatenation():
     # A UNet output block's input, its running map and the encoder's skip, taken as two parts: the output and
     # each part's gradient (with its skip-path gradient added) as for the concatenation, within float32
@@ -438,6 +471,39 @@ def check_layer_norm_weight_gradients_come_from_the_reference_when_asked():
         assert rel(got, want) < 1e-5
 
 
+def check_residual_layer_norm_is_the_sum_rounded_then_normalised():
+    from open_clip.transformer import LayerNormFp32
+
+    gen = torch.Generator().manual_seed(17)
+    norm = LayerNormFp32(96)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=gen))
+        norm.bias.copy_(torch.randn(96, generator=gen))
+    norm = norm.to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, delta = (on_device((torch.randn(4, 9, 96, generator=gen) * 3 + 1).to(dtype)).requires_grad_(True)
+                    for _ in range(2))
+        total, y = triton_clip.residual_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+        # The sum is torch's, to the bit (the interpreter truncates to bf16 where a GPU rounds to nearest, as
+        # torch does); the norm is the kernel's own norm of it.
+        assert total.dtype == dtype
+        if dtype == torch.float32 or DEVICE == "cuda":
+            assert torch.equal(total, x + delta)
+        else:
+            assert within_one_bf16_step(total, x.detach().double() + delta.detach().double())
+        alone = triton_clip.layer_norm(total.detach(), norm.weight, norm.bias, norm.eps)
+        # Compiled, the two specialisations may order their sums apart.
+        assert torch.equal(y, alone) if DEVICE == "cpu" else within_one_bf16_step(y, alone, atol=1e-6)
+        # Both terms get the sum's gradient: the norm's plus the residual stream's, rounded once.
+        grad_total, grad_y = (on_device(torch.randn(y.shape, generator=gen).to(dtype)) for _ in range(2))
+        gx, gd = torch.autograd.grad((total, y), (x, delta), (grad_total, grad_y))
+        s = (x.detach().float() + delta.detach().float()).to(dtype).float().requires_grad_(True)
+        (expected,) = torch.autograd.grad(norm(s), s, grad_y.float())
+        expected = expected + grad_total.float()
+        assert torch.equal(gx, gd) and gx.dtype == dtype
+        assert rel(gx, expected) < (1e-5 if dtype == torch.float32 else 4e-3)
+
+
 def check_clip_with_triton_kernels_matches_the_clip_without():
     from unittest import mock
 
@@ -451,12 +517,17 @@ def check_clip_with_triton_kernels_matches_the_clip_without():
                              side_effect=lambda x: calls.append("gelu") or triton_clip._QuickGELU.apply(x))
     norm = mock.patch.object(triton_clip, "layer_norm",
                              side_effect=lambda *args: calls.append("norm") or triton_clip._LayerNorm.apply(*args))
-    with fast_paths.run_clones(unet, clip, FastPathOptions(triton_clip=True)) as (_, fast), gelu, norm:
+    residual_norm = mock.patch.object(triton_clip, "residual_layer_norm", side_effect=lambda *args: calls.append(
+        "residual+norm") or triton_clip._ResidualLayerNorm.apply(*args))
+    with fast_paths.run_clones(unet, clip, FastPathOptions(triton_clip=True)) as (_, fast), gelu, norm, residual_norm:
         assert fast.kernels == "triton" and clip.kernels is None
         out = fast.encode_image(images)
         (g,) = torch.autograd.grad(out.square().sum(), images)
-    blocks = len(clip.model.visual.transformer.resblocks)  # every block's two norms and its MLP, by the kernels
-    assert calls.count("gelu") == blocks and calls.count("norm") == 2 * blocks
+    # Every block's two norms and its MLP by the kernels: the first block's first norm alone, every other norm
+    # with the residual sum before it.
+    blocks = len(clip.model.visual.transformer.resblocks)
+    assert calls.count("gelu") == blocks and calls.count("norm") == 1
+    assert calls.count("residual+norm") == 2 * blocks - 1
     assert rel(out, expected) < 1e-6 and rel(g, g_expected) < 1e-5
 
 
