@@ -439,15 +439,20 @@ def check_layer_norm_float32_forward_and_input_gradient_match_torch():
             assert rel(gx, gx_expected) < 1e-5
 
 
-def check_layer_norm_bfloat16_is_openais_float32_norm_rounded_once():
+def _openai_layer_norm(width: int, gen: torch.Generator):
+    """open_clip's LayerNormFp32 (OpenAI's: float32 statistics and affine, cast back) with random weights."""
     from open_clip.transformer import LayerNormFp32
 
-    gen = torch.Generator().manual_seed(15)
-    norm = LayerNormFp32(96)
+    norm = LayerNormFp32(width)
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(96, generator=gen))
-        norm.bias.copy_(torch.randn(96, generator=gen))
-    norm = norm.to(DEVICE)
+        norm.weight.copy_(torch.randn(width, generator=gen))
+        norm.bias.copy_(torch.randn(width, generator=gen))
+    return norm.to(DEVICE)
+
+
+def check_layer_norm_bfloat16_is_openais_float32_norm_rounded_once():
+    gen = torch.Generator().manual_seed(15)
+    norm = _openai_layer_norm(96, gen)
     x = on_device((torch.randn(4, 9, 96, generator=gen) * 3 + 1).to(torch.bfloat16)).requires_grad_(True)
     y = triton_clip.layer_norm(x, norm.weight, norm.bias, norm.eps)
     expected = norm(x)  # float32 statistics and affine, cast back
@@ -472,14 +477,8 @@ def check_layer_norm_weight_gradients_come_from_the_reference_when_asked():
 
 
 def check_residual_layer_norm_is_the_sum_rounded_then_normalised():
-    from open_clip.transformer import LayerNormFp32
-
     gen = torch.Generator().manual_seed(17)
-    norm = LayerNormFp32(96)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(96, generator=gen))
-        norm.bias.copy_(torch.randn(96, generator=gen))
-    norm = norm.to(DEVICE)
+    norm = _openai_layer_norm(96, gen)
     for dtype in (torch.float32, torch.bfloat16):
         x, delta = (on_device((torch.randn(4, 9, 96, generator=gen) * 3 + 1).to(dtype)).requires_grad_(True)
                     for _ in range(2))
