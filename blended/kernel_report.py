@@ -30,7 +30,7 @@ __all__ = ["CARDS", "KernelCase", "kernel_cases", "cuda_target", "compile_for", 
 
 _NUM_WARPS = 4  # Triton's default, which the pack's launches keep
 _ALIGNED_INTS = ("HW", "C", "n", "D", "rows_per_split", "stride_b", "stride_hw") + tuple(
-    f"{t}_{d}" for t in ("sx", "sd", "sy", "so", "sr") for d in ("b", "hw"))
+    f"{t}_{d}" for t in ("sx", "sd", "sy", "so", "sr", "sh") for d in ("b", "hw"))
 
 
 # The NVIDIA card families Triton compiles for, by compute capability: the kernels must build, without spills, for
@@ -48,7 +48,7 @@ class KernelCase:
     dtype: str  # Triton's name: bf16, fp16, fp32
     constexprs: dict = field(default_factory=dict)
     activations: tuple = ()  # pointer arguments in the activation dtype; other pointers are float32
-    bytes_per_element: int = 0  # bytes each element of the tile costs the kernel in memory traffic
+    bytes_per_element: float = 0  # bytes each element of the tile costs the kernel in memory traffic
 
     @property
     def label(self) -> str:
@@ -71,7 +71,7 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
     ``triton_clip``) with the tile sizes the pack launches it with, in each dtype, with and without its optional
     terms."""
     from .triton_clip import GELU_BLOCK
-    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, MERGE_TILE, REDUCTION_TILE
+    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, HALVING_TILE, MERGE_TILE, REDUCTION_TILE
 
     def tile(block_hw_and_c):
         return dict(zip(("BLOCK_HW", "BLOCK_C"), block_hw_and_c, strict=True))
@@ -88,19 +88,27 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
         for input_bias in (False, True):
             cases.append(KernelCase("triton_norm", "_stats_kernel", dtype, {**reduction, "HAS_INPUT_BIAS": input_bias},
                                     ("x_ptr", "ib_ptr"), size))
-        # A ResBlock's second norm has the timestep terms and its convolution's bias, the others neither.
-        for terms in ({"HAS_SCALE_SHIFT": True, "HAS_INPUT_BIAS": True},
-                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False}):
-            cases.append(KernelCase("triton_norm", "_forward_kernel", dtype, {**tile(FORWARD_TILE), **terms},
-                                    ("x_ptr", "y_ptr", "ib_ptr"), 2 * size))
+        # A ResBlock's second norm has the timestep terms and its convolution's bias, the others neither; a down
+        # ResBlock's first norm pools its output and its input (HALVING): it reads 4 pixels of x for each it
+        # writes of the two, and its backward reads each half-size gradient once for 4 pixels of x.
+        for terms in ({"HAS_SCALE_SHIFT": True, "HAS_INPUT_BIAS": True, "HALVING": False},
+                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": False},
+                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": True}):
+            halving = terms["HALVING"]
+            cases.append(KernelCase("triton_norm", "_forward_kernel", dtype,
+                                    {**tile(HALVING_TILE if halving else FORWARD_TILE), **terms},
+                                    ("x_ptr", "y_ptr", "xh_ptr", "ib_ptr"), (6 if halving else 2) * size))
+            gradient = 0.25 if halving else 1  # bytes of the output's gradient per element of x, in units of size
             cases.append(KernelCase("triton_norm", "_backward_stats_kernel", dtype, {**reduction, **terms},
-                                    ("x_ptr", "dy_ptr", "ib_ptr"), 2 * size))
-            # No other gradient to add, the skip path's, or (an encoder block's input) the skip stack's too.
-            for residuals in (2, 1, 0):
+                                    ("x_ptr", "dy_ptr", "ib_ptr"), (1 + gradient) * size))
+            # No other gradient to add, the skip path's, or (an encoder block's input) the skip stack's too; a
+            # down block's input always has its skip path's.
+            for residuals in (2, 1) if halving else (2, 1, 0):
                 pointers = ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr", "r2_ptr", "ib_ptr")
                 cases.append(KernelCase("triton_norm", "_backward_kernel", dtype,
                                         {**tile(BACKWARD_TILE), **terms, "HAS_RESIDUAL": residuals > 0,
-                                         "HAS_SECOND_RESIDUAL": residuals > 1}, pointers, (3 + residuals) * size))
+                                         "HAS_SECOND_RESIDUAL": residuals > 1}, pointers,
+                                        (2 + gradient * (1 + (residuals > 0)) + (residuals > 1)) * size))
         cases.append(KernelCase("triton_residual", "_residual_sum_kernel", dtype, tile(FORWARD_TILE),
                                 ("s_ptr", "h_ptr", "out_ptr", "bias_ptr"), 3 * size))
         gelu = {"BLOCK": GELU_BLOCK}

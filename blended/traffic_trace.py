@@ -209,6 +209,32 @@ class _ModelledKernelKeepingInput(torch.autograd.Function):
         return None, None, None, None, torch.empty_like(x), None
 
 
+class _ModelledKernelHalving(torch.autograd.Function):
+    """:class:`_ModelledKernelKeepingInput` for a down block's norm that writes its output and its skip input
+    2x2-pooled: its output pass writes two half-size maps, and its backward reads both poolings' half-size
+    gradients in place."""
+
+    @staticmethod
+    def forward(ctx, counter, name, x_reads, grad_reads, x, aliases):
+        ctx.counter, ctx.kernel, ctx.grad_reads = counter, name, grad_reads
+        ctx.set_materialize_grads(False)
+        batch, channels, height, width = x.shape
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        y, x_half = (torch.empty((batch, channels, height // 2, width // 2), dtype=x.dtype, device=x.device,
+                                 memory_format=layout) for _ in range(2))
+        counter.charge(f"{name} (Triton)", x_reads * touched_bytes(x) + touched_bytes(y) + touched_bytes(x_half))
+        ctx.save_for_backward(x)
+        return (y, x_half, *(x.view_as(x) for _ in range(aliases)))
+
+    @staticmethod
+    def backward(ctx, grad, grad_half, *grad_aliases):
+        (x,) = ctx.saved_tensors
+        ctx.counter.charge(f"{ctx.kernel} backward (Triton)", ctx.grad_reads * (touched_bytes(x) + touched_bytes(grad))
+                           + sum(touched_bytes(g) for g in (grad_half, *grad_aliases) if g is not None)
+                           + touched_bytes(x))
+        return None, None, None, None, torch.empty_like(x), None
+
+
 class _ModelledKernelOfPair(torch.autograd.Function):
     """:class:`_ModelledKernelKeepingInput` for the norm of a concatenation's two parts, made without the
     concatenation: the same passes over the two parts, an output of their joint channels, each part's gradient
@@ -290,6 +316,10 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu", norm_silu))
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
                                                     norm_silu_keeping_input))
+
+            def norm_silu_halving(norm, x, hand_on=False):
+                return _ModelledKernelHalving.apply(counter, "GroupNorm+SiLU", 2, 2, x, 1 if hand_on else 0)
+            patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_halving", norm_silu_halving))
 
             def norm_silu_of_pair(norm, a, b):
                 return _ModelledKernelOfPair.apply(counter, "GroupNorm+SiLU", 2, 2, a, b)

@@ -20,6 +20,10 @@ do the chain in the passes it needs, reading either memory format in place:
   recomputing the activation from ``x`` and laid out as the forward's (its parts merged by a small kernel too),
   then one pass writing ``dx``.
 
+* a down ResBlock's first norm (``group_norm_silu_halving``): the forward pass writes its output and its input
+  2x2-pooled, and the backward reads both poolings' half-size gradients in place, where ``avg_pool2d`` and its
+  backward moved full-size maps of their own.
+
 The host launches these kernels and nothing else (``scripts/kernel_report.py --launches``): at small batches a
 step's pace on a GPU is its launches'.
 
@@ -38,7 +42,7 @@ import triton.language as tl
 
 from .fused_norm import group_norm_act
 
-__all__ = ["group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_of_pair"]
+__all__ = ["group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_halving", "group_norm_silu_of_pair"]
 
 _TARGET_PROGRAMS = 2048  # split reductions until about this many programs run (an H100 has 132 SMs)
 # Tiles per program at least: fewer, and the merges' partial sums would outgrow the work they save.
@@ -49,6 +53,9 @@ _MIN_TILES_PER_SPLIT = 8
 # with more registers per element, stays at 32 pixels to keep more programs resident.
 FORWARD_TILE = (64, 64)
 BACKWARD_TILE = (32, 64)
+# A down block's halving forward reads four pixels of x for each it writes, which spreads the setup already, and
+# keeps two running sums per element: at 64 pixels it needed 200 registers a thread.
+HALVING_TILE = (32, 64)
 # (pixels, channels) per loop iteration of the split reductions, by whether the channels are the contiguous axis
 # (channels_last) or the pixels are (NCHW): 128 contiguous bytes of bf16 along that axis either way.
 REDUCTION_TILE = {True: (32, 64), False: (64, 32)}
@@ -57,7 +64,9 @@ REDUCTION_TILE = {True: (32, 64), False: (64, 32)}
 # count, which only places each program's partial sums. Specialising on them cost a 256x256 step 39 compiles at
 # batch 1 and more at other batches (45 over batches 1, 4 and 16); the same few now serve every batch size
 # (``scripts/kernel_report.py --cold-start``).
-_NOT_SPECIALISED = ("Cg", "num_splits")  # the passes that write a map take no split count
+# x's width, which only the halving passes read, would specialise the 8-px blocks apart. The passes that write a
+# map take no split count.
+_NOT_SPECIALISED = ("Cg", "W", "num_splits")
 _MERGE_NOT_SPECIALISED = ("rows", "num_parts")  # both follow the batch
 
 
@@ -78,7 +87,7 @@ def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.conste
     return partial_ptr + ((b * C + cols) * num_splits + split) * WIDTH
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED[1:])
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[2:])
 def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
                   HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
@@ -219,18 +228,53 @@ def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, c
     return stat, mean, rstd, gain[None, :], offset[None, :]
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
-def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, C, Cg,
-                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit
+def _silu_of_norm(v, mean, rstd, gain, offset):
+    _, z = _activation(v, mean, rstd, gain, offset)
+    return z * tl.sigmoid(z)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[:2])
+def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C, Cg,
+                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, sh_b, sh_hw, sh_c, HAS_SCALE_SHIFT: tl.constexpr,
+                    HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr, BLOCK_HW: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    # With HALVING the tile's pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each
+    # is the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
     b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
-    v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
     _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
                                                  c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
-    _, z = _activation(v.to(tl.float32), mean, rstd, gain, offset)
-    y = z * tl.sigmoid(z)
+    if HALVING:
+        # Output pixel (i, j) = rows is x's (2i, 2j) = 2i * 2W + 2j, and its window's other three follow.
+        top_left = 2 * (rows + rows // W * W)
+        y = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+        for tap in tl.static_range(4):
+            pixels = top_left + (tap // 2) * 2 * W + tap % 2
+            v = tl.load(x_ptr + b * sx_b + pixels[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask,
+                        other=0.0).to(tl.float32)
+            # Each activation rounded to the output's dtype before the sum, in the window's row order, as the
+            # norm's map was and as avg_pool2d sums it: the same bits as the two ops apart.
+            y += _silu_of_norm(v, mean, rstd, gain, offset).to(y_ptr.dtype.element_ty).to(tl.float32)
+            x_sum += v
+        y = y * 0.25
+        tl.store(xh_ptr + b * sh_b + rows[:, None] * sh_hw + cols[None, :] * sh_c,
+                 (x_sum * 0.25).to(xh_ptr.dtype.element_ty), mask=mask)
+    else:
+        v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
+        y = _silu_of_norm(v.to(tl.float32), mean, rstd, gain, offset)
     tl.store(y_ptr + b * sy_b + rows[:, None] * sy_hw + cols[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def _gradient_pixels(pixels, W, HALVING: tl.constexpr):
+    # Where x's pixels find their output's gradient: at the same pixels, or with HALVING (``W`` being x's width) at
+    # the 2x2 window's pixel of the half-size output, whose gradient each of the four gets a quarter of.
+    if HALVING:
+        row = pixels // W
+        return row // 2 * (W // 2) + (pixels - row * W) // 2
+    return pixels
 
 
 @triton.jit
@@ -242,10 +286,10 @@ def _input_gradient_terms(v, dy, mean, rstd, gain, offset):
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
-def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, C, Cg,
-                           sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
-                           HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C,
+                           Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
+                           HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
+                           BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
     _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
                                                  c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
@@ -258,8 +302,11 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
         mask = (pixels < end)[:, None] & c_mask[None, :]
         v = tl.load(x_base[None, :] + pixels[:, None] * sx_hw, mask=mask, other=0.0)
         # A masked lane reads a zero gradient, so its dxhat is zero and adds nothing.
-        dy = tl.load(dy_base[None, :] + pixels[:, None] * sd_hw, mask=mask, other=0.0)
-        xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, gain, offset)
+        dy = tl.load(dy_base[None, :] + _gradient_pixels(pixels, W, HALVING)[:, None] * sd_hw, mask=mask,
+                     other=0.0).to(tl.float32)
+        if HALVING:
+            dy = dy * 0.25
+        xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy, mean, rstd, gain, offset)
         sum_dxhat += dxhat
         sum_dxhat_xhat += dxhat * xhat
     out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 2)
@@ -267,24 +314,33 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
     tl.store(out + 1, tl.sum(sum_dxhat_xhat, axis=0), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED[:1])
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[:2])
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, r_ptr,
-                     r2_ptr, HW, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw, sr_c,
-                     sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr, BLOCK_HW: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     r2_ptr, HW, W, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw,
+                     sr_c, sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr, HALVING: tl.constexpr,
+                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # With HALVING the output's gradient and the first residual's come at half size (2x2 average poolings of the
+    # norm's output and of x: a quarter of each window's gradient to each of its pixels).
     b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + b * sd_b + rows[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask, other=0.0)
+    halved = _gradient_pixels(rows, W, HALVING)
+    dy = tl.load(dy_ptr + b * sd_b + halved[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask,
+                 other=0.0).to(tl.float32)
+    if HALVING:
+        dy = dy * 0.25
     stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
                                                     c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy.to(tl.float32), mean, rstd, gain, offset)
+    xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy, mean, rstd, gain, offset)
     dx = rstd * (dxhat - c1 - xhat * c2)
     if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
-        r = tl.load(r_ptr + b * sr_b + rows[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask, other=0.0)
-        dx = dx + r.to(tl.float32)
+        r = tl.load(r_ptr + b * sr_b + halved[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HALVING:
+            r = r * 0.25
+        dx = dx + r
     if HAS_SECOND_RESIDUAL:  # and along a third (the UNet's skip stack, for an encoder block's input)
         r2 = tl.load(r2_ptr + b * sr2_b + rows[:, None] * sr2_hw + cols[None, :] * sr2_c, mask=mask, other=0.0)
         dx = dx + r2.to(tl.float32)
@@ -370,20 +426,23 @@ def _statistics(x, group_size: int, eps: float, input_bias=None):
     return mean, rstd
 
 
-def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int, input_bias=None) -> None:
+def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int, input_bias=None,
+                    halved_input=None) -> None:
     """Write ``silu`` of the normalised, affine (and scale-shifted) ``x`` into ``y``, which may be a channel
-    slice of a larger map (its strides are read as they are)."""
-    batch, channels, height, width = x.shape
-    hw = height * width
+    slice of a larger map (its strides are read as they are). With ``halved_input`` (a map of half ``x``'s height
+    and width, as ``y`` is then) both are 2x2 average poolings: of the activation and of ``x``."""
+    batch, channels, height, width = y.shape
     x, sx = flat_strides(x)
     y_flat, sy = flat_strides(y)
     if y_flat is not y:
         raise ValueError("the output must merge H and W into one pixel stride (NCHW, NHWC or a channel slice)")
+    xh, sh = flat_strides(halved_input) if halved_input is not None else (y, sy)  # y: a pointer never written
     weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, channels)
-    block_hw, block_c = FORWARD_TILE
-    grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
-    _forward_kernel[grid](x, y, mean, rstd, weight32, bias32, ss, ib, hw, channels, group_size, *sx, *sy,
-                          HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
+    block_hw, block_c = FORWARD_TILE if halved_input is None else HALVING_TILE
+    grid = (batch, triton.cdiv(height * width, block_hw), triton.cdiv(channels, block_c))
+    _forward_kernel[grid](x, y, xh, mean, rstd, weight32, bias32, ss, ib, height * width, width, channels, group_size,
+                          *sx, *sy, *sh, HAS_SCALE_SHIFT=scale_shift is not None,
+                          HAS_INPUT_BIAS=input_bias is not None, HALVING=halved_input is not None,
                           BLOCK_HW=block_hw, BLOCK_C=block_c)
 
 
@@ -393,20 +452,36 @@ def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None,
     mean, rstd = _statistics(x, group_size, eps, input_bias)
     y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size, input_bias)
-    ctx.save_for_backward(x, weight, bias, scale_shift, input_bias, mean, rstd)
-    ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
+    _keep_for_backward(ctx, x, weight, bias, scale_shift, input_bias, mean, rstd, num_groups, eps, out_dtype)
     return y
 
 
-def _backward(ctx, dy, needed: tuple, residuals=()):
-    """``x``'s gradient and, where ``needed`` says, those of the weight, bias, timestep terms and input bias."""
+def _keep_for_backward(ctx, x, weight, bias, scale_shift, input_bias, mean, rstd, num_groups, eps, out_dtype=None):
+    ctx.save_for_backward(x, weight, bias, scale_shift, input_bias, mean, rstd)
+    ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
+
+
+def _half_size_like(x: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and channels > 1
+    return torch.empty((batch, channels, height // 2, width // 2), device=x.device, dtype=x.dtype,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _backward(ctx, dy, needed: tuple, residuals=(), halving: bool = False):
+    """``x``'s gradient and, where ``needed`` says, those of the weight, bias, timestep terms and input bias.
+    ``halving``: ``dy`` and the first residual are the gradients of 2x2 average poolings (:func:`group_norm_silu_
+    halving`)."""
     x, weight, bias, scale_shift, input_bias, mean, rstd = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residuals, input_bias)
+        grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residuals, input_bias,
+                                 halving)
     if not any(needed):
         return grad_x, [None] * 4
     x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
+    if halving:  # the pooling's gradient: a quarter of each window's to each of its pixels
+        dy = torch.nn.functional.interpolate(dy * 0.25, scale_factor=2, mode="nearest")
     return grad_x, _reference_parameter_gradients(x_in, dy, (weight, bias, scale_shift, input_bias), needed,
                                                   x.shape[1] // ctx.num_groups, ctx.eps)
 
@@ -460,6 +535,37 @@ class _GroupNormSiLUAndInput(torch.autograd.Function):
         return grad_x, weight, bias, scale_shift, None, None, None
 
 
+class _GroupNormSiLUHalving(torch.autograd.Function):
+    """``(avg_pool2d(group_norm_silu(x), 2), avg_pool2d(x, 2))`` and, with ``aliases=1``, ``x`` too: a down
+    ResBlock's input norm, whose output and skip input are both pooled before use. The pass that writes the
+    activation writes it pooled and pools ``x`` as it reads it, and the backward kernels read the poolings'
+    half-size gradients in place, where the poolings read and wrote full-size maps of their own both ways. The
+    third output is ``x`` itself, for the UNet's skip stack, whose gradient the backward kernel adds."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, aliases):
+        ctx.set_materialize_grads(False)
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"a 2x2 pooling needs an even height and width, not {x.shape[2]}x{x.shape[3]}")
+        x, _ = flat_strides(x)
+        group_size = x.shape[1] // num_groups
+        mean, rstd = _statistics(x, group_size, eps)
+        y, x_half = _half_size_like(x), _half_size_like(x)
+        _normalise_into(y, x, weight, bias, None, mean, rstd, group_size, halved_input=x_half)
+        _keep_for_backward(ctx, x, weight, bias, None, None, mean, rstd, num_groups, eps)
+        return (y, x_half, *(x.view_as(x) for _ in range(aliases)))
+
+    @staticmethod
+    def backward(ctx, dy, d_half, *d_aliases):
+        x = ctx.saved_tensors[0]
+        # Nobody leaves either pooling unused; a zero gradient keeps the kernel's first residual the half-size one.
+        dy, d_half = (torch.zeros_like(_half_size_like(x)) if d is None else d for d in (dy, d_half))
+        residuals = (d_half, *(d for d in d_aliases if d is not None))
+        grad_x, (weight, bias, _, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:3], False, False), residuals,
+                                                 halving=True)
+        return grad_x, weight, bias, None, None, None
+
+
 class _GroupNormSiLUOfPair(torch.autograd.Function):
     """``_GroupNormSiLUAndInput`` of ``torch.cat([a, b], 1)`` without the concatenation (a UNet output block's
     input: its running map and the encoder's skip). Each part's channels are whole groups, so each part's groups
@@ -508,9 +614,11 @@ class _GroupNormSiLUOfPair(torch.autograd.Function):
         return (*grads, *rest, None, None)
 
 
-def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residuals=(), input_bias=None):
+def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residuals=(), input_bias=None,
+                    halving: bool = False):
     """``x``'s gradient, with ``residuals`` (up to two: its gradients along other paths) added before the one
-    rounding."""
+    rounding. ``halving``: ``dy`` and the first residual are at half ``x``'s height and width, the gradients of
+    2x2 average poolings of the norm's output and of ``x``."""
     batch, channels, height, width = x.shape
     group_size, hw = channels // num_groups, height * width
     x, sx = flat_strides(x)
@@ -519,9 +627,9 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     grid = _reduction_grid_of(x, group_size, sx)
     partial = grid.partial_sums(2, x.device)
     _backward_stats_kernel[grid.launch](
-        x, dy, partial, mean, rstd, weight32, bias32, ss, ib, hw, channels, group_size, *sx, *sd,
+        x, dy, partial, mean, rstd, weight32, bias32, ss, ib, hw, width, channels, group_size, *sx, *sd,
         grid.rows_per_split, grid.splits, HAS_SCALE_SHIFT=scale_shift is not None,
-        HAS_INPUT_BIAS=input_bias is not None, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+        HAS_INPUT_BIAS=input_bias is not None, HALVING=halving, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
     rows = batch * num_groups
     c1, c2 = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
     _backward_stats_merge_kernel[_merge_launch(rows)](
@@ -534,10 +642,11 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     (r, sr), (r2, sr2) = [flat_strides(t) for t in residuals] + [(dx, so)] * (2 - len(residuals))
     block_hw, block_c = BACKWARD_TILE
     grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
-    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, r, r2, hw, channels, group_size,
-                           *sx, *sd, *so, *sr, *sr2, HAS_SCALE_SHIFT=scale_shift is not None,
+    _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, r, r2, hw, width, channels,
+                           group_size, *sx, *sd, *so, *sr, *sr2, HAS_SCALE_SHIFT=scale_shift is not None,
                            HAS_INPUT_BIAS=input_bias is not None, HAS_RESIDUAL=len(residuals) > 0,
-                           HAS_SECOND_RESIDUAL=len(residuals) > 1, BLOCK_HW=block_hw, BLOCK_C=block_c)
+                           HAS_SECOND_RESIDUAL=len(residuals) > 1, HALVING=halving, BLOCK_HW=block_hw,
+                           BLOCK_C=block_c)
     return dx
 
 
@@ -574,3 +683,13 @@ def group_norm_silu_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch
     if aliases not in (1, 2):
         raise ValueError(f"the norm hands its input on once or twice, not {aliases} times")
     return _GroupNormSiLUAndInput.apply(x, weight, bias, None, x.shape[1] // group_size, eps, aliases)
+
+
+def group_norm_silu_halving(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int, eps: float,
+                            aliases: int = 0) -> tuple[torch.Tensor, ...]:
+    """``(avg_pool2d(group_norm_silu(x, ...), 2), avg_pool2d(x, 2))``, the same bits, without either full-size
+    map in between: a down ResBlock's norm and its skip input (even height and width). With ``aliases=1``, ``x``
+    too, for a third use (the UNet's skip stack), whose gradient is added inside the backward kernel."""
+    if aliases not in (0, 1):
+        raise ValueError(f"the halving norm hands its input on at most once, not {aliases} times")
+    return _GroupNormSiLUHalving.apply(x, weight, bias, x.shape[1] // group_size, eps, aliases)

@@ -290,6 +290,9 @@ class ResBlock(nn.Module):
                  hand_input_on: bool) -> tuple[torch.Tensor, torch.Tensor]:
         norm_in, act_in, _ = self.in_layers
         handed = x
+        if self._halves_in_the_norm(x):
+            h, x, *rest = _fused_norm_silu_halving(norm_in, x, hand_input_on)
+            return self._after_input_norm(h, x, activated_emb, resampled=True), rest[0] if rest else handed
         if self.norm_kernel:
             h, x, *rest = _fused_norm_silu_keeping_input(self.norm_kernel, norm_in, x, hand_input_on)
             handed = rest[0] if rest else handed
@@ -297,9 +300,18 @@ class ResBlock(nn.Module):
             h = act_in(norm_in(x))
         return self._after_input_norm(h, x, activated_emb), handed
 
-    def _after_input_norm(self, h: torch.Tensor, x: torch.Tensor, activated_emb: torch.Tensor) -> torch.Tensor:
+    def _halves_in_the_norm(self, x: torch.Tensor) -> bool:
+        """Whether the Triton norm makes this down block's two 2x2 poolings itself (its output's and the skip
+        input's; see :func:`blended.triton_norm.group_norm_silu_halving`)."""
+        resample = self.resample
+        return (self.norm_kernel == "triton" and isinstance(resample, Downsample)
+                and isinstance(resample.op, nn.AvgPool2d) and self.in_layers[0].affine
+                and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and runs_triton_kernels(x))
+
+    def _after_input_norm(self, h: torch.Tensor, x: torch.Tensor, activated_emb: torch.Tensor,
+                          resampled: bool = False) -> torch.Tensor:
         conv_in = self.in_layers[2]
-        if self.resample is not None:
+        if self.resample is not None and not resampled:
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
             x = self.resample(x)
@@ -409,6 +421,15 @@ def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm, x: torch.Ten
         return group_norm_silu_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps,
                                          aliases=2 if hand_on else 1)
     return (_fused_norm_silu(kernel, norm, x), x, x) if hand_on else (_fused_norm_silu(kernel, norm, x), x)
+
+
+def _fused_norm_silu_halving(norm: nn.GroupNorm, x: torch.Tensor, hand_on: bool = False) -> tuple[torch.Tensor, ...]:
+    """``(avg_pool(_fused_norm_silu("triton", norm, x)), avg_pool(x))`` (2x2), and with ``hand_on`` ``x`` itself
+    for the UNet's skip stack, by the Triton kernels: the same bits without the poolings' full-size maps."""
+    from .triton_norm import group_norm_silu_halving
+
+    return group_norm_silu_halving(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps,
+                                   aliases=1 if hand_on else 0)
 
 
 def _residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

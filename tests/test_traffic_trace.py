@@ -90,6 +90,20 @@ def test_the_norm_kernel_adds_the_skip_paths_gradient_itself(step_traffic):
     assert any("_ModelledKernelKeepingInputBackward" in row["site"] for row in fused["by_site"])
 
 
+def test_down_blocks_pool_inside_the_norm_kernels(step_traffic):
+    """A down ResBlock pools its norm's output and its skip input: eagerly two avg_pool2d passes over full-size
+    maps and, backward, two upsampled full-size gradients; the Triton norm writes both poolings and reads their
+    half-size gradients itself."""
+    def ops(result):
+        return {row["op"] for row in result["by_op"]}
+    def sites(result):
+        return " ".join(row["site"] for row in result["by_site"])
+    eager, fused = step_traffic["fast-gpu"], step_traffic["fast-gpu+channels_last+triton_norm+triton_clip"]
+    assert "avg_pool2d" in ops(eager) and "_HalvingAvgPoolBackward" in sites(eager)
+    assert "avg_pool2d" not in ops(fused) and "_HalvingAvgPoolBackward" not in sites(fused)
+    assert "_ModelledKernelHalvingBackward" in sites(fused)
+
+
 def test_script_traffic_needs_a_whole_step(capsys):
     import runpy
     from pathlib import Path

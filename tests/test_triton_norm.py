@@ -33,6 +33,7 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "float32_output_of_a_bfloat16_input_needs_no_converted_copy",
           "the_256px_models_group_sizes_match_the_reference",
           "pair_of_maps_is_normalised_as_their_concatenation",
+          "down_blocks_poolings_are_made_by_the_norm",
           "many_splits_are_merged_like_one_reduction",
           "input_bias_is_the_norm_of_the_sum",
           "residual_sum_is_the_plain_sum_rounded_once")

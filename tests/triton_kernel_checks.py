@@ -121,11 +121,14 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     options = FastPathOptions(triton_norm=True, channels_last=True)
     pairs, of_pair = [], kernels.group_norm_silu_of_pair
     sums, residual_sum = [], triton_residual.residual_sum
-    handed, and_input = [], kernels.group_norm_silu_and_input
+    handed, and_input, halving = [], kernels.group_norm_silu_and_input, kernels.group_norm_silu_halving
+    halved = []
     kernels.group_norm_silu_of_pair = lambda a, b, *rest: pairs.append((a.shape[1], b.shape[1])) or of_pair(a, b, *rest)
     triton_residual.residual_sum = lambda skip, h, bias: sums.append(h.shape[1]) or residual_sum(skip, h, bias)
     kernels.group_norm_silu_and_input = lambda *args, aliases=1: (handed.append(aliases == 2)
                                                                   or and_input(*args, aliases=aliases))
+    kernels.group_norm_silu_halving = lambda *args, aliases=0: (halved.append(aliases == 1) or handed.append(
+        aliases == 1) or halving(*args, aliases=aliases))
     try:
         with fast_paths.run_clones(unet, clip, options) as (fast, _):
             assert fast.norm_kernel == "triton"
@@ -135,7 +138,11 @@ def check_unet_with_triton_norm_matches_the_unet_without():
         kernels.group_norm_silu_of_pair = of_pair
         triton_residual.residual_sum = residual_sum
         kernels.group_norm_silu_and_input = and_input
+        kernels.group_norm_silu_halving = halving
     assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    # Every down ResBlock (pooling, no conv) made its two poolings in its norm.
+    downs = [m for m in unet.modules() if type(m).__name__ == "ResBlock" and type(m.resample).__name__ == "Downsample"]
+    assert len(halved) == len(downs) > 0, (halved, len(downs))
     # Every input block after the first that begins with a ResBlock, and the middle block, took the decoder's
     # gradient for its input into its first norm's backward.
     taking = [type(block[0]).__name__ == "ResBlock" for block in [*unet.input_blocks[1:], unet.middle_block]]
@@ -332,6 +339,46 @@ def check_skip_stack_gradient_is_added_in_the_same_pass():
     expected = group_norm_act(x, weight, bias, 2, 1e-5)
     (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum(), x)
     assert rel(gx, gx_expected) < 1e-6
+
+
+def check_down_blocks_poolings_are_made_by_the_norm():
+    # A down ResBlock's input norm: its output and its skip input 2x2-pooled by the pass that writes the output,
+    # and both poolings' half-size gradients read in place by the backward kernels, with the skip stack's
+    # gradient (aliases=1) added. Against the reference in float32 and both memory formats; in bf16 against the
+    # norm kernels and avg_pool2d apart (each activation rounded before the pooling, as that map was).
+    avg_pool = torch.nn.functional.avg_pool2d
+    for channels_last in (True, False):
+        x, weight, bias, _ = case((2, 64, 6, 10), torch.float32, channels_last, False, seed=41)
+        gen = torch.Generator().manual_seed(42)
+        grad_y, grad_half = on_device(*(torch.randn(2, 64, 3, 5, generator=gen) for _ in range(2)))
+        grad_stack = on_device(torch.randn(x.shape, generator=gen))
+        y, x_half, x_stack = kernels.group_norm_silu_halving(x, weight, bias, 2, 1e-5, aliases=1)
+        expected, expected_half = avg_pool(group_norm_act(x, weight, bias, 2, 1e-5), 2), avg_pool(x, 2)
+        assert rel(y, expected) < 1e-6 and rel(x_half, expected_half) < 1e-6 and torch.equal(x_stack, x)
+        assert y.stride() == x_half.stride() == expected_half.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format).stride()
+        (gx,) = torch.autograd.grad((y * grad_y).sum() + (x_half * grad_half).sum() + (x_stack * grad_stack).sum(), x)
+        (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (expected_half * grad_half).sum()
+                                             + (x * grad_stack).sum(), x)
+        assert rel(gx, gx_expected) < 1e-6 and gx.stride() == x.stride()
+    x, weight, bias, _ = case((2, 64, 8, 8), torch.bfloat16, True, False, seed=43)
+    gen = torch.Generator().manual_seed(44)
+    grad_y, grad_half = on_device(*(torch.randn(2, 64, 4, 4, generator=gen).to(torch.bfloat16) for _ in range(2)))
+    y, x_half = kernels.group_norm_silu_halving(x, weight, bias, 2, 1e-5)
+    (gx,) = torch.autograd.grad((y.float() * grad_y).sum() + (x_half.float() * grad_half).sum(), x)
+    apart, x_skip = kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5)
+    y_apart, half_apart = avg_pool(apart, 2), avg_pool(x_skip, 2)
+    (gx_apart,) = torch.autograd.grad((y_apart.float() * grad_y).sum() + (half_apart.float() * grad_half).sum(), x)
+    assert y.dtype == x_half.dtype == torch.bfloat16
+    assert within_one_bf16_step(y, y_apart, 1e-6) and within_one_bf16_step(x_half, half_apart, 1e-6)
+    # The same float32 terms either way: a quarter of each window's gradient is exact in both.
+    assert rel(gx, gx_apart) < 1e-6
+    try:
+        kernels.group_norm_silu_halving(x[:, :, :7], weight, bias, 2, 1e-5)
+    except ValueError as error:
+        assert "even height and width" in str(error)
+    else:
+        raise AssertionError("an odd height was pooled")
 
 
 def check_pair_of_maps_is_normalised_as_their_concatenation():
