@@ -109,8 +109,11 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
                                         {**tile(BACKWARD_TILE), **terms, "HAS_RESIDUAL": residuals > 0,
                                          "HAS_SECOND_RESIDUAL": residuals > 1}, pointers,
                                         (2 + gradient * (1 + (residuals > 0)) + (residuals > 1)) * size))
-        cases.append(KernelCase("triton_residual", "_residual_sum_kernel", dtype, tile(FORWARD_TILE),
-                                ("s_ptr", "h_ptr", "out_ptr", "bias_ptr"), 3 * size))
+        # An up block's skip is read at half size, once for 4 pixels of the output.
+        for upsampled_skip in (False, True):
+            cases.append(KernelCase("triton_residual", "_residual_sum_kernel", dtype,
+                                    {**tile(FORWARD_TILE), "UPSAMPLED_SKIP": upsampled_skip},
+                                    ("s_ptr", "h_ptr", "out_ptr", "bias_ptr"), (2.25 if upsampled_skip else 3) * size))
         gelu = {"BLOCK": GELU_BLOCK}
         cases.append(KernelCase("triton_clip", "_gelu_forward_kernel", dtype, gelu, ("x_ptr", "y_ptr"), 2 * size))
         cases.append(KernelCase("triton_clip", "_gelu_backward_kernel", dtype, gelu, ("x_ptr", "dy_ptr", "dx_ptr"),

@@ -260,17 +260,21 @@ class _ModelledKernelOfPair(torch.autograd.Function):
 
 class _ModelledResidualSum(torch.autograd.Function):
     """Stands in for :func:`blended.triton_residual.residual_sum`: one pass reading both maps and writing the
-    sum; the backward hands the gradient to both as it is (no kernel)."""
+    sum; the backward hands the gradient to both as it is (no kernel), or for a half-size skip (an up block's
+    input, read as its upsampling) runs the upsampling's backward, as the kernel's does."""
 
     @staticmethod
-    def forward(ctx, counter, skip, h):
+    def forward(ctx, counter, skip, h, upsampled_skip):
         out = torch.empty_like(h, dtype=torch.result_type(skip, h))
         counter.charge("residual sum + bias (Triton)", touched_bytes(skip) + touched_bytes(h) + touched_bytes(out))
+        ctx.skip_shape = tuple(skip.shape) if upsampled_skip else None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad, grad
+        from .triton_residual import upsampling_gradient
+
+        return None, grad if ctx.skip_shape is None else upsampling_gradient(grad, ctx.skip_shape), grad, None
 
 
 class _ModelledResidualLayerNorm(torch.autograd.Function):
@@ -325,7 +329,8 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
                 return _ModelledKernelOfPair.apply(counter, "GroupNorm+SiLU", 2, 2, a, b)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_of_pair", norm_silu_of_pair))
             patches.enter_context(mock.patch.object(
-                unet_module, "_residual_sum", lambda skip, h, bias: _ModelledResidualSum.apply(counter, skip, h)))
+                unet_module, "_residual_sum", lambda skip, h, bias, upsampled_skip=False: _ModelledResidualSum.apply(
+                    counter, skip, h, upsampled_skip)))
             # The tensors are fake CPU ones: let the output blocks take the parts as the kernels would on CUDA.
             patches.enter_context(mock.patch.object(unet_module, "runs_triton_kernels", lambda tensor: True))
         if options.triton_clip:

@@ -268,10 +268,10 @@ def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_p
 
 
 @triton.jit
-def _gradient_pixels(pixels, W, HALVING: tl.constexpr):
-    # Where x's pixels find their output's gradient: at the same pixels, or with HALVING (``W`` being x's width) at
-    # the 2x2 window's pixel of the half-size output, whose gradient each of the four gets a quarter of.
-    if HALVING:
+def half_size_pixels(pixels, W, HALF: tl.constexpr):
+    # The pixels of a map of width ``W`` as indices into a map of half its height and width (each 2x2 window's
+    # one pixel: the 2x2 pooling's output, or the map a nearest 2x upsampling read), or, without HALF, themselves.
+    if HALF:
         row = pixels // W
         return row // 2 * (W // 2) + (pixels - row * W) // 2
     return pixels
@@ -302,7 +302,7 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
         mask = (pixels < end)[:, None] & c_mask[None, :]
         v = tl.load(x_base[None, :] + pixels[:, None] * sx_hw, mask=mask, other=0.0)
         # A masked lane reads a zero gradient, so its dxhat is zero and adds nothing.
-        dy = tl.load(dy_base[None, :] + _gradient_pixels(pixels, W, HALVING)[:, None] * sd_hw, mask=mask,
+        dy = tl.load(dy_base[None, :] + half_size_pixels(pixels, W, HALVING)[:, None] * sd_hw, mask=mask,
                      other=0.0).to(tl.float32)
         if HALVING:
             dy = dy * 0.25
@@ -321,10 +321,11 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
                      HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr, HALVING: tl.constexpr,
                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # With HALVING the output's gradient and the first residual's come at half size (2x2 average poolings of the
-    # norm's output and of x: a quarter of each window's gradient to each of its pixels).
+    # norm's output and of x: a quarter of each window's gradient to each of its pixels, read where
+    # half_size_pixels says).
     b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
     v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-    halved = _gradient_pixels(rows, W, HALVING)
+    halved = half_size_pixels(rows, W, HALVING)
     dy = tl.load(dy_ptr + b * sd_b + halved[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask,
                  other=0.0).to(tl.float32)
     if HALVING:

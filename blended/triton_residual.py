@@ -9,6 +9,10 @@ where there were two passes reading three. (The block's first convolution gives 
 :func:`blended.triton_norm.group_norm_silu`'s ``input_bias``.) The output's gradient goes to both maps as it
 is, so the backward launches nothing.
 
+An up ResBlock's skip path is its input upsampled 2x (nearest): the kernel reads the input at half size where
+the upsampling wrote a map four times its size for this pass to read back (``upsampled_skip``); the backward
+sums each 2x2 window's gradient for it, as the upsampling's backward did.
+
 The sum is computed in float32 and rounded once; torch rounds the biased convolution output and then the sum.
 The tests run the kernel in Triton's CPU interpreter against that plain sum.
 """
@@ -19,16 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_norm import FORWARD_TILE, flat_strides, pixel_tile
+from .triton_norm import FORWARD_TILE, flat_strides, half_size_pixels, pixel_tile
 
 __all__ = ["residual_sum"]
 
 
-@triton.jit
-def _residual_sum_kernel(s_ptr, h_ptr, bias_ptr, out_ptr, HW, C, ss_b, ss_hw, ss_c, sh_b, sh_hw, sh_c,
-                         so_b, so_hw, so_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=("W",))
+def _residual_sum_kernel(s_ptr, h_ptr, bias_ptr, out_ptr, HW, W, C, ss_b, ss_hw, ss_c, sh_b, sh_hw, sh_c,
+                         so_b, so_hw, so_c, UPSAMPLED_SKIP: tl.constexpr, BLOCK_HW: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    # UPSAMPLED_SKIP: the skip map is at half the output's height and width (``W``: the output's), each of its
+    # pixels read for its 2x2 window, as a nearest 2x upsampling would have copied it.
     b, pixels, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
-    s = tl.load(s_ptr + b * ss_b + pixels[:, None] * ss_hw + cols[None, :] * ss_c, mask=mask, other=0.0)
+    s = tl.load(s_ptr + b * ss_b + half_size_pixels(pixels, W, UPSAMPLED_SKIP)[:, None] * ss_hw
+                + cols[None, :] * ss_c, mask=mask, other=0.0)
     h = tl.load(h_ptr + b * sh_b + pixels[:, None] * sh_hw + cols[None, :] * sh_c, mask=mask, other=0.0)
     bias = tl.load(bias_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     out = s.to(tl.float32) + h.to(tl.float32) + bias
@@ -38,7 +46,7 @@ def _residual_sum_kernel(s_ptr, h_ptr, bias_ptr, out_ptr, HW, C, ss_b, ss_hw, ss
 
 class _ResidualSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, skip, h, bias):
+    def forward(ctx, skip, h, bias, upsampled_skip):
         batch, channels, height, width = h.shape
         skip, s_strides = flat_strides(skip)
         h, h_strides = flat_strides(h)
@@ -46,22 +54,38 @@ class _ResidualSum(torch.autograd.Function):
         _, o_strides = flat_strides(out)
         block_hw, block_c = FORWARD_TILE
         grid = (batch, triton.cdiv(height * width, block_hw), triton.cdiv(channels, block_c))
-        _residual_sum_kernel[grid](skip, h, bias.contiguous(), out, height * width, channels, *s_strides,
-                                   *h_strides, *o_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+        _residual_sum_kernel[grid](skip, h, bias.contiguous(), out, height * width, width, channels, *s_strides,
+                                   *h_strides, *o_strides, UPSAMPLED_SKIP=upsampled_skip, BLOCK_HW=block_hw,
+                                   BLOCK_C=block_c)
         ctx.dtypes = skip.dtype, h.dtype, bias.dtype
+        ctx.skip_shape = tuple(skip.shape) if upsampled_skip else None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         skip_dtype, h_dtype, bias_dtype = ctx.dtypes
         grad_bias = grad.sum((0, 2, 3), dtype=torch.float32).to(bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad.to(skip_dtype), grad.to(h_dtype), grad_bias
+        grad_skip = grad
+        if ctx.skip_shape is not None and ctx.needs_input_grad[0]:
+            grad_skip = upsampling_gradient(grad, ctx.skip_shape)
+        return grad_skip.to(skip_dtype), grad.to(h_dtype), grad_bias, None
 
 
-def residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def upsampling_gradient(grad: torch.Tensor, input_shape: tuple) -> torch.Tensor:
+    """The gradient of a nearest 2x upsampling of a map of ``input_shape``: each 2x2 window's sum, by the op that
+    upsampling's own backward runs (in ``grad``'s dtype, as :func:`blended.unet.upsample_nearest_2x` upsamples in
+    the map's)."""
+    return torch.ops.aten.upsample_nearest2d_backward(grad, list(grad.shape[2:]), list(input_shape), 2.0, 2.0)
+
+
+def residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, upsampled_skip: bool = False) -> torch.Tensor:
     """``skip + h + bias[None, :, None, None]`` for two [B, C, H, W] maps of one shape, in ``h``'s memory format
-    and the two maps' promoted dtype (the bias is added in float32 and not promoted to)."""
-    if skip.shape != h.shape or h.dim() != 4 or bias.shape != (h.shape[1],):
-        raise ValueError(f"a residual sum takes two maps of one [B, C, H, W] shape and a [C] bias, not "
-                         f"{tuple(skip.shape)}, {tuple(h.shape)} and {tuple(bias.shape)}")
-    return _ResidualSum.apply(skip, h, bias)
+    and the two maps' promoted dtype (the bias is added in float32 and not promoted to). With ``upsampled_skip``
+    ``skip`` is [B, C, H / 2, W / 2] and stands for its nearest 2x upsampling, which is not made."""
+    expected = (*h.shape[:2], h.shape[2] // 2, h.shape[3] // 2) if upsampled_skip else tuple(h.shape)
+    if (tuple(skip.shape) != expected or h.dim() != 4 or bias.shape != (h.shape[1],)
+            or (upsampled_skip and (h.shape[2] % 2 or h.shape[3] % 2))):
+        raise ValueError(f"a residual sum takes two maps of one [B, C, H, W] shape (with an upsampled skip, the skip "
+                         f"at half the height and width) and a [C] bias, not {tuple(skip.shape)}, {tuple(h.shape)} "
+                         f"and {tuple(bias.shape)}")
+    return _ResidualSum.apply(skip, h, bias, upsampled_skip)

@@ -311,15 +311,17 @@ class ResBlock(nn.Module):
     def _after_input_norm(self, h: torch.Tensor, x: torch.Tensor, activated_emb: torch.Tensor,
                           resampled: bool = False) -> torch.Tensor:
         conv_in = self.in_layers[2]
+        upsampled_skip = self._upsamples_skip_in_the_sum(h)
         if self.resample is not None and not resampled:
             # The original resamples after norm+SiLU and before the conv, and resamples the skip input too.
             h = self.resample(h)
-            x = self.resample(x)
+            x = x if upsampled_skip else self.resample(x)
         norm_out, act_out, _, conv_out = self.out_layers
         if self._folds_biases(h):
             h = conv_in.without_bias(h)
             h = self._fused_out_norm(h, self._timestep_terms(activated_emb, h.dtype), conv_in.bias)
-            return _residual_sum(self.skip_connection(x), conv_out.without_bias(self._dropout(h)), conv_out.bias)
+            return _residual_sum(self.skip_connection(x), conv_out.without_bias(self._dropout(h)), conv_out.bias,
+                                 upsampled_skip)
         h = conv_in(h)
         emb_out = self._timestep_terms(activated_emb, h.dtype)
         if self.norm_kernel:
@@ -359,6 +361,13 @@ class ResBlock(nn.Module):
         if folds:
             return _residual_sum(skip, conv_out.without_bias(self._dropout(h)), conv_out.bias)
         return skip + conv_out(self._dropout(h))
+
+    def _upsamples_skip_in_the_sum(self, h: torch.Tensor) -> bool:
+        """Whether this up block's skip input goes to the residual sum's kernel at its own size, which reads it as
+        its nearest 2x upsampling (:func:`blended.triton_residual.residual_sum`'s ``upsampled_skip``)."""
+        resample = self.resample
+        return (isinstance(resample, Upsample) and getattr(resample, "conv", None) is None
+                and isinstance(self.skip_connection, nn.Identity) and self._folds_biases(h))
 
     def _folds_biases(self, h: torch.Tensor) -> bool:
         """Whether the two convolutions leave their biases to the Triton kernels: the first's to the norm after
@@ -432,12 +441,13 @@ def _fused_norm_silu_halving(norm: nn.GroupNorm, x: torch.Tensor, hand_on: bool 
                                    aliases=1 if hand_on else 0)
 
 
-def _residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor,
+                  upsampled_skip: bool = False) -> torch.Tensor:
     """``skip + h + bias`` per channel, by one Triton kernel (a ResBlock's output; see
-    :mod:`blended.triton_residual`)."""
+    :mod:`blended.triton_residual`); with ``upsampled_skip``, ``skip`` upsampled 2x (nearest) without making it."""
     from .triton_residual import residual_sum
 
-    return residual_sum(skip, h, bias)
+    return residual_sum(skip, h, bias, upsampled_skip)
 
 
 def _fused_norm_silu_of_pair(norm: nn.GroupNorm, a: torch.Tensor,

@@ -36,7 +36,8 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "down_blocks_poolings_are_made_by_the_norm",
           "many_splits_are_merged_like_one_reduction",
           "input_bias_is_the_norm_of_the_sum",
-          "residual_sum_is_the_plain_sum_rounded_once")
+          "residual_sum_is_the_plain_sum_rounded_once",
+          "residual_sum_reads_an_upsampled_skip_at_half_size")
 
 
 @pytest.mark.parametrize("check", CHECKS)

@@ -124,7 +124,9 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     handed, and_input, halving = [], kernels.group_norm_silu_and_input, kernels.group_norm_silu_halving
     halved = []
     kernels.group_norm_silu_of_pair = lambda a, b, *rest: pairs.append((a.shape[1], b.shape[1])) or of_pair(a, b, *rest)
-    triton_residual.residual_sum = lambda skip, h, bias: sums.append(h.shape[1]) or residual_sum(skip, h, bias)
+    upsampled = []
+    triton_residual.residual_sum = lambda skip, h, bias, up=False: (sums.append(h.shape[1]) or upsampled.append(up)
+                                                                    or residual_sum(skip, h, bias, up))
     kernels.group_norm_silu_and_input = lambda *args, aliases=1: (handed.append(aliases == 2)
                                                                   or and_input(*args, aliases=aliases))
     kernels.group_norm_silu_halving = lambda *args, aliases=0: (halved.append(aliases == 1) or handed.append(
@@ -140,6 +142,9 @@ def check_unet_with_triton_norm_matches_the_unet_without():
         kernels.group_norm_silu_and_input = and_input
         kernels.group_norm_silu_halving = halving
     assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    # Every up ResBlock (upsampling, no conv) left its skip input's upsampling to the residual sum.
+    ups = [m for m in unet.modules() if type(m).__name__ == "ResBlock" and type(m.resample).__name__ == "Upsample"]
+    assert upsampled.count(True) == len(ups) > 0, (upsampled, len(ups))
     # Every down ResBlock (pooling, no conv) made its two poolings in its norm.
     downs = [m for m in unet.modules() if type(m).__name__ == "ResBlock" and type(m.resample).__name__ == "Downsample"]
     assert len(halved) == len(downs) > 0, (halved, len(downs))
@@ -339,6 +344,39 @@ def check_skip_stack_gradient_is_added_in_the_same_pass():
     expected = group_norm_act(x, weight, bias, 2, 1e-5)
     (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum(), x)
     assert rel(gx, gx_expected) < 1e-6
+
+
+def check_residual_sum_reads_an_upsampled_skip_at_half_size():
+    # An up block's output: its half-size input read as its nearest 2x upsampling, which is not made; the skip's
+    # gradient each 2x2 window's sum, as the upsampling's backward gives it. Both memory formats, non-square maps,
+    # float32 and bf16; a skip of any other size, or an odd output, refused.
+    gen = torch.Generator().manual_seed(51)
+    upsample = torch.nn.functional.interpolate
+    for dtype in (torch.float32, torch.bfloat16):
+        for channels_last in (True, False):
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            skip = on_device(torch.randn(2, 96, 3, 5, generator=gen)).to(dtype).contiguous(memory_format=layout)
+            h = on_device(torch.randn(2, 96, 6, 10, generator=gen)).to(dtype).contiguous(memory_format=layout)
+            bias = on_device(torch.randn(96, generator=gen))
+            skip.requires_grad_(True)
+            h.requires_grad_(True)
+            out = triton_residual.residual_sum(skip, h, bias, upsampled_skip=True)
+            expected = upsample(skip, scale_factor=2, mode="nearest") + h + bias.view(1, -1, 1, 1).to(dtype)
+            assert out.stride() == h.stride() and out.dtype == dtype
+            exact = upsample(skip.double(), scale_factor=2, mode="nearest") + h.double() + bias.double().view(
+                1, -1, 1, 1)
+            assert rel(out, expected) < 1e-7 if dtype == torch.float32 else within_one_bf16_step(out, exact, 2 ** -126)
+            grad = on_device(torch.randn(out.shape, generator=gen)).to(dtype)
+            got, want = (torch.autograd.grad(y, (skip, h), grad) for y in (out, expected))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for skip_shape, h_shape in (((2, 96, 3, 4), (2, 96, 6, 10)), ((2, 96, 3, 5), (2, 96, 7, 10))):
+        try:
+            triton_residual.residual_sum(on_device(torch.zeros(skip_shape)), on_device(torch.zeros(h_shape)),
+                                         bias.detach(), upsampled_skip=True)
+        except ValueError as error:
+            assert "half the height and width" in str(error)
+        else:
+            raise AssertionError(f"an upsampled skip of {skip_shape} was summed with {h_shape}")
 
 
 def check_down_blocks_poolings_are_made_by_the_norm():
