@@ -254,7 +254,7 @@ def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_p
             v = tl.load(x_ptr + b * sx_b + pixels[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask,
                         other=0.0).to(tl.float32)
             # Each activation rounded to the output's dtype before the sum, in the window's row order, as the
-            # norm's map was and as avg_pool2d sums it: the same bits as the two ops apart.
+            # norm's map was and as avg_pool2d sums it: the same sums as the two ops apart.
             y += _silu_of_norm(v, mean, rstd, gain, offset).to(y_ptr.dtype.element_ty).to(tl.float32)
             x_sum += v
         y = y * 0.25
@@ -560,7 +560,7 @@ class _GroupNormSiLUHalving(torch.autograd.Function):
     def backward(ctx, dy, d_half, *d_aliases):
         x = ctx.saved_tensors[0]
         # Nobody leaves either pooling unused; a zero gradient keeps the kernel's first residual the half-size one.
-        dy, d_half = (torch.zeros_like(_half_size_like(x)) if d is None else d for d in (dy, d_half))
+        dy, d_half = (_half_size_like(x).zero_() if d is None else d for d in (dy, d_half))
         residuals = (d_half, *(d for d in d_aliases if d is not None))
         grad_x, (weight, bias, _, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:3], False, False), residuals,
                                                  halving=True)

@@ -82,9 +82,10 @@ def residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, upsamp
     """``skip + h + bias[None, :, None, None]`` for two [B, C, H, W] maps of one shape, in ``h``'s memory format
     and the two maps' promoted dtype (the bias is added in float32 and not promoted to). With ``upsampled_skip``
     ``skip`` is [B, C, H / 2, W / 2] and stands for its nearest 2x upsampling, which is not made."""
-    expected = (*h.shape[:2], h.shape[2] // 2, h.shape[3] // 2) if upsampled_skip else tuple(h.shape)
-    if (tuple(skip.shape) != expected or h.dim() != 4 or bias.shape != (h.shape[1],)
-            or (upsampled_skip and (h.shape[2] % 2 or h.shape[3] % 2))):
+    expected = tuple(h.shape)
+    if upsampled_skip and h.dim() == 4:
+        expected = (*h.shape[:2], h.shape[2] // 2, h.shape[3] // 2) if h.shape[2] % 2 == h.shape[3] % 2 == 0 else None
+    if tuple(skip.shape) != expected or h.dim() != 4 or bias.shape != (h.shape[1],):
         raise ValueError(f"a residual sum takes two maps of one [B, C, H, W] shape (with an upsampled skip, the skip "
                          f"at half the height and width) and a [C] bias, not {tuple(skip.shape)}, {tuple(h.shape)} "
                          f"and {tuple(bias.shape)}")
