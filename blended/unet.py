@@ -485,7 +485,10 @@ class AttentionBlock(nn.Module):
         normed = self.norm(tokens).transpose(1, 2)
         qkv = F.linear(normed, self.qkv.weight.squeeze(-1), self.qkv.bias)
         head_dim = channels // self.num_heads
-        q, k, v = qkv.view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # Unbound along the packed dimension itself (the same views as unbinding after a permute), so that the
+        # backward stacks the three gradients straight into the projection's layout; stacked along a leading
+        # dimension, they were copied once more to get there.
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, self.num_heads, head_dim).unbind(2))
         attended = F.scaled_dot_product_attention(q, k, v)  # softmax accumulates in float32 for fp16/bf16
         attended = attended.transpose(1, 2).reshape(batch, length, channels)
         projected = F.linear(attended, self.proj_out.weight.squeeze(-1), self.proj_out.bias)

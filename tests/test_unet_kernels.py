@@ -1,14 +1,15 @@
-"""Kernel choices inside the UNet that must not change a bit: the down ResBlocks' 2x2 average pooling backward and
-the convolutions that keep only their weight for the backward."""
+"""Kernel choices inside the UNet that must not change a bit: the down ResBlocks' 2x2 average pooling backward, the
+convolutions that keep only their weight for the backward, and the attention's q, k and v views."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from blended.frozen_conv import FrozenWeightConv2d, pointwise_conv_of_pair
-from blended.unet import Downsample, _HalvingAvgPool
+from blended.unet import AttentionBlock, Downsample, _HalvingAvgPool
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -175,3 +176,45 @@ def test_a_1x1_conv_of_two_parts_is_the_conv_of_their_concatenation(autocast):
     torch.testing.assert_close(gb, gb_expected, atol=tolerance, rtol=tolerance)
     assert all(g.is_contiguous(memory_format=torch.channels_last) for g in (ga, gb))
     assert conv.weight.grad is None
+
+
+class _BackwardCopies(TorchDispatchMode):
+    """Records the copies (``clone``, ``copy_``) autograd's backward makes inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch._C._current_graph_task_id() != -1 and func.__name__.split(".")[0] in ("clone", "copy_"):
+            node = torch._C._current_autograd_node()
+            self.copies.append(f"{func.__name__} in {node.name() if node is not None else '?'}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_backward_stacks_the_qkv_gradient_in_the_projections_layout():
+    """q, k and v are views of the packed projection unbound along its packed dimension, so the backward stacks
+    their gradients straight into the projection's layout; unbound after a permute (the same views), the stacked
+    gradient was copied once more before the projection's backward. The same values either way."""
+    gen = torch.Generator().manual_seed(3)
+    block = AttentionBlock(64, 4, legacy_order=True).to(torch.bfloat16)
+    x = torch.randn(2, 64, 8, 8, generator=gen).to(torch.bfloat16, memory_format=torch.channels_last)
+    grad = torch.randn(2, 64, 8, 8, generator=gen).to(torch.bfloat16, memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = block(x)
+    with _BackwardCopies() as recorded:
+        (got,) = torch.autograd.grad(out, x, grad)
+    assert recorded.copies == []
+
+    def permuted_forward(x):  # the earlier unbinding, for the values
+        batch, channels, height, width = x.shape
+        tokens = x.reshape(batch, channels, height * width)
+        qkv = F.linear(block.norm(tokens).transpose(1, 2), block.qkv.weight.squeeze(-1), block.qkv.bias)
+        q, k, v = qkv.view(batch, height * width, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, height * width, channels)
+        projected = F.linear(attended, block.proj_out.weight.squeeze(-1), block.proj_out.bias)
+        return (tokens + projected.transpose(1, 2)).reshape(x.shape)
+
+    expected = permuted_forward(x)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    assert torch.equal(out, expected) and torch.equal(got, want)
