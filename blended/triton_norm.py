@@ -64,9 +64,9 @@ REDUCTION_TILE = {True: (32, 64), False: (64, 32)}
 # count, which only places each program's partial sums. Specialising on them cost a 256x256 step 39 compiles at
 # batch 1 and more at other batches (45 over batches 1, 4 and 16); the same few now serve every batch size
 # (``scripts/kernel_report.py --cold-start``).
-# x's width, which only the halving passes read, would specialise the 8-px blocks apart. The passes that write a
-# map take no split count.
-_NOT_SPECIALISED = ("Cg", "W", "num_splits")
+# x's width, which only the halving passes read, would specialise the 8-px blocks apart, and a part's first channel
+# (0 but for the second of two parts) the parts apart. The passes that write a map take no split count.
+_NOT_SPECIALISED = ("Cg", "W", "c0", "num_splits")
 _MERGE_NOT_SPECIALISED = ("rows", "num_parts")  # both follow the batch
 
 
@@ -87,9 +87,10 @@ def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.conste
     return partial_ptr + ((b * C + cols) * num_splits + split) * WIDTH
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED[2:])
-def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[3:])
+def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, PC, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
                   HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # PC: the channels per sample of the partial sums, more than C where x is one part of a wider map.
     b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
     base = x_ptr + b * stride_b + cols * stride_c
     # Each lane of the tile keeps its own running mean and M2 (Welford's update), and the lanes are merged once
@@ -119,7 +120,7 @@ def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, stride_b, stride_hw, stride
     column_m2 = tl.sum(m2 + count[:, None] * spread * spread, axis=0)
     if HAS_INPUT_BIAS:  # the norm is of x + bias[c]: a constant per channel moves its mean, not its M2
         column_mean += tl.load(ib_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
-    out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 3)
+    out = _column_partial(partial_ptr, b, PC, cols, split, num_splits, 3)
     tl.store(out, tl.zeros((BLOCK_C,), dtype=tl.float32) + total, mask=c_mask)
     tl.store(out + 1, column_mean, mask=c_mask)
     tl.store(out + 2, column_m2, mask=c_mask)
@@ -207,13 +208,15 @@ def pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols, c_mask,
+def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0, cols, c_mask,
                    HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
     # Per-column group statistics and the affine and timestep terms folded into one gain and one offset, as
     # [1, BLOCK_C] rows (and the statistics' index): two terms fewer for every element, and two fewer registers per
     # column, than the four kept apart. With an input bias (the norm of x + bias[c]) the column's mean is moved
     # by it instead, so that x is read as it is: (x + bias - mean) = (x - (mean - bias)).
-    stat = b * (C // Cg) + cols // Cg
+    # G groups per sample; c0: the first channel's index in the map whose groups these are (x may be one part of
+    # a wider map, whose groups may lie across two parts).
+    stat = b * G + (c0 + cols) // Cg
     mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)
     if HAS_INPUT_BIAS:
         mean -= tl.load(ib_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
@@ -234,16 +237,16 @@ def _silu_of_norm(v, mean, rstd, gain, offset):
     return z * tl.sigmoid(z)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED[:2])
-def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C, Cg,
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[:3])
+def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C, Cg, G, c0,
                     sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, sh_b, sh_hw, sh_c, HAS_SCALE_SHIFT: tl.constexpr,
                     HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr, BLOCK_HW: tl.constexpr,
                     BLOCK_C: tl.constexpr):
     # With HALVING the tile's pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each
     # is the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
     b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
-    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
-                                                 c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
+    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
+                                                 cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     if HALVING:
         # Output pixel (i, j) = rows is x's (2i, 2j) = 2i * 2W + 2j, and its window's other three follow.
         top_left = 2 * (rows + rows // W * W)
@@ -287,12 +290,12 @@ def _input_gradient_terms(v, dy, mean, rstd, gain, offset):
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C,
-                           Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
+                           PC, Cg, G, c0, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
                            HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
                            BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
-    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
-                                                 c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
+    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
+                                                 cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     x_base = x_ptr + b * sx_b + cols * sx_c
     dy_base = dy_ptr + b * sd_b + cols * sd_c
     sum_dxhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)  # per lane, summed once after the loop
@@ -309,14 +312,14 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
         xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy, mean, rstd, gain, offset)
         sum_dxhat += dxhat
         sum_dxhat_xhat += dxhat * xhat
-    out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 2)
+    out = _column_partial(partial_ptr, b, PC, cols, split, num_splits, 2)
     tl.store(out, tl.sum(sum_dxhat, axis=0), mask=c_mask)
     tl.store(out + 1, tl.sum(sum_dxhat_xhat, axis=0), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALISED[:2])
+@triton.jit(do_not_specialize=_NOT_SPECIALISED[:3])
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, r_ptr,
-                     r2_ptr, HW, W, C, Cg, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw,
+                     r2_ptr, HW, W, C, Cg, G, c0, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw,
                      sr_c, sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr, HALVING: tl.constexpr,
                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -330,8 +333,8 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
                  other=0.0).to(tl.float32)
     if HALVING:
         dy = dy * 0.25
-    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, cols,
-                                                    c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
+    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G,
+                                                    c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
     xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy, mean, rstd, gain, offset)
@@ -384,10 +387,18 @@ class ReductionGrid:
 
     @property
     def launch(self) -> tuple[int, int, int]:
-        return self.batch, self.splits, triton.cdiv(self.channels, self.tile[1])
+        return self.launch_for(self.channels)
+
+    def launch_for(self, channels: int) -> tuple[int, int, int]:
+        """The launch over a part of the map of ``channels`` channels (all of them, or one of two parts)."""
+        return self.batch, self.splits, triton.cdiv(channels, self.tile[1])
 
     def partial_sums(self, width: int, device) -> torch.Tensor:
         return torch.empty(self.batch * self.channels * self.splits * width, device=device, dtype=torch.float32)
+
+    def partial_sums_from(self, partial: torch.Tensor, first_channel: int, width: int) -> torch.Tensor:
+        """Where the partial sums of the part whose channels start at ``first_channel`` begin."""
+        return partial[first_channel * self.splits * width:]
 
 
 def reduction_grid(batch: int, channels: int, hw: int, group_size: int, channels_contiguous: bool) -> ReductionGrid:
@@ -402,9 +413,17 @@ def reduction_grid(batch: int, channels: int, hw: int, group_size: int, channels
     return ReductionGrid(batch, channels, splits, rows_per_split, tile, group_size * splits)
 
 
-def _reduction_grid_of(x, group_size: int, strides) -> ReductionGrid:
-    batch, channels, height, width = x.shape
+def _reduction_grid_of(parts, group_size: int) -> ReductionGrid:
+    """One grid for ``parts`` side by side (their channels together): their splits' partial sums then lie as one
+    map's, and a group across two parts is merged like any other."""
+    batch, _, height, width = parts[0].shape
+    _, strides = flat_strides(parts[0])
+    channels = sum(part.shape[1] for part in parts)
     return reduction_grid(batch, channels, height * width, group_size, strides[2] == 1 and channels > 1)
+
+
+def _first_channels(parts) -> list[int]:
+    return [sum(part.shape[1] for part in parts[:i]) for i in range(len(parts))]
 
 
 def _merge_launch(rows: int) -> tuple[int]:
@@ -413,25 +432,34 @@ def _merge_launch(rows: int) -> tuple[int]:
 
 def _statistics(x, group_size: int, eps: float, input_bias=None):
     """Each (sample, group)'s mean and 1/std over ``x`` (plus ``input_bias`` per channel): float32, [B * groups]."""
-    batch, channels, height, width = x.shape
-    x, sx = flat_strides(x)
-    grid = _reduction_grid_of(x, group_size, sx)
-    partial = grid.partial_sums(3, x.device)
-    _stats_kernel[grid.launch](x, partial, _input_bias_argument(input_bias, partial), height * width, channels, *sx,
-                               grid.rows_per_split, grid.splits, HAS_INPUT_BIAS=input_bias is not None,
-                               BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
-    rows = batch * (channels // group_size)
-    mean, rstd = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
+    return _statistics_of_parts((x,), group_size, eps, input_bias)
+
+
+def _statistics_of_parts(parts, group_size: int, eps: float, input_bias=None):
+    """:func:`_statistics` of ``parts`` side by side, as of their concatenation along the channels, which is not
+    made (a group may lie across two parts). ``input_bias`` is for a single part."""
+    grid = _reduction_grid_of(parts, group_size)
+    batch, _, height, width = parts[0].shape
+    partial = grid.partial_sums(3, parts[0].device)
+    for part, first in zip(parts, _first_channels(parts), strict=True):
+        part, sx = flat_strides(part)
+        _stats_kernel[grid.launch_for(part.shape[1])](
+            part, grid.partial_sums_from(partial, first, 3), _input_bias_argument(input_bias, partial),
+            height * width, part.shape[1], grid.channels, *sx, grid.rows_per_split, grid.splits,
+            HAS_INPUT_BIAS=input_bias is not None, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+    rows = batch * (grid.channels // group_size)
+    mean, rstd = (torch.empty(rows, device=parts[0].device, dtype=torch.float32) for _ in range(2))
     _stats_merge_kernel[_merge_launch(rows)](partial, mean, rstd, rows, grid.parts, eps, BLOCK_R=MERGE_TILE[0],
                                              BLOCK_S=MERGE_TILE[1])
     return mean, rstd
 
 
 def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int, input_bias=None,
-                    halved_input=None) -> None:
+                    halved_input=None, place: tuple[int, int] | None = None) -> None:
     """Write ``silu`` of the normalised, affine (and scale-shifted) ``x`` into ``y``, which may be a channel
     slice of a larger map (its strides are read as they are). With ``halved_input`` (a map of half ``x``'s height
-    and width, as ``y`` is then) both are 2x2 average poolings: of the activation and of ``x``."""
+    and width, as ``y`` is then) both are 2x2 average poolings: of the activation and of ``x``. ``place``: ``x``
+    is the part from this channel on of a map of that many, whose groups ``mean`` and ``rstd`` hold."""
     batch, channels, height, width = y.shape
     x, sx = flat_strides(x)
     y_flat, sy = flat_strides(y)
@@ -439,10 +467,11 @@ def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int
         raise ValueError("the output must merge H and W into one pixel stride (NCHW, NHWC or a channel slice)")
     xh, sh = flat_strides(halved_input) if halved_input is not None else (y, sy)  # y: a pointer never written
     weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, channels)
+    first, total = place or (0, channels)
     block_hw, block_c = FORWARD_TILE if halved_input is None else HALVING_TILE
     grid = (batch, triton.cdiv(height * width, block_hw), triton.cdiv(channels, block_c))
     _forward_kernel[grid](x, y, xh, mean, rstd, weight32, bias32, ss, ib, height * width, width, channels, group_size,
-                          *sx, *sy, *sh, HAS_SCALE_SHIFT=scale_shift is not None,
+                          total // group_size, first, *sx, *sy, *sh, HAS_SCALE_SHIFT=scale_shift is not None,
                           HAS_INPUT_BIAS=input_bias is not None, HALVING=halved_input is not None,
                           BLOCK_HW=block_hw, BLOCK_C=block_c)
 
@@ -569,44 +598,51 @@ class _GroupNormSiLUHalving(torch.autograd.Function):
 
 class _GroupNormSiLUOfPair(torch.autograd.Function):
     """``_GroupNormSiLUAndInput`` of ``torch.cat([a, b], 1)`` without the concatenation (a UNet output block's
-    input: its running map and the encoder's skip). Each part's channels are whole groups, so each part's groups
-    are normalised from the part itself into its channels of one output, and each part's gradient is written as a
-    map of its own, its skip-path gradient added. Slicing a concatenation's gradient gave the convolutions
-    strided maps, which they copied first. The second and third outputs are ``a`` and ``b`` themselves, for the
-    skip path; what is kept for the backward is the two parts (the encoder's map is kept anyway) and two float32
-    numbers per group."""
+    input: its running map and the encoder's skip). The statistics' and gradient sums' passes read each part in
+    place into one set of partial sums laid out as the concatenation's, so a group lying across the two parts is
+    reduced like any other; each part is then normalised into its channels of one output, and each part's
+    gradient is written as a map of its own, its skip-path gradient added. Slicing a concatenation's gradient
+    gave the convolutions strided maps, which they copied first. The second and third outputs are ``a`` and ``b``
+    themselves, for the skip path; what is kept for the backward is the two parts (the encoder's map is kept
+    anyway) and two float32 numbers per group."""
 
     @staticmethod
     def forward(ctx, a, b, weight, bias, num_groups, eps):
         split, channels = a.shape[1], a.shape[1] + b.shape[1]
         group_size = channels // num_groups
-        if split % group_size or b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:]:
-            raise ValueError(f"a pair of {split} and {b.shape[1]} channels cannot be normalised in groups of "
-                             f"{group_size} as parts: a group would straddle them (or their shapes differ)")
+        if b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:] or channels % num_groups:
+            raise ValueError(f"maps of {tuple(a.shape)} and {tuple(b.shape)} cannot be normalised as the two parts of "
+                             f"one map in {num_groups} groups")
         a, _ = flat_strides(a)
         b, _ = flat_strides(b)
         channels_last = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
         y = torch.empty((a.shape[0], channels, *a.shape[2:]), device=a.device, dtype=a.dtype,
                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        statistics = []
-        for part, channel in ((a, slice(0, split)), (b, slice(split, channels))):
-            mean, rstd = _statistics(part, group_size, eps)
-            _normalise_into(y[:, channel], part, weight[channel], bias[channel], None, mean, rstd, group_size)
-            statistics += [mean, rstd]
-        ctx.save_for_backward(a, b, weight, bias, *statistics)
+        mean, rstd = _statistics_of_parts((a, b), group_size, eps)
+        for part, first in ((a, 0), (b, split)):
+            channel = slice(first, first + part.shape[1])
+            _normalise_into(y[:, channel], part, weight[channel], bias[channel], None, mean, rstd, group_size,
+                            place=(first, channels))
+        ctx.save_for_backward(a, b, weight, bias, mean, rstd)
         ctx.group_size, ctx.eps = group_size, eps
         return y, a.view_as(a), b.view_as(b)
 
     @staticmethod
     def backward(ctx, dy, d_a, d_b):
-        a, b, weight, bias, mean_a, rstd_a, mean_b, rstd_b = ctx.saved_tensors
+        a, b, weight, bias, mean, rstd = ctx.saved_tensors
         split, group_size = a.shape[1], ctx.group_size
+        channels = split + b.shape[1]
+        parts = [(part, dy[:, first:first + part.shape[1]], weight[first:first + part.shape[1]],
+                  bias[first:first + part.shape[1]]) for part, first in ((a, 0), (b, split))]
         grads = [None, None]
-        for i, (part, channel, mean, rstd, residual) in enumerate((
-                (a, slice(0, split), mean_a, rstd_a, d_a), (b, slice(split, None), mean_b, rstd_b, d_b))):
-            if ctx.needs_input_grad[i]:
-                grads[i] = _input_gradient(part, dy[:, channel], weight[channel], bias[channel], None, mean, rstd,
-                                           part.shape[1] // group_size, () if residual is None else (residual,))
+        if any(ctx.needs_input_grad[:2]):
+            c1, c2 = _gradient_sums(parts, None, None, mean, rstd, group_size)
+            for i, ((part, d_part, w, bb), first, residual) in enumerate(zip(parts, (0, split), (d_a, d_b),
+                                                                             strict=True)):
+                if ctx.needs_input_grad[i]:
+                    grads[i] = _write_input_gradient(part, d_part, w, bb, None, None, mean, rstd, c1, c2, group_size,
+                                                     () if residual is None else (residual,),
+                                                     place=(first, channels))
         rest = [None, None]
         if any(ctx.needs_input_grad[2:4]):
             rest = _reference_parameter_gradients(torch.cat([a.detach(), b.detach()], 1), dy,
@@ -620,21 +656,45 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     """``x``'s gradient, with ``residuals`` (up to two: its gradients along other paths) added before the one
     rounding. ``halving``: ``dy`` and the first residual are at half ``x``'s height and width, the gradients of
     2x2 average poolings of the norm's output and of ``x``."""
+    group_size = x.shape[1] // num_groups
+    c1, c2 = _gradient_sums(((x, dy, weight, bias),), scale_shift, input_bias, mean, rstd, group_size, halving)
+    return _write_input_gradient(x, dy, weight, bias, scale_shift, input_bias, mean, rstd, c1, c2, group_size,
+                                 residuals, halving)
+
+
+def _gradient_sums(parts, scale_shift, input_bias, mean, rstd, group_size: int, halving: bool = False):
+    """The two per-group means GroupNorm's input gradient needs (of dxhat and of dxhat * xhat), over ``parts``,
+    each ``(x, dy, weight, bias)`` with ``x`` one part of a map's channels, side by side as in
+    :func:`_statistics_of_parts` (scale-shift and input bias for a single part)."""
+    grid = _reduction_grid_of([x for x, *_ in parts], group_size)
+    batch, _, height, width = parts[0][0].shape
+    hw, groups = height * width, grid.channels // group_size
+    partial = grid.partial_sums(2, parts[0][0].device)
+    for (x, dy, weight, bias), first in zip(parts, _first_channels([x for x, *_ in parts]), strict=True):
+        x, sx = flat_strides(x)
+        dy, sd = flat_strides(dy)
+        weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, x.shape[1])
+        _backward_stats_kernel[grid.launch_for(x.shape[1])](
+            x, dy, grid.partial_sums_from(partial, first, 2), mean, rstd, weight32, bias32, ss, ib, hw, width,
+            x.shape[1], grid.channels, group_size, groups, first, *sx, *sd, grid.rows_per_split, grid.splits,
+            HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None, HALVING=halving,
+            BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+    rows = batch * groups
+    c1, c2 = (torch.empty(rows, device=partial.device, dtype=torch.float32) for _ in range(2))
+    _backward_stats_merge_kernel[_merge_launch(rows)](
+        partial, c1, c2, rows, grid.parts, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
+    return c1, c2
+
+
+def _write_input_gradient(x, dy, weight, bias, scale_shift, input_bias, mean, rstd, c1, c2, group_size: int,
+                          residuals=(), halving: bool = False, place: tuple[int, int] | None = None):
+    """The pass that writes ``x``'s gradient from the group sums (``place`` as for :func:`_normalise_into`)."""
     batch, channels, height, width = x.shape
-    group_size, hw = channels // num_groups, height * width
+    hw = height * width
+    first, total = place or (0, channels)
     x, sx = flat_strides(x)
     dy, sd = flat_strides(dy)
     weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, channels)
-    grid = _reduction_grid_of(x, group_size, sx)
-    partial = grid.partial_sums(2, x.device)
-    _backward_stats_kernel[grid.launch](
-        x, dy, partial, mean, rstd, weight32, bias32, ss, ib, hw, width, channels, group_size, *sx, *sd,
-        grid.rows_per_split, grid.splits, HAS_SCALE_SHIFT=scale_shift is not None,
-        HAS_INPUT_BIAS=input_bias is not None, HALVING=halving, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
-    rows = batch * num_groups
-    c1, c2 = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(2))
-    _backward_stats_merge_kernel[_merge_launch(rows)](
-        partial, c1, c2, rows, grid.parts, float(group_size * hw), BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
     dx = torch.empty_like(x)
     _, so = flat_strides(dx)
     if len(residuals) > 2:
@@ -644,10 +704,10 @@ def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, re
     block_hw, block_c = BACKWARD_TILE
     grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
     _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, r, r2, hw, width, channels,
-                           group_size, *sx, *sd, *so, *sr, *sr2, HAS_SCALE_SHIFT=scale_shift is not None,
-                           HAS_INPUT_BIAS=input_bias is not None, HAS_RESIDUAL=len(residuals) > 0,
-                           HAS_SECOND_RESIDUAL=len(residuals) > 1, HALVING=halving, BLOCK_HW=block_hw,
-                           BLOCK_C=block_c)
+                           group_size, total // group_size, first, *sx, *sd, *so, *sr, *sr2,
+                           HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
+                           HAS_RESIDUAL=len(residuals) > 0, HAS_SECOND_RESIDUAL=len(residuals) > 1, HALVING=halving,
+                           BLOCK_HW=block_hw, BLOCK_C=block_c)
     return dx
 
 
@@ -670,8 +730,8 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
 def group_norm_silu_of_pair(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             group_size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(group_norm_silu(torch.cat([a, b], 1), ...), a, b)`` without making the concatenation: use the returned
-    ``a`` and ``b`` for the skip path, and their gradients are added inside the backward kernels. ``a``'s
-    channels must be whole groups."""
+    ``a`` and ``b`` for the skip path, and their gradients are added inside the backward kernels. A group may
+    lie across the two."""
     return _GroupNormSiLUOfPair.apply(a, b, weight, bias, (a.shape[1] + b.shape[1]) // group_size, eps)
 
 

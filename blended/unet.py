@@ -337,12 +337,11 @@ class ResBlock(nn.Module):
 
     def takes_pair(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether :meth:`forward_pair` can take ``torch.cat([a, b], 1)`` as its parts: with the Triton norm, on
-        channels_last maps whose first part's channels are whole groups, no resampling and a 1x1 skip conv."""
+        channels_last maps of one dtype, no resampling and a 1x1 skip conv."""
         norm, skip = self.in_layers[0], self.skip_connection
         return (self.norm_kernel == "triton" and self.resample is None and runs_triton_kernels(a)
                 and isinstance(skip, nn.Conv2d) and skip.kernel_size == (1, 1) and skip.stride == (1, 1)
-                and skip.padding == (0, 0) and skip.groups == 1 and norm.affine
-                and a.shape[1] % (norm.num_channels // norm.num_groups) == 0 and a.dtype == b.dtype
+                and skip.padding == (0, 0) and skip.groups == 1 and norm.affine and a.dtype == b.dtype
                 and a.shape[1] + b.shape[1] == norm.num_channels
                 and all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)))
 

@@ -66,15 +66,15 @@ def test_a_guided_step_with_the_triton_kernels_and_channels_last_moves_half_the_
 
 
 def test_output_blocks_take_the_running_map_and_the_skip_as_parts(step_traffic):
-    """With the Triton norm in channels_last, an output block whose running map's channels are whole groups makes
-    no concatenation, and its gradients reach the convolutions as dense maps, not as strided slices that CUDA
-    copies first: of the 256x256 model's 18 output blocks, the 4 whose groups straddle the two still concatenate."""
+    """With the Triton norm in channels_last, no output block makes a concatenation (the 256x256 model's 18, 4 of
+    them with a group across the two parts), and their gradients reach the convolutions as dense maps, not as
+    strided slices that CUDA copies first."""
     def cat(result):
         (row,) = [row for row in result["by_op"] if row["op"] == "cat"]
         return row["calls"], row["gb"]
     eager, fused = step_traffic["fast-gpu"], step_traffic["fast-gpu+channels_last+triton_norm+triton_clip"]
     (eager_calls, eager_gb), (fused_calls, fused_gb) = cat(eager), cat(fused)
-    assert fused_calls == eager_calls - 14 and fused_gb < 0.2 * eager_gb
+    assert fused_calls == eager_calls - 18 and fused_gb < 0.1 * eager_gb
     assert any("_ModelledKernelOfPairBackward" in row["site"] for row in fused["by_site"])
     assert fused["layout_copy_gb"] < 0.3 * eager_gb
 

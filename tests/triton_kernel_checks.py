@@ -155,15 +155,15 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     # Every ResBlock left its convolutions' biases to the kernels: its output is one residual sum.
     resblocks = [m for m in unet.modules() if type(m).__name__ == "ResBlock"]
     assert len(sums) == len(resblocks) > 0, (len(sums), len(resblocks))
-    # Each output block whose running map's channels are whole groups of its ResBlock's norm took the map and
-    # the encoder's skip as two parts; the others (a group across the two) made the concatenation.
-    expected, running = [], unet.middle_block[-1].out_layers[3].out_channels
+    # Every output block took its running map and the encoder's skip as two parts, those with a group across the
+    # two (there are some) too.
+    expected, straddling, running = [], 0, unet.middle_block[-1].out_layers[3].out_channels
     for block in unet.output_blocks:
         norm = block[0].in_layers[0]
-        if running % (norm.num_channels // norm.num_groups) == 0:
-            expected.append((running, norm.num_channels - running))
+        expected.append((running, norm.num_channels - running))
+        straddling += running % (norm.num_channels // norm.num_groups) != 0
         running = block[0].out_layers[3].out_channels
-    assert pairs == expected and len(expected) < len(unet.output_blocks), (pairs, expected)
+    assert pairs == expected and straddling > 0, (pairs, expected, straddling)
 
 
 def check_input_bias_is_the_norm_of_the_sum():
@@ -422,9 +422,11 @@ def check_down_blocks_poolings_are_made_by_the_norm():
 def check_pair_of_maps_is_normalised_as_their_concatenation():
     # A UNet output block's input, its running map and the encoder's skip, taken as two parts: the output and
     # each part's gradient (with its skip-path gradient added) as for the concatenation, within float32
-    # rounding (each part's statistics are reduced in other splits); the output in the parts' layout, the
-    # gradients dense maps of their own. Parts of unequal widths, a group size of 2 and 3, and bf16.
-    for (ca, cb, groups), channels_last in (((64, 32, 48), True), ((96, 96, 64), True), ((64, 64, 32), False)):
+    # rounding (its statistics are reduced in other splits); the output in the parts' layout, the gradients
+    # dense maps of their own. Parts of unequal widths, a group size of 2 and 3, groups across the two parts in
+    # both memory formats (as the 256x256 model's 1024 + 512 channels in groups of 48), and bf16.
+    for (ca, cb, groups), channels_last in (((64, 32, 48), True), ((96, 96, 64), True), ((64, 64, 32), False),
+                                            ((40, 56, 32), True), ((20, 28, 16), False), ((97, 95, 64), True)):
         a, weight, bias, _ = case((2, ca + cb, 6, 5), torch.float32, channels_last, False, seed=ca + cb)
         a, b = (t.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
                 .requires_grad_(True) for t in (a[:, :ca], a[:, ca:]))
@@ -443,15 +445,17 @@ def check_pair_of_maps_is_normalised_as_their_concatenation():
     x, weight, bias, _ = case((2, 64, 6, 6), torch.bfloat16, True, False, seed=22)
     a, b = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
             for t in (x[:, :32], x[:, 32:]))
-    y, _, _ = kernels.group_norm_silu_of_pair(a, b, weight, bias, 2, 1e-5)
-    expected = group_norm_act(torch.cat([a, b], 1).detach().float(), weight, bias, 2, 1e-5)
-    assert y.dtype == torch.bfloat16 and rel(y, expected) < 4e-3
-    try:  # a group across the two parts cannot be normalised part by part
-        kernels.group_norm_silu_of_pair(a[:, :31], torch.cat([a[:, 31:], b], 1), weight, bias, 2, 1e-5)
+    for first in (a, x[:, :31].detach().contiguous(memory_format=torch.channels_last)):  # the second: a group across
+        second = x[:, first.shape[1]:].detach().contiguous(memory_format=torch.channels_last)
+        y, _, _ = kernels.group_norm_silu_of_pair(first, second, weight, bias, 2, 1e-5)
+        expected = group_norm_act(x.detach().float(), weight, bias, 2, 1e-5)
+        assert y.dtype == torch.bfloat16 and rel(y, expected) < 4e-3
+    try:
+        kernels.group_norm_silu_of_pair(a, b[:, :, :5], weight, bias, 2, 1e-5)
     except ValueError as error:
-        assert "straddle" in str(error)
+        assert "cannot be normalised as the two parts" in str(error)
     else:
-        raise AssertionError("a straddling group was accepted")
+        raise AssertionError("parts of two sizes were normalised together")
 
 
 def check_the_256px_models_group_sizes_match_the_reference():
