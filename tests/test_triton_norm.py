@@ -166,17 +166,20 @@ def test_the_kernels_launch_fewer_kernels_per_step_than_the_ops_they_replace():
     kernels than the eager ops it replaces. The norm's host code launches no torch op of its own: merging the
     split reductions' partial sums in torch took 13 small ops per norm forward and 4 per backward, and casting
     the timestep terms one more (1,767 of a 256x256 step's 3,241 launches at batch 1); a merge kernel each does
-    it now, and the kernels read the timestep terms as they are. Each norm launches its six
-    kernels (statistics, merge, output; gradient sums, merge, input gradient) once."""
+    it now, and the kernels read the timestep terms as they are. Each norm launches its two merges once and its
+    four passes (statistics, output; gradient sums, input gradient) once per part: twice for each of the 18
+    output blocks, which normalise their running map and the encoder's skip as two parts."""
     from blended import fast_paths
     from blended.kernel_specialisations import launches_per_step
 
     plain = launches_per_step(fast_paths.parse_preset("fast-gpu"))
     triton = launches_per_step(fast_paths.parse_preset("fast-gpu+channels_last+triton_norm+triton_clip"))
     assert not {"triton_norm.py", "triton_clip.py"} & set(triton["torch"]), triton["torch"]
-    norm_kernels = ("_stats_kernel", "_stats_merge_kernel", "_forward_kernel", "_backward_stats_kernel",
-                    "_backward_stats_merge_kernel", "_backward_kernel")
-    assert len({triton["triton"][name] for name in norm_kernels}) == 1, triton["triton"]
+    counts = triton["triton"]
+    per_norm = {counts[name] for name in ("_stats_merge_kernel", "_backward_stats_merge_kernel")}
+    per_part = {counts[name] for name in ("_stats_kernel", "_forward_kernel", "_backward_stats_kernel",
+                                          "_backward_kernel")}
+    assert len(per_norm) == len(per_part) == 1 and per_part.pop() == per_norm.pop() + 18, counts
     total = {name: sum(counts["torch"].values()) + sum(counts["triton"].values())
              for name, counts in (("plain", plain), ("triton", triton))}
     assert total["triton"] < total["plain"], (total, triton)
