@@ -409,8 +409,9 @@ def check_down_blocks_poolings_are_made_by_the_norm():
     (gx_apart,) = torch.autograd.grad((y_apart.float() * grad_y).sum() + (half_apart.float() * grad_half).sum(), x)
     assert y.dtype == x_half.dtype == torch.bfloat16
     assert within_one_bf16_step(y, y_apart, 1e-6) and within_one_bf16_step(x_half, half_apart, 1e-6)
-    # The same float32 terms either way: a quarter of each window's gradient is exact in both.
-    assert rel(gx, gx_apart) < 1e-6
+    # The same float32 terms either way (a quarter of each window's gradient is exact in both): the same bits in
+    # the interpreter; compiled, the two kernels' code may contract a product into a sum apart.
+    assert torch.equal(gx, gx_apart) if DEVICE == "cpu" else within_one_bf16_step(gx, gx_apart, 1e-6)
     try:
         kernels.group_norm_silu_halving(x[:, :, :7], weight, bias, 2, 1e-5)
     except ValueError as error:
