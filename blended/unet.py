@@ -433,7 +433,7 @@ def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm, x: torch.Ten
 
 def _fused_norm_silu_halving(norm: nn.GroupNorm, x: torch.Tensor, hand_on: bool = False) -> tuple[torch.Tensor, ...]:
     """``(avg_pool(_fused_norm_silu("triton", norm, x)), avg_pool(x))`` (2x2), and with ``hand_on`` ``x`` itself
-    for the UNet's skip stack, by the Triton kernels: the same bits without the poolings' full-size maps."""
+    for the UNet's skip stack, by the Triton kernels: the same sums, without the poolings' full-size maps."""
     from .triton_norm import group_norm_silu_halving
 
     return group_norm_silu_halving(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps,
