@@ -29,7 +29,7 @@ __all__ = ["CARDS", "KernelCase", "kernel_cases", "cuda_target", "compile_for", 
            "report_rows"]
 
 _NUM_WARPS = 4  # Triton's default, which the pack's launches keep
-_ALIGNED_INTS = ("HW", "C", "PC", "G", "n", "D", "rows_per_split", "stride_b", "stride_hw") + tuple(
+_ALIGNED_INTS = ("HW", "C", "PC", "G", "n", "D", "rows_per_split", "rows_per_program", "stride_b", "stride_hw") + tuple(
     f"{t}_{d}" for t in ("sx", "sd", "sy", "so", "sr", "sh") for d in ("b", "hw"))
 
 

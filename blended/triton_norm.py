@@ -7,22 +7,26 @@ shapes fuses the chain but its NHWC group reductions ran slower than eager (``bl
 do the chain in the passes it needs, reading either memory format in place:
 
 * forward: one split reduction, then one pass writing ``silu(((x - mean) * rstd * w + b) * (1 + scale) + shift)``
-  (scale-shift before SiLU, as the UNet; ``w``, ``b``, ``scale`` and ``shift`` folded into one gain and one
-  offset per channel). The reduction's programs each take a block of 64 channels over a split of the pixels, so
-  that in channels_last every pixel's load is 128 contiguous bytes. Reducing one group per program read a group's
-  8 channels (16 bytes of bf16) per pixel, strided by the whole row: on an H100 the statistics ran at about a
-  quarter of the bandwidth of the pass that writes the map (``benchmarks/h100-2026-11-27-profile-triton-batch8
-  .txt``). Each lane keeps its own running mean and M2 (Welford's update), each channel's lanes are merged at the
-  end, and a small kernel merges each group's channels and splits (Chan's parallel formula: a large mean costs
-  no precision), where torch ops took 13 launches per norm. The splits keep every SM busy even at batch 1;
+  (scale-shift before SiLU, as the UNet; the statistics, ``w``, ``b``, ``scale`` and ``shift`` folded into one
+  multiply-add per element, as torch's own GroupNorm kernels fold theirs). The reduction's programs each take a
+  block of 64 channels over a split of the pixels, so that in channels_last every pixel's load is 128 contiguous
+  bytes. Reducing one group per program read a group's 8 channels (16 bytes of bf16) per pixel, strided by the
+  whole row: on an H100 the statistics ran at about a quarter of the bandwidth of the pass that writes the map
+  (``benchmarks/h100-2026-11-27-profile-triton-batch8.txt``). Each lane keeps its own running mean and M2
+  (Welford's update), each channel's lanes are merged at the end, and a small kernel merges each group's channels
+  and splits (Chan's parallel formula: a large mean costs no precision), where torch ops took 13 launches per
+  norm. The splits keep every SM busy even at batch 1;
 * backward (input gradient only, which is all CLIP guidance needs; the frozen weights get theirs from the
   reference path if anyone asks): one split reduction of the two group sums GroupNorm's backward needs,
   recomputing the activation from ``x`` and laid out as the forward's (its parts merged by a small kernel too),
-  then one pass writing ``dx``.
+  then one pass writing ``dx`` (again one multiply-add for the terms of each column).
 
 * a down ResBlock's first norm (``group_norm_silu_halving``): the forward pass writes its output and its input
   2x2-pooled, and the backward reads both poolings' half-size gradients in place, where ``avg_pool2d`` and its
   backward moved full-size maps of their own.
+
+The passes that write a map loop over several tiles per program (``TILES_PER_PROGRAM``), so that gathering a
+column's statistics and terms, as much work as a tile's own, is done once for all of them.
 
 The host launches these kernels and nothing else (``scripts/kernel_report.py --launches``): at small batches a
 step's pace on a GPU is its launches'.
@@ -47,12 +51,15 @@ __all__ = ["group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_halv
 _TARGET_PROGRAMS = 2048  # split reductions until about this many programs run (an H100 has 132 SMs)
 # Tiles per program at least: fewer, and the merges' partial sums would outgrow the work they save.
 _MIN_TILES_PER_SPLIT = 8
-# (pixels, channels) per program of the passes that write a map. The forward's tile is the larger: each program
-# first gathers its columns' statistics and affine terms, and over 32 pixels that setup made the pass execute more
-# instructions per byte than an H100 can issue at full bandwidth (``scripts/kernel_report.py``). The backward,
-# with more registers per element, stays at 32 pixels to keep more programs resident.
+# (pixels, channels) per loop iteration of the passes that write a map. The backward, with more registers per
+# element, takes 16 pixels at a time: at 32 its variant adding two other gradients spilled on Blackwell.
 FORWARD_TILE = (64, 64)
-BACKWARD_TILE = (32, 64)
+BACKWARD_TILE = (16, 64)
+# Tiles each program of those passes loops over, at most. A program first gathers its columns' statistics and
+# terms: for a single 32-pixel tile of the backward that setup was as many instructions as the tile's own work,
+# and the pass executed more instructions per byte than an H100 can issue at full bandwidth
+# (``scripts/kernel_report.py``); over 8 tiles it is spread 8 times thinner.
+TILES_PER_PROGRAM = 8
 # A down block's halving forward reads four pixels of x for each it writes, which spreads the setup already, and
 # keeps two running sums per element: at 64 pixels it needed 200 registers a thread.
 HALVING_TILE = (32, 64)
@@ -71,13 +78,15 @@ _MERGE_NOT_SPECIALISED = ("rows", "num_parts")  # both follow the batch
 
 
 @triton.jit
-def _reduction_tile(HW, C, rows_per_split, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    # This program's batch index, split, pixel range and channel columns (and their mask).
+def _program_pixels(HW, C, rows_per_program, BLOCK_C: tl.constexpr):
+    # This program's batch index, its index along the pixels, its pixel range and its channel columns (and their
+    # mask): each program takes ``rows_per_program`` pixels (whole tiles, the last program what is left) of one
+    # sample's block of channels, and loops over them a tile at a time.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
-    split = tl.program_id(1)
+    index = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    start = split * rows_per_split
-    return b, split, cols, cols < C, start, tl.minimum(start + rows_per_split, HW)
+    start = index * rows_per_program
+    return b, index, cols, cols < C, start, tl.minimum(start + rows_per_program, HW)
 
 
 @triton.jit
@@ -91,7 +100,7 @@ def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.conste
 def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, PC, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
                   HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # PC: the channels per sample of the partial sums, more than C where x is one part of a wider map.
-    b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
+    b, split, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_split, BLOCK_C)
     base = x_ptr + b * stride_b + cols * stride_c
     # Each lane of the tile keeps its own running mean and M2 (Welford's update), and the lanes are merged once
     # after the loop: no reduction across the program (shared memory and barriers) per tile. Every lane of a
@@ -190,14 +199,6 @@ def _backward_stats_merge_kernel(partial_ptr, c1_ptr, c2_ptr, rows, num_parts, c
 
 
 @triton.jit
-def _activation(v, mean, rstd, gain, offset):
-    # The normalised value and the pre-SiLU activation: z = xhat * w * (1 + scale) + bias * (1 + scale) + shift,
-    # the affine and timestep terms folded per column (:func:`_channel_terms`).
-    xhat = (v - mean) * rstd
-    return xhat, xhat * gain + offset
-
-
-@triton.jit
 def pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # This program's batch index, pixel rows and channel columns, and their masks.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
@@ -232,42 +233,60 @@ def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G
 
 
 @triton.jit
-def _silu_of_norm(v, mean, rstd, gain, offset):
-    _, z = _activation(v, mean, rstd, gain, offset)
+def _pre_activation_terms(mean, rstd, gain, offset):
+    # The pre-SiLU activation z = ((x - mean) * rstd) * gain + offset as x * scale + shift per column, the way
+    # torch's own GroupNorm kernels fold it: one multiply-add per element where the terms apart took three.
+    scale = rstd * gain
+    return scale, offset - mean * scale
+
+
+@triton.jit
+def _silu(z):
     return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _silu_slope(z):
+    # silu'(z) = s(z) * (1 + z * (1 - s(z))).
+    sig = tl.sigmoid(z)
+    return sig * (1.0 + z * (1.0 - sig))
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:3])
 def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C, Cg, G, c0,
-                    sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, sh_b, sh_hw, sh_c, HAS_SCALE_SHIFT: tl.constexpr,
-                    HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr, BLOCK_HW: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    # With HALVING the tile's pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each
-    # is the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
-    b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
+                    rows_per_program, sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, sh_b, sh_hw, sh_c,
+                    HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
+                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # With HALVING the pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each is
+    # the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
+    b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
     _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
                                                  cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
-    if HALVING:
-        # Output pixel (i, j) = rows is x's (2i, 2j) = 2i * 2W + 2j, and its window's other three follow.
-        top_left = 2 * (rows + rows // W * W)
-        y = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
-        for tap in tl.static_range(4):
-            pixels = top_left + (tap // 2) * 2 * W + tap % 2
-            v = tl.load(x_ptr + b * sx_b + pixels[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask,
-                        other=0.0).to(tl.float32)
-            # Each activation rounded to the output's dtype before the sum, in the window's row order, as the
-            # norm's map was and as avg_pool2d sums it: the same sums as the two ops apart.
-            y += _silu_of_norm(v, mean, rstd, gain, offset).to(y_ptr.dtype.element_ty).to(tl.float32)
-            x_sum += v
-        y = y * 0.25
-        tl.store(xh_ptr + b * sh_b + rows[:, None] * sh_hw + cols[None, :] * sh_c,
-                 (x_sum * 0.25).to(xh_ptr.dtype.element_ty), mask=mask)
-    else:
-        v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-        y = _silu_of_norm(v.to(tl.float32), mean, rstd, gain, offset)
-    tl.store(y_ptr + b * sy_b + rows[:, None] * sy_hw + cols[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    scale, shift = _pre_activation_terms(mean, rstd, gain, offset)
+    x_base = x_ptr + b * sx_b + cols[None, :] * sx_c
+    y_base = y_ptr + b * sy_b + cols[None, :] * sy_c
+    for r0 in range(start, end, BLOCK_HW):
+        rows = r0 + tl.arange(0, BLOCK_HW)
+        mask = (rows < end)[:, None] & c_mask[None, :]
+        if HALVING:
+            # Output pixel (i, j) = rows is x's (2i, 2j) = 2i * 2W + 2j, and its window's other three follow.
+            top_left = 2 * (rows + rows // W * W)
+            y = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+            for tap in tl.static_range(4):
+                pixels = top_left + (tap // 2) * 2 * W + tap % 2
+                v = tl.load(x_base + pixels[:, None] * sx_hw, mask=mask, other=0.0).to(tl.float32)
+                # Each activation rounded to the output's dtype before the sum, in the window's row order, as the
+                # norm's map was and as avg_pool2d sums it: the same sums as the two ops apart.
+                y += _silu(v * scale + shift).to(y_ptr.dtype.element_ty).to(tl.float32)
+                x_sum += v
+            y = y * 0.25
+            tl.store(xh_ptr + b * sh_b + rows[:, None] * sh_hw + cols[None, :] * sh_c,
+                     (x_sum * 0.25).to(xh_ptr.dtype.element_ty), mask=mask)
+        else:
+            v = tl.load(x_base + rows[:, None] * sx_hw, mask=mask, other=0.0)
+            y = _silu(v.to(tl.float32) * scale + shift)
+        tl.store(y_base + rows[:, None] * sy_hw, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -280,22 +299,17 @@ def half_size_pixels(pixels, W, HALF: tl.constexpr):
     return pixels
 
 
-@triton.jit
-def _input_gradient_terms(v, dy, mean, rstd, gain, offset):
-    # d/dxhat of silu(z): dy * silu'(z) * gain, with silu'(z) = s(z) * (1 + z * (1 - s(z))).
-    xhat, z = _activation(v, mean, rstd, gain, offset)
-    sig = tl.sigmoid(z)
-    return xhat, dy * sig * (1.0 + z * (1.0 - sig)) * gain
-
-
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C,
                            PC, Cg, G, c0, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
                            HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
                            BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, split, cols, c_mask, start, end = _reduction_tile(HW, C, rows_per_split, BLOCK_HW, BLOCK_C)
+    # The sums of dxhat = dy * silu'(z) * gain and of dxhat * xhat.
+    b, split, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_split, BLOCK_C)
     _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
                                                  cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
+    scale, shift = _pre_activation_terms(mean, rstd, gain, offset)
+    centre = -mean * rstd  # xhat = x * rstd + centre
     x_base = x_ptr + b * sx_b + cols * sx_c
     dy_base = dy_ptr + b * sd_b + cols * sd_c
     sum_dxhat = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)  # per lane, summed once after the loop
@@ -303,15 +317,15 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
     for r0 in range(start, end, BLOCK_HW):
         pixels = r0 + tl.arange(0, BLOCK_HW)
         mask = (pixels < end)[:, None] & c_mask[None, :]
-        v = tl.load(x_base[None, :] + pixels[:, None] * sx_hw, mask=mask, other=0.0)
+        v = tl.load(x_base[None, :] + pixels[:, None] * sx_hw, mask=mask, other=0.0).to(tl.float32)
         # A masked lane reads a zero gradient, so its dxhat is zero and adds nothing.
         dy = tl.load(dy_base[None, :] + half_size_pixels(pixels, W, HALVING)[:, None] * sd_hw, mask=mask,
                      other=0.0).to(tl.float32)
         if HALVING:
             dy = dy * 0.25
-        xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy, mean, rstd, gain, offset)
+        dxhat = dy * _silu_slope(v * scale + shift) * gain
         sum_dxhat += dxhat
-        sum_dxhat_xhat += dxhat * xhat
+        sum_dxhat_xhat += dxhat * (v * rstd + centre)
     out = _column_partial(partial_ptr, b, PC, cols, split, num_splits, 2)
     tl.store(out, tl.sum(sum_dxhat, axis=0), mask=c_mask)
     tl.store(out + 1, tl.sum(sum_dxhat_xhat, axis=0), mask=c_mask)
@@ -319,37 +333,46 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:3])
 def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, r_ptr,
-                     r2_ptr, HW, W, C, Cg, G, c0, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw, so_c, sr_b, sr_hw,
-                     sr_c, sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr, HALVING: tl.constexpr,
-                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                     r2_ptr, HW, W, C, Cg, G, c0, rows_per_program, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw,
+                     so_c, sr_b, sr_hw, sr_c, sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr,
+                     HAS_INPUT_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr,
+                     HALVING: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # With HALVING the output's gradient and the first residual's come at half size (2x2 average poolings of the
     # norm's output and of x: a quarter of each window's gradient to each of its pixels, read where
     # half_size_pixels says).
-    b, rows, cols, c_mask, mask = pixel_tile(HW, C, BLOCK_HW, BLOCK_C)
-    v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask, other=0.0)
-    halved = half_size_pixels(rows, W, HALVING)
-    dy = tl.load(dy_ptr + b * sd_b + halved[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask,
-                 other=0.0).to(tl.float32)
-    if HALVING:
-        dy = dy * 0.25
+    b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
     stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G,
                                                     c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
+    scale, shift = _pre_activation_terms(mean, rstd, gain, offset)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    xhat, dxhat = _input_gradient_terms(v.to(tl.float32), dy, mean, rstd, gain, offset)
-    dx = rstd * (dxhat - c1 - xhat * c2)
-    if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
-        r = tl.load(r_ptr + b * sr_b + halved[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask,
+    # dx = rstd * (dxhat - c1 - xhat * c2), with dxhat = t * gain, t = dy * silu'(z) and xhat = (x - mean) * rstd:
+    # t * scale + (x * slope + intercept), the way torch's GroupNorm backward folds it.
+    slope = -(rstd * rstd * c2)
+    intercept = -(slope * mean) - rstd * c1
+    for r0 in range(start, end, BLOCK_HW):
+        rows = r0 + tl.arange(0, BLOCK_HW)
+        mask = (rows < end)[:, None] & c_mask[None, :]
+        v = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_hw + cols[None, :] * sx_c, mask=mask,
                     other=0.0).to(tl.float32)
+        halved = half_size_pixels(rows, W, HALVING)
+        dy = tl.load(dy_ptr + b * sd_b + halved[:, None] * sd_hw + cols[None, :] * sd_c, mask=mask,
+                     other=0.0).to(tl.float32)
         if HALVING:
-            r = r * 0.25
-        dx = dx + r
-    if HAS_SECOND_RESIDUAL:  # and along a third (the UNet's skip stack, for an encoder block's input)
-        r2 = tl.load(r2_ptr + b * sr2_b + rows[:, None] * sr2_hw + cols[None, :] * sr2_c, mask=mask, other=0.0)
-        dx = dx + r2.to(tl.float32)
-    tl.store(dx_ptr + b * so_b + rows[:, None] * so_hw + cols[None, :] * so_c, dx.to(dx_ptr.dtype.element_ty),
-             mask=mask)
+            dy = dy * 0.25
+        t = dy * _silu_slope(v * scale + shift)
+        dx = t * scale + (v * slope + intercept)
+        if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
+            r = tl.load(r_ptr + b * sr_b + halved[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask,
+                        other=0.0).to(tl.float32)
+            if HALVING:
+                r = r * 0.25
+            dx = dx + r
+        if HAS_SECOND_RESIDUAL:  # and along a third (the UNet's skip stack, for an encoder block's input)
+            r2 = tl.load(r2_ptr + b * sr2_b + rows[:, None] * sr2_hw + cols[None, :] * sr2_c, mask=mask, other=0.0)
+            dx = dx + r2.to(tl.float32)
+        tl.store(dx_ptr + b * so_b + rows[:, None] * so_hw + cols[None, :] * so_c, dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -399,6 +422,17 @@ class ReductionGrid:
     def partial_sums_from(self, partial: torch.Tensor, first_channel: int, width: int) -> torch.Tensor:
         """Where the partial sums of the part whose channels start at ``first_channel`` begin."""
         return partial[first_channel * self.splits * width:]
+
+
+def pass_launch(batch: int, channels: int, hw: int, tile: tuple[int, int],
+                target: int = _TARGET_PROGRAMS) -> tuple[tuple[int, int, int], int]:
+    """The grid of a pass that writes a map, and the pixels each program takes: up to ``TILES_PER_PROGRAM`` tiles,
+    fewer where the map is small, so that about ``target`` programs still run."""
+    column_blocks = triton.cdiv(channels, tile[1])
+    tiles = triton.cdiv(hw, tile[0])
+    per_program = max(1, min(TILES_PER_PROGRAM, tiles * batch * column_blocks // target))
+    rows_per_program = per_program * tile[0]
+    return (batch, triton.cdiv(hw, rows_per_program), column_blocks), rows_per_program
 
 
 def reduction_grid(batch: int, channels: int, hw: int, group_size: int, channels_contiguous: bool) -> ReductionGrid:
@@ -468,12 +502,12 @@ def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int
     xh, sh = flat_strides(halved_input) if halved_input is not None else (y, sy)  # y: a pointer never written
     weight32, bias32, ss, ib = _channel_arguments(weight, bias, scale_shift, input_bias, batch, channels)
     first, total = place or (0, channels)
-    block_hw, block_c = FORWARD_TILE if halved_input is None else HALVING_TILE
-    grid = (batch, triton.cdiv(height * width, block_hw), triton.cdiv(channels, block_c))
+    tile = FORWARD_TILE if halved_input is None else HALVING_TILE
+    grid, rows_per_program = pass_launch(batch, channels, height * width, tile)
     _forward_kernel[grid](x, y, xh, mean, rstd, weight32, bias32, ss, ib, height * width, width, channels, group_size,
-                          total // group_size, first, *sx, *sy, *sh, HAS_SCALE_SHIFT=scale_shift is not None,
-                          HAS_INPUT_BIAS=input_bias is not None, HALVING=halved_input is not None,
-                          BLOCK_HW=block_hw, BLOCK_C=block_c)
+                          total // group_size, first, rows_per_program, *sx, *sy, *sh,
+                          HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
+                          HALVING=halved_input is not None, BLOCK_HW=tile[0], BLOCK_C=tile[1])
 
 
 def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None, input_bias=None):
@@ -701,13 +735,12 @@ def _write_input_gradient(x, dy, weight, bias, scale_shift, input_bias, mean, rs
         raise ValueError(f"the backward kernel adds at most two other gradients, not {len(residuals)}")
     # dx stands in for the residuals not given: a pointer never read.
     (r, sr), (r2, sr2) = [flat_strides(t) for t in residuals] + [(dx, so)] * (2 - len(residuals))
-    block_hw, block_c = BACKWARD_TILE
-    grid = (batch, triton.cdiv(hw, block_hw), triton.cdiv(channels, block_c))
+    grid, rows_per_program = pass_launch(batch, channels, hw, BACKWARD_TILE)
     _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, r, r2, hw, width, channels,
-                           group_size, total // group_size, first, *sx, *sd, *so, *sr, *sr2,
+                           group_size, total // group_size, first, rows_per_program, *sx, *sd, *so, *sr, *sr2,
                            HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
                            HAS_RESIDUAL=len(residuals) > 0, HAS_SECOND_RESIDUAL=len(residuals) > 1, HALVING=halving,
-                           BLOCK_HW=block_hw, BLOCK_C=block_c)
+                           BLOCK_HW=BACKWARD_TILE[0], BLOCK_C=BACKWARD_TILE[1])
     return dx
 
 

@@ -269,6 +269,52 @@ def check_many_splits_are_merged_like_one_reduction():
         assert torch.allclose(rstd.double().cpu(), (groups.var(1, unbiased=False) + 1e-5).rsqrt().cpu(), rtol=1e-5)
 
 
+def check_passes_taking_many_tiles_write_what_one_tile_does():
+    # The passes that write a map loop over several tiles per program where the map is large (the test maps are
+    # small enough for one each): with every program taking as many tiles as it may (a target of one program),
+    # the last of them ragged, every output and gradient is the same bits as with one tile per program. The plain
+    # norm with timestep terms and an input bias, both memory formats; a block input's two other gradients added,
+    # a down block's halving norm and an output block's pair of parts, in bf16.
+    one_tile_each, launches = kernels.pass_launch, []
+
+    def many_tiles_each(batch, channels, hw, tile):
+        grid, rows = one_tile_each(batch, channels, hw, tile, target=1)
+        launches.append((hw, tile[0], rows))
+        return grid, rows
+
+    def outputs_and_gradients(run, inputs):
+        outputs = [t for t in run(*inputs) if t.requires_grad]
+        gen = torch.Generator().manual_seed(71)
+        grads = [on_device(torch.randn(t.shape, generator=gen)).to(t.dtype) for t in outputs]
+        return [t.detach() for t in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+    runs = []
+    for channels_last in (True, False):
+        x, weight, bias, ss = case((2, 64, 10, 13), torch.float32, channels_last, True, seed=72)
+        conv_bias = on_device(torch.randn(64, generator=torch.Generator().manual_seed(73)))
+        runs.append((lambda x, w=weight, b=bias, ss=ss, cb=conv_bias: (
+            kernels.group_norm_silu(x, w, b, 2, 1e-5, ss, input_bias=cb),), (x,)))
+    xb, weight, bias, _ = case((2, 64, 10, 13), torch.bfloat16, True, False, seed=74)
+    runs.append((lambda x: kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5, aliases=2), (xb,)))
+    xh, _, _, _ = case((2, 64, 12, 20), torch.bfloat16, True, False, seed=75)
+    runs.append((lambda x: kernels.group_norm_silu_halving(x, weight, bias, 2, 1e-5, aliases=1), (xh,)))
+    whole, pair_weight, pair_bias, _ = case((2, 96, 10, 13), torch.bfloat16, True, False, seed=76)
+    a, b = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            for t in (whole[:, :40], whole[:, 40:]))
+    runs.append((lambda a, b: kernels.group_norm_silu_of_pair(a, b, pair_weight, pair_bias, 3, 1e-5), (a, b)))
+    for run, inputs in runs:
+        expected = outputs_and_gradients(run, inputs)
+        kernels.pass_launch = many_tiles_each
+        try:
+            got = outputs_and_gradients(run, inputs)
+        finally:
+            kernels.pass_launch = one_tile_each
+        assert len(got) == len(expected) and all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    # The loops ran: programs of several tiles, some ending in a part of one, some programs a part of the others'.
+    assert all(rows >= 2 * tile for _, tile, rows in launches), launches
+    assert any(hw % tile for hw, tile, _ in launches) and any(hw % rows for hw, _, rows in launches), launches
+
+
 def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
     # The UNet's float32 out head on the bf16 block output: the same values as on x.float(), the gradient
     # back in bf16 (within one rounding of the float32 one).
