@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cuda_graphs
+from .devices import runs_triton_kernels
 from .errors import BlendedInputError
 
 log = logging.getLogger(__name__)
@@ -435,16 +436,17 @@ def _precast_modules(unet, options: FastPathOptions) -> list[torch.nn.Module]:
 
     Every conv and linear. A GroupNorm too (two casts per call otherwise, 200 per step of the 256x256 model under
     ``channels_last`` on CUDA), where it applies its weights in that dtype: ``GroupNorm32``'s low-precision path.
-    Not where it reads them in float32: a ResBlock's norms under a fused norm kernel (the attention blocks' norms
-    stay modules), and every norm under ``channels_last`` on a device whose GroupNorm takes the float32 path for
-    strided maps (the CPU).
+    Not where it reads them in float32: a ResBlock's norms under a fused norm kernel (under "compile" the attention
+    blocks' norms stay modules; where the Triton kernels run, they run those too), and every norm under
+    ``channels_last`` on a device whose GroupNorm takes the float32 path for strided maps (the CPU).
     """
     from .unet import STRIDED_NORM_FP32_DEVICES, AttentionBlock
 
-    device = next(unet.parameters()).device
-    float32_norms = options.channels_last and device.type in STRIDED_NORM_FP32_DEVICES
+    weight = next(unet.parameters())
+    float32_norms = options.channels_last and weight.device.type in STRIDED_NORM_FP32_DEVICES
+    triton_norms = options.norm_kernel == "triton" and runs_triton_kernels(weight)
     modules = list(unet.block_layers(_AUTOCAST_LAYERS))
-    if float32_norms:
+    if float32_norms or triton_norms:
         return modules
     if options.norm_kernel is not None:
         return modules + [block.norm for block in unet.block_layers((AttentionBlock,))]

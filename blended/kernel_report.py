@@ -71,7 +71,7 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
     ``triton_clip``) with the tile sizes the pack launches it with, in each dtype, with and without its optional
     terms."""
     from .triton_clip import GELU_BLOCK
-    from .triton_norm import BACKWARD_TILE, FORWARD_TILE, HALVING_TILE, MERGE_TILE, REDUCTION_TILE
+    from .triton_norm import AFFINE_BACKWARD_TILE, BACKWARD_TILE, FORWARD_TILE, HALVING_TILE, MERGE_TILE, REDUCTION_TILE
 
     def tile(block_hw_and_c):
         return dict(zip(("BLOCK_HW", "BLOCK_C"), block_hw_and_c, strict=True))
@@ -91,9 +91,11 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
         # A ResBlock's second norm has the timestep terms and its convolution's bias, the others neither; a down
         # ResBlock's first norm pools its output and its input (HALVING): it reads 4 pixels of x for each it
         # writes of the two, and its backward reads each half-size gradient once for 4 pixels of x.
-        for terms in ({"HAS_SCALE_SHIFT": True, "HAS_INPUT_BIAS": True, "HALVING": False},
-                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": False},
-                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": True}):
+        # An attention block's norm has no SiLU (AFFINE_ONLY) and always its residual's gradient to add.
+        for terms in ({"HAS_SCALE_SHIFT": True, "HAS_INPUT_BIAS": True, "HALVING": False, "AFFINE_ONLY": False},
+                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": False, "AFFINE_ONLY": False},
+                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": True, "AFFINE_ONLY": False},
+                      {"HAS_SCALE_SHIFT": False, "HAS_INPUT_BIAS": False, "HALVING": False, "AFFINE_ONLY": True}):
             halving = terms["HALVING"]
             cases.append(KernelCase("triton_norm", "_forward_kernel", dtype,
                                     {**tile(HALVING_TILE if halving else FORWARD_TILE), **terms},
@@ -103,10 +105,11 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
                                     ("x_ptr", "dy_ptr", "ib_ptr"), (1 + gradient) * size))
             # No other gradient to add, the skip path's, or (an encoder block's input) the skip stack's too; a
             # down block's input always has its skip path's.
-            for residuals in (2, 1) if halving else (2, 1, 0):
+            for residuals in (2, 1) if halving else (1,) if terms["AFFINE_ONLY"] else (2, 1, 0):
                 pointers = ("x_ptr", "dy_ptr", "dx_ptr", "r_ptr", "r2_ptr", "ib_ptr")
                 cases.append(KernelCase("triton_norm", "_backward_kernel", dtype,
-                                        {**tile(BACKWARD_TILE), **terms, "HAS_RESIDUAL": residuals > 0,
+                                        {**tile(AFFINE_BACKWARD_TILE if terms["AFFINE_ONLY"] else BACKWARD_TILE),
+                                         **terms, "HAS_RESIDUAL": residuals > 0,
                                          "HAS_SECOND_RESIDUAL": residuals > 1}, pointers,
                                         (2 + gradient * (1 + (residuals > 0)) + (residuals > 1)) * size))
         # An up block's skip is read at half size, once for 4 pixels of the output.

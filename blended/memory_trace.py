@@ -250,11 +250,15 @@ def _configure_unet(unet, options) -> None:
 @contextlib.contextmanager
 def cuda_norm_rules(emulate_cuda: bool = True):
     """Inside, with ``emulate_cuda``: the UNet's GroupNorm takes CUDA's path on the (fake CPU) tensors, without
-    the float32 detour for strided maps that only the CPU needs (:data:`blended.unet.STRIDED_NORM_FP32_DEVICES`)."""
+    the float32 detour for strided maps that only the CPU needs (:data:`blended.unet.STRIDED_NORM_FP32_DEVICES`),
+    and a run stores its norms' weights as it does where the Triton kernels run (they read them in float32)."""
+    from . import fast_paths
     from . import unet as unet_module
 
     devices = frozenset() if emulate_cuda else unet_module.STRIDED_NORM_FP32_DEVICES
-    with mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", devices):
+    takes = (lambda tensor: True) if emulate_cuda else fast_paths.runs_triton_kernels
+    with (mock.patch.object(unet_module, "STRIDED_NORM_FP32_DEVICES", devices),
+          mock.patch.object(fast_paths, "runs_triton_kernels", takes)):
         yield
 
 

@@ -321,6 +321,10 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
                                                     norm_silu_keeping_input))
 
+            def norm_keeping_input(norm, x):  # an attention block's GroupNorm alone, the same passes
+                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm", 2, 2, x, 1)
+            patches.enter_context(mock.patch.object(unet_module, "_norm_keeping_input", norm_keeping_input))
+
             def norm_silu_halving(norm, x, hand_on=False):
                 return _ModelledKernelHalving.apply(counter, "GroupNorm+SiLU", 2, 2, x, 1 if hand_on else 0)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_halving", norm_silu_halving))

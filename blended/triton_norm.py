@@ -41,12 +41,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .fused_norm import group_norm_act
 
-__all__ = ["group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_halving", "group_norm_silu_of_pair"]
+__all__ = ["group_norm_and_input", "group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_halving",
+           "group_norm_silu_of_pair"]
 
 _TARGET_PROGRAMS = 2048  # split reductions until about this many programs run (an H100 has 132 SMs)
 # Tiles per program at least: fewer, and the merges' partial sums would outgrow the work they save.
@@ -55,6 +57,9 @@ _MIN_TILES_PER_SPLIT = 8
 # element, takes 16 pixels at a time: at 32 its variant adding two other gradients spilled on Blackwell.
 FORWARD_TILE = (64, 64)
 BACKWARD_TILE = (16, 64)
+# An attention block's norm (no SiLU) keeps fewer terms and takes 32: at 16, Blackwell's compiler held it to 64
+# registers and spilled.
+AFFINE_BACKWARD_TILE = (32, 64)
 # Tiles each program of those passes loops over, at most. A program first gathers its columns' statistics and
 # terms: for a single 32-pixel tile of the backward that setup was as many instructions as the tile's own work,
 # and the pass executed more instructions per byte than an H100 can issue at full bandwidth
@@ -241,22 +246,31 @@ def _pre_activation_terms(mean, rstd, gain, offset):
 
 
 @triton.jit
-def _silu(z):
-    return z * tl.sigmoid(z)
+def _activation(z, AFFINE_ONLY: tl.constexpr):
+    # SiLU, or nothing for a plain GroupNorm (an attention block's).
+    if AFFINE_ONLY:
+        out = z
+    else:
+        out = z * tl.sigmoid(z)
+    return out
 
 
 @triton.jit
-def _silu_slope(z):
-    # silu'(z) = s(z) * (1 + z * (1 - s(z))).
-    sig = tl.sigmoid(z)
-    return sig * (1.0 + z * (1.0 - sig))
+def _through_activation(dy, z, AFFINE_ONLY: tl.constexpr):
+    # The gradient at z: dy * silu'(z), with silu'(z) = s(z) * (1 + z * (1 - s(z))); or dy itself.
+    if AFFINE_ONLY:
+        t = dy
+    else:
+        sig = tl.sigmoid(z)
+        t = dy * (sig * (1.0 + z * (1.0 - sig)))
+    return t
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[:3])
 def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C, Cg, G, c0,
                     rows_per_program, sx_b, sx_hw, sx_c, sy_b, sy_hw, sy_c, sh_b, sh_hw, sh_c,
                     HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                    AFFINE_ONLY: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # With HALVING the pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each is
     # the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
     b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
@@ -278,14 +292,14 @@ def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_p
                 v = tl.load(x_base + pixels[:, None] * sx_hw, mask=mask, other=0.0).to(tl.float32)
                 # Each activation rounded to the output's dtype before the sum, in the window's row order, as the
                 # norm's map was and as avg_pool2d sums it: the same sums as the two ops apart.
-                y += _silu(v * scale + shift).to(y_ptr.dtype.element_ty).to(tl.float32)
+                y += _activation(v * scale + shift, AFFINE_ONLY).to(y_ptr.dtype.element_ty).to(tl.float32)
                 x_sum += v
             y = y * 0.25
             tl.store(xh_ptr + b * sh_b + rows[:, None] * sh_hw + cols[None, :] * sh_c,
                      (x_sum * 0.25).to(xh_ptr.dtype.element_ty), mask=mask)
         else:
             v = tl.load(x_base + rows[:, None] * sx_hw, mask=mask, other=0.0)
-            y = _silu(v.to(tl.float32) * scale + shift)
+            y = _activation(v.to(tl.float32) * scale + shift, AFFINE_ONLY)
         tl.store(y_base + rows[:, None] * sy_hw, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -303,8 +317,8 @@ def half_size_pixels(pixels, W, HALF: tl.constexpr):
 def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, HW, W, C,
                            PC, Cg, G, c0, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, rows_per_split, num_splits,
                            HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
-                           BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    # The sums of dxhat = dy * silu'(z) * gain and of dxhat * xhat.
+                           AFFINE_ONLY: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The sums of dxhat = dy * silu'(z) * gain (dy * gain with AFFINE_ONLY) and of dxhat * xhat.
     b, split, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_split, BLOCK_C)
     _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
                                                  cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
@@ -323,7 +337,7 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
                      other=0.0).to(tl.float32)
         if HALVING:
             dy = dy * 0.25
-        dxhat = dy * _silu_slope(v * scale + shift) * gain
+        dxhat = _through_activation(dy, v * scale + shift, AFFINE_ONLY) * gain
         sum_dxhat += dxhat
         sum_dxhat_xhat += dxhat * (v * rstd + centre)
     out = _column_partial(partial_ptr, b, PC, cols, split, num_splits, 2)
@@ -336,7 +350,8 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
                      r2_ptr, HW, W, C, Cg, G, c0, rows_per_program, sx_b, sx_hw, sx_c, sd_b, sd_hw, sd_c, so_b, so_hw,
                      so_c, sr_b, sr_hw, sr_c, sr2_b, sr2_hw, sr2_c, HAS_SCALE_SHIFT: tl.constexpr,
                      HAS_INPUT_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SECOND_RESIDUAL: tl.constexpr,
-                     HALVING: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HALVING: tl.constexpr, AFFINE_ONLY: tl.constexpr, BLOCK_HW: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     # With HALVING the output's gradient and the first residual's come at half size (2x2 average poolings of the
     # norm's output and of x: a quarter of each window's gradient to each of its pixels, read where
     # half_size_pixels says).
@@ -360,7 +375,7 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
                      other=0.0).to(tl.float32)
         if HALVING:
             dy = dy * 0.25
-        t = dy * _silu_slope(v * scale + shift)
+        t = _through_activation(dy, v * scale + shift, AFFINE_ONLY)
         dx = t * scale + (v * slope + intercept)
         if HAS_RESIDUAL:  # x's gradient along its other path (the skip connection), added before the one rounding
             r = tl.load(r_ptr + b * sr_b + halved[:, None] * sr_hw + cols[None, :] * sr_c, mask=mask,
@@ -489,11 +504,12 @@ def _statistics_of_parts(parts, group_size: int, eps: float, input_bias=None):
 
 
 def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int, input_bias=None,
-                    halved_input=None, place: tuple[int, int] | None = None) -> None:
+                    halved_input=None, place: tuple[int, int] | None = None, affine_only: bool = False) -> None:
     """Write ``silu`` of the normalised, affine (and scale-shifted) ``x`` into ``y``, which may be a channel
     slice of a larger map (its strides are read as they are). With ``halved_input`` (a map of half ``x``'s height
     and width, as ``y`` is then) both are 2x2 average poolings: of the activation and of ``x``. ``place``: ``x``
-    is the part from this channel on of a map of that many, whose groups ``mean`` and ``rstd`` hold."""
+    is the part from this channel on of a map of that many, whose groups ``mean`` and ``rstd`` hold.
+    ``affine_only``: no SiLU (a plain GroupNorm)."""
     batch, channels, height, width = y.shape
     x, sx = flat_strides(x)
     y_flat, sy = flat_strides(y)
@@ -507,22 +523,26 @@ def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int
     _forward_kernel[grid](x, y, xh, mean, rstd, weight32, bias32, ss, ib, height * width, width, channels, group_size,
                           total // group_size, first, rows_per_program, *sx, *sy, *sh,
                           HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
-                          HALVING=halved_input is not None, BLOCK_HW=tile[0], BLOCK_C=tile[1])
+                          HALVING=halved_input is not None, AFFINE_ONLY=affine_only, BLOCK_HW=tile[0],
+                          BLOCK_C=tile[1])
 
 
-def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None, input_bias=None):
+def _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, out_dtype=None, input_bias=None,
+             affine_only: bool = False):
     group_size = x.shape[1] // num_groups
     x, _ = flat_strides(x)
     mean, rstd = _statistics(x, group_size, eps, input_bias)
     y = torch.empty_like(x, dtype=out_dtype or x.dtype)
-    _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size, input_bias)
-    _keep_for_backward(ctx, x, weight, bias, scale_shift, input_bias, mean, rstd, num_groups, eps, out_dtype)
+    _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size, input_bias, affine_only=affine_only)
+    _keep_for_backward(ctx, x, weight, bias, scale_shift, input_bias, mean, rstd, num_groups, eps, out_dtype,
+                       affine_only)
     return y
 
 
-def _keep_for_backward(ctx, x, weight, bias, scale_shift, input_bias, mean, rstd, num_groups, eps, out_dtype=None):
+def _keep_for_backward(ctx, x, weight, bias, scale_shift, input_bias, mean, rstd, num_groups, eps, out_dtype=None,
+                       affine_only: bool = False):
     ctx.save_for_backward(x, weight, bias, scale_shift, input_bias, mean, rstd)
-    ctx.num_groups, ctx.eps, ctx.out_dtype = num_groups, eps, out_dtype
+    ctx.num_groups, ctx.eps, ctx.out_dtype, ctx.affine_only = num_groups, eps, out_dtype, affine_only
 
 
 def _half_size_like(x: torch.Tensor) -> torch.Tensor:
@@ -540,17 +560,26 @@ def _backward(ctx, dy, needed: tuple, residuals=(), halving: bool = False):
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residuals, input_bias,
-                                 halving)
+                                 halving, ctx.affine_only)
     if not any(needed):
         return grad_x, [None] * 4
     x_in = x.detach() if ctx.out_dtype is None else x.detach().to(ctx.out_dtype)
     if halving:  # the pooling's gradient: a quarter of each window's to each of its pixels
         dy = torch.nn.functional.interpolate(dy * 0.25, scale_factor=2, mode="nearest")
     return grad_x, _reference_parameter_gradients(x_in, dy, (weight, bias, scale_shift, input_bias), needed,
-                                                  x.shape[1] // ctx.num_groups, ctx.eps)
+                                                  x.shape[1] // ctx.num_groups, ctx.eps, ctx.affine_only)
 
 
-def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, eps: float) -> list:
+def reference(x, weight, bias, group_size: int, eps: float, scale_shift=None, affine_only: bool = False):
+    """What the kernels compute, by plain torch ops in float32: :func:`blended.fused_norm.group_norm_act`, or
+    with ``affine_only`` the GroupNorm alone."""
+    if affine_only:
+        return F.group_norm(x.float(), x.shape[1] // group_size, weight.float(), bias.float(), eps).to(x.dtype)
+    return group_norm_act(x, weight, bias, group_size, eps, scale_shift)
+
+
+def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, eps: float,
+                                   affine_only: bool = False) -> list:
     """Gradients for the weight, bias, timestep terms or input bias: nothing in CLIP guidance asks for them
     (frozen weights, a timestep embedding without grad), so the plain reference computes them when someone
     does."""
@@ -560,7 +589,7 @@ def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, e
             for t, need in zip(parameters, needed, strict=True)]
         if input_bias is not None:
             x = x + input_bias.view(1, -1, 1, 1).to(x.dtype)
-        y = group_norm_act(x, weight, bias, group_size, eps, scale_shift)
+        y = reference(x, weight, bias, group_size, eps, scale_shift, affine_only)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, dy))
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
@@ -582,12 +611,13 @@ class _GroupNormSiLUAndInput(torch.autograd.Function):
     """``(group_norm_silu(x), x)`` or, with ``aliases=2``, ``(group_norm_silu(x), x, x)``: the outputs after the
     first are ``x`` itself, each to be used in its place (the skip connection; the UNet's skip stack), so that all
     of ``x``'s gradients arrive here and the backward kernel adds them as it writes ``dx``, where autograd would
-    write ``dx`` and then read it back with each other gradient to sum them."""
+    write ``dx`` and then read it back with each other gradient to sum them. ``affine_only``: the GroupNorm
+    without SiLU (an attention block's, whose residual sum uses ``x``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps, aliases):
+    def forward(ctx, x, weight, bias, scale_shift, num_groups, eps, aliases, affine_only=False):
         ctx.set_materialize_grads(False)  # an alias nobody used sends no gradient, and adds none
-        y = _forward(ctx, x, weight, bias, scale_shift, num_groups, eps)
+        y = _forward(ctx, x, weight, bias, scale_shift, num_groups, eps, affine_only=affine_only)
         return (y, *(x.view_as(x) for _ in range(aliases)))
 
     @staticmethod
@@ -596,7 +626,7 @@ class _GroupNormSiLUAndInput(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy
         residuals = tuple(d for d in d_aliases if d is not None)
         grad_x, (weight, bias, scale_shift, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:4], False), residuals)
-        return grad_x, weight, bias, scale_shift, None, None, None
+        return grad_x, weight, bias, scale_shift, None, None, None, None
 
 
 class _GroupNormSiLUHalving(torch.autograd.Function):
@@ -686,17 +716,19 @@ class _GroupNormSiLUOfPair(torch.autograd.Function):
 
 
 def _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, num_groups, residuals=(), input_bias=None,
-                    halving: bool = False):
+                    halving: bool = False, affine_only: bool = False):
     """``x``'s gradient, with ``residuals`` (up to two: its gradients along other paths) added before the one
     rounding. ``halving``: ``dy`` and the first residual are at half ``x``'s height and width, the gradients of
-    2x2 average poolings of the norm's output and of ``x``."""
+    2x2 average poolings of the norm's output and of ``x``. ``affine_only``: of the GroupNorm without SiLU."""
     group_size = x.shape[1] // num_groups
-    c1, c2 = _gradient_sums(((x, dy, weight, bias),), scale_shift, input_bias, mean, rstd, group_size, halving)
+    c1, c2 = _gradient_sums(((x, dy, weight, bias),), scale_shift, input_bias, mean, rstd, group_size, halving,
+                            affine_only)
     return _write_input_gradient(x, dy, weight, bias, scale_shift, input_bias, mean, rstd, c1, c2, group_size,
-                                 residuals, halving)
+                                 residuals, halving, affine_only=affine_only)
 
 
-def _gradient_sums(parts, scale_shift, input_bias, mean, rstd, group_size: int, halving: bool = False):
+def _gradient_sums(parts, scale_shift, input_bias, mean, rstd, group_size: int, halving: bool = False,
+                   affine_only: bool = False):
     """The two per-group means GroupNorm's input gradient needs (of dxhat and of dxhat * xhat), over ``parts``,
     each ``(x, dy, weight, bias)`` with ``x`` one part of a map's channels, side by side as in
     :func:`_statistics_of_parts` (scale-shift and input bias for a single part)."""
@@ -712,7 +744,7 @@ def _gradient_sums(parts, scale_shift, input_bias, mean, rstd, group_size: int, 
             x, dy, grid.partial_sums_from(partial, first, 2), mean, rstd, weight32, bias32, ss, ib, hw, width,
             x.shape[1], grid.channels, group_size, groups, first, *sx, *sd, grid.rows_per_split, grid.splits,
             HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None, HALVING=halving,
-            BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+            AFFINE_ONLY=affine_only, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
     rows = batch * groups
     c1, c2 = (torch.empty(rows, device=partial.device, dtype=torch.float32) for _ in range(2))
     _backward_stats_merge_kernel[_merge_launch(rows)](
@@ -721,7 +753,8 @@ def _gradient_sums(parts, scale_shift, input_bias, mean, rstd, group_size: int, 
 
 
 def _write_input_gradient(x, dy, weight, bias, scale_shift, input_bias, mean, rstd, c1, c2, group_size: int,
-                          residuals=(), halving: bool = False, place: tuple[int, int] | None = None):
+                          residuals=(), halving: bool = False, place: tuple[int, int] | None = None,
+                          affine_only: bool = False):
     """The pass that writes ``x``'s gradient from the group sums (``place`` as for :func:`_normalise_into`)."""
     batch, channels, height, width = x.shape
     hw = height * width
@@ -735,12 +768,13 @@ def _write_input_gradient(x, dy, weight, bias, scale_shift, input_bias, mean, rs
         raise ValueError(f"the backward kernel adds at most two other gradients, not {len(residuals)}")
     # dx stands in for the residuals not given: a pointer never read.
     (r, sr), (r2, sr2) = [flat_strides(t) for t in residuals] + [(dx, so)] * (2 - len(residuals))
-    grid, rows_per_program = pass_launch(batch, channels, hw, BACKWARD_TILE)
+    tile = AFFINE_BACKWARD_TILE if affine_only else BACKWARD_TILE
+    grid, rows_per_program = pass_launch(batch, channels, hw, tile)
     _backward_kernel[grid](x, dy, dx, mean, rstd, c1, c2, weight32, bias32, ss, ib, r, r2, hw, width, channels,
                            group_size, total // group_size, first, rows_per_program, *sx, *sd, *so, *sr, *sr2,
                            HAS_SCALE_SHIFT=scale_shift is not None, HAS_INPUT_BIAS=input_bias is not None,
                            HAS_RESIDUAL=len(residuals) > 0, HAS_SECOND_RESIDUAL=len(residuals) > 1, HALVING=halving,
-                           BLOCK_HW=BACKWARD_TILE[0], BLOCK_C=BACKWARD_TILE[1])
+                           AFFINE_ONLY=affine_only, BLOCK_HW=tile[0], BLOCK_C=tile[1])
     return dx
 
 
@@ -777,6 +811,15 @@ def group_norm_silu_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch
     if aliases not in (1, 2):
         raise ValueError(f"the norm hands its input on once or twice, not {aliases} times")
     return _GroupNormSiLUAndInput.apply(x, weight, bias, None, x.shape[1] // group_size, eps, aliases)
+
+
+def group_norm_and_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(group_norm(x), x)``: GroupNorm alone (no SiLU) by the same kernels, for an attention block, whose
+    residual sum uses ``x`` too: use the returned ``x`` there, and its gradient is added inside the backward
+    kernel. Its output is in ``x``'s memory format, so channels_last tokens come out in the layout the qkv
+    projection reads as one matrix product with its bias."""
+    return _GroupNormSiLUAndInput.apply(x, weight, bias, None, x.shape[1] // group_size, eps, 1, True)
 
 
 def group_norm_silu_halving(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group_size: int, eps: float,

@@ -16,7 +16,8 @@ checkpointing) is free, and is chosen for speed:
 * ``autocast_dtype`` (bf16/fp16) runs the block stacks under autocast instead, keeping fp32 weights; the
   timestep embedding and ``out`` stay fp32 as in :meth:`GuidedDiffusionUNet.to_compute_dtype`;
 * ``norm_kernel`` runs each GroupNorm (+ scale-shift) + SiLU of the ResBlocks and ``out`` as one function:
-  "compile" (:mod:`blended.fused_norm`) or "triton" (:mod:`blended.triton_norm`);
+  "compile" (:mod:`blended.fused_norm`) or "triton" (:mod:`blended.triton_norm`, which also runs the attention
+  blocks' GroupNorms);
 * the convolutions keep only their (frozen) weight for the backward, not their input
   (:mod:`blended.frozen_conv`): guidance needs the gradient w.r.t. the image, never the weights'.
 """
@@ -431,6 +432,14 @@ def _fused_norm_silu_keeping_input(kernel: str, norm: nn.GroupNorm, x: torch.Ten
     return (_fused_norm_silu(kernel, norm, x), x, x) if hand_on else (_fused_norm_silu(kernel, norm, x), x)
 
 
+def _norm_keeping_input(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x), x)`` by the Triton kernels, GroupNorm alone: an attention block's, whose residual sum uses
+    the returned ``x``, so that its gradient is added inside the norm's backward kernel."""
+    from .triton_norm import group_norm_and_input
+
+    return group_norm_and_input(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups, norm.eps)
+
+
 def _fused_norm_silu_halving(norm: nn.GroupNorm, x: torch.Tensor, hand_on: bool = False) -> tuple[torch.Tensor, ...]:
     """``(avg_pool(_fused_norm_silu("triton", norm, x)), avg_pool(x))`` (2x2), and with ``hand_on`` ``x`` itself
     for the UNet's skip stack, by the Triton kernels: the same sums, without the poolings' full-size maps."""
@@ -475,13 +484,26 @@ class AttentionBlock(nn.Module):
             self.register_load_state_dict_pre_hook(_legacy_qkv_to_split_order)
             self.register_state_dict_post_hook(_split_qkv_to_legacy_order)
 
+    # Set on every AttentionBlock by GuidedDiffusionUNet.norm_kernel: "triton" runs its GroupNorm by the Triton
+    # kernels (the other kernels fuse SiLU, which this norm has not, and leave it to the module).
+    norm_kernel: str | None = None
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         length = height * width
-        tokens = x.reshape(batch, channels, length)  # a view for both NCHW and channels_last input
+        if self.norm_kernel == "triton" and runs_triton_kernels(x):
+            # In x's memory format: channels_last tokens are then [B, T, C] rows as the qkv projection reads
+            # them, one matrix product with its bias (the module's NCHW output cost a product, then a pass adding
+            # the bias, and layout copies both ways). The returned x carries the residual's gradient into the
+            # norm's backward kernel.
+            normed, x = _norm_keeping_input(self.norm, x)
+            normed = normed.reshape(batch, channels, length).transpose(1, 2)
+            tokens = x.reshape(batch, channels, length)
+        else:
+            tokens = x.reshape(batch, channels, length)  # a view for both NCHW and channels_last input
+            normed = self.norm(tokens).transpose(1, 2)
         # The k=1 Conv1d layers are applied as Linear on [B, T, C] so that q, k and v come out with a
         # contiguous head dimension, the layout the fused SDPA kernels need (no copies before attention).
-        normed = self.norm(tokens).transpose(1, 2)
         qkv = F.linear(normed, self.qkv.weight.squeeze(-1), self.qkv.bias)
         head_dim = channels // self.num_heads
         # Unbound along the packed dimension itself (the same views as unbinding after a permute), so that the
@@ -623,7 +645,8 @@ class GuidedDiffusionUNet(nn.Module):
     @property
     def norm_kernel(self) -> str | None:
         """How every ResBlock and ``out`` run GroupNorm (+ scale-shift) + SiLU: None (the modules, eagerly),
-        "compile" (one torch.compile'd function) or "triton" (the pack's Triton kernels)."""
+        "compile" (one torch.compile'd function) or "triton" (the pack's Triton kernels, the attention blocks'
+        GroupNorms too)."""
         return getattr(self, "_norm_kernel", None)
 
     @norm_kernel.setter
@@ -632,7 +655,7 @@ class GuidedDiffusionUNet(nn.Module):
             raise ValueError(f"unknown norm kernel {kernel!r}: use None or one of {', '.join(NORM_KERNELS)}")
         self._norm_kernel = kernel
         for module in self.modules():
-            if isinstance(module, ResBlock):
+            if isinstance(module, (ResBlock, AttentionBlock)):
                 module.norm_kernel = kernel
 
     @property

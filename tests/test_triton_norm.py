@@ -36,6 +36,7 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "down_blocks_poolings_are_made_by_the_norm",
           "many_splits_are_merged_like_one_reduction",
           "passes_taking_many_tiles_write_what_one_tile_does",
+          "attention_norm_is_group_norm_alone",
           "input_bias_is_the_norm_of_the_sum",
           "residual_sum_is_the_plain_sum_rounded_once",
           "residual_sum_reads_an_upsampled_skip_at_half_size")
@@ -149,8 +150,9 @@ def test_a_step_compiles_the_same_few_kernels_at_every_batch_size():
 def test_a_gpu_step_casts_no_weight_per_use(preset):
     """A run stores every weight a step applies in bf16 in bf16 once (``fast_paths.precast_run_weights``). On a
     GPU's rules, one guided step of the 256x256 model then casts no parameter: under channels_last CUDA's
-    GroupNorm applies bf16 weights (200 casts a step before), the attention blocks' norms do under the Triton
-    norm (32), and CLIP's class and position embeddings are kept float32 by OpenAI's conversion (2)."""
+    GroupNorm applies bf16 weights (200 casts a step before), the Triton kernels read every norm's in float32
+    (the attention blocks' too), and CLIP's class and position embeddings are kept float32 by OpenAI's
+    conversion (2)."""
     from blended import fast_paths
     from blended.kernel_specialisations import recording_launches
     from blended.memory_trace import fake_run_step

@@ -122,7 +122,7 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     pairs, of_pair = [], kernels.group_norm_silu_of_pair
     sums, residual_sum = [], triton_residual.residual_sum
     handed, and_input, halving = [], kernels.group_norm_silu_and_input, kernels.group_norm_silu_halving
-    halved = []
+    halved, attention_norms, alone = [], [], kernels.group_norm_and_input
     kernels.group_norm_silu_of_pair = lambda a, b, *rest: pairs.append((a.shape[1], b.shape[1])) or of_pair(a, b, *rest)
     upsampled = []
     triton_residual.residual_sum = lambda skip, h, bias, up=False: (sums.append(h.shape[1]) or upsampled.append(up)
@@ -131,6 +131,7 @@ def check_unet_with_triton_norm_matches_the_unet_without():
                                                                   or and_input(*args, aliases=aliases))
     kernels.group_norm_silu_halving = lambda *args, aliases=0: (halved.append(aliases == 1) or handed.append(
         aliases == 1) or halving(*args, aliases=aliases))
+    kernels.group_norm_and_input = lambda x, *args: attention_norms.append(x.shape) or alone(x, *args)
     try:
         with fast_paths.run_clones(unet, clip, options) as (fast, _):
             assert fast.norm_kernel == "triton"
@@ -141,7 +142,11 @@ def check_unet_with_triton_norm_matches_the_unet_without():
         triton_residual.residual_sum = residual_sum
         kernels.group_norm_silu_and_input = and_input
         kernels.group_norm_silu_halving = halving
+        kernels.group_norm_and_input = alone
     assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    # Every attention block's GroupNorm by the kernels too.
+    attention = [m for m in unet.modules() if type(m).__name__ == "AttentionBlock"]
+    assert len(attention_norms) == len(attention) > 0, (attention_norms, len(attention))
     # Every up ResBlock (upsampling, no conv) left its skip input's upsampling to the residual sum.
     ups = [m for m in unet.modules() if type(m).__name__ == "ResBlock" and type(m.resample).__name__ == "Upsample"]
     assert upsampled.count(True) == len(ups) > 0, (upsampled, len(ups))
@@ -274,7 +279,7 @@ def check_passes_taking_many_tiles_write_what_one_tile_does():
     # small enough for one each): with every program taking as many tiles as it may (a target of one program),
     # the last of them ragged, every output and gradient is the same bits as with one tile per program. The plain
     # norm with timestep terms and an input bias, both memory formats; a block input's two other gradients added,
-    # a down block's halving norm and an output block's pair of parts, in bf16.
+    # an attention block's norm, a down block's halving norm and an output block's pair of parts, in bf16.
     one_tile_each, launches = kernels.pass_launch, []
 
     def many_tiles_each(batch, channels, hw, tile):
@@ -296,6 +301,8 @@ def check_passes_taking_many_tiles_write_what_one_tile_does():
             kernels.group_norm_silu(x, w, b, 2, 1e-5, ss, input_bias=cb),), (x,)))
     xb, weight, bias, _ = case((2, 64, 10, 13), torch.bfloat16, True, False, seed=74)
     runs.append((lambda x: kernels.group_norm_silu_and_input(x, weight, bias, 2, 1e-5, aliases=2), (xb,)))
+    runs.append((lambda x: kernels.group_norm_and_input(x, weight, bias, 2, 1e-5), (xb.detach().clone()
+                                                                                    .requires_grad_(True),)))
     xh, _, _, _ = case((2, 64, 12, 20), torch.bfloat16, True, False, seed=75)
     runs.append((lambda x: kernels.group_norm_silu_halving(x, weight, bias, 2, 1e-5, aliases=1), (xh,)))
     whole, pair_weight, pair_bias, _ = case((2, 96, 10, 13), torch.bfloat16, True, False, seed=76)
@@ -313,6 +320,38 @@ def check_passes_taking_many_tiles_write_what_one_tile_does():
     # The loops ran: programs of several tiles, some ending in a part of one, some programs a part of the others'.
     assert all(rows >= 2 * tile for _, tile, rows in launches), launches
     assert any(hw % tile for hw, tile, _ in launches) and any(hw % rows for hw, _, rows in launches), launches
+
+
+def check_attention_norm_is_group_norm_alone():
+    # An attention block's norm: GroupNorm without SiLU, x handed on for the residual sum and that gradient added
+    # in the backward kernel. Against F.group_norm in float32, both memory formats; in bf16 within one rounding of
+    # the float32 norm; the affine parameters' gradients from the reference when asked.
+    for channels_last in (True, False):
+        x, weight, bias, _ = case((2, 64, 6, 5), torch.float32, channels_last, False, seed=81)
+        gen = torch.Generator().manual_seed(82)
+        grad_y, residual_scale = on_device(torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen))
+        y, x_residual = kernels.group_norm_and_input(x, weight, bias, 2, 1e-5)
+        expected = torch.nn.functional.group_norm(x, 32, weight, bias, 1e-5)
+        assert torch.equal(x_residual, x) and y.stride() == x.stride() and rel(y, expected) < 1e-6
+        (gx,) = torch.autograd.grad((y * grad_y).sum() + (x_residual * residual_scale).square().sum(), x)
+        (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * residual_scale).square().sum(), x)
+        assert rel(gx, gx_expected) < 1e-6 and gx.stride() == x.stride()
+    x, weight, bias, _ = case((2, 64, 8, 8), torch.bfloat16, True, False, seed=83)
+    y, x_residual = kernels.group_norm_and_input(x, weight, bias, 2, 1e-5)
+    x32 = x.detach().float().requires_grad_(True)
+    expected = torch.nn.functional.group_norm(x32, 32, weight, bias, 1e-5)
+    assert y.dtype == torch.bfloat16 and within_one_bf16_step(y, expected, atol=1e-6)
+    grad_y = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(85))).to(torch.bfloat16)
+    (gx,) = torch.autograd.grad((y.float() * grad_y).sum() + x_residual.float().sum(), x)
+    (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + x32.sum(), x32)
+    assert gx.dtype == torch.bfloat16 and rel(gx, gx_expected) < 4e-3, rel(gx, gx_expected)
+    x, weight, bias, _ = case((2, 64, 4, 4), torch.float32, True, False, seed=84)
+    leaves = [t.clone().requires_grad_(True) for t in (weight, bias)]
+    got = torch.autograd.grad(kernels.group_norm_and_input(x, *leaves, 2, 1e-5)[0].square().sum(), [x, *leaves])
+    ref_leaves = [t.clone().requires_grad_(True) for t in (weight, bias)]
+    want = torch.autograd.grad(torch.nn.functional.group_norm(x, 32, *ref_leaves, 1e-5).square().sum(),
+                               [x, *ref_leaves])
+    assert all(rel(g, w) < 1e-5 for g, w in zip(got, want, strict=True))
 
 
 def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
