@@ -126,7 +126,8 @@ class BlendedDiffusionSpeed:
                 "triton_kernels": ("BOOLEAN", {"default": d["triton_kernels"], "tooltip":
                                    "Use with channels_last: with cuda_graphs too, the fastest setting measured "
                                    "on an H100 (0.29 s per step at batch 16 instead of 0.38, half the memory). "
-                                   "The UNet's GroupNorm + scale-shift + SiLU and CLIP's LayerNorms and QuickGELU "
+                                   "The UNet's GroupNorms (with their scale-shift and SiLU) and CLIP's LayerNorms "
+                                   "and QuickGELU "
                                    "as the pack's own Triton kernels: "
                                    "fewer passes over memory, less kept for the backward, the same results within "
                                    "rounding. Needs a CUDA GPU and the triton package (the first run on a "

@@ -410,9 +410,9 @@ def test_a_row_out_of_memory_is_reported_and_the_sweep_goes_on(monkeypatch):
 def test_precast_weights_give_autocasts_bits_with_fewer_casts(unet, clip, options):
     """Run clones store the block weights in the autocast dtype: the same outputs and input gradients, bit for
     bit, as casting them on every use, and no per-forward weight casts. A GroupNorm's weights only where it
-    applies them in that dtype: with a fused norm kernel the attention blocks' norms still do, and under
-    channels_last this CPU's GroupNorm reads float32 weights (CUDA's applies bf16 ones: see
-    test_a_gpu_step_casts_no_weight_per_use)."""
+    applies them in that dtype: with a fused norm kernel the attention blocks' norms still do (where the Triton
+    kernels run, those read float32 weights too), and under channels_last this CPU's GroupNorm reads float32
+    weights (CUDA's applies bf16 ones: see test_a_gpu_step_casts_no_weight_per_use)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 64, 64, generator=gen, requires_grad=True)
     t = torch.tensor([30.0, 700.0])
