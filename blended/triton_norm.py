@@ -238,11 +238,15 @@ def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G
 
 
 @triton.jit
-def _pre_activation_terms(mean, rstd, gain, offset):
-    # The pre-SiLU activation z = ((x - mean) * rstd) * gain + offset as x * scale + shift per column, the way
-    # torch's own GroupNorm kernels fold it: one multiply-add per element where the terms apart took three.
+def _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0, cols, c_mask,
+                          HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
+    # :func:`_channel_terms` and the pre-SiLU activation z = ((x - mean) * rstd) * gain + offset as
+    # x * scale + shift per column, the way torch's own GroupNorm kernels fold it: one multiply-add per element
+    # where the terms apart took three.
+    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G,
+                                                    c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     scale = rstd * gain
-    return scale, offset - mean * scale
+    return stat, mean, rstd, gain, scale, offset - mean * scale
 
 
 @triton.jit
@@ -274,9 +278,8 @@ def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_p
     # With HALVING the pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each is
     # the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
     b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
-    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
-                                                 cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
-    scale, shift = _pre_activation_terms(mean, rstd, gain, offset)
+    _, _, _, _, scale, shift = _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G,
+                                                     c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     x_base = x_ptr + b * sx_b + cols[None, :] * sx_c
     y_base = y_ptr + b * sy_b + cols[None, :] * sy_c
     for r0 in range(start, end, BLOCK_HW):
@@ -320,9 +323,8 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
                            AFFINE_ONLY: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # The sums of dxhat = dy * silu'(z) * gain (dy * gain with AFFINE_ONLY) and of dxhat * xhat.
     b, split, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_split, BLOCK_C)
-    _, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0,
-                                                 cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
-    scale, shift = _pre_activation_terms(mean, rstd, gain, offset)
+    _, mean, rstd, gain, scale, shift = _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C,
+                                                              Cg, G, c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     centre = -mean * rstd  # xhat = x * rstd + centre
     x_base = x_ptr + b * sx_b + cols * sx_c
     dy_base = dy_ptr + b * sd_b + cols * sd_c
@@ -356,9 +358,8 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
     # norm's output and of x: a quarter of each window's gradient to each of its pixels, read where
     # half_size_pixels says).
     b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
-    stat, mean, rstd, gain, offset = _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G,
-                                                    c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
-    scale, shift = _pre_activation_terms(mean, rstd, gain, offset)
+    stat, mean, rstd, _, scale, shift = _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C,
+                                                              Cg, G, c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
     c2 = tl.load(c2_ptr + stat, mask=c_mask, other=0.0)[None, :]
     # dx = rstd * (dxhat - c1 - xhat * c2), with dxhat = t * gain, t = dy * silu'(z) and xhat = (x - mean) * rstd:
