@@ -80,7 +80,10 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
     row = {"BLOCK_D": 1024}  # ViT-B's 768-wide tokens, padded to a power of two
     merge = dict(zip(("BLOCK_R", "BLOCK_S"), MERGE_TILE, strict=True))
     # The merges of the split reductions' float32 partial sums, whatever the activations' dtype.
-    cases = [KernelCase("triton_norm", "_stats_merge_kernel", "fp32", merge, (), 12),
+    # The statistics' merge takes a map's partial sums as one part or two (an output block's running map and
+    # skip, each with its own).
+    cases = [*(KernelCase("triton_norm", "_stats_merge_kernel", "fp32", {**merge, "TWO_PARTS": two}, (), 12)
+               for two in (False, True)),
              KernelCase("triton_norm", "_backward_stats_merge_kernel", "fp32", merge, (), 8)]
     for dtype in dtypes:
         size = _ITEMSIZE[dtype]
@@ -112,10 +115,11 @@ def kernel_cases(dtypes=("bf16", "fp32")) -> list[KernelCase]:
                                          **terms, "HAS_RESIDUAL": residuals > 0,
                                          "HAS_SECOND_RESIDUAL": residuals > 1}, pointers,
                                         (2 + gradient * (1 + (residuals > 0)) + (residuals > 1)) * size))
-        # An up block's skip is read at half size, once for 4 pixels of the output.
+        # An up block's skip is read at half size, once for 4 pixels of the output. The kernel loops over a split
+        # of the pixels as the statistics pass does, for the partial statistics it leaves.
         for upsampled_skip in (False, True):
             cases.append(KernelCase("triton_residual", "_residual_sum_kernel", dtype,
-                                    {**tile(FORWARD_TILE), "UPSAMPLED_SKIP": upsampled_skip},
+                                    {**reduction, "UPSAMPLED_SKIP": upsampled_skip},
                                     ("s_ptr", "h_ptr", "out_ptr", "bias_ptr"), (2.25 if upsampled_skip else 3) * size))
         gelu = {"BLOCK": GELU_BLOCK}
         cases.append(KernelCase("triton_clip", "_gelu_forward_kernel", dtype, gelu, ("x_ptr", "y_ptr"), 2 * size))

@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import memory_trace
+from . import carried_statistics, memory_trace
 
 __all__ = ["KernelTraffic", "adds_bias_in_a_pass", "launches_a_kernel", "modelled_triton_kernels", "touched_bytes",
            "trace_step_traffic"]
@@ -242,10 +242,12 @@ class _ModelledKernelOfPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, counter, name, x_reads, grad_reads, a, b):
+        # x_reads: (a's, b's), since either may carry its statistics.
         ctx.counter, ctx.kernel, ctx.grad_reads = counter, name, grad_reads
         y = torch.empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), dtype=a.dtype, device=a.device,
                         memory_format=torch.channels_last)
-        counter.charge(f"{name} (Triton)", x_reads * (touched_bytes(a) + touched_bytes(b)) + touched_bytes(y))
+        counter.charge(f"{name} (Triton)", x_reads[0] * touched_bytes(a) + x_reads[1] * touched_bytes(b)
+                       + touched_bytes(y))
         ctx.save_for_backward(a, b)
         return y, a.view_as(a), b.view_as(b)
 
@@ -260,21 +262,44 @@ class _ModelledKernelOfPair(torch.autograd.Function):
 
 class _ModelledResidualSum(torch.autograd.Function):
     """Stands in for :func:`blended.triton_residual.residual_sum`: one pass reading both maps and writing the
-    sum; the backward hands the gradient to both as it is (no kernel), or for a half-size skip (an up block's
-    input, read as its upsampling) runs the upsampling's backward, as the kernel's does."""
+    sum and its partial statistics, which it leaves on the sum as the kernel does; the backward hands the
+    gradient to both as it is (no kernel), or for a half-size skip (an up block's input, read as its upsampling)
+    runs the upsampling's backward, as the kernel's does."""
 
     @staticmethod
     def forward(ctx, counter, skip, h, upsampled_skip):
+        from .triton_norm import statistics_grid
+
         out = torch.empty_like(h, dtype=torch.result_type(skip, h))
-        counter.charge("residual sum + bias (Triton)", touched_bytes(skip) + touched_bytes(h) + touched_bytes(out))
+        grid = statistics_grid(out)
+        sums = grid.partial_sums(3, out.device)
+        counter.charge("residual sum + bias (Triton)", touched_bytes(skip) + touched_bytes(h) + touched_bytes(out)
+                       + touched_bytes(sums))
         ctx.skip_shape = tuple(skip.shape) if upsampled_skip else None
-        return out
+        ctx.mark_non_differentiable(sums)
+        ctx.set_materialize_grads(False)
+        return out, sums
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _sums):
         from .triton_residual import upsampling_gradient
 
-        return None, grad if ctx.skip_shape is None else upsampling_gradient(grad, ctx.skip_shape), grad, None
+        if grad is None or ctx.skip_shape is None:
+            return None, grad, grad, None
+        return None, upsampling_gradient(grad, ctx.skip_shape), grad, None
+
+
+def _modelled_residual_sum(counter, skip, h, upsampled_skip):
+    from .triton_norm import statistics_grid
+
+    out, sums = _ModelledResidualSum.apply(counter, skip, h, upsampled_skip)
+    return carried_statistics.attach(out, sums, statistics_grid(out).splits)
+
+
+def _statistics_reads(x, input_bias=None) -> int:
+    """How often the norm's statistics pass reads ``x``: not at all where ``x`` carries its statistics (and the
+    norm adds no input bias), as the kernels decide (:func:`blended.triton_norm._channel_partials`)."""
+    return 0 if input_bias is None and carried_statistics.carried(x) is not None else 1
 
 
 class _ModelledResidualLayerNorm(torch.autograd.Function):
@@ -311,29 +336,34 @@ def modelled_triton_kernels(counter: KernelTraffic, options):
     with patches:
         if options.triton_norm:
             def norm_silu(kernel, norm, x, scale_shift=None, out_dtype=None, input_bias=None):
-                # Forward: a statistics pass and an output pass read x. Backward: a statistics pass and an
-                # output pass read x and the gradient. (An input bias is a few numbers per channel.)
-                return _ModelledKernel.apply(counter, "GroupNorm+SiLU", 2, 2, x, scale_shift, out_dtype)
+                # Forward: a statistics pass (unless x carries its statistics) and an output pass read x.
+                # Backward: a statistics pass and an output pass read x and the gradient. (An input bias is a few
+                # numbers per channel.)
+                return _ModelledKernel.apply(counter, "GroupNorm+SiLU", 1 + _statistics_reads(x, input_bias), 2, x,
+                                             scale_shift, out_dtype)
 
             def norm_silu_keeping_input(kernel, norm, x, hand_on=False):
-                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 2, 2, x, 2 if hand_on else 1)
+                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm+SiLU", 1 + _statistics_reads(x), 2, x,
+                                                         2 if hand_on else 1)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu", norm_silu))
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_keeping_input",
                                                     norm_silu_keeping_input))
 
             def norm_keeping_input(norm, x):  # an attention block's GroupNorm alone, the same passes
-                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm", 2, 2, x, 1)
+                return _ModelledKernelKeepingInput.apply(counter, "GroupNorm", 1 + _statistics_reads(x), 2, x, 1)
             patches.enter_context(mock.patch.object(unet_module, "_norm_keeping_input", norm_keeping_input))
 
             def norm_silu_halving(norm, x, hand_on=False):
-                return _ModelledKernelHalving.apply(counter, "GroupNorm+SiLU", 2, 2, x, 1 if hand_on else 0)
+                return _ModelledKernelHalving.apply(counter, "GroupNorm+SiLU", 1 + _statistics_reads(x), 2, x,
+                                                    1 if hand_on else 0)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_halving", norm_silu_halving))
 
             def norm_silu_of_pair(norm, a, b):
-                return _ModelledKernelOfPair.apply(counter, "GroupNorm+SiLU", 2, 2, a, b)
+                return _ModelledKernelOfPair.apply(counter, "GroupNorm+SiLU", tuple(1 + _statistics_reads(t)
+                                                                                    for t in (a, b)), 2, a, b)
             patches.enter_context(mock.patch.object(unet_module, "_fused_norm_silu_of_pair", norm_silu_of_pair))
             patches.enter_context(mock.patch.object(
-                unet_module, "_residual_sum", lambda skip, h, bias, upsampled_skip=False: _ModelledResidualSum.apply(
+                unet_module, "_residual_sum", lambda skip, h, bias, upsampled_skip=False: _modelled_residual_sum(
                     counter, skip, h, upsampled_skip)))
             # The tensors are fake CPU ones: let the output blocks take the parts as the kernels would on CUDA.
             patches.enter_context(mock.patch.object(unet_module, "runs_triton_kernels", lambda tensor: True))

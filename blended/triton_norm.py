@@ -15,7 +15,9 @@ do the chain in the passes it needs, reading either memory format in place:
   (``benchmarks/h100-2026-11-27-profile-triton-batch8.txt``). Each lane keeps its own running mean and M2
   (Welford's update), each channel's lanes are merged at the end, and a small kernel merges each group's channels
   and splits (Chan's parallel formula: a large mean costs no precision), where torch ops took 13 launches per
-  norm. The splits keep every SM busy even at batch 1;
+  norm. The splits keep every SM busy even at batch 1. Where the map was written by a ResBlock's residual sum,
+  that kernel left these very partial sums on it (:mod:`blended.carried_statistics`) and the reduction is skipped:
+  the merge reads them instead of the map;
 * backward (input gradient only, which is all CLIP guidance needs; the frozen weights get theirs from the
   reference path if anyone asks): one split reduction of the two group sums GroupNorm's backward needs,
   recomputing the activation from ``x`` and laid out as the forward's (its parts merged by a small kernel too),
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import carried_statistics
 from .fused_norm import group_norm_act
 
 __all__ = ["group_norm_and_input", "group_norm_silu", "group_norm_silu_and_input", "group_norm_silu_halving",
@@ -79,11 +82,14 @@ REDUCTION_TILE = {True: (32, 64), False: (64, 32)}
 # x's width, which only the halving passes read, would specialise the 8-px blocks apart, and a part's first channel
 # (0 but for the second of two parts) the parts apart. The passes that write a map take no split count.
 _NOT_SPECIALISED = ("Cg", "W", "c0", "num_splits")
-_MERGE_NOT_SPECIALISED = ("rows", "num_parts")  # both follow the batch
+# The rows and parts follow the batch (the statistics' merge: the splits too, and its groups, group size and
+# channels follow the block).
+_MERGE_NOT_SPECIALISED = ("rows", "num_parts")
+_STATS_MERGE_NOT_SPECIALISED = ("rows", "G", "Cg", "C1", "splits1", "C2", "splits2")
 
 
 @triton.jit
-def _program_pixels(HW, C, rows_per_program, BLOCK_C: tl.constexpr):
+def program_pixels(HW, C, rows_per_program, BLOCK_C: tl.constexpr):
     # This program's batch index, its index along the pixels, its pixel range and its channel columns (and their
     # mask): each program takes ``rows_per_program`` pixels (whole tiles, the last program what is left) of one
     # sample's block of channels, and loops over them a tile at a time.
@@ -101,15 +107,43 @@ def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.conste
     return partial_ptr + ((b * C + cols) * num_splits + split) * WIDTH
 
 
+@triton.jit
+def welford_tile(v, valid, r0, start, count, mean, m2, BLOCK_HW: tl.constexpr):
+    # One tile of float32 values ``v`` (its rows ``valid``) into each lane's running count, mean and M2 (Welford's
+    # update): no reduction across the program (shared memory and barriers) per tile. Every lane of a pixel row
+    # has seen the same number of values, so the counts are kept per row. Only the last tile can be partial, so
+    # every lane this tile updates has seen one value per tile so far: one reciprocal per tile serves them all.
+    tiles = ((r0 - start) // BLOCK_HW + 1).to(tl.float32)
+    delta = v - mean
+    mean_next = mean + delta * (1.0 / tiles)
+    m2 = tl.where(valid[:, None], m2 + delta * (v - mean_next), m2)
+    mean = tl.where(valid[:, None], mean_next, mean)
+    return tl.where(valid, tiles, count), mean, m2
+
+
+@triton.jit
+def store_channel_partials(partial_ptr, b, C, cols, c_mask, split, num_splits, count, mean, m2, ib_ptr,
+                           HAS_INPUT_BIAS: tl.constexpr):
+    # Each column's lanes merged as the merge kernel merges the columns' splits: the parts' M2s plus each part's
+    # count times its mean's squared distance from the whole's mean (Chan's formula for many parts); then the
+    # column's count, mean and M2 stored for this split.
+    total = tl.sum(count, axis=0)
+    column_mean = tl.sum(count[:, None] * mean, axis=0) / tl.maximum(total, 1.0)
+    spread = mean - column_mean[None, :]
+    column_m2 = tl.sum(m2 + count[:, None] * spread * spread, axis=0)
+    if HAS_INPUT_BIAS:  # the norm is of x + bias[c]: a constant per channel moves its mean, not its M2
+        column_mean += tl.load(ib_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+    out = _column_partial(partial_ptr, b, C, cols, split, num_splits, 3)
+    tl.store(out, tl.zeros_like(column_mean) + total, mask=c_mask)
+    tl.store(out + 1, column_mean, mask=c_mask)
+    tl.store(out + 2, column_m2, mask=c_mask)
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALISED[3:])
-def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, PC, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
+def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, stride_b, stride_hw, stride_c, rows_per_split, num_splits,
                   HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    # PC: the channels per sample of the partial sums, more than C where x is one part of a wider map.
-    b, split, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_split, BLOCK_C)
+    b, split, cols, c_mask, start, end = program_pixels(HW, C, rows_per_split, BLOCK_C)
     base = x_ptr + b * stride_b + cols * stride_c
-    # Each lane of the tile keeps its own running mean and M2 (Welford's update), and the lanes are merged once
-    # after the loop: no reduction across the program (shared memory and barriers) per tile. Every lane of a
-    # pixel row has seen the same number of values, so the counts are kept per row.
     count = tl.zeros((BLOCK_HW,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
@@ -118,26 +152,9 @@ def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, PC, stride_b, stride_hw, st
         valid = pixels < end
         v = tl.load(base[None, :] + pixels[:, None] * stride_hw, mask=valid[:, None] & c_mask[None, :],
                     other=0.0).to(tl.float32)
-        # Only the last tile can be partial, so every lane this tile updates has seen one value per tile so far:
-        # one reciprocal per tile serves them all.
-        tiles = ((r0 - start) // BLOCK_HW + 1).to(tl.float32)
-        delta = v - mean
-        mean_next = mean + delta * (1.0 / tiles)
-        m2 = tl.where(valid[:, None], m2 + delta * (v - mean_next), m2)
-        mean = tl.where(valid[:, None], mean_next, mean)
-        count = tl.where(valid, tiles, count)
-    # Each column's lanes merged as the merge kernel merges the columns' splits: the parts' M2s plus each part's
-    # count times its mean's squared distance from the whole's mean (Chan's formula for many parts).
-    total = tl.sum(count, axis=0)
-    column_mean = tl.sum(count[:, None] * mean, axis=0) / tl.maximum(total, 1.0)
-    spread = mean - column_mean[None, :]
-    column_m2 = tl.sum(m2 + count[:, None] * spread * spread, axis=0)
-    if HAS_INPUT_BIAS:  # the norm is of x + bias[c]: a constant per channel moves its mean, not its M2
-        column_mean += tl.load(ib_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
-    out = _column_partial(partial_ptr, b, PC, cols, split, num_splits, 3)
-    tl.store(out, tl.zeros((BLOCK_C,), dtype=tl.float32) + total, mask=c_mask)
-    tl.store(out + 1, column_mean, mask=c_mask)
-    tl.store(out + 2, column_m2, mask=c_mask)
+        count, mean, m2 = welford_tile(v, valid, r0, start, count, mean, m2, BLOCK_HW)
+    store_channel_partials(partial_ptr, b, C, cols, c_mask, split, num_splits, count, mean, m2, ib_ptr,
+                           HAS_INPUT_BIAS)
 
 
 # Rows (sample, group) and parts per program of the merges below. A row's parts are its channels' splits (up to a
@@ -160,18 +177,22 @@ def _part_tile(partial_ptr, r, r_mask, s0, num_parts, WIDTH: tl.constexpr, BLOCK
     return partial_ptr + (r[:, None] * num_parts + s[None, :]) * WIDTH, r_mask[:, None] & (s < num_parts)[None, :]
 
 
-@triton.jit(do_not_specialize=_MERGE_NOT_SPECIALISED)
-def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_parts, eps, BLOCK_R: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
-    # Each row's parts merged by Chan's formula in one pass: each lane merges the parts it meets into its own
-    # count, mean and M2, and the lanes are merged once after the loop, as the reductions merge theirs (no
-    # cross-lane reduction, nor its barriers, inside the loop).
-    r, r_mask = _merge_rows(rows, BLOCK_R)
-    n = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
-    for s0 in range(0, num_parts, BLOCK_S):
-        part, mask = _part_tile(partial_ptr, r, r_mask, s0, num_parts, 3, BLOCK_S)
+@triton.jit
+def _merge_part(partial_ptr, r, r_mask, G, Cg, first, C, num_splits, n, mean, m2, BLOCK_S: tl.constexpr):
+    # The partial sums a part of the map's channels holds for each row (sample, group), merged into each lane's
+    # running count, mean and M2 by Chan's formula. The part has C channels from channel ``first`` on, each with
+    # ``num_splits`` splits laid out [sample, channel, split]: a row's channels in this part, and so its parts
+    # here, lie together (none where the group lies wholly in the other part).
+    sample = r // G
+    group_first = (r - sample * G) * Cg - first
+    lo = tl.minimum(tl.maximum(group_first, 0), C)
+    hi = tl.minimum(tl.maximum(group_first + Cg, 0), C)
+    row_start = (sample.to(tl.int64) * C + lo) * num_splits
+    row_parts = (hi - lo) * num_splits
+    for s0 in range(0, Cg * num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = r_mask[:, None] & (s[None, :] < row_parts[:, None])
+        part = partial_ptr + (row_start[:, None] + s[None, :]) * 3
         n_part = tl.load(part, mask=mask, other=0.0)
         delta = tl.load(part + 1, mask=mask, other=0.0) - mean
         n_next = n + n_part
@@ -179,6 +200,23 @@ def _stats_merge_kernel(partial_ptr, mean_ptr, rstd_ptr, rows, num_parts, eps, B
         mean += delta * share
         m2 += tl.load(part + 2, mask=mask, other=0.0) + delta * delta * n * share
         n = n_next
+    return n, mean, m2
+
+
+@triton.jit(do_not_specialize=_STATS_MERGE_NOT_SPECIALISED)
+def _stats_merge_kernel(first_ptr, second_ptr, mean_ptr, rstd_ptr, rows, G, Cg, C1, splits1, C2, splits2, eps,
+                        TWO_PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Each row's parts merged in one pass: each lane merges the parts it meets into its own count, mean and M2,
+    # and the lanes are merged once after the loops, as the reductions merge theirs (no cross-lane reduction,
+    # nor its barriers, inside a loop). With TWO_PARTS the map's channels come as two parts (a concatenation not
+    # made), each with its own partial sums and splits: C1 channels, then C2.
+    r, r_mask = _merge_rows(rows, BLOCK_R)
+    n = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    n, mean, m2 = _merge_part(first_ptr, r, r_mask, G, Cg, 0, C1, splits1, n, mean, m2, BLOCK_S)
+    if TWO_PARTS:
+        n, mean, m2 = _merge_part(second_ptr, r, r_mask, G, Cg, C1, C2, splits2, n, mean, m2, BLOCK_S)
     total = tl.sum(n, axis=1)
     row_mean = tl.sum(n * mean, axis=1) / tl.maximum(total, 1.0)
     spread = mean - row_mean[:, None]
@@ -277,7 +315,7 @@ def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_p
                     AFFINE_ONLY: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # With HALVING the pixels are the output's, ``HW`` and ``W`` its pixel count and width (half x's): each is
     # the 2x2 average of the activation over x's window, and ``xh`` gets the same average of x itself.
-    b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
+    b, _, cols, c_mask, start, end = program_pixels(HW, C, rows_per_program, BLOCK_C)
     _, _, _, _, scale, shift = _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G,
                                                      c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     x_base = x_ptr + b * sx_b + cols[None, :] * sx_c
@@ -322,7 +360,7 @@ def _backward_stats_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, rstd_ptr, w_ptr
                            HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HALVING: tl.constexpr,
                            AFFINE_ONLY: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     # The sums of dxhat = dy * silu'(z) * gain (dy * gain with AFFINE_ONLY) and of dxhat * xhat.
-    b, split, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_split, BLOCK_C)
+    b, split, cols, c_mask, start, end = program_pixels(HW, C, rows_per_split, BLOCK_C)
     _, mean, rstd, gain, scale, shift = _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C,
                                                               Cg, G, c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     centre = -mean * rstd  # xhat = x * rstd + centre
@@ -357,7 +395,7 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, 
     # With HALVING the output's gradient and the first residual's come at half size (2x2 average poolings of the
     # norm's output and of x: a quarter of each window's gradient to each of its pixels, read where
     # half_size_pixels says).
-    b, _, cols, c_mask, start, end = _program_pixels(HW, C, rows_per_program, BLOCK_C)
+    b, _, cols, c_mask, start, end = program_pixels(HW, C, rows_per_program, BLOCK_C)
     stat, mean, rstd, _, scale, shift = _folded_channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C,
                                                               Cg, G, c0, cols, c_mask, HAS_SCALE_SHIFT, HAS_INPUT_BIAS)
     c1 = tl.load(c1_ptr + stat, mask=c_mask, other=0.0)[None, :]
@@ -486,22 +524,43 @@ def _statistics(x, group_size: int, eps: float, input_bias=None):
 
 
 def _statistics_of_parts(parts, group_size: int, eps: float, input_bias=None):
-    """:func:`_statistics` of ``parts`` side by side, as of their concatenation along the channels, which is not
-    made (a group may lie across two parts). ``input_bias`` is for a single part."""
-    grid = _reduction_grid_of(parts, group_size)
-    batch, _, height, width = parts[0].shape
-    partial = grid.partial_sums(3, parts[0].device)
-    for part, first in zip(parts, _first_channels(parts), strict=True):
-        part, sx = flat_strides(part)
-        _stats_kernel[grid.launch_for(part.shape[1])](
-            part, grid.partial_sums_from(partial, first, 3), _input_bias_argument(input_bias, partial),
-            height * width, part.shape[1], grid.channels, *sx, grid.rows_per_split, grid.splits,
-            HAS_INPUT_BIAS=input_bias is not None, BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
-    rows = batch * (grid.channels // group_size)
+    """:func:`_statistics` of ``parts`` (one or two) side by side, as of their concatenation along the channels,
+    which is not made (a group may lie across two parts). ``input_bias`` is for a single part. A part that carries
+    the partial sums the kernel that wrote it left (:mod:`blended.carried_statistics`) is not read again."""
+    if len(parts) > 2:
+        raise ValueError(f"the statistics merge one or two parts of a map, not {len(parts)}")
+    sources = [(*_channel_partials(part, input_bias), part.shape[1]) for part in parts]
+    (first, splits1, channels1), (second, splits2, channels2) = sources + [(sources[0][0], 1, 0)] * (2 - len(parts))
+    batch = parts[0].shape[0]
+    groups = (channels1 + channels2) // group_size
+    rows = batch * groups
     mean, rstd = (torch.empty(rows, device=parts[0].device, dtype=torch.float32) for _ in range(2))
-    _stats_merge_kernel[_merge_launch(rows)](partial, mean, rstd, rows, grid.parts, eps, BLOCK_R=MERGE_TILE[0],
-                                             BLOCK_S=MERGE_TILE[1])
+    _stats_merge_kernel[_merge_launch(rows)](first, second, mean, rstd, rows, groups, group_size, channels1, splits1,
+                                             channels2, splits2, eps, TWO_PARTS=len(parts) == 2,
+                                             BLOCK_R=MERGE_TILE[0], BLOCK_S=MERGE_TILE[1])
     return mean, rstd
+
+
+def statistics_grid(x: torch.Tensor) -> ReductionGrid:
+    """How the statistics pass splits a map of its own (and how :mod:`blended.triton_residual` splits the map it
+    writes, so that the partial sums it leaves are the bits this pass would have written)."""
+    return _reduction_grid_of((x,), 1)
+
+
+def _channel_partials(x, input_bias=None) -> tuple[torch.Tensor, int]:
+    """``x``'s partial sums ([B, C, splits, 3] float32, flattened) and their splits: those ``x`` carries, or the
+    statistics pass's (of ``x`` plus ``input_bias`` per channel)."""
+    batch, channels, height, width = x.shape
+    partials = carried_statistics.carried(x) if input_bias is None else None
+    if partials is not None and partials.sums.numel() == batch * channels * partials.splits * 3:
+        return partials.sums, partials.splits
+    grid = statistics_grid(x)
+    x, sx = flat_strides(x)
+    sums = grid.partial_sums(3, x.device)
+    _stats_kernel[grid.launch](x, sums, _input_bias_argument(input_bias, sums), height * width, channels, *sx,
+                               grid.rows_per_split, grid.splits, HAS_INPUT_BIAS=input_bias is not None,
+                               BLOCK_HW=grid.tile[0], BLOCK_C=grid.tile[1])
+    return sums, grid.splits
 
 
 def _normalise_into(y, x, weight, bias, scale_shift, mean, rstd, group_size: int, input_bias=None,

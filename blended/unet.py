@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import carried_statistics
 from .cuda_graphs import CHECKPOINT_ARGS
 from .devices import runs_triton_kernels
 from .frozen_conv import FrozenWeightConv2d, pointwise_conv_of_pair
@@ -700,10 +701,12 @@ class GuidedDiffusionUNet(nn.Module):
                                  emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(block(h), h)``, ``h`` as the block hands it on for the skip stack (see
         :meth:`TimestepBlock.forward_handing_input`): only the Triton norm's backward takes the skip stack's
-        gradient, so elsewhere (and without gradients, or in a checkpointed block) ``h`` goes on as it is."""
+        gradient, so elsewhere (and without gradients, or in a checkpointed block) ``h`` goes on as it is. The
+        handed ``h`` keeps the statistics ``h`` carries, for the output block's norm that reads it as its skip."""
         if (self.norm_kernel == "triton" and runs_triton_kernels(h) and torch.is_grad_enabled()
                 and not self.gradient_checkpointing):
-            return block.forward_handing_input(h, emb)
+            out, handed = block.forward_handing_input(h, emb)
+            return out, carried_statistics.hand_on(h, handed)
         return self._run_block(block, h, emb), h
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

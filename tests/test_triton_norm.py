@@ -39,7 +39,8 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "attention_norm_is_group_norm_alone",
           "input_bias_is_the_norm_of_the_sum",
           "residual_sum_is_the_plain_sum_rounded_once",
-          "residual_sum_reads_an_upsampled_skip_at_half_size")
+          "residual_sum_reads_an_upsampled_skip_at_half_size",
+          "residual_sum_leaves_the_statistics_the_norm_would_read")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -78,8 +79,9 @@ def test_kernels_compile_for_hopper(case):
     """Each kernel compiles to a cubin for sm_90 (the H100) with the compiler Triton ships, specialised as the JIT
     would for channels_last activations and ViT-B rows, in every dtype and with every optional term: the
     interpreter alone would not catch code that only the real compiler refuses. ptxas reports no register spills;
-    the norm's kernels loop over their tiles (the passes that write a map, so that each program's setup serves
-    several tiles), the elementwise ones do not; and no loop holds a barrier (the split reductions' lanes each
+    the norm's kernels and the residual sum loop over their tiles (the passes that write a map, so that each
+    program's setup serves several tiles; the residual sum, to leave partial statistics per split), CLIP's
+    elementwise ones do not; and no loop holds a barrier (the split reductions' lanes each
     accumulate on their own and are merged once, after the loop)."""
     from blended.kernel_report import compile_for, ptxas_figures, sass_figures
 
@@ -88,7 +90,7 @@ def test_kernels_compile_for_hopper(case):
     ptxas = ptxas_figures(compiled)
     assert ptxas["spill_bytes"] == 0, ptxas["ptxas"]
     loops = sass_figures(compiled)["loops"]
-    assert bool(loops) == (case.module == "triton_norm"), loops
+    assert bool(loops) == (case.module in ("triton_norm", "triton_residual")), loops
     assert all(loop["barriers"] == 0 for loop in loops), loops
 
 
@@ -171,8 +173,11 @@ def test_the_kernels_launch_fewer_kernels_per_step_than_the_ops_they_replace():
     split reductions' partial sums in torch took 13 small ops per norm forward and 4 per backward, and casting
     the timestep terms one more (1,767 of a 256x256 step's 3,241 launches at batch 1); a merge kernel each does
     it now, and the kernels read the timestep terms as they are. Each norm launches its two merges once and its
-    four passes (statistics, output; gradient sums, input gradient) once per part: twice for each of the 18
-    output blocks, which normalise their running map and the encoder's skip as two parts."""
+    passes (output; gradient sums, input gradient) once per part: twice for each of the 18 output blocks, which
+    normalise their running map and the encoder's skip as two parts. The statistics pass runs only for a part
+    that carries no statistics from the kernel that wrote it: each of the 42 ResBlocks' residual sums spares the
+    norm after it that pass, and the 11 input blocks that end with a ResBlock spare it to the output block that
+    reads their output again as its skip."""
     from blended import fast_paths
     from blended.kernel_specialisations import launches_per_step
 
@@ -181,9 +186,10 @@ def test_the_kernels_launch_fewer_kernels_per_step_than_the_ops_they_replace():
     assert not {"triton_norm.py", "triton_clip.py"} & set(triton["torch"]), triton["torch"]
     counts = triton["triton"]
     per_norm = {counts[name] for name in ("_stats_merge_kernel", "_backward_stats_merge_kernel")}
-    per_part = {counts[name] for name in ("_stats_kernel", "_forward_kernel", "_backward_stats_kernel",
-                                          "_backward_kernel")}
-    assert len(per_norm) == len(per_part) == 1 and per_part.pop() == per_norm.pop() + 18, counts
+    per_part = {counts[name] for name in ("_forward_kernel", "_backward_stats_kernel", "_backward_kernel")}
+    assert len(per_norm) == len(per_part) == 1 and next(iter(per_part)) == next(iter(per_norm)) + 18, counts
+    assert counts["_residual_sum_kernel"] == 42, counts
+    assert counts["_stats_kernel"] == per_part.pop() - 42 - 11, counts
     total = {name: sum(counts["torch"].values()) + sum(counts["triton"].values())
              for name, counts in (("plain", plain), ("triton", triton))}
     assert total["triton"] < total["plain"], (total, triton)

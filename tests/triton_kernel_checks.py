@@ -31,6 +31,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from blended import fast_paths, triton_clip, triton_residual  # noqa: E402
 from blended import triton_norm as kernels  # noqa: E402
@@ -132,12 +133,18 @@ def check_unet_with_triton_norm_matches_the_unet_without():
     kernels.group_norm_silu_halving = lambda *args, aliases=0: (halved.append(aliases == 1) or handed.append(
         aliases == 1) or halving(*args, aliases=aliases))
     kernels.group_norm_and_input = lambda x, *args: attention_norms.append(x.shape) or alone(x, *args)
+    from blended import carried_statistics
+
+    read, partials_of = [], kernels._channel_partials
+    kernels._channel_partials = lambda part, *rest: (read.append(carried_statistics.carried(part) is None)
+                                                     or partials_of(part, *rest))
     try:
         with fast_paths.run_clones(unet, clip, options) as (fast, _):
             assert fast.norm_kernel == "triton"
             out = fast(x, t)
             (g,) = torch.autograd.grad(out.square().sum(), x)
     finally:
+        kernels._channel_partials = partials_of
         kernels.group_norm_silu_of_pair = of_pair
         triton_residual.residual_sum = residual_sum
         kernels.group_norm_silu_and_input = and_input
@@ -169,6 +176,11 @@ def check_unet_with_triton_norm_matches_the_unet_without():
         straddling += running % (norm.num_channels // norm.num_groups) != 0
         running = block[0].out_layers[3].out_channels
     assert pairs == expected and straddling > 0, (pairs, expected, straddling)
+    # No norm read a ResBlock's output for its statistics: each output's next norm (a ResBlock's, an attention
+    # block's, the head's) took those its residual sum left, and so did the output block that reads it again as
+    # its skip (an input block that ends with a ResBlock), through the skip stack.
+    skips = sum(type(block[-1]).__name__ == "ResBlock" for block in unet.input_blocks[1:])
+    assert read.count(False) == len(sums) + skips and skips > 0, (read, len(sums), skips)
 
 
 def check_input_bias_is_the_norm_of_the_sum():
@@ -429,6 +441,96 @@ def check_skip_stack_gradient_is_added_in_the_same_pass():
     expected = group_norm_act(x, weight, bias, 2, 1e-5)
     (gx_expected,) = torch.autograd.grad((expected * grad_y).sum() + (x * skip_scale).square().sum(), x)
     assert rel(gx, gx_expected) < 1e-6
+
+
+class _CountingLaunches:
+    """Stands in for a kernel object: counts its launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+class _OpNames(TorchDispatchMode):
+    """The aten ops run inside, by name."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def check_residual_sum_leaves_the_statistics_the_norm_would_read():
+    # A ResBlock's output carries each channel's partial statistics: the very bits the statistics pass computes
+    # from the stored map (the same tiles and updates), in both memory formats, bf16 and float32, with ragged tiles
+    # and an upsampled skip. A norm of the map merges them without a statistics pass and writes the same bits as
+    # of a copy that carries none; a view handed on keeps them; an in-place change drops them (from the view too).
+    from blended import carried_statistics
+
+    counting = _CountingLaunches(kernels._stats_kernel)
+    kernels._stats_kernel, target = counting, kernels._TARGET_PROGRAMS
+    kernels._TARGET_PROGRAMS = 8  # several splits of small maps, and splits of two sizes below
+    gen = torch.Generator().manual_seed(61)
+    try:
+        for (batch, channels, height, width), dtype, channels_last, up in (
+                ((2, 96, 34, 30), torch.bfloat16, True, False), ((1, 40, 22, 26), torch.float32, False, False),
+                ((2, 64, 34, 30), torch.bfloat16, True, True), ((1, 72, 20, 24), torch.float32, True, True)):
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            skip_size = (height // 2, width // 2) if up else (height, width)
+            skip = on_device(torch.randn(batch, channels, *skip_size, generator=gen)).to(dtype)
+            h = on_device(torch.randn(batch, channels, height, width, generator=gen) * 2 + 1).to(dtype)
+            skip, h = (t.contiguous(memory_format=layout) for t in (skip, h))
+            bias = on_device(torch.randn(channels, generator=gen))
+            out = triton_residual.residual_sum(skip, h, bias, up)
+            partials = carried_statistics.carried(out)
+            copy = out.clone()
+            assert partials is not None and carried_statistics.carried(copy) is None
+            counting.launches = 0
+            sums, splits = kernels._channel_partials(copy)
+            assert counting.launches == 1 and splits == partials.splits > 1 and torch.equal(sums, partials.sums)
+            weight, norm_bias = (on_device(torch.randn(channels, generator=gen)) for _ in range(2))
+            counting.launches = 0
+            y = kernels.group_norm_silu(out, weight, norm_bias, 8, 1e-5)
+            assert counting.launches == 0 and torch.equal(y, kernels.group_norm_silu(copy, weight, norm_bias, 8, 1e-5))
+            if not up:  # the gradient goes to both maps as it is: no op, not even a zero gradient for the sums
+                skip.requires_grad_(True)
+                summed, ones = triton_residual.residual_sum(skip, h, bias), torch.ones_like(out)
+                with _OpNames() as ops:
+                    (grad_skip,) = torch.autograd.grad(summed, skip, ones)
+                assert not ops.names and grad_skip is ones, ops.names
+                skip.requires_grad_(False)
+            handed = carried_statistics.hand_on(out, out.view_as(out))
+            assert carried_statistics.carried(handed).sums is partials.sums
+            out.add_(1.0)
+            assert carried_statistics.carried(out) is None and carried_statistics.carried(handed) is None
+            counting.launches = 0
+            y = kernels.group_norm_silu(out, weight, norm_bias, 8, 1e-5)
+            assert counting.launches == 1 and torch.equal(y, kernels.group_norm_silu(out.clone(), weight, norm_bias,
+                                                                                       8, 1e-5))
+        # An output block's pair whose running map (42 channels: 4 splits), skip (98 channels: 2 splits) or both
+        # carry their statistics, in groups of 4, one across the two parts: the concatenation's norm.
+        for carrying in ("a", "b", "both"):
+            a, b = (on_device(torch.randn(2, c, 32, 32, generator=gen) + 3) for c in (42, 98))
+            a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+            if carrying in ("a", "both"):
+                a = triton_residual.residual_sum(a, torch.zeros_like(a), on_device(torch.zeros(42)))
+            if carrying in ("b", "both"):
+                b = triton_residual.residual_sum(b, torch.zeros_like(b), on_device(torch.zeros(98)))
+            weight, norm_bias = (on_device(torch.randn(140, generator=gen)) for _ in range(2))
+            counting.launches = 0
+            y, _, _ = kernels.group_norm_silu_of_pair(a, b, weight, norm_bias, 4, 1e-5)
+            assert counting.launches == (0 if carrying == "both" else 1)
+            expected = group_norm_act(torch.cat([a, b], 1), weight, norm_bias, 4, 1e-5)
+            assert rel(y, expected) < 1e-6, (carrying, rel(y, expected))
+        assert kernels.statistics_grid(a).splits == 4 and kernels.statistics_grid(b).splits == 2
+    finally:
+        kernels._stats_kernel, kernels._TARGET_PROGRAMS = counting.kernel, target
 
 
 def check_residual_sum_reads_an_upsampled_skip_at_half_size():
