@@ -82,8 +82,8 @@ REDUCTION_TILE = {True: (32, 64), False: (64, 32)}
 # x's width, which only the halving passes read, would specialise the 8-px blocks apart, and a part's first channel
 # (0 but for the second of two parts) the parts apart. The passes that write a map take no split count.
 _NOT_SPECIALISED = ("Cg", "W", "c0", "num_splits")
-# The rows and parts follow the batch (the statistics' merge: the splits too, and its groups, group size and
-# channels follow the block).
+# The merges' integers: the rows and parts follow the batch. The statistics' merge takes each part's channels and
+# splits (and the groups and group size) instead of a count of parts; those follow the block, the splits the batch.
 _MERGE_NOT_SPECIALISED = ("rows", "num_parts")
 _STATS_MERGE_NOT_SPECIALISED = ("rows", "G", "Cg", "C1", "splits1", "C2", "splits2")
 
@@ -105,6 +105,13 @@ def _column_partial(partial_ptr, b, C, cols, split, num_splits, WIDTH: tl.conste
     # Where each column's WIDTH partial numbers for this split go: [batch, channel, split, WIDTH], so that one
     # (sample, group)'s parts (its channels' splits) lie together, as the merges read them.
     return partial_ptr + ((b * C + cols) * num_splits + split) * WIDTH
+
+
+@triton.jit
+def welford_lanes(BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Each lane's running count (one per pixel row), mean and M2, before any tile.
+    return (tl.zeros((BLOCK_HW,), dtype=tl.float32), tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32),
+            tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32))
 
 
 @triton.jit
@@ -144,9 +151,7 @@ def _stats_kernel(x_ptr, partial_ptr, ib_ptr, HW, C, stride_b, stride_hw, stride
                   HAS_INPUT_BIAS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     b, split, cols, c_mask, start, end = program_pixels(HW, C, rows_per_split, BLOCK_C)
     base = x_ptr + b * stride_b + cols * stride_c
-    count = tl.zeros((BLOCK_HW,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    count, mean, m2 = welford_lanes(BLOCK_HW, BLOCK_C)
     for r0 in range(start, end, BLOCK_HW):
         pixels = r0 + tl.arange(0, BLOCK_HW)
         valid = pixels < end

@@ -34,6 +34,7 @@ from .triton_norm import (
     program_pixels,
     statistics_grid,
     store_channel_partials,
+    welford_lanes,
     welford_tile,
 )
 
@@ -50,9 +51,7 @@ def _residual_sum_kernel(s_ptr, h_ptr, bias_ptr, out_ptr, partial_ptr, HW, W, C,
     # what it wrote, as the norm's statistics pass would have read them (the same tiles, the same updates).
     b, split, cols, c_mask, start, end = program_pixels(HW, C, rows_per_split, BLOCK_C)
     bias = tl.load(bias_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    count = tl.zeros((BLOCK_HW,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    count, mean, m2 = welford_lanes(BLOCK_HW, BLOCK_C)
     for r0 in range(start, end, BLOCK_HW):
         pixels = r0 + tl.arange(0, BLOCK_HW)
         valid = pixels < end
