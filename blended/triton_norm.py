@@ -617,11 +617,12 @@ def _half_size_like(x: torch.Tensor) -> torch.Tensor:
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _backward(ctx, dy, needed: tuple, residuals=(), halving: bool = False):
+def _backward(ctx, saved: tuple, dy, needed: tuple, residuals=(), halving: bool = False):
     """``x``'s gradient and, where ``needed`` says, those of the weight, bias, timestep terms and input bias.
-    ``halving``: ``dy`` and the first residual are the gradients of 2x2 average poolings (:func:`group_norm_silu_
-    halving`)."""
-    x, weight, bias, scale_shift, input_bias, mean, rstd = ctx.saved_tensors
+    ``saved``: ``ctx.saved_tensors``, which a backward must read only once (activation checkpointing's hooks
+    refuse a second unpacking). ``halving``: ``dy`` and the first residual are the gradients of 2x2 average
+    poolings (:func:`group_norm_silu_halving`)."""
+    x, weight, bias, scale_shift, input_bias, mean, rstd = saved
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = _input_gradient(x, dy, weight, bias, scale_shift, mean, rstd, ctx.num_groups, residuals, input_bias,
@@ -668,7 +669,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         grad_x, (weight, bias, scale_shift, input_bias) = _backward(
-            ctx, dy, ctx.needs_input_grad[1:4] + ctx.needs_input_grad[7:8])
+            ctx, ctx.saved_tensors, dy, ctx.needs_input_grad[1:4] + ctx.needs_input_grad[7:8])
         return grad_x, weight, bias, scale_shift, None, None, None, input_bias
 
 
@@ -687,10 +688,11 @@ class _GroupNormSiLUAndInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *d_aliases):
-        x = ctx.saved_tensors[0]
-        dy = torch.zeros_like(x) if dy is None else dy
+        saved = ctx.saved_tensors
+        dy = torch.zeros_like(saved[0]) if dy is None else dy
         residuals = tuple(d for d in d_aliases if d is not None)
-        grad_x, (weight, bias, scale_shift, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:4], False), residuals)
+        grad_x, (weight, bias, scale_shift, _) = _backward(ctx, saved, dy, (*ctx.needs_input_grad[1:4], False),
+                                                           residuals)
         return grad_x, weight, bias, scale_shift, None, None, None, None
 
 
@@ -716,12 +718,12 @@ class _GroupNormSiLUHalving(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_half, *d_aliases):
-        x = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors
         # Nobody leaves either pooling unused; a zero gradient keeps the kernel's first residual the half-size one.
-        dy, d_half = (_half_size_like(x).zero_() if d is None else d for d in (dy, d_half))
+        dy, d_half = (_half_size_like(saved[0]).zero_() if d is None else d for d in (dy, d_half))
         residuals = (d_half, *(d for d in d_aliases if d is not None))
-        grad_x, (weight, bias, _, _) = _backward(ctx, dy, (*ctx.needs_input_grad[1:3], False, False), residuals,
-                                                 halving=True)
+        grad_x, (weight, bias, _, _) = _backward(ctx, saved, dy, (*ctx.needs_input_grad[1:3], False, False),
+                                                 residuals, halving=True)
         return grad_x, weight, bias, None, None, None
 
 

@@ -40,7 +40,8 @@ CHECKS = ("float32_forward_and_input_gradient_match_the_reference",
           "input_bias_is_the_norm_of_the_sum",
           "residual_sum_is_the_plain_sum_rounded_once",
           "residual_sum_reads_an_upsampled_skip_at_half_size",
-          "residual_sum_leaves_the_statistics_the_norm_would_read")
+          "residual_sum_leaves_the_statistics_the_norm_would_read",
+          "checkpointed_networks_with_the_kernels_match_the_plain_ones")
 
 
 @pytest.mark.parametrize("check", CHECKS)

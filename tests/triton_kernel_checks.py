@@ -807,6 +807,32 @@ def check_clip_with_triton_kernels_matches_the_clip_without():
     assert rel(out, expected) < 1e-6 and rel(g, g_expected) < 1e-5
 
 
+def check_checkpointed_networks_with_the_kernels_match_the_plain_ones():
+    # Activation checkpointing (the Speed node's options for smaller cards) with the Triton kernels: its hooks let
+    # a backward read each saved tensor once only (a second read raised CheckpointError), and its recomputation
+    # runs the kernels again, carried statistics and all. The UNet with gradient_checkpointing and the Triton
+    # norm, and CLIP's tower with clip_checkpointing and the Triton CLIP kernels, give the plain networks' output
+    # and input gradient.
+    unet, clip = tiny_unet().to(DEVICE), tiny_clip().to(DEVICE)
+    gen = torch.Generator().manual_seed(12)
+    x = on_device(torch.randn(1, 3, 32, 32, generator=gen)).to(memory_format=torch.channels_last).requires_grad_(True)
+    t = on_device(torch.tensor([300.0]))
+    images = on_device(torch.randn(2, 3, clip.image_size, clip.image_size, generator=gen)).requires_grad_(True)
+    expected, clip_expected = unet(x, t), clip.encode_image(images)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    (clip_g_expected,) = torch.autograd.grad(clip_expected.square().sum(), images)
+    options = FastPathOptions(triton_norm=True, channels_last=True, gradient_checkpointing=True, triton_clip=True,
+                              clip_checkpointing=True)
+    with fast_paths.run_clones(unet, clip, options) as (fast, fast_clip):
+        assert fast.norm_kernel == "triton" and fast.gradient_checkpointing and fast_clip.kernels == "triton"
+        assert fast_clip.model.visual.transformer.grad_checkpointing
+        out, clip_out = fast(x, t), fast_clip.encode_image(images)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        (clip_g,) = torch.autograd.grad(clip_out.square().sum(), images)
+    assert rel(out, expected) < 1e-5 and rel(g, g_expected) < 1e-4
+    assert rel(clip_out, clip_expected) < 1e-6 and rel(clip_g, clip_g_expected) < 1e-5
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
 
 
