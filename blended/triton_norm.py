@@ -247,16 +247,6 @@ def _backward_stats_merge_kernel(partial_ptr, c1_ptr, c2_ptr, rows, num_parts, c
 
 
 @triton.jit
-def pixel_tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    # This program's batch index, pixel rows and channel columns, and their masks.
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch of 64 at 256x256x512 passes 2**31 elements
-    rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cols < C
-    return b, rows, cols, c_mask, (rows < HW)[:, None] & c_mask[None, :]
-
-
-@triton.jit
 def _channel_terms(mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, ib_ptr, b, C, Cg, G, c0, cols, c_mask,
                    HAS_SCALE_SHIFT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
     # Per-column group statistics and the affine and timestep terms folded into one gain and one offset, as
