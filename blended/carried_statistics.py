@@ -44,10 +44,12 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def attach(tensor: torch.Tensor, sums: torch.Tensor, splits: int) -> torch.Tensor:
-    """Leave ``sums``, the partial statistics of ``tensor`` as it is now, on it; returns ``tensor``."""
+def attach(tensor: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Leave ``sums``, the partial statistics of ``tensor`` ([B, C, H, W]) as it is now, on it; returns
+    ``tensor``. The split count follows from their sizes."""
     version = _version(tensor)
     if version is not None and not torch.compiler.is_compiling():
+        splits = sums.numel() // (3 * tensor.shape[0] * tensor.shape[1])
         setattr(tensor, _ATTRIBUTE, ChannelPartials(sums, splits, version))
     return tensor
 
@@ -67,5 +69,5 @@ def hand_on(source: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
     the partial statistics ``source`` carries; returns ``alias``."""
     partials = carried(source)
     if partials is not None and alias is not source and alias.shape == source.shape:
-        attach(alias, partials.sums, partials.splits)
+        attach(alias, partials.sums)
     return alias

@@ -290,10 +290,8 @@ class _ModelledResidualSum(torch.autograd.Function):
 
 
 def _modelled_residual_sum(counter, skip, h, upsampled_skip):
-    from .triton_norm import statistics_grid
-
     out, sums = _ModelledResidualSum.apply(counter, skip, h, upsampled_skip)
-    return carried_statistics.attach(out, sums, statistics_grid(out).splits)
+    return carried_statistics.attach(out, sums)
 
 
 def _statistics_reads(x, input_bias=None) -> int:

@@ -118,4 +118,4 @@ def residual_sum(skip: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, upsamp
                          f"at half the height and width) and a [C] bias, not {tuple(skip.shape)}, {tuple(h.shape)} "
                          f"and {tuple(bias.shape)}")
     out, sums = _ResidualSum.apply(skip, h, bias, upsampled_skip)
-    return carried_statistics.attach(out, sums, statistics_grid(out).splits)
+    return carried_statistics.attach(out, sums)
