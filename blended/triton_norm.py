@@ -320,12 +320,12 @@ def _forward_kernel(x_ptr, y_ptr, xh_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ss_p
         mask = (rows < end)[:, None] & c_mask[None, :]
         if HALVING:
             # Output pixel (i, j) = rows is x's (2i, 2j) = 2i * 2W + 2j, and its window's other three follow.
-            top_left = 2 * (rows + rows // W * W)
+            # One tile of pointers to the windows' top left pixels; each tap is a scalar offset from it.
+            window = x_base + (2 * (rows + rows // W * W))[:, None] * sx_hw
             y = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
             for tap in tl.static_range(4):
-                pixels = top_left + (tap // 2) * 2 * W + tap % 2
-                v = tl.load(x_base + pixels[:, None] * sx_hw, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(window + ((tap // 2) * 2 * W + tap % 2) * sx_hw, mask=mask, other=0.0).to(tl.float32)
                 # Each activation rounded to the output's dtype before the sum, in the window's row order, as the
                 # norm's map was and as avg_pool2d sums it: the same sums as the two ops apart.
                 y += _activation(v * scale + shift, AFFINE_ONLY).to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -638,7 +638,9 @@ def _reference_parameter_gradients(x, dy, parameters, needed, group_size: int, e
                                    affine_only: bool = False) -> list:
     """Gradients for the weight, bias, timestep terms or input bias: nothing in CLIP guidance asks for them
     (frozen weights, a timestep embedding without grad), so the plain reference computes them when someone
-    does."""
+    does. In NCHW: torch 2.11's CPU GroupNorm backward crashes the process on a channels_last input when only
+    the affine parameters want gradients (2.14's does not), and this rare path can afford the copy."""
+    x, dy = x.contiguous(), dy.contiguous()
     with torch.enable_grad():
         weight, bias, scale_shift, input_bias = leaves = [
             t.detach().requires_grad_(need) if t is not None else None

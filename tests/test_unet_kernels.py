@@ -204,7 +204,7 @@ def test_attention_backward_stacks_the_qkv_gradient_in_the_projections_layout():
     out = block(x)
     with _BackwardCopies() as recorded:
         (got,) = torch.autograd.grad(out, x, grad)
-    assert recorded.copies == []
+    assert _outside_the_norm(recorded.copies) == []
 
     def permuted_forward(x):  # the earlier unbinding, for the values
         batch, channels, height, width = x.shape
@@ -216,5 +216,13 @@ def test_attention_backward_stacks_the_qkv_gradient_in_the_projections_layout():
         return (tokens + projected.transpose(1, 2)).reshape(x.shape)
 
     expected = permuted_forward(x)
-    (want,) = torch.autograd.grad(expected, x, grad)
+    with _BackwardCopies() as recorded_permuted:
+        (want,) = torch.autograd.grad(expected, x, grad)
     assert torch.equal(out, expected) and torch.equal(got, want)
+    assert _outside_the_norm(recorded_permuted.copies), "the permuted unbinding's copy is what this test looks for"
+
+
+def _outside_the_norm(copies: list[str]) -> list[str]:
+    # torch's own CPU GroupNorm backward copies a channels_last bf16 input to its layout in some releases (2.11),
+    # not in others (2.14): not the attention's doing.
+    return [copy for copy in copies if "GroupNormBackward" not in copy]
