@@ -170,10 +170,29 @@ def compile_for(case: KernelCase, capability: int = 90):
             signature[name] = f"*{case.dtype}" if name in case.activations else "*fp32"
         else:
             signature[name] = "fp32" if name in ("eps", "count") else "i32"
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-               if signature[name] != "constexpr" and (name.endswith("_ptr") or name in _ALIGNED_INTS)}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=cuda_target(capability))
+    aligned = [i for i, name in enumerate(names)
+               if signature[name] != "constexpr" and (name.endswith("_ptr") or name in _ALIGNED_INTS)]
+    return triton.compile(_source(ASTSource, fn, signature, constexprs, aligned), target=cuda_target(capability))
+
+
+def _source(ast_source, fn, signature: dict, constexprs: dict, aligned: list[int]):
+    """The kernel's source for ``triton.compile``, in the form the installed Triton takes: 3.3 and newer; 3.2
+    (torch 2.6) and 3.0 to 3.1 (torch 2.4 and 2.5) named the constants and the alignment hints otherwise, and the
+    older two keyed the arguments by position."""
+    if "constexprs" in inspect.signature(ast_source).parameters:
+        return ast_source(fn=fn, signature=signature, constexprs=constexprs,
+                          attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    try:
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:
+        from triton.compiler.compiler import AttrsDescriptor
+
+        names = list(signature)
+        return ast_source(fn=fn, signature={i: t for i, (n, t) in enumerate(signature.items()) if t != "constexpr"},
+                          constants={names.index(n): v for n, v in constexprs.items()},
+                          attrs=AttrsDescriptor(divisible_by_16=set(aligned)))
+    attrs = AttrsDescriptor.from_dict({"cls": AttrsDescriptor.__name__, "arg_properties": {"tt.divisibility": aligned}})
+    return ast_source(fn=fn, signature=signature, constants=constexprs, attrs=attrs)
 
 
 def _nvidia_tool(name: str) -> Path:
@@ -184,9 +203,13 @@ def _nvidia_tool(name: str) -> Path:
 
 def _ptxas(capability: int) -> str:
     """The ptxas Triton itself assembles this card's code with (it ships a second one for Blackwell)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    return get_ptxas(capability).path
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # Triton 3.2 and older: the one it ships
+        return str(_nvidia_tool("ptxas"))
+    # Triton 3.6 and newer take the card; 3.4 and 3.5 ship one ptxas for all; 3.3 returns (path, version).
+    found = get_ptxas(capability) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    return found.path if hasattr(found, "path") else found[0]
 
 
 def ptxas_figures(compiled) -> dict:

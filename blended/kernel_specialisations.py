@@ -97,7 +97,9 @@ class _Recorder:
 
     def _launch(self, *args, **kwargs):
         kwargs["debug"] = kwargs.get("debug", self.fn.debug) or self.knobs.runtime.debug
-        kwargs["instrumentation_mode"] = self.knobs.compilation.instrumentation_mode
+        # As the JIT's own run() sets them; Triton before 3.6 has no instrumentation mode.
+        if hasattr(self.knobs.compilation, "instrumentation_mode"):
+            kwargs["instrumentation_mode"] = self.knobs.compilation.instrumentation_mode
         args = [_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args]
         bound, specialization, options = self.binder(*args, **kwargs)
         key = (self.name, repr(specialization), repr(sorted(options.items())))
