@@ -16,7 +16,7 @@ from ..blended.memory import activation_bytes_per_result, auto_batch_size
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
-from .speed import default_speed_options, for_clip
+from .speed import default_speed_options, default_without_triton_kernels, for_clip
 
 log = logging.getLogger(__name__)
 
@@ -128,72 +128,91 @@ class BlendedDiffusionSampler:
         unknown = set(widgets) - SETTING_NAMES
         if unknown:
             raise TypeError(f"unexpected sampler inputs {sorted(unknown)}")
-        options = for_clip(speed if speed is not None else default_speed_options(), guidance.clip.clip)
-        settings = fast_paths.sampler_settings_with(SamplerSettings(**widgets), options)
-        guidance_settings = fast_paths.guidance_settings_with(guidance.settings, options)
-        batch_size = settings.batch_size
         try:
             # The model's own training schedule (config.json's noise_schedule), respaced as asked.
             diffusion = diffusion_for(model.unet, str(respacing).strip())
         except (ValueError, KeyError) as exc:
             raise BlendedInputError(f"respacing {respacing!r} is not valid ({exc}): use a step count like "
                                     "'100', 'ddim50' or sections like '10,15,20'") from exc
-        num_prompts = len(guidance.prompts)
-        # The library reports the real total with every step (it knows the final batch after broadcasting).
-        callback = bridge.progress_callback(1, node_id=unique_id, preview=preview)
-        memory = bridge.activation_bytes(min(batch_size or 1, num_prompts * num_results), model.unet.config.image_size,
-                                         options.unet_dtype, options.gradient_checkpointing)
-        with bridge.autograd_enabled():
-            lpips_model = None
-            if guidance.settings.background_lpips_lambda:
-                lpips_model = load_lpips()
-            memory += fast_paths.clone_bytes(model.unet, guidance.clip.clip, options)
-            extra = list(getattr(guidance, "extra_clips", []))
-            clip_patchers = [guidance.clip.patcher] + [e.model.patcher for e in extra
-                                                       if e.model.patcher is not guidance.clip.patcher]
-            bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
-            device = model.patcher.load_device
-            if batch_size == 0:
-                batch_size = _auto_batch_size(model, device, num_prompts * num_results, options)
-                settings = dataclasses.replace(settings, batch_size=batch_size)
-            if lpips_model is not None:
-                lpips_model = lpips_model.to(device)
-            # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
-            image_in = image.clone()
-            mask_in = mask.clone() if mask is not None else None
-            extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
-            image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
-                             for t in getattr(guidance, "image_targets", [])]
-            try:
-                # The speed options apply to clones: the loader's cached models stay as loaded.
-                with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
-                    result = edit_image(image_in, mask_in, unet, diffusion, clip, guidance.prompts, seed=seed,
-                                        num_results=num_results, settings=settings,
-                                        guidance_settings=guidance_settings, invert_mask=invert_mask,
-                                        callback=callback, device=device, lpips_model=lpips_model,
-                                        extra_clips=extra_clips, image_targets=image_targets)
-            except Exception as exc:
-                # Re-raised unchanged so ComfyUI frees its models as for any OOM; the advice is ours, and only
-                # for real OOMs. ComfyUI's interrupt (an Exception in older releases, a BaseException in newer
-                # ones) passes through unchanged either way. A failure inside Triton with the Triton kernels on
-                # (a GPU it cannot compile them for) becomes an input error that says which option to turn off.
-                if bridge.is_out_of_memory(exc):
-                    log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
-                              "do not depend on it), or connect a Speed node with "
-                              "gradient_checkpointing on or precision 'bf16 autocast'.", batch_size)
-                elif (options.triton_norm or options.triton_clip) and raised_in_triton(exc):
-                    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-                    raise BlendedInputError(
-                        f"the pack's Triton kernels failed on this GPU ({type(exc).__name__}: {first_line}). "
-                        + ("Turn triton_kernels off on the Speed node" if speed is not None else
-                           "Without a Speed node the Sampler uses them on a CUDA GPU: connect a Speed node with "
-                           "precision 'bf16 autocast', reuse_guided_forward and cuda_graphs on and triton_kernels "
-                           "off")
-                        + ": the usual kernels give the same results within rounding.") from exc
+        run = dict(model=model, guidance=guidance, diffusion=diffusion, image=image, mask=mask, seed=seed,
+                   num_results=num_results, invert_mask=invert_mask, widgets=widgets,
+                   callback=bridge.progress_callback(1, node_id=unique_id, preview=preview))
+        options = for_clip(speed if speed is not None else default_speed_options(), guidance.clip.clip)
+        fallback = None
+        try:
+            result = _edit(options, **run)
+        except Exception as exc:
+            # Re-raised unchanged (ComfyUI frees its models as for any OOM; _edit logs the advice), and ComfyUI's
+            # interrupt (an Exception in older releases, a BaseException in newer ones) passes through unchanged.
+            # A failure inside Triton with the Triton kernels on means a GPU or Triton release they cannot be
+            # compiled for. Asked for on a Speed node, it becomes an input error that names the option to turn
+            # off; chosen by the pack's own default, the run starts again with PyTorch's kernels.
+            if not ((options.triton_norm or options.triton_clip) and raised_in_triton(exc)):
                 raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            if speed is not None:
+                raise BlendedInputError(
+                    f"the pack's Triton kernels failed on this GPU ({type(exc).__name__}: {first_line}). Turn "
+                    "triton_kernels off on the Speed node: the usual kernels give the same results within "
+                    "rounding.") from exc
+            log.warning("Blended Diffusion: the pack's Triton kernels failed on this GPU (%s: %s); running again "
+                        "with PyTorch's own kernels, as every run without a Speed node will until ComfyUI "
+                        "restarts. The results are the same within rounding.", type(exc).__name__, first_line)
+            fallback = default_without_triton_kernels(model.patcher.load_device, exc)
+        if fallback is not None:
+            # Outside the except block, so the failed run's traceback (and the activations its frames hold) is
+            # freed before the second run allocates its own.
+            result = _edit(for_clip(fallback, guidance.clip.clip), **run)
         frames = result.frames if result.frames is not None else result.images
-        log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], num_prompts)
+        log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], len(guidance.prompts))
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
+
+
+def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, image, mask, seed, num_results,
+          invert_mask, widgets, callback):
+    """One edit with ``options``: the models loaded for it and cloned with the options applied, the batch size
+    chosen if it is auto, the inputs cloned out of ComfyUI's inference mode. Every choice that depends on the
+    options is made here, so a run started again with other options makes them afresh."""
+    settings = fast_paths.sampler_settings_with(SamplerSettings(**widgets), options)
+    guidance_settings = fast_paths.guidance_settings_with(guidance.settings, options)
+    batch_size = settings.batch_size
+    num_prompts = len(guidance.prompts)
+    memory = bridge.activation_bytes(min(batch_size or 1, num_prompts * num_results), model.unet.config.image_size,
+                                     options.unet_dtype, options.gradient_checkpointing)
+    with bridge.autograd_enabled():
+        lpips_model = None
+        if guidance.settings.background_lpips_lambda:
+            lpips_model = load_lpips()
+        memory += fast_paths.clone_bytes(model.unet, guidance.clip.clip, options)
+        extra = list(getattr(guidance, "extra_clips", []))
+        clip_patchers = [guidance.clip.patcher] + [e.model.patcher for e in extra
+                                                   if e.model.patcher is not guidance.clip.patcher]
+        bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
+        device = model.patcher.load_device
+        if batch_size == 0:
+            batch_size = _auto_batch_size(model, device, num_prompts * num_results, options)
+            settings = dataclasses.replace(settings, batch_size=batch_size)
+        if lpips_model is not None:
+            lpips_model = lpips_model.to(device)
+        # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
+        image_in = image.clone()
+        mask_in = mask.clone() if mask is not None else None
+        extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
+        image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
+                         for t in getattr(guidance, "image_targets", [])]
+        try:
+            # The speed options apply to clones: the loader's cached models stay as loaded.
+            with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
+                return edit_image(image_in, mask_in, unet, diffusion, clip, guidance.prompts, seed=seed,
+                                  num_results=num_results, settings=settings, guidance_settings=guidance_settings,
+                                  invert_mask=invert_mask, callback=callback, device=device,
+                                  lpips_model=lpips_model, extra_clips=extra_clips, image_targets=image_targets)
+        except Exception as exc:
+            if bridge.is_out_of_memory(exc):
+                log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results do "
+                          "not depend on it), or connect a Speed node with gradient_checkpointing on or precision "
+                          "'bf16 autocast'.", batch_size)
+            raise
 
 
 def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:

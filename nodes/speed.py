@@ -63,15 +63,29 @@ def default_speed_options() -> FastPathOptions:
     On a CUDA GPU with bf16 that is ``fast_paths.FASTEST_GPU``: bf16 autocast with one UNet forward per step in
     channels_last, the pack's Triton kernels and the networks replayed from CUDA graphs (2.5x the original's speed
     at batch 16 on an H100, 3.3x at batch 4, README "GPU"); without the `triton` package the same with PyTorch's
-    own kernels (``FASTEST_GPU_WITHOUT_TRITON``). Elsewhere the original's settings, this node's defaults. A Speed
+    own kernels (``FASTEST_GPU_WITHOUT_TRITON``), as also once they have failed on
+    this GPU (``default_without_triton_kernels``). Elsewhere the original's settings, this node's defaults. A Speed
     node, even left at its defaults, always means exactly what it shows.
     """
     device = torch.device(bridge.mm.get_torch_device())
     if device.type == "cuda" and bridge.mm.should_use_bf16(device):
-        if triton_package_dir() is None:
+        if triton_package_dir() is None or str(device) in _TRITON_FAILED_ON:
             return fast_paths.FASTEST_GPU_WITHOUT_TRITON
         return fast_paths.FASTEST_GPU
     return speed_options()
+
+
+# Devices where the Triton kernels failed in a run without a Speed node, with the first line of the error; the
+# default leaves them out there for the rest of the ComfyUI session rather than failing each run's first step.
+_TRITON_FAILED_ON: dict[str, str] = {}
+
+
+def default_without_triton_kernels(device, error: BaseException) -> FastPathOptions:
+    """The default to run again when the default's Triton kernels failed on ``device`` (a GPU or Triton release
+    they cannot be compiled for): the same setting with PyTorch's own kernels, which gives the same results
+    within rounding. Remembered for ``device``, so later runs start without them."""
+    _TRITON_FAILED_ON[str(torch.device(device))] = (str(error).strip().splitlines() or [""])[0][:300]
+    return fast_paths.FASTEST_GPU_WITHOUT_TRITON
 
 
 def for_clip(options: FastPathOptions, clip) -> FastPathOptions:

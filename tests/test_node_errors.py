@@ -3,7 +3,9 @@ executor keeps working afterwards (nothing is corrupted)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import logging
 import os
 
 import pytest
@@ -191,29 +193,61 @@ def test_speed_options_that_cannot_run_are_refused_with_what_to_do(comfy_inproce
     assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)
 
 
-def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(comfy_inprocess, monkeypatch):
+def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(comfy_inprocess, monkeypatch,
+                                                                               caplog):
     """A GPU that Triton cannot compile the pack's kernels for fails inside the triton package: with
-    triton_kernels on, the Sampler's error names the option to turn off (the original error is its cause);
-    with it off, an error from elsewhere passes through as it was."""
+    triton_kernels on at a Speed node, the Sampler's error names the option to turn off (the original error is its
+    cause). Without a Speed node the kernels were the pack's own choice: the run starts again without them and
+    succeeds, and later runs on that device leave them out. With them off, an error from elsewhere passes through
+    as it was."""
     sampler = comfy_inprocess.pack_module("sampler")
+    speed = comfy_inprocess.pack_module("speed")
     devices = sampler.raised_in_triton.__globals__
     source = "def compile_kernel():\n    raise RuntimeError('ptxas fatal: Value sm_61 is not defined')\n"
     namespace = {}
     # code that says it lives in the installed triton package, as its compiler's does
     exec(compile(source, os.path.join(devices["triton_package_dir"](), "compiler", "compiler.py"), "exec"), namespace)
-    monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["compile_kernel"]())
+    run_options = []  # the options of each run, as the Sampler applies them to its clones
+    real_run_clones, real_edit_image = sampler.fast_paths.run_clones, sampler.edit_image
+
+    def recording_run_clones(unet, clip, options, *args, **kwargs):
+        run_options.append(options)
+        return real_run_clones(unet, clip, options, *args, **kwargs)
+
+    def edit_image_failing_in_triton(*args, **kwargs):
+        if run_options[-1].triton_norm or run_options[-1].triton_clip:
+            namespace["compile_kernel"]()
+        return real_edit_image(*args, **kwargs)
+
+    monkeypatch.setattr(sampler.fast_paths, "run_clones", recording_run_clones)
+    monkeypatch.setattr(sampler, "edit_image", edit_image_failing_in_triton)
+    monkeypatch.setattr(speed, "_TRITON_FAILED_ON", {})
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), speed={"triton_kernels": True}))
     message = str(err.value)
     assert "Triton kernels failed on this GPU (RuntimeError: ptxas fatal" in message
     assert "Turn triton_kernels off on the Speed node" in message
-    # Without a Speed node a CUDA GPU runs the Triton kernels by default: the error says which Speed node to connect.
+    assert len(run_options) == 1 and speed._TRITON_FAILED_ON == {}  # asked for: not retried, not remembered
+    # Without a Speed node a CUDA GPU runs the Triton kernels by default: the run falls back to PyTorch's kernels.
     monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.FASTEST_GPU)
-    with pytest.raises(harness.PromptExecutionError) as err:
-        comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3))
-    assert "Triton kernels failed on this GPU" in str(err.value)
-    assert "connect a Speed node with precision 'bf16 autocast'" in str(err.value)
-    assert "triton_kernels off" in str(err.value)
+    run_options.clear()
+    with caplog.at_level(logging.WARNING):
+        fell_back = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=3))
+    assert images_of(fell_back)[0].shape == (1, 64, 64, 3)
+    assert [(o.triton_norm, o.triton_clip) for o in run_options] == [(True, True), (False, False)]
+    assert dataclasses.replace(run_options[1], clip_precision=None) == sampler.fast_paths.FASTEST_GPU_WITHOUT_TRITON
+    assert "running again with PyTorch's own kernels" in caplog.text and "ptxas fatal" in caplog.text
+    assert list(speed._TRITON_FAILED_ON.values()) == ["ptxas fatal: Value sm_61 is not defined"]
+    # Remembered for the device: the real default now leaves the kernels out there (a CUDA GPU with bf16).
+    monkeypatch.setattr(speed.bridge.mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(speed.bridge.mm, "should_use_bf16", lambda *args, **kwargs: True)
+    monkeypatch.setattr(speed, "_TRITON_FAILED_ON", {"cuda:0": "ptxas fatal"})
+    assert speed.default_speed_options() == sampler.fast_paths.FASTEST_GPU_WITHOUT_TRITON
+    monkeypatch.setattr(speed, "_TRITON_FAILED_ON", {"cuda:1": "ptxas fatal"})
+    assert speed.default_speed_options() == sampler.fast_paths.FASTEST_GPU
+    monkeypatch.undo()
+    # An error from outside Triton, or from Triton with the kernels off, passes through as it was.
+    monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["compile_kernel"]())
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=2, speed={}))
     assert "ptxas fatal" in str(err.value) and "triton_kernels" not in str(err.value)
