@@ -188,7 +188,7 @@ def _source(ast_source, fn, signature: dict, constexprs: dict, aligned: list[int
         from triton.compiler.compiler import AttrsDescriptor
 
         names = list(signature)
-        return ast_source(fn=fn, signature={i: t for i, (n, t) in enumerate(signature.items()) if t != "constexpr"},
+        return ast_source(fn=fn, signature={i: t for i, t in enumerate(signature.values()) if t != "constexpr"},
                           constants={names.index(n): v for n, v in constexprs.items()},
                           attrs=AttrsDescriptor(divisible_by_16=set(aligned)))
     attrs = AttrsDescriptor.from_dict({"cls": AttrsDescriptor.__name__, "arg_properties": {"tt.divisibility": aligned}})
