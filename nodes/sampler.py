@@ -74,7 +74,7 @@ class BlendedDiffusionSampler:
                 "batch_size": ("INT", {"default": d.batch_size, "min": 0, "max": 256, "tooltip":
                                "Results denoised together. Lower it if you run out of memory; results do not "
                                "depend on it. 0 = auto: as many as fit in the memory that is free once the "
-                               "models are loaded."}),
+                               "models are loaded (about half as many again if that still runs out)."}),
             },
             "optional": {
                 "region": (["full", "mask_crop"], {"default": d.region, "tooltip":
@@ -189,30 +189,51 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
                                                    if e.model.patcher is not guidance.clip.patcher]
         bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
         device = model.patcher.load_device
-        if batch_size == 0:
+        auto = batch_size == 0
+        if auto:
             batch_size = _auto_batch_size(model, device, num_prompts * num_results, options)
-            settings = dataclasses.replace(settings, batch_size=batch_size)
         if lpips_model is not None:
             lpips_model = lpips_model.to(device)
-        # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
-        image_in = image.clone()
-        mask_in = mask.clone() if mask is not None else None
         extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
-        image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
-                         for t in getattr(guidance, "image_targets", [])]
-        try:
-            # The speed options apply to clones: the loader's cached models stay as loaded.
-            with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
-                return edit_image(image_in, mask_in, unet, diffusion, clip, guidance.prompts, seed=seed,
-                                  num_results=num_results, settings=settings, guidance_settings=guidance_settings,
-                                  invert_mask=invert_mask, callback=callback, device=device,
-                                  lpips_model=lpips_model, extra_clips=extra_clips, image_targets=image_targets)
-        except Exception as exc:
-            if bridge.is_out_of_memory(exc):
-                log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results do "
-                          "not depend on it), or connect a Speed node with gradient_checkpointing on or precision "
-                          "'bf16 autocast'.", batch_size)
-            raise
+        while True:
+            # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
+            image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
+                             for t in getattr(guidance, "image_targets", [])]
+            try:
+                # The speed options apply to clones: the loader's cached models stay as loaded.
+                with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
+                    return edit_image(image.clone(), mask.clone() if mask is not None else None, unet, diffusion,
+                                      clip, guidance.prompts, seed=seed, num_results=num_results,
+                                      settings=dataclasses.replace(settings, batch_size=batch_size),
+                                      guidance_settings=guidance_settings, invert_mask=invert_mask,
+                                      callback=callback, device=device, lpips_model=lpips_model,
+                                      extra_clips=extra_clips, image_targets=image_targets)
+            except Exception as exc:
+                if not bridge.is_out_of_memory(exc):
+                    raise
+                if not auto or batch_size == 1:
+                    log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
+                              "do not depend on it), or connect a Speed node with gradient_checkpointing on or "
+                              "precision 'bf16 autocast'.", batch_size)
+                    raise
+            # batch_size auto promised a batch that fits: the estimate was short (other programs on the GPU, the
+            # allocator's fragments), so the edit starts again at a smaller one. Results do not depend on the
+            # batch, and the step that ran out is almost always the first one's backward, so little is redone.
+            # Here, outside the except block, the failed attempt's traceback (and the tensors its frames hold)
+            # is already gone.
+            smaller = smaller_batch_size(batch_size, num_prompts * num_results)
+            log.warning("Blended Diffusion: out of memory at batch_size=%d (auto); running again at %d",
+                        batch_size, smaller)
+            batch_size = smaller
+            bridge.mm.soft_empty_cache()
+
+
+def smaller_batch_size(batch_size: int, num_results: int) -> int:
+    """The auto batch to try after ``batch_size`` ran out of memory: about half, evened out over the results as
+    ``auto_batch_size`` does (64 results after 22 run as 6 batches of 11)."""
+    half = max(1, batch_size // 2)
+    batches = -(-num_results // half)
+    return max(1, -(-num_results // batches))
 
 
 def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:

@@ -173,6 +173,39 @@ def test_only_real_out_of_memory_errors_get_the_advice(comfy_inprocess):
     assert not bridge.is_out_of_memory(ValueError("the mask is empty"))
 
 
+def test_out_of_memory_at_an_auto_batch_size_runs_again_at_a_smaller_one(comfy_inprocess, monkeypatch, caplog):
+    """batch_size 0 (auto) promises a batch that fits; where the estimate was short, an out-of-memory error
+    starts the edit again at about half the batch, down to 1, and gives the images a batch of 1 gives. A batch
+    size set by hand, or a batch of 1 that still does not fit, raises the error with the advice."""
+    sampler = comfy_inprocess.pack_module("sampler")
+    real_edit_image = sampler.edit_image
+    batches = []
+
+    def edit_image_out_of_memory_above_one(*args, settings, **kwargs):
+        batches.append(settings.batch_size)
+        if settings.batch_size > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_edit_image(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(sampler, "_auto_batch_size", lambda *args: 5)
+    monkeypatch.setattr(sampler, "edit_image", edit_image_out_of_memory_above_one)
+    with caplog.at_level(logging.WARNING):
+        auto = comfy_inprocess.run(graph(empty_image(), box_mask(), num_results=5, batch_size=0, seed=7))
+    assert batches == [5, 2, 1]
+    assert "out of memory at batch_size=5 (auto); running again at 2" in caplog.text
+    monkeypatch.setattr(sampler, "edit_image", real_edit_image)
+    by_hand = comfy_inprocess.run(graph(empty_image(), box_mask(), num_results=5, batch_size=1, seed=7))
+    torch.testing.assert_close(images_of(auto), images_of(by_hand), atol=0, rtol=0)
+    monkeypatch.setattr(sampler, "edit_image", edit_image_out_of_memory_above_one)
+    batches.clear()
+    with pytest.raises(harness.PromptExecutionError) as err, caplog.at_level(logging.ERROR):
+        comfy_inprocess.run(graph(empty_image(), box_mask(), num_results=5, batch_size=2, seed=7))
+    assert batches == [2] and "out of memory" in str(err.value)
+    assert "ran out of memory with batch_size=2: lower batch_size" in caplog.text
+    assert [sampler.smaller_batch_size(b, n) for b, n in [(64, 64), (22, 64), (2, 3), (3, 3), (1, 9)]] == [
+        32, 11, 1, 1, 1]
+
+
 def test_speed_options_that_cannot_run_are_refused_with_what_to_do(comfy_inprocess, monkeypatch):
     """cuda_graphs with compile (one replays the eager kernels the other replaces) is refused at the Speed node;
     triton_kernels on a CUDA device whose Python has no triton package says what to install."""
