@@ -115,8 +115,9 @@ class BlendedDiffusionSampler:
                           "From the Speed node: precision, reuse_guided_forward, channels_last, gradient "
                           "checkpointing, compile, for this run only. Unconnected = the measured fastest for the "
                           "device: on a CUDA GPU bf16 with one UNet forward per step, the pack's Triton kernels "
-                          "and CUDA graphs (2.5x the original's speed at batch 16 on an H100, 3.3x at batch 4), "
-                          "the original's settings on the CPU."}),
+                          "(PyTorch's where Triton is missing or fails on the GPU) and CUDA graphs (2.5x the "
+                          "original's speed at batch 16 on an H100, 3.3x at batch 4), the original's settings on "
+                          "the CPU."}),
                 "preview": ("BOOLEAN", {"default": True, "tooltip": "Show the prediction in the progress bar."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

@@ -97,8 +97,10 @@ class BlendedDiffusionSpeed:
     DESCRIPTION = ("Speed and memory options of the Blended Diffusion Sampler, for its runs only: the loaded "
                    "models stay as loaded for every other node and run. This node's defaults reproduce the "
                    "original code (on a GPU, its fp16 numerics). Without this node the Sampler runs the measured "
-                   "fastest setting: bf16 with one UNet forward per step and cudnn_benchmark on a CUDA GPU, the "
-                   "original's on the CPU.")
+                   "fastest setting: on a CUDA GPU with bf16, bf16 with one UNet forward per step in "
+                   "channels_last, the pack's Triton kernels, CUDA graphs and cudnn_benchmark (PyTorch's own "
+                   "kernels where the triton package is missing or Triton fails on the GPU); the original's on "
+                   "the CPU.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("FAST_PATH_OPTIONS",)
     RETURN_NAMES = ("speed",)
