@@ -8,6 +8,7 @@ node under ``torch.inference_mode()``, whose tensors cannot be saved for backwar
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -124,6 +125,13 @@ def autograd_enabled():
             yield
     finally:
         mm.soft_empty_cache()
+
+
+def release_failed_attempt() -> None:
+    """Before a run starts again after an error: collect what the failed attempt left in reference cycles
+    (tensors held by its traceback's frames) and hand the allocator's cached blocks back to the device."""
+    gc.collect()
+    mm.soft_empty_cache()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -163,6 +163,7 @@ class BlendedDiffusionSampler:
         if fallback is not None:
             # Outside the except block, so the failed run's traceback (and the activations its frames hold) is
             # freed before the second run allocates its own.
+            bridge.release_failed_attempt()
             result = _edit(for_clip(fallback, guidance.clip.clip), **run)
         frames = result.frames if result.frames is not None else result.images
         log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], len(guidance.prompts))
@@ -226,7 +227,7 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
             log.warning("Blended Diffusion: out of memory at batch_size=%d (auto); running again at %d",
                         batch_size, smaller)
             batch_size = smaller
-            bridge.mm.soft_empty_cache()
+            bridge.release_failed_attempt()
 
 
 def smaller_batch_size(batch_size: int, num_results: int) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import weakref
 
 import pytest
 import torch
@@ -181,9 +182,14 @@ def test_out_of_memory_at_an_auto_batch_size_runs_again_at_a_smaller_one(comfy_i
     real_edit_image = sampler.edit_image
     batches = []
 
+    failed_attempts_tensors = []  # what each failed attempt allocated: freed before the next attempt starts
+
     def edit_image_out_of_memory_above_one(*args, settings, **kwargs):
+        assert all(tensor() is None for tensor in failed_attempts_tensors)
         batches.append(settings.batch_size)
         if settings.batch_size > 1:
+            activations = torch.empty(1 << 20)  # held by this frame, and so by the error's traceback
+            failed_attempts_tensors.append(weakref.ref(activations))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return real_edit_image(*args, settings=settings, **kwargs)
 
@@ -191,7 +197,7 @@ def test_out_of_memory_at_an_auto_batch_size_runs_again_at_a_smaller_one(comfy_i
     monkeypatch.setattr(sampler, "edit_image", edit_image_out_of_memory_above_one)
     with caplog.at_level(logging.WARNING):
         auto = comfy_inprocess.run(graph(empty_image(), box_mask(), num_results=5, batch_size=0, seed=7))
-    assert batches == [5, 2, 1]
+    assert batches == [5, 2, 1] and len(failed_attempts_tensors) == 2
     assert "out of memory at batch_size=5 (auto); running again at 2" in caplog.text
     monkeypatch.setattr(sampler, "edit_image", real_edit_image)
     by_hand = comfy_inprocess.run(graph(empty_image(), box_mask(), num_results=5, batch_size=1, seed=7))
