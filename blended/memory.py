@@ -22,13 +22,27 @@ _TRANSIENT_FACTOR = 1.25
 # measured while CUDA's autocast still upsampled in float32 (traced: 1.11 GiB per result then, 0.98 since): to be
 # measured again before the estimate comes down.
 _PEAK_PER_RESULT_256_TRITON = 1.25 * GIB
+# bf16/fp16 autocast with one UNet forward per step in PyTorch's kernels, NCHW (`fast-gpu`; the Sampler's default on
+# CUDA without the triton package, or once Triton failed there): peak memory grows by 2.27 GiB per result (H100,
+# 8 views: 10.5 GiB at batch 4 and 37.7 at 16; with CUDA graphs 10.7 and 38.0), temporaries included; traced
+# since, 2.07. Counted with the Triton figure's margin. The older estimate below (the original's fp16 torso,
+# saved tensors plus a quarter) counted 4.8, which held an 80 GB card to batch 15 and a 24 GB one to 4.
+_PEAK_PER_RESULT_256_AUTOCAST_ONE_FORWARD = 2.6 * GIB
 
 
 def activation_bytes_per_result(image_size: int = 256, low_precision: bool = False,
-                                gradient_checkpointing: bool = False, triton_kernels: bool = False) -> int:
-    """Estimated peak bytes one result adds to a guided step (saved activations and backward temporaries)."""
-    if triton_kernels and low_precision and not gradient_checkpointing:
-        return int(_PEAK_PER_RESULT_256_TRITON * (image_size / 256) ** 2)
+                                gradient_checkpointing: bool = False, triton_kernels: bool = False,
+                                autocast_one_forward: bool = False) -> int:
+    """Estimated peak bytes one result adds to a guided step (saved activations and backward temporaries).
+
+    ``triton_kernels``: the Triton kernels in channels_last. ``autocast_one_forward``: low precision by autocast
+    with ``reuse_guided_forward``, in NCHW. Each has its own measured peak; other settings are estimated from
+    the saved tensors."""
+    if low_precision and not gradient_checkpointing:
+        if triton_kernels:
+            return int(_PEAK_PER_RESULT_256_TRITON * (image_size / 256) ** 2)
+        if autocast_one_forward:
+            return int(_PEAK_PER_RESULT_256_AUTOCAST_ONE_FORWARD * (image_size / 256) ** 2)
     saved = _SAVED_PER_RESULT_256["low" if low_precision else "fp32"] * (image_size / 256) ** 2
     if gradient_checkpointing:
         saved *= _CHECKPOINT_FACTOR

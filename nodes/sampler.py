@@ -241,9 +241,11 @@ def smaller_batch_size(batch_size: int, num_results: int) -> int:
 def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
     """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
     low_precision = options.unet_dtype != torch.float32
-    per_result = activation_bytes_per_result(model.unet.config.image_size, low_precision,
-                                             options.gradient_checkpointing,
-                                             triton_kernels=options.triton_norm and options.channels_last)
+    per_result = activation_bytes_per_result(
+        model.unet.config.image_size, low_precision, options.gradient_checkpointing,
+        triton_kernels=options.triton_norm and options.channels_last,
+        autocast_one_forward=(options.precision_scheme == "autocast" and options.reuse_guided_forward
+                              and not options.channels_last))
     batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result, num_results)
     log.info("Blended Diffusion: batch_size auto = %d", batch)
     return batch

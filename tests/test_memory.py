@@ -43,3 +43,24 @@ def test_the_triton_path_is_sized_by_its_measured_peak_and_an_80gb_card_stays_be
     assert auto_batch_size(77 * GIB, triton, num_results=64) == 32
     # a 24 GB card with about 22 GiB free: 16 (which peaked at 19.6 GiB)
     assert auto_batch_size(22 * GIB, triton, num_results=64) == 16
+
+
+def test_the_default_without_triton_is_sized_by_its_measured_peak():
+    """bf16 autocast with one UNet forward in NCHW (the Sampler's CUDA default without the triton package) peaked
+    at 37.7 GiB at batch 16 on an H100 (2.27 GiB per result): counted between the Triton path's figure and the
+    saved-tensor estimate of the original's fp16 torso."""
+    low = activation_bytes_per_result(256, low_precision=True)
+    one_forward = activation_bytes_per_result(256, low_precision=True, autocast_one_forward=True)
+    triton = activation_bytes_per_result(256, low_precision=True, triton_kernels=True)
+    assert triton < one_forward < low and one_forward > 2.27 * GIB
+    assert activation_bytes_per_result(512, low_precision=True, autocast_one_forward=True) == pytest.approx(
+        4 * one_forward, abs=4)
+    # fp32 and checkpointing keep their own estimates
+    assert activation_bytes_per_result(256, autocast_one_forward=True) == activation_bytes_per_result(256)
+    assert (activation_bytes_per_result(256, low_precision=True, gradient_checkpointing=True, autocast_one_forward=True)
+            == activation_bytes_per_result(256, low_precision=True, gradient_checkpointing=True))
+    # an H100 with about 77 GiB free: 3 batches of 22 (a peak near 52 GiB at 2.27 per result), no longer 5 of 13;
+    # a 24 GB card with about 22 GiB free: 8 (about 20 GiB), no longer 4
+    assert auto_batch_size(77 * GIB, one_forward, num_results=64) == 22
+    assert auto_batch_size(77 * GIB, low, num_results=64) == 13
+    assert auto_batch_size(22 * GIB, one_forward, num_results=64) == 8

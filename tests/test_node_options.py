@@ -3,6 +3,7 @@ exactly as loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -161,7 +162,8 @@ def test_batch_size_zero_sizes_the_batch_from_free_memory(comfy_inprocess, caplo
 
 def test_auto_batch_size_counts_the_triton_paths_smaller_peak(comfy_inprocess, monkeypatch):
     """With the Sampler's CUDA default (Triton kernels in channels_last) an 80 GB card runs 64 results as two
-    batches of 32 (batch 64 did not fit on an H100); the eager bf16 path's larger estimate, 5 batches of 13."""
+    batches of 32 (batch 64 did not fit on an H100); its default without Triton (bf16 autocast, one UNet forward,
+    2.27 GiB per result measured) as three of 22; the original's fp16 torso, by its saved tensors, 5 of 13."""
     from types import SimpleNamespace
 
     sampler = comfy_inprocess.pack_module("sampler")
@@ -169,7 +171,11 @@ def test_auto_batch_size_counts_the_triton_paths_smaller_peak(comfy_inprocess, m
     model = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(image_size=256)))
     fast_paths = sampler.fast_paths
     assert sampler._auto_batch_size(model, torch.device("cpu"), 64, fast_paths.FASTEST_GPU) == 32
-    assert sampler._auto_batch_size(model, torch.device("cpu"), 64, fast_paths.FASTEST_GPU_WITHOUT_TRITON) == 13
+    assert sampler._auto_batch_size(model, torch.device("cpu"), 64, fast_paths.FASTEST_GPU_WITHOUT_TRITON) == 22
+    assert sampler._auto_batch_size(model, torch.device("cpu"), 64, fast_paths.PRESETS["original-gpu"]) == 13
+    # channels_last without the Triton kernels has no measured figure: the saved-tensor estimate
+    channels_last = dataclasses.replace(fast_paths.FASTEST_GPU_WITHOUT_TRITON, channels_last=True)
+    assert sampler._auto_batch_size(model, torch.device("cpu"), 64, channels_last) == 13
 
 
 def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
