@@ -62,10 +62,10 @@ def default_speed_options() -> FastPathOptions:
 
     On a CUDA GPU with bf16 that is ``fast_paths.FASTEST_GPU``: bf16 autocast with one UNet forward per step in
     channels_last, the pack's Triton kernels and the networks replayed from CUDA graphs (2.5x the original's speed
-    at batch 16 on an H100, 3.3x at batch 4, README "GPU"); without the `triton` package the same with PyTorch's
-    own kernels (``FASTEST_GPU_WITHOUT_TRITON``), as also once they have failed on
-    this GPU (``default_without_triton_kernels``). Elsewhere the original's settings, this node's defaults. A Speed
-    node, even left at its defaults, always means exactly what it shows.
+    at batch 16 on an H100, 3.3x at batch 4, README "GPU"); without the `triton` package, or once the kernels have
+    failed on this GPU (``default_without_triton_kernels``), the same with PyTorch's own kernels
+    (``FASTEST_GPU_WITHOUT_TRITON``). Elsewhere the original's settings, this node's defaults. A Speed node, even
+    left at its defaults, always means exactly what it shows.
     """
     device = torch.device(bridge.mm.get_torch_device())
     if device.type == "cuda" and bridge.mm.should_use_bf16(device):
