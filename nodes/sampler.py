@@ -159,7 +159,7 @@ class BlendedDiffusionSampler:
             log.warning("Blended Diffusion: the pack's Triton kernels failed on this GPU (%s: %s); running again "
                         "with PyTorch's own kernels, as every run without a Speed node will until ComfyUI "
                         "restarts. The results are the same within rounding.", type(exc).__name__, first_line)
-            fallback = default_without_triton_kernels(model.patcher.load_device, exc)
+            fallback = default_without_triton_kernels(model.patcher.load_device, first_line)
         if fallback is not None:
             # Outside the except block, so the failed run's traceback (and the activations its frames hold) is
             # freed before the second run allocates its own.

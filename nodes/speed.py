@@ -80,11 +80,11 @@ def default_speed_options() -> FastPathOptions:
 _TRITON_FAILED_ON: dict[str, str] = {}
 
 
-def default_without_triton_kernels(device, error: BaseException) -> FastPathOptions:
+def default_without_triton_kernels(device, error_line: str) -> FastPathOptions:
     """The default to run again when the default's Triton kernels failed on ``device`` (a GPU or Triton release
     they cannot be compiled for): the same setting with PyTorch's own kernels, which gives the same results
     within rounding. Remembered for ``device``, so later runs start without them."""
-    _TRITON_FAILED_ON[str(torch.device(device))] = (str(error).strip().splitlines() or [""])[0][:300]
+    _TRITON_FAILED_ON[str(torch.device(device))] = error_line
     return fast_paths.FASTEST_GPU_WITHOUT_TRITON
 
 
