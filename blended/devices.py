@@ -8,6 +8,7 @@ once the copy is done (torch's pinned-memory cache tracks that).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import traceback
@@ -23,6 +24,16 @@ def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) ->
     else:
         tensor = tensor.to(device)
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def made_current(device) -> contextlib.AbstractContextManager:
+    """A block with ``device`` as CUDA's current device (no change for other devices).
+
+    Triton launches a kernel on the current device, and a CUDA graph captures on the current device's streams,
+    whatever device the tensors are on. ComfyUI setups that load models on a second GPU choose that device for
+    the models without making it current, so a run sets it for its own duration and restores it after."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def runs_triton_kernels(tensor: torch.Tensor) -> bool:

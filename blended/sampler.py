@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import colour_match, image_io, regions, resampling, seeds, soft_mask, targets
-from .devices import to_device
+from .devices import made_current, to_device
 from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import BlendedInputError
 from .frames import frames_to_image_batch
@@ -230,7 +230,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     if num_results < 1:
         raise BlendedInputError("num_results must be at least 1")
     prompts = [as_weighted(p) for p in (list(prompts) or [""])]
-    device = device or next(unet.parameters()).device
+    device = torch.device(device) if device is not None else next(unet.parameters()).device
     model_size = unet.config.image_size
     num_classes = unet.config.num_classes
 
@@ -243,77 +243,80 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     image_io.check_mask_not_empty(masks)
     batch = images.shape[0]
 
-    # Per CLIP: its augmentations, and each prompt line's targets in its own embedding space.
-    members = [targets.GuidanceClip(clip, 1.0, None)] + list(extra_clips)
-    member_targets = []
-    for member in members:
-        pictures = targets.image_target_embeddings(member.clip, image_targets, device)
-        member_targets.append([targets.line_targets(member.clip, p, pictures, device) for p in prompts])
-    line_is_empty = [line[2] for line in member_targets[0]]
-    num_steps = diffusion.num_timesteps - settings.skip_timesteps
-    per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
-    run_steps = resampling.total_steps(diffusion.num_timesteps - settings.skip_timesteps,
-                                       settings.resample_jump_length, settings.resample_count)
-    total_steps = run_steps * batch * -(-len(per_prompt) // max(1, settings.batch_size))
-    steps_done = 0
+    # CUDA's current device is where Triton launches its kernels and CUDA graphs capture: the model's, which
+    # a setup that runs the pack on a second GPU need not have made current.
+    with made_current(device):
+        # Per CLIP: its augmentations, and each prompt line's targets in its own embedding space.
+        members = [targets.GuidanceClip(clip, 1.0, None)] + list(extra_clips)
+        member_targets = []
+        for member in members:
+            pictures = targets.image_target_embeddings(member.clip, image_targets, device)
+            member_targets.append([targets.line_targets(member.clip, p, pictures, device) for p in prompts])
+        line_is_empty = [line[2] for line in member_targets[0]]
+        num_steps = diffusion.num_timesteps - settings.skip_timesteps
+        per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
+        run_steps = resampling.total_steps(diffusion.num_timesteps - settings.skip_timesteps,
+                                           settings.resample_jump_length, settings.resample_count)
+        total_steps = run_steps * batch * -(-len(per_prompt) // max(1, settings.batch_size))
+        steps_done = 0
 
-    outputs, output_masks, frames, output_prompts = [], [], [], []
-    enforce = settings.enforce_background and settings.mode == "blended"
-    for b in range(batch):
-        # 2. The final composite mask (the user's, optionally grown and feathered) and what the model sees:
-        #    a square crop covering it, at model resolution, in [-1,1]. The model edits the user's mask.
-        composite = (masks[b:b + 1] > 0).float()
-        if settings.grow_mask or settings.feather:
-            composite = regions.grow_mask(composite, settings.grow_mask + settings.feather)
-            composite = regions.feather_mask(composite, settings.feather) if settings.feather else composite
-        if settings.region == "full":
-            plan = regions.plan_full_image(height, width, model_size)
-        else:
-            plan = regions.plan_mask_crop(composite[0, 0], model_size, context=settings.context)
-        init = image_io.to_model_range(regions.crop_image(images[b:b + 1], plan).to(device))
-        model_mask = regions.crop_mask(masks[b:b + 1], plan).to(device)
-        if not bool((model_mask > 0).any()):
-            raise BlendedInputError("the mask vanishes at the model's resolution: paint a larger region or use "
-                                    "region 'mask_crop'")
+        outputs, output_masks, frames, output_prompts = [], [], [], []
+        enforce = settings.enforce_background and settings.mode == "blended"
+        for b in range(batch):
+            # 2. The final composite mask (the user's, optionally grown and feathered) and what the model sees:
+            #    a square crop covering it, at model resolution, in [-1,1]. The model edits the user's mask.
+            composite = (masks[b:b + 1] > 0).float()
+            if settings.grow_mask or settings.feather:
+                composite = regions.grow_mask(composite, settings.grow_mask + settings.feather)
+                composite = regions.feather_mask(composite, settings.feather) if settings.feather else composite
+            if settings.region == "full":
+                plan = regions.plan_full_image(height, width, model_size)
+            else:
+                plan = regions.plan_mask_crop(composite[0, 0], model_size, context=settings.context)
+            init = image_io.to_model_range(regions.crop_image(images[b:b + 1], plan).to(device))
+            model_mask = regions.crop_mask(masks[b:b + 1], plan).to(device)
+            if not bool((model_mask > 0).any()):
+                raise BlendedInputError("the mask vanishes at the model's resolution: paint a larger region or use "
+                                        "region 'mask_crop'")
 
-        blend_mask = model_mask
-        if settings.soft_mask:
-            blend_mask = soft_mask.model_soft_mask(masks[b:b + 1], plan, model_mask).to(device)
+            blend_mask = model_mask
+            if settings.soft_mask:
+                blend_mask = soft_mask.model_soft_mask(masks[b:b + 1], plan, model_mask).to(device)
 
-        # 3. Guided, blended diffusion, a batch of results at a time.
-        edited = []
-        for start in range(0, len(per_prompt), max(1, settings.batch_size)):
-            chunk = per_prompt[start:start + max(1, settings.batch_size)]
-            result_ids = [seeds.result_id(b, r) for _, r in chunk]  # same noise for result r of every prompt
-            terms = [ClipTerm(member.clip, targets.stack_targets([lines[p] for p, _ in chunk]), member.weight,
-                              targets.member_augmentations(member, guidance_settings.augmentations))
-                     for member, lines in zip(members, member_targets, strict=True)]
-            objective = GuidanceObjective(None, None, model_mask, init, guidance_settings, seed=seed,
-                                          lpips_model=lpips_model, group_size=settings.group_size, terms=terms,
-                                          num_steps=num_steps)
-            objective.prompt_is_empty = torch.tensor([line_is_empty[p] for p, _ in chunk])
+            # 3. Guided, blended diffusion, a batch of results at a time.
+            edited = []
+            for start in range(0, len(per_prompt), max(1, settings.batch_size)):
+                chunk = per_prompt[start:start + max(1, settings.batch_size)]
+                result_ids = [seeds.result_id(b, r) for _, r in chunk]  # same noise for result r of every prompt
+                terms = [ClipTerm(member.clip, targets.stack_targets([lines[p] for p, _ in chunk]), member.weight,
+                                  targets.member_augmentations(member, guidance_settings.augmentations))
+                         for member, lines in zip(members, member_targets, strict=True)]
+                objective = GuidanceObjective(None, None, model_mask, init, guidance_settings, seed=seed,
+                                              lpips_model=lpips_model, group_size=settings.group_size, terms=terms,
+                                              num_steps=num_steps)
+                objective.prompt_is_empty = torch.tensor([line_is_empty[p] for p, _ in chunk])
 
-            def chunk_callback(done, total, pred, _base=steps_done):
-                if callback is not None:
-                    callback(_base + done, total_steps, pred)
+                def chunk_callback(done, total, pred, _base=steps_done):
+                    if callback is not None:
+                        callback(_base + done, total_steps, pred)
 
-            pred, chunk_frames = sample_results(unet, diffusion, objective, init, blend_mask, result_ids, seed,
-                                                settings, chunk_callback, num_classes, noise_source)
-            steps_done += run_steps
-            edited.append(pred.detach().float().cpu())
-            if chunk_frames:
-                frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
-            output_prompts.extend(prompts[p].source for p, _ in chunk)
-        edited = image_io.from_model_range(torch.cat(edited))
-        if settings.colour_match != "off":
-            edited = colour_match.match_border(edited, image_io.from_model_range(init.detach().float().cpu()),
-                                               model_mask.cpu(), space=settings.colour_match)
+                pred, chunk_frames = sample_results(unet, diffusion, objective, init, blend_mask, result_ids, seed,
+                                                    settings, chunk_callback, num_classes, noise_source)
+                steps_done += run_steps
+                edited.append(pred.detach().float().cpu())
+                if chunk_frames:
+                    frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
+                output_prompts.extend(prompts[p].source for p, _ in chunk)
+            edited = image_io.from_model_range(torch.cat(edited))
+            if settings.colour_match != "off":
+                edited = colour_match.match_border(edited, image_io.from_model_range(init.detach().float().cpu()),
+                                                   model_mask.cpu(), space=settings.colour_match)
 
-        # 4. Back at full resolution: outside the composite mask, the input's own pixels (bit-identical).
-        if not enforce:
-            composite = regions.box_mask(plan)
-        outputs.append(regions.paste_back(images[b:b + 1], edited, plan, composite))
-        output_masks.append(composite[:, 0].expand(edited.shape[0], -1, -1))
+            # 4. Back at full resolution: outside the composite mask, the input's own pixels (bit-identical).
+            if not enforce:
+                composite = regions.box_mask(plan)
+            outputs.append(regions.paste_back(images[b:b + 1], edited, plan, composite))
+            output_masks.append(composite[:, 0].expand(edited.shape[0], -1, -1))
 
     result = EditResult(images=torch.cat(outputs).movedim(1, -1).contiguous(),
                         mask=torch.cat(output_masks).contiguous(), prompts=output_prompts)

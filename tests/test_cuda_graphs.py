@@ -398,3 +398,38 @@ def test_a_capture_skips_its_warmups_where_two_steps_do_not_fit(monkeypatch, fre
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), 80 * gib))
     assert cuda_graphs.warmups_that_fit(torch.device("cuda", 0)) == warmups
     assert calls == ["synchronize", "empty_cache"]
+
+
+def test_an_edit_runs_with_the_models_device_current(models, diffusion, monkeypatch):
+    # Triton launches on CUDA's current device and a graph captures on its streams, whatever device the tensors
+    # are on: an edit on a second GPU makes that GPU current for its device work, and restores the old one after.
+    # The context is made without entering it, so which device it selects is checked without a GPU.
+    import contextlib
+
+    from blended import devices, sampler
+
+    assert isinstance(devices.made_current("cuda:1"), torch.cuda.device) and devices.made_current("cuda:1").idx == 1
+    assert isinstance(devices.made_current("cpu"), contextlib.nullcontext)
+    current, seen = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        current.append(torch.device(device))
+        yield
+        current.pop()
+
+    def watched_sample_results(*args, **kwargs):
+        seen.append(list(current))
+        return real_sample_results(*args, **kwargs)
+
+    real_sample_results = sampler.sample_results
+    monkeypatch.setattr(sampler, "made_current", recording)
+    monkeypatch.setattr(sampler, "sample_results", watched_sample_results)
+    unet, clip = models
+    size = unet.config.image_size
+    image, mask = torch.rand(1, size, size, 3), torch.zeros(1, size, size)
+    mask[:, 8:40, 8:40] = 1
+    settings = SamplerSettings(skip_timesteps=diffusion.num_timesteps - 1, batch_size=1)
+    sampler.edit_image(image, mask, unet, diffusion, clip, ["a red rock"], seed=1, num_results=2, settings=settings,
+                       device="cpu")
+    assert seen == [[torch.device("cpu")]] * 2 and current == []

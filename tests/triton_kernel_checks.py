@@ -368,12 +368,15 @@ def check_attention_norm_is_group_norm_alone():
 
 def check_float32_output_of_a_bfloat16_input_needs_no_converted_copy():
     # The UNet's float32 out head on the bf16 block output: the same values as on x.float(), the gradient
-    # back in bf16 (within one rounding of the float32 one).
+    # back in bf16 (within one rounding of the float32 one). On a GPU the statistics' lane sums follow a
+    # register layout Triton picks by the input's dtype, so bf16 and float32 inputs add them in different
+    # orders: equal there within float32 rounding, bit for bit only under the interpreter.
     x, weight, bias, _ = case((2, 64, 6, 6), torch.bfloat16, True, False, seed=17)
     y = kernels.group_norm_silu(x, weight, bias, 2, 1e-5, out_dtype=torch.float32)
     x32 = x.detach().float().requires_grad_(True)
     y_expected = kernels.group_norm_silu(x32, weight, bias, 2, 1e-5)
-    assert y.dtype == torch.float32 and torch.equal(y, y_expected) and y.stride() == x.stride()
+    assert y.dtype == torch.float32 and y.stride() == x.stride()
+    assert torch.equal(y, y_expected) if DEVICE == "cpu" else rel(y, y_expected) < 1e-6
     grad_out = on_device(torch.randn(y.shape, generator=torch.Generator().manual_seed(18)))
     (gx,) = torch.autograd.grad(y, x, grad_out)
     (gx32,) = torch.autograd.grad(y_expected, x32, grad_out)
