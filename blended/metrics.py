@@ -214,18 +214,22 @@ def diversity(embeds: torch.Tensor) -> tuple[torch.Tensor, float]:
     return per_image, float(dist.sum() / (count * (count - 1)))
 
 
-def split_prompts(prompt: str, batch: int) -> list[str]:
-    """One prompt per line, fitted to the batch like the sampler's outputs (each prompt's results together)."""
+def split_prompts(prompt: str, batch: int, inputs: int = 1) -> list[str]:
+    """One prompt per line, fitted to the batch in the sampler's order: for each of ``inputs`` input images (its
+    results together), each prompt line's results together. One line is every image's, as many lines as images
+    one each."""
     lines = [" ".join(line.split()) for line in str(prompt).splitlines() if line.strip()]
     if not lines:
         raise BlendedInputError("CLIP similarity needs a prompt: type the text the edits should match")
     if len(lines) == 1 or len(lines) == batch:
         return lines
-    if batch % len(lines):
-        raise BlendedInputError(f"{len(lines)} prompt lines for {batch} images: give one prompt, one per image, "
-                                "or one per equal group of images")
-    group = batch // len(lines)
-    return [lines[i // group] for i in range(batch)]
+    per_input = batch // inputs
+    if batch % inputs or per_input % len(lines):
+        per = f" per input image ({inputs} inputs)" if inputs > 1 else ""
+        raise BlendedInputError(f"{len(lines)} prompt lines for {per_input} images{per}: give one prompt, one per "
+                                "image, or one per equal group of images (the Sampler's prompt lines)")
+    group = per_input // len(lines)
+    return [lines[(i % per_input) // group] for i in range(batch)]
 
 
 # ---------------------------------------------------------------------------------------------- all scores
@@ -290,6 +294,8 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     edited). CLIP similarity needs ``clip`` and ``prompt``, diversity ``clip``; LPIPS needs ``lpips_model``.
     What is not measured stays NaN.
     """
+    # An input batch between one image and one per result is one per input, each with its group of results.
+    inputs = reference.shape[0] if 1 < reference.shape[0] < results.shape[0] else 1
     results, reference, edited = prepare(results, reference, mask)
     batch = results.shape[0]
     nan = [float("nan")] * batch
@@ -303,7 +309,7 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     if clip is not None:
         embeds = image_embeddings(clip, masked_views(results, edited, clip.image_size))
         if prompt is not None and str(prompt).strip():
-            scores.clip_similarity = clip_similarity(clip, embeds, split_prompts(prompt, batch)).tolist()
+            scores.clip_similarity = clip_similarity(clip, embeds, split_prompts(prompt, batch, inputs)).tolist()
         per_image, scores.batch_diversity = diversity(embeds)
         scores.diversity = per_image.tolist()
     return scores

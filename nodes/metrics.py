@@ -62,7 +62,8 @@ class EditMetrics:
                                                       "fair judge. Without it those columns are n/a."}),
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
                            "The text the edited region should match (higher CLIP similarity = better): one line, "
-                           "or one line per image or per equal group of images."}),
+                           "one line per image, or the Sampler's prompt lines (each input's results hold an equal "
+                           "group per line, in order)."}),
             },
         }
 

@@ -152,6 +152,35 @@ def test_results_are_paired_with_their_input_and_prompt():
         metrics.score_edits(results, inputs, torch.zeros(1, 48, 48))
 
 
+def test_prompt_lines_are_paired_with_images_in_the_samplers_order(clip, diffusion, monkeypatch):
+    # Two inputs, two prompt lines, two results each: the sampler's output order is input, then prompt line, then
+    # result, and the similarity of each image is measured against the line that image was made for.
+    from blended.sampler import SamplerSettings, edit_image
+    from conftest import tiny_unet
+
+    unet = tiny_unet()
+    size = unet.config.image_size
+    inputs, mask = _photo(batch=2, size=size, seed=3), _mask(size, (16, 48, 16, 48))
+    prompt = "a red rock\na blue sky"
+    settings = SamplerSettings(skip_timesteps=diffusion.num_timesteps - 1, batch_size=4)
+    edited = edit_image(inputs.movedim(1, -1), mask, unet, diffusion, clip, prompt.splitlines(), seed=0,
+                        num_results=2, settings=settings)
+    assert metrics.split_prompts(prompt, 8, inputs=2) == edited.prompts
+    measured = []
+    real_similarity = metrics.clip_similarity
+    monkeypatch.setattr(metrics, "clip_similarity", lambda c, e, lines: measured.append(lines) or
+                        real_similarity(c, e, lines))
+    results = edited.images.movedim(-1, 1)
+    metrics.score_edits(results, inputs, edited.mask, clip=clip, prompt=prompt)
+    assert measured == [edited.prompts]
+    # One input image, or one per result: the lines cover equal groups of the batch in order, as before.
+    metrics.score_edits(results[:4], inputs[:1], mask, clip=clip, prompt=prompt)
+    metrics.score_edits(results, inputs.repeat_interleave(4, dim=0), edited.mask, clip=clip, prompt=prompt)
+    assert measured[1:] == [["a red rock"] * 2 + ["a blue sky"] * 2, ["a red rock"] * 4 + ["a blue sky"] * 4]
+    with pytest.raises(BlendedInputError, match="3 prompt lines for 4 images per input image"):
+        metrics.split_prompts("a\nb\nc", 8, inputs=2)
+
+
 def test_the_table_has_a_row_per_image_a_mean_and_the_directions():
     image, mask = _photo(), _mask()
     shifted = image + 0.05 * (1 - mask[:, None])
