@@ -51,11 +51,18 @@ def triton_package_dir() -> str | None:
 
 
 def raised_in_triton(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside the installed triton package (its compiler, ptxas, its driver layer):
-    how a GPU that Triton cannot compile the pack's kernels for shows. Told apart by where it was raised, since
-    Triton raises plain RuntimeErrors as well as its own classes."""
+    """Whether ``exc`` was raised inside the installed triton package (its compiler, ptxas, its driver layer) while
+    launching one of the pack's own Triton kernels: how a GPU that Triton cannot compile them for shows. Told apart
+    by where it was raised, since Triton raises plain RuntimeErrors as well as its own classes; a failure of
+    torch.compile's generated Triton code does not pass through the pack's kernel modules, and is not theirs."""
     package = triton_package_dir()
     if package is None:
         return False
-    return any(os.path.realpath(frame.f_code.co_filename).startswith(package + os.sep)
-               for frame, _ in traceback.walk_tb(exc.__traceback__))
+    files = [os.path.realpath(frame.f_code.co_filename) for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    return (any(path.startswith(package + os.sep) for path in files)
+            and any(os.path.dirname(path) == _PACK_DIR and os.path.basename(path).startswith("triton_")
+                    for path in files))
+
+
+# The pack's library, where its Triton kernel modules (triton_norm, triton_clip, triton_residual) live.
+_PACK_DIR = os.path.dirname(os.path.realpath(__file__))

@@ -28,7 +28,9 @@ class BlendedDiffusionSampler:
                    "(mask = 1) of the image with the guided-diffusion model, steered by CLIP toward the prompt, "
                    "while the noised original is blended back outside the mask at every step. Returns "
                    "num_results edits per prompt at the input's size; pixels outside the mask are unchanged. "
-                   "Rank them with CLIP Rank. Defaults reproduce the original code.")
+                   "Rank them with CLIP Rank. The defaults reproduce the original code; on a CUDA GPU without a "
+                   "Speed node the sampler runs the pack's fastest setting (bf16, one model forward per step), and "
+                   "a Speed node left at its defaults gives the original's numerics there too.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("images", "mask", "frames")

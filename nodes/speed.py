@@ -1,8 +1,9 @@
 """The Speed node: every speed and memory option of a run in one place, as ``FastPathOptions``.
 
 The Sampler applies them for its run to clones of the loaded models (``fast_paths.run_clones``), so a
-choice made here never stays on the loader's cached model for other nodes or later runs. Without a Speed
-node the Sampler uses this node's defaults, which reproduce the original code.
+choice made here never stays on the loader's cached model for other nodes or later runs. This node's defaults
+reproduce the original code. Without a Speed node the Sampler runs ``default_speed_options()``: these defaults on
+the CPU, the measured fastest setting on a CUDA GPU with bf16.
 """
 
 from __future__ import annotations

@@ -244,8 +244,11 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     devices = sampler.raised_in_triton.__globals__
     source = "def compile_kernel():\n    raise RuntimeError('ptxas fatal: Value sm_61 is not defined')\n"
     namespace = {}
-    # code that says it lives in the installed triton package, as its compiler's does
+    # code that says it lives in the installed triton package, as its compiler's does, called from a launch in one of
+    # the pack's kernel modules
     exec(compile(source, os.path.join(devices["triton_package_dir"](), "compiler", "compiler.py"), "exec"), namespace)
+    launch = "def launch_kernel():\n    compile_kernel()\n"
+    exec(compile(launch, os.path.join(devices["_PACK_DIR"], "triton_norm.py"), "exec"), namespace)
     run_options = []  # the options of each run, as the Sampler applies them to its clones
     real_run_clones, real_edit_image = sampler.fast_paths.run_clones, sampler.edit_image
 
@@ -255,7 +258,7 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
 
     def edit_image_failing_in_triton(*args, **kwargs):
         if run_options[-1].triton_norm or run_options[-1].triton_clip:
-            namespace["compile_kernel"]()
+            namespace["launch_kernel"]()
         return real_edit_image(*args, **kwargs)
 
     monkeypatch.setattr(sampler.fast_paths, "run_clones", recording_run_clones)
@@ -285,10 +288,15 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     monkeypatch.setattr(speed, "_TRITON_FAILED_ON", {"cuda:1": "ptxas fatal"})
     assert speed.default_speed_options() == sampler.fast_paths.FASTEST_GPU
     monkeypatch.undo()
-    # An error from outside Triton, or from Triton with the kernels off, passes through as it was.
-    monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["compile_kernel"]())
+    # An error from outside Triton, or from Triton with the kernels off, passes through as it was; so does one from
+    # Triton that no launch of the pack's kernels led to (torch.compile's own Triton code, with the kernels on).
+    monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["launch_kernel"]())
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=2, speed={}))
+    assert "ptxas fatal" in str(err.value) and "triton_kernels" not in str(err.value)
+    monkeypatch.setattr(sampler, "edit_image", lambda *a, **k: namespace["compile_kernel"]())
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=2, speed={"triton_kernels": True}))
     assert "ptxas fatal" in str(err.value) and "triton_kernels" not in str(err.value)
     # the same error from code outside the package (a ComfyUI under a folder named triton, say) is not Triton's
     elsewhere = {}
