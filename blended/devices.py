@@ -26,6 +26,44 @@ def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) ->
     return tensor if dtype is None else tensor.to(dtype)
 
 
+class HostCopies:
+    """Small tensors (progress previews) copied to the host without the host waiting for them.
+
+    Reading a result of the step on the host waits for every kernel queued before it: once per step, that idles
+    the GPU while the host then queues the next step. Here a copy starts when :meth:`add` is called and is handed
+    out by :meth:`newest_arrived` once it is on the host, a step or so later; older copies are dropped unseen.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._pending: list[tuple[object, torch.Tensor]] = []  # (the copy's CUDA event or None, host tensor)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self._pending.append(_copy_to_host(tensor))
+        del self._pending[:-self.keep]  # a device far behind the host: the oldest are never shown
+
+    def newest_arrived(self) -> torch.Tensor | None:
+        """The newest copy that has reached the host (None if none has), dropping it and every older one."""
+        for i in range(len(self._pending) - 1, -1, -1):
+            event, host = self._pending[i]
+            if event is None or event.query():
+                del self._pending[:i + 1]
+                return host
+        return None
+
+
+def _copy_to_host(tensor: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """A copy of ``tensor`` on the host: from CUDA into pinned memory without blocking, with the event that marks
+    its arrival (torch keeps the pinned block until then, even if the copy is dropped); elsewhere at once."""
+    if not tensor.is_cuda:
+        return None, tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(tensor.device))
+    return event, host
+
+
 def made_current(device) -> contextlib.AbstractContextManager:
     """A block with ``device`` as CUDA's current device (no change for other devices).
 

@@ -17,6 +17,7 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
+from ..blended.devices import HostCopies
 from ..blended.fast_paths import parse_dtype
 from ..blended.image_io import from_model_range
 
@@ -157,13 +158,19 @@ def progress_callback(total: int, node_id=None, preview: bool = True):
     except Exception:
         preview_size = 512
 
+    # The preview shown is the newest whose copy has reached the host, usually the step before: waiting for this
+    # step's would stall the GPU once per step.
+    copies = HostCopies()
+
     def callback(done: int, total_steps: int, pred_xstart: torch.Tensor) -> None:
         mm.throw_exception_if_processing_interrupted()
         image = None
         if preview and pred_xstart is not None:
             pixels = from_model_range(pred_xstart[0].detach().float())
-            array = (pixels.movedim(0, -1).cpu().numpy() * 255).round().astype("uint8")
-            image = ("JPEG", Image.fromarray(array), preview_size)
+            copies.add((pixels * 255).round().to(torch.uint8).movedim(0, -1).contiguous())  # 8-bit HWC crosses
+            arrived = copies.newest_arrived()
+            if arrived is not None:
+                image = ("JPEG", Image.fromarray(arrived.numpy()), preview_size)
         bar.update_absolute(done, total_steps, image)
 
     return callback

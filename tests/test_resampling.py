@@ -140,3 +140,4 @@ def test_the_node_progress_bar_counts_the_resampled_steps(comfy_inprocess):
     assert total == 9
     assert [p["value"] for p in progress] == list(range(1, total + 1))
     assert {p["max"] for p in progress} == {total}
+    assert all(p["preview"] for p in progress)  # on the CPU each step's preview is on the host at once

@@ -99,3 +99,46 @@ def test_the_views_warps_add_few_ops(models):
             run()
         counts[views] = len(recorder.calls)
     assert counts[8] - counts[1] < 100, counts
+
+
+def test_previews_are_handed_out_once_on_the_host_without_waiting(monkeypatch):
+    """The node's progress previews: on the CPU each at once; from a GPU, the newest copy that has arrived (the
+    host never waits for one), older ones dropped, and at most ``keep`` in flight when the device falls behind."""
+    from blended import devices
+
+    copies = devices.HostCopies()
+    pixels = torch.arange(6, dtype=torch.uint8).view(2, 3)
+    copies.add(pixels)
+    assert torch.equal(copies.newest_arrived(), pixels) and copies.newest_arrived() is None
+
+    class CopyEvent:  # a CUDA event's query(): whether the copy has arrived
+        def __init__(self):
+            self.arrived = False
+
+        def query(self):
+            return self.arrived
+
+    events = []
+
+    def copy_in_flight(tensor):
+        events.append(CopyEvent())
+        return events[-1], tensor.clone()
+
+    monkeypatch.setattr(devices, "_copy_to_host", copy_in_flight)
+    copies = devices.HostCopies(keep=3)
+    for step in range(2):
+        copies.add(torch.tensor([step]))
+    assert copies.newest_arrived() is None
+    events[0].arrived = True
+    assert copies.newest_arrived().tolist() == [0] and copies.newest_arrived() is None
+    copies.add(torch.tensor([2]))
+    events[1].arrived = events[2].arrived = True
+    assert copies.newest_arrived().tolist() == [2] and copies.newest_arrived() is None
+    for step in range(3, 7):
+        copies.add(torch.tensor([step]))
+    events[3].arrived = True  # step 3's copy arrived, but it was dropped for newer ones
+    assert copies.newest_arrived() is None
+    events[4].arrived = events[5].arrived = True
+    assert copies.newest_arrived().tolist() == [5]
+    events[6].arrived = True
+    assert copies.newest_arrived().tolist() == [6] and copies.newest_arrived() is None
