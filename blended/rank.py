@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .errors import BlendedInputError
 from .image_io import from_model_range, mask_as_b1hw, to_model_range
 from .losses import spherical_distance
+from .prompts import WeightedPrompt
 
 
 def _text_embeds(clip, prompt_or_embed, batch: int) -> torch.Tensor:
@@ -61,6 +62,9 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
                 mode: str | None = None, normalized: bool | None = None) -> torch.Tensor:
     """Un-augmented spherical CLIP distance of each image to its prompt, float32 [B]; lower is better.
 
+    The prompt is a string, a string per image, text embeddings, or a :class:`~blended.prompts.WeightedPrompt`
+    (the weighted sum of its parts' distances; a plain single part is the string's distance).
+
     ``images`` are [B,3,H,W] in [0,1]. With a mask (1 = edited) CLIP sees only the edited region:
     - ``mode="original"`` (default): exactly the original's ranking (``unaugmented_clip_distance``): black
       outside the mask, values in [0,1] NOT CLIP-normalised, resized to CLIP's size bilinearly without
@@ -75,9 +79,16 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
     if images.dim() != 4 or images.shape[1] != 3:
         raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
     with torch.no_grad():
-        text = _text_embeds(clip, prompt_or_embed, images.shape[0])
+        if isinstance(prompt_or_embed, WeightedPrompt):
+            if prompt_or_embed.is_empty:
+                raise BlendedInputError("ranking needs a prompt: type the text the images should match")
+            texts = [(part.weight, _text_embeds(clip, part.text, 1)) for part in prompt_or_embed.parts]
+        else:
+            texts = [(1.0, _text_embeds(clip, prompt_or_embed, images.shape[0]))]
         image_embeds = image_embeddings(clip, images, mask, normalized=mode == "guidance view")
-        return spherical_distance(image_embeds, text.to(image_embeds.device)).float()
+        # A weighted prompt's distance is the weighted sum of its parts', as the guidance's loss of that line.
+        distances = [weight * spherical_distance(image_embeds, text.to(image_embeds.device)) for weight, text in texts]
+        return (distances[0] if len(distances) == 1 else sum(distances)).float()
 
 
 def image_embeddings(clip, images: torch.Tensor, mask: torch.Tensor | None = None,

@@ -6,6 +6,7 @@ import torch
 
 from ..blended import image_io
 from ..blended.errors import BlendedInputError
+from ..blended.prompts import parse_prompt
 from ..blended.rank import RANK_MODES, rank_by_clip
 from . import comfy_bridge as bridge
 
@@ -41,7 +42,9 @@ class CLIPRank:
                 "images": ("IMAGE", {"tooltip": "The candidates (any batch size)."}),
                 "clip": ("GUIDANCE_CLIP", {"tooltip": "CLIP from Load CLIP (guidance)."}),
                 "prompt": ("STRING", {"multiline": True, "default": "a red rock", "tooltip":
-                           "The text the images should match."}),
+                           "The text the images should match: one prompt (line breaks count as spaces). "
+                           "Weighted parts as in CLIP Guidance ('a red rock:1.0 | blurry:-0.5') rank by the "
+                           "weighted sum of the parts' distances."}),
                 "top_k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "How many to keep in top_k."}),
                 "mode": (list(RANK_MODES), {"default": "original", "tooltip":
                          "original: exactly the original's ranking distance (the masked region on black, "
@@ -65,7 +68,10 @@ class CLIPRank:
     def rank(self, images, clip, prompt, top_k, mode="original", mask=None):
         if images.shape[0] == 0:
             raise BlendedInputError("CLIP Rank got an empty image batch: connect a node that outputs images")
-        prompt = " ".join(str(prompt).split())
+        # One prompt: line breaks count as spaces; weighted parts rank by the weighted sum of their distances.
+        prompt = parse_prompt(" ".join(str(prompt).split()))
+        if prompt.is_empty:
+            raise BlendedInputError("CLIP Rank needs a prompt: type the text the images should match")
         with bridge.autograd_enabled():
             bridge.load_for_sampling([clip.patcher], 0)
             device = clip.patcher.load_device
@@ -74,6 +80,12 @@ class CLIPRank:
             if mask is not None:
                 mask_in = image_io.prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3],
                                                 pixels.shape[0]).to(device)
+                empty = [i for i, m in enumerate(mask_in) if not bool((m > 0).any())]
+                if empty:
+                    raise BlendedInputError(
+                        f"CLIP Rank's mask is empty (all 0) for image(s) {empty[:8]}: those would all score the "
+                        "same. Connect the mask the edit used (the Sampler's mask output), or leave mask "
+                        "unconnected to score whole images.")
             with torch.no_grad():
                 order, distances = rank_by_clip(clip.clip, pixels, prompt, mask=mask_in, mode=_mode_of(mode))
         order = order.cpu()

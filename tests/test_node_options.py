@@ -195,6 +195,33 @@ def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inproces
     assert type(error.value).__name__ == "BlendedInputError"  # the pack's class, as ComfyUI loaded it
 
 
+def test_clip_rank_node_takes_one_prompt_with_weights_and_refuses_an_empty_mask(comfy_inprocess):
+    """The prompt box is one prompt: a line break is a space, and weighted parts rank by the weighted sum of their
+    distances. A mask with nothing in it for some image (LoadImage's mask of a picture without alpha) would score
+    those images alike, so it is refused, naming them; no prompt is refused too."""
+    from blended.prompts import parse_prompt
+    from blended.rank import clip_scores
+
+    g = harness.graph_builder()
+    g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
+                                       dtype="float32").out(0))
+    clip = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
+    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    images = torch.rand(3, 40, 48, 3, generator=torch.Generator().manual_seed(5))
+    _, _, one_line = node.rank(images, clip, "a red rock", top_k=1)
+    assert node.rank(images, clip, "a red\n  rock\n", top_k=1)[2] == one_line
+    _, _, scores = node.rank(images, clip, "a red rock:1.0 | a blue sky:-0.5", top_k=1)
+    with torch.no_grad():
+        expected = clip_scores(clip.clip, images.movedim(-1, 1), parse_prompt("a red rock:1.0 | a blue sky:-0.5"))
+    assert scores.splitlines()[0].endswith(f"{float(expected.min()):.4f}") and scores != one_line
+    mask = torch.zeros(3, 40, 48)
+    mask[0, 10:30, 10:30] = 1
+    with pytest.raises(ValueError, match=r"mask is empty \(all 0\) for image\(s\) \[1, 2\]"):
+        node.rank(images, clip, "a red rock", top_k=1, mask=mask)
+    with pytest.raises(ValueError, match="needs a prompt"):
+        node.rank(images, clip, " \n ", top_k=1)
+
+
 def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inprocess, monkeypatch):
     """The Sampler node with ``cuda_graphs``, its networks replayed through the tests' graph emulator (the static
     buffers a CUDA graph reuses) inside ComfyUI's executor: inference mode around the node, autograd inside. The

@@ -123,6 +123,22 @@ def test_a_prompt_per_image(clip):
         clip_scores(clip, images, [PROMPT, PROMPT, PROMPT])
 
 
+def test_a_weighted_prompt_ranks_by_the_weighted_sum_of_its_parts(clip):
+    # As the guidance's loss of a line: a negative part pushes away; one plain part is the string's own distance.
+    from blended.prompts import parse_prompt
+
+    images, mask = _rand((3, 3, 32, 32), 8), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    for mode in ("original", "guidance view"):
+        weighted = clip_scores(clip, images, parse_prompt("a red rock:1.0 | a blue sky:-0.5"), mask=mask, mode=mode)
+        parts = [clip_scores(clip, images, text, mask=mask, mode=mode) for text in ("a red rock", "a blue sky")]
+        torch.testing.assert_close(weighted, parts[0] - 0.5 * parts[1], atol=1e-6, rtol=0)
+        plain = clip_scores(clip, images, parse_prompt(PROMPT), mask=mask, mode=mode)
+        assert torch.equal(plain, clip_scores(clip, images, PROMPT, mask=mask, mode=mode))
+    with pytest.raises(BlendedInputError, match="needs a prompt"):
+        clip_scores(clip, images, parse_prompt("  "))
+
+
 def test_bad_inputs_are_refused(clip):
     with pytest.raises(BlendedInputError):
         clip_scores(clip, torch.rand(2, 32, 32, 3), PROMPT)  # channels-last (ComfyUI IMAGE) not converted
