@@ -17,7 +17,7 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
-from ..blended.devices import HostCopies
+from ..blended.devices import HostCopies, raised_in_triton
 from ..blended.fast_paths import parse_dtype
 from ..blended.image_io import from_model_range
 
@@ -139,8 +139,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an error is the device running out of memory, decided as ComfyUI decides it.
 
     Newer ComfyUI has `is_oom`, which also knows torch's AcceleratorError (how CUDA can report an OOM);
-    older ones only have OOM_EXCEPTION, which is plain Exception without CUDA, hence the message check.
+    older ones only have OOM_EXCEPTION, which is plain Exception without CUDA, hence the message check. Triton
+    reports a GPU out of memory while it loads a kernel as a plain RuntimeError ("Triton Error [CUDA]: out of
+    memory"): that is the card's memory too, not a kernel that cannot run there.
     """
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and raised_in_triton(exc):
+        return True
     if hasattr(mm, "is_oom"):
         return bool(mm.is_oom(exc))
     kinds = (mm.OOM_EXCEPTION,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())

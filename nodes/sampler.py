@@ -150,7 +150,8 @@ class BlendedDiffusionSampler:
             # A failure inside Triton with the Triton kernels on means a GPU or Triton release they cannot be
             # compiled for. Asked for on a Speed node, it becomes an input error that names the option to turn
             # off; chosen by the pack's own default, the run starts again with PyTorch's kernels.
-            if not ((options.triton_norm or options.triton_clip) and raised_in_triton(exc)):
+            if (bridge.is_out_of_memory(exc)
+                    or not ((options.triton_norm or options.triton_clip) and raised_in_triton(exc))):
                 raise
             first_line = (str(exc).strip().splitlines() or [""])[0][:300]
             if speed is not None:

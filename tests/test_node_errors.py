@@ -270,6 +270,26 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     assert "Triton kernels failed on this GPU (RuntimeError: ptxas fatal" in message
     assert "Turn triton_kernels off on the Speed node" in message
     assert len(run_options) == 1 and speed._TRITON_FAILED_ON == {}  # asked for: not retried, not remembered
+    # The card out of memory while Triton loads a kernel is an out-of-memory error, not a kernel that cannot run
+    # there: at an auto batch the edit runs again smaller, with the kernels still on.
+    loading = "def load_kernel():\n    raise RuntimeError('Triton Error [CUDA]: out of memory')\n"
+    exec(compile(loading, os.path.join(devices["triton_package_dir"](), "backends", "driver.py"), "exec"), namespace)
+    launch_loading = "def launch_loaded_kernel():\n    load_kernel()\n"
+    exec(compile(launch_loading, os.path.join(devices["_PACK_DIR"], "triton_norm.py"), "exec"), namespace)
+
+    def edit_image_out_of_memory_in_triton_above_one(*args, settings, **kwargs):
+        if settings.batch_size > 1:
+            namespace["launch_loaded_kernel"]()
+        return real_edit_image(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(sampler, "edit_image", edit_image_out_of_memory_in_triton_above_one)
+    monkeypatch.setattr(sampler, "_auto_batch_size", lambda *args: 2)
+    monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.FASTEST_GPU)
+    run_options.clear()
+    comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), seed=5, num_results=2, batch_size=0))
+    assert [(o.triton_norm, o.triton_clip) for o in run_options] == [(True, True)] * 2  # batch 2, then 1
+    assert speed._TRITON_FAILED_ON == {}
+    monkeypatch.setattr(sampler, "edit_image", edit_image_failing_in_triton)
     # Without a Speed node a CUDA GPU runs the Triton kernels by default: the run falls back to PyTorch's kernels.
     monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.FASTEST_GPU)
     run_options.clear()
