@@ -234,11 +234,13 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     model_size = unet.config.image_size
     num_classes = unet.config.num_classes
 
-    # 1. ComfyUI tensors -> NCHW, the mask at the image's size and batch (1 = edit).
-    images = image_io.to_rgb_nchw(image)
+    # 1. ComfyUI tensors -> NCHW on the host, where the crops are planned and the results pasted back (ComfyUI's
+    #    --gpu-only keeps IMAGEs on the GPU), the mask at the image's size and batch (1 = edit).
+    images = image_io.to_rgb_nchw(image.cpu())
     _, _, height, width = images.shape
     mask_batch = images.shape[0] if mask is None or mask.dim() < 3 else mask.shape[0]
-    masks = image_io.prepare_mask(mask, height, width, mask_batch, invert=invert_mask)
+    masks = image_io.prepare_mask(None if mask is None else mask.cpu(), height, width, mask_batch,
+                                  invert=invert_mask)
     images, masks = image_io.match_batches(images, masks)
     image_io.check_mask_not_empty(masks)
     batch = images.shape[0]

@@ -218,3 +218,35 @@ def test_sampler_leaves_every_global_random_state_alone(unet, diffusion, clip, i
     assert torch.equal(torch.get_rng_state(), cpu_state)
     b = run(unet, diffusion, clip, image, mask, seed=9, num_results=2, views=3)
     assert torch.equal(a.images, b.images)  # the augmentations stay repeatable
+
+
+class _OnAnotherDevice(torch.Tensor):
+    """An IMAGE or MASK as ComfyUI's --gpu-only hands it over, on the GPU: any computation with it before it is
+    brought to the host fails, as mixing it with the host's tensors would; its shape can be read."""
+
+    _METADATA = {"dim", "size", "shape", "ndim", "dtype", "device", "__get__", "__len__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name == "cpu":
+            return args[0].as_subclass(torch.Tensor).clone()
+        if name not in cls._METADATA:
+            raise RuntimeError(f"Expected all tensors to be on the same device ({name} of a tensor on the GPU)")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("settings", [{}, {"region": "mask_crop", "grow_mask": 2, "feather": 2},
+                                      {"enforce_background": False, "colour_match": "rgb"}])
+def test_inputs_on_the_gpu_are_brought_to_the_host_first(unet, diffusion, clip, image_and_mask, settings):
+    # The crops are planned and the results pasted back on the host; an input left on the GPU used to meet the
+    # host's edited crop there.
+    image, mask = image_and_mask
+    expected = run(unet, diffusion, clip, image, mask, num_results=1, **settings)
+    elsewhere = run(unet, diffusion, clip, image.as_subclass(_OnAnotherDevice),
+                    mask.as_subclass(_OnAnotherDevice), num_results=1, **settings)
+    assert type(elsewhere.images) is torch.Tensor
+    assert torch.equal(elsewhere.images, expected.images) and torch.equal(elsewhere.mask, expected.mask)
+    with pytest.raises(RuntimeError, match="same device"):
+        image.as_subclass(_OnAnotherDevice) * 2
