@@ -113,9 +113,19 @@ def activation_bytes(batch: int, image_size: int, dtype: torch.dtype, checkpoint
 
 
 def load_for_sampling(patchers, memory_required: int) -> None:
-    """Load all models at once so ComfyUI frees room for both, fully (plain nn.Modules cannot stream)."""
+    """Load all models at once so ComfyUI frees room for both, fully (plain nn.Modules cannot stream).
+
+    ComfyUI's --novram loads no weight at all, even when asked for a full load: it counts on layers that stream
+    their weights to the device as they run, which ours do not. The weights left behind are loaded here, or the
+    run would fail with tensors on two devices."""
+    patchers = list(patchers)
     with torch.inference_mode(False):
-        mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=True)
+        mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
+        for patcher in patchers:
+            if patcher.loaded_size() < patcher.model_size():
+                log.info("Blended Diffusion: loading %s wholly onto %s (its layers cannot stream their weights)",
+                         type(patcher.model).__name__, patcher.load_device)
+                patcher.partially_load(patcher.load_device, 1e32)
 
 
 @contextlib.contextmanager
