@@ -81,7 +81,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded: Any = _read_safetensors(path)
     else:
         loaded = _read_torch(path)
-    return _as_state_dict(path, loaded)
+    return as_state_dict(path, loaded)
 
 
 def _read_head(path: Path) -> bytes:
@@ -147,7 +147,9 @@ def _read_torch(path: Path) -> Any:
         raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({exc}). {_REDOWNLOAD}.") from exc
 
 
-def _as_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
+def as_state_dict(path: str | os.PathLike, loaded: Any) -> dict[str, torch.Tensor]:
+    """``loaded`` (a file's contents, however read) as a plain state dict of named tensors, or a
+    :class:`CheckpointError` saying what the file holds instead."""
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):

@@ -3,6 +3,7 @@ executor keeps working afterwards (nothing is corrupted)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import logging
@@ -326,3 +327,33 @@ def test_a_triton_failure_with_triton_kernels_on_says_which_option_to_turn_off(c
     assert not devices["raised_in_triton"](outside.value)
     monkeypatch.undo()
     assert images_of(comfy_inprocess.run(graph(empty_image(), solid_mask(1.0))))[0].shape == (1, 64, 64, 3)
+
+
+def test_the_loaders_say_what_is_wrong_with_a_bad_file(comfy_inprocess, comfy_models_dir):
+    """The loaders read files with ComfyUI's safe loader; where it fails, the message is the pack's (a web page or
+    Git LFS pointer saved instead of the weights, Python objects in a pickle), not torch's advice to load with
+    weights_only=False; a state dict holding anything but tensors is refused by name."""
+    from safetensors.torch import load_file
+
+    folder = comfy_models_dir / "guided_diffusion"
+    tiny = load_file(str(folder / harness.GD_TINY_NAME))
+    files = {"bad-page.pt": b"<!DOCTYPE html><html><body>Sign in</body></html>",
+             "bad-lfs.safetensors": b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    torch.save({**tiny, "step": 5}, folder / "bad-mixed.pt")
+    # an object in the pickle (a training script's arguments): ComfyUI's weights_only load refuses it
+    torch.save({"model": tiny, "args": argparse.Namespace(lr=1e-4)}, folder / "bad-object.pt")
+    loader = comfy_inprocess.node_class_mappings["BlendedDiffusion_LoadGuidedDiffusion"]()
+    expected = {"bad-page.pt": "this is a web page, not model weights",
+                "bad-lfs.safetensors": "this is a Git LFS pointer, not the weights",
+                "bad-mixed.pt": "is not a plain state dict: step hold(s) no tensor",
+                "bad-object.pt": "the file contains Python objects, not just tensors"}
+    try:
+        for name, message in expected.items():
+            with pytest.raises(ValueError) as error, torch.inference_mode():
+                loader.load(name)
+            assert message in str(error.value) and "weights_only" not in str(error.value), (name, error.value)
+    finally:
+        for name in expected:
+            (folder / name).unlink()
