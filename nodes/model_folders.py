@@ -39,6 +39,7 @@ def model_file_path(name: str, filename: str) -> str:
         folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
         raise FileNotFoundError(
             f"model file {filename!r} was not found in the {name} folder ({folders}). "
-            f"Put the file there (scripts/download_models.py fetches the released ones; README, 'Models') and "
-            "press R to refresh the list.")
+            "Put the file there and press R to refresh the list. To fetch the released ones, run "
+            "'PYTHONPATH=. python scripts/download_models.py --comfyui <your ComfyUI folder>' in the pack's folder "
+            "(README, 'Models').")
     return path
