@@ -357,3 +357,13 @@ def test_the_loaders_say_what_is_wrong_with_a_bad_file(comfy_inprocess, comfy_mo
     finally:
         for name in expected:
             (folder / name).unlink()
+
+
+def test_a_missing_model_file_says_where_to_put_it_and_how_to_fetch_it(comfy_inprocess, comfy_models_dir):
+    for node, folder in (("BlendedDiffusion_LoadGuidedDiffusion", "guided_diffusion"),
+                         ("BlendedDiffusion_LoadCLIP", "clip_guidance")):
+        with pytest.raises(FileNotFoundError) as error:
+            comfy_inprocess.node_class_mappings[node]().load("absent.safetensors")
+        message = str(error.value)
+        assert "'absent.safetensors' was not found" in message and str(comfy_models_dir / folder) in message
+        assert "press R to refresh" in message and "python scripts/download_models.py --comfyui" in message
