@@ -111,17 +111,6 @@ def load_state_dict(path: str) -> dict:
     return as_state_dict(path, loaded)
 
 
-def activation_bytes(batch: int, image_size: int, dtype: torch.dtype, checkpointing: bool = False) -> int:
-    """Rough memory the guided step needs: the original's grad-enabled forward saves about 4.5 GiB per 256x256
-    image in float32 (3.4 GiB with the fp16 torso); checkpointing keeps only block inputs."""
-    per_image = 4.5 * (1 << 30) * (image_size / 256) ** 2
-    if dtype in (torch.float16, torch.bfloat16):
-        per_image *= 0.75
-    if checkpointing:
-        per_image *= 0.25
-    return int(batch * per_image + (1 << 30))
-
-
 def load_for_sampling(patchers, memory_required: int) -> None:
     """Load all models at once so ComfyUI frees room for both, fully (plain nn.Modules cannot stream).
 

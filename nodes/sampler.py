@@ -12,7 +12,7 @@ from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
-from ..blended.memory import activation_bytes_per_result, auto_batch_size
+from ..blended.memory import GIB, activation_bytes_per_result, auto_batch_size
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
@@ -182,8 +182,9 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
     guidance_settings = fast_paths.guidance_settings_with(guidance.settings, options)
     batch_size = settings.batch_size
     num_prompts = len(guidance.prompts)
-    memory = bridge.activation_bytes(min(batch_size or 1, num_prompts * num_results), model.unet.config.image_size,
-                                     options.unet_dtype, options.gradient_checkpointing)
+    # What a batch adds beyond the weights, for ComfyUI to free before loading (the auto batch counts on 1).
+    per_result = _per_result_bytes(model, options)
+    memory = min(batch_size or 1, num_prompts * num_results) * per_result + GIB
     with bridge.autograd_enabled():
         lpips_model = None
         if guidance.settings.background_lpips_lambda:
@@ -241,14 +242,17 @@ def smaller_batch_size(batch_size: int, num_results: int) -> int:
     return max(1, -(-num_results // batches))
 
 
-def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
-    """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
-    low_precision = options.unet_dtype != torch.float32
-    per_result = activation_bytes_per_result(
-        model.unet.config.image_size, low_precision, options.gradient_checkpointing,
+def _per_result_bytes(model, options: fast_paths.FastPathOptions) -> int:
+    """The peak memory one result adds to a guided step with ``options`` (``blended.memory``'s estimate)."""
+    return activation_bytes_per_result(
+        model.unet.config.image_size, options.unet_dtype != torch.float32, options.gradient_checkpointing,
         triton_kernels=options.triton_norm and options.channels_last,
         autocast_one_forward=(options.precision_scheme == "autocast" and options.reuse_guided_forward
                               and not options.channels_last))
-    batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result, num_results)
+
+
+def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
+    """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
+    batch = auto_batch_size(bridge.mm.get_free_memory(device), _per_result_bytes(model, options), num_results)
     log.info("Blended Diffusion: batch_size auto = %d", batch)
     return batch

@@ -178,6 +178,25 @@ def test_auto_batch_size_counts_the_triton_paths_smaller_peak(comfy_inprocess, m
     assert sampler._auto_batch_size(model, torch.device("cpu"), 64, channels_last) == 13
 
 
+def test_the_models_load_with_room_for_the_batch_by_the_runs_own_estimate(comfy_inprocess, monkeypatch):
+    """ComfyUI frees memory for the weights and what a batch adds; that is the same per-result peak the auto batch
+    counts for the run's options (the Triton path's measured 1.25 GiB, not a fixed 3.4 GiB in low precision, which
+    unloaded other nodes' models for nothing)."""
+    sampler = comfy_inprocess.pack_module("sampler")
+    asked, expected = [], []
+    real_load = sampler.bridge.load_for_sampling
+    monkeypatch.setattr(sampler.bridge, "load_for_sampling", lambda patchers, memory: asked.append(memory) or
+                        real_load(patchers, memory))
+    monkeypatch.setattr(sampler.fast_paths, "clone_bytes", lambda *args: 0)
+    for seed, preset in enumerate(("faithful", "bf16+reuse")):  # a seed each, or ComfyUI reuses the first run
+        options = sampler.fast_paths.parse_preset(preset)
+        monkeypatch.setattr(sampler, "default_speed_options", lambda options=options: options)
+        result = comfy_inprocess.run(graph(empty_image(), box_mask(), respacing="4", num_results=3, batch_size=2,
+                                           seed=seed))
+        expected.append(2 * sampler._per_result_bytes(result.tensors["unet"][0][0], options) + (1 << 30))
+    assert asked == expected and expected[0] != expected[1]
+
+
 def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
     """A 1-channel IMAGE is CLIP-ranked as the same picture in RGB; an empty batch gets the pack's input error."""
     g = harness.graph_builder()
