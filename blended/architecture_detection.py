@@ -9,6 +9,10 @@ names and tensor shapes. Shapes fix everything except three things:
 * ``image_size``, the resolution the model was trained at (the network runs at any multiple of
   ``2 ** (levels - 1)``). It is inferred by :func:`infer_image_size`; the ``image_size`` override wins.
 
+OpenAI's class-conditional 64x64 and 128x128 checkpoints differ from those defaults (a cosine schedule and the
+new qkv order; four heads of any width). Their shapes are unlike any other release's, so they are recognised by
+them (:data:`RELEASED_BY_SHAPE`) and given their published flags.
+
 A ``config.json`` beside a checkpoint (the original's create_model kwargs) is read with
 :func:`unet_config_from_original_kwargs`; the loader in :mod:`blended.checkpoint` decides precedence.
 """
@@ -35,6 +39,7 @@ __all__ = [
     "expected_shapes",
     "infer_image_size",
     "layout_mismatches",
+    "released_checkpoint",
     "unet_config_from_original_kwargs",
 ]
 
@@ -197,6 +202,11 @@ def detect_unet_config(
             source, f"the guided-diffusion layout is not one this loader understands ({exc}). {_WANTED}."
         ) from exc
     logger.debug("architecture detected from the weights of %s: %s", source or "a state dict", config)
+    released = released_checkpoint(config)
+    if released is not None:
+        logger.info("%s has the shapes of OpenAI's %s: using its flags %s", source or "the state dict",
+                    released.name, dict(released.fields))
+        config = dataclasses.replace(config, **released.fields)
     config = apply_overrides(config, overrides)
     missing, unexpected, mismatched = layout_mismatches(config, shapes)
     if missing or unexpected or mismatched:
@@ -205,6 +215,33 @@ def detect_unet_config(
             f"({describe_mismatches(missing, unexpected, mismatched)}). {_WANTED}."
         )
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedCheckpoint:
+    """What OpenAI's flags for one released checkpoint set beyond its shapes."""
+
+    name: str
+    fields: Mapping[str, Any]      # UNetConfig fields
+    noise_schedule: str
+
+
+# (model_channels, num_res_blocks, channel_mult, num_classes) -> the flags of the guided-diffusion README.
+RELEASED_BY_SHAPE = {
+    (192, 3, (1.0, 2.0, 3.0, 4.0), NUM_IMAGENET_CLASSES): ReleasedCheckpoint(
+        "64x64_diffusion.pt", {"use_new_attention_order": True, "num_head_channels": 64, "num_heads": 4},
+        "cosine"),
+    (256, 2, (1.0, 1.0, 2.0, 3.0, 4.0), NUM_IMAGENET_CLASSES): ReleasedCheckpoint(
+        "128x128_diffusion.pt", {"use_new_attention_order": False, "num_head_channels": -1, "num_heads": 4},
+        "linear"),
+}
+
+
+def released_checkpoint(config: UNetConfig) -> ReleasedCheckpoint | None:
+    """The released checkpoint whose shapes ``config`` has, where its flags differ from the defaults."""
+    key = (config.model_channels, config.num_res_blocks, tuple(float(m) for m in config.channel_mult),
+           config.num_classes)
+    return RELEASED_BY_SHAPE.get(key)
 
 
 def _block_layers(shapes: Mapping[str, tuple], stack: str) -> dict[int, dict[int, set[str]]]:

@@ -48,6 +48,7 @@ from .architecture_detection import (
     describe_mismatches,
     detect_unet_config,
     layout_mismatches,
+    released_checkpoint,
     unet_config_from_original_kwargs,
 )
 from .diffusion import NoiseSchedule
@@ -222,6 +223,9 @@ def load_guided_diffusion(
     config, schedule = from_file if from_file is not None else (None, NoiseSchedule())
     if config is None:
         config = detect_unet_config(state_dict, overrides, source=path)
+        released = released_checkpoint(config)
+        if released is not None:
+            schedule = NoiseSchedule(released.noise_schedule)
     else:
         logger.info("using the architecture in %s", config_path)
         config = apply_overrides(config, overrides)

@@ -255,3 +255,47 @@ def test_unknown_noise_schedule_in_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="sigmoid") as info:
         load_guided_diffusion(path)
     assert "config.json" in str(info.value)
+
+
+# OpenAI's flags for its class-conditional 64x64 and 128x128 checkpoints (guided-diffusion README): what their
+# shapes cannot show differs from the 256x256 and 512x512 releases (its dropout, 0.1 for 64x64, does nothing in
+# eval mode).
+RELEASED_FLAGS = {
+    "64x64_diffusion.pt": dict(attention_resolutions="32,16,8", class_cond=True, image_size=64,
+                               learn_sigma=True, noise_schedule="cosine", num_channels=192, num_head_channels=64,
+                               num_res_blocks=3, resblock_updown=True, use_new_attention_order=True,
+                               use_scale_shift_norm=True),
+    "128x128_diffusion.pt": dict(attention_resolutions="32,16,8", class_cond=True, image_size=128, learn_sigma=True,
+                                 noise_schedule="linear", num_channels=256, num_heads=4, num_res_blocks=2,
+                                 resblock_updown=True, use_scale_shift_norm=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_FLAGS))
+def test_the_64_and_128_pixel_releases_are_recognised_with_their_flags(name):
+    from blended.architecture_detection import detect_unet_config, released_checkpoint, unet_config_from_original_kwargs
+    from blended.unet import GuidedDiffusionUNet
+
+    flags = RELEASED_FLAGS[name]
+    config = unet_config_from_original_kwargs(flags)
+    with torch.device("meta"):
+        state = GuidedDiffusionUNet(config).state_dict()
+    assert detect_unet_config(state) == config
+    assert released_checkpoint(config).name == name and released_checkpoint(config).noise_schedule == flags[
+        "noise_schedule"]
+
+
+def test_a_recognised_release_brings_its_noise_schedule_and_widgets_still_win(tmp_path, tiny_state, monkeypatch):
+    from blended import architecture_detection
+    from blended.architecture_detection import ReleasedCheckpoint, detect_unet_config
+
+    tiny = detect_unet_config(tiny_state)
+    key = (tiny.model_channels, tiny.num_res_blocks, tuple(float(m) for m in tiny.channel_mult), tiny.num_classes)
+    monkeypatch.setitem(architecture_detection.RELEASED_BY_SHAPE, key, ReleasedCheckpoint(
+        "tiny.pt", {"use_new_attention_order": True}, "cosine"))
+    path = tmp_path / "tiny.pt"
+    shutil.copyfile(GD_TINY / "model.pt", path)
+    unet, config = load_guided_diffusion(path)
+    assert config.use_new_attention_order and unet.noise_schedule.name == "cosine"
+    _, config = load_guided_diffusion(path, overrides={"use_new_attention_order": False})
+    assert not config.use_new_attention_order
