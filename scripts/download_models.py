@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", metavar="NAME", choices=[m.name for m in MODEL_FILES],
                         help="fetch only this file (repeatable; default: all of them)")
     parser.add_argument("--required-only", action="store_true",
-                        help="only what the shipped workflows need (256x256_diffusion_uncond.pt, ViT-B-16)")
+                        help="only the required models (256x256_diffusion_uncond.pt, ViT-B-16): every shipped "
+                             "workflow but the CLIP ensemble (13), which also needs ViT-L-14")
     parser.add_argument("--base-url", help="a mirror holding the files under their names (instead of the "
                                            "official locations)")
     parser.add_argument("--dry-run", action="store_true", help="say what is missing and where it would go")

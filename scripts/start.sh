@@ -19,7 +19,9 @@ bash "$ROOT/scripts/setup_env.sh"
 COMFY="$(cat "$VENV/comfyui-path")"
 
 if [ "$DOWNLOAD" = 1 ]; then
-  PYTHONPATH="$ROOT" "$VENV/bin/python" "$ROOT/scripts/download_models.py" --comfyui "$COMFY"
+  if ! PYTHONPATH="$ROOT" "$VENV/bin/python" "$ROOT/scripts/download_models.py" --comfyui "$COMFY"; then
+    echo "[start] some models could not be fetched (see above; running it again resumes): starting ComfyUI anyway"
+  fi
 fi
 
 # The workflows' LoadImage nodes name these files; ComfyUI only lists files in its input folder.
