@@ -60,6 +60,9 @@ class LoadGuidedDiffusionModel:
         return (bridge.GuidedDiffusionModel(bridge.make_patcher(unet), unet, os.path.basename(model_name)),)
 
 
+ACTIVATIONS = ["quick_gelu", "gelu"]
+
+
 class LoadGuidanceCLIP:
     DESCRIPTION = ("Loads the CLIP model that guides and ranks edits (the original uses ViT-B/16) from "
                    "models/clip_guidance: open_clip checkpoints (.safetensors/.bin) or OpenAI's ViT-B-16.pt. "
@@ -82,19 +85,26 @@ class LoadGuidanceCLIP:
                     "tooltip": "Precision of CLIP's convolution, linear and attention weights. auto = float16 "
                                "on suitable GPUs (as the original), float32 on CPU. As in OpenAI's loader, "
                                "LayerNorms and embeddings stay float32; embeddings are compared in float32."}),
+                "activation": (ACTIVATIONS, {
+                    "default": "quick_gelu",
+                    "tooltip": "The MLP activation the CLIP was trained with, which its weights cannot show. "
+                               "quick_gelu: OpenAI's weights (the original's ViT-B/16), and open_clip models "
+                               "named '-quickgelu' (e.g. MetaCLIP, DFN). gelu: the other open_clip models (e.g. "
+                               "LAION, DataComp). The wrong one still loads, but scores and steers worse."}),
             }
         }
 
-    def load(self, clip_name, dtype="auto"):
+    def load(self, clip_name, dtype="auto", activation="quick_gelu"):
         path = model_file_path(CLIP_GUIDANCE_FOLDER, clip_name)
         device = bridge.mm.get_torch_device()
         compute_dtype = bridge.resolve_dtype(dtype, device)
         with torch.inference_mode(False):
+            quick_gelu = activation == "quick_gelu"
             if path.endswith((".safetensors", ".sft")):
-                clip = load_guidance_clip(path=path, state_dict=bridge.load_state_dict(path))
+                clip = load_guidance_clip(path=path, state_dict=bridge.load_state_dict(path), quick_gelu=quick_gelu)
             else:
                 # .pt may be OpenAI's TorchScript archive, which the library reads itself, safely.
-                clip = load_guidance_clip(path=path)
+                clip = load_guidance_clip(path=path, quick_gelu=quick_gelu)
             if compute_dtype != torch.float32:
                 # OpenAI's scheme: conv/linear/attention weights in low precision, norms and embeddings float32.
                 clip.to(dtype=compute_dtype)

@@ -197,6 +197,28 @@ def test_the_models_load_with_room_for_the_batch_by_the_runs_own_estimate(comfy_
     assert asked == expected and expected[0] != expected[1]
 
 
+def test_clip_loader_activation_picks_quickgelu_or_gelu(comfy_inprocess):
+    """The weights cannot show CLIP's MLP activation: quick_gelu (OpenAI's, the default) is the library's default
+    model; gelu (LAION-style open_clip models) builds the same weights with GELU, which embeds differently."""
+    from blended.clip_model import load_guidance_clip
+
+    clips = {}
+    for activation in ("quick_gelu", "gelu"):
+        g = harness.graph_builder()
+        g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
+                                           dtype="float32", activation=activation).out(0))
+        clips[activation] = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0].clip
+    library = load_guidance_clip(path=harness.TINY_MODELS[1][2])
+    image = torch.rand(1, 3, library.image_size, library.image_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        embeds = {name: clip.encode_image(clip.normalize(image)) for name, clip in clips.items()}
+        expected = library.encode_image(library.normalize(image))
+    assert torch.equal(embeds["quick_gelu"], expected) and not torch.allclose(embeds["gelu"], expected)
+    activations = {type(m).__name__ for m in clips["gelu"].model.modules()} - {
+        type(m).__name__ for m in clips["quick_gelu"].model.modules()}
+    assert activations == {"GELU"}
+
+
 def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
     """A 1-channel IMAGE is CLIP-ranked as the same picture in RGB; an empty batch gets the pack's input error."""
     g = harness.graph_builder()
