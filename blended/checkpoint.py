@@ -234,9 +234,15 @@ def load_guided_diffusion(
     missing, unexpected, mismatched = layout_mismatches(config, shapes)
     if missing or unexpected or mismatched:
         where = f" (architecture from {config_path})" if config_path is not None and config is not None else ""
+        advice = "Use an unmodified guided-diffusion checkpoint, or fix/remove the config.json beside it"
+        if config_path is not None and config_path.name == CONFIG_FILE_NAME and path is not None:
+            # A folder's config.json applies to every checkpoint in it; one named after a file, to that file only.
+            advice += (f"; a config.json written for another checkpoint in this folder can be renamed to "
+                       f"<that checkpoint's name>.config.json (e.g. {Path(path).stem}.config.json for this one) so "
+                       "that it applies to that file only")
         raise CheckpointError(
             path, f"the weights do not match the model{where}: {describe_mismatches(missing, unexpected, mismatched)}. "
-            "Use an unmodified guided-diffusion checkpoint, or fix/remove the config.json beside it."
+            f"{advice}."
         )
     check_finite(state_dict, path)
 

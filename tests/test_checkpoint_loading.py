@@ -178,7 +178,7 @@ def test_config_json_beside_wins_and_overrides_win_over_it(tmp_path):
 
 def test_config_json_that_contradicts_the_weights_is_reported(tmp_path):
     path, _ = copy_with_config(tmp_path, "model.safetensors", num_res_blocks=2)
-    refused(path, "config.json", "missing")
+    refused(path, "config.json", "missing", "renamed to <that checkpoint's name>.config.json")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_guided_diffusion(path)
