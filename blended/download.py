@@ -68,13 +68,17 @@ def _part(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
+class _NotTheWeights(DownloadError):
+    """The first bytes are a web page or a Git LFS pointer: the .part is removed once it is closed (Windows
+    cannot remove an open file)."""
+
+
 def _check_head(path: Path, head: bytes) -> None:
     try:
         refuse_text(path, head)
     except CheckpointError as exc:
-        _part(path).unlink(missing_ok=True)
-        raise DownloadError(f"{exc} (the server did not send the weights, nothing was kept; check the URL, "
-                            "try again later or use --base-url with a mirror)") from exc
+        raise _NotTheWeights(f"{exc} (the server did not send the weights, nothing was kept; check the URL, "
+                             "try again later or use --base-url with a mirror)") from exc
 
 
 def _total_size(response, offset: int) -> Optional[int]:
@@ -133,6 +137,14 @@ def fetch(item: Planned, progress: Optional[Callable[[int, Optional[int]], None]
 
 
 def _fetch_once(item: Planned, part: Path, progress, timeout: float) -> None:
+    try:
+        _fetch_into(item, part, progress, timeout)
+    except _NotTheWeights:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def _fetch_into(item: Planned, part: Path, progress, timeout: float) -> None:
     offset = part.stat().st_size if part.is_file() else 0
     if offset:
         with part.open("rb") as handle:

@@ -134,7 +134,23 @@ def test_a_complete_part_is_finished_without_downloading_again(server, tmp_path)
     ("lfs.pt", "Git LFS pointer"),
     ("missing.pt", "HTTP 404"),
 ])
-def test_web_pages_lfs_pointers_and_errors_are_refused_and_nothing_is_kept(server, tmp_path, name, message):
+def test_web_pages_lfs_pointers_and_errors_are_refused_and_nothing_is_kept(server, tmp_path, name, message,
+                                                                         monkeypatch):
+    # As on Windows, an open file cannot be removed: the .part is removed once it is closed.
+    open_files, real_open, real_unlink = [], Path.open, Path.unlink
+
+    def tracked_open(self, *args, **kwargs):
+        handle = real_open(self, *args, **kwargs)
+        open_files.append((Path(self), handle))
+        return handle
+
+    def unlink_if_closed(self, *args, **kwargs):
+        if any(path == Path(self) and not handle.closed for path, handle in open_files):
+            raise PermissionError(f"{self} is open in this process")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", tracked_open)
+    monkeypatch.setattr(Path, "unlink", unlink_if_closed)
     with pytest.raises(download.DownloadError, match=message):
         download.fetch(_item(server, tmp_path, name, min_bytes=10))
     assert list((tmp_path / "guided_diffusion").iterdir()) == []
