@@ -85,6 +85,9 @@ class LoadGuidanceCLIP:
                     "tooltip": "Precision of CLIP's convolution, linear and attention weights. auto = float16 "
                                "on suitable GPUs (as the original), float32 on CPU. As in OpenAI's loader, "
                                "LayerNorms and embeddings stay float32; embeddings are compared in float32."}),
+            },
+            # Optional, so prompts saved before it existed still run (with OpenAI's activation, as then).
+            "optional": {
                 "activation": (ACTIVATIONS, {
                     "default": "quick_gelu",
                     "tooltip": "The MLP activation the CLIP was trained with, which its weights cannot show. "
