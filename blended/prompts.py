@@ -16,6 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .errors import BlendedInputError
 
 _ESCAPES = {"\\|": "\x00", "\\:": "\x01"}
@@ -72,6 +74,9 @@ def parse_prompt(line: str) -> WeightedPrompt:
                 raise BlendedInputError(
                     f"malformed weight in the prompt part {shown!r}: {match['weight']!r} is not a number; "
                     f"{SYNTAX_HINT} (write '\\:' for a literal colon).")
+            if abs(weight) > torch.finfo(torch.float32).max:  # infinite once in float32: every image would come out NaN
+                raise BlendedInputError(f"the weight of the prompt part {shown!r} is too large ({match['weight']}); "
+                                        "weights are relative, e.g. 1.0 and 0.5.")
             text = match["text"].strip()
         text = _unescape(text)
         if not text:

@@ -40,6 +40,11 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 StepTrace = Callable[[int, dict], None]
 
 
+DIVERGED_MESSAGE = ("the edit diverged: its results hold NaN or infinite values, which would show as black. The "
+                    "guidance is too strong for this model: lower clip_lambda, the prompt weights or the Guidance "
+                    "Schedule's values, or turn on the schedule's gradient clamp.")
+
+
 @dataclass
 class SamplerSettings:
     """How to sample. Defaults reproduce the original's command-line defaults."""
@@ -306,6 +311,8 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
                                                     settings, chunk_callback, num_classes, noise_source)
                 steps_done += run_steps
                 edited.append(pred.detach().float().cpu())
+                if not bool(torch.isfinite(edited[-1]).all()):  # on the host already: no wait for the device
+                    raise BlendedInputError(DIVERGED_MESSAGE)
                 if chunk_frames:
                     frames.append(frames_to_image_batch(chunk_frames))  # result-major [k*T,S,S,3]
                 output_prompts.extend(prompts[p].source for p, _ in chunk)

@@ -88,5 +88,8 @@ def parse_values(text: str) -> tuple:
         if not math.isfinite(value):
             raise BlendedInputError(f"schedule value {entry!r} in {str(text)!r} is not a number: write numbers "
                                     "separated by commas, e.g. '1.0, 0.5, 0.25'.")
+        if abs(value) > torch.finfo(torch.float32).max:  # infinite once in float32: every image would come out NaN
+            raise BlendedInputError(f"schedule value {entry!r} in {str(text)!r} is too large: the values scale "
+                                    "the CLIP weight, e.g. '1.0, 0.5, 0.25'.")
         values.append(value)
     return tuple(values)

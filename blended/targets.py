@@ -60,8 +60,10 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
         if mask is not None:
             if mask.dim() == 3:
                 mask = mask[:, None]
-            if not bool((mask > 0).any()):
-                raise BlendedInputError("the image target's mask is empty: paint the part of the reference "
+            empty = [i for i, has in enumerate((mask > 0).flatten(1).any(dim=1).tolist()) if not has]
+            if empty:
+                which = f" (for picture(s) {empty} of {mask.shape[0]})" if mask.shape[0] > 1 else ""
+                raise BlendedInputError(f"the image target's mask is empty{which}: paint the part of the reference "
                                         "picture that should count, or leave the mask unconnected.")
         with torch.inference_mode(False), torch.no_grad():
             clip_device = clip.device

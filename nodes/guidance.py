@@ -143,8 +143,10 @@ class CLIPGuidance:
             pictures = image_io.to_rgb_nchw(image_target)
             mask = None
             if image_target_mask is not None:
-                mask = image_io.prepare_mask(image_target_mask, pictures.shape[2], pictures.shape[3],
-                                             pictures.shape[0])
+                mask_batch = image_target_mask.shape[0] if image_target_mask.dim() >= 3 else 1
+                mask = image_io.prepare_mask(image_target_mask, pictures.shape[2], pictures.shape[3], mask_batch)
+                # As for the edited image: one picture with several masks is a target per mask, none dropped.
+                pictures, mask = image_io.match_batches(pictures, mask)
             image_targets.append(bridge.ImageTargetSpec(pictures, mask, float(image_target_weight)))
         return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings, extra_clips=extra_clips,
                                         image_targets=image_targets),)

@@ -86,3 +86,33 @@ def test_each_part_has_its_own_token_limit(comfy_inprocess):
     prompt["guidance"]["inputs"]["truncate_long_prompts"] = False
     with pytest.raises(harness.PromptExecutionError, match="limit is 77"):
         comfy_inprocess.run(prompt)
+
+
+def test_image_target_masks_each_count_and_an_empty_one_is_refused(comfy_inprocess):
+    """One reference picture with several masks is a target per mask, as one image with several masks is edited
+    in several places (none silently dropped); a mask with nothing in it for one of several pictures is refused,
+    naming it, where it used to make that target a plain grey picture."""
+    from blended import targets
+
+    mappings = comfy_inprocess.node_class_mappings
+    clip = mappings["BlendedDiffusion_LoadCLIP"]().load(harness.CLIP_TINY_NAME, "float32")[0]
+    guidance = mappings["BlendedDiffusion_CLIPGuidance"]()
+    picture = torch.rand(1, 40, 48, 3, generator=torch.Generator().manual_seed(4))
+    masks = torch.zeros(3, 40, 48)
+    masks[0, :10], masks[1, 20:], masks[2, :, 30:] = 1, 1, 1
+
+    def embeddings(image_target, image_target_mask):
+        spec = guidance.build(clip, "", 1000.0, 50.0, 1, image_target=image_target,
+                              image_target_mask=image_target_mask)[0]
+        target = spec.image_targets[0]
+        return targets.image_target_embeddings(clip.clip, [targets.ImageTarget(target.image, target.mask, 1.0)],
+                                               "cpu")[0]
+
+    embeds, weight = embeddings(picture, masks)
+    assert embeds.shape[0] == 3 and weight == pytest.approx(1 / 3)
+    for i in range(3):
+        torch.testing.assert_close(embeds[i:i + 1], embeddings(picture, masks[i:i + 1])[0], atol=1e-6, rtol=0)
+    partly_empty = masks[:2].clone()
+    partly_empty[1] = 0
+    with pytest.raises(ValueError, match=r"image target's mask is empty \(for picture\(s\) \[1\] of 2\)"):
+        embeddings(picture.expand(2, -1, -1, -1), partly_empty)

@@ -250,3 +250,18 @@ def test_inputs_on_the_gpu_are_brought_to_the_host_first(unet, diffusion, clip, 
     assert torch.equal(elsewhere.images, expected.images) and torch.equal(elsewhere.mask, expected.mask)
     with pytest.raises(RuntimeError, match="same device"):
         image.as_subclass(_OnAnotherDevice) * 2
+
+
+def test_guidance_too_strong_to_stay_finite_is_an_error_not_black_images(unet, diffusion, clip, image_and_mask):
+    # Weights beyond float32's range are refused as they are parsed; finite ones that still overflow the step make
+    # NaN results, which are refused when they reach the host instead of coming out as black images.
+    from blended.prompts import parse_prompt
+    from blended.schedule import parse_values
+
+    with pytest.raises(BlendedInputError, match="too large"):
+        parse_prompt("a red rock:1e39")
+    with pytest.raises(BlendedInputError, match="too large"):
+        parse_values("1e39, 1")
+    image, mask = image_and_mask
+    with pytest.raises(BlendedInputError, match="the edit diverged"):
+        run(unet, diffusion, clip, image, mask, prompts=(parse_prompt("a red rock:1e30"),), num_results=1)
