@@ -206,14 +206,18 @@ def check_mask_not_empty(mask: torch.Tensor) -> None:
     LoadImage gives an all-zero 64x64 mask when the image has no painted region, and silently returning the
     input would look like a broken node; a preview node may just want to show the mask.
     """
-    flat = mask.reshape(mask.shape[0], -1) if mask.dim() >= 3 else mask.reshape(1, -1)
-    has_edit = (flat > 0).any(dim=1)
-    if bool(has_edit.all()):
+    empty = empty_mask_items(mask)
+    if not empty:
         return
-    if flat.shape[0] == 1:
+    if mask.dim() < 3 or mask.shape[0] == 1:
         raise BlendedInputError(EMPTY_MASK_MESSAGE)
-    empty = [index for index, ok in enumerate(has_edit.tolist()) if not ok]
     raise BlendedInputError(f"{EMPTY_MASK_MESSAGE} (empty in batch item(s) {empty})")
+
+
+def empty_mask_items(mask: torch.Tensor) -> list[int]:
+    """The batch items of a mask ([B,H,W] or [B,1,H,W]; [H,W] is one item) with no value > 0, read in one go."""
+    flat = mask.reshape(mask.shape[0], -1) if mask.dim() >= 3 else mask.reshape(1, -1)
+    return [index for index, has_edit in enumerate((flat > 0).any(dim=1).tolist()) if not has_edit]
 
 
 def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

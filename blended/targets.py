@@ -14,6 +14,7 @@ import torch
 from .augment import AugmentationSettings
 from .errors import BlendedInputError
 from .guidance import TargetSet
+from .image_io import empty_mask_items
 from .prompts import WeightedPrompt
 from .rank import image_embeddings
 
@@ -60,7 +61,7 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
         if mask is not None:
             if mask.dim() == 3:
                 mask = mask[:, None]
-            empty = [i for i, has in enumerate((mask > 0).flatten(1).any(dim=1).tolist()) if not has]
+            empty = empty_mask_items(mask)
             if empty:
                 which = f" (for picture(s) {empty} of {mask.shape[0]})" if mask.shape[0] > 1 else ""
                 raise BlendedInputError(f"the image target's mask is empty{which}: paint the part of the reference "

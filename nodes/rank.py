@@ -70,8 +70,6 @@ class CLIPRank:
             raise BlendedInputError("CLIP Rank got an empty image batch: connect a node that outputs images")
         # One prompt: line breaks count as spaces; weighted parts rank by the weighted sum of their distances.
         prompt = parse_prompt(" ".join(str(prompt).split()))
-        if prompt.is_empty:
-            raise BlendedInputError("CLIP Rank needs a prompt: type the text the images should match")
         with bridge.autograd_enabled():
             bridge.load_for_sampling([clip.patcher], 0)
             device = clip.patcher.load_device
@@ -80,7 +78,7 @@ class CLIPRank:
             if mask is not None:
                 mask_in = image_io.prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3],
                                                 pixels.shape[0]).to(device)
-                empty = [i for i, m in enumerate(mask_in) if not bool((m > 0).any())]
+                empty = image_io.empty_mask_items(mask_in)
                 if empty:
                     raise BlendedInputError(
                         f"CLIP Rank's mask is empty (all 0) for image(s) {empty[:8]}: those would all score the "
