@@ -25,6 +25,10 @@ _FINITE_CHECK_ELEMENTS = 1 << 22
 EMPTY_MASK_MESSAGE = (
     "the mask is empty: nothing to edit. Paint the region to change in white (mask = 1) or enable invert_mask"
 )
+EMPTY_INVERTED_MASK_MESSAGE = (
+    "the inverted mask is empty: nothing to edit. invert_mask edits where the mask is black (0), and this mask "
+    "has no black pixel; turn invert_mask off, or leave the region to change black"
+)
 
 
 def _require_finite(tensor: torch.Tensor, what: str) -> tuple[float, float]:
@@ -151,6 +155,29 @@ def mask_as_b1hw(mask: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _resize_mask_axis(mask: torch.Tensor, size: int, axis: int) -> torch.Tensor:
+    """One axis of a ``[B,1,H,W]`` mask to ``size``: antialiased bilinear when shrinking, nearest-exact when growing."""
+    extent = mask.shape[axis]
+    if extent == size:
+        return mask
+    target = (mask.shape[-2], size) if axis == -1 else (size, mask.shape[-1])
+    if size > extent:
+        return F.interpolate(mask, size=target, mode="nearest-exact")
+    return antialiased_resize(mask, target, "bilinear").clamp(0.0, 1.0)
+
+
+def antialiased_resize(tensor: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``F.interpolate`` with antialiasing, right for a single column too.
+
+    torch's antialiased kernels give wrong values when a one-column tensor is resized along its rows only
+    (torch 2.14 on the CPU), so such a column is resized beside a copy of itself.
+    """
+    if tensor.shape[-1] == 1 and size[1] == 1 and tensor.shape[-2] != size[0]:
+        pair = tensor.expand(*tensor.shape[:-1], 2)
+        return F.interpolate(pair, size=(size[0], 2), mode=mode, align_corners=False, antialias=True)[..., :1]
+    return F.interpolate(tensor, size=size, mode=mode, align_corners=False, antialias=True)
+
+
 def prepare_mask(
     mask: torch.Tensor | None,
     height: int,
@@ -162,10 +189,11 @@ def prepare_mask(
 
     ``None`` means "edit everything", which is what the original does when run without ``--mask``.
 
-    A mask of a different size is resized to the image with bilinear interpolation (antialiased when
-    shrinking, so a thin stroke leaves a faint trace instead of vanishing between samples). That keeps soft
-    values for compositing; the model-size mask is binarised later with ``> 0``, matching the original's
-    "any nonzero pixel edits" rule, so bilinear's soft edges can only widen the edit region by about a pixel.
+    A mask of a different size is resized to the image one axis at a time. A shrinking axis uses antialiased
+    bilinear, so a thin stroke leaves a faint trace instead of vanishing between samples, and soft values
+    survive for compositing; the edit region widens by at most a pixel, since every value > 0 edits (the
+    original's rule). A growing axis uses nearest-exact: bilinear would spread faint values half a mask pixel
+    outward (8 image pixels at 16x) and edit all of them, and a 0/1 mask stays 0/1.
     The batch is fitted with core's ``repeat_to_batch_size`` rule. ``invert`` binarises (``> 0``) after
     resizing and then flips, like the original's ``--invert_mask`` (``255 - binarized``): the inverted mask
     edits exactly the pixels the plain one keeps, so a soft (feathered) edge is edited in one mode only. An
@@ -188,30 +216,29 @@ def prepare_mask(
     low, high = _require_finite(prepared, "mask")
     prepared = _clamp_if_needed(prepared, low, high)
     if prepared.shape[-2:] != (height, width):
-        shrinking = prepared.shape[-2] > height or prepared.shape[-1] > width
         logger.debug("resizing mask %s to %dx%d", tuple(prepared.shape[-2:]), height, width)
-        prepared = F.interpolate(
-            prepared, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking
-        ).clamp(0.0, 1.0)
+        prepared = _resize_mask_axis(_resize_mask_axis(prepared, width, -1), height, -2)
     prepared = repeat_to_batch_size(prepared, batch)
     if invert:
         prepared = (prepared <= 0).to(torch.float32)
     return prepared.contiguous()
 
 
-def check_mask_not_empty(mask: torch.Tensor) -> None:
+def check_mask_not_empty(mask: torch.Tensor, inverted: bool = False) -> None:
     """Raise when some batch item of a mask edits nothing (no value > 0).
 
     Kept separate from ``prepare_mask`` so that callers decide: the sampler must refuse, because ComfyUI's
     LoadImage gives an all-zero 64x64 mask when the image has no painted region, and silently returning the
-    input would look like a broken node; a preview node may just want to show the mask.
+    input would look like a broken node; a preview node may just want to show the mask. ``inverted``: the mask
+    was flipped by invert_mask, so the advice is about that switch.
     """
     empty = empty_mask_items(mask)
     if not empty:
         return
+    message = EMPTY_INVERTED_MASK_MESSAGE if inverted else EMPTY_MASK_MESSAGE
     if mask.dim() < 3 or mask.shape[0] == 1:
-        raise BlendedInputError(EMPTY_MASK_MESSAGE)
-    raise BlendedInputError(f"{EMPTY_MASK_MESSAGE} (empty in batch item(s) {empty})")
+        raise BlendedInputError(message)
+    raise BlendedInputError(f"{message} (empty in batch item(s) {empty})")
 
 
 def empty_mask_items(mask: torch.Tensor) -> list[int]:

@@ -11,9 +11,11 @@ box in full-resolution pixels that is resized to S x S for the model and back ag
 ``paste_back`` composites the edited box into a copy of the original so that every pixel outside the composite
 mask is bit-identical to the input: nothing outside the edit is ever resampled.
 
-Memory: ``crop_image`` and ``crop_mask`` only read the box (a 10000x10000 input costs nothing beyond the box
-when it is a view); ``paste_back`` needs one full-resolution copy of the original (the output) plus the
-box-sized edit.
+Memory: ``crop_image`` and ``crop_mask`` only read the part of the box inside the image (a 10000x10000 input
+costs nothing beyond it when it is a view), and ``paste_back`` needs one full-resolution copy of the original
+(the output) plus one result's edit at the size of that part. The box's padding is never made at full
+resolution: resizes go one axis at a time, in chunks (``_resize_axis``), so a thin panorama's square box costs
+what the panorama does, not its square.
 
 Mask morphology (``grow_mask``, ``feather_mask``) also lives here because it exists to shape the composite.
 Both default to 0 so that the original's hard, unmodified mask is what the sampler sees by default.
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BlendedInputError
-from .image_io import EMPTY_MASK_MESSAGE, mask_as_b1hw
+from .image_io import EMPTY_MASK_MESSAGE, antialiased_resize, mask_as_b1hw
 
 logger = logging.getLogger(__name__)
 
@@ -196,40 +198,120 @@ def _extract_box(tensor: torch.Tensor, plan: CropPlan, fill_outside: str) -> tor
     return _pad_axis(box, pad_left, pad_right, axis=-1)
 
 
-def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bicubic resize, clamped because bicubic overshoots at sharp edges."""
-    if tuple(image.shape[-2:]) == size:
-        return image.clamp(0.0, 1.0)
-    resized = F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return resized.clamp(0.0, 1.0)
+# Elements (batch x channels x rows x columns) one chunk of a one-axis resize may hold.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _resize_axis(
+    tensor: torch.Tensor,
+    axis: int,
+    resize,
+    keep: slice = slice(None),
+) -> torch.Tensor:
+    """Apply ``resize`` (a function of a ``[B,C,H,W]`` chunk) along ``axis`` in chunks across the other axis.
+
+    ``resize`` changes only ``axis`` (pads, resizes), so every row (axis -1) or column (axis -2) is
+    independent: the chunks give the same bits as one call, and only ``keep`` of each chunk's output is held.
+    """
+    other = -1 if axis == -2 else -2
+    extent = tensor.shape[other]
+    probe = resize(tensor.narrow(other, 0, 1))
+    chunk = max(_CHUNK_ELEMENTS // max(probe.numel(), 1), 1)
+    pieces = []
+    for start in range(0, extent, chunk):
+        part = resize(tensor.narrow(other, start, min(chunk, extent - start)))
+        pieces.append(part[..., keep, :] if axis == -2 else part[..., keep])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=other)
+
+
+def _resize_box(tensor: torch.Tensor, columns, rows, keep_cols: slice = slice(None),
+                keep_rows: slice = slice(None), rows_first: bool = False) -> torch.Tensor:
+    """Both axes through ``_resize_axis``: columns, then rows (torch's own order, so the same bits as one 2-D
+    resize), or rows first where that axis has far more to pad or cut away (a thin panorama's square box)."""
+    if rows_first:
+        return _resize_axis(_resize_axis(tensor, -2, rows, keep_rows), -1, columns, keep_cols)
+    return _resize_axis(_resize_axis(tensor, -1, columns, keep_cols), -2, rows, keep_rows)
+
+
+def _padded_more(plan: CropPlan) -> str | None:
+    """"rows" or "columns": the axis with the smaller share of the box inside the image; None if equal."""
+    row0, row1, col0, col1 = plan.visible_box()
+    rows_share, columns_share = (row1 - row0) * plan.width, (col1 - col0) * plan.height
+    return None if rows_share == columns_share else "rows" if rows_share < columns_share else "columns"
+
+
+def _bicubic(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize (callers clamp the result: bicubic overshoots at sharp edges)."""
+    if tuple(tensor.shape[-2:]) == size:
+        return tensor
+    return antialiased_resize(tensor, size, "bicubic")
 
 
 def crop_image(image_nchw_0_1: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     """Cut the plan's box out of ``[B,C,H,W]`` 0..1 pixels and resize it to ``[B,C,S,S]``.
 
-    Only the box is read and copied, so a huge input that is a view costs little.
+    The same bits as padding the whole box by reflection and resizing it in one call (torch resizes columns,
+    then rows, as here), but the box is padded one axis at a time just before that axis is resized. A box
+    padded more along its columns (a tall, thin image) goes rows first instead, which only rounds differently.
     """
     _check_plan_matches(image_nchw_0_1, plan, "the image")
-    box = _extract_box(image_nchw_0_1.to(torch.float32), plan, fill_outside="reflect")
-    return _resize_image(box, (plan.model_size, plan.model_size))
+    row0, row1, col0, col1 = plan.visible_box()
+    pad_top, pad_bottom, pad_left, pad_right = plan.padding()
+    size = plan.model_size
+    visible = image_nchw_0_1[..., row0:row1, col0:col1].to(torch.float32)
+
+    def columns(part: torch.Tensor) -> torch.Tensor:
+        return _bicubic(_pad_axis(part, pad_left, pad_right, axis=-1), (part.shape[-2], size))
+
+    def rows(part: torch.Tensor) -> torch.Tensor:
+        return _bicubic(_pad_axis(part, pad_top, pad_bottom, axis=-2), (size, part.shape[-1]))
+
+    # The more-padded axis goes last, so its padding is made at model size along the other axis.
+    return _resize_box(visible, columns, rows, rows_first=_padded_more(plan) == "columns").clamp(0.0, 1.0)
+
+
+def crop_mask_levels(mask: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+    """The mask's values (grey levels) in the plan's box at model size, ``[B,1,S,S]``.
+
+    Shrinking takes each model pixel's maximum rather than the original's NEAREST, so that a thin stroke cannot
+    fall between samples and vanish; enlarging uses nearest-exact, which is NEAREST without its half-pixel shift.
+    Outside the image the mask is 0: padded context is never edited. Both rules are exact per axis, so the box
+    is padded and resized one axis at a time, and a model pixel is > 0 exactly where ``crop_mask`` edits.
+    """
+    _check_plan_matches(mask, plan, "the mask")
+    row0, row1, col0, col1 = plan.visible_box()
+    pad_top, pad_bottom, pad_left, pad_right = plan.padding()
+    size = plan.model_size
+    visible = mask_as_b1hw(mask)[..., row0:row1, col0:col1].to(torch.float32)
+
+    def columns(part: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(part, (pad_left, pad_right, 0, 0)) if pad_left or pad_right else part
+        return _fit_levels(padded, (part.shape[-2], size))
+
+    def rows(part: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(part, (0, 0, pad_top, pad_bottom)) if pad_top or pad_bottom else part
+        return _fit_levels(padded, (size, part.shape[-1]))
+
+    return _resize_box(visible, columns, rows, rows_first=_padded_more(plan) == "columns")
 
 
 def crop_mask(mask: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     """Cut the plan's box out of a ``[B,1,H,W]`` mask and return a binary ``[B,1,S,S]`` model mask (1 = edit).
 
-    Binarised with ``> 0`` as the original does (any nonzero pixel edits). Shrinking uses a max pool rather than
-    the original's NEAREST so that a thin stroke cannot fall between samples and vanish; enlarging uses
-    nearest-exact, which is NEAREST without its half-pixel shift. Outside the image the mask is 0: padded
-    context is never edited.
+    Binarised with ``> 0`` as the original does (any nonzero pixel edits), resized as ``crop_mask_levels``.
     """
-    _check_plan_matches(mask, plan, "the mask")
-    box = (_extract_box(mask_as_b1hw(mask), plan, fill_outside="zeros") > 0).to(torch.float32)
-    size = plan.model_size
-    shrunk = (min(size, box.shape[-2]), min(size, box.shape[-1]))
+    # A model pixel's maximum is > 0 exactly where any of its pixels is, so binarising after resizing is the
+    # same as before, and only the box is ever converted.
+    return (crop_mask_levels(mask, plan) > 0).to(torch.float32)
+
+
+def _fit_levels(box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A mask at ``size``: max-pooled where it shrinks, nearest-exact where it grows."""
+    shrunk = (min(size[0], box.shape[-2]), min(size[1], box.shape[-1]))
     if shrunk != tuple(box.shape[-2:]):
         box = F.adaptive_max_pool2d(box, shrunk)
-    if shrunk != (size, size):
-        box = F.interpolate(box, size=(size, size), mode="nearest-exact")
+    if shrunk != size:
+        box = F.interpolate(box, size=size, mode="nearest-exact")
     return box
 
 
@@ -255,22 +337,39 @@ def paste_back(
         if tensor.shape[0] not in (1, batch):
             raise ValueError(f"the {name} has batch {tensor.shape[0]}, expected 1 or {batch}")
     row0, row1, col0, col1 = plan.visible_box()
-    inside = composite_mask[..., row0:row1, col0:col1]
-    outside_total = float(composite_mask.sum()) - float(inside.sum())
-    if outside_total > 0:
+    outside = (
+        composite_mask[..., :row0, :],
+        composite_mask[..., row1:, :],
+        composite_mask[..., row0:row1, :col0],
+        composite_mask[..., row0:row1, col1:],
+    )
+    if any(bool((strip > 0).any()) for strip in outside if strip.numel()):
         logger.warning(
             "the composite mask reaches outside the crop box; that part is ignored (plan the crop from the "
             "grown/feathered mask)"
         )
-    pasted = _resize_image(edited_model_size_0_1.to(torch.float32), (plan.height, plan.width))
+    inside = composite_mask[..., row0:row1, col0:col1].to(torch.float32)
     pad_top, _, pad_left, _ = plan.padding()
-    pasted = pasted[..., pad_top : pad_top + (row1 - row0), pad_left : pad_left + (col1 - col0)]
+    keep_rows = slice(pad_top, pad_top + (row1 - row0))
+    keep_cols = slice(pad_left, pad_left + (col1 - col0))
 
+    def columns(part: torch.Tensor) -> torch.Tensor:
+        return _bicubic(part, (part.shape[-2], plan.width))
+
+    def rows(part: torch.Tensor) -> torch.Tensor:
+        return _bicubic(part, (plan.height, part.shape[-1]))
+
+    # The axis with more to cut away goes first, so the other is never resized at the full box size.
+    rows_first = _padded_more(plan) == "rows"
     out = original_nchw_0_1.to(torch.float32).expand(batch, -1, -1, -1).clone()
-    region = out[..., row0:row1, col0:col1]
-    weight = inside.to(torch.float32).expand(batch, -1, -1, -1)
-    blended = region * (1.0 - weight) + pasted * weight
-    out[..., row0:row1, col0:col1] = torch.where(weight > 0, blended, region)
+    # One result at a time, so the blend's temporaries are one result's, not the batch's.
+    for index in range(batch):
+        edited = edited_model_size_0_1[index : index + 1].to(torch.float32)
+        pasted = _resize_box(edited, columns, rows, keep_cols, keep_rows, rows_first).clamp(0.0, 1.0)
+        region = out[index : index + 1, :, row0:row1, col0:col1]
+        weight = inside[index : index + 1] if inside.shape[0] == batch else inside
+        blended = region * (1.0 - weight) + pasted * weight
+        region.copy_(torch.where(weight > 0, blended, region))
     return out
 
 

@@ -247,7 +247,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     masks = image_io.prepare_mask(None if mask is None else mask.cpu(), height, width, mask_batch,
                                   invert=invert_mask)
     images, masks = image_io.match_batches(images, masks)
-    image_io.check_mask_not_empty(masks)
+    image_io.check_mask_not_empty(masks, inverted=invert_mask)
     batch = images.shape[0]
 
     # CUDA's current device is where Triton launches its kernels and CUDA graphs capture: the model's, which

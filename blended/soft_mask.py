@@ -11,12 +11,11 @@ regenerated from the start, light grey ones join late and change little, black o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import regions
 
-# Pixels inside the binary model mask never fall below this, so every pixel the original would edit is
-# still edited at the last step even when resizing averaged a thin stroke away.
+# Pixels inside the binary model mask never fall below this, so every pixel the original would edit (any value
+# > 0) is still edited at the last step, however faint.
 MIN_VALUE = 1e-3
 
 
@@ -38,13 +37,10 @@ def steps_edited(value: float, total: int) -> int:
 def model_soft_mask(mask: torch.Tensor, plan: regions.CropPlan, binary: torch.Tensor) -> torch.Tensor:
     """The grey levels of ``mask`` [1,1,H,W] in the plan's box at model size, within ``binary``'s support.
 
-    Area-averaged when shrinking (bilinear when enlarging); 0 outside the image, as ``regions.crop_mask``.
+    Resized by the binary mask's own rule (``regions.crop_mask_levels``: each model pixel's maximum when
+    shrinking, nearest-exact when enlarging), so a 0/1 mask stays 0/1 at any size and the edit is the same
+    with the schedule on or off, and a pixel is > 0 exactly where the binary mask edits.
     """
-    box = regions._extract_box(mask.to(torch.float32), plan, fill_outside="zeros")
-    size = (plan.model_size, plan.model_size)
-    if box.shape[-2] >= size[0] and box.shape[-1] >= size[1]:
-        soft = F.interpolate(box, size=size, mode="area")
-    else:
-        soft = F.interpolate(box, size=size, mode="bilinear", align_corners=False)
+    soft = regions.crop_mask_levels(mask, plan)
     binary = binary.to(soft.device)
     return torch.where(binary > 0, soft.clamp(MIN_VALUE, 1.0), torch.zeros_like(soft))

@@ -128,6 +128,30 @@ def test_prepare_mask_resizes_to_image_keeping_thin_strokes():
     assert torch.equal(prepare_mask(small, 300, 200, 1), torch.ones(1, 1, 300, 200))
 
 
+def test_an_enlarged_mask_edits_exactly_its_own_pixels():
+    """Growing a mask 16x must not spread faint values (every value > 0 edits) half a mask pixel outward."""
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 16:32, 16:32] = 1.0
+    mask[0, 40:48, 40:44] = 0.5
+    out = prepare_mask(mask, 1024, 1024, 1)[0, 0]
+    expected = mask[0].repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert torch.equal(out, expected)
+    # one axis grows, the other shrinks: the growing one is exact, the shrinking one still keeps a thin stroke
+    stroke = torch.zeros(1, 64, 800)
+    stroke[0, 10:20, 401] = 1.0
+    out = prepare_mask(stroke, 256, 100, 1)[0, 0]
+    edited_rows = torch.nonzero((out > 0).any(dim=1)).flatten()
+    assert edited_rows.tolist() == list(range(40, 80))  # mask rows 10..19, 4x
+    assert (out.amax(dim=0) > 0).sum() >= 1
+
+
+def test_a_one_pixel_wide_mask_is_resized_as_a_wider_one():
+    """torch's antialiased resize of a single column along its rows alone is wrong; the pack's is not."""
+    column = torch.rand(1, 400, 1, generator=_generator(3))
+    wide = column.expand(1, 400, 3)
+    assert torch.allclose(prepare_mask(column, 50, 1, 1)[..., 0], prepare_mask(wide, 50, 3, 1)[..., 0], atol=1e-6)
+
+
 def test_prepare_mask_batch_rules_follow_core():
     masks = torch.stack([torch.full((3, 3), float(value)) for value in (0.1, 0.2, 0.3)])
     longer = prepare_mask(masks, 3, 3, batch=2)
@@ -155,6 +179,12 @@ def test_check_mask_not_empty():
     batch[2, 0, 2, 2] = 0.5
     with pytest.raises(BlendedInputError, match=r"batch item\(s\) \[1\]"):
         check_mask_not_empty(batch)
+
+
+def test_an_empty_inverted_mask_says_to_turn_invert_mask_off():
+    with pytest.raises(BlendedInputError, match="the inverted mask is empty") as raised:
+        check_mask_not_empty(prepare_mask(torch.ones(1, 8, 8), 8, 8, 1, invert=True), inverted=True)
+    assert "turn invert_mask off" in str(raised.value) and "enable invert_mask" not in str(raised.value)
 
 
 def test_match_batches():
@@ -319,6 +349,29 @@ def test_paste_back_full_edit_value_and_broadcast():
     assert (out[keep] == 0).all()
 
 
+def test_paste_back_warns_only_when_the_composite_reaches_outside_the_box(caplog):
+    image = torch.rand(1, 3, 1000, 1000, generator=_generator())
+    mask = torch.zeros(1, 1, 1000, 1000)
+    mask[..., 970:990, 970:990] = 1.0
+    composite = feather_mask(grow_mask(mask, 5), 3)  # float sums over the box and the whole differ by rounding
+    plan = plan_mask_crop(composite, 64)
+    with caplog.at_level("WARNING", logger="blended.regions"):
+        paste_back(image, torch.rand(1, 3, 64, 64, generator=_generator(1)), plan, composite)
+    assert "reaches outside" not in caplog.text
+    composite[..., 0, 0] = 0.5
+    with caplog.at_level("WARNING", logger="blended.regions"):
+        paste_back(image, torch.rand(1, 3, 64, 64, generator=_generator(1)), plan, composite)
+    assert "reaches outside" in caplog.text
+
+
+def test_a_one_pixel_wide_image_is_pasted_back_as_a_wider_one():
+    edited = torch.rand(1, 3, 16, 1, generator=_generator(2)).expand(1, 3, 16, 16)  # the same in every column
+    narrow, wide = torch.zeros(1, 3, 202, 1), torch.zeros(1, 3, 202, 3)
+    out_narrow = paste_back(narrow, edited, plan_full_image(202, 1, 16), torch.ones(1, 1, 202, 1))
+    out_wide = paste_back(wide, edited, plan_full_image(202, 3, 16), torch.ones(1, 1, 202, 3))
+    assert torch.allclose(out_narrow[..., 0], out_wide[..., 1], atol=1e-5)
+
+
 def test_paste_back_rejects_mismatched_sizes():
     plan = plan_full_image(10, 10, 8)
     with pytest.raises(ValueError):
@@ -357,6 +410,26 @@ def test_huge_image_plan_and_crop_only_touch_the_box():
     assert torch.allclose(crop[0, :, 0, 0], torch.tensor([0.2, 0.5, 0.7]), atol=1e-5)
     model_mask, peak = _peak_allocation_bytes(lambda: crop_mask(mask[None, None], plan))
     assert peak < limit and model_mask.sum() > 0
+
+
+def test_a_thin_panoramas_square_box_is_never_made_at_full_size():
+    """A 100x10000 strip with a wide mask has a 10000x10000 box: 1.2 GB a result if it were made whole."""
+    image = torch.rand(1, 3, 100, 10_000, generator=_generator())
+    mask = torch.zeros(1, 1, 100, 10_000)
+    mask[..., 30:70, 1000:9000] = 1.0
+    plan = plan_mask_crop(mask, 256)
+    assert (plan.height, plan.width) == (10_000, 10_000)
+    limit = 64 * 1024 * 1024
+    crop, peak = _peak_allocation_bytes(lambda: crop_image(image, plan))
+    assert peak < limit and crop.shape == (1, 3, 256, 256)
+    model_mask, peak = _peak_allocation_bytes(lambda: crop_mask(mask, plan))
+    assert peak < limit and model_mask.sum() > 0
+    out, peak = _peak_allocation_bytes(lambda: paste_back(image, torch.rand(2, 3, 256, 256), plan, mask))
+    assert peak < limit and out.shape == (2, 3, 100, 10_000)
+    assert torch.equal(out[:, :, :30], image.expand(2, -1, -1, -1)[:, :, :30])
+    # the same pixels a tall strip gets (the transposed case takes its axes in the other order)
+    tall = crop_image(image.transpose(-1, -2), plan_mask_crop(mask.transpose(-1, -2), 256))
+    assert torch.allclose(tall, crop.transpose(-1, -2), atol=1e-5)
 
 
 def test_paste_back_large_image_writes_only_the_box():

@@ -65,6 +65,26 @@ def test_a_binary_mask_gives_the_same_edit_with_the_option_on(tiny):
     assert torch.equal(_edit(tiny, image, mask), _edit(tiny, image, mask, soft_mask=True))
 
 
+@pytest.mark.parametrize("side", [48, 100])
+def test_a_binary_mask_resized_to_the_model_gives_the_same_edit_with_the_option_on(tiny, side):
+    """Enlarged (48 -> 64) or shrunk (100 -> 64), a 0/1 mask stays 0/1 at the model's size."""
+    image = torch.rand(1, side, side, 3, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, side, side)
+    mask[:, side // 4:side * 3 // 4 + 1, side // 5:side // 2] = 1
+    plan = regions.plan_full_image(side, side, 64)
+    binary = regions.crop_mask(mask[:, None], plan)
+    assert torch.equal(soft_mask.model_soft_mask(mask[:, None], plan, binary), binary)
+    assert torch.equal(_edit(tiny, image, mask), _edit(tiny, image, mask, soft_mask=True))
+
+
+def test_a_grey_stroke_keeps_its_value_when_only_one_axis_shrinks():
+    mask = torch.zeros(1, 1, 200, 3000)
+    mask[..., 50:150, 1000:1006] = 0.8      # a 6-pixel stroke, 12x narrower than a model pixel
+    plan = regions.plan_full_image(200, 3000, 64)
+    soft = soft_mask.model_soft_mask(mask, plan, regions.crop_mask(mask, plan))
+    assert torch.allclose(soft[soft > 0], torch.tensor(0.8))
+
+
 def test_grey_pixels_change_less_than_white_ones(tiny):
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)),
                                             size=(64, 64), mode="bicubic").clamp(0, 1).movedim(1, -1)
