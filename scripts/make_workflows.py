@@ -28,6 +28,7 @@ CLIP_LARGE = model_file("ViT-L-14.safetensors")
 IMG, MASK = "blended_example_img.png", "blended_example_mask.png"
 IMG2, MASK2 = "blended_example_img2.png", "blended_example_mask2.png"
 SCRIBBLE = "blended_example_scribble.png"
+DOGS_MASK = "blended_example_dogs_mask.png"  # img2's two dogs, painted white
 
 
 class Graph:
@@ -182,10 +183,10 @@ def alter_object_part(defs):
 
 
 def background_replacement(defs):
-    # Mask the dogs (white) and invert it: everything else is regenerated.
+    # The dogs are painted white and the mask inverted: everything else is regenerated.
     return simple_edit(defs, "a snowy mountain landscape", "blended/background",
-                       "Background replacement: invert_mask regenerates everything outside the painted mask "
-                       "(paper: skip 33 of 100 steps).", IMG2, MASK2, num_results=4, skip_timesteps=33,
+                       "Background replacement: the mask paints the dogs and invert_mask regenerates everything "
+                       "else (paper: skip 33 of 100 steps).", IMG2, DOGS_MASK, num_results=4, skip_timesteps=33,
                        invert_mask=True)
 
 

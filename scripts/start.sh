@@ -26,8 +26,8 @@ fi
 
 # The workflows' LoadImage nodes name these files; ComfyUI only lists files in its input folder.
 mkdir -p "$COMFY/input"
-for name in img mask img2 mask2 scribble; do
-  cp -f "$ROOT/tests/fixtures/examples/$name.png" "$COMFY/input/blended_example_$name.png"
+for example in "$ROOT"/tests/fixtures/examples/*.png; do
+  cp -f "$example" "$COMFY/input/blended_example_$(basename "$example")"
 done
 
 extra=()

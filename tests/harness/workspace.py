@@ -25,6 +25,7 @@ EXAMPLE_IMAGES = {
     "blended_example_img2.png": FIXTURES / "examples" / "img2.png",
     "blended_example_mask2.png": FIXTURES / "examples" / "mask2.png",
     "blended_example_scribble.png": FIXTURES / "examples" / "scribble.png",
+    "blended_example_dogs_mask.png": FIXTURES / "examples" / "dogs_mask.png",
 }
 
 
