@@ -37,11 +37,12 @@ class LoadGuidedDiffusionModel:
                 "attention_order": (["auto", "legacy", "new"], {
                     "default": "auto",
                     "tooltip": "Layout of the attention qkv weights. OpenAI's released checkpoints use "
-                               "'legacy' (auto picks config.json's value, else legacy)."}),
+                               "'legacy' (auto picks config.json's value, else a recognised OpenAI release's, "
+                               "else legacy)."}),
                 "head_channels": ("INT", {
                     "default": 0, "min": 0, "max": 1024, "step": 1,
-                    "tooltip": "Channels per attention head; 0 = auto (config.json, else 64 as the released "
-                               "checkpoints)."}),
+                    "tooltip": "Channels per attention head; 0 = auto (config.json, else a recognised OpenAI "
+                               "release's, else 64 as the 256x256 checkpoint)."}),
             }
         }
 

@@ -28,9 +28,10 @@ class BlendedDiffusionSampler:
                    "(mask = 1) of the image with the guided-diffusion model, steered by CLIP toward the prompt, "
                    "while the noised original is blended back outside the mask at every step. Returns "
                    "num_results edits per prompt at the input's size; pixels outside the mask are unchanged. "
-                   "Rank them with CLIP Rank. The defaults reproduce the original code; on a CUDA GPU without a "
-                   "Speed node the sampler runs the pack's fastest setting (bf16, one model forward per step), and "
-                   "a Speed node left at its defaults gives the original's numerics there too.")
+                   "Rank them with CLIP Rank. The defaults reproduce the original code; on a CUDA GPU with bf16 "
+                   "(Ampere or newer) without a Speed node the sampler runs the pack's fastest setting (bf16, one "
+                   "model forward per step), and a Speed node left at its defaults gives the original's numerics "
+                   "there too.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("images", "mask", "frames")
@@ -76,7 +77,7 @@ class BlendedDiffusionSampler:
                 "batch_size": ("INT", {"default": d.batch_size, "min": 0, "max": 256, "tooltip":
                                "Results denoised together. Lower it if you run out of memory; results do not "
                                "depend on it. 0 = auto: as many as fit in the memory that is free once the "
-                               "models are loaded (about half as many again if that still runs out)."}),
+                               "models are loaded, started again at about half that batch if it still runs out."}),
             },
             "optional": {
                 "region": (["full", "mask_crop"], {"default": d.region, "tooltip":
@@ -93,7 +94,7 @@ class BlendedDiffusionSampler:
                                    "Harmonising resampling (RePaint): after every resample_jump_length steps, add "
                                    "their noise back and denoise them again this many extra times, so the edit and "
                                    "the background agree at the border. 0 = off (original). Costs "
-                                   "resample_count x the steps; the progress bar counts them."}),
+                                   "resample_count x the steps on top; the progress bar counts them."}),
                 "resample_jump_length": ("INT", {"default": d.resample_jump_length, "min": 1, "max": 250,
                                          "tooltip": "Resampling: steps per chunk that is jumped back over and "
                                                     "redone (RePaint's jump length; used when resample_count > 0)."}),
@@ -116,10 +117,10 @@ class BlendedDiffusionSampler:
                 "speed": ("FAST_PATH_OPTIONS", {"tooltip":
                           "From the Speed node: precision, reuse_guided_forward, channels_last, gradient "
                           "checkpointing, compile, for this run only. Unconnected = the measured fastest for the "
-                          "device: on a CUDA GPU bf16 with one UNet forward per step, the pack's Triton kernels "
-                          "(PyTorch's where Triton is missing or fails on the GPU) and CUDA graphs (2.5x the "
-                          "original's speed at batch 16 on an H100, 3.3x at batch 4), the original's settings on "
-                          "the CPU."}),
+                          "device: on a CUDA GPU with bf16 (Ampere or newer) bf16 with one UNet forward per step, "
+                          "the pack's Triton kernels (PyTorch's where Triton is missing or fails on the GPU) and "
+                          "CUDA graphs (2.5x the original's speed at batch 16 on an H100, 3.3x at batch 4), the "
+                          "original's settings elsewhere."}),
                 "preview": ("BOOLEAN", {"default": True, "tooltip": "Show the prediction in the progress bar."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
