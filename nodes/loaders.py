@@ -10,7 +10,13 @@ import torch
 from ..blended.checkpoint import load_guided_diffusion
 from ..blended.clip_model import load_guidance_clip
 from . import comfy_bridge as bridge
-from .model_folders import CLIP_GUIDANCE_FOLDER, GUIDED_DIFFUSION_FOLDER, model_file_list, model_file_path
+from .model_folders import (
+    CLIP_GUIDANCE_FOLDER,
+    GUIDED_DIFFUSION_FOLDER,
+    checkpoint_stamp,
+    model_file_list,
+    model_file_path,
+)
 
 log = logging.getLogger(__name__)
 CATEGORY = "BlendedDiffusion/loaders"
@@ -45,6 +51,12 @@ class LoadGuidedDiffusionModel:
                                "release's, else 64 as the 256x256 checkpoint)."}),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, model_name, **_):
+        """The checkpoint's and its config.json's sizes and times, so a config added or edited beside the file
+        (which wins over detection) is read on the next queue instead of after a restart."""
+        return checkpoint_stamp(GUIDED_DIFFUSION_FOLDER, model_name)
 
     def load(self, model_name, attention_order="auto", head_channels=0):
         path = model_file_path(GUIDED_DIFFUSION_FOLDER, model_name)

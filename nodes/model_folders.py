@@ -9,10 +9,11 @@ import os
 
 import folder_paths
 
+from ..blended.checkpoint import find_config_file
 from ..blended.model_files import CLIP_GUIDANCE_FOLDER, GUIDED_DIFFUSION_FOLDER
 
-__all__ = ["CLIP_GUIDANCE_FOLDER", "GUIDED_DIFFUSION_FOLDER", "model_file_list", "model_file_path",
-           "register_model_folders"]
+__all__ = ["CLIP_GUIDANCE_FOLDER", "GUIDED_DIFFUSION_FOLDER", "checkpoint_stamp", "model_file_list",
+           "model_file_path", "register_model_folders"]
 
 
 def register_model_folders() -> None:
@@ -43,3 +44,19 @@ def model_file_path(name: str, filename: str) -> str:
             "'PYTHONPATH=. python scripts/download_models.py --comfyui <your ComfyUI folder>' in the pack's folder "
             "(README, 'Models').")
     return path
+
+
+def checkpoint_stamp(name: str, filename: str) -> str:
+    """Path, size and modification time of a model file and of the config.json its loader reads beside it.
+
+    "" when the file is missing: the load itself says so.
+    """
+    path = folder_paths.get_full_path(name, filename)
+    if path is None:
+        return ""
+    stamps = []
+    for file in (path, find_config_file(path)):
+        if file is not None and os.path.isfile(file):
+            status = os.stat(file)
+            stamps.append(f"{file}:{status.st_size}:{status.st_mtime_ns}")
+    return " ".join(stamps)

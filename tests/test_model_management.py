@@ -1,11 +1,17 @@
-"""The pack's models under ComfyUI's memory modes: loaded wholly onto the device whatever the mode, since their
-layers cannot stream weights from the host as ComfyUI's own do."""
+"""The pack's models under ComfyUI's model management: loaded wholly onto the device whatever the memory mode,
+since their layers cannot stream weights from the host as ComfyUI's own do, and loaded again when the files
+beside a checkpoint change."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from test_node_errors import box_mask, empty_image, graph
 
+import harness
 from conftest import tiny_clip, tiny_unet
 
 
@@ -30,3 +36,27 @@ def test_every_memory_mode_loads_the_models_wholly(comfy_inprocess, monkeypatch,
     for model in (unet, clip.model):
         assert {t.device for t in list(model.parameters()) + list(model.buffers())} == {gpu}
     assert all(p.loaded_size() == p.model_size() for p in patchers)
+
+
+@pytest.mark.comfy
+def test_a_config_json_added_beside_a_checkpoint_is_read_on_the_next_queue(comfy_inprocess):
+    """The config wins over detection, so adding one must not wait for a restart behind the loader's cache."""
+    import folder_paths
+
+    prompt = graph(empty_image(64, 64, color=0x446688), box_mask(), respacing="5")
+    before = comfy_inprocess.run(prompt)
+    assert before.tensors["unet"][0][0].unet.noise_schedule.name == "linear"
+    checkpoint = Path(folder_paths.get_full_path("guided_diffusion", harness.GD_TINY_NAME))
+    config_path = checkpoint.with_name(checkpoint.stem + ".config.json")
+    config = json.loads((harness.FIXTURES / "reference" / "gd_tiny" / "config.json").read_text())
+    config_path.write_text(json.dumps({**config, "noise_schedule": "cosine"}))
+    try:
+        after = comfy_inprocess.run(prompt)
+        assert after.tensors["unet"][0][0].unet.noise_schedule.name == "cosine"
+        assert not torch.equal(after.tensors["sampler"][0][0], before.tensors["sampler"][0][0])
+        again = comfy_inprocess.run(prompt)  # nothing changed since: the loaded model is reused
+        assert again.tensors["unet"][0][0] is after.tensors["unet"][0][0]
+    finally:
+        config_path.unlink()
+    restored = comfy_inprocess.run(prompt)
+    assert restored.tensors["unet"][0][0].unet.noise_schedule.name == "linear"

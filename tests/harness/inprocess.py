@@ -8,6 +8,7 @@ more cache settings, make the output cache asynchronous and have an assets syste
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import inspect
 import logging
@@ -156,7 +157,12 @@ class InProcessComfy:
         return asyncio.run(self._execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 
     def run(self, prompt: dict) -> InProcessResult:
-        """Validate and execute an API prompt; raise PromptExecutionError unless it succeeds."""
+        """Validate and execute an API prompt; raise PromptExecutionError unless it succeeds.
+
+        The executor writes into the prompt (each node's IS_CHANGED result), so each run gets its own copy, as
+        each prompt queued through the server is parsed afresh.
+        """
+        prompt = copy.deepcopy(prompt)
         prompt_id = str(uuid.uuid4())
         ok, error, outputs_to_execute, node_errors = asyncio.run(
             self._execution.validate_prompt(prompt_id, prompt, None))
