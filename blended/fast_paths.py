@@ -41,6 +41,7 @@ import torch
 from . import cuda_graphs
 from .devices import runs_triton_kernels
 from .errors import BlendedInputError
+from .fused_norm import recompile_limit
 
 log = logging.getLogger(__name__)
 
@@ -365,14 +366,28 @@ def set_clip_checkpointing(clip, enabled: bool):
     return clip
 
 
+# Compiled variants of the UNet (2 per batch size and option set: with and without gradients) before dynamo
+# stops compiling it for the rest of the session. Its default, 8, is shared by every UNet in the process (one
+# code object), so the fourth batch size of a ComfyUI session would silently run eagerly.
+UNET_RECOMPILE_LIMIT = 64
+
+
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = False):
     """``torch.compile`` the whole UNet in place (its ``config`` and parameters stay where callers look).
 
     The whole model, not each block: the blocks share one ``forward`` code object, so compiling them one by one
     would hit dynamo's recompile limit and silently fall back to eager. ``dynamic=False`` because the batch and
-    image size are fixed during an edit; a new batch size recompiles once.
+    image size are fixed during an edit; a new batch size recompiles once, under the pack's own recompile limit
+    (``UNET_RECOMPILE_LIMIT``), which each call sets.
     """
     unet.compile(backend=backend, mode=mode, dynamic=dynamic)
+    compiled = unet._compiled_call_impl
+
+    def call_under_the_packs_limit(*args, **kwargs):
+        with recompile_limit(UNET_RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    unet._compiled_call_impl = call_under_the_packs_limit
     return unet
 
 

@@ -91,6 +91,15 @@ def _compiled_function(function):
 RECOMPILE_LIMIT = 32
 
 
+def recompile_limit(limit: int):
+    """Dynamo's per-code-object recompile limit set to ``limit`` inside the context (its name in this torch)."""
+    dynamo_config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            return dynamo_config.patch(**{name: limit})
+    return contextlib.nullcontext()
+
+
 def _compile_config():
     """Settings for our calls only: no duck sizing (sizes that happen to be equal on the first call, a batch of 8
     and 8 channels per group, are not tied together, which would recompile on the next shape) and our own
@@ -99,11 +108,7 @@ def _compile_config():
     shape_config = getattr(getattr(torch.fx, "experimental", None), "_config", None)
     if shape_config is not None and hasattr(shape_config, "use_duck_shape"):
         stack.enter_context(shape_config.patch(use_duck_shape=False))
-    dynamo_config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            stack.enter_context(dynamo_config.patch(**{name: RECOMPILE_LIMIT}))
-            break
+    stack.enter_context(recompile_limit(RECOMPILE_LIMIT))
     return stack
 
 

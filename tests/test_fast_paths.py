@@ -128,6 +128,21 @@ def test_compiled_unet_keeps_the_reference_numbers(unet, clip, diffusion, refere
     assert not fast_paths.is_compiled(unet)
 
 
+def test_a_compiled_unet_keeps_compiling_new_batch_sizes_past_dynamos_default_limit():
+    """Each batch size is a new variant of one code object shared by every UNet: under dynamo's own limit the
+    fourth batch size of a session ran eagerly without a word. Here the global limit is 1, as if spent."""
+    from torch._dynamo.utils import counters
+
+    unet = tiny_unet()
+    fast_paths.compile_unet(unet, backend="eager")
+    size = unet.config.image_size
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), fast_paths.recompile_limit(1):
+        for batch in (1, 2, 3):
+            unet(torch.zeros(batch, 3, size, size), torch.zeros(batch, dtype=torch.long))
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+
 # ------------------------------------------------------------------------------------- low-precision paths
 
 def test_bf16_autocast_is_close_and_switching_back_is_exact(unet, unet_reference):
