@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import regions
 from .errors import BlendedInputError
+from .prompts import parse_prompt
 
 DEFAULT_RING_WIDTH = 2
 
@@ -188,14 +189,25 @@ def image_embeddings(clip, views: torch.Tensor) -> torch.Tensor:
 
 
 def clip_similarity(clip, embeds: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """[B] cosine similarity of each image embedding to its prompt (one prompt, or one per image)."""
-    with torch.no_grad():
-        text = torch.cat([clip.text_embedding(p) for p in prompts]).float().cpu()
-    text = F.normalize(text, dim=-1)
-    if text.shape[0] not in (1, embeds.shape[0]):
-        raise BlendedInputError(f"{text.shape[0]} prompts for {embeds.shape[0]} images: give one prompt, or one "
+    """[B] cosine similarity of each image embedding to its prompt (one prompt, or one per image).
+
+    A prompt is read as the Sampler reads its lines: weighted parts (``a red rock | blurry:-0.5``) score the
+    weighted sum of their similarities, so a part the edit was steered away from counts against it, as in CLIP
+    Rank and the guidance; a plain line is one part of weight 1, its similarity.
+    """
+    if len(prompts) not in (1, embeds.shape[0]):
+        raise BlendedInputError(f"{len(prompts)} prompts for {embeds.shape[0]} images: give one prompt, or one "
                                 "per image")
-    return (embeds * text).sum(dim=-1)
+    lines = [parse_prompt(p) for p in prompts]
+    if len(lines) == 1:
+        lines = lines * embeds.shape[0]
+    text = {}
+    with torch.no_grad():
+        for part in (part for line in lines for part in line.parts):
+            if part.text not in text:
+                text[part.text] = F.normalize(clip.text_embedding(part.text).float().cpu()[0], dim=-1)
+    return torch.stack([sum((part.weight * (embeds[i] @ text[part.text]) for part in line.parts), torch.tensor(0.0))
+                        for i, line in enumerate(lines)])
 
 
 def pairwise_distances(embeds: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ class EditMetrics:
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
                            "The text the edited region should match (higher CLIP similarity = better): one line, "
                            "one line per image, or the Sampler's prompt lines (each input's results hold an equal "
-                           "group per line, in order)."}),
+                           "group per line, in order). Weighted parts (a | b:-0.5) score the weighted sum of "
+                           "their similarities."}),
             },
         }
 

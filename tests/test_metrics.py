@@ -111,6 +111,18 @@ def test_diversity_and_similarity_are_the_documented_formulas(clip):
     assert scores.diversity == pytest.approx([1 - cosine] * 2, abs=1e-5)
 
 
+def test_a_weighted_prompt_line_scores_the_weighted_sum_of_its_parts(clip):
+    """As the Sampler reads the line: the part steered away from counts against the edit, not as text."""
+    embeds = F.normalize(torch.randn(3, clip.text_embedding("x").shape[-1], generator=torch.Generator().manual_seed(2)),
+                         dim=-1)
+    rock, blurry = (metrics.clip_similarity(clip, embeds, [text]) for text in ("a red rock", "blurry"))
+    weighted = metrics.clip_similarity(clip, embeds, ["a red rock | blurry:-0.5"])
+    torch.testing.assert_close(weighted, rock - 0.5 * blurry, atol=1e-6, rtol=0)
+    per_image = metrics.clip_similarity(clip, embeds, ["a red rock", "blurry:2", "a red rock:0.5 | blurry"])
+    torch.testing.assert_close(per_image, torch.stack([rock[0], 2 * blurry[1], 0.5 * rock[2] + blurry[2]]),
+                               atol=1e-6, rtol=0)
+
+
 def test_clip_similarity_ignores_the_background(clip):
     image, mask = _photo(), _mask()
     edit = _photo(seed=5)
