@@ -247,6 +247,21 @@ def empty_mask_items(mask: torch.Tensor) -> list[int]:
     return [index for index, has_edit in enumerate((flat > 0).any(dim=1).tolist()) if not has_edit]
 
 
+def fit_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """Give ``tensor`` (leading batch dim) ``batch`` items: as is, or each item repeated for a contiguous group.
+
+    The sampler outputs its results input by input (all results of input 0, then of input 1, ...), so one
+    input image or mask per group of results pairs each result with the input it came from.
+    """
+    current = tensor.shape[0]
+    if current == batch:
+        return tensor
+    if current == 0 or batch % current:
+        raise BlendedInputError(f"{what} has a batch of {current} but there are {batch} results: give one {what}, "
+                                f"one per result, or one per group of results ({batch} must be a multiple)")
+    return tensor.repeat_interleave(batch // current, dim=0)
+
+
 def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(image, mask)`` (both NCHW) fitted to one common batch.
 

@@ -31,27 +31,13 @@ import torch.nn.functional as F
 
 from . import regions
 from .errors import BlendedInputError
+from .image_io import fit_batch
 from .prompts import parse_prompt
 
 DEFAULT_RING_WIDTH = 2
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def fit_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    """Give ``tensor`` (leading batch dim) ``batch`` items: as is, or each item repeated for a contiguous group.
-
-    The sampler outputs its results input by input (all results of input 0, then of input 1, ...), so one
-    input image or mask per group of results pairs each result with the input it came from.
-    """
-    current = tensor.shape[0]
-    if current == batch:
-        return tensor
-    if current == 0 or batch % current:
-        raise BlendedInputError(f"{what} has a batch of {current} but there are {batch} results: give one {what}, "
-                                f"one per result, or one per group of results ({batch} must be a multiple)")
-    return tensor.repeat_interleave(batch // current, dim=0)
 
 
 def prepare(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
@@ -306,8 +292,10 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     edited). CLIP similarity needs ``clip`` and ``prompt``, diversity ``clip``; LPIPS needs ``lpips_model``.
     What is not measured stays NaN.
     """
-    # An input batch between one image and one per result is one per input, each with its group of results.
-    inputs = reference.shape[0] if 1 < reference.shape[0] < results.shape[0] else 1
+    # An image or mask batch between one and one per result is one per input (the Sampler edits each image with
+    # its mask, or one image with each mask), each input with its group of results.
+    mask_batch = mask.shape[0] if mask.dim() >= 3 else 1
+    inputs = max((n for n in (reference.shape[0], mask_batch) if 1 < n < results.shape[0]), default=1)
     results, reference, edited = prepare(results, reference, mask)
     batch = results.shape[0]
     nan = [float("nan")] * batch

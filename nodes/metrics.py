@@ -8,7 +8,7 @@ import torch
 
 from ..blended import metrics
 from ..blended.errors import BlendedInputError
-from ..blended.image_io import prepare_mask
+from ..blended.image_io import prepare_mask, to_rgb_nchw
 from ..blended.lpips_loss import load_lpips
 from . import comfy_bridge as bridge
 
@@ -72,8 +72,8 @@ class EditMetrics:
               prompt=""):
         if results.shape[0] == 0:
             raise BlendedInputError("Blended Edit Metrics got an empty image batch: connect the edits to score")
-        pixels = results.movedim(-1, 1)[:, :3].float().cpu()
-        reference = image.movedim(-1, 1)[:, :3].float().cpu()
+        pixels = to_rgb_nchw(results.cpu()).clone()  # gray and RGBA too, as CLIP Rank takes them
+        reference = to_rgb_nchw(image.cpu()).clone()
         mask_in = prepare_mask(mask.float().cpu(), pixels.shape[2], pixels.shape[3],
                                mask.shape[0] if mask.dim() == 3 else 1)
         lpips_model = None

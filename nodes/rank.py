@@ -53,7 +53,9 @@ class CLIPRank:
                          "(what the former 'normalized' switch did when on)."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Score only this region (1 = scored). Without it, whole images."}),
+                "mask": ("MASK", {"tooltip": "Score only this region (1 = scored). Without it, whole images. One "
+                                  "mask, one per image, or one per input the Sampler edited (each with its group "
+                                  "of results, in the Sampler's order); the Sampler's mask output fits always."}),
             },
         }
 
@@ -76,8 +78,10 @@ class CLIPRank:
             pixels = image_io.to_rgb_nchw(images.clone()).to(device, torch.float32)  # gray and RGBA too
             mask_in = None
             if mask is not None:
+                # One mask per result, or one per input with its group of results, in the Sampler's order.
                 mask_in = image_io.prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3],
-                                                pixels.shape[0]).to(device)
+                                                mask.shape[0] if mask.dim() >= 3 else 1)
+                mask_in = image_io.fit_batch(mask_in, pixels.shape[0], "mask").to(device)
                 empty = image_io.empty_mask_items(mask_in)
                 if empty:
                     raise BlendedInputError(

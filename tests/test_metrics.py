@@ -193,6 +193,27 @@ def test_prompt_lines_are_paired_with_images_in_the_samplers_order(clip, diffusi
         metrics.split_prompts("a\nb\nc", 8, inputs=2)
 
 
+def test_one_picture_edited_with_several_masks_pairs_lines_as_the_sampler(clip, diffusion, monkeypatch):
+    """The Sampler edits one picture with each mask of a batch, each mask an input with its group of results."""
+    from blended.sampler import SamplerSettings, edit_image
+    from conftest import tiny_unet
+
+    unet = tiny_unet()
+    size = unet.config.image_size
+    picture = _photo(size=size, seed=3)
+    masks = torch.cat([_mask(size, (8, 24, 8, 24)), _mask(size, (30, 50, 30, 50))])
+    prompt = "a red rock\na blue sky"
+    settings = SamplerSettings(skip_timesteps=diffusion.num_timesteps - 1, batch_size=4)
+    edited = edit_image(picture.movedim(1, -1), masks, unet, diffusion, clip, prompt.splitlines(), seed=0,
+                        num_results=2, settings=settings)
+    measured = []
+    real_similarity = metrics.clip_similarity
+    monkeypatch.setattr(metrics, "clip_similarity", lambda c, e, lines: measured.append(lines) or
+                        real_similarity(c, e, lines))
+    metrics.score_edits(edited.images.movedim(-1, 1), picture, masks, clip=clip, prompt=prompt)
+    assert measured == [edited.prompts] and edited.prompts[2] == "a blue sky"
+
+
 def test_the_table_has_a_row_per_image_a_mean_and_the_directions():
     image, mask = _photo(), _mask()
     shifted = image + 0.05 * (1 - mask[:, None])

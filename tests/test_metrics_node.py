@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import harness
 from blended import metrics
@@ -72,3 +73,16 @@ def test_metrics_node_refuses_a_mismatched_input(comfy_inprocess):
     prompt["6"]["inputs"]["image"] = ["7", 0]
     with pytest.raises(harness.PromptExecutionError, match="same size"):
         comfy_inprocess.run(prompt)
+
+
+@pytest.mark.comfy
+def test_metrics_node_scores_grayscale_images_as_their_rgb_copies(comfy_inprocess):
+    """A one-channel IMAGE (some nodes output them) is repeated to RGB, as the Sampler and CLIP Rank take it."""
+    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_EditMetrics"]()
+    gray = torch.rand(2, 48, 48, 1, generator=torch.Generator().manual_seed(4))
+    reference = torch.rand(1, 48, 48, 1, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 48, 48)
+    mask[:, 10:30, 12:36] = 1
+    from_gray = node.score(gray, reference, mask, lpips="off")["result"]
+    from_rgb = node.score(gray.expand(-1, -1, -1, 3), reference.expand(-1, -1, -1, 3), mask, lpips="off")["result"]
+    assert from_gray[0] == from_rgb[0] and from_gray[2] == from_rgb[2]

@@ -263,6 +263,25 @@ def test_clip_rank_node_takes_one_prompt_with_weights_and_refuses_an_empty_mask(
         node.rank(images, clip, " \n ", top_k=1)
 
 
+def test_clip_rank_node_pairs_a_mask_per_input_with_its_group_of_results(comfy_inprocess):
+    """Two pictures' masks for their two results each: the Sampler's order (m0, m0, m1, m1), as Edit Metrics
+    pairs them, not ComfyUI's tiling of a short batch (m0, m1, m0, m1)."""
+    g = harness.graph_builder()
+    g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
+                                       dtype="float32").out(0))
+    clip = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
+    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    images = torch.rand(4, 40, 48, 3, generator=torch.Generator().manual_seed(6))
+    masks = torch.zeros(2, 40, 48)
+    masks[0, 5:20, 5:20] = 1
+    masks[1, 20:38, 25:45] = 1
+    grouped = node.rank(images, clip, "a red rock", top_k=1, mask=masks)[2]
+    assert grouped == node.rank(images, clip, "a red rock", top_k=1, mask=masks.repeat_interleave(2, dim=0))[2]
+    assert grouped != node.rank(images, clip, "a red rock", top_k=1, mask=masks.repeat(2, 1, 1))[2]
+    with pytest.raises(ValueError, match="mask has a batch of 3 but there are 4 results"):
+        node.rank(images, clip, "a red rock", top_k=1, mask=torch.ones(3, 40, 48))
+
+
 def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inprocess, monkeypatch):
     """The Sampler node with ``cuda_graphs``, its networks replayed through the tests' graph emulator (the static
     buffers a CUDA graph reuses) inside ComfyUI's executor: inference mode around the node, autograd inside. The
