@@ -104,6 +104,23 @@ def inputs(g: Graph, image=IMG, mask=MASK, x=0, y=380):
     return img, msk
 
 
+def soft_edge(g: Graph, mask_src, x, y, expand, blur_radius, sigma):
+    """A mask's edge made grey by core nodes: grown (or shrunk, expand < 0), then blurred as an image.
+
+    Core FeatherMask fades the picture's outer frame, not a mask's own edge, so a blob inside the picture
+    would stay hard.
+    """
+    grow = g.add("GrowMask", (x, y), {"expand": expand, "tapered_corners": True}, size=(300, 110))
+    g.link(mask_src[0], mask_src[1], grow, "mask")
+    as_image = g.add("MaskToImage", (x, y + 150), size=(300, 60))
+    g.link(grow, 0, as_image, "mask")
+    blur = g.add("ImageBlur", (x, y + 250), {"blur_radius": blur_radius, "sigma": sigma}, size=(300, 110))
+    g.link(as_image, 0, blur, "image")
+    as_mask = g.add("ImageToMask", (x, y + 400), {"channel": "red"}, size=(300, 80))
+    g.link(blur, 0, as_mask, "image")
+    return as_mask
+
+
 def guidance(g: Graph, clip, prompt, x=400, y=0, **widgets):
     node = g.add("BlendedDiffusion_CLIPGuidance", (x, y), {"prompt": prompt, **widgets}, size=(380, 260))
     g.link(clip, 0, node, "clip")
@@ -169,7 +186,7 @@ def different_prompts(defs):
 def alter_object_part(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    img, _ = inputs(g)
+    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 320))
     # A box on the leopard's flank, built from core mask nodes (users paint it in the mask editor).
     base = g.add("SolidMask", (0, 740), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
     part = g.add("SolidMask", (0, 900), {"value": 1.0, "width": 70, "height": 50}, size=(300, 110))
@@ -228,17 +245,19 @@ def sequential_edits(defs):
 def chain_core_compositing(defs):
     g, unet, _, img, msk, guide = edit_start(defs, "a puddle of water")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=1)
-    grow = g.add("GrowMask", (1220, 0), {"expand": 6, "tapered_corners": True}, size=(300, 110))
-    g.link(samp, 1, grow, "mask")
-    feather = g.add("FeatherMask", (1220, 160), {"left": 8, "top": 8, "right": 8, "bottom": 8}, size=(300, 160))
-    g.link(grow, 0, feather, "mask")
+    # Shrunk, then blurred: grey only inside the mask's border, where the edit and the original differ. The
+    # original goes over the results (the composite keeps its destination's batch) where the edge is not white.
+    soft = soft_edge(g, (samp, 1), 1220, 0, expand=-3, blur_radius=6, sigma=3.0)
+    invert = g.add("InvertMask", (1220, 500), size=(300, 80))
+    g.link(soft, 0, invert, "mask")
     comp = g.add("ImageCompositeMasked", (1560, 0), {"x": 0, "y": 0, "resize_source": False}, size=(320, 170))
-    g.link(img, 0, comp, "destination")
-    g.link(samp, 0, comp, "source")
-    g.link(feather, 0, comp, "mask")
+    g.link(samp, 0, comp, "destination")
+    g.link(img, 0, comp, "source")
+    g.link(invert, 0, comp, "mask")
     save(g, comp, 0, "blended/chained", 1920, 0)
-    return g.to_json("Chaining into core nodes: the sampler's mask output is grown and feathered by core "
-                     "GrowMask/FeatherMask and ImageCompositeMasked blends our edit into the original.")
+    return g.to_json("Chaining into core nodes: the sampler's mask output gets a soft edge from core "
+                     "GrowMask/MaskToImage/ImageBlur/ImageToMask, and ImageCompositeMasked lays the original "
+                     "back over our edit through its inverse, so the edit fades in at the border.")
 
 
 def high_resolution(defs):
@@ -270,7 +289,7 @@ def edit_metrics(defs):
     g = Graph(defs)
     unet, clip = models(g)
     judge = g.add("BlendedDiffusion_LoadCLIP", (0, 1100), {"clip_name": CLIP.name}, size=(340, 110),
-                  title="Judge CLIP (fairest: another CLIP than the guiding one)")
+                  title="Judge CLIP (the guiding one here; another CLIP is a fairer judge)")
     judge["properties"]["models"] = [CLIP.declaration()]
     img, msk = inputs(g)
     guide = guidance(g, clip, "a big rock")
@@ -285,28 +304,26 @@ def edit_metrics(defs):
     g.link(judge, 0, hard, "clip")
     table = g.add("PreviewAny", (1600, 400), size=(520, 260))
     g.link(hard, 0, table, "source")
-    # The same results blended by core nodes over a grown, feathered mask: compare the seam columns.
-    grow = g.add("GrowMask", (1220, 700), {"expand": 4, "tapered_corners": True}, size=(300, 110))
-    g.link(samp, 1, grow, "mask")
-    feather = g.add("FeatherMask", (1220, 850), {"left": 4, "top": 4, "right": 4, "bottom": 4}, size=(300, 160))
-    g.link(grow, 0, feather, "mask")
-    invert = g.add("InvertMask", (1220, 1050), size=(300, 80))
-    g.link(feather, 0, invert, "mask")
+    # The same results blended into the original by core nodes through a soft-edged mask: compare the seam
+    # columns (both tables measure at the sampler's mask).
+    edge = soft_edge(g, (samp, 1), 1220, 700, expand=-3, blur_radius=6, sigma=3.0)
+    invert = g.add("InvertMask", (1220, 1200), size=(300, 80))
+    g.link(edge, 0, invert, "mask")
     comp = g.add("ImageCompositeMasked", (1560, 700), {"x": 0, "y": 0, "resize_source": False}, size=(320, 170))
     g.link(samp, 0, comp, "destination")
     g.link(img, 0, comp, "source")
     g.link(invert, 0, comp, "mask")
     soft = g.add("BlendedDiffusion_EditMetrics", (1920, 700), {"prompt": "a big rock"}, size=(340, 260),
-                 title="Metrics: feathered by core nodes")
+                 title="Metrics: soft edge by core nodes")
     g.link(comp, 0, soft, "results")
     g.link(img, 0, soft, "image")
-    g.link(grow, 0, soft, "mask")
+    g.link(samp, 1, soft, "mask")
     g.link(judge, 0, soft, "clip")
     table2 = g.add("PreviewAny", (2300, 700), size=(520, 260))
     g.link(soft, 0, table2, "source")
     return g.to_json("Measuring edits: Blended Edit Metrics scores the sampler's results (CLIP similarity of the "
-                     "edited region, background PSNR, seam, diversity) and the same results feathered by core "
-                     "nodes, so the two tables can be compared.")
+                     "edited region, background PSNR, seam, diversity) and the same results blended with a soft "
+                     "edge by core nodes, so the two tables can be compared.")
 
 
 def metrics_of(g: Graph, samp, img, clip, prompt, x, y, title):
@@ -339,17 +356,13 @@ def soft_mask_schedule(defs):
     g = Graph(defs)
     unet, clip = models(g)
     img, msk = inputs(g)
-    # A grey, feathered mask from core nodes (a painted grey mask works the same way).
-    grow = g.add("GrowMask", (400, 700), {"expand": 10, "tapered_corners": True}, size=(300, 110))
-    g.link(msk, 0, grow, "mask")
-    feather = g.add("FeatherMask", (400, 850), {"left": 24, "top": 24, "right": 24, "bottom": 24},
-                    size=(300, 160))
-    g.link(grow, 0, feather, "mask")
+    # A grey-edged mask from core nodes (a painted grey mask works the same way).
+    grey = soft_edge(g, (msk, 0), 400, 700, expand=10, blur_radius=12, sigma=6.0)
     guide = guidance(g, clip, "a big rock")
-    samp = sampler(g, unet, guide, (img, 0), (feather, 0), num_results=2, soft_mask=True)
+    samp = sampler(g, unet, guide, (img, 0), (grey, 0), num_results=2, soft_mask=True)
     save(g, samp, 0, "blended/soft_mask", 1220, 0)
     return g.to_json("Soft masks: with soft_mask on, a grey pixel of value m is edited only during the last m "
-                     "of the steps (Differential Diffusion), so the edit fades out over the feathered border.")
+                     "of the steps (Differential Diffusion), so the edit fades out over the blurred border.")
 
 
 def harmonising_resampling(defs):
@@ -381,7 +394,7 @@ def image_target(defs):
     unet, clip = models(g)
     img, msk = inputs(g)
     ref = g.add("LoadImage", (400, 380), {"image": IMG2}, title="Reference picture", size=(340, 320))
-    ref_mask = g.add("LoadImageMask", (400, 740), {"image": MASK2, "channel": "red"},
+    ref_mask = g.add("LoadImageMask", (400, 740), {"image": DOGS_MASK, "channel": "red"},
                      title="Part of the reference that counts", size=(340, 320))
     guide = guidance(g, clip, "", image_target_weight=1.0)
     g.link(ref, 0, guide, "image_target")

@@ -187,3 +187,26 @@ def test_committed_workflows_are_what_the_generator_writes(comfy_inprocess):
     assert sorted(committed) == sorted(expected)
     for name, workflow in expected.items():
         assert committed[name] == json.loads(json.dumps(workflow)), f"workflows/{name}.json is stale"
+
+
+@pytest.mark.parametrize("name", ["08_chain_core_compositing.json", "15_edit_metrics.json",
+                                  "17_soft_mask.json"])
+def test_the_workflows_soft_edges_are_grey_and_blend_only_at_the_border(name, comfy_inprocess):
+    """Core FeatherMask fades the picture's frame, not a mask's edge: the workflows' soft edges must be grey
+    where the mask's edge is, and a core composite through one changes the results only there."""
+    workflow = harness.load_workflow(harness.REPO_ROOT / "workflows" / name)
+    prompt = harness.shrink_prompt(workflow_format.ui_to_api(workflow, comfy_inprocess.node_defs()))
+    _, tensors = comfy_inprocess.run(prompt)
+    of_type = {kind: [node_id for node_id, entry in prompt.items() if entry["class_type"] == kind]
+               for kind in ("ImageToMask", "ImageCompositeMasked", harness.SAMPLER)}
+    edge = tensors[of_type["ImageToMask"][0]][0][0]
+    grey = (edge > 0.01) & (edge < 0.99)
+    assert int(grey.sum()) > 500, f"{name}: the soft edge has only {int(grey.sum())} grey pixels"
+    for composite_id in of_type["ImageCompositeMasked"]:
+        sampler_id = of_type[harness.SAMPLER][0]
+        results, mask = tensors[sampler_id][0][0], tensors[sampler_id][1][0]
+        blended = tensors[composite_id][0][0]
+        assert blended.shape == results.shape, name
+        changed = (blended - results).abs().amax(dim=-1) > 1e-6
+        assert bool(changed.any()), f"{name}: the composite is the sampler's results unchanged"
+        assert not bool(changed[mask == 0].any()), f"{name}: the composite changed pixels outside the mask"
