@@ -233,9 +233,13 @@ def load_guided_diffusion(
     shapes = {str(k): tuple(v.shape) for k, v in state_dict.items()}
     missing, unexpected, mismatched = layout_mismatches(config, shapes)
     if missing or unexpected or mismatched:
-        where = f" (architecture from {config_path})" if config_path is not None and config is not None else ""
-        advice = "Use an unmodified guided-diffusion checkpoint, or fix/remove the config.json beside it"
-        if config_path is not None and config_path.name == CONFIG_FILE_NAME and path is not None:
+        # A config.json beside the file that was ignored (another model's) did not make this architecture.
+        from_config = from_file is not None
+        where = f" (architecture from {config_path})" if from_config else ""
+        advice = "Use an unmodified guided-diffusion checkpoint"
+        if from_config:
+            advice += ", or fix/remove the config.json beside it"
+        if from_config and config_path.name == CONFIG_FILE_NAME and path is not None:
             # A folder's config.json applies to every checkpoint in it; one named after a file, to that file only.
             advice += (f"; a config.json written for another checkpoint in this folder can be renamed to "
                        f"<that checkpoint's name>.config.json (e.g. {Path(path).stem}.config.json for this one) so "

@@ -187,10 +187,8 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -302,8 +300,8 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t): ``mean``, ``variance``, ``log_variance``, ``pred_xstart`` and the model's ``eps``.
 
-        ``model_output`` skips the model call when the caller already ran the UNet on (x, t) (the guided
-        sampler reuses its grad-enabled forward instead of running a second one).
+        ``model_output`` skips the model call when the caller already has the UNet's output on (x, t), e.g. one
+        recorded from the original code.
         """
         t = self._timesteps(t, x)
         if model_output is None:

@@ -540,7 +540,8 @@ def clone_bytes(unet, clip, options: FastPathOptions) -> int:
     """Bytes of the tensors a run clone adds to the shared models for ``options`` (an upper bound)."""
     total = 0
     if options.unet_dtype != torch.float32:
-        # torso: the block convs in low precision; autocast: the block convs and linears (precast_autocast_weights)
+        # torso: the block convs in low precision; autocast: the block convs, linears and GroupNorms
+        # (precast_autocast_weights)
         item = torch.empty(0, dtype=options.unet_dtype).element_size()
         layers = (unet.block_layers((torch.nn.Conv1d, torch.nn.Conv2d)) if options.precision_scheme == "torso"
                   else _precast_modules(unet, options))

@@ -23,8 +23,8 @@ def frames_to_image_batch(frames: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if len(frames) == 0:
         raise BlendedInputError(
-            "no intermediate frames were captured; set the preview/frame interval to a value between 1 and the "
-            "number of steps"
+            "no intermediate frames were captured; set capture_every to a value between 1 and the number of "
+            "steps"
         )
     first_shape = tuple(frames[0].shape)
     if len(first_shape) != 4:

@@ -16,7 +16,7 @@ whole UNet) and the convolutions lose their layout copies (49 ms instead of 76 m
 generated dynamic-shape reductions over NHWC groups are slower than eager GroupNorm (68 ms against about 55 ms
 with SiLU) and the step needs more memory (27.8 GiB peak at batch 4, out of memory at 16). So it is an option,
 not part of any preset: the place where a hand-written NHWC GroupNorm kernel would plug in. The faithful path
-never calls this module: the UNet uses it only when ``GuidedDiffusionUNet.fused_norm`` is on.
+never calls this module: the UNet uses it only when its ``norm_kernel`` is ``"compile"``.
 """
 
 from __future__ import annotations

@@ -100,7 +100,6 @@ class GuidanceObjective:
         self.num_steps = num_steps
         self.augments = [ImageAugmentations(t.clip.image_size, t.augmentations or settings.augmentations)
                          for t in self.terms]
-        self.augment = self.augments[0]
         self.lpips_model = lpips_model
         # The original's background L2 is a mean over its whole batch of ``group_size`` (4) results: each result
         # weighs lambda / group_size, whatever batch it is computed in here.
@@ -151,14 +150,13 @@ class GuidanceObjective:
                 "batch or exactly one per sample.")
         return embeds, weights
 
-    def _views(self, masked: torch.Tensor, result_ids, step: int, augment=None, stream=()) -> torch.Tensor:
+    def _views(self, masked: torch.Tensor, result_ids, step: int, augment, stream=()) -> torch.Tensor:
         """Augmented CLIP views of the whole batch, [V*B,3,s,s] in the original's view-major order.
 
         Each sample's warps come from its own stream (seed, augmentation, result id, step), so a result does
         not depend on the other results in its batch; all views are then warped in one batched call.
-        ``augment`` and ``stream`` select another CLIP's views (its size, its own random stream).
+        ``augment`` and ``stream`` are the CLIP's (its size and views, its own random stream).
         """
-        augment = self.augment if augment is None else augment
         if augment.num_views <= 1:
             return augment(masked)
         generators = [seeds.generator_for(self.seed, seeds.STREAM_AUGMENTATION, rid, step, *stream)

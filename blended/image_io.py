@@ -178,6 +178,11 @@ def antialiased_resize(tensor: torch.Tensor, size: tuple[int, int], mode: str) -
     return F.interpolate(tensor, size=size, mode=mode, align_corners=False, antialias=True)
 
 
+def mask_batch_size(mask: torch.Tensor) -> int:
+    """Items in a MASK batch: ``[B,H,W]`` and ``[B,1,H,W]`` hold B, ``[H,W]`` one."""
+    return mask.shape[0] if mask.dim() >= 3 else 1
+
+
 def prepare_mask(
     mask: torch.Tensor | None,
     height: int,

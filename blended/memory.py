@@ -62,6 +62,10 @@ def auto_batch_size(free_bytes: int, per_result_bytes: int, num_results: int, re
         raise ValueError("per_result_bytes must be positive")
     limit = max(1, min(int(num_results), int(max_batch)))
     fits = int(max(0, free_bytes - reserve_bytes) // per_result_bytes)
-    batch = max(1, min(limit, fits))
-    batches = -(-int(num_results) // batch)
-    return max(1, -(-int(num_results) // batches))
+    return evened_batch(int(num_results), max(1, min(limit, fits)))
+
+
+def evened_batch(num_results: int, batch: int) -> int:
+    """The smallest batch that runs ``num_results`` in as few batches as ``batch`` does (24 for 64 -> 22)."""
+    batches = -(-num_results // max(1, batch))
+    return max(1, -(-num_results // batches))

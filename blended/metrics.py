@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import regions
 from .errors import BlendedInputError
-from .image_io import fit_batch
+from .image_io import fit_batch, mask_batch_size, prepare_mask
 from .prompts import parse_prompt
 
 DEFAULT_RING_WIDTH = 2
@@ -50,12 +50,8 @@ def prepare(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
         raise BlendedInputError(f"the input image is {reference.shape[-1]}x{reference.shape[-2]} but the results "
                                 f"are {width}x{height}: score results against the image they were made from "
                                 "(same size)")
-    if mask.dim() == 2:
-        mask = mask[None, None]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    if mask.shape[-2:] != results.shape[-2:]:
-        mask = F.interpolate(mask.float(), size=(height, width), mode="nearest-exact")
+    # At the results' size by the Sampler's rule, so a mask is read the same here as by the edit.
+    mask = prepare_mask(mask, height, width, mask_batch_size(mask))
     reference = fit_batch(reference.float(), batch, "input image")
     edited = fit_batch(mask > 0, batch, "mask")
     if not bool(edited.flatten(1).any(dim=1).all()):
@@ -294,8 +290,7 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     """
     # An image or mask batch between one and one per result is one per input (the Sampler edits each image with
     # its mask, or one image with each mask), each input with its group of results.
-    mask_batch = mask.shape[0] if mask.dim() >= 3 else 1
-    inputs = max((n for n in (reference.shape[0], mask_batch) if 1 < n < results.shape[0]), default=1)
+    inputs = max((n for n in (reference.shape[0], mask_batch_size(mask)) if 1 < n < results.shape[0]), default=1)
     results, reference, edited = prepare(results, reference, mask)
     batch = results.shape[0]
     nan = [float("nan")] * batch

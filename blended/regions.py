@@ -186,18 +186,6 @@ def _pad_axis(tensor: torch.Tensor, before: int, after: int, axis: int) -> torch
     return F.pad(tensor, pad, mode=mode)
 
 
-def _extract_box(tensor: torch.Tensor, plan: CropPlan, fill_outside: str) -> torch.Tensor:
-    row0, row1, col0, col1 = plan.visible_box()
-    box = tensor[..., row0:row1, col0:col1]
-    pad_top, pad_bottom, pad_left, pad_right = plan.padding()
-    if fill_outside == "zeros":
-        if pad_top or pad_bottom or pad_left or pad_right:
-            box = F.pad(box, (pad_left, pad_right, pad_top, pad_bottom), mode="constant", value=0.0)
-        return box
-    box = _pad_axis(box, pad_top, pad_bottom, axis=-2)
-    return _pad_axis(box, pad_left, pad_right, axis=-1)
-
-
 # Elements (batch x channels x rows x columns) one chunk of a one-axis resize may hold.
 _CHUNK_ELEMENTS = 1 << 22
 

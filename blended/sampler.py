@@ -243,7 +243,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     #    --gpu-only keeps IMAGEs on the GPU), the mask at the image's size and batch (1 = edit).
     images = image_io.to_rgb_nchw(image.cpu())
     _, _, height, width = images.shape
-    mask_batch = images.shape[0] if mask is None or mask.dim() < 3 else mask.shape[0]
+    mask_batch = images.shape[0] if mask is None else image_io.mask_batch_size(mask)
     masks = image_io.prepare_mask(None if mask is None else mask.cpu(), height, width, mask_batch,
                                   invert=invert_mask)
     images, masks = image_io.match_batches(images, masks)
@@ -262,7 +262,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
         line_is_empty = [line[2] for line in member_targets[0]]
         num_steps = diffusion.num_timesteps - settings.skip_timesteps
         per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
-        run_steps = resampling.total_steps(diffusion.num_timesteps - settings.skip_timesteps,
+        run_steps = resampling.total_steps(num_steps,
                                            settings.resample_jump_length, settings.resample_count)
         total_steps = run_steps * batch * -(-len(per_prompt) // max(1, settings.batch_size))
         steps_done = 0

@@ -73,8 +73,6 @@ class GuidanceSchedule:
         return grad
 
 
-CONSTANT = GuidanceSchedule()
-
 
 def parse_values(text: str) -> tuple:
     """'0.2, 1.0' (commas and/or spaces) -> (0.2, 1.0); a bad entry is quoted in the error."""

@@ -741,7 +741,7 @@ class GuidedDiffusionUNet(nn.Module):
         return self._out_head(h).to(x.dtype)
 
     def _out_head(self, h: torch.Tensor) -> torch.Tensor:
-        """``out`` (GroupNorm, SiLU, conv) in the dtype of its conv: float32 unless the torso scheme says so."""
+        """``out`` (GroupNorm, SiLU, conv) in the dtype of its conv: float32 (no precision scheme converts it)."""
         norm, act, conv = self.out
         if self.norm_kernel:
             return conv(_fused_norm_silu(self.norm_kernel, norm, h, out_dtype=conv.weight.dtype))

@@ -143,7 +143,7 @@ class CLIPGuidance:
             pictures = image_io.to_rgb_nchw(image_target)
             mask = None
             if image_target_mask is not None:
-                mask_batch = image_target_mask.shape[0] if image_target_mask.dim() >= 3 else 1
+                mask_batch = image_io.mask_batch_size(image_target_mask)
                 mask = image_io.prepare_mask(image_target_mask, pictures.shape[2], pictures.shape[3], mask_batch)
                 # As for the edited image: one picture with several masks is a target per mask, none dropped.
                 pictures, mask = image_io.match_batches(pictures, mask)

@@ -8,7 +8,7 @@ import torch
 
 from ..blended import metrics
 from ..blended.errors import BlendedInputError
-from ..blended.image_io import prepare_mask, to_rgb_nchw
+from ..blended.image_io import mask_batch_size, prepare_mask, to_rgb_nchw
 from ..blended.lpips_loss import load_lpips
 from . import comfy_bridge as bridge
 
@@ -75,7 +75,7 @@ class EditMetrics:
         pixels = to_rgb_nchw(results.cpu()).clone()  # gray and RGBA too, as CLIP Rank takes them
         reference = to_rgb_nchw(image.cpu()).clone()
         mask_in = prepare_mask(mask.float().cpu(), pixels.shape[2], pixels.shape[3],
-                               mask.shape[0] if mask.dim() == 3 else 1)
+                               mask_batch_size(mask))
         lpips_model = None
         if lpips == "if available":
             try:

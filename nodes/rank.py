@@ -80,7 +80,7 @@ class CLIPRank:
             if mask is not None:
                 # One mask per result, or one per input with its group of results, in the Sampler's order.
                 mask_in = image_io.prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3],
-                                                mask.shape[0] if mask.dim() >= 3 else 1)
+                                                image_io.mask_batch_size(mask))
                 mask_in = image_io.fit_batch(mask_in, pixels.shape[0], "mask").to(device)
                 empty = image_io.empty_mask_items(mask_in)
                 if empty:

@@ -12,7 +12,7 @@ from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
-from ..blended.memory import GIB, activation_bytes_per_result, auto_batch_size
+from ..blended.memory import GIB, activation_bytes_per_result, auto_batch_size, evened_batch
 from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
@@ -191,7 +191,7 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
         if guidance.settings.background_lpips_lambda:
             lpips_model = load_lpips()
         memory += fast_paths.clone_bytes(model.unet, guidance.clip.clip, options)
-        extra = list(getattr(guidance, "extra_clips", []))
+        extra = list(guidance.extra_clips)
         clip_patchers = [guidance.clip.patcher] + [e.model.patcher for e in extra
                                                    if e.model.patcher is not guidance.clip.patcher]
         bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
@@ -205,7 +205,7 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
         while True:
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
             image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
-                             for t in getattr(guidance, "image_targets", [])]
+                             for t in guidance.image_targets]
             try:
                 # The speed options apply to clones: the loader's cached models stay as loaded.
                 with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
@@ -238,9 +238,7 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
 def smaller_batch_size(batch_size: int, num_results: int) -> int:
     """The auto batch to try after ``batch_size`` ran out of memory: about half, evened out over the results as
     ``auto_batch_size`` does (64 results after 22 run as 6 batches of 11)."""
-    half = max(1, batch_size // 2)
-    batches = -(-num_results // half)
-    return max(1, -(-num_results // batches))
+    return evened_batch(num_results, max(1, batch_size // 2))
 
 
 def _per_result_bytes(model, options: fast_paths.FastPathOptions) -> int:

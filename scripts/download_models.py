@@ -1,4 +1,5 @@
-"""Fetch the guided-diffusion checkpoints and ViT-B/16 CLIP into ComfyUI's model folders.
+"""Fetch the guided-diffusion checkpoints and the CLIP models (ViT-B/16; ViT-L/14 for the CLIP ensemble
+workflow) into ComfyUI's model folders.
 
     PYTHONPATH=. .venv/bin/python scripts/download_models.py --comfyui /path/to/ComfyUI [--dry-run]
     bash scripts/start.sh --download-models          # the same, into start.sh's ComfyUI, then starts it
