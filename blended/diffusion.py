@@ -91,7 +91,8 @@ def space_timesteps(num_steps: int, section_counts: str | Iterable[int]) -> set[
     keeps all steps.
     """
     if isinstance(section_counts, str):
-        text = section_counts.replace(" ", "")
+        # Spaces around a count are fine; inside one ("4 4") it is refused, as the original's int() does.
+        text = section_counts.strip()
         if text.startswith("ddim"):
             return _ddim_steps(num_steps, text[len("ddim"):])
         if not text:

@@ -460,6 +460,27 @@ def feather_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torc
     return out.reshape(original_shape)
 
 
+def grown_and_feathered(mask: torch.Tensor, grow: int, feather: int, shape: str = "circle") -> torch.Tensor:
+    """``mask`` grown by ``grow + feather``, then feathered inward by ``feather``: the region stays 1 and the ramp
+    lies in the band around it (the Sampler's composite for ``grow_mask`` and ``feather``).
+
+    Both run on a canvas padded by the band's width with the image's border pixels repeated outward. A region
+    that touches the image's edge thus goes on past it (no ramp along the edge), while a band that the edge
+    merely cuts keeps its ramp; feathering the cut band on its own would count the outside as mask and make
+    the pixels along the edge 1, replacing them wholly.
+    """
+    reach = int(grow) + int(feather)
+    work = mask_as_b1hw(mask).to(torch.float32)
+    pad = abs(reach)
+    canvas = F.pad(work, (pad, pad, pad, pad), mode="replicate") if pad else work
+    canvas = grow_mask(canvas, reach, shape)
+    if feather:
+        canvas = feather_mask(canvas, feather, shape)
+    if pad:
+        canvas = canvas[..., pad:-pad, pad:-pad]
+    return canvas.reshape(mask.shape)
+
+
 def box_mask(plan: CropPlan, batch: int = 1) -> torch.Tensor:
     """[batch,1,H,W] ones inside the plan's visible box: the composite when the whole crop is kept
     (no enforced background), so nothing outside the box the model saw can change."""

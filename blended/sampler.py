@@ -97,7 +97,11 @@ def diffusion_for(unet, timestep_respacing: str = "100") -> GaussianDiffusion:
                             schedule=getattr(unet, "noise_schedule", None))
 
 
-def _validate(settings: SamplerSettings, diffusion) -> None:
+def check_settings(settings: SamplerSettings, diffusion, num_results: int = 1) -> None:
+    """Refuse settings that cannot run, with what to change: before any model work (the node calls it before
+    loading the models), and again by ``edit_image``."""
+    if num_results < 1:
+        raise BlendedInputError("num_results must be at least 1")
     if settings.method not in ("ddpm", "ddim"):
         raise BlendedInputError(f"unknown method {settings.method!r}: use 'ddpm' or 'ddim'")
     if settings.mode not in ("blended", "local"):
@@ -113,6 +117,9 @@ def _validate(settings: SamplerSettings, diffusion) -> None:
     if settings.region not in ("full", "mask_crop"):
         raise BlendedInputError(f"unknown region {settings.region!r}: use 'full' or 'mask_crop'")
     resampling.validate(settings.resample_jump_length, settings.resample_count)
+    if not 0.0 <= settings.ddim_eta <= 1.0:  # NaN fails too
+        raise BlendedInputError(f"ddim_eta must be between 0 (deterministic, the original) and 1 (as much noise as "
+                                f"DDPM), got {settings.ddim_eta}")
     if settings.colour_match not in colour_match.SPACES:
         raise BlendedInputError(f"unknown colour_match {settings.colour_match!r}: use one of "
                                 f"{', '.join(colour_match.SPACES)}")
@@ -231,9 +238,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     """
     settings = settings or SamplerSettings()
     guidance_settings = guidance_settings or GuidanceSettings()
-    _validate(settings, diffusion)
-    if num_results < 1:
-        raise BlendedInputError("num_results must be at least 1")
+    check_settings(settings, diffusion, num_results)
     prompts = [as_weighted(p) for p in (list(prompts) or [""])]
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     model_size = unet.config.image_size
@@ -274,8 +279,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             #    a square crop covering it, at model resolution, in [-1,1]. The model edits the user's mask.
             composite = (masks[b:b + 1] > 0).float()
             if settings.grow_mask or settings.feather:
-                composite = regions.grow_mask(composite, settings.grow_mask + settings.feather)
-                composite = regions.feather_mask(composite, settings.feather) if settings.feather else composite
+                composite = regions.grown_and_feathered(composite, settings.grow_mask, settings.feather)
             if settings.region == "full":
                 plan = regions.plan_full_image(height, width, model_size)
             else:

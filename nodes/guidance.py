@@ -52,9 +52,11 @@ class Augmentations:
         }
 
     def build(self, num_views, degrees, translate, p_affine, distortion, p_perspective, fix_translate):
-        return (AugmentationSettings(num_views=num_views, degrees=degrees, translate=translate, p_affine=p_affine,
-                                     distortion=distortion, p_perspective=p_perspective,
-                                     fix_translate=fix_translate),)
+        settings = AugmentationSettings(num_views=num_views, degrees=degrees, translate=translate, p_affine=p_affine,
+                                        distortion=distortion, p_perspective=p_perspective,
+                                        fix_translate=fix_translate)
+        settings.validate()  # here, not after the Sampler has loaded its models
+        return (settings,)
 
 
 class CLIPGuidance:
@@ -127,6 +129,7 @@ class CLIPGuidance:
         prompts = parse_prompt_lines(prompt)
         if augmentations is None:
             augmentations = AugmentationSettings(num_views=num_views)
+        augmentations.validate()  # here, not after the Sampler has loaded its models
         settings = GuidanceSettings(clip_lambda=clip_lambda, range_lambda=range_lambda,
                                     background_l2_lambda=background_l2_lambda,
                                     background_lpips_lambda=background_lpips_lambda, augmentations=augmentations,
@@ -180,6 +183,7 @@ class CLIPList:
         }
 
     def build(self, clip, weight, num_views, clips=None):
+        AugmentationSettings(num_views=num_views).validate()
         entry = bridge.ClipListEntry(model=clip, weight=float(weight), num_views=int(num_views))
         return (tuple(clips or ()) + (entry,),)
 

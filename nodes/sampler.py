@@ -7,13 +7,13 @@ import logging
 
 import torch
 
-from ..blended import fast_paths
+from ..blended import fast_paths, image_io
 from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
 from ..blended.memory import GIB, activation_bytes_per_result, auto_batch_size, evened_batch
-from ..blended.sampler import SamplerSettings, diffusion_for, edit_image
+from ..blended.sampler import SamplerSettings, check_settings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
 from .speed import default_speed_options, default_without_triton_kernels, for_clip
@@ -138,6 +138,10 @@ class BlendedDiffusionSampler:
         except (ValueError, KeyError) as exc:
             raise BlendedInputError(f"respacing {respacing!r} is not valid ({exc}): use a step count like "
                                     "'100', 'ddim50' or sections like '10,15,20'") from exc
+        # What the widgets and the mask alone can refuse is refused before the models are loaded and copied.
+        check_settings(SamplerSettings(**widgets), diffusion, num_results)
+        if mask is not None:
+            image_io.check_mask_not_empty(mask <= 0 if invert_mask else mask, inverted=invert_mask)
         run = dict(model=model, guidance=guidance, diffusion=diffusion, image=image, mask=mask, seed=seed,
                    num_results=num_results, invert_mask=invert_mask, widgets=widgets,
                    callback=bridge.progress_callback(1, node_id=unique_id, preview=preview))

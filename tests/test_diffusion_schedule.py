@@ -70,10 +70,15 @@ def test_empty_respacing_keeps_every_step():
     np.testing.assert_allclose(full.betas, beta_schedule("linear", 1000), rtol=1e-12)
 
 
-@pytest.mark.parametrize("bad", ["abc", "2000", "10,x", "600,600"])
+@pytest.mark.parametrize("bad", ["abc", "2000", "10,x", "600,600", "4 4", "1 0,5", "ddim 2 5"])
 def test_bad_respacing_is_refused(bad):
     with pytest.raises(BlendedInputError):
         space_timesteps(1000, bad)
+
+
+def test_spaces_around_respacing_counts_are_fine():
+    assert space_timesteps(1000, " 10, 15 ,20 ") == space_timesteps(1000, "10,15,20")
+    assert space_timesteps(1000, " ddim25 ") == space_timesteps(1000, "ddim25")
 
 
 @pytest.mark.parametrize("respacing", ["100", "10,15,20", "ddim25"])

@@ -69,6 +69,29 @@ def test_empty_mask_is_refused_with_what_to_do(comfy_inprocess):
     assert "mask is empty" in message and "invert_mask" in message
 
 
+@pytest.mark.parametrize("case", ["skip", "empty", "empty inverted", "eta", "views"])
+def test_what_the_widgets_and_mask_refuse_is_refused_before_the_models_load(comfy_inprocess, monkeypatch, case):
+    """A 2.2 GB model is not moved to the GPU and copied for a run its settings already rule out."""
+    bridge = comfy_inprocess.pack_module("comfy_bridge")
+    loads = []
+    monkeypatch.setattr(bridge, "load_for_sampling", lambda *args, **kwargs: loads.append(args))
+    prompt = {"skip": lambda: graph(empty_image(), solid_mask(1.0), respacing="4", skip=4),
+              "empty": lambda: graph(empty_image(), solid_mask(0.0)),
+              "empty inverted": lambda: graph(empty_image(), solid_mask(1.0), invert_mask=True),
+              "eta": lambda: graph(empty_image(), solid_mask(1.0), method="ddim"),
+              "views": lambda: graph(empty_image(), solid_mask(1.0))}[case]()
+    if case == "eta":  # linked: the widget's own range is not checked for a link
+        prompt["eta"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 1.5}}
+        prompt["sampler"]["inputs"]["ddim_eta"] = ["eta", 0]
+    if case == "views":
+        prompt["views"] = {"class_type": "PrimitiveInt", "inputs": {"value": 0}}
+        prompt["guidance"]["inputs"]["num_views"] = ["views", 0]
+    with pytest.raises(harness.PromptExecutionError,
+                       match="skip_timesteps|mask is empty|ddim_eta must be|num_views must be"):
+        comfy_inprocess.run(prompt)
+    assert loads == []
+
+
 def test_executor_still_works_after_an_error(comfy_inprocess):
     with pytest.raises(harness.PromptExecutionError):
         comfy_inprocess.run(graph(empty_image(), solid_mask(0.0)))

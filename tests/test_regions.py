@@ -24,6 +24,7 @@ from blended.regions import (
     crop_mask,
     feather_mask,
     grow_mask,
+    grown_and_feathered,
     mask_bounding_box,
     paste_back,
     plan_full_image,
@@ -484,6 +485,24 @@ def test_feather_is_inward_and_covers_the_grown_region():
         feather_mask(mask, -1)
     with pytest.raises(BlendedInputError):
         grow_mask(mask, 1, shape="star")
+
+
+def test_a_band_the_image_edge_cuts_keeps_its_ramp_and_a_region_on_the_edge_stays_whole():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 52:60, 24:40] = 1.0  # 4 rows above the bottom edge
+    composite = grown_and_feathered(mask, 0, 8)  # the band: 8 rows around the region, 4 of them on the image
+    column = composite[0, :, 32]
+    assert (column[52:60] == 1).all(), "the region itself is fully edited"
+    assert torch.allclose(column[60:64], torch.flip(column[48:52], [0])), "below ramps as above does"
+    assert 0 < column[63] < column[62] < column[61] < 1, "the pixels along the edge are blended, not replaced"
+    # away from the edges, exactly grow then feather
+    inner = torch.zeros(1, 64, 64)
+    inner[0, 24:40, 24:40] = 1.0
+    assert torch.equal(grown_and_feathered(inner, 6, 8), feather_mask(grow_mask(inner, 14), 8))
+    # a region painted up to the edge goes on past it: no ramp along the edge
+    touching = torch.zeros(1, 64, 64)
+    touching[0, 40:64, 24:40] = 1.0
+    assert (grown_and_feathered(touching, 4, 8)[0, 40:64, 24:40] == 1).all()
 
 
 # ---------------------------------------------------------------------------------------------- frames

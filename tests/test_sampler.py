@@ -8,7 +8,7 @@ from blended.diffusion import create_diffusion
 from blended.errors import BlendedInputError
 from blended.guidance import GuidanceObjective, GuidanceSettings
 from blended.rank import clip_scores
-from blended.sampler import SamplerSettings, edit_image, sample_results
+from blended.sampler import SamplerSettings, check_settings, edit_image, sample_results
 from blended.unet import GuidedDiffusionUNet, UNetConfig
 
 PROMPT = "a red rock"
@@ -265,3 +265,10 @@ def test_guidance_too_strong_to_stay_finite_is_an_error_not_black_images(unet, d
     image, mask = image_and_mask
     with pytest.raises(BlendedInputError, match="the edit diverged"):
         run(unet, diffusion, clip, image, mask, prompts=(parse_prompt("a red rock:1e30"),), num_results=1)
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_a_ddim_eta_outside_0_to_1_is_refused(eta):
+    with pytest.raises(BlendedInputError, match="ddim_eta must be between 0"):
+        check_settings(SamplerSettings(method="ddim", ddim_eta=eta, skip_timesteps=0),
+                       create_diffusion(timestep_respacing="4"))
