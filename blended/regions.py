@@ -464,21 +464,31 @@ def grown_and_feathered(mask: torch.Tensor, grow: int, feather: int, shape: str 
     """``mask`` grown by ``grow + feather``, then feathered inward by ``feather``: the region stays 1 and the ramp
     lies in the band around it (the Sampler's composite for ``grow_mask`` and ``feather``).
 
-    Both run on a canvas padded by the band's width with the image's border pixels repeated outward. A region
-    that touches the image's edge thus goes on past it (no ramp along the edge), while a band that the edge
-    merely cuts keeps its ramp; feathering the cut band on its own would count the outside as mask and make
-    the pixels along the edge 1, replacing them wholly.
+    Both run on the mask's box plus the band, padded where that box meets the image's edge with the edge's
+    pixels repeated outward. A region that touches the image's edge thus goes on past it (no ramp along the
+    edge), while a band that the edge merely cuts keeps its ramp; feathering the cut band on its own would
+    count the outside as mask and make the pixels along the edge 1, replacing them wholly.
     """
+    work, original_shape = mask_as_b1hw(mask).to(torch.float32), mask.shape
     reach = int(grow) + int(feather)
-    work = mask_as_b1hw(mask).to(torch.float32)
-    pad = abs(reach)
-    canvas = F.pad(work, (pad, pad, pad, pad), mode="replicate") if pad else work
+    box = mask_bounding_box(work)
+    if box is None or (reach == 0 and not feather):
+        return work.reshape(original_shape)
+    # One pixel more than the band, so a row of the background lies between the band and the canvas's side.
+    margin = abs(reach) + 1
+    height, width = work.shape[-2:]
+    row0, row1 = max(box[0] - margin, 0), min(box[1] + margin, height)
+    col0, col1 = max(box[2] - margin, 0), min(box[3] + margin, width)
+    pads = (margin if col0 == 0 else 0, margin if col1 == width else 0,
+            margin if row0 == 0 else 0, margin if row1 == height else 0)
+    canvas = F.pad(work[..., row0:row1, col0:col1], pads, mode="replicate")
     canvas = grow_mask(canvas, reach, shape)
     if feather:
         canvas = feather_mask(canvas, feather, shape)
-    if pad:
-        canvas = canvas[..., pad:-pad, pad:-pad]
-    return canvas.reshape(mask.shape)
+    out = torch.zeros_like(work)
+    out[..., row0:row1, col0:col1] = canvas[..., pads[2]:canvas.shape[-2] - pads[3],
+                                            pads[0]:canvas.shape[-1] - pads[1]]
+    return out.reshape(original_shape)
 
 
 def box_mask(plan: CropPlan, batch: int = 1) -> torch.Tensor:
