@@ -285,34 +285,51 @@ def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_cli
         assert comfy_client.view(image)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# Widget names of the layouts that web/js/blended_diffusion.js upgrades, in their saved order (written out here,
-# independently of the extension, from the pack's earlier INPUT_TYPES).
-OLD_WIDGETS = {
-    "BlendedDiffusion_Sampler": ["seed", None, "num_results", "respacing", "skip_timesteps", "method", "mode",
-                                 "enforce_background", "invert_mask", "batch_size", "region", "context",
-                                 "grow_mask", "feather", "background_noise_step", "reuse_guided_forward",
-                                 "capture_every", "ddim_eta", "precision", "channels_last", "compile", "preview"],
-    "BlendedDiffusion_LoadGuidedDiffusion": ["model_name", "dtype", "attention_order", "head_channels",
-                                             "gradient_checkpointing"],
+# Widget names of the layouts that web/blended_diffusion.js upgrades, in their saved order (written out here,
+# independently of the extension, from the pack's earlier INPUT_TYPES), with a workflow saved in each.
+_SAMPLER_FIRST = ["seed", None, "num_results", "respacing", "skip_timesteps", "method", "mode",
+                  "enforce_background", "invert_mask", "batch_size", "region", "context", "grow_mask", "feather"]
+_OLD_LOADER = ["model_name", "dtype", "attention_order", "head_channels", "gradient_checkpointing"]
+OLD_LAYOUT_WORKFLOWS = {
+    "workflows_v1/01_ranked_results.json": {
+        "BlendedDiffusion_Sampler": _SAMPLER_FIRST + ["background_noise_step", "reuse_guided_forward",
+                                                      "capture_every", "ddim_eta", "precision", "channels_last",
+                                                      "compile", "preview"],
+        "BlendedDiffusion_LoadGuidedDiffusion": _OLD_LOADER},
+    "old_layouts/sampler_19_widgets.json": {
+        "BlendedDiffusion_Sampler": _SAMPLER_FIRST + ["background_noise_step", "reuse_guided_forward",
+                                                      "capture_every", "ddim_eta", "preview"],
+        "BlendedDiffusion_LoadGuidedDiffusion": _OLD_LOADER},
+    "old_layouts/sampler_18_widgets.json": {
+        "BlendedDiffusion_Sampler": _SAMPLER_FIRST + ["background_noise_step", "capture_every", "ddim_eta",
+                                                      "preview"]},
+    "old_layouts/sampler_26_widgets.json": {
+        "BlendedDiffusion_Sampler": _SAMPLER_FIRST + ["resample_count", "resample_jump_length", "soft_mask",
+                                                      "colour_match", "background_noise_step",
+                                                      "reuse_guided_forward", "capture_every", "ddim_eta",
+                                                      "precision", "channels_last", "compile", "preview"],
+        "BlendedDiffusion_LoadGuidedDiffusion": _OLD_LOADER},
 }
 
 
-def test_a_workflow_saved_with_the_earlier_widget_layouts_opens_with_its_values(page, object_info):
-    """The speed widgets left the Sampler and the loader: an old workflow still gets every remaining value on
-    the widget of the same name (not shifted by position), widgets added since get their defaults, and the
-    frontend queues what it saved."""
-    workflow = json.loads((harness.FIXTURES / "workflows_v1" / "01_ranked_results.json").read_text())
-    saved = {n["id"]: n for n in workflow["nodes"] if n["type"] in OLD_WIDGETS}
-    assert len(saved) == 2
-    assert _load_graph(page, workflow) == []
+@pytest.mark.parametrize("fixture", OLD_LAYOUT_WORKFLOWS)
+def test_a_workflow_saved_with_an_earlier_widget_layout_opens_with_its_values(fixture, page, object_info):
+    """Widgets left the Sampler and the loader, others were added in the middle: an old workflow still gets
+    every remaining value on the widget of the same name (not shifted by position), widgets added since get
+    their defaults, and the frontend queues what it saved."""
+    layouts = OLD_LAYOUT_WORKFLOWS[fixture]
+    workflow = json.loads((harness.FIXTURES / fixture).read_text())
+    saved = {n["id"]: n for n in workflow["nodes"] if n["type"] in layouts}
+    assert {n["type"] for n in saved.values()} == set(layouts)
+    assert all(not d.startswith(("Missing Node", "Some Nodes")) for d in _load_graph(page, workflow))
     assert page.page_errors == []
     prompt = _frontend_prompt(page)
     for node_id, node in saved.items():
         declared = object_info[node["type"]]["input"]
         current = set(declared["required"]) | set(declared.get("optional", {}))
-        saved_values = zip(OLD_WIDGETS[node["type"]], node["widgets_values"], strict=True)
+        saved_values = zip(layouts[node["type"]], node["widgets_values"], strict=True)
         expected = {name: value for name, value in saved_values if name in current}
-        for name in current - set(OLD_WIDGETS[node["type"]]):  # widgets added since: their declared defaults
+        for name in current - set(layouts[node["type"]]):  # widgets added since: their declared defaults
             spec = declared["required"].get(name) or declared["optional"][name]
             if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN"):
                 expected[name] = spec[1]["default"] if "default" in spec[1] else spec[0][0]
