@@ -219,13 +219,18 @@ def test_clip_loader_activation_picks_quickgelu_or_gelu(comfy_inprocess):
     assert activations == {"GELU"}
 
 
-def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
-    """A 1-channel IMAGE is CLIP-ranked as the same picture in RGB; an empty batch gets the pack's input error."""
+def _loaded_clip_and_rank_node(comfy_inprocess):
+    """The tiny CLIP as Load CLIP gives it, and a CLIP Rank node to call directly."""
     g = harness.graph_builder()
     g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
                                        dtype="float32").out(0))
     clip = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
-    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    return clip, comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+
+
+def test_clip_rank_node_ranks_a_grayscale_batch_like_its_rgb_copy(comfy_inprocess):
+    """A 1-channel IMAGE is CLIP-ranked as the same picture in RGB; an empty batch gets the pack's input error."""
+    clip, node = _loaded_clip_and_rank_node(comfy_inprocess)
     gray = torch.linspace(0, 1, 3)[:, None, None, None].expand(3, 40, 48, 1).contiguous()
     ranked_gray, _, scores_gray = node.rank(gray, clip, "a white wall", top_k=1)
     ranked_rgb, _, scores_rgb = node.rank(gray.expand(-1, -1, -1, 3), clip, "a white wall", top_k=1)
@@ -243,11 +248,7 @@ def test_clip_rank_node_takes_one_prompt_with_weights_and_refuses_an_empty_mask(
     from blended.prompts import parse_prompt
     from blended.rank import clip_scores
 
-    g = harness.graph_builder()
-    g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
-                                       dtype="float32").out(0))
-    clip = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
-    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    clip, node = _loaded_clip_and_rank_node(comfy_inprocess)
     images = torch.rand(3, 40, 48, 3, generator=torch.Generator().manual_seed(5))
     _, _, one_line = node.rank(images, clip, "a red rock", top_k=1)
     assert node.rank(images, clip, "a red\n  rock\n", top_k=1)[2] == one_line
@@ -266,11 +267,7 @@ def test_clip_rank_node_takes_one_prompt_with_weights_and_refuses_an_empty_mask(
 def test_clip_rank_node_pairs_a_mask_per_input_with_its_group_of_results(comfy_inprocess):
     """Two pictures' masks for their two results each: the Sampler's order (m0, m0, m1, m1), as Edit Metrics
     pairs them, not ComfyUI's tiling of a short batch (m0, m1, m0, m1)."""
-    g = harness.graph_builder()
-    g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
-                                       dtype="float32").out(0))
-    clip = comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
-    node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    clip, node = _loaded_clip_and_rank_node(comfy_inprocess)
     images = torch.rand(4, 40, 48, 3, generator=torch.Generator().manual_seed(6))
     masks = torch.zeros(2, 40, 48)
     masks[0, 5:20, 5:20] = 1
