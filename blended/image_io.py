@@ -169,10 +169,12 @@ def _resize_mask_axis(mask: torch.Tensor, size: int, axis: int) -> torch.Tensor:
 def antialiased_resize(tensor: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """``F.interpolate`` with antialiasing, right for a single column too.
 
-    torch's antialiased kernels give wrong values when a one-column tensor is resized along its rows only
-    (torch 2.14 on the CPU), so such a column is resized beside a copy of itself.
+    torch's antialiased kernels give wrong values when the rows of a one-column result are resized (torch 2.14
+    on the CPU), so the columns are resized first, alone, and the one column then beside a copy of itself.
     """
-    if tensor.shape[-1] == 1 and size[1] == 1 and tensor.shape[-2] != size[0]:
+    if size[1] == 1 and tensor.shape[-2] != size[0]:
+        if tensor.shape[-1] != 1:
+            tensor = F.interpolate(tensor, size=(tensor.shape[-2], 1), mode=mode, align_corners=False, antialias=True)
         pair = tensor.expand(*tensor.shape[:-1], 2)
         return F.interpolate(pair, size=(size[0], 2), mode=mode, align_corners=False, antialias=True)[..., :1]
     return F.interpolate(tensor, size=size, mode=mode, align_corners=False, antialias=True)
@@ -250,6 +252,14 @@ def empty_mask_items(mask: torch.Tensor) -> list[int]:
     """The batch items of a mask ([B,H,W] or [B,1,H,W]; [H,W] is one item) with no value > 0, read in one go."""
     flat = mask.reshape(mask.shape[0], -1) if mask.dim() >= 3 else mask.reshape(1, -1)
     return [index for index, has_edit in enumerate((flat > 0).any(dim=1).tolist()) if not has_edit]
+
+
+def masks_in_use(mask: torch.Tensor, image_batch: int) -> torch.Tensor:
+    """The items of a MASK batch that an edit of ``image_batch`` images uses (``match_batches``' rule): all of
+    them for one image or a shorter mask batch, else the first ``image_batch``."""
+    if mask.dim() < 3 or image_batch == 1:
+        return mask
+    return mask[:image_batch]
 
 
 def fit_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:

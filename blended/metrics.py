@@ -181,6 +181,8 @@ def clip_similarity(clip, embeds: torch.Tensor, prompts: Sequence[str]) -> torch
         raise BlendedInputError(f"{len(prompts)} prompts for {embeds.shape[0]} images: give one prompt, or one "
                                 "per image")
     lines = [parse_prompt(p) for p in prompts]
+    if any(line.is_empty for line in lines):
+        raise BlendedInputError("CLIP similarity needs a prompt: type the text the edits should match")
     if len(lines) == 1:
         lines = lines * embeds.shape[0]
     text = {}
@@ -288,9 +290,10 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     edited). CLIP similarity needs ``clip`` and ``prompt``, diversity ``clip``; LPIPS needs ``lpips_model``.
     What is not measured stays NaN.
     """
-    # An image or mask batch between one and one per result is one per input (the Sampler edits each image with
-    # its mask, or one image with each mask), each input with its group of results.
-    inputs = max((n for n in (reference.shape[0], mask_batch_size(mask)) if 1 < n < results.shape[0]), default=1)
+    # The Sampler's inputs: its images, or one picture's masks (it edits a picture once per mask). Between one
+    # and one per result, each input has its group of results.
+    inputs = reference.shape[0] if reference.shape[0] > 1 else mask_batch_size(mask)
+    inputs = inputs if 1 < inputs < results.shape[0] else 1
     results, reference, edited = prepare(results, reference, mask)
     batch = results.shape[0]
     nan = [float("nan")] * batch

@@ -141,7 +141,8 @@ class BlendedDiffusionSampler:
         # What the widgets and the mask alone can refuse is refused before the models are loaded and copied.
         check_settings(SamplerSettings(**widgets), diffusion, num_results)
         if mask is not None:
-            image_io.check_mask_not_empty(mask <= 0 if invert_mask else mask, inverted=invert_mask)
+            used = image_io.masks_in_use(mask, image.shape[0] if image.dim() == 4 else 1)
+            image_io.check_mask_not_empty(used <= 0 if invert_mask else used, inverted=invert_mask)
         run = dict(model=model, guidance=guidance, diffusion=diffusion, image=image, mask=mask, seed=seed,
                    num_results=num_results, invert_mask=invert_mask, widgets=widgets,
                    callback=bridge.progress_callback(1, node_id=unique_id, preview=preview))

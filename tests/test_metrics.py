@@ -193,6 +193,20 @@ def test_prompt_lines_are_paired_with_images_in_the_samplers_order(clip, diffusi
         metrics.split_prompts("a\nb\nc", 8, inputs=2)
 
 
+def test_masks_beyond_the_images_do_not_count_as_inputs(clip, monkeypatch):
+    """Two images with four masks: the Sampler keeps the first two masks, so there are two inputs, not four."""
+    measured = []
+    real_similarity = metrics.clip_similarity
+    monkeypatch.setattr(metrics, "clip_similarity", lambda c, e, lines: measured.append(lines) or
+                        real_similarity(c, e, lines))
+    inputs = torch.cat([_photo(seed=1), _photo(seed=2)])
+    metrics.score_edits(inputs.repeat_interleave(4, dim=0), inputs, _mask().expand(4, -1, -1), clip=clip,
+                        prompt="a\nb")
+    assert measured == [["a", "a", "b", "b", "a", "a", "b", "b"]]
+    with pytest.raises(BlendedInputError, match="needs a prompt"):
+        metrics.clip_similarity(clip, torch.zeros(2, 8), [""])
+
+
 def test_one_picture_edited_with_several_masks_pairs_lines_as_the_sampler(clip, diffusion, monkeypatch):
     """The Sampler edits one picture with each mask of a batch, each mask an input with its group of results."""
     from blended.sampler import SamplerSettings, edit_image

@@ -9,8 +9,10 @@ from torch.profiler import ProfilerActivity, profile
 from blended.errors import BlendedInputError
 from blended.frames import frames_to_image_batch
 from blended.image_io import (
+    antialiased_resize,
     check_mask_not_empty,
     from_model_range,
+    masks_in_use,
     match_batches,
     prepare_mask,
     repeat_to_batch_size,
@@ -144,6 +146,23 @@ def test_an_enlarged_mask_edits_exactly_its_own_pixels():
     edited_rows = torch.nonzero((out > 0).any(dim=1)).flatten()
     assert edited_rows.tolist() == list(range(40, 80))  # mask rows 10..19, 4x
     assert (out.amax(dim=0) > 0).sum() >= 1
+
+
+def test_the_masks_in_use_are_the_ones_the_edit_pairs_with_its_images():
+    masks = torch.arange(1.0, 5.0)[:, None, None].expand(4, 2, 2)  # item k holds the value k + 1
+    for image_batch in (1, 2, 3, 4, 6):
+        pictures = torch.zeros(image_batch, 3, 2, 2)
+        _, paired = match_batches(pictures, masks[:, None])
+        assert set(masks_in_use(masks, image_batch).unique().tolist()) == set(paired.unique().tolist())
+
+
+def test_a_resize_to_one_column_matches_the_transposed_resize():
+    """torch's antialiased resize is wrong for a one-column result whose rows change; the pack's is not."""
+    picture = torch.rand(2, 3, 9, 13, generator=_generator(4))
+    for mode in ("bilinear", "bicubic"):
+        column = antialiased_resize(picture, (5, 1), mode)
+        row = antialiased_resize(picture.transpose(-1, -2), (1, 5), mode).transpose(-1, -2)
+        torch.testing.assert_close(column, row, atol=1e-6, rtol=0)
 
 
 def test_a_one_pixel_wide_mask_is_resized_as_a_wider_one():
