@@ -42,6 +42,17 @@ class HostCopies:
         self._pending.append(_copy_to_host(tensor))
         del self._pending[:-self.keep]  # a device far behind the host: the oldest are never shown
 
+    def newest(self) -> torch.Tensor | None:
+        """The newest copy, waited for (None if there is none), dropping every copy: for the last step, when the
+        run reads its result next anyway."""
+        if not self._pending:
+            return None
+        event, host = self._pending[-1]
+        if event is not None:
+            event.synchronize()
+        self._pending.clear()
+        return host
+
     def newest_arrived(self) -> torch.Tensor | None:
         """The newest copy that has reached the host (None if none has), dropping it and every older one."""
         for i in range(len(self._pending) - 1, -1, -1):

@@ -172,7 +172,7 @@ def progress_callback(total: int, node_id=None, preview: bool = True):
         preview_size = 512
 
     # The preview shown is the newest whose copy has reached the host, usually the step before: waiting for this
-    # step's would stall the GPU once per step.
+    # step's would stall the GPU once per step. The last step's is waited for, so the bar ends on the result.
     copies = HostCopies()
 
     def callback(done: int, total_steps: int, pred_xstart: torch.Tensor) -> None:
@@ -181,7 +181,7 @@ def progress_callback(total: int, node_id=None, preview: bool = True):
         if preview and pred_xstart is not None:
             pixels = from_model_range(pred_xstart[0].detach().float())
             copies.add((pixels * 255).round().to(torch.uint8).movedim(0, -1).contiguous())  # 8-bit HWC crosses
-            arrived = copies.newest_arrived()
+            arrived = copies.newest() if done >= total_steps else copies.newest_arrived()
             if arrived is not None:
                 image = ("JPEG", Image.fromarray(arrived.numpy()), preview_size)
         bar.update_absolute(done, total_steps, image)

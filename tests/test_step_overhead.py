@@ -142,3 +142,39 @@ def test_previews_are_handed_out_once_on_the_host_without_waiting(monkeypatch):
     assert copies.newest_arrived().tolist() == [5]
     events[6].arrived = True
     assert copies.newest_arrived().tolist() == [6] and copies.newest_arrived() is None
+    # the last step's copy is waited for, so the bar ends on the result
+    waited = []
+    CopyEvent.synchronize = lambda event: waited.append(event)
+    for step in (7, 8):
+        copies.add(torch.tensor([step]))
+    assert copies.newest().tolist() == [8] and waited == [events[8]] and copies.newest() is None
+
+
+@pytest.mark.comfy
+def test_the_progress_bar_ends_on_the_last_steps_preview(comfy_inprocess, monkeypatch):
+    """Previews lag a step on a GPU (their copies are not waited for), except the last, which is."""
+    import sys
+
+    import comfy.utils
+
+    bridge = comfy_inprocess.pack_module("comfy_bridge")
+    devices = sys.modules[bridge.HostCopies.__module__]  # the pack's own copy of blended.devices
+
+    class NeverArrives:  # a copy still in flight until waited for
+        def query(self):
+            return False
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(devices, "_copy_to_host", lambda tensor: (NeverArrives(), tensor.clone()))
+    shown = []
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute",
+                        lambda self, value, total=None, preview=None: shown.append((value, preview)))
+    callback = bridge.progress_callback(3)
+    for step in (1, 2, 3):
+        callback(step, 3, torch.full((1, 3, 4, 4), step / 3.0))
+    assert [value for value, _ in shown] == [1, 2, 3]
+    assert shown[0][1] is None and shown[1][1] is None
+    kind, picture, _ = shown[2][1]
+    assert kind == "JPEG" and picture.getpixel((0, 0)) == (255, 255, 255)
