@@ -75,7 +75,15 @@ class GuidanceSchedule:
 
 
 def parse_values(text: str) -> tuple:
-    """'0.2, 1.0' (commas and/or spaces) -> (0.2, 1.0); a bad entry is quoted in the error."""
+    """'0.2, 1.0' (commas and/or spaces) -> (0.2, 1.0); a bad entry is quoted in the error.
+
+    The values multiply ``clip_lambda``, so they are >= 0 (a negative weight belongs on a prompt part). Decimal
+    commas with semicolons between the values ('0,5; 1,5') would split into twice as many numbers, so they are
+    refused rather than guessed at.
+    """
+    if ";" in str(text) and re.search(r"\d,\d", str(text)):
+        raise BlendedInputError(f"schedule values {str(text)!r} look like they use decimal commas: write decimals "
+                                "with a point and separate the values with commas or spaces, e.g. '0.5, 1.5'.")
     entries = [e for e in re.split(r"[,\s;]+", str(text).strip()) if e]
     values = []
     for entry in entries:
@@ -89,5 +97,9 @@ def parse_values(text: str) -> tuple:
         if abs(value) > torch.finfo(torch.float32).max:  # infinite once in float32: every image would come out NaN
             raise BlendedInputError(f"schedule value {entry!r} in {str(text)!r} is too large: the values scale "
                                     "the CLIP weight, e.g. '1.0, 0.5, 0.25'.")
+        if value < 0:
+            raise BlendedInputError(f"schedule value {entry!r} in {str(text)!r} is negative: the values multiply "
+                                    "clip_lambda and must be >= 0; to steer away from something, give a prompt "
+                                    "part a negative weight ('blurry:-0.5').")
         values.append(value)
     return tuple(values)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..blended import image_io
 from ..blended import schedule as guidance_schedule
 from ..blended.augment import AugmentationSettings
+from ..blended.errors import BlendedInputError
 from ..blended.guidance import GuidanceSettings
 from ..blended.prompts import parse_prompt_lines
 from . import comfy_bridge as bridge
@@ -206,7 +207,8 @@ class GuidanceSchedule:
                           "first step to the second at the last, e.g. '1.0, 0.2' ramps down to a fifth. values: "
                           "any list placed evenly over the steps and interpolated, e.g. '0.5, 1.5, 1.0'."}),
                 "values": ("STRING", {"default": "1.0, 0.2", "tooltip":
-                           "Multipliers of clip_lambda, separated by commas (ignored when constant)."}),
+                           "Multipliers of clip_lambda (>= 0), separated by commas, decimals with a point "
+                           "(ignored when constant)."}),
                 "gradient_guard": (list(guidance_schedule.GUARDS), {"default": "off", "tooltip":
                                    "off: the original. clamp: every element of the guidance gradient is clamped "
                                    "to +-limit. normalize: each result's gradient is scaled down so its RMS is "
@@ -218,7 +220,22 @@ class GuidanceSchedule:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, shape=None, values=None, gradient_guard=None, limit=None):
+        # At queue time, before any loader runs; a linked input is not known yet (None) and is checked by build.
+        if None in (shape, values, gradient_guard, limit):
+            return True
+        try:
+            cls._schedule(shape, values, gradient_guard, limit)
+        except BlendedInputError as exc:
+            return str(exc)
+        return True
+
     def build(self, shape, values, gradient_guard, limit):
+        return (self._schedule(shape, values, gradient_guard, limit),)
+
+    @staticmethod
+    def _schedule(shape, values, gradient_guard, limit):
         parsed = guidance_schedule.parse_values(values) if shape != "constant" else ()
-        return (guidance_schedule.GuidanceSchedule(shape=shape, values=parsed, guard=gradient_guard,
-                                                   limit=float(limit)),)
+        return guidance_schedule.GuidanceSchedule(shape=shape, values=parsed, guard=gradient_guard,
+                                                  limit=float(limit))

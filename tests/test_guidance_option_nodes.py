@@ -77,6 +77,16 @@ def test_a_bad_schedule_value_is_refused_quoting_it(comfy_inprocess):
     assert "'lots'" in str(err.value)
 
 
+@pytest.mark.parametrize("values, quoted", [("1.0", "exactly two values"), ("0,5; 1,5", "decimal commas"),
+                                            ("-1, 2", "is negative")])
+def test_a_bad_schedule_is_refused_when_queued_before_any_loader_runs(comfy_inprocess, values, quoted):
+    seen = len(comfy_inprocess.server.messages)
+    with pytest.raises(harness.PromptExecutionError, match="prompt rejected") as err:
+        comfy_inprocess.run(options_graph(values=values))
+    assert quoted in str(err.value)
+    assert not [m for m in comfy_inprocess.server.messages[seen:] if m[0] == "executing"]
+
+
 def test_each_part_has_its_own_token_limit(comfy_inprocess):
     long_part = " ".join(["rock"] * 60)  # 62 tokens alone, more than 77 with the other part
     prompt = graph(empty_image(), solid_mask(1.0), prompt=f"{long_part} | {long_part}:0.5")
