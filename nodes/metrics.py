@@ -49,7 +49,9 @@ class EditMetrics:
                 "image": ("IMAGE", {"tooltip": "The input the edits were made from, same size: one image, one per "
                                                "result, or one per group of results (the Sampler's order)."}),
                 "mask": ("MASK", {"tooltip": "The edited region (> 0 = edited, 0 = background), e.g. the "
-                                             "Sampler's mask output. Resized to the image if sizes differ."}),
+                                             "Sampler's mask output. Resized to the image if sizes differ. For one "
+                                             "picture edited with several masks and several prompt lines, connect "
+                                             "those masks: they pair the lines with the results."}),
                 "ring_width": ("INT", {"default": metrics.DEFAULT_RING_WIDTH, "min": 1, "max": 64, "tooltip":
                                "Seam scores: pixels on each side of the mask border that make up the ring."}),
                 "lpips": (LPIPS_CHOICES, {"default": "if available", "tooltip":
