@@ -243,14 +243,14 @@ def check_mask_not_empty(mask: torch.Tensor, inverted: bool = False) -> None:
     if not empty:
         return
     message = EMPTY_INVERTED_MASK_MESSAGE if inverted else EMPTY_MASK_MESSAGE
-    if mask.dim() < 3 or mask.shape[0] == 1:
+    if mask_batch_size(mask) == 1:
         raise BlendedInputError(message)
     raise BlendedInputError(f"{message} (empty in batch item(s) {empty})")
 
 
 def empty_mask_items(mask: torch.Tensor) -> list[int]:
     """The batch items of a mask ([B,H,W] or [B,1,H,W]; [H,W] is one item) with no value > 0, read in one go."""
-    flat = mask.reshape(mask.shape[0], -1) if mask.dim() >= 3 else mask.reshape(1, -1)
+    flat = mask.reshape(mask_batch_size(mask), -1)
     return [index for index, has_edit in enumerate((flat > 0).any(dim=1).tolist()) if not has_edit]
 
 
