@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import regions
+from . import mask_morphology
 from .errors import BlendedInputError
 
 SPACES = ("off", "rgb", "lab")
@@ -31,7 +31,7 @@ def ring_width_for(size: int) -> int:
 def inner_ring(mask: torch.Tensor, width: int) -> torch.Tensor:
     """Bool [B,1,H,W]: the mask's pixels within ``width`` of its border (the whole mask if it is thinner)."""
     edited = mask > 0
-    ring = edited & ~(regions.grow_mask(edited.float(), -int(width)) > 0)
+    ring = edited & ~(mask_morphology.grow_mask(edited.float(), -int(width)) > 0)
     return ring if bool(ring.any()) else edited
 
 

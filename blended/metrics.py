@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import regions
+from . import mask_morphology, regions
 from .errors import BlendedInputError
 from .image_io import fit_batch, mask_batch_size, prepare_mask
 from .prompts import parse_prompt
@@ -98,8 +98,8 @@ def border_rings(edited: torch.Tensor, width: int = DEFAULT_RING_WIDTH):
     if width < 1:
         raise BlendedInputError(f"the seam ring must be at least 1 pixel wide, got {width}")
     region = edited.float()
-    inner = edited & ~(regions.grow_mask(region, -width) > 0)
-    outer = (regions.grow_mask(region, width) > 0) & ~edited
+    inner = edited & ~(mask_morphology.grow_mask(region, -width) > 0)
+    outer = (mask_morphology.grow_mask(region, width) > 0) & ~edited
     return inner, outer
 
 

@@ -17,8 +17,7 @@ costs nothing beyond it when it is a view), and ``paste_back`` needs one full-re
 resolution: resizes go one axis at a time, in chunks (``_resize_axis``), so a thin panorama's square box costs
 what the panorama does, not its square.
 
-Mask morphology (``grow_mask``, ``feather_mask``) also lives here because it exists to shape the composite.
-Both default to 0 so that the original's hard, unmodified mask is what the sampler sees by default.
+The composite's grow and feather are in ``mask_morphology``.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 0.25
 DEFAULT_MIN_MARGIN = 16
-MASK_SHAPES = ("circle", "square")
 
 
 @dataclass(frozen=True)
@@ -359,136 +357,6 @@ def paste_back(
         blended = region * (1.0 - weight) + pasted * weight
         region.copy_(torch.where(weight > 0, blended, region))
     return out
-
-
-def _check_shape(shape: str) -> None:
-    if shape not in MASK_SHAPES:
-        raise BlendedInputError(f"mask kernel shape must be one of {MASK_SHAPES}, got {shape!r}")
-
-
-def _unit_step_is_square(step: int, shape: str) -> bool:
-    """The k-th 3x3 step of a growing kernel: square steps only, or square/cross alternating.
-
-    Alternating square and cross steps grows an octagon, a cheap stand-in for a disc (within about 8%) that
-    needs only 3x3 pools. Grow and feather use the same step sequence so a feather never eats into the region
-    it was grown around.
-    """
-    return shape == "square" or step % 2 == 0
-
-
-def _dilate_step(mask: torch.Tensor, square: bool) -> torch.Tensor:
-    if square:
-        return F.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
-    vertical = F.max_pool2d(mask, kernel_size=(3, 1), stride=1, padding=(1, 0))
-    horizontal = F.max_pool2d(mask, kernel_size=(1, 3), stride=1, padding=(0, 1))
-    return torch.maximum(vertical, horizontal)
-
-
-def _erode_step(mask: torch.Tensor, square: bool) -> torch.Tensor:
-    # Pixels outside the image count as "mask": an edit touching the border must not shrink away from it.
-    return 1.0 - _dilate_step(1.0 - mask, square)
-
-
-def _working_box(mask: torch.Tensor, reach: int) -> tuple[int, int, int, int] | None:
-    box = mask_bounding_box(mask)
-    if box is None:
-        return None
-    row0, row1, col0, col1 = box
-    height, width = mask.shape[-2:]
-    return max(row0 - reach, 0), min(row1 + reach, height), max(col0 - reach, 0), min(col1 + reach, width)
-
-
-def grow_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.Tensor:
-    """Dilate (``pixels`` > 0) or erode (< 0) a mask by ``pixels``; 0 returns it unchanged.
-
-    Works on soft masks too (grey-level max/min, like core's GrowMask). The kernel is a square or an
-    octagonal approximation of a circle. Only the mask's bounding box plus ``|pixels|`` is processed, so a small
-    mask on a huge image is cheap. Erosion treats the outside of the image as masked, so a region touching the
-    border stays attached to it. Returns the same shape as the input, float32.
-    """
-    _check_shape(shape)
-    pixels = int(pixels)
-    if pixels == 0:
-        return mask.to(torch.float32)
-    work, original_shape = mask_as_b1hw(mask).to(torch.float32), mask.shape
-    box = _working_box(work, abs(pixels))
-    if box is None:
-        return work.reshape(original_shape)
-    row0, row1, col0, col1 = box
-    region = work[..., row0:row1, col0:col1]
-    if pixels > 0 and shape == "square":
-        kernel = 2 * pixels + 1
-        region = F.max_pool2d(region, kernel_size=(kernel, 1), stride=1, padding=(pixels, 0))
-        region = F.max_pool2d(region, kernel_size=(1, kernel), stride=1, padding=(0, pixels))
-    else:
-        step_fn = _dilate_step if pixels > 0 else _erode_step
-        for step in range(abs(pixels)):
-            region = step_fn(region, _unit_step_is_square(step, shape))
-    out = work.clone()
-    out[..., row0:row1, col0:col1] = region
-    return out.reshape(original_shape)
-
-
-def feather_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.Tensor:
-    """Soften a mask's edge *inward* over ``pixels`` pixels; 0 returns it unchanged.
-
-    The result is never larger than the input: pixel value = min(depth, pixels) / pixels, where depth is how
-    many erosion steps the pixel survives. Feathering inward keeps a hard promise: to blend an edit of region R
-    smoothly while still replacing all of R, grow R by ``pixels`` first and feather the grown mask by the same
-    ``pixels`` with the same ``shape``; R stays exactly 1 and the ramp lies in the grown band. Every nonzero
-    pixel of the input stays nonzero, so binarising with ``> 0`` recovers the input's support.
-    """
-    _check_shape(shape)
-    pixels = int(pixels)
-    if pixels < 0:
-        raise BlendedInputError(f"feather must be >= 0 pixels, got {pixels}; use grow with a negative value to shrink")
-    if pixels == 0:
-        return mask.to(torch.float32)
-    work, original_shape = mask_as_b1hw(mask).to(torch.float32), mask.shape
-    box = _working_box(work, pixels)
-    if box is None:
-        return work.reshape(original_shape)
-    row0, row1, col0, col1 = box
-    region = work[..., row0:row1, col0:col1]
-    total = region.clone()
-    eroded = region
-    for step in range(pixels - 1):
-        eroded = _erode_step(eroded, _unit_step_is_square(step, shape))
-        total += eroded
-    out = work.clone()
-    out[..., row0:row1, col0:col1] = total / pixels
-    return out.reshape(original_shape)
-
-
-def grown_and_feathered(mask: torch.Tensor, grow: int, feather: int, shape: str = "circle") -> torch.Tensor:
-    """``mask`` grown by ``grow + feather``, then feathered inward by ``feather``: the region stays 1 and the ramp
-    lies in the band around it (the Sampler's composite for ``grow_mask`` and ``feather``).
-
-    Both run on the mask's box plus the band, padded where that box meets the image's edge with the edge's
-    pixels repeated outward. A region that touches the image's edge thus goes on past it (no ramp along the
-    edge), while a band that the edge merely cuts keeps its ramp; feathering the cut band on its own would
-    count the outside as mask and make the pixels along the edge 1, replacing them wholly.
-    """
-    work, original_shape = mask_as_b1hw(mask).to(torch.float32), mask.shape
-    reach = int(grow) + int(feather)
-    box = mask_bounding_box(work)
-    if box is None or (reach == 0 and not feather):
-        return work.reshape(original_shape)
-    # One pixel more than the band, so a row of the background lies between the band and the canvas's side.
-    margin = abs(reach) + 1
-    height, width = work.shape[-2:]
-    row0, row1 = max(box[0] - margin, 0), min(box[1] + margin, height)
-    col0, col1 = max(box[2] - margin, 0), min(box[3] + margin, width)
-    pads = (margin if col0 == 0 else 0, margin if col1 == width else 0,
-            margin if row0 == 0 else 0, margin if row1 == height else 0)
-    canvas = F.pad(work[..., row0:row1, col0:col1], pads, mode="replicate")
-    canvas = grow_mask(canvas, reach, shape)
-    if feather:
-        canvas = feather_mask(canvas, feather, shape)
-    out = torch.zeros_like(work)
-    out[..., row0:row1, col0:col1] = canvas[..., pads[2]:canvas.shape[-2] - pads[3],
-                                            pads[0]:canvas.shape[-1] - pads[1]]
-    return out.reshape(original_shape)
 
 
 def box_mask(plan: CropPlan, batch: int = 1) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import colour_match, image_io, regions, resampling, seeds, soft_mask, targets
+from . import colour_match, image_io, mask_morphology, regions, resampling, seeds, soft_mask, targets
 from .devices import made_current, to_device
 from .diffusion import GaussianDiffusion, create_diffusion
 from .errors import BlendedInputError
@@ -279,7 +279,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             #    a square crop covering it, at model resolution, in [-1,1]. The model edits the user's mask.
             composite = (masks[b:b + 1] > 0).float()
             if settings.grow_mask or settings.feather:
-                composite = regions.grown_and_feathered(composite, settings.grow_mask, settings.feather)
+                composite = mask_morphology.grown_and_feathered(composite, settings.grow_mask, settings.feather)
             if settings.region == "full":
                 plan = regions.plan_full_image(height, width, model_size)
             else:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from blended import colour_match, metrics, regions
+from blended import colour_match, mask_morphology, metrics
 from blended.augment import AugmentationSettings
 from blended.checkpoint import load_guided_diffusion
 from blended.clip_model import load_guidance_clip
@@ -72,7 +72,7 @@ def metrics_picture():
     other = load_image("img2.png")
     nchw, m = image.movedim(-1, 1), mask[:, None]
     hard = nchw * (1 - m) + other.movedim(-1, 1) * m
-    soft_mask = regions.feather_mask(regions.grow_mask(m, 6), 6)
+    soft_mask = mask_morphology.feather_mask(mask_morphology.grow_mask(m, 6), 6)
     feathered = nchw * (1 - soft_mask) + other.movedim(-1, 1) * soft_mask
     results = torch.cat([nchw, hard, feathered])
     masks = torch.cat([m, m, (soft_mask > 0).float()])
@@ -124,7 +124,7 @@ def soft_mask_picture():
     diffusion = create_diffusion(timestep_respacing="20")
     guidance = GuidanceSettings(augmentations=AugmentationSettings(num_views=2))
     image, mask = load_image("img.png"), load_mask("mask.png")
-    grey = regions.feather_mask(regions.grow_mask(mask[:, None], 10), 30)[:, 0]
+    grey = mask_morphology.feather_mask(mask_morphology.grow_mask(mask[:, None], 10), 30)[:, 0]
     images = [to_pil(image[0]), to_pil(grey[0, :, :, None].expand(-1, -1, 3))]
     means = []
     for soft in (False, True):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blended import regions
+from blended import mask_morphology, regions
 from blended.image_io import check_mask_not_empty, match_batches, prepare_mask, to_rgb_nchw
 
 MODEL_SIZES = st.sampled_from([8, 64, 256])
@@ -117,8 +117,8 @@ def test_paste_back_keeps_everything_outside_the_composite_mask(case, model_size
     height, width, boxes = case
     generator = torch.Generator().manual_seed(seed)
     mask = _mask_from(boxes, height, width)[None, None]
-    grown = regions.grow_mask(mask, grow + feather, shape=shape)
-    composite = regions.feather_mask(grown, feather, shape=shape)
+    grown = mask_morphology.grow_mask(mask, grow + feather, shape=shape)
+    composite = mask_morphology.feather_mask(grown, feather, shape=shape)
     assert composite.shape == mask.shape
     assert composite.min() >= 0 and composite.max() <= 1
     if grow >= 0:

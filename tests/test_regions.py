@@ -20,13 +20,11 @@ from blended.image_io import (
     to_model_range,
     to_rgb_nchw,
 )
+from blended.mask_morphology import feather_mask, grow_mask
 from blended.regions import (
     CropPlan,
     crop_image,
     crop_mask,
-    feather_mask,
-    grow_mask,
-    grown_and_feathered,
     mask_bounding_box,
     paste_back,
     plan_full_image,
@@ -461,67 +459,6 @@ def test_paste_back_large_image_writes_only_the_box():
     assert torch.equal(out[..., :1900, :], image[..., :1900, :])
     assert torch.equal(out[..., :, :2900], image[..., :, :2900])
     assert (out[..., 1900:, 2900:] == 0).all()
-
-
-# ---------------------------------------------------------------------------------------------- morphology
-
-
-def test_grow_and_erode_square_and_circle():
-    mask = torch.zeros(1, 1, 21, 21)
-    mask[0, 0, 10, 10] = 1.0
-    square = grow_mask(mask, 3, shape="square")
-    assert square.sum() == 49 and square[0, 0, 7:14, 7:14].sum() == 49
-    circle = grow_mask(mask, 3, shape="circle")
-    assert circle[0, 0, 10, 7] == 1 and circle[0, 0, 10, 13] == 1 and circle[0, 0, 7, 10] == 1
-    assert circle[0, 0, 7, 7] == 0, "a circle-ish kernel must not reach the square's corner"
-    assert 25 < circle.sum() < 49
-    assert torch.equal(grow_mask(square, -3, shape="square"), mask)
-    assert torch.equal(grow_mask(mask, 0), mask)
-    assert grow_mask(mask, -1).sum() == 0
-
-
-def test_erosion_keeps_regions_touching_the_border():
-    mask = torch.zeros(10, 10)
-    mask[:, :4] = 1.0
-    eroded = grow_mask(mask, -2, shape="square")
-    assert eroded.shape == (10, 10)
-    assert eroded[:, :2].sum() == 20 and eroded[:, 2:].sum() == 0
-
-
-def test_feather_is_inward_and_covers_the_grown_region():
-    mask = torch.zeros(1, 40, 40)
-    mask[0, 15:25, 12:20] = 1.0
-    for shape in ("circle", "square"):
-        grown = grow_mask(mask, 5, shape=shape)
-        soft = feather_mask(grown, 5, shape=shape)
-        assert soft.shape == mask.shape
-        assert (soft <= grown).all()
-        assert torch.equal((soft > 0), (grown > 0)), "feathering must not change the edit support"
-        assert (soft[mask > 0] == 1).all(), "the original region must stay fully edited"
-        assert ((soft > 0) & (soft < 1)).any()
-    assert torch.equal(feather_mask(mask, 0), mask)
-    with pytest.raises(BlendedInputError):
-        feather_mask(mask, -1)
-    with pytest.raises(BlendedInputError):
-        grow_mask(mask, 1, shape="star")
-
-
-def test_a_band_the_image_edge_cuts_keeps_its_ramp_and_a_region_on_the_edge_stays_whole():
-    mask = torch.zeros(1, 64, 64)
-    mask[0, 52:60, 24:40] = 1.0  # 4 rows above the bottom edge
-    composite = grown_and_feathered(mask, 0, 8)  # the band: 8 rows around the region, 4 of them on the image
-    column = composite[0, :, 32]
-    assert (column[52:60] == 1).all(), "the region itself is fully edited"
-    assert torch.allclose(column[60:64], torch.flip(column[48:52], [0])), "below ramps as above does"
-    assert 0 < column[63] < column[62] < column[61] < 1, "the pixels along the edge are blended, not replaced"
-    # away from the edges, exactly grow then feather
-    inner = torch.zeros(1, 64, 64)
-    inner[0, 24:40, 24:40] = 1.0
-    assert torch.equal(grown_and_feathered(inner, 6, 8), feather_mask(grow_mask(inner, 14), 8))
-    # a region painted up to the edge goes on past it: no ramp along the edge
-    touching = torch.zeros(1, 64, 64)
-    touching[0, 40:64, 24:40] = 1.0
-    assert (grown_and_feathered(touching, 4, 8)[0, 40:64, 24:40] == 1).all()
 
 
 # ---------------------------------------------------------------------------------------------- frames
