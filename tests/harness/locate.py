@@ -23,7 +23,8 @@ def find_comfyui() -> Path | None:
     candidates = []
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(Path(os.environ["COMFYUI_PATH"]))
-    recorded = REPO_ROOT / ".venv" / "comfyui-path"
+    venv = Path(os.environ.get("BLENDED_VENV") or REPO_ROOT / ".venv")  # the scripts' venv, as they choose it
+    recorded = venv / "comfyui-path"
     if recorded.is_file():
         candidates.append(Path(recorded.read_text(encoding="utf-8").strip()))
     candidates.append(REPO_ROOT / ".comfyui")
