@@ -270,6 +270,9 @@ class GuidanceCLIP:
         self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self._text_cache: OrderedDict = OrderedDict()
+        # mean and std per (device, dtype) of the images: a host that moves only ``model`` (ComfyUI's model
+        # manager) must not cost two host-to-device copies in every guided step.
+        self._normalisation: dict = {}
         self._vision_supported = None  # (vision tower, whether blended.clip_vision runs it), checked once
         # The image tower replayed from CUDA graphs, set on a run's clone only (fast_paths, cuda_graphs option).
         self.graphed_tower = None
@@ -336,8 +339,15 @@ class GuidanceCLIP:
     # -- images
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0,1] images -> CLIP's input normalisation."""
-        mean = self.mean.to(device=images.device, dtype=images.dtype)
-        std = self.std.to(device=images.device, dtype=images.dtype)
+        key = (images.device, images.dtype)
+        constants = self._normalisation.get(key)
+        if constants is None:
+            # Made outside inference mode: the division saves ``std`` for the backward of a guided step.
+            with torch.inference_mode(False):
+                constants = (self.mean.to(device=images.device, dtype=images.dtype),
+                             self.std.to(device=images.device, dtype=images.dtype))
+            self._normalisation[key] = constants
+        mean, std = constants
         return (images - mean) / std
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

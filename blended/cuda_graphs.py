@@ -30,6 +30,7 @@ it ends): their memory pools hold the inputs, outputs and activations of one ste
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import weakref
 from typing import Any, Callable
@@ -221,10 +222,20 @@ class GraphedCalls:
         log.warning("cuda_graphs: the %s runs eagerly for the rest of this run: %s", self.name, why)
 
     def release(self) -> None:
-        """Drop the graphs (and with them their memory pools)."""
+        """Drop the graphs and hand their memory pools back.
+
+        ``make_graphed_callables`` keeps its graphs in reference cycles (an autograd Function class made per
+        capture), so dropping ours frees nothing until the cycle collector runs; until then the pools stay
+        reserved, and the next run's batch size, chosen from free memory, would come out smaller.
+        """
+        had_graphs = bool(self._graphs)
         self._graphs.clear()
         self._seen.clear()
         self._awaiting.clear()
+        if had_graphs:
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
 
 
 def _call_flat(fn: Callable, num_args: int, names: tuple, *flat: Any):

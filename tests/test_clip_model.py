@@ -265,3 +265,16 @@ def test_low_precision_layer_norms_compute_in_float32(dtype):
     plain = GuidanceCLIP(open_clip.create_model("ViT-B-16-quickgelu", pretrained=None), 224)
     # What the benchmark built before: open_clip's plain LayerNorm, which CUDA fails on in low precision.
     assert _layer_norms_see_their_weights_dtype(plain.to(dtype=dtype), dtype) != []
+
+
+def test_normalisation_constants_are_made_once_per_device_and_dtype_and_work_in_a_later_backward():
+    fresh = load_guidance_clip(CLIP_DIR / "model.safetensors")
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)  # another dtype: the constants are new tensors
+    with torch.inference_mode():  # e.g. CLIP Rank, which ComfyUI runs under inference mode, uses it first
+        first = fresh.normalize(images)
+    fresh.mean = fresh.std = None  # a second call must not copy them again
+    leaf = images.clone().requires_grad_(True)
+    again = fresh.normalize(leaf)
+    assert torch.equal(again.detach(), first)
+    again.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

@@ -10,7 +10,9 @@ replay's activations used by the backward); whole guided runs through it must gi
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -433,3 +435,32 @@ def test_an_edit_runs_with_the_models_device_current(models, diffusion, monkeypa
     sampler.edit_image(image, mask, unet, diffusion, clip, ["a red rock"], seed=1, num_results=2, settings=settings,
                        device="cpu")
     assert seen == [[torch.device("cpu")]] * 2 and current == []
+
+
+def test_releasing_frees_graphs_kept_in_reference_cycles_at_once(monkeypatch):
+    """torch's graphed callables sit in reference cycles; their memory must not wait for the cycle collector."""
+    class CycleGraph:  # stands for make_graphed_callables' result: a callable in a reference cycle
+        def __init__(self, fn):
+            self.fn, self.me = fn, self
+
+        def __call__(self, *args):
+            return self.fn(*args)
+    alive = []
+    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cpu",))
+
+    def capture(fn, samples):
+        graph = CycleGraph(fn)
+        alive.append(weakref.ref(graph))
+        return graph
+    monkeypatch.setattr(cuda_graphs, "CAPTURE", capture)
+    calls = cuda_graphs.GraphedCalls(lambda x: x * 2, "net")
+    x = torch.ones(3, requires_grad=True)
+    calls(x)
+    calls(x)
+    assert len(alive) == 1 and alive[0]() is not None
+    gc.disable()
+    try:
+        calls.release()
+        assert alive[0]() is None, "the released graph is still alive"
+    finally:
+        gc.enable()
