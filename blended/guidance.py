@@ -150,24 +150,27 @@ class GuidanceObjective:
                 "batch or exactly one per sample.")
         return embeds, weights
 
-    def _views(self, masked: torch.Tensor, result_ids, step: int, augment, stream=()) -> torch.Tensor:
+    def _views(self, masked: torch.Tensor, result_ids, step: int, augment, stream=(), repeat: int = 0) -> torch.Tensor:
         """Augmented CLIP views of the whole batch, [V*B,3,s,s] in the original's view-major order.
 
         Each sample's warps come from its own stream (seed, augmentation, result id, step), so a result does
         not depend on the other results in its batch; all views are then warped in one batched call.
-        ``augment`` and ``stream`` are the CLIP's (its size and views, its own random stream).
+        ``augment`` and ``stream`` are the CLIP's (its size and views, its own random stream); a harmonising
+        resampling ``repeat`` of the step gets fresh warps, as the original's global generator would give.
         """
         if augment.num_views <= 1:
             return augment(masked)
-        generators = [seeds.generator_for(self.seed, seeds.STREAM_AUGMENTATION, rid, step, *stream)
+        generators = [seeds.generator_for(self.seed, seeds.STREAM_AUGMENTATION, rid, step, *stream,
+                                          *seeds.repeat_key(repeat))
                       for rid in result_ids]
         return augment(masked, generators)
 
-    def _term_distances(self, index: int, masked: torch.Tensor, result_ids, step: int) -> torch.Tensor:
+    def _term_distances(self, index: int, masked: torch.Tensor, result_ids, step: int,
+                        repeat: int = 0) -> torch.Tensor:
         """One CLIP's weighted sum over its targets of the mean spherical distance over the views, [B]."""
         term, batch = self.terms[index], masked.shape[0]
         # the first CLIP keeps the original's augmentation stream; the others get their own
-        views = self._views(masked, result_ids, step, self.augments[index], (index,) if index else ())
+        views = self._views(masked, result_ids, step, self.augments[index], (index,) if index else (), repeat)
         num_views = views.shape[0] // batch  # view-major: view v of sample i at v*B+i
         clip_in = term.clip.normalize(from_model_range(views, clamp=False))
         image_embeds = term.clip.encode_image(clip_in).float()
@@ -180,14 +183,14 @@ class GuidanceObjective:
             total = dists if total is None else total + dists
         return total if total is not None else image_embeds.new_zeros(batch)
 
-    def clip_distances(self, x_in: torch.Tensor, result_ids, step: int) -> torch.Tensor:
+    def clip_distances(self, x_in: torch.Tensor, result_ids, step: int, repeat: int = 0) -> torch.Tensor:
         """Per-sample CLIP loss before clip_lambda, [B]: the weighted sum of the CLIP terms' distances."""
         masked = x_in * self.mask
         total = None
         for index, term in enumerate(self.terms):
             if term.weight == 0:
                 continue
-            dists = self._term_distances(index, masked, result_ids, step) * term.weight
+            dists = self._term_distances(index, masked, result_ids, step, repeat) * term.weight
             total = dists if total is None else total + dists
         return total if total is not None else x_in.new_zeros(x_in.shape[0])
 
@@ -200,15 +203,18 @@ class GuidanceObjective:
             raise ValueError("a non-constant guidance schedule needs the objective's num_steps")
         return self.settings.clip_lambda * schedule.factor(self.num_steps - 1 - int(step), self.num_steps)
 
-    def loss(self, x_t: torch.Tensor, pred_xstart: torch.Tensor, fac: float, result_ids, step: int):
-        """The original's loss for x_in = pred_xstart*fac + x_t*(1-fac), summed over the batch."""
+    def loss(self, x_t: torch.Tensor, pred_xstart: torch.Tensor, fac: float, result_ids, step: int,
+             repeat: int = 0):
+        """The original's loss for x_in = pred_xstart*fac + x_t*(1-fac), summed over the batch.
+
+        ``repeat`` > 0 for a harmonising resampling pass of the step (fresh augmentation draws)."""
         s = self.settings
         x_in = pred_xstart * fac + x_t * (1 - fac)
         total = x_t.new_zeros(())
         parts = {}
         clip_lambda = self.clip_weight(step) if s.clip_lambda != 0 else 0.0
         if clip_lambda != 0:
-            dists = self.clip_distances(x_in, result_ids, step)
+            dists = self.clip_distances(x_in, result_ids, step, repeat)
             parts["clip"] = dists.detach()
             total = total + dists.sum() * clip_lambda
         if s.range_lambda != 0:
@@ -225,7 +231,7 @@ class GuidanceObjective:
 
 
 def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch.Tensor, t, result_ids,
-                      step: int, model_kwargs=None):
+                      step: int, model_kwargs=None, repeat: int = 0):
     """-d(loss)/d(x_t), through a grad-enabled UNet forward, plus that forward's p_mean_variance.
 
     ``t`` is the spaced step index, an int (the sampler's: no tensor is read back) or a [B] tensor of equal
@@ -238,7 +244,7 @@ def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch
         x = x_t.detach().requires_grad_(True)
         out = diffusion.p_mean_variance(model, x, t, model_kwargs=model_kwargs, clip_denoised=False)
         fac = float(diffusion.sqrt_one_minus_alphas_cumprod[index])
-        loss, parts = objective.loss(x, out["pred_xstart"], fac, result_ids, step)
+        loss, parts = objective.loss(x, out["pred_xstart"], fac, result_ids, step, repeat)
         if loss.requires_grad:
             grad = -torch.autograd.grad(loss, x)[0]
         else:

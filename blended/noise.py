@@ -5,7 +5,8 @@ original's ``p_sample_loop_progressive``: the noise that starts the loop, each s
 background noise (the blend's ``q_sample``) and, for class-conditional models, each step's random labels.
 
 :class:`SeededNoise` is the default: every draw comes from its own seeded stream (see :mod:`blended.seeds`),
-so result ``i`` depends only on the seed and ``i``. Anything with the same four methods can replace it,
+so result ``i`` depends only on the seed and its result id (``seeds.result_id``: the input's place in the
+batch and ``i``). Anything with the same five methods can replace it,
 e.g. to replay noises recorded from another implementation and compare the loops step by step.
 """
 
@@ -42,13 +43,9 @@ class NoiseSource(Protocol):
     def resample(self, index: int, shape: Sequence[int], result_ids: Sequence[int], repeat: int) -> torch.Tensor:
         """[k,C,S,S] noise that re-noises x back to a later step before a resampling ``repeat``."""
 
-    def labels(self, index: int, result_ids: Sequence[int], num_classes: int) -> torch.Tensor:
-        """[k] random class labels of a class-conditional model at ``index`` (the original's randomize_class)."""
-
-
-def _repeat_key(repeat: int) -> tuple:
-    """Extra stream key of a resampling repeat; none for the first pass, so that draws stay the same."""
-    return (int(repeat),) if repeat else ()
+    def labels(self, index: int, result_ids: Sequence[int], num_classes: int, repeat: int = 0) -> torch.Tensor:
+        """[k] random class labels of a class-conditional model at ``index`` (the original's randomize_class);
+        a resampling ``repeat`` draws its own."""
 
 
 class SeededNoise:
@@ -71,21 +68,21 @@ class SeededNoise:
         return self._per_result(seeds.STREAM_INITIAL_NOISE, 0, shape, result_ids)
 
     def step(self, index, shape, result_ids, repeat=0) -> torch.Tensor:
-        return self._per_result(seeds.STREAM_STEP_NOISE, index, shape, result_ids, *_repeat_key(repeat))
+        return self._per_result(seeds.STREAM_STEP_NOISE, index, shape, result_ids, *seeds.repeat_key(repeat))
 
     def resample(self, index, shape, result_ids, repeat) -> torch.Tensor:
-        return self._per_result(seeds.STREAM_RESAMPLE_NOISE, index, shape, result_ids, repeat)
+        return self._per_result(seeds.STREAM_RESAMPLE_NOISE, index, shape, result_ids, *seeds.repeat_key(repeat))
 
     def background(self, index, shape, result_ids, repeat=0) -> torch.Tensor:
         one = (1,) + tuple(shape[1:])
         groups = [seeds.result_group(rid, self.group_size) for rid in result_ids]
-        drawn = {g: seeds.randn(one, self.seed, seeds.STREAM_BACKGROUND_NOISE, g, index, *_repeat_key(repeat))
+        drawn = {g: seeds.randn(one, self.seed, seeds.STREAM_BACKGROUND_NOISE, g, index, *seeds.repeat_key(repeat))
                  for g in dict.fromkeys(groups)}
         return to_device(torch.cat([drawn[g] for g in groups]), self.device)
 
-    def labels(self, index, result_ids, num_classes) -> torch.Tensor:
+    def labels(self, index, result_ids, num_classes, repeat=0) -> torch.Tensor:
         # The original draws a random class for every sample at every step (randomize_class=True).
         drawn = [torch.randint(0, num_classes, (1,), generator=seeds.generator_for(
-            self.seed, seeds.STREAM_CLASS_LABEL, rid, index)) for rid in result_ids]
+            self.seed, seeds.STREAM_CLASS_LABEL, rid, index, *seeds.repeat_key(repeat))) for rid in result_ids]
         return to_device(torch.cat(drawn), self.device)
 

@@ -127,8 +127,10 @@ def check_settings(settings: SamplerSettings, diffusion, num_results: int = 1) -
 
 def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torch.Tensor, index: int,
                 init_image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, background_noise: torch.Tensor,
-                settings: SamplerSettings, result_ids: Sequence[int], model_kwargs=None) -> dict:
+                settings: SamplerSettings, result_ids: Sequence[int], model_kwargs=None, repeat: int = 0) -> dict:
     """One step from x_t (spaced index ``index``) to x_{t-1}, guided and blended, as the original.
+
+    ``repeat`` > 0 for a harmonising resampling pass of the step: its CLIP views are drawn afresh.
 
     Returns the step's tensors (``sample`` is the next x, already blended) so tests can compare each against
     the reference computed by the original code.
@@ -139,12 +141,12 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
     guided = objective is not None and objective.needs_gradient
     grad = None
     if guided and settings.reuse_guided_forward:
-        grad, out, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs)
+        grad, out, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs, repeat)
     else:
         with torch.no_grad():
             out = diffusion.p_mean_variance(unet, x, t, model_kwargs=model_kwargs, clip_denoised=False)
         if guided:
-            grad, _, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs)
+            grad, _, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs, repeat)
 
     with torch.no_grad():
         if settings.method == "ddpm":
@@ -199,16 +201,17 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
         if step.jump_from is not None:
             x = resampling.jump_back(diffusion, x, step.jump_from, index,
                                      to_device(noise.resample(index, shape, result_ids, step.repeat), device))
+        # Resampled steps draw fresh noise, classes and CLIP views (the original's global generator would).
+        repeat = {"repeat": step.repeat} if step.repeat else {}
         model_kwargs = None
         if num_classes:
-            model_kwargs = {"y": to_device(noise.labels(index, result_ids, num_classes), device)}
-        repeat = {"repeat": step.repeat} if step.repeat else {}  # resampled steps draw fresh noise
+            model_kwargs = {"y": to_device(noise.labels(index, result_ids, num_classes, **repeat), device)}
         step_noise = to_device(noise.step(index, shape, result_ids, **repeat), device)
         background_noise = to_device(noise.background(index, shape, result_ids, **repeat), device)
         position = len(indices) - 1 - index  # of this step in the run (resampled steps keep theirs)
         blend_mask = soft_mask.step_mask(mask, position, len(indices)) if settings.soft_mask else mask
         out = guided_step(unet, diffusion, objective, x, index, init_image, blend_mask, step_noise,
-                          background_noise, settings, result_ids, model_kwargs)
+                          background_noise, settings, result_ids, model_kwargs, step.repeat)
         x = out["blended"]
         pred_xstart = out["pred_xstart"]
         if on_step is not None:

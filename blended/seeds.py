@@ -41,6 +41,15 @@ def result_group(rid: int, group_size: int) -> int:
     return image_index * _RESULTS_PER_IMAGE + result_index // max(1, int(group_size))
 
 
+def repeat_key(repeat: int) -> tuple:
+    """Extra stream key of a harmonising resampling repeat of a step: none for the first pass, so a run
+    without resampling draws exactly what it always did; a marker keeps it apart from other trailing keys."""
+    return (_REPEAT_MARK, int(repeat)) if repeat else ()
+
+
+_REPEAT_MARK = 0x52455045  # "REPE"
+
+
 def _splitmix64(value: int) -> int:
     value = (value + 0x9E3779B97F4A7C15) & _MASK64
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64

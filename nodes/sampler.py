@@ -52,8 +52,9 @@ class BlendedDiffusionSampler:
                 "mask": ("MASK", {"tooltip": "Where to edit: 1 (white / painted) = regenerate, 0 = keep. "
                                              "Resized to the image if sizes differ."}),
                 "seed": ("INT", {"default": 404, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Random seed. Result i depends only on the seed and i, not on how "
-                                            "many results are made."}),
+                                 "tooltip": "Random seed. Result i of an input image depends only on the seed, i and "
+                                            "the image's place in the IMAGE batch, not on how many results are "
+                                            "made or how they are batched."}),
                 "num_results": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
                                 "Edits per prompt and input image (the original makes 32 and ranks them; "
                                 "its authors recommend 64)."}),

@@ -132,7 +132,8 @@ def test_cancelling_during_a_resampled_chunk_stops_the_run(tiny, synthetic):
 def test_the_node_progress_bar_counts_the_resampled_steps(comfy_inprocess):
     import harness
 
-    prompt = harness.tiny_edit_prompt(comfy_inprocess.node_defs(), respacing="6", skip_timesteps=1,
+    # seed 3: the random tiny models' guidance stays finite through the repeats (with some seeds it diverges)
+    prompt = harness.tiny_edit_prompt(comfy_inprocess.node_defs(), seed=3, respacing="6", skip_timesteps=1,
                                       resample_count=1, resample_jump_length=2)
     result = comfy_inprocess.run(prompt)
     progress = [data for event, data in result.messages if event == "progress" and data["node"] == "6"]
@@ -141,3 +142,27 @@ def test_the_node_progress_bar_counts_the_resampled_steps(comfy_inprocess):
     assert [p["value"] for p in progress] == list(range(1, total + 1))
     assert {p["max"] for p in progress} == {total}
     assert all(p["preview"] for p in progress)  # on the CPU each step's preview is on the host at once
+
+
+def test_each_resampling_pass_of_a_step_draws_its_own_clip_views_and_classes(tiny, synthetic, monkeypatch):
+    from blended import guidance, seeds
+    from blended.noise import SeededNoise
+
+    keys = []
+    real = seeds.generator_for
+
+    def recording(seed, *parts):
+        if parts and parts[0] == seeds.STREAM_AUGMENTATION:
+            keys.append(parts)
+        return real(seed, *parts)
+    monkeypatch.setattr(guidance.seeds, "generator_for", recording)
+    image, mask = synthetic
+    _edit(tiny, image, mask, num_results=1, guided=True, resample_count=1, resample_jump_length=2)
+    runs = resampling.total_steps(4, 2, 1)
+    assert len(keys) == runs and len(set(keys)) == runs, "a repeated step must not reuse its first pass's views"
+    first_pass = [k for k in keys if len(k) == 3]  # (stream, result, step): the keys a run without resampling uses
+    assert sorted(k[2] for k in first_pass) == [0, 1, 2, 3]
+    noise = SeededNoise(2, torch.device("cpu"))
+    ids = list(range(16))
+    assert not torch.equal(noise.labels(3, ids, 1000), noise.labels(3, ids, 1000, repeat=1))
+    assert torch.equal(noise.labels(3, ids, 1000), noise.labels(3, ids, 1000, repeat=0))
