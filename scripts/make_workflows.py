@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import tempfile
 from pathlib import Path
 
 from blended.model_files import model_file
-from workflow_format import widget_default, widget_layout
+from workflow_format import input_options, widget_default, widget_layout
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "workflows"
@@ -29,6 +30,22 @@ IMG, MASK = "blended_example_img.png", "blended_example_mask.png"
 IMG2, MASK2 = "blended_example_img2.png", "blended_example_mask2.png"
 SCRIBBLE = "blended_example_scribble.png"
 DOGS_MASK = "blended_example_dogs_mask.png"  # img2's two dogs, painted white
+
+# The canvas's measures (ComfyUI frontend 1.32): the title bar drawn above a node's pos, one input/output row,
+# one widget row, a multiline text box and a Load Image picture preview. On loading a workflow the frontend grows
+# every node to the minimum its rows and widgets need (LGraphNode.computeSize), whatever size was saved, and a
+# node that grows covers the one below it: so each node is saved at least that tall (min_size) and Graph refuses
+# a layout where two nodes' boxes, title bars included, overlap.
+TITLE_HEIGHT = 30
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 20
+MULTILINE_HEIGHT = 50
+WIDGET_SPACING, WIDGETS_PADDING, BOTTOM_PADDING = 4, 8, 6
+IMAGE_PREVIEW_HEIGHT = 220
+TITLE_CHAR_WIDTH = 7  # a title's width per character, roughly, in the canvas's title font
+# Widgets the frontend adds to some core nodes beyond the declared inputs: PreviewAny's text box.
+FRONTEND_WIDGET_HEIGHTS = {"PreviewAny": [MULTILINE_HEIGHT]}
+GAP = 40  # between a node and the one below it
 
 
 class Graph:
@@ -61,7 +78,9 @@ class Graph:
         names = d.get("output_name") or d["output"]
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
                    for i, (n, t) in enumerate(zip(names, d["output"], strict=True))]
-        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size),
+        low = min_size(d, node_type, title)
+        size = [max(size[0], low[0]), max(size[1], low[1])]
+        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": size,
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": node_type}, "widgets_values": values}
         if node_type.startswith("BlendedDiffusion_"):
@@ -81,12 +100,57 @@ class Graph:
         out["links"].append(link_id)
         dst["inputs"][slot]["link"] = link_id
 
+    def overlaps(self) -> list[str]:
+        """Pairs of nodes whose boxes (title bar included) overlap on the canvas."""
+        def box(node):
+            (x, y), (w, h) = node["pos"], node["size"]
+            return x, y - TITLE_HEIGHT, x + w, y + h
+
+        found = []
+        for i, a in enumerate(self.nodes):
+            for b in self.nodes[i + 1:]:
+                (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = box(a), box(b)
+                if min(ax1, bx1) > max(ax0, bx0) and min(ay1, by1) > max(ay0, by0):
+                    found.append(f"#{a['id']} {a['type']} and #{b['id']} {b['type']}")
+        return found
+
     def to_json(self, note: str) -> dict:
+        if overlapping := self.overlaps():
+            raise ValueError(f"nodes overlap on the canvas: {'; '.join(overlapping)}")
         return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(self.links),
                 "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
                 "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "blended_diffusion_note": note},
                 "version": 0.4}
+
+
+def min_size(node_def: dict, node_type: str, title: str | None) -> tuple[int, int]:
+    """The smallest size the frontend gives a node of this definition: one row per link slot (inputs that are
+    not widgets, or outputs, whichever are more), then its widgets; a given title needs its width."""
+    layout = widget_layout(node_def)
+    names = {name for name, _ in layout if name}
+    links = [name for section in ("required", "optional") for name, spec in node_def["input"].get(section, {}).items()
+             if name not in names]
+    rows = max(len(links), len(node_def["output"]), 1)
+    widgets = [MULTILINE_HEIGHT if input_options(spec).get("multiline") else WIDGET_HEIGHT for _, spec in layout]
+    if any(spec.get("extra") == "upload" for name, spec in layout if name is None):
+        widgets.append(IMAGE_PREVIEW_HEIGHT)
+    widgets += FRONTEND_WIDGET_HEIGHTS.get(node_type, [])
+    height = rows * SLOT_HEIGHT + BOTTOM_PADDING
+    if widgets:
+        height += sum(h + WIDGET_SPACING for h in widgets) + WIDGETS_PADDING
+    width = math.ceil(TITLE_HEIGHT * 1.33 + TITLE_CHAR_WIDTH * len(title)) if title else 0
+    return width, height
+
+
+def below(node: dict, gap: float = GAP) -> float:
+    """The y of a node placed under `node`, its title bar `gap` below that node's bottom."""
+    return node["pos"][1] + node["size"][1] + gap + TITLE_HEIGHT
+
+
+def place_below(node: dict, above: dict, gap: float = GAP) -> None:
+    """Moves `node` under `above` (for a node added before the one it goes under, keeping the nodes' ids)."""
+    node["pos"][1] = below(above, gap)
 
 
 def models(g: Graph, x=0, y=0):
@@ -99,8 +163,8 @@ def models(g: Graph, x=0, y=0):
 
 
 def inputs(g: Graph, image=IMG, mask=MASK, x=0, y=380):
-    img = g.add("LoadImage", (x, y), {"image": image}, size=(340, 320))
-    msk = g.add("LoadImageMask", (x, y + 360), {"image": mask, "channel": "red"}, size=(340, 320))
+    img = g.add("LoadImage", (x, y), {"image": image}, size=(340, 340))
+    msk = g.add("LoadImageMask", (x, below(img)), {"image": mask, "channel": "red"}, size=(340, 340))
     return img, msk
 
 
@@ -112,23 +176,23 @@ def soft_edge(g: Graph, mask_src, x, y, expand, blur_radius, sigma):
     """
     grow = g.add("GrowMask", (x, y), {"expand": expand, "tapered_corners": True}, size=(300, 110))
     g.link(mask_src[0], mask_src[1], grow, "mask")
-    as_image = g.add("MaskToImage", (x, y + 150), size=(300, 60))
+    as_image = g.add("MaskToImage", (x, below(grow)), size=(300, 60))
     g.link(grow, 0, as_image, "mask")
-    blur = g.add("ImageBlur", (x, y + 250), {"blur_radius": blur_radius, "sigma": sigma}, size=(300, 110))
+    blur = g.add("ImageBlur", (x, below(as_image)), {"blur_radius": blur_radius, "sigma": sigma}, size=(300, 110))
     g.link(as_image, 0, blur, "image")
-    as_mask = g.add("ImageToMask", (x, y + 400), {"channel": "red"}, size=(300, 80))
+    as_mask = g.add("ImageToMask", (x, below(blur)), {"channel": "red"}, size=(300, 80))
     g.link(blur, 0, as_mask, "image")
     return as_mask
 
 
 def guidance(g: Graph, clip, prompt, x=400, y=0, **widgets):
-    node = g.add("BlendedDiffusion_CLIPGuidance", (x, y), {"prompt": prompt, **widgets}, size=(380, 260))
+    node = g.add("BlendedDiffusion_CLIPGuidance", (x, y), {"prompt": prompt, **widgets}, size=(380, 370))
     g.link(clip, 0, node, "clip")
     return node
 
 
 def sampler(g: Graph, unet, guide, image_src, mask_src, x=820, y=0, title=None, **widgets):
-    node = g.add("BlendedDiffusion_Sampler", (x, y), widgets, title=title, size=(360, 620))
+    node = g.add("BlendedDiffusion_Sampler", (x, y), widgets, title=title, size=(360, 660))
     g.link(unet, 0, node, "model")
     g.link(guide, 0, node, "guidance")
     g.link(image_src[0], image_src[1], node, "image")
@@ -161,7 +225,7 @@ def ranked_results(defs):
     g, unet, clip, img, msk, guide = edit_start(defs, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=8, batch_size=4)
     # Speed options at their (faithful) defaults: where to turn on bf16, reuse_guided_forward, compile, ...
-    speed = g.add("BlendedDiffusion_Speed", (400, 300), size=(380, 260))
+    speed = g.add("BlendedDiffusion_Speed", (400, below(guide)), size=(380, 290))
     g.link(speed, 0, samp, "speed")
     rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 2}, size=(340, 220))
     g.link(samp, 0, rank, "images")
@@ -186,11 +250,12 @@ def different_prompts(defs):
 def alter_object_part(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 320))
+    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 340))
     # A box on the leopard's flank, built from core mask nodes (users paint it in the mask editor).
-    base = g.add("SolidMask", (0, 740), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
-    part = g.add("SolidMask", (0, 900), {"value": 1.0, "width": 70, "height": 50}, size=(300, 110))
-    comp = g.add("MaskComposite", (360, 740), {"x": 150, "y": 115, "operation": "add"}, size=(300, 160))
+    base = g.add("SolidMask", (0, below(img)), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
+    part = g.add("SolidMask", (0, below(base)), {"value": 1.0, "width": 70, "height": 50}, size=(300, 110))
+    comp = g.add("MaskComposite", (360, base["pos"][1]), {"x": 150, "y": 115, "operation": "add"},
+                 size=(300, 160))
     g.link(base, 0, comp, "destination")
     g.link(part, 0, comp, "source")
     guide = guidance(g, clip, "blue fur")
@@ -217,11 +282,12 @@ def scribble_guided(defs):
 def text_guided_extrapolation(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 320))
+    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 340))
     pad = g.add("ImagePadForOutpaint", (400, 380), {"left": 0, "top": 0, "right": 128, "bottom": 0,
                                                     "feathering": 0}, size=(320, 180))
     g.link(img, 0, pad, "image")
     guide = guidance(g, clip, "a dirt road in the savanna")
+    place_below(pad, guide)
     samp = sampler(g, unet, guide, (pad, 0), (pad, 1), num_results=4, region="mask_crop", context=0.5)
     save(g, samp, 0, "blended/extrapolation", 1220, 0)
     return g.to_json("Text-guided extrapolation (outpainting): core ImagePadForOutpaint widens the photo; the "
@@ -231,9 +297,9 @@ def text_guided_extrapolation(defs):
 def sequential_edits(defs):
     g, unet, clip, img, msk, first = edit_start(defs, "a big rock")
     s1 = sampler(g, unet, first, (img, 0), (msk, 0), title="Edit 1: rock", num_results=1)
-    mask2 = g.add("SolidMask", (400, 760), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
-    box = g.add("SolidMask", (400, 900), {"value": 1.0, "width": 60, "height": 60}, size=(300, 110))
-    comp = g.add("MaskComposite", (400, 1040), {"x": 180, "y": 20, "operation": "add"}, size=(300, 160))
+    mask2 = g.add("SolidMask", (400, below(first)), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
+    box = g.add("SolidMask", (400, below(mask2)), {"value": 1.0, "width": 60, "height": 60}, size=(300, 110))
+    comp = g.add("MaskComposite", (400, below(box)), {"x": 180, "y": 20, "operation": "add"}, size=(300, 160))
     g.link(mask2, 0, comp, "destination")
     g.link(box, 0, comp, "source")
     second = guidance(g, clip, "a hot air balloon", x=1220, y=0)
@@ -248,7 +314,7 @@ def chain_core_compositing(defs):
     # Shrunk, then blurred: grey only inside the mask's border, where the edit and the original differ. The
     # original goes over the results (the composite keeps its destination's batch) where the edge is not white.
     soft = soft_edge(g, (samp, 1), 1220, 0, expand=-3, blur_radius=6, sigma=3.0)
-    invert = g.add("InvertMask", (1220, 500), size=(300, 80))
+    invert = g.add("InvertMask", (1220, below(soft)), size=(300, 80))
     g.link(soft, 0, invert, "mask")
     comp = g.add("ImageCompositeMasked", (1560, 0), {"x": 0, "y": 0, "resize_source": False}, size=(320, 170))
     g.link(samp, 0, comp, "destination")
@@ -268,6 +334,7 @@ def high_resolution(defs):
                                          "crop": "disabled"}, size=(320, 160))
     g.link(img, 0, up, "image")
     guide = guidance(g, clip, "a big rock")
+    place_below(up, guide)
     samp = sampler(g, unet, guide, (up, 0), (msk, 0), num_results=2, region="mask_crop", context=0.5,
                    grow_mask=4, feather=6)
     save(g, samp, 0, "blended/high_res", 1220, 0)
@@ -278,8 +345,8 @@ def high_resolution(defs):
 def process_video(defs):
     g, unet, _, img, msk, guide = edit_start(defs, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=1, capture_every=3)
-    save(g, samp, 0, "blended/process_final", 1220, 0)
-    anim = g.add("SaveAnimatedWEBP", (1220, 400), {"filename_prefix": "blended/process", "fps": 8.0},
+    final = save(g, samp, 0, "blended/process_final", 1220, 0)
+    anim = g.add("SaveAnimatedWEBP", (1220, below(final)), {"filename_prefix": "blended/process", "fps": 8.0},
                  size=(360, 420))
     g.link(samp, 2, anim, "images")
     return g.to_json("The process as an animation: the model's x0 prediction every 3 steps, saved as WEBP.")
@@ -288,38 +355,41 @@ def process_video(defs):
 def edit_metrics(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    judge = g.add("BlendedDiffusion_LoadCLIP", (0, 1100), {"clip_name": CLIP.name}, size=(340, 110),
+    judge = g.add("BlendedDiffusion_LoadCLIP", (0, 0), {"clip_name": CLIP.name}, size=(340, 110),
                   title="Judge CLIP (the guiding one here; another CLIP is a fairer judge)")
     judge["properties"]["models"] = [CLIP.declaration()]
     img, msk = inputs(g)
+    place_below(judge, msk)
     guide = guidance(g, clip, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
     preview = g.add("PreviewImage", (1220, 0), size=(360, 360))
     g.link(samp, 0, preview, "images")
-    hard = g.add("BlendedDiffusion_EditMetrics", (1220, 400), {"prompt": "a big rock"}, size=(340, 260),
+    hard = g.add("BlendedDiffusion_EditMetrics", (1220, below(preview)), {"prompt": "a big rock"}, size=(340, 260),
                  title="Metrics: the sampler's hard composite")
     g.link(samp, 0, hard, "results")
     g.link(img, 0, hard, "image")
     g.link(samp, 1, hard, "mask")
     g.link(judge, 0, hard, "clip")
-    table = g.add("PreviewAny", (1600, 400), size=(520, 260))
+    table = g.add("PreviewAny", (1600, hard["pos"][1]), size=(520, 260))
     g.link(hard, 0, table, "source")
     # The same results blended into the original by core nodes through a soft-edged mask: compare the seam
     # columns (both tables measure at the sampler's mask).
-    edge = soft_edge(g, (samp, 1), 1220, 700, expand=-3, blur_radius=6, sigma=3.0)
-    invert = g.add("InvertMask", (1220, 1200), size=(300, 80))
+    edge_y = below(hard)
+    edge = soft_edge(g, (samp, 1), 1220, edge_y, expand=-3, blur_radius=6, sigma=3.0)
+    invert = g.add("InvertMask", (1220, below(edge)), size=(300, 80))
     g.link(edge, 0, invert, "mask")
-    comp = g.add("ImageCompositeMasked", (1560, 700), {"x": 0, "y": 0, "resize_source": False}, size=(320, 170))
+    comp = g.add("ImageCompositeMasked", (1560, edge_y), {"x": 0, "y": 0, "resize_source": False},
+                 size=(320, 170))
     g.link(samp, 0, comp, "destination")
     g.link(img, 0, comp, "source")
     g.link(invert, 0, comp, "mask")
-    soft = g.add("BlendedDiffusion_EditMetrics", (1920, 700), {"prompt": "a big rock"}, size=(340, 260),
+    soft = g.add("BlendedDiffusion_EditMetrics", (1920, edge_y), {"prompt": "a big rock"}, size=(340, 260),
                  title="Metrics: soft edge by core nodes")
     g.link(comp, 0, soft, "results")
     g.link(img, 0, soft, "image")
     g.link(samp, 1, soft, "mask")
     g.link(judge, 0, soft, "clip")
-    table2 = g.add("PreviewAny", (2300, 700), size=(520, 260))
+    table2 = g.add("PreviewAny", (2300, edge_y), size=(520, 260))
     g.link(soft, 0, table2, "source")
     return g.to_json("Measuring edits: Blended Edit Metrics scores the sampler's results (CLIP similarity of the "
                      "edited region, background PSNR, seam, diversity) and the same results blended with a soft "
@@ -343,9 +413,10 @@ def colour_match_at_paste(defs):
     img, msk = inputs(g)
     guide = guidance(g, clip, "a big rock")
     plain = sampler(g, unet, guide, (img, 0), (msk, 0), title="colour_match off (original)", num_results=2)
-    matched = sampler(g, unet, guide, (img, 0), (msk, 0), x=820, y=700, title="colour_match rgb",
+    matched = sampler(g, unet, guide, (img, 0), (msk, 0), x=820, y=below(plain), title="colour_match rgb",
                       num_results=2, colour_match="rgb")
-    for node, y, name in ((plain, 0, "off"), (matched, 700, "rgb")):
+    for node, name in ((plain, "off"), (matched, "rgb")):
+        y = node["pos"][1]
         save(g, node, 0, f"blended/colour_match_{name}", 1220, y)
         metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: colour_match {name}")
     return g.to_json("Colour match at paste-back: the same seed with and without colour_match; compare the "
@@ -371,9 +442,10 @@ def harmonising_resampling(defs):
     img, msk = inputs(g)
     guide = guidance(g, clip, "a big rock")
     plain = sampler(g, unet, guide, (img, 0), (msk, 0), title="resampling off (original)", num_results=2)
-    resampled = sampler(g, unet, guide, (img, 0), (msk, 0), x=820, y=700, title="resampling 2 x 5 steps",
+    resampled = sampler(g, unet, guide, (img, 0), (msk, 0), x=820, y=below(plain), title="resampling 2 x 5 steps",
                         num_results=2, resample_count=2, resample_jump_length=5)
-    for node, y, name in ((plain, 0, "off"), (resampled, 700, "on")):
+    for node, name in ((plain, "off"), (resampled, "on")):
+        y = node["pos"][1]
         save(g, node, 0, f"blended/resampling_{name}", 1220, y)
         metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: resampling {name}")
     return g.to_json("Harmonising resampling (RePaint): every 5 steps are re-noised and denoised twice more, so "
@@ -393,10 +465,12 @@ def image_target(defs):
     g = Graph(defs)
     unet, clip = models(g)
     img, msk = inputs(g)
-    ref = g.add("LoadImage", (400, 380), {"image": IMG2}, title="Reference picture", size=(340, 320))
-    ref_mask = g.add("LoadImageMask", (400, 740), {"image": DOGS_MASK, "channel": "red"},
-                     title="Part of the reference that counts", size=(340, 320))
+    ref = g.add("LoadImage", (400, 380), {"image": IMG2}, title="Reference picture", size=(340, 340))
+    ref_mask = g.add("LoadImageMask", (400, below(ref)), {"image": DOGS_MASK, "channel": "red"},
+                     title="Part of the reference that counts", size=(340, 340))
     guide = guidance(g, clip, "", image_target_weight=1.0)
+    place_below(ref, guide)
+    place_below(ref_mask, ref)
     g.link(ref, 0, guide, "image_target")
     g.link(ref_mask, 0, guide, "image_target_mask")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)

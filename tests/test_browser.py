@@ -268,6 +268,37 @@ def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_in
     assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1, default=str)[:6000]
 
 
+# Every node's box on the canvas as the frontend has laid it out after loading: its body (pos, size, which
+# the frontend grows to fit the node's widgets) and its title bar above pos. Groups are not nodes.
+NODE_BOXES = """() => { const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  return window.app.graph._nodes.map(n => ({id: n.id, title: n.title,
+    box: [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title]})); }"""
+
+
+def _overlaps(nodes: list[dict]) -> list[str]:
+    found = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+            dx, dy = min(ax + aw, bx + bw) - max(ax, bx), min(ay + ah, by + bh) - max(ay, by)
+            if dx > 0 and dy > 0:
+                found.append(f"#{a['id']} {a['title']!r} and #{b['id']} {b['title']!r} overlap by {dx:g} x {dy:g}")
+    return found
+
+
+def test_shipped_workflows_open_with_no_node_covering_another(page):
+    """After the frontend has grown each node to fit its widgets, no node (title bar included) covers part of
+    another, so every widget of every shipped workflow can be seen and reached."""
+    overlaps = {}
+    for path in harness.workflow_files():
+        _load_graph(page, harness.load_workflow(path))
+        found = _overlaps(page.evaluate(NODE_BOXES))
+        if found:
+            overlaps[path.name] = found
+    assert page.page_errors == []
+    assert not overlaps, json.dumps(overlaps, indent=1)
+
+
 @pytest.mark.slow
 def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_client, object_info, screenshots):
     candidates = [p for p in harness.workflow_files()
@@ -335,3 +366,45 @@ def test_a_workflow_saved_with_an_earlier_widget_layout_opens_with_its_values(fi
                 expected[name] = spec[1]["default"] if "default" in spec[1] else spec[0][0]
         got = {k: v for k, v in prompt[str(node_id)]["inputs"].items() if not isinstance(v, list)}
         assert got == expected, (node["type"], got, expected)
+
+
+def _widget_value(page, node_id: int, name: str):
+    return page.evaluate("([id, name]) => window.app.graph.getNodeById(id).widgets.find(w => w.name === name).value",
+                         [node_id, name])
+
+
+# nodes/rank.py reads the former `normalized` switch saved in `mode`'s slot as these modes.
+@pytest.mark.parametrize(("saved", "mode"), [(True, "guidance view"), (False, "original"), ("true", "guidance view")])
+def test_a_clip_rank_saved_with_the_normalized_switch_shows_the_mode_it_runs(saved, mode, page):
+    workflow = json.loads((harness.FIXTURES / "workflows_v1/01_ranked_results.json").read_text())
+    rank = next(n for n in workflow["nodes"] if n["type"] == "BlendedDiffusion_CLIPRank")
+    rank["widgets_values"][2] = saved
+    _load_graph(page, workflow)
+    assert page.page_errors == []
+    assert _widget_value(page, rank["id"], "mode") == mode
+    assert _frontend_prompt(page)[str(rank["id"])]["inputs"]["mode"] == mode
+
+
+TOAST_TEXTS = "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)"
+
+
+def test_settings_dropped_from_an_earlier_layout_are_named_with_what_to_use_instead(page):
+    """Values of widgets that moved to the Speed node are reported in the console and in a toast, each with
+    its setting on the Speed node (the loader's float16 UNet was the Speed node's "fp16 torso")."""
+    workflow = json.loads((harness.FIXTURES / "old_layouts/sampler_26_widgets.json").read_text())
+    nodes = {n["type"]: n for n in workflow["nodes"]}
+    nodes["BlendedDiffusion_LoadGuidedDiffusion"]["widgets_values"][1] = "float16"
+    nodes["BlendedDiffusion_Sampler"]["widgets_values"][24] = True  # compile
+    warnings: list[str] = []
+    page.on("console", lambda message: message.type == "warning" and warnings.append(message.text))
+    _load_graph(page, workflow)
+    deadline = time.monotonic() + 5
+    while len(toasts := page.evaluate(TOAST_TEXTS)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for texts in (warnings, toasts):
+        loader = [t for t in texts if "dtype=float16" in t]
+        assert len(loader) == 1 and 'precision "fp16 torso"' in loader[0], texts
+        sampler = [t for t in texts if "compile=true" in t]
+        assert len(sampler) == 1 and "Speed node" in sampler[0], texts
+    assert all("Blended Diffusion" in t for t in toasts), toasts
+    assert page.page_errors == []

@@ -4,8 +4,12 @@
 // from the Sampler and the loader to the Speed node), the saved values after them would land on the wrong
 // widgets. An old layout is recognised by its length and by a value only it could hold at one position; its
 // values are then re-read by name, and widgets added since then take their declared defaults. Values of removed
-// widgets are dropped with a console note (set them on a Speed node). Every Sampler layout the pack shipped is
-// listed; widgets appended at the end need nothing here (the frontend keeps their defaults).
+// widgets are dropped with a note in the console and, where the frontend has toasts, on screen (set them on a
+// Speed node). Every Sampler layout the pack shipped is listed; widgets appended at the end need nothing here
+// (the frontend keeps their defaults).
+//
+// CLIP Rank's `mode` menu took the slot of the former `normalized` switch: a saved true/false is shown as the
+// mode the server runs for it (nodes/rank.py), not as a value the menu does not offer.
 import { app } from "../../scripts/app.js";
 
 // The Sampler's widgets up to the grow/feather pair, the same in every layout.
@@ -51,8 +55,34 @@ const OLD_LAYOUTS = {
   }],
 };
 
-// What a removed widget is called on the Speed node, where it differs.
-const SPEED_NAMES = { dtype: "precision" };
+// What a removed widget's value is on the Speed node, where the name or the value differs: the loader's dtype
+// set the precision of the UNet's convolutions with its norms in float32, the Speed node's "torso" precisions.
+const SPEED_EQUIVALENTS = {
+  dtype: { float32: 'precision "fp32"', float16: 'precision "fp16 torso"', bfloat16: 'precision "bf16 torso"' },
+};
+
+// A saved CLIP Rank `normalized` switch -> the mode it meant, as the server reads it.
+const RANK_LEGACY_MODES = { true: "guidance view", false: "original" };
+
+function legacyRankMode(value) {
+  if (typeof value === "boolean") return RANK_LEGACY_MODES[value];
+  if (typeof value === "string") {
+    const word = value.trim().toLowerCase();
+    if (word === "true" || word === "false") return RANK_LEGACY_MODES[word];
+  }
+  return undefined;
+}
+
+// Says on screen too, where the frontend offers toasts; never fails where it does not.
+function notify(detail) {
+  console.warn(`[Blended Diffusion] ${detail}`);
+  try {
+    app.extensionManager?.toast?.add?.({ severity: "warn", summary: "Blended Diffusion: settings dropped", detail,
+                                        life: 15000 });
+  } catch (error) {
+    console.warn("[Blended Diffusion] could not show a notice:", error);
+  }
+}
 
 // The declared default of a widget input: its "default" option, or a combo's first choice.
 function declaredDefault(nodeData, name) {
@@ -72,6 +102,17 @@ function matchingLayout(layouts, values) {
 app.registerExtension({
   name: "BlendedDiffusion.OldWidgetLayouts",
   beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === "BlendedDiffusion_CLIPRank") {
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const result = onConfigure?.apply(this, arguments);
+        const mode = this.widgets?.find((w) => w.name === "mode");
+        const mapped = mode && legacyRankMode(mode.value);
+        if (mapped) mode.value = mapped;
+        return result;
+      };
+      return;
+    }
     const layouts = OLD_LAYOUTS[nodeData.name];
     if (!layouts) return;
     const onConfigure = nodeType.prototype.onConfigure;
@@ -91,12 +132,14 @@ app.registerExtension({
           const value = info.widgets_values[i];
           if (widget) widget.value = value;
           else if (name in layout.removedDefaults && layout.removedDefaults[name] !== value) {
-            dropped.push(name in SPEED_NAMES ? `${name}=${value} (its ${SPEED_NAMES[name]})` : `${name}=${value}`);
+            const equivalent = SPEED_EQUIVALENTS[name]?.[value];
+            dropped.push(equivalent ? `${name}=${value} (${equivalent} there)` : `${name}=${value}`);
           }
         });
         if (dropped.length) {
-          console.warn(`[Blended Diffusion] node ${this.id}: ${dropped.join(", ")} moved to the Speed node; ` +
-                       "connect one to the Sampler's 'speed' input to keep them.");
+          notify(`${this.title ?? nodeData.name} (node ${this.id}) was saved with settings that moved to the ` +
+                 `Speed node and are dropped here: ${dropped.join(", ")}. Set them on a Speed node connected to ` +
+                 "the Sampler's 'speed' input to keep them.");
         }
       }
       return result;
