@@ -44,10 +44,12 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -531,8 +533,25 @@ def _ranked_edits(models: Models, inputs: EditInputs, specs, args, device, out) 
 def _write_json(args, rows: list[dict]) -> None:
     """``--json`` rewritten after every finished row, so a run stopped by a time limit keeps what it measured."""
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json_atomically(args.json, rows, indent=1)
+
+
+def write_json_atomically(path: Path, data, **dumps) -> None:
+    """``data`` as JSON in ``path``, whole or not at all: written to a temporary file in the same folder, then
+    renamed over ``path`` in one step, so a process stopped mid-write (a time limit's kill) leaves the previous
+    whole file, never a cut-short one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, **dumps)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def out_of_memory_row(spec: RunSpec, args, device: torch.device, exc: BaseException) -> dict:

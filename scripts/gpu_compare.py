@@ -14,7 +14,8 @@ the original code, needed wherever that folder is not where the benchmark looks 
 The stages run in order of importance, each its own process with a timeout, so an out-of-memory or a slow
 compile loses only that stage, and the whole run keeps within ``--budget`` seconds: a stage gets what is left
 of it (at most ``--timeout``), and the stages it no longer reaches are listed as skipped. Rows a stage finished
-before its time ran out are kept.
+before its time ran out are kept; a stage whose ``--json`` file is cut short (stopped mid-write) gives the rows
+it printed, or an error row, and the run goes on.
 
 1. the original at every ``--batches`` (full 256x256 layout, random weights, 8 views);
 2. the pack's ``scripts/bench.py`` for each ``--presets`` entry, all batches in one process (seconds per
@@ -33,7 +34,8 @@ before its time ran out are kept.
 6. with ``--original-edit``, the original's whole edit (75 steps) at the largest batch.
 
 Every row goes to ``--out`` as one JSON line (with its stage, command, exit code and whether it timed out), and
-a Markdown table with the speed-up over the original at the same batch is printed at the end.
+a Markdown table with the speed-up over the original at the same batch is printed at the end (a batch that ran
+out of memory says so in the step time's column).
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ def run_stage(name: str, command: list[str], budget: Budget, out_file, json_file
     """Run one stage; return its JSON rows, tagged with the stage.
 
     Rows come from the ``--json`` file the stage writes (rewritten after each row by the pack's bench) or, for
-    a stage stopped before it wrote one, from the JSON lines it printed. ``text_out`` keeps the whole output.
+    a stage stopped before it wrote one or one that left it cut short, from the JSON lines it printed (or one
+    error row saying what went wrong): one stage's broken file never costs the stages after it or the table.
+    ``text_out`` keeps the whole output.
     """
     timeout = budget.stage_timeout()
     if timeout is None:
@@ -104,7 +108,7 @@ def run_stage(name: str, command: list[str], budget: Budget, out_file, json_file
             timed_out = True
             output = _text(exc.stdout) + _text(exc.stderr)
         wall = time.perf_counter() - start
-        rows = _rows_from(json_path, output) if json_file else []
+        rows = _rows_from(json_path, output, name) if json_file else []
     if text_out is not None:
         text_out.write_text(output)
         rows = rows or [{"text": str(text_out)}]
@@ -124,9 +128,27 @@ def _record(rows, name, command, rc, timed_out, wall, out_file) -> list[dict]:
     return rows
 
 
-def _rows_from(json_path: Path, output: str) -> list[dict]:
-    if json_path.exists():
-        return json.loads(json_path.read_text())
+# A printed JSON line is a row if it has one of these: a measured step or edit, or a batch that did not fit.
+ROW_KEYS = ("s_per_step", "s_edit", "out_of_memory")
+
+
+def _rows_from(json_path: Path, output: str, name: str = "stage") -> list[dict]:
+    """The stage's rows: its ``--json`` file if that holds a whole JSON list, else the rows it printed, else (a
+    file cut short, e.g. by the stage's timeout mid-write, and nothing printed) one error row saying so."""
+    problem = None
+    try:
+        data = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        data = None
+    except (OSError, ValueError) as exc:  # ValueError: json.JSONDecodeError, or bytes that are not text
+        data = None
+        problem = f"its --json file is not whole JSON (cut short?): {exc}"
+    if isinstance(data, dict):
+        data = [data]
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        return data
+    if data is not None:
+        problem = f"its --json file holds no list of rows: {str(data)[:80]}"
     rows = []
     for line in output.splitlines():
         line = line.strip()
@@ -135,8 +157,12 @@ def _rows_from(json_path: Path, output: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and "s_per_step" in row:
+            if isinstance(row, dict) and any(key in row for key in ROW_KEYS):
                 rows.append(row)
+    if problem is not None:
+        print(f"[{name}] {problem}; {len(rows)} rows from its printed output instead", flush=True)
+        if not rows:
+            rows = [{"error": problem}]
     return rows
 
 
@@ -151,26 +177,29 @@ def _env():
 
 
 def _table(rows: list[dict], num_results: int) -> str:
-    original = {r["batch"]: r for r in rows if r["stage"] == "original-step" and r.get("s_per_step")}
+    original = {r.get("batch"): r for r in rows if r["stage"] == "original-step" and r.get("s_per_step")}
     # The first step of a bench process's first batch includes its cold start: Triton's compiles (none once its
     # on-disk cache has them), the CUDA graphs' warm-up and capture, cuDNN's first plans.
     lines = ["| run | batch | s / guided step (min) | speed-up vs original | peak GiB | MFU | first step s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        label = "original" if r["stage"].startswith("original") else f"pack `{r.get('options')}`"
+        if "out_of_memory" in r:  # the answer to "does this batch fit?" is no
+            lines.append(f"| {label} | {r.get('batch')} | out of memory | n/a | n/a | n/a | n/a |")
+            continue
         if not r.get("s_per_step") or r["stage"] == "original-edit":
             continue
-        label = "original" if r["stage"].startswith("original") else f"pack `{r.get('options')}`"
         graphs = r.get("cuda_graphs") or ""
         if "eager since" in graphs or " 0 replayed" in graphs:
             label += " (CUDA graphs not replayed: see the row's cuda_graphs)"
-        base = original.get(r["batch"])
+        base = original.get(r.get("batch"))
         speedup = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "n/a"
         peak = r.get("peak_gib", r.get("peak_mem_gib"))
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         peak_text = f"{peak:.1f}" if peak is not None else "n/a"
         first = f"{r['s_first_step']:.1f}" if r.get("s_first_step") else "n/a"
-        lines.append(f"| {label} | {r['batch']} | {r['s_per_step']:.3f} ({r.get('s_step_min', 0):.3f}) | {speedup} | "
-                     f"{peak_text} | {mfu} | {first} |")
+        lines.append(f"| {label} | {r.get('batch')} | {r['s_per_step']:.3f} ({r.get('s_step_min', 0):.3f}) | "
+                     f"{speedup} | {peak_text} | {mfu} | {first} |")
     checks = [r for r in rows if "check" in r]
     if checks:
         failed = [r["check"] for r in checks if not r["ok"]]

@@ -13,7 +13,6 @@ nor the sm_90 compile test sees, with TF32 off so that the references are plain 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from blended import fast_paths, triton_clip, triton_residual  # noqa: E402
 from blended import triton_norm as kernels  # noqa: E402
+from blended.benchmark import write_json_atomically  # noqa: E402
 from blended.fast_paths import FastPathOptions  # noqa: E402
 from blended.fused_norm import group_norm_act  # noqa: E402
 from conftest import tiny_clip, tiny_unet  # noqa: E402
@@ -865,8 +865,8 @@ def main(argv: list[str]) -> int:
             rows.append({"check": name, "ok": False, "error": traceback.format_exc(limit=-3)})
             print(f"FAILED {name}\n{traceback.format_exc()}", flush=True)
         rows[-1].update(device=args.device, wall_s=round(time.perf_counter() - start, 2))
-        if args.json:
-            args.json.write_text(json.dumps(rows))
+        if args.json:  # whole or not at all: a run stopped mid-write keeps the previous checks' rows
+            write_json_atomically(args.json, rows)
     return 0 if all(row["ok"] for row in rows) else 1
 
 
