@@ -187,7 +187,7 @@ class FastPathOptions:
 
 
 FAITHFUL = FastPathOptions()
-# Measured fastest on a 2-core AMX CPU (README, "Speed and memory"): AMX makes bf16 convs pay; channels_last does not
+# Measured fastest on a CPU with AMX (README, "Speed and memory"): AMX makes bf16 convs pay; channels_last does not
 # (CPU GroupNorm backward is slow in NHWC bf16); compile saves ~15% per step but costs ~100 s to compile.
 FASTEST_CPU = FastPathOptions(precision="bf16", reuse_guided_forward=True)
 # bf16 autocast and one UNet forward per step, NCHW, eager, with cuDNN choosing its convolution algorithms by

@@ -32,7 +32,10 @@ def frames_to_image_batch(frames: Sequence[torch.Tensor]) -> torch.Tensor:
     for index, frame in enumerate(frames):
         if tuple(frame.shape) != first_shape:
             raise ValueError(f"frame {index} has shape {tuple(frame.shape)}, expected {first_shape} like frame 0")
-    stacked = torch.stack([frame.detach().to(torch.float32) for frame in frames], dim=1)  # [B,T,C,H,W]
-    batch, steps = stacked.shape[:2]
-    images = from_model_range(stacked).reshape(batch * steps, *stacked.shape[2:])
-    return images.movedim(1, -1).contiguous()
+    batch, channels, height, width = first_shape
+    # Filled one frame at a time: many results' frames are large, and stacking, converting and reordering them
+    # whole would hold three copies at once.
+    images = torch.empty(batch, len(frames), height, width, channels)
+    for step, frame in enumerate(frames):
+        images[:, step] = from_model_range(frame.detach().to(torch.float32)).movedim(1, -1)
+    return images.reshape(batch * len(frames), height, width, channels)

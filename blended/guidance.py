@@ -82,13 +82,14 @@ class GuidanceObjective:
     ``text_embeds`` is [1,D] (one prompt for every sample) or [B,D] (a prompt per sample); or give ``terms``
     (then ``clip`` and ``text_embeds`` may be None) for weighted targets and several CLIPs. ``mask`` is
     [1|B,1,S,S] with 1 = edit; ``init_image`` [1,3,S,S] in [-1,1] (used by the background losses).
-    ``num_steps`` (steps the edit runs) places each step on a non-constant schedule.
+    ``num_steps`` (steps the edit runs) places each step on a non-constant schedule. ``prompt_is_empty`` ([1]
+    or [B] bools) marks samples whose prompt line is empty: their gradient is zero, as the original's.
     """
 
     def __init__(self, clip, text_embeds: Optional[torch.Tensor], mask: torch.Tensor, init_image: torch.Tensor,
                  settings: GuidanceSettings, seed: int = 0, lpips_model=None,
                  group_size: int = ORIGINAL_GROUP_SIZE, terms: Optional[Sequence[ClipTerm]] = None,
-                 num_steps: Optional[int] = None):
+                 num_steps: Optional[int] = None, prompt_is_empty=None):
         if terms is None:
             terms = [ClipTerm(clip, TargetSet.single(text_embeds))]
         self.terms = list(terms)
@@ -106,8 +107,7 @@ class GuidanceObjective:
         self.group_size = max(1, int(group_size))
         # The original returns a zero gradient (no CLIP, no range loss) for an empty prompt; a per-sample flag
         # ([1] or [B] bools) keeps that rule when several prompts are mixed in one batch.
-        self._prompt_is_empty = None
-        self._prompt_keep = {}
+        self.prompt_is_empty = prompt_is_empty
 
     @property
     def prompt_is_empty(self):
@@ -211,40 +211,35 @@ class GuidanceObjective:
         s = self.settings
         x_in = pred_xstart * fac + x_t * (1 - fac)
         total = x_t.new_zeros(())
-        parts = {}
         clip_lambda = self.clip_weight(step) if s.clip_lambda != 0 else 0.0
         if clip_lambda != 0:
             dists = self.clip_distances(x_in, result_ids, step, repeat)
-            parts["clip"] = dists.detach()
             total = total + dists.sum() * clip_lambda
         if s.range_lambda != 0:
-            r = range_loss(pred_xstart)
-            parts["range"] = r.detach()
-            total = total + r.sum() * s.range_lambda
+            total = total + range_loss(pred_xstart).sum() * s.range_lambda
         if s.background_l2_lambda != 0:
             l2 = background_l2(x_in, self.init_image, self.mask)
             total = total + l2.sum() * (s.background_l2_lambda / self.group_size)
         if s.background_lpips_lambda != 0 and self.lpips_model is not None:
             masked_background = x_in * (1 - self.mask)
             total = total + self.lpips_model(masked_background, self.init_image).sum() * s.background_lpips_lambda
-        return total, parts
+        return total
 
 
-def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch.Tensor, t, result_ids,
-                      step: int, model_kwargs=None, repeat: int = 0):
+def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch.Tensor, index: int, result_ids,
+                      model_kwargs=None, repeat: int = 0):
     """-d(loss)/d(x_t), through a grad-enabled UNet forward, plus that forward's p_mean_variance.
 
-    ``t`` is the spaced step index, an int (the sampler's: no tensor is read back) or a [B] tensor of equal
-    indices. Returning the forward's outputs (detached) lets the sampler skip its own unguided forward: with
-    dropout 0 the model is deterministic, so both forwards give the same prediction (the "reuse forward"
-    fast path).
+    ``index`` is the spaced step index, a Python int, so nothing is read back from the device. Returning the
+    forward's outputs (detached) lets the sampler skip its own unguided forward: with dropout 0 the model is
+    deterministic, so both forwards give the same prediction (the "reuse forward" fast path).
     """
-    index = t if isinstance(t, int) else int(torch.as_tensor(t).reshape(-1)[0])
+    index = int(index)
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
-        out = diffusion.p_mean_variance(model, x, t, model_kwargs=model_kwargs, clip_denoised=False)
+        out = diffusion.p_mean_variance(model, x, index, model_kwargs=model_kwargs, clip_denoised=False)
         fac = float(diffusion.sqrt_one_minus_alphas_cumprod[index])
-        loss, parts = objective.loss(x, out["pred_xstart"], fac, result_ids, step, repeat)
+        loss = objective.loss(x, out["pred_xstart"], fac, result_ids, index, repeat)
         if loss.requires_grad:
             grad = -torch.autograd.grad(loss, x)[0]
         else:
@@ -255,4 +250,4 @@ def guidance_gradient(objective: GuidanceObjective, diffusion, model, x_t: torch
     if keep is not None:
         grad = grad * keep
     detached = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
-    return grad.float(), detached, parts
+    return grad.float(), detached

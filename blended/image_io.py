@@ -227,8 +227,42 @@ def prepare_mask(
         prepared = _resize_mask_axis(_resize_mask_axis(prepared, width, -1), height, -2)
     prepared = repeat_to_batch_size(prepared, batch)
     if invert:
-        prepared = (prepared <= 0).to(torch.float32)
+        prepared = _inverted(prepared)
     return prepared.contiguous()
+
+
+def _inverted(mask: torch.Tensor) -> torch.Tensor:
+    """invert_mask's rule: binarised (every value > 0 edits) and flipped, as the original's ``--invert_mask``."""
+    return (mask <= 0).to(torch.float32)
+
+
+def mask_for_images(images: torch.Tensor, mask: torch.Tensor | None, invert: bool = False) -> torch.Tensor:
+    """A MASK (or ``None``) for NCHW ``images``: ``prepare_mask`` at their size, keeping the mask's own batch.
+
+    ``None`` gives one full mask per image. Fitting the batches is left to the caller: ``match_batches`` for an
+    edit, ``fit_batch`` for finished results.
+    """
+    batch = images.shape[0] if mask is None else mask_batch_size(mask)
+    return prepare_mask(mask, images.shape[-2], images.shape[-1], batch, invert=invert)
+
+
+def prepare_edit_masks(images: torch.Tensor, mask: torch.Tensor | None,
+                       invert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, masks)`` of an edit: the mask at the images' size, both fitted to one batch (``match_batches``)
+    and refused where some item edits nothing (``check_mask_not_empty``). ``images`` are NCHW (``to_rgb_nchw``);
+    ``mask`` a MASK or ``None`` (edit everything)."""
+    images, masks = match_batches(images, mask_for_images(images, mask, invert=invert))
+    check_mask_not_empty(masks, inverted=invert)
+    return images, masks
+
+
+def check_edit_mask(image: torch.Tensor, mask: torch.Tensor | None, invert: bool = False) -> None:
+    """``prepare_edit_masks``' refusal of an empty mask, early and cheap: on the mask as given (not resized),
+    for the items an edit of ``image`` (an IMAGE ``[B,H,W,C]`` or ``[H,W,C]``) uses, before any model is loaded."""
+    if mask is None:
+        return
+    used = masks_in_use(mask, image.shape[0] if image.dim() == 4 else 1)
+    check_mask_not_empty(_inverted(used) if invert else used, inverted=invert)
 
 
 def check_mask_not_empty(mask: torch.Tensor, inverted: bool = False) -> None:
@@ -268,13 +302,17 @@ def fit_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     The sampler outputs its results input by input (all results of input 0, then of input 1, ...), so one
     input image or mask per group of results pairs each result with the input it came from.
     """
-    current = tensor.shape[0]
-    if current == batch:
-        return tensor
-    if current == 0 or batch % current:
-        raise BlendedInputError(f"{what} has a batch of {current} but there are {batch} results: give one {what}, "
+    group = results_per_item(tensor.shape[0], batch, what)
+    return tensor if group == 1 else tensor.repeat_interleave(group, dim=0)
+
+
+def results_per_item(count: int, batch: int, what: str) -> int:
+    """How many consecutive results of ``batch`` each of ``count`` items (``what``: input images, masks) serves,
+    as :func:`fit_batch` pairs them: result ``i`` goes with item ``i // results_per_item(...)``."""
+    if count == 0 or batch % count:
+        raise BlendedInputError(f"{what} has a batch of {count} but there are {batch} results: give one {what}, "
                                 f"one per result, or one per group of results ({batch} must be a multiple)")
-    return tensor.repeat_interleave(batch // current, dim=0)
+    return batch // count
 
 
 def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +322,8 @@ def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     fitted with ``repeat_to_batch_size``). One exception: a single image with several masks is repeated, so
     one picture can be edited in several places in one run instead of silently dropping masks.
     """
-    image_batch, mask_batch = image.shape[0], mask.shape[0]
-    if image_batch == 1 and mask_batch > 1:
-        return image.expand(mask_batch, *image.shape[1:]), mask
+    image_batch = image.shape[0]
+    mask = masks_in_use(mask, image_batch)
+    if image_batch == 1 and mask.shape[0] > 1:
+        return image.expand(mask.shape[0], *image.shape[1:]), mask
     return image, repeat_to_batch_size(mask, image_batch)

@@ -8,6 +8,16 @@ ComfyUI's own needs come on top, so a batch is sized from the memory that is fre
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from .fast_paths import FastPathOptions
+
+log = logging.getLogger(__name__)
+
 GIB = 1 << 30
 
 # Activations saved for the backward per result at 256x256, 8 views (H100 measurements, bench `saved_gib`).
@@ -69,3 +79,53 @@ def evened_batch(num_results: int, batch: int) -> int:
     """The smallest batch that runs ``num_results`` in as few batches as ``batch`` does (24 for 64 -> 22)."""
     batches = -(-num_results // max(1, batch))
     return max(1, -(-num_results // batches))
+
+
+def per_result_bytes(image_size: int, options: FastPathOptions) -> int:
+    """The peak memory one result adds to a guided step of a ``image_size`` model run with ``options``
+    (:func:`activation_bytes_per_result`'s estimate, with the options that have a measured peak of their own)."""
+    return activation_bytes_per_result(
+        image_size, options.unet_dtype != torch.float32, options.gradient_checkpointing,
+        triton_kernels=options.triton_norm and options.channels_last,
+        autocast_one_forward=(options.precision_scheme == "autocast" and options.reuse_guided_forward
+                              and not options.channels_last))
+
+
+def smaller_batch_size(batch_size: int, num_results: int) -> int:
+    """The auto batch to try after ``batch_size`` ran out of memory: about half, evened out over the results as
+    ``auto_batch_size`` does (64 results after 22 run as 6 batches of 11)."""
+    return evened_batch(num_results, max(1, batch_size // 2))
+
+
+T = TypeVar("T")
+
+
+def run_with_smaller_batches(attempt: Callable[[int], T], batch_size: int, num_results: int, *, auto: bool,
+                             is_oom: Callable[[BaseException], bool], free_memory: Callable[[], None]) -> T:
+    """``attempt(batch_size)``, started again at a smaller batch where an auto batch ran out of memory.
+
+    ``auto``: the batch was chosen by :func:`auto_batch_size`, which promised one that fits. Where the estimate
+    was short (other programs on the device, the allocator's fragments) the attempt starts again at about half the
+    batch (:func:`smaller_batch_size`), down to 1. Results do not depend on the batch, and the step that ran out is
+    almost always the first one's backward, so little is redone. A batch chosen by hand, or a batch of 1 that still
+    does not fit, re-raises the error after logging the advice. ``is_oom`` tells an out-of-memory error from any
+    other (which passes through unchanged); ``free_memory`` runs before each new attempt, once the failed one's
+    traceback (and the tensors its frames hold) is gone. ``num_results`` is the count the batches share.
+    """
+    while True:
+        try:
+            return attempt(batch_size)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            if not auto or batch_size == 1:
+                log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
+                          "do not depend on it), or connect a Speed node with gradient_checkpointing on or "
+                          "precision 'bf16 autocast'.", batch_size)
+                raise
+        # Here, outside the except block, the failed attempt's traceback is already gone.
+        smaller = smaller_batch_size(batch_size, num_results)
+        log.warning("Blended Diffusion: out of memory at batch_size=%d (auto); running again at %d",
+                    batch_size, smaller)
+        batch_size = smaller
+        free_memory()

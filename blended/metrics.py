@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import mask_morphology, regions
 from .errors import BlendedInputError
-from .image_io import fit_batch, mask_batch_size, prepare_mask
+from .image_io import fit_batch, mask_batch_size, prepare_mask, results_per_item
 from .prompts import parse_prompt
 
 DEFAULT_RING_WIDTH = 2
@@ -42,6 +42,13 @@ DEFAULT_RING_WIDTH = 2
 
 def prepare(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
     """Check shapes and return (results, reference, edited-region bool mask), all with the results' batch."""
+    results, reference, edited = _checked_inputs(results, reference, mask)
+    batch = results.shape[0]
+    return results, fit_batch(reference, batch, "input image"), fit_batch(edited, batch, "mask")
+
+
+def _checked_inputs(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
+    """(results, reference, edited-region bool mask [M,1,H,W]): shapes checked, each with its own batch."""
     for name, tensor in (("results", results), ("input image", reference)):
         if tensor.dim() != 4 or tensor.shape[1] != 3:
             raise BlendedInputError(f"the {name} must be [B,3,H,W] in 0..1, got shape {tuple(tensor.shape)}")
@@ -51,12 +58,12 @@ def prepare(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
                                 f"are {width}x{height}: score results against the image they were made from "
                                 "(same size)")
     # At the results' size by the Sampler's rule, so a mask is read the same here as by the edit.
-    mask = prepare_mask(mask, height, width, mask_batch_size(mask))
-    reference = fit_batch(reference.float(), batch, "input image")
-    edited = fit_batch(mask > 0, batch, "mask")
-    if not bool(edited.flatten(1).any(dim=1).all()):
+    edited = prepare_mask(mask, height, width, mask_batch_size(mask)) > 0
+    results_per_item(reference.shape[0], batch, "input image")
+    results_per_item(edited.shape[0], batch, "mask")
+    if not bool(edited.flatten(1).any(dim=1).all()):  # every mask item serves some results
         raise BlendedInputError("the mask is empty (all 0) for some result: connect the mask the edit used")
-    return results.float(), reference, edited
+    return results.float(), reference.float(), edited
 
 
 # ---------------------------------------------------------------------------------------------- background
@@ -144,26 +151,32 @@ def seam_scores(results: torch.Tensor, reference: torch.Tensor, edited: torch.Te
 
 
 def masked_views(images: torch.Tensor, edited: torch.Tensor, size: int) -> torch.Tensor:
-    """[B,3,size,size] in 0..1: a square crop around each mask, mid-grey outside the mask, resized for CLIP."""
+    """[B,3,size,size] in 0..1: a square crop around each mask, mid-grey outside the mask, resized for CLIP.
+
+    ``edited`` holds one mask per image or one per consecutive group of images (the Sampler's order).
+    """
+    per_mask = results_per_item(edited.shape[0], images.shape[0], "mask")
     views = []
-    for image, region in zip(images, edited, strict=True):
-        box = regions.mask_bounding_box(region[0])
-        row0, row1, col0, col1 = box
+    for index, image in enumerate(images):
+        region = edited[index // per_mask]
+        row0, row1, col0, col1 = regions.mask_bounding_box(region[0])
         side = max(row1 - row0, col1 - col0)
         top = row0 - (side - (row1 - row0)) // 2
         left = col0 - (side - (col1 - col0)) // 2
-        grey = image * region + 0.5 * (~region)
-        height, width = grey.shape[-2:]
-        padded = F.pad(grey[None], (max(-left, 0), max(left + side - width, 0), max(-top, 0),
-                                    max(top + side - height, 0)), value=0.5)
-        top, left = max(top, 0), max(left, 0)
-        crop = padded[..., top:top + side, left:left + side]
+        height, width = image.shape[-2:]
+        # The square's part inside the image, greyed outside the mask; the rest of the square is grey padding.
+        inside = (slice(max(top, 0), min(top + side, height)), slice(max(left, 0), min(left + side, width)))
+        part = image[:, inside[0], inside[1]]
+        kept = region[:, inside[0], inside[1]]
+        grey = part * kept + 0.5 * (~kept)
+        crop = F.pad(grey[None], (max(-left, 0), max(left + side - width, 0), max(-top, 0),
+                                  max(top + side - height, 0)), value=0.5)
         views.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
                                    antialias=side > size))
     return torch.cat(views)
 
 
-def image_embeddings(clip, views: torch.Tensor) -> torch.Tensor:
+def unit_embeddings(clip, views: torch.Tensor) -> torch.Tensor:
     """[B,D] unit-length CLIP embeddings of [B,3,S,S] 0..1 views."""
     with torch.no_grad():
         embeds = clip.encode_image(clip.normalize(views.to(clip.device)))
@@ -294,20 +307,61 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     # and one per result, each input has its group of results.
     inputs = reference.shape[0] if reference.shape[0] > 1 else mask_batch_size(mask)
     inputs = inputs if 1 < inputs < results.shape[0] else 1
-    results, reference, edited = prepare(results, reference, mask)
+    results, reference, edited = _checked_inputs(results, reference, mask)
+    if ring_width < 1:
+        raise BlendedInputError(f"the seam ring must be at least 1 pixel wide, got {ring_width}")
     batch = results.shape[0]
+    per_reference = results_per_item(reference.shape[0], batch, "input image")
+    per_mask = results_per_item(edited.shape[0], batch, "mask")
+    # One result at a time against its own input and mask (never a copy of them per result), and the seam only
+    # inside its ring's box, with the input's side of it measured once per input and mask: 64 results of a
+    # 4096x4096 photo cost their own pixels, not 64 copies of the photo.
+    mse, gradient, colour = [], [], []
+    seams = {}
+    for index in range(batch):
+        result = results[index:index + 1]
+        picture, region = reference[index // per_reference][None], edited[index // per_mask][None]
+        mse.append(background_mse(result, picture, region))
+        key = (index // per_reference, index // per_mask)
+        if key not in seams:
+            seams[key] = _input_seam(picture, region, ring_width)
+        (row0, row1, col0, col1), inner, outer, ring, input_gradient, input_step = seams[key]
+        crop = result[..., row0:row1, col0:col1]
+        gradient.append(gradient_rms(crop, ring) - input_gradient)
+        colour.append((colour_step(crop, inner, outer) - input_step).abs().mean(dim=1))
+    mse = torch.cat(mse)
     nan = [float("nan")] * batch
-    mse = background_mse(results, reference, edited)
-    gradient, colour = seam_scores(results, reference, edited, ring_width)
     scores = EditScores(background_mse=mse.tolist(), background_psnr=psnr(mse).tolist(),
-                        seam_gradient=gradient.tolist(), seam_colour=colour.tolist(),
+                        seam_gradient=torch.cat(gradient).tolist(), seam_colour=torch.cat(colour).tolist(),
                         clip_similarity=list(nan), background_lpips=list(nan), diversity=list(nan))
     if lpips_model is not None:
-        scores.background_lpips = background_lpips(lpips_model, results, reference, edited).tolist()
+        distances = []
+        for start in range(0, batch, LPIPS_CHUNK):
+            chunk = range(start, min(start + LPIPS_CHUNK, batch))
+            pictures = reference[[i // per_reference for i in chunk]]
+            masks = edited[[i // per_mask for i in chunk]]
+            distances.append(background_lpips(lpips_model, results[chunk.start:chunk.stop], pictures, masks))
+        scores.background_lpips = torch.cat(distances).tolist()
     if clip is not None:
-        embeds = image_embeddings(clip, masked_views(results, edited, clip.image_size))
+        embeds = unit_embeddings(clip, masked_views(results, edited, clip.image_size))
         if prompt is not None and str(prompt).strip():
             scores.clip_similarity = clip_similarity(clip, embeds, split_prompts(prompt, batch, inputs)).tolist()
         per_image, scores.batch_diversity = diversity(embeds)
         scores.diversity = per_image.tolist()
     return scores
+
+
+# Results LPIPS compares at a time (full resolution: its activations are many times an image's size).
+LPIPS_CHUNK = 4
+
+
+def _input_seam(picture: torch.Tensor, region: torch.Tensor, width: int):
+    """The seam ring of one input and mask: (its box, inner, outer and whole ring inside the box, the input's
+    gradient RMS and colour step across it), so each result is measured against it inside the box only."""
+    inner, outer = border_rings(region, width)
+    ring = inner | outer
+    row0, row1, col0, col1 = regions.mask_bounding_box(ring)
+    inside = (..., slice(row0, row1), slice(col0, col1))
+    inner, outer, ring, crop = inner[inside], outer[inside], ring[inside], picture[inside]
+    return ((row0, row1, col0, col1), inner, outer, ring, gradient_rms(crop, ring),
+            colour_step(crop, inner, outer))

@@ -36,22 +36,23 @@ def _text_embeds(clip, prompt_or_embed, batch: int) -> torch.Tensor:
     return embeds
 
 
-def _as_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """[B|1,1,H,W] float mask matching the images ([H,W] and [B,H,W] are accepted too)."""
+def _as_masks(mask: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(``[M,1,H,W]`` mask, images per mask item): one mask, one per image, or one per consecutive group of
+    images (the Sampler's order: an input's results together); ``[H,W]`` and ``[M,H,W]`` are accepted too."""
     mask = mask_as_b1hw(mask)
-    if mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, images.shape[0]):
+    batch = images.shape[0]
+    if mask.shape[-2:] != images.shape[-2:] or mask.shape[0] == 0 or batch % mask.shape[0]:
         raise BlendedInputError(f"mask {tuple(mask.shape)} does not match images {tuple(images.shape)}; "
-                                "resize the mask to the image size and give one mask or one per image.")
-    return mask.to(device=images.device, dtype=images.dtype)
+                                "resize the mask to the image size and give one mask, one per image or one per "
+                                "equal group of images.")
+    return mask, batch // mask.shape[0]
 
 
 RANK_MODES = ("original", "guidance view")
 
 
-def _resolve_mode(mode: str | None, normalized: bool | None) -> str:
-    """The ranking mode; ``normalized`` is the former switch (True = "guidance view", False = "original")."""
-    if mode is None:
-        mode = "original" if normalized is None or not normalized else "guidance view"
+def _check_mode(mode: str) -> str:
+    """``mode``, refused unless it is one of :data:`RANK_MODES`."""
     if mode not in RANK_MODES:
         raise BlendedInputError(f"unknown ranking mode {mode!r}: use 'original' (the original's ranking) or "
                                 "'guidance view' (the view the guidance optimises)")
@@ -59,7 +60,7 @@ def _resolve_mode(mode: str | None, normalized: bool | None) -> str:
 
 
 def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
-                mode: str | None = None, normalized: bool | None = None) -> torch.Tensor:
+                mode: str = "original") -> torch.Tensor:
     """Un-augmented spherical CLIP distance of each image to its prompt, float32 [B]; lower is better.
 
     The prompt is a string, a string per image, text embeddings, or a :class:`~blended.prompts.WeightedPrompt`
@@ -72,10 +73,9 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
     - ``mode="guidance view"``: the view the guidance optimises: outside the mask is mid-grey (0 in [-1,1]),
       the image is resized with antialiasing and CLIP-normalised, so results are ranked by the quantity the
       guidance pulled on.
-    Pixels outside the mask cannot affect the score in either mode. ``normalized`` is the former switch
-    (True = "guidance view", False = "original"), used only when ``mode`` is not given.
+    Pixels outside the mask cannot affect the score in either mode.
     """
-    mode = _resolve_mode(mode, normalized)
+    mode = _check_mode(mode)
     if images.dim() != 4 or images.shape[1] != 3:
         raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
     with torch.no_grad():
@@ -85,38 +85,51 @@ def clip_scores(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor 
             texts = [(part.weight, _text_embeds(clip, part.text, 1)) for part in prompt_or_embed.parts]
         else:
             texts = [(1.0, _text_embeds(clip, prompt_or_embed, images.shape[0]))]
-        image_embeds = image_embeddings(clip, images, mask, normalized=mode == "guidance view")
+        image_embeds = image_embeddings(clip, images, mask, mode=mode)
         # A weighted prompt's distance is the weighted sum of its parts', as the guidance's loss of that line.
         distances = [weight * spherical_distance(image_embeds, text.to(image_embeds.device)) for weight, text in texts]
         return (distances[0] if len(distances) == 1 else sum(distances)).float()
 
 
 def image_embeddings(clip, images: torch.Tensor, mask: torch.Tensor | None = None,
-                     normalized: bool = True) -> torch.Tensor:
-    """[B,D] float32 CLIP embeddings of [B,3,H,W] images in [0,1], as :func:`clip_scores` sees them in its
-    guidance view (``normalized``) or the original's view.
+                     mode: str = "guidance view") -> torch.Tensor:
+    """[B,D] float32 CLIP embeddings of [B,3,H,W] images in [0,1], as :func:`clip_scores` sees them in ``mode``:
+    its guidance view (the default) or the original's view.
 
     Shared by ranking and by image targets, so a result is scored against a reference picture with exactly
     the view the target was embedded with. Differentiable when called with grad enabled.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise BlendedInputError(f"images must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}.")
-    x = images.float()
-    if mask is not None:
-        m = _as_mask(mask, x)
-        # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
-        x = from_model_range(to_model_range(x) * m, clamp=False) if normalized else x * m
+    normalized = _check_mode(mode) == "guidance view"
+    masks, per_mask = _as_masks(mask, images) if mask is not None else (None, 1)
+    device = clip.device
     size = clip.image_size
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=normalized)
-    if normalized:
-        x = clip.normalize(x)
-    return clip.encode_image(x)
+    embeds = []
+    # A few images at a time, each chunk moved to CLIP's device only now: 64 results of a 4096x4096 photo never
+    # sit on the device (or in float32 copies) all at once; CLIP sees them at its own size anyway.
+    for start in range(0, images.shape[0], EMBED_CHUNK):
+        stop = min(start + EMBED_CHUNK, images.shape[0])
+        x = images[start:stop].to(device=device, dtype=torch.float32)
+        if masks is not None:
+            m = masks[torch.arange(start, stop) // per_mask].to(device=device, dtype=torch.float32)
+            # grey outside in the guidance convention (masking happens in [-1,1]); black in the original's
+            x = from_model_range(to_model_range(x) * m, clamp=False) if normalized else x * m
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=normalized)
+        if normalized:
+            x = clip.normalize(x)
+        embeds.append(clip.encode_image(x))
+    return embeds[0] if len(embeds) == 1 else torch.cat(embeds)
+
+
+# Images embedded at a time: enough to keep CLIP busy, few enough that their full-size pixels stay small.
+EMBED_CHUNK = 16
 
 
 def rank_by_clip(clip, images: torch.Tensor, prompt_or_embed, mask: torch.Tensor | None = None,
-                 mode: str | None = None, normalized: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mode: str = "original") -> tuple[torch.Tensor, torch.Tensor]:
     """(indices best first, distances [B]); ties keep the input order so ranking is reproducible."""
-    distances = clip_scores(clip, images, prompt_or_embed, mask=mask, mode=mode, normalized=normalized)
+    distances = clip_scores(clip, images, prompt_or_embed, mask=mask, mode=mode)
     order = torch.argsort(distances.cpu(), stable=True)
     return order, distances

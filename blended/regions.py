@@ -306,6 +306,7 @@ def paste_back(
     edited_model_size_0_1: torch.Tensor,
     plan: CropPlan,
     composite_mask: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Put the edited model-size crop back into a full-resolution copy of the original.
 
@@ -314,6 +315,10 @@ def paste_back(
     rounding). The composite mask is only used inside the box: plan the crop from the composite mask (after
     growing/feathering) so the box covers all of it. An original or mask batch of 1 is broadcast to the
     edited batch (one picture, several samples).
+
+    ``out``: a float32 ``[N,C,H,W]`` tensor (or view, e.g. of the node's ``[N,H,W,C]`` output) to write into,
+    so many full-resolution results are not assembled from copies. Only the mask's own bounding box is resized
+    and blended: a small edit of a large photo costs what the edit's size does.
     """
     _check_plan_matches(original_nchw_0_1, plan, "the original image")
     composite_mask = mask_as_b1hw(composite_mask)
@@ -347,12 +352,27 @@ def paste_back(
 
     # The axis with more to cut away goes first, so the other is never resized at the full box size.
     rows_first = _padded_more(plan) == "rows"
-    out = original_nchw_0_1.to(torch.float32).expand(batch, -1, -1, -1).clone()
+    full = original_nchw_0_1.to(torch.float32).expand(batch, -1, -1, -1)
+    if out is None:
+        out = full.clone()
+    else:
+        if tuple(out.shape) != tuple(full.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(full.shape)}")
+        out.copy_(full)
+    used = mask_bounding_box(inside)
+    if used is None:
+        return out
+    # The resizes give every output pixel independently of the others, so resizing only the mask's box (the
+    # kept rows and columns) gives the same bits as resizing the whole crop.
+    top, bottom, left, right = used
+    keep_rows = slice(keep_rows.start + top, keep_rows.start + bottom)
+    keep_cols = slice(keep_cols.start + left, keep_cols.start + right)
+    inside = inside[..., top:bottom, left:right]
     # One result at a time, so the blend's temporaries are one result's, not the batch's.
     for index in range(batch):
         edited = edited_model_size_0_1[index : index + 1].to(torch.float32)
         pasted = _resize_box(edited, columns, rows, keep_cols, keep_rows, rows_first).clamp(0.0, 1.0)
-        region = out[index : index + 1, :, row0:row1, col0:col1]
+        region = out[index : index + 1, :, row0 + top:row0 + bottom, col0 + left:col0 + right]
         weight = inside[index : index + 1] if inside.shape[0] == batch else inside
         blended = region * (1.0 - weight) + pasted * weight
         region.copy_(torch.where(weight > 0, blended, region))

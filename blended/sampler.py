@@ -141,12 +141,12 @@ def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torc
     guided = objective is not None and objective.needs_gradient
     grad = None
     if guided and settings.reuse_guided_forward:
-        grad, out, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs, repeat)
+        grad, out = guidance_gradient(objective, diffusion, unet, x, t, result_ids, model_kwargs, repeat)
     else:
         with torch.no_grad():
             out = diffusion.p_mean_variance(unet, x, t, model_kwargs=model_kwargs, clip_denoised=False)
         if guided:
-            grad, _, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, index, model_kwargs, repeat)
+            grad, _ = guidance_gradient(objective, diffusion, unet, x, t, result_ids, model_kwargs, repeat)
 
     with torch.no_grad():
         if settings.method == "ddpm":
@@ -224,6 +224,13 @@ def sample_results(unet, diffusion, objective: Optional[GuidanceObjective], init
     return pred_xstart, frames
 
 
+def _progress_from(callback: Optional[StepCallback], steps_before: int, total_steps: int):
+    """A chunk's step callback that reports to ``callback`` in steps of the whole edit."""
+    if callback is None:
+        return None
+    return lambda done, _total, pred: callback(steps_before + done, total_steps, pred)
+
+
 def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusion, clip,
                prompts: Sequence, seed: int, num_results: int = 1,
                settings: Optional[SamplerSettings] = None, guidance_settings=None, invert_mask: bool = False,
@@ -251,11 +258,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     #    --gpu-only keeps IMAGEs on the GPU), the mask at the image's size and batch (1 = edit).
     images = image_io.to_rgb_nchw(image.cpu())
     _, _, height, width = images.shape
-    mask_batch = images.shape[0] if mask is None else image_io.mask_batch_size(mask)
-    masks = image_io.prepare_mask(None if mask is None else mask.cpu(), height, width, mask_batch,
-                                  invert=invert_mask)
-    images, masks = image_io.match_batches(images, masks)
-    image_io.check_mask_not_empty(masks, inverted=invert_mask)
+    images, masks = image_io.prepare_edit_masks(images, None if mask is None else mask.cpu(), invert_mask)
     batch = images.shape[0]
 
     # CUDA's current device is where Triton launches its kernels and CUDA graphs capture: the model's, which
@@ -267,15 +270,22 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
         for member in members:
             pictures = targets.image_target_embeddings(member.clip, image_targets, device)
             member_targets.append([targets.line_targets(member.clip, p, pictures, device) for p in prompts])
-        line_is_empty = [line[2] for line in member_targets[0]]
+        line_is_empty = [line.is_empty for line in member_targets[0]]
         num_steps = diffusion.num_timesteps - settings.skip_timesteps
+        # The runs of one input: (prompt line, result index) pairs, ``batch_size`` at a time.
         per_prompt = [(p_idx, r) for p_idx in range(len(prompts)) for r in range(num_results)]
+        size = max(1, settings.batch_size)
+        chunks = [per_prompt[start:start + size] for start in range(0, len(per_prompt), size)]
         run_steps = resampling.total_steps(num_steps,
                                            settings.resample_jump_length, settings.resample_count)
-        total_steps = run_steps * batch * -(-len(per_prompt) // max(1, settings.batch_size))
+        total_steps = run_steps * batch * len(chunks)
         steps_done = 0
 
-        outputs, output_masks, frames, output_prompts = [], [], [], []
+        # The outputs, filled in place: N full-resolution results are the run's largest tensors on the host.
+        per_input = len(per_prompt)
+        output_images = torch.empty(batch * per_input, height, width, images.shape[1])
+        output_masks = torch.empty(batch * per_input, height, width)
+        frames, output_prompts = [], []
         enforce = settings.enforce_background and settings.mode == "blended"
         for b in range(batch):
             # 2. The final composite mask (the user's, optionally grown and feathered) and what the model sees:
@@ -299,23 +309,19 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
 
             # 3. Guided, blended diffusion, a batch of results at a time.
             edited = []
-            for start in range(0, len(per_prompt), max(1, settings.batch_size)):
-                chunk = per_prompt[start:start + max(1, settings.batch_size)]
+            for chunk in chunks:
                 result_ids = [seeds.result_id(b, r) for _, r in chunk]  # same noise for result r of every prompt
                 terms = [ClipTerm(member.clip, targets.stack_targets([lines[p] for p, _ in chunk]), member.weight,
                                   targets.member_augmentations(member, guidance_settings.augmentations))
                          for member, lines in zip(members, member_targets, strict=True)]
                 objective = GuidanceObjective(None, None, model_mask, init, guidance_settings, seed=seed,
                                               lpips_model=lpips_model, group_size=settings.group_size, terms=terms,
-                                              num_steps=num_steps)
-                objective.prompt_is_empty = torch.tensor([line_is_empty[p] for p, _ in chunk])
-
-                def chunk_callback(done, total, pred, _base=steps_done):
-                    if callback is not None:
-                        callback(_base + done, total_steps, pred)
+                                              num_steps=num_steps,
+                                              prompt_is_empty=[line_is_empty[p] for p, _ in chunk])
 
                 pred, chunk_frames = sample_results(unet, diffusion, objective, init, blend_mask, result_ids, seed,
-                                                    settings, chunk_callback, num_classes, noise_source)
+                                                    settings, _progress_from(callback, steps_done, total_steps),
+                                                    num_classes, noise_source)
                 steps_done += run_steps
                 edited.append(pred.detach().float().cpu())
                 if not bool(torch.isfinite(edited[-1]).all()):  # on the host already: no wait for the device
@@ -331,11 +337,11 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
             # 4. Back at full resolution: outside the composite mask, the input's own pixels (bit-identical).
             if not enforce:
                 composite = regions.box_mask(plan)
-            outputs.append(regions.paste_back(images[b:b + 1], edited, plan, composite))
-            output_masks.append(composite[:, 0].expand(edited.shape[0], -1, -1))
+            results = slice(b * per_input, (b + 1) * per_input)
+            regions.paste_back(images[b:b + 1], edited, plan, composite, out=output_images[results].movedim(-1, 1))
+            output_masks[results] = composite[:, 0]
 
-    result = EditResult(images=torch.cat(outputs).movedim(1, -1).contiguous(),
-                        mask=torch.cat(output_masks).contiguous(), prompts=output_prompts)
+    result = EditResult(images=output_images, mask=output_masks, prompts=output_prompts)
     if frames:
         result.frames = torch.cat(frames)
     return result

@@ -7,14 +7,14 @@ arranged as :class:`~blended.guidance.TargetSet` rows, one per result, for the g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from .augment import AugmentationSettings
 from .errors import BlendedInputError
 from .guidance import TargetSet
-from .image_io import empty_mask_items
+from .image_io import empty_mask_items, mask_as_b1hw
 from .prompts import WeightedPrompt
 from .rank import image_embeddings
 
@@ -59,8 +59,7 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
                                     f"{tuple(image.shape)}.")
         mask = target.mask
         if mask is not None:
-            if mask.dim() == 3:
-                mask = mask[:, None]
+            mask = mask_as_b1hw(mask)
             empty = empty_mask_items(mask)
             if empty:
                 which = f" (for picture(s) {empty} of {mask.shape[0]})" if mask.shape[0] > 1 else ""
@@ -74,10 +73,18 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
     return out
 
 
-def line_targets(clip, prompt: WeightedPrompt, images: list, device):
-    """(embeds [K,D], weights [K], empty) of one prompt line for one CLIP.
+class LineTargets(NamedTuple):
+    """One prompt line's targets in one CLIP's embedding space."""
 
-    ``empty`` marks a line with no part and no image: it gets the empty text as a placeholder target of
+    embeds: torch.Tensor   # [K,D]
+    weights: torch.Tensor  # [K]
+    is_empty: bool         # no part and no image: a placeholder target whose gradient the sampler zeroes
+
+
+def line_targets(clip, prompt: WeightedPrompt, images: list, device) -> LineTargets:
+    """The targets of one prompt line (its weighted parts, then the image targets) for one CLIP.
+
+    ``is_empty`` marks a line with no part and no image: it gets the empty text as a placeholder target of
     weight 1, which is what the original computes for an empty prompt before it zeroes the gradient.
     """
     embeds, weights = [], []
@@ -90,14 +97,14 @@ def line_targets(clip, prompt: WeightedPrompt, images: list, device):
     empty = not embeds
     if empty:
         embeds, weights = [clip.text_embedding("").to(device)], [1.0]
-    return torch.cat(embeds).float(), torch.tensor(weights, dtype=torch.float32, device=device), empty
+    return LineTargets(torch.cat(embeds).float(), torch.tensor(weights, dtype=torch.float32, device=device), empty)
 
 
-def stack_targets(lines: Sequence[tuple]) -> TargetSet:
-    """One row per sample from (embeds [K_i,D], weights [K_i], _) lines; short rows padded with weight 0."""
-    k = max(line[0].shape[0] for line in lines)
+def stack_targets(lines: Sequence[LineTargets]) -> TargetSet:
+    """One row per sample from its line's targets; short rows padded with weight 0."""
+    k = max(line.embeds.shape[0] for line in lines)
     embeds, weights = [], []
-    for line_embeds, line_weights, *_ in lines:
+    for line_embeds, line_weights, _ in lines:
         pad = k - line_embeds.shape[0]
         embeds.append(torch.cat([line_embeds, line_embeds[:1].expand(pad, -1)]) if pad else line_embeds)
         weights.append(torch.cat([line_weights, line_weights.new_zeros(pad)]) if pad else line_weights)

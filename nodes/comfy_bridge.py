@@ -160,11 +160,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, kinds) and "out of memory" in str(exc).lower()
 
 
-def progress_callback(total: int, node_id=None, preview: bool = True):
-    """A sampler callback that moves ComfyUI's progress bar with a pred_xstart preview and honours Cancel."""
+def progress_callback(node_id=None, preview: bool = True):
+    """A sampler callback that moves ComfyUI's progress bar with a pred_xstart preview and honours Cancel.
+
+    The bar's total is the sampler's, given with every step (the one it starts with is a placeholder)."""
     from PIL import Image
 
-    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    bar = comfy.utils.ProgressBar(1, node_id=node_id)
     try:
         from comfy.cli_args import args
         preview_size = int(getattr(args, "preview_size", 512))

@@ -147,10 +147,10 @@ class CLIPGuidance:
             pictures = image_io.to_rgb_nchw(image_target)
             mask = None
             if image_target_mask is not None:
-                mask_batch = image_io.mask_batch_size(image_target_mask)
-                mask = image_io.prepare_mask(image_target_mask, pictures.shape[2], pictures.shape[3], mask_batch)
-                # As for the edited image: one picture with several masks is a target per mask, none dropped.
-                pictures, mask = image_io.match_batches(pictures, mask)
+                # As for the edited image: one picture with several masks is a target per mask, none dropped. An
+                # empty mask is refused when the target is embedded, with advice about the target.
+                pictures, mask = image_io.match_batches(pictures,
+                                                        image_io.mask_for_images(pictures, image_target_mask))
             image_targets.append(bridge.ImageTargetSpec(pictures, mask, float(image_target_weight)))
         return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings, extra_clips=extra_clips,
                                         image_targets=image_targets),)

@@ -8,7 +8,7 @@ import torch
 
 from ..blended import metrics
 from ..blended.errors import BlendedInputError
-from ..blended.image_io import mask_batch_size, prepare_mask, to_rgb_nchw
+from ..blended.image_io import mask_for_images, to_rgb_nchw
 from ..blended.lpips_loss import load_lpips
 from . import comfy_bridge as bridge
 
@@ -74,10 +74,9 @@ class EditMetrics:
               prompt=""):
         if results.shape[0] == 0:
             raise BlendedInputError("Blended Edit Metrics got an empty image batch: connect the edits to score")
-        pixels = to_rgb_nchw(results.cpu()).clone()  # gray and RGBA too, as CLIP Rank takes them
-        reference = to_rgb_nchw(image.cpu()).clone()
-        mask_in = prepare_mask(mask.float().cpu(), pixels.shape[2], pixels.shape[3],
-                               mask_batch_size(mask))
+        pixels = to_rgb_nchw(results.cpu())  # gray and RGBA too, as CLIP Rank takes them; read, never written
+        reference = to_rgb_nchw(image.cpu())
+        mask_in = mask_for_images(pixels, mask.float().cpu())
         lpips_model = None
         if lpips == "if available":
             try:

@@ -74,15 +74,15 @@ class CLIPRank:
         prompt = parse_prompt(" ".join(str(prompt).split()))
         with bridge.autograd_enabled():
             bridge.load_for_sampling([clip.patcher], 0)
-            device = clip.patcher.load_device
-            pixels = image_io.to_rgb_nchw(images.clone()).to(device, torch.float32)  # gray and RGBA too
+            # Gray and RGBA too. Left where they are: the ranking moves a few at a time to CLIP's device.
+            pixels = image_io.to_rgb_nchw(images)
             mask_in = None
             if mask is not None:
                 # One mask per result, or one per input with its group of results, in the Sampler's order.
-                mask_in = image_io.prepare_mask(mask.clone(), pixels.shape[2], pixels.shape[3],
-                                                image_io.mask_batch_size(mask))
-                mask_in = image_io.fit_batch(mask_in, pixels.shape[0], "mask").to(device)
-                empty = image_io.empty_mask_items(mask_in)
+                mask_in = image_io.mask_for_images(pixels, mask)
+                per_mask = image_io.results_per_item(mask_in.shape[0], pixels.shape[0], "mask")
+                empty = [i for item in image_io.empty_mask_items(mask_in)
+                         for i in range(item * per_mask, (item + 1) * per_mask)]
                 if empty:
                     raise BlendedInputError(
                         f"CLIP Rank's mask is empty (all 0) for image(s) {empty[:8]}: those would all score the "

@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
-
 from ..blended import fast_paths, image_io
 from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
-from ..blended.memory import GIB, activation_bytes_per_result, auto_batch_size, evened_batch
+from ..blended.memory import GIB, auto_batch_size, per_result_bytes, run_with_smaller_batches
 from ..blended.sampler import SamplerSettings, check_settings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
-from .speed import default_speed_options, default_without_triton_kernels, for_clip
+from .speed import DEFAULT_SPEED, default_speed_options, default_without_triton_kernels, for_clip
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +26,9 @@ class BlendedDiffusionSampler:
                    "(mask = 1) of the image with the guided-diffusion model, steered by CLIP toward the prompt, "
                    "while the noised original is blended back outside the mask at every step. Returns "
                    "num_results edits per prompt at the input's size; pixels outside the mask are unchanged. "
-                   "Rank them with CLIP Rank. The defaults reproduce the original code; on a CUDA GPU with bf16 "
-                   "(Ampere or newer) without a Speed node the sampler runs the pack's fastest setting (bf16, one "
-                   "model forward per step), and a Speed node left at its defaults gives the original's numerics "
-                   "there too.")
+                   "Rank them with CLIP Rank. The defaults reproduce the original code, but for speed: without a "
+                   f"Speed node the sampler runs {DEFAULT_SPEED}. A Speed node left at its defaults gives the "
+                   "original's numerics on the GPU too.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("images", "mask", "frames")
@@ -116,12 +113,8 @@ class BlendedDiffusionSampler:
                 "ddim_eta": ("FLOAT", {"default": d.ddim_eta, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                              "DDIM noise (0 = deterministic, as the original)."}),
                 "speed": ("FAST_PATH_OPTIONS", {"tooltip":
-                          "From the Speed node: precision, reuse_guided_forward, channels_last, gradient "
-                          "checkpointing, compile, for this run only. Unconnected = the measured fastest for the "
-                          "device: on a CUDA GPU with bf16 (Ampere or newer) bf16 with one UNet forward per step, "
-                          "the pack's Triton kernels (PyTorch's where Triton is missing or fails on the GPU) and "
-                          "CUDA graphs (2.5x the original's speed at batch 16 on an H100, 3.3x at batch 4), the "
-                          "original's settings elsewhere."}),
+                          "From the Speed node: its speed and memory options, for this run only. Unconnected = "
+                          f"{DEFAULT_SPEED}."}),
                 "preview": ("BOOLEAN", {"default": True, "tooltip": "Show the prediction in the progress bar."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -141,19 +134,18 @@ class BlendedDiffusionSampler:
                                     "'100', 'ddim50' or sections like '10,15,20'") from exc
         # What the widgets and the mask alone can refuse is refused before the models are loaded and copied.
         check_settings(SamplerSettings(**widgets), diffusion, num_results)
-        if mask is not None:
-            used = image_io.masks_in_use(mask, image.shape[0] if image.dim() == 4 else 1)
-            image_io.check_mask_not_empty(used <= 0 if invert_mask else used, inverted=invert_mask)
+        image_io.check_edit_mask(image, mask, invert_mask)
         run = dict(model=model, guidance=guidance, diffusion=diffusion, image=image, mask=mask, seed=seed,
                    num_results=num_results, invert_mask=invert_mask, widgets=widgets,
-                   callback=bridge.progress_callback(1, node_id=unique_id, preview=preview))
+                   callback=bridge.progress_callback(node_id=unique_id, preview=preview))
         options = for_clip(speed if speed is not None else default_speed_options(), guidance.clip.clip)
         fallback = None
         try:
             result = _edit(options, **run)
         except Exception as exc:
-            # Re-raised unchanged (ComfyUI frees its models as for any OOM; _edit logs the advice), and ComfyUI's
-            # interrupt (an Exception in older releases, a BaseException in newer ones) passes through unchanged.
+            # An OOM is re-raised unchanged (ComfyUI frees its models as for any OOM; blended.memory's retry has
+            # logged the advice), and ComfyUI's interrupt (an Exception in older releases, a BaseException in newer
+            # ones) passes through unchanged.
             # A failure inside Triton with the Triton kernels on means a GPU or Triton release they cannot be
             # compiled for. Asked for on a Speed node, it becomes an input error that names the option to turn
             # off; chosen by the pack's own default, the run starts again with PyTorch's kernels.
@@ -190,7 +182,7 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
     batch_size = settings.batch_size
     num_prompts = len(guidance.prompts)
     # What a batch adds beyond the weights, for ComfyUI to free before loading (the auto batch counts on 1).
-    per_result = _per_result_bytes(model, options)
+    per_result = per_result_bytes(model.unet.config.image_size, options)
     memory = min(batch_size or 1, num_prompts * num_results) * per_result + GIB
     with bridge.autograd_enabled():
         lpips_model = None
@@ -208,56 +200,29 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
         if lpips_model is not None:
             lpips_model = lpips_model.to(device)
         extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
-        while True:
+
+        def attempt(batch_size: int):
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
             image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
                              for t in guidance.image_targets]
-            try:
-                # The speed options apply to clones: the loader's cached models stay as loaded.
-                with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
-                    return edit_image(image.clone(), mask.clone() if mask is not None else None, unet, diffusion,
-                                      clip, guidance.prompts, seed=seed, num_results=num_results,
-                                      settings=dataclasses.replace(settings, batch_size=batch_size),
-                                      guidance_settings=guidance_settings, invert_mask=invert_mask,
-                                      callback=callback, device=device, lpips_model=lpips_model,
-                                      extra_clips=extra_clips, image_targets=image_targets)
-            except Exception as exc:
-                if not bridge.is_out_of_memory(exc):
-                    raise
-                if not auto or batch_size == 1:
-                    log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
-                              "do not depend on it), or connect a Speed node with gradient_checkpointing on or "
-                              "precision 'bf16 autocast'.", batch_size)
-                    raise
-            # batch_size auto promised a batch that fits: the estimate was short (other programs on the GPU, the
-            # allocator's fragments), so the edit starts again at a smaller one. Results do not depend on the
-            # batch, and the step that ran out is almost always the first one's backward, so little is redone.
-            # Here, outside the except block, the failed attempt's traceback (and the tensors its frames hold)
-            # is already gone.
-            smaller = smaller_batch_size(batch_size, num_prompts * num_results)
-            log.warning("Blended Diffusion: out of memory at batch_size=%d (auto); running again at %d",
-                        batch_size, smaller)
-            batch_size = smaller
-            bridge.release_failed_attempt()
+            # The speed options apply to clones: the loader's cached models stay as loaded.
+            with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
+                return edit_image(image.clone(), mask.clone() if mask is not None else None, unet, diffusion,
+                                  clip, guidance.prompts, seed=seed, num_results=num_results,
+                                  settings=dataclasses.replace(settings, batch_size=batch_size),
+                                  guidance_settings=guidance_settings, invert_mask=invert_mask,
+                                  callback=callback, device=device, lpips_model=lpips_model,
+                                  extra_clips=extra_clips, image_targets=image_targets)
 
-
-def smaller_batch_size(batch_size: int, num_results: int) -> int:
-    """The auto batch to try after ``batch_size`` ran out of memory: about half, evened out over the results as
-    ``auto_batch_size`` does (64 results after 22 run as 6 batches of 11)."""
-    return evened_batch(num_results, max(1, batch_size // 2))
-
-
-def _per_result_bytes(model, options: fast_paths.FastPathOptions) -> int:
-    """The peak memory one result adds to a guided step with ``options`` (``blended.memory``'s estimate)."""
-    return activation_bytes_per_result(
-        model.unet.config.image_size, options.unet_dtype != torch.float32, options.gradient_checkpointing,
-        triton_kernels=options.triton_norm and options.channels_last,
-        autocast_one_forward=(options.precision_scheme == "autocast" and options.reuse_guided_forward
-                              and not options.channels_last))
+        # An out-of-memory error at an auto batch starts the edit again at a smaller one; otherwise it is
+        # re-raised with the advice (ComfyUI frees its models as for any OOM).
+        return run_with_smaller_batches(attempt, batch_size, num_prompts * num_results, auto=auto,
+                                        is_oom=bridge.is_out_of_memory, free_memory=bridge.release_failed_attempt)
 
 
 def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
     """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
-    batch = auto_batch_size(bridge.mm.get_free_memory(device), _per_result_bytes(model, options), num_results)
+    batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result_bytes(model.unet.config.image_size, options),
+                            num_results)
     log.info("Blended Diffusion: batch_size auto = %d", batch)
     return batch

@@ -27,9 +27,52 @@ PRECISIONS = {
     "bf16 autocast": ("bf16", "autocast"),
     "fp16 autocast": ("fp16", "autocast"),
 }
-DEFAULTS = {"precision": "auto", "reuse_guided_forward": False, "channels_last": False,
-            "gradient_checkpointing": False, "compile": False, "clip_checkpointing": False,
-            "single_resample": False, "triton_kernels": False, "cuda_graphs": False, "cudnn_benchmark": False}
+# The node's widgets that are FastPathOptions fields of the same name; precision and triton_kernels are mapped.
+_OPTION_WIDGETS = ("reuse_guided_forward", "channels_last", "gradient_checkpointing", "compile", "clip_checkpointing",
+                   "single_resample", "cuda_graphs", "cudnn_benchmark")
+# The original's settings (fast_paths.FAITHFUL), but the precision: "auto" is the original's own choice per device.
+DEFAULTS = {"precision": "auto", **{name: getattr(fast_paths.FAITHFUL, name) for name in _OPTION_WIDGETS},
+            "triton_kernels": fast_paths.FAITHFUL.triton_norm}
+
+# The tooltips' words for each option a setting can turn on, in the order they are named.
+_OPTION_WORDS = {
+    "reuse_guided_forward": "one UNet forward per step",
+    "channels_last": "channels_last",
+    "gradient_checkpointing": "gradient checkpointing",
+    "clip_checkpointing": "CLIP checkpointing",
+    "compile": "torch.compile",
+    "single_resample": "single_resample",
+    "fused_norm": "the fused GroupNorm",
+    "triton_norm": "the pack's Triton kernels",
+    "triton_clip": "the pack's Triton kernels",
+    "cuda_graphs": "CUDA graphs",
+    "cudnn_benchmark": "cudnn_benchmark",
+}
+# FastPathOptions' fields that say the precision rather than turn an option on.
+_PRECISION_FIELDS = ("precision", "precision_scheme", "clip_precision")
+
+
+def describe_options(options: FastPathOptions) -> str:
+    """``options`` in the tooltips' words: the UNet's precision, then each option it turns on ("bf16 autocast,
+    one UNet forward per step, ... and cudnn_benchmark"), so that the text follows the setting."""
+    parts = ["fp32" if options.unet_dtype == torch.float32 else f"{options.precision} {options.precision_scheme}"]
+    for name, words in _OPTION_WORDS.items():
+        if getattr(options, name) != getattr(fast_paths.FAITHFUL, name) and words not in parts:
+            parts.append(words)
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+# What the Sampler runs without a Speed node, for its and this node's tooltips. The figures are README "GPU"'s
+# (fastest-gpu against the original's settings, measured on an H100).
+DEFAULT_SPEED = ("the measured fastest setting for the device. On a CUDA GPU with bf16 (Ampere or newer) that is "
+                 f"{describe_options(fast_paths.FASTEST_GPU)}: 2.5x the original's speed at batch 16 on an H100, "
+                 "3.3x at batch 4 (PyTorch's own kernels instead where the triton package is missing or Triton "
+                 "fails on the GPU). Elsewhere the original's settings")
+
+
+# Devices where the Triton kernels failed in a run without a Speed node, with the first line of the error; the
+# default leaves them out there for the rest of the ComfyUI session rather than failing each run's first step.
+_TRITON_FAILED_ON: dict[str, str] = {}
 
 
 def resolve_precision(choice: str, device) -> tuple[str, str]:
@@ -59,12 +102,11 @@ def speed_options(**choices) -> FastPathOptions:
 
 
 def default_speed_options() -> FastPathOptions:
-    """What the Sampler runs without a Speed node: the measured fastest setting for the device.
+    """What the Sampler runs without a Speed node (``DEFAULT_SPEED`` in words): the measured fastest setting for
+    the device.
 
-    On a CUDA GPU with bf16 that is ``fast_paths.FASTEST_GPU``: bf16 autocast with one UNet forward per step in
-    channels_last, the pack's Triton kernels and the networks replayed from CUDA graphs (2.5x the original's speed
-    at batch 16 on an H100, 3.3x at batch 4, README "GPU"); without the `triton` package, or once the kernels have
-    failed on this GPU (``default_without_triton_kernels``), the same with PyTorch's own kernels
+    On a CUDA GPU with bf16 that is ``fast_paths.FASTEST_GPU``; without the `triton` package, or once the kernels
+    have failed on this GPU (``default_without_triton_kernels``), the same with PyTorch's own kernels
     (``FASTEST_GPU_WITHOUT_TRITON``). Elsewhere the original's settings, this node's defaults. A Speed node, even
     left at its defaults, always means exactly what it shows.
     """
@@ -74,11 +116,6 @@ def default_speed_options() -> FastPathOptions:
             return fast_paths.FASTEST_GPU_WITHOUT_TRITON
         return fast_paths.FASTEST_GPU
     return speed_options()
-
-
-# Devices where the Triton kernels failed in a run without a Speed node, with the first line of the error; the
-# default leaves them out there for the rest of the ComfyUI session rather than failing each run's first step.
-_TRITON_FAILED_ON: dict[str, str] = {}
 
 
 def default_without_triton_kernels(device, error_line: str) -> FastPathOptions:
@@ -97,11 +134,7 @@ def for_clip(options: FastPathOptions, clip) -> FastPathOptions:
 class BlendedDiffusionSpeed:
     DESCRIPTION = ("Speed and memory options of the Blended Diffusion Sampler, for its runs only: the loaded "
                    "models stay as loaded for every other node and run. This node's defaults reproduce the "
-                   "original code (on a GPU, its fp16 numerics). Without this node the Sampler runs the measured "
-                   "fastest setting: on a CUDA GPU with bf16, bf16 with one UNet forward per step in "
-                   "channels_last, the pack's Triton kernels, CUDA graphs and cudnn_benchmark (PyTorch's own "
-                   "kernels where the triton package is missing or Triton fails on the GPU); the original's on "
-                   "the CPU.")
+                   f"original code (on a GPU, its fp16 numerics). Without this node the Sampler runs {DEFAULT_SPEED}.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("FAST_PATH_OPTIONS",)
     RETURN_NAMES = ("speed",)
@@ -141,8 +174,9 @@ class BlendedDiffusionSpeed:
                                     "of the original's two resamplings: less blur, one warp fewer. Off = the "
                                     "original."}),
                 "triton_kernels": ("BOOLEAN", {"default": d["triton_kernels"], "tooltip":
-                                   "Use with channels_last: with cuda_graphs too, the fastest setting measured "
-                                   "on an H100 (0.29 s per step at batch 16 instead of 0.38, half the memory). "
+                                   "Use with channels_last: with cuda_graphs too, part of the Sampler's default on "
+                                   "a CUDA GPU with bf16, the fastest setting measured on an H100 (0.29 s per step "
+                                   "at batch 16 instead of 0.38 without these three, half the memory). "
                                    "The UNet's GroupNorms (with their scale-shift and SiLU) and CLIP's LayerNorms "
                                    "and QuickGELU "
                                    "as the pack's own Triton kernels: "

@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=75, help="guided steps of a whole edit")
     p.add_argument("--budget", type=float, default=540,
-                   help="seconds for the whole run (a lent GPU machine's command limit is 600)")
+                   help="seconds for the whole run (set it under any time limit on the command)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per stage at most")
     p.add_argument("--out", type=Path, default=Path("gpu-rows.jsonl"))
     args = p.parse_args(argv)

@@ -141,7 +141,7 @@ def comfy_inprocess(comfy_dir, comfy_workspace) -> harness.InProcessComfy:
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, comfy_dir, artifacts_dir):
-    """One `main.py --cpu` subprocess for the whole session (startup costs ~10 s on 2 cores)."""
+    """One `main.py --cpu` subprocess for the whole session (its startup takes seconds)."""
     workspace = harness.build_workspace(tmp_path_factory.mktemp("comfy-server"), comfy_dir)
     with harness.start_server(comfy_dir, workspace, artifacts_dir / "logs" / "comfy-server.log") as server:
         yield server

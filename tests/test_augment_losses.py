@@ -254,7 +254,7 @@ def _background_l2_gradient(clip, x_t, pred_xstart, init, mask, result_ids, **ob
     settings = GuidanceSettings(clip_lambda=0.0, range_lambda=0.0, background_l2_lambda=10000.0)
     objective = GuidanceObjective(clip, torch.zeros(1, 32), mask, init, settings, **objective_kwargs)
     x = x_t.clone().requires_grad_(True)
-    loss, _ = objective.loss(x, pred_xstart, 0.8, result_ids, step=3)
+    loss = objective.loss(x, pred_xstart, 0.8, result_ids, step=3)
     return -torch.autograd.grad(loss, x)[0]
 
 

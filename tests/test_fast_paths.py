@@ -519,7 +519,7 @@ def _gpu_compare():
 
 def test_gpu_compare_dry_run_measures_every_stage(tmp_path):
     """The one-command GPU comparison, run on the CPU with the tiny model: every stage writes its JSON rows (or
-    its profile) and the table shows them, so a session on a lent GPU does not find a broken script."""
+    its profile) and the table shows them, so whoever runs it on a GPU does not find a broken script."""
     gpu_compare = _gpu_compare()
     out = tmp_path / "rows.jsonl"
     printed = io.StringIO()

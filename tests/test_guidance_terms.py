@@ -107,7 +107,7 @@ def objective_loss(clip, prompt, clip_lambda, x, mask, init):
     settings = GuidanceSettings(clip_lambda=clip_lambda, range_lambda=0.0,
                                 augmentations=AugmentationSettings(num_views=1))
     objective = GuidanceObjective(None, None, mask, init, settings, terms=[ClipTerm(clip, targets)])
-    return objective.loss(x, x, 0.0, [0, 1], 5)[0]
+    return objective.loss(x, x, 0.0, [0, 1], 5)
 
 
 def test_the_loss_is_the_weighted_sum_of_the_parts(clip):
@@ -175,7 +175,7 @@ def test_the_ensemble_loss_is_the_weighted_sum_of_each_clips_loss(clip, clip2):
         clips = (clip, clip2)[:len(weights)]
         terms = [ClipTerm(c, TargetSet.single(c.text_embedding(PROMPT)), w)
                  for c, w in zip(clips, weights, strict=True)]
-        return GuidanceObjective(None, None, mask, init, settings, terms=terms).loss(x, x, 0.0, [0, 1], 3)[0]
+        return GuidanceObjective(None, None, mask, init, settings, terms=terms).loss(x, x, 0.0, [0, 1], 3)
 
     assert torch.equal(loss(1.0, 0.0), loss(1.0))
     torch.testing.assert_close(loss(1.0, 0.5), loss(1.0) + 0.5 * loss(0.0, 1.0), rtol=1e-6, atol=0)

@@ -64,3 +64,107 @@ def test_the_default_without_triton_is_sized_by_its_measured_peak():
     assert auto_batch_size(77 * GIB, one_forward, num_results=64) == 22
     assert auto_batch_size(77 * GIB, low, num_results=64) == 13
     assert auto_batch_size(22 * GIB, one_forward, num_results=64) == 8
+
+
+def test_per_result_bytes_picks_each_setting_s_estimate():
+    from blended import fast_paths
+    from blended.memory import per_result_bytes
+
+    low = dict(low_precision=True)
+    assert per_result_bytes(256, fast_paths.FAITHFUL) == activation_bytes_per_result(256)
+    assert per_result_bytes(256, fast_paths.FASTEST_GPU) == activation_bytes_per_result(256, triton_kernels=True, **low)
+    assert per_result_bytes(512, fast_paths.FASTEST_GPU_WITHOUT_TRITON) == activation_bytes_per_result(
+        512, autocast_one_forward=True, **low)
+    assert per_result_bytes(256, fast_paths.PRESETS["original-gpu"]) == activation_bytes_per_result(256, **low)
+    checkpointed = fast_paths.parse_preset("fastest-gpu+ckpt")
+    assert per_result_bytes(256, checkpointed) == activation_bytes_per_result(256, gradient_checkpointing=True, **low)
+    # the Triton kernels count as such only in channels_last; autocast with one forward only in NCHW
+    import dataclasses
+
+    nchw_triton = dataclasses.replace(fast_paths.FASTEST_GPU, channels_last=False)
+    assert per_result_bytes(256, nchw_triton) == activation_bytes_per_result(256, autocast_one_forward=True, **low)
+    channels_last = dataclasses.replace(fast_paths.FASTEST_GPU_WITHOUT_TRITON, channels_last=True)
+    assert per_result_bytes(256, channels_last) == activation_bytes_per_result(256, **low)
+
+
+def test_a_smaller_batch_is_about_half_evened_out():
+    from blended.memory import smaller_batch_size
+
+    assert [smaller_batch_size(b, n) for b, n in [(64, 64), (22, 64), (2, 3), (3, 3), (1, 9)]] == [32, 11, 1, 1, 1]
+
+
+class _OutOfMemory(RuntimeError):
+    pass
+
+
+def _is_oom(exc):
+    return isinstance(exc, _OutOfMemory)
+
+
+def _attempts(fits_at):
+    """An attempt that runs out of memory above ``fits_at``, and the batches it was called with."""
+    batches = []
+
+    def attempt(batch_size):
+        batches.append(batch_size)
+        if batch_size > fits_at:
+            raise _OutOfMemory(f"out of memory at {batch_size}")
+        return f"done at {batch_size}"
+
+    return attempt, batches
+
+
+def test_an_auto_batch_that_runs_out_of_memory_runs_again_smaller(caplog):
+    import logging
+
+    from blended.memory import run_with_smaller_batches
+
+    attempt, batches = _attempts(fits_at=2)
+    freed = []
+    with caplog.at_level(logging.WARNING, logger="blended.memory"):
+        result = run_with_smaller_batches(attempt, 22, 64, auto=True, is_oom=_is_oom,
+                                          free_memory=lambda: freed.append(list(batches)))
+    assert result == "done at 2" and batches == [22, 11, 5, 2]  # about halved, evened out over 64 results
+    assert freed == [[22], [22, 11], [22, 11, 5]]  # before each new attempt, after the failed one
+    assert [r.getMessage() for r in caplog.records] == [
+        "Blended Diffusion: out of memory at batch_size=22 (auto); running again at 11",
+        "Blended Diffusion: out of memory at batch_size=11 (auto); running again at 5",
+        "Blended Diffusion: out of memory at batch_size=5 (auto); running again at 2"]
+    assert all(r.levelname == "WARNING" for r in caplog.records)
+
+
+@pytest.mark.parametrize("batch_size, auto, tried", [(2, False, [2]), (4, True, [4, 2, 1]), (1, True, [1])])
+def test_a_batch_by_hand_or_of_one_raises_with_the_advice(caplog, batch_size, auto, tried):
+    import logging
+
+    from blended.memory import run_with_smaller_batches
+
+    attempt, batches = _attempts(fits_at=0)
+    freed = []
+    with caplog.at_level(logging.ERROR, logger="blended.memory"), pytest.raises(_OutOfMemory) as err:
+        run_with_smaller_batches(attempt, batch_size, 5, auto=auto, is_oom=_is_oom,
+                                 free_memory=lambda: freed.append(1))
+    assert batches == tried and len(freed) == len(tried) - 1
+    assert str(err.value) == f"out of memory at {tried[-1]}"  # the last attempt's error, unchanged
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [
+        f"Blended Diffusion ran out of memory with batch_size={tried[-1]}: lower batch_size (results do not depend "
+        "on it), or connect a Speed node with gradient_checkpointing on or precision 'bf16 autocast'."]
+
+
+def test_other_errors_pass_through_at_once():
+    from blended.memory import run_with_smaller_batches
+
+    batches, freed = [], []
+
+    def attempt(batch_size):
+        batches.append(batch_size)
+        raise ValueError("the mask is empty")
+
+    with pytest.raises(ValueError, match="the mask is empty"):
+        run_with_smaller_batches(attempt, 8, 64, auto=True, is_oom=_is_oom, free_memory=lambda: freed.append(1))
+    assert batches == [8] and freed == []
+    attempt, batches = _attempts(fits_at=64)
+    assert run_with_smaller_batches(attempt, 16, 64, auto=True, is_oom=_is_oom, free_memory=freed.append) == (
+        "done at 16")
+    assert batches == [16] and freed == []

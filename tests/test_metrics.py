@@ -273,3 +273,29 @@ def test_evaluate_script_scores_a_folder_of_edits(tmp_path, capsys):
     assert float(rows["b_tinted.png"][6]) > 0.1                    # the tint's colour step
     assert "batch diversity" in out
     assert evaluate.main([str(tmp_path / "nothing")]) == 1
+
+
+@pytest.mark.parametrize(("inputs", "masks"), [(1, 1), (2, 1), (1, 3), (6, 6)])
+def test_scores_per_result_equal_the_definitions_on_copies_of_the_inputs(inputs, masks):
+    """score_edits measures each result against its own input and mask without copying them per result, and the
+    seam inside the ring's box only: the same numbers as the plain definitions on the batch-sized copies."""
+    generator = torch.Generator().manual_seed(5)
+    results = torch.rand(6, 3, 36, 44, generator=generator)
+    reference = torch.rand(inputs, 3, 36, 44, generator=generator)
+    mask = torch.zeros(masks, 36, 44)
+    for item in range(masks):
+        mask[item, 4 + 3 * item:20 + 2 * item, 6:30 + item] = 1
+    mask[-1, 30:, 40:] = 1  # a second region touching the corner
+
+    class SquaredError:  # stands in for LPIPS: any per-image distance of [-1,1] images
+        def __call__(self, x, y):
+            return ((x - y) ** 2).flatten(1).mean(dim=1)
+    scores = metrics.score_edits(results, reference, mask, lpips_model=SquaredError())
+    full_results, full_reference, edited = metrics.prepare(results, reference, mask)
+    gradient, colour = metrics.seam_scores(full_results, full_reference, edited)
+    torch.testing.assert_close(torch.tensor(scores.seam_gradient), gradient, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(scores.seam_colour), colour, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(scores.background_mse),
+                               metrics.background_mse(full_results, full_reference, edited))
+    torch.testing.assert_close(torch.tensor(scores.background_lpips),
+                               metrics.background_lpips(SquaredError(), full_results, full_reference, edited))

@@ -100,6 +100,35 @@ def test_without_a_speed_node_a_cuda_gpu_runs_the_measured_fastest_path(comfy_in
     assert mm.get_torch_device().type == "cpu" and speed.default_speed_options().is_faithful
 
 
+def test_the_speed_tooltips_name_the_default_the_sampler_runs(comfy_inprocess):
+    """The Speed node's defaults are the original's settings (FAITHFUL) with precision 'auto'; what the Sampler
+    runs without one is named from fast_paths.FASTEST_GPU itself, in the Sampler's and the Speed node's texts."""
+    speed = comfy_inprocess.pack_module("speed")
+    sampler = comfy_inprocess.pack_module("sampler")
+    fast_paths = speed.fast_paths
+    assert speed.DEFAULTS == {"precision": "auto", "reuse_guided_forward": False, "channels_last": False,
+                              "gradient_checkpointing": False, "compile": False, "clip_checkpointing": False,
+                              "single_resample": False, "triton_kernels": False, "cuda_graphs": False,
+                              "cudnn_benchmark": False}
+    assert speed.speed_options(precision="fp32") == fast_paths.FAITHFUL
+    inputs = speed.BlendedDiffusionSpeed.INPUT_TYPES()
+    assert set(speed.DEFAULTS) == set(inputs["required"]) | set(inputs["optional"])
+    # Every option has words, so a setting that turns a new one on is named in full.
+    named = set(speed._OPTION_WORDS) | set(speed._PRECISION_FIELDS)
+    assert named == {field.name for field in dataclasses.fields(fast_paths.FastPathOptions)}
+    assert speed.describe_options(fast_paths.FASTEST_GPU) == (
+        "bf16 autocast, one UNet forward per step, channels_last, the pack's Triton kernels, CUDA graphs and "
+        "cudnn_benchmark")
+    assert speed.describe_options(fast_paths.FASTEST_GPU_WITHOUT_TRITON) == (
+        "bf16 autocast, one UNet forward per step, CUDA graphs and cudnn_benchmark")
+    assert speed.describe_options(fast_paths.FAITHFUL) == "fp32"
+    sampler_inputs = sampler.BlendedDiffusionSampler.INPUT_TYPES()
+    for text in (sampler.BlendedDiffusionSampler.DESCRIPTION, sampler_inputs["optional"]["speed"][1]["tooltip"],
+                 speed.BlendedDiffusionSpeed.DESCRIPTION):
+        assert speed.DEFAULT_SPEED in text
+        assert "one model forward" not in text
+
+
 RANK_COLORS = [0xFF2020, 0x2040FF, 0x20C040]
 
 
@@ -193,7 +222,8 @@ def test_the_models_load_with_room_for_the_batch_by_the_runs_own_estimate(comfy_
         monkeypatch.setattr(sampler, "default_speed_options", lambda options=options: options)
         result = comfy_inprocess.run(graph(empty_image(), box_mask(), respacing="4", num_results=3, batch_size=2,
                                            seed=seed))
-        expected.append(2 * sampler._per_result_bytes(result.tensors["unet"][0][0], options) + (1 << 30))
+        image_size = result.tensors["unet"][0][0].unet.config.image_size
+        expected.append(2 * sampler.per_result_bytes(image_size, options) + (1 << 30))
     assert asked == expected and expected[0] != expected[1]
 
 

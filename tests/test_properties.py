@@ -1,6 +1,6 @@
 """Property tests (hypothesis) for IMAGE/MASK preparation and crop-edit-stitch geometry on arbitrary sizes.
 
-Example counts are kept small: the suite must run on a 2-core CI machine.
+Example counts are kept small, so the suite stays quick on a small machine.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from blended.clip_model import load_guidance_clip
 from blended.errors import BlendedInputError
 from blended.losses import spherical_distance
-from blended.rank import clip_scores, rank_by_clip
+from blended.rank import RANK_MODES, clip_scores, image_embeddings, rank_by_clip
 from conftest import REF
 
 CLIP_DIR = REF / "clip_tiny"
@@ -70,14 +70,24 @@ def test_scores_equal_the_unaugmented_distance(clip):
                                atol=0, rtol=0)
 
 
-def test_former_normalized_switch_still_selects_a_mode(clip):
+def test_an_unknown_mode_is_refused(clip):
+    """The former "normalized" switch is no mode: CLIP Rank maps an old workflow's saved value to one."""
     images = _rand((2, 3, 64, 64), 7)
-    torch.testing.assert_close(clip_scores(clip, images, PROMPT, normalized=True),
-                               clip_scores(clip, images, PROMPT, mode="guidance view"), atol=0, rtol=0)
-    torch.testing.assert_close(clip_scores(clip, images, PROMPT, normalized=False),
-                               clip_scores(clip, images, PROMPT, mode="original"), atol=0, rtol=0)
     with pytest.raises(BlendedInputError, match="ranking mode"):
         clip_scores(clip, images, PROMPT, mode="normalized")
+    with pytest.raises(BlendedInputError, match="ranking mode"):
+        image_embeddings(clip, images, mode="normalized")
+
+
+def test_image_embeddings_see_what_the_ranking_sees(clip):
+    """Image targets are embedded in the guidance view by default; each mode's embeddings give its distances."""
+    images, mask = _rand((2, 3, 64, 64), 8), _mask()
+    torch.testing.assert_close(image_embeddings(clip, images, mask),
+                               image_embeddings(clip, images, mask, mode="guidance view"), atol=0, rtol=0)
+    text = clip.text_embedding(PROMPT)
+    for mode in RANK_MODES:
+        torch.testing.assert_close(spherical_distance(image_embeddings(clip, images, mask, mode=mode), text),
+                                   clip_scores(clip, images, PROMPT, mask=mask, mode=mode), atol=0, rtol=0)
 
 
 def _mask(batch=1):
@@ -146,3 +156,17 @@ def test_bad_inputs_are_refused(clip):
         clip_scores(clip, torch.rand(2, 3, 64, 64), PROMPT, mask=torch.ones(1, 1, 32, 32))
     with pytest.raises(BlendedInputError):
         clip_scores(clip, torch.rand(2, 3, 64, 64), 42)
+
+
+@pytest.mark.parametrize("mode", RANK_MODES)
+def test_many_images_embed_a_chunk_at_a_time_with_a_mask_per_group_as_with_a_mask_each(clip, mode):
+    generator = torch.Generator().manual_seed(9)
+    images = torch.rand(20, 3, 40, 40, generator=generator)
+    masks = torch.zeros(4, 40, 40)  # one per group of 5 images, as the Sampler's mask output per input
+    for item in range(4):
+        masks[item, 5 * item:20 + 4 * item, 8:30] = 1
+    grouped = image_embeddings(clip, images, masks, mode=mode)
+    each = torch.cat([image_embeddings(clip, images[i:i + 1], masks[i // 5], mode=mode) for i in range(20)])
+    torch.testing.assert_close(grouped, each, atol=1e-5, rtol=1e-4)
+    with pytest.raises(BlendedInputError, match="equal group"):
+        image_embeddings(clip, images, masks[:3], mode=mode)

@@ -475,3 +475,40 @@ def test_frames_to_image_batch_is_sample_major():
         frames_to_image_batch([])
     with pytest.raises(ValueError):
         frames_to_image_batch([torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 8, 8)])
+
+
+def test_paste_back_resizes_only_the_masks_box_with_the_same_bits_as_the_whole_crop():
+    generator = _generator(4)
+    image = torch.rand(1, 3, 300, 500, generator=generator)
+    edited = torch.rand(3, 3, 64, 64, generator=generator)
+    composite = torch.zeros(3, 1, 300, 500)
+    composite[0, :, 40:90, 100:180] = 1.0
+    composite[1, :, 60:70, 130:131] = 0.5  # one column: the resize's one-column case
+    composite[2, :, 50:120, 150:260] = torch.rand(70, 110, generator=generator)
+    plan = plan_full_image(300, 500, 64)
+    # The plain definition: the whole crop resized in one call, blended where the composite is > 0.
+    whole = antialiased_resize(edited, (300, 500), "bicubic").clamp(0, 1)
+    expected = torch.where(composite > 0, image * (1 - composite) + whole * composite, image)
+    assert torch.equal(paste_back(image, edited, plan, composite), expected)
+    # into a given output, e.g. a view of the node's [N,H,W,C] batch
+    out = torch.full((3, 300, 500, 3), 7.0)
+    paste_back(image, edited, plan, composite, out=out.movedim(-1, 1))
+    assert torch.equal(out.movedim(-1, 1), expected)
+
+
+def test_paste_back_of_a_small_edit_never_resizes_to_the_whole_photo(monkeypatch):
+    from blended import regions
+
+    sizes = []
+    real = regions._bicubic
+
+    def recording(tensor, size):
+        out = real(tensor, size)
+        sizes.append(out.shape[-2] * out.shape[-1])
+        return out
+    monkeypatch.setattr(regions, "_bicubic", recording)
+    image = torch.rand(1, 3, 600, 800, generator=_generator(2))
+    composite = torch.zeros(1, 1, 600, 800)
+    composite[..., 100:140, 200:260] = 1.0
+    paste_back(image, torch.rand(1, 3, 64, 64, generator=_generator(3)), plan_full_image(600, 800, 64), composite)
+    assert sizes and max(sizes) <= 64 * 800, f"resized {max(sizes)} pixels for a 40x60 edit"

@@ -171,7 +171,7 @@ def test_the_progress_bar_ends_on_the_last_steps_preview(comfy_inprocess, monkey
     shown = []
     monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute",
                         lambda self, value, total=None, preview=None: shown.append((value, preview)))
-    callback = bridge.progress_callback(3)
+    callback = bridge.progress_callback()
     for step in (1, 2, 3):
         callback(step, 3, torch.full((1, 3, 4, 4), step / 3.0))
     assert [value for value, _ in shown] == [1, 2, 3]
