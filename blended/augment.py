@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import view_warps
@@ -183,6 +184,39 @@ def _from_kornia_params(params: dict) -> dict:
     return {key: value.detach().cpu().numpy() for key, value in host.items()}
 
 
+# Devices whose adaptive average pooling needs the input size to be a multiple of the output's (Apple's MPS:
+# 256 -> 224 is refused there).
+POOL_BY_MATMUL = ("mps",)
+
+
+class AveragePool(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` to ``size`` x ``size``, or the same averages as two matrix products on devices
+    whose pooling cannot take every size (:data:`POOL_BY_MATMUL`)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+        self._weights: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type not in POOL_BY_MATMUL:
+            return F.adaptive_avg_pool2d(x, (self.size, self.size))
+        rows = self._averaging(x.shape[-2], x.device, x.dtype)
+        columns = self._averaging(x.shape[-1], x.device, x.dtype)
+        return rows @ x @ columns.T
+
+    def _averaging(self, extent: int, device, dtype) -> torch.Tensor:
+        """[size, extent]: row i averages adaptive pooling's bin i, [floor(i*n/s), ceil((i+1)*n/s))."""
+        key = (extent, device, dtype)
+        if key not in self._weights:
+            weights = torch.zeros(self.size, extent, dtype=torch.float64)
+            for i in range(self.size):
+                start, stop = (i * extent) // self.size, -(-((i + 1) * extent) // self.size)
+                weights[i, start:stop] = 1.0 / (stop - start)
+            self._weights[key] = weights.to(dtype).to(device)
+        return self._weights[key]
+
+
 class ImageAugmentations(nn.Module):
     """[B,3,H,W] in [-1,1] -> [B*num_views,3,S,S] in the original's order [I1..IB, I1..IB, ...].
 
@@ -196,7 +230,7 @@ class ImageAugmentations(nn.Module):
         self.settings = settings if settings is not None else AugmentationSettings()
         self.settings.validate()
         self.output_size = int(output_size)
-        self.pool = nn.AdaptiveAvgPool2d((self.output_size, self.output_size))
+        self.pool = AveragePool(self.output_size)
         self._grid_base_cache: tuple = (None, None)  # the output pixels' positions, kept per size/device/dtype
 
     @property

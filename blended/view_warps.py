@@ -117,5 +117,16 @@ def sampling_grids(matrices: torch.Tensor, base: torch.Tensor, height: int, widt
     return (points[..., :2] / points[..., 2:]).view(-1, height, width, 2)
 
 
+# Devices whose grid_sample has no "border" padding (Apple's MPS refuses it).
+BORDER_BY_CLAMPING = ("mps",)
+
+
 def resample(images: torch.Tensor, grid: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    if padding_mode == "border" and images.device.type in BORDER_BY_CLAMPING:
+        # Border padding reads every position outside as the nearest edge pixel: the same as moving the position
+        # onto the outer pixels' centres and sampling with zeros (the taps beyond the edge then weigh 0).
+        height, width = images.shape[-2:]
+        limits = torch.tensor([1 - 1 / width, 1 - 1 / height], dtype=grid.dtype, device=grid.device)
+        grid = torch.maximum(torch.minimum(grid, limits), -limits)
+        padding_mode = "zeros"
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)

@@ -155,9 +155,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and raised_in_triton(exc):
         return True
     if hasattr(mm, "is_oom"):
-        return bool(mm.is_oom(exc))
-    kinds = (mm.OOM_EXCEPTION,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())
-    return isinstance(exc, kinds) and "out of memory" in str(exc).lower()
+        if mm.is_oom(exc):
+            return True
+    else:
+        kinds = (mm.OOM_EXCEPTION,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())
+        if isinstance(exc, kinds) and "out of memory" in str(exc).lower():
+            return True
+    # Apple's MPS and DirectML report running out as a plain RuntimeError, which neither check above knows.
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and any(text in message for text in NON_CUDA_OOM_MESSAGES)
+
+
+# How MPS and DirectML word an allocation that does not fit.
+NON_CUDA_OOM_MESSAGES = ("MPS backend out of memory", "Could not allocate tensor")
 
 
 def progress_callback(node_id=None, preview: bool = True):

@@ -67,7 +67,8 @@ def describe_options(options: FastPathOptions) -> str:
 DEFAULT_SPEED = ("the measured fastest setting for the device. On a CUDA GPU with bf16 (Ampere or newer) that is "
                  f"{describe_options(fast_paths.FASTEST_GPU)}: 2.5x the original's speed at batch 16 on an H100, "
                  "3.3x at batch 4 (PyTorch's own kernels instead where the triton package is missing or Triton "
-                 "fails on the GPU). Elsewhere the original's settings")
+                 f"fails on the GPU). On an AMD GPU (ROCm), where none of that was measured: "
+                 f"{describe_options(fast_paths.FAST_GPU)}. Elsewhere the original's settings")
 
 
 # Devices where the Triton kernels failed in a run without a Speed node, with the first line of the error; the
@@ -107,11 +108,15 @@ def default_speed_options() -> FastPathOptions:
 
     On a CUDA GPU with bf16 that is ``fast_paths.FASTEST_GPU``; without the `triton` package, or once the kernels
     have failed on this GPU (``default_without_triton_kernels``), the same with PyTorch's own kernels
-    (``FASTEST_GPU_WITHOUT_TRITON``). Elsewhere the original's settings, this node's defaults. A Speed node, even
-    left at its defaults, always means exactly what it shows.
+    (``FASTEST_GPU_WITHOUT_TRITON``). On ROCm, whose cards share the "cuda" device type but where neither the
+    Triton kernels nor the graphs were measured, ``FAST_GPU`` (bf16 autocast, one UNet forward per step).
+    Elsewhere the original's settings, this node's defaults. A Speed node, even left at its defaults, always means
+    exactly what it shows.
     """
     device = torch.device(bridge.mm.get_torch_device())
     if device.type == "cuda" and bridge.mm.should_use_bf16(device):
+        if getattr(torch.version, "hip", None):
+            return fast_paths.FAST_GPU
         if triton_package_dir() is None or str(device) in _TRITON_FAILED_ON:
             return fast_paths.FASTEST_GPU_WITHOUT_TRITON
         return fast_paths.FASTEST_GPU

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start ComfyUI with this pack: set up (idempotent), put the example photos where the shipped workflows
 # expect them, then run ComfyUI on 127.0.0.1:${PORT:-8188}. Extra arguments go to ComfyUI's main.py.
-# Works without a GPU: --cpu is added when torch sees neither CUDA nor MPS.
+# Works without a GPU: --cpu is added when torch sees no CUDA, MPS or XPU device (and --directml is not given).
 # --download-models first fetches the models the pack uses into ComfyUI's model folders (resumable; files
 # already there are kept): see scripts/download_models.py. --download-required-models fetches only the required
 # ones (not the optional class-conditional models and ViT-L-14).
@@ -44,9 +44,11 @@ done
 extra=()
 if ! "$VENV/bin/python" -c "import sys, torch
 mps = getattr(torch.backends, 'mps', None)
-sys.exit(0 if torch.cuda.is_available() or (mps is not None and mps.is_available()) else 1)" 2>/dev/null; then
+xpu = getattr(torch, 'xpu', None)
+sys.exit(0 if torch.cuda.is_available() or (mps is not None and mps.is_available())
+         or (xpu is not None and xpu.is_available()) else 1)" 2>/dev/null; then
   case " $* " in
-    *" --cpu "*) ;;
+    *" --cpu "*|*" --directml "*|*" --directml="*) ;;
     *)
       # A GPU the driver sees but torch cannot use: most often torch's CUDA build is newer than the driver
       # supports (or torch is a CPU-only build). Say so, with the versions, and how to get a matching torch.
@@ -66,7 +68,7 @@ sys.exit(0 if torch.cuda.is_available() or (mps is not None and mps.is_available
              "TORCH_VERSION picks the release). See README."
         echo "[start] running ComfyUI with --cpu for now"
       else
-        echo "[start] no CUDA/MPS device found: running ComfyUI with --cpu"
+        echo "[start] no CUDA, MPS or XPU device found: running ComfyUI with --cpu"
       fi
       extra+=(--cpu) ;;
   esac

@@ -329,3 +329,23 @@ def test_clip_loss_gradient_reaches_only_the_masked_region(clip):
     (grad,) = torch.autograd.grad(loss, x_in)
     assert grad[..., 20:52, 16:48].abs().sum() > 0
     assert torch.all(grad * (1 - mask) == 0)
+
+
+def test_on_devices_without_border_padding_or_any_pooling_size_the_views_are_the_same(monkeypatch):
+    """Apple's MPS refuses grid_sample's border padding and a 256 -> 224 adaptive pooling: there the views come
+    from positions clamped onto the edge pixels and from two averaging matrix products, with the same values and
+    gradients (checked here by sending the CPU down those paths)."""
+    from blended import augment as augment_module
+
+    settings = AugmentationSettings(num_views=6, padding_mode="border")
+    x = (torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(4)) * 2 - 1).requires_grad_(True)
+    augment = ImageAugmentations(28, settings)  # 40 -> 28: not a multiple, as 256 -> 224
+    params = augment.sample(3, [_stream(20 + i) for i in range(3)])
+    plain = augment(x, params=params)
+    plain_grad, = torch.autograd.grad(plain.square().sum(), x)
+    monkeypatch.setattr(view_warps, "BORDER_BY_CLAMPING", ("cpu",))
+    monkeypatch.setattr(augment_module, "POOL_BY_MATMUL", ("cpu",))
+    other = ImageAugmentations(28, settings)(x, params=params)
+    other_grad, = torch.autograd.grad(other.square().sum(), x)
+    torch.testing.assert_close(other, plain, atol=2e-5, rtol=0)
+    torch.testing.assert_close(other_grad, plain_grad, atol=1e-4, rtol=1e-4)

@@ -214,6 +214,15 @@ def test_out_of_memory_is_decided_by_comfyuis_is_oom_where_it_has_one(comfy_inpr
     assert not bridge.is_out_of_memory(coded)
     assert bridge.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not bridge.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    # Apple's MPS and DirectML say it in a plain RuntimeError of their own words, with either ComfyUI
+    for mm in (types.SimpleNamespace(OOM_EXCEPTION=torch.cuda.OutOfMemoryError),
+               types.SimpleNamespace(is_oom=is_oom, OOM_EXCEPTION=Exception)):
+        monkeypatch.setattr(bridge, "mm", mm)
+        assert bridge.is_out_of_memory(RuntimeError(
+            "MPS backend out of memory (MPS allocated: 17.81 GB, other allocations: 1.20 GB, max allowed: 18.13 GB)."))
+        assert bridge.is_out_of_memory(RuntimeError("Could not allocate tensor with 603979776 bytes. There is not "
+                                                    "enough GPU video memory available!"))
+        assert not bridge.is_out_of_memory(RuntimeError("MPS: Unsupported Border padding mode"))
 
 
 @pytest.mark.comfy
