@@ -258,7 +258,9 @@ def prepare_edit_masks(images: torch.Tensor, mask: torch.Tensor | None,
 
 def check_edit_mask(image: torch.Tensor, mask: torch.Tensor | None, invert: bool = False) -> None:
     """``prepare_edit_masks``' refusal of an empty mask, early and cheap: on the mask as given (not resized),
-    for the items an edit of ``image`` (an IMAGE ``[B,H,W,C]`` or ``[H,W,C]``) uses, before any model is loaded."""
+    for the items an edit of ``image`` (an IMAGE ``[B,H,W,C]`` or ``[H,W,C]``) uses, before any model is loaded.
+    A mask that only empties once resized to the image (a few kept pixels of a larger inverted mask) is refused
+    later, by ``prepare_edit_masks``."""
     if mask is None:
         return
     used = masks_in_use(mask, image.shape[0] if image.dim() == 4 else 1)

@@ -7,13 +7,15 @@ feather all use that same step sequence, so a feather never eats into the region
 Speed matters here because the widgets reach 512 pixels on photos of several megapixels: stepping a 3x3 kernel
 512 times over a 3000x3000 canvas took minutes. So:
 
-* growing and shrinking take the maximum (minimum) over the whole kernel at once. ``n`` alternating steps
+* growing and shrinking by more than ``STEPPED_UP_TO`` pixels take the maximum (minimum) over the whole kernel
+  at once (a few pixels still step, which is cheaper there). ``n`` alternating steps
   cover exactly the octagon ``square(ceil(n/2)) + diamond(floor(n/2))`` (Minkowski sum), and each part is a
   sum of line segments: rows and columns for the square, the two diagonals (plus a one-pixel shift when the
   diamond's radius is odd) for the diamond. A running maximum over a segment costs a few passes whatever its
   length (``_running_max``, van Herk/Gil-Werman), so a grow of 512 costs what a grow of 8 does;
 * feathering needs every step's erosion (its value is how many steps a pixel survives), so it still steps, but
-  each step is a handful of elementwise maxima over shifted views instead of pooling calls.
+  each step is a handful of elementwise minima over shifted copies instead of pooling calls, in bytes for a 0/1
+  mask.
 
 Both give exactly the values that stepping the 3x3 kernels one at a time gives (maxima and minima only select
 values); ``tests/test_mask_morphology.py`` checks that against the step-by-step definition.
@@ -71,14 +73,19 @@ def _running_max_rows(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
 def _running_max_diagonal(x: torch.Tensor, low: int, high: int, anti: bool) -> torch.Tensor:
     """``out[i, j] = max over k in [low, high] of x[i + k, j + k]`` (``anti``: ``x[i + k, j - k]``).
 
-    Sheared so that each diagonal becomes a column of a [H, H + W - 1] canvas, then a running maximum down it.
+    Sheared so that each diagonal becomes a column of a [H, H + W - 1] canvas, then a running maximum down it;
+    a tall region is transposed first, so the canvas is (H + W - 1) times the shorter side.
     """
     height, width = x.shape[-2:]
-    rows = torch.arange(height).unsqueeze(1)
-    cols = torch.arange(width).unsqueeze(0)
+    if height > width:
+        # Transposed, a diagonal stays a diagonal and an anti-diagonal runs the other way.
+        flipped = (-high, -low) if anti else (low, high)
+        return _running_max_diagonal(x.transpose(-1, -2), *flipped, anti=anti).transpose(-1, -2)
+    rows = torch.arange(height, device=x.device).unsqueeze(1)
+    cols = torch.arange(width, device=x.device).unsqueeze(0)
     index = (cols + rows) if anti else (cols - rows + height - 1)
     index = index.expand(*x.shape[:-2], height, width)
-    sheared = torch.full((*x.shape[:-1], height + width - 1), float("-inf"), dtype=x.dtype)
+    sheared = torch.full((*x.shape[:-1], height + width - 1), float("-inf"), dtype=x.dtype, device=x.device)
     sheared.scatter_(-1, index, x)
     return torch.gather(_running_max_rows(sheared, low, high), -1, index)
 
@@ -116,26 +123,37 @@ def _step_is_square(step: int, shape: str) -> bool:
     return shape == "square" or step % 2 == 0
 
 
-def _neighbour_min(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each pixel's minimum with its two neighbours along ``dim``; a missing neighbour does not count."""
-    out = x.clone()
+def _neighbour_extreme(x: torch.Tensor, dim: int, pick) -> torch.Tensor:
+    """Each pixel's ``pick`` (``torch.minimum`` or ``torch.maximum``) with its two neighbours along ``dim``; a
+    missing neighbour does not count (the pixel stands in for it). Built without in-place writes, so it is
+    differentiable."""
     size = x.shape[dim]
-    if size > 1:
-        later, earlier = out.narrow(dim, 1, size - 1), out.narrow(dim, 0, size - 1)
-        torch.minimum(later, x.narrow(dim, 0, size - 1), out=later)
-        torch.minimum(earlier, x.narrow(dim, 1, size - 1), out=earlier)
-    return out
+    if size == 1:
+        return x
+    before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, size - 1)], dim=dim)
+    after = torch.cat([x.narrow(dim, 1, size - 1), x.narrow(dim, size - 1, 1)], dim=dim)
+    return pick(x, pick(before, after))
+
+
+def _step(mask: torch.Tensor, square: bool, pick) -> torch.Tensor:
+    """One 3x3 square or cross step of ``pick`` over the neighbourhood; pixels outside the canvas do not count."""
+    if square:
+        return _neighbour_extreme(_neighbour_extreme(mask, -2, pick), -1, pick)
+    return pick(_neighbour_extreme(mask, -2, pick), _neighbour_extreme(mask, -1, pick))
 
 
 def _erode_step(mask: torch.Tensor, square: bool) -> torch.Tensor:
     # Pixels outside the canvas do not count, which is the same as counting them as mask: an edit touching the
     # border must not shrink away from it.
-    if square:
-        return _neighbour_min(_neighbour_min(mask, -2), -1)
-    return torch.minimum(_neighbour_min(mask, -2), _neighbour_min(mask, -1))
+    return _step(mask, square, torch.minimum)
 
 
 # --- the operations ------------------------------------------------------------------------------------------
+
+# Grows and shrinks up to this many pixels step the 3x3 kernel (a few cheap passes each); wider ones take the
+# whole kernel at once, whose passes cost more than a few steps but the same for any width.
+STEPPED_UP_TO = 12
+
 
 def _working_box(mask: torch.Tensor, reach: int) -> tuple[int, int, int, int] | None:
     box = mask_bounding_box(mask)
@@ -166,7 +184,11 @@ def grow_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.T
     # The kernel's decomposition passes through points up to ``|pixels| + 1`` beyond the box: give it room.
     room = abs(pixels) + 1
     pad = (room, room, room, room)
-    if pixels > 0:
+    if abs(pixels) <= STEPPED_UP_TO:
+        pick = torch.maximum if pixels > 0 else torch.minimum
+        for step in range(abs(pixels)):
+            region = _step(region, _step_is_square(step, shape), pick)
+    elif pixels > 0:
         region = _dilated(region, pixels, shape, pad)
     else:
         region = -_dilated(-region, -pixels, shape, pad)

@@ -360,7 +360,8 @@ def _input_seam(picture: torch.Tensor, region: torch.Tensor, width: int):
     gradient RMS and colour step across it), so each result is measured against it inside the box only."""
     inner, outer = border_rings(region, width)
     ring = inner | outer
-    row0, row1, col0, col1 = regions.mask_bounding_box(ring)
+    # A mask covering the whole picture has no border: an empty ring, whose scores are 0 (one pixel's box).
+    row0, row1, col0, col1 = regions.mask_bounding_box(ring) or (0, 1, 0, 1)
     inside = (..., slice(row0, row1), slice(col0, col1))
     inner, outer, ring, crop = inner[inside], outer[inside], ring[inside], picture[inside]
     return ((row0, row1, col0, col1), inner, outer, ring, gradient_rms(crop, ring),

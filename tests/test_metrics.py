@@ -299,3 +299,12 @@ def test_scores_per_result_equal_the_definitions_on_copies_of_the_inputs(inputs,
                                metrics.background_mse(full_results, full_reference, edited))
     torch.testing.assert_close(torch.tensor(scores.background_lpips),
                                metrics.background_lpips(SquaredError(), full_results, full_reference, edited))
+
+
+def test_a_mask_covering_the_whole_picture_scores_no_seam():
+    """A whole-image edit (the Sampler without a mask) has no border to measure: seam 0, no background."""
+    generator = torch.Generator().manual_seed(2)
+    results, reference = torch.rand(2, 3, 20, 24, generator=generator), torch.rand(1, 3, 20, 24, generator=generator)
+    scores = metrics.score_edits(results, reference, torch.ones(1, 20, 24))
+    assert scores.seam_gradient == [0.0, 0.0] and scores.seam_colour == [0.0, 0.0]
+    assert all(math.isnan(v) for v in scores.background_mse)

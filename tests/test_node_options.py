@@ -95,7 +95,7 @@ def test_without_a_speed_node_a_cuda_gpu_runs_the_measured_fastest_path(comfy_in
     # An AMD card (ROCm's torch reports it as "cuda"): the generic fast path, nothing measured only on NVIDIA.
     with monkeypatch.context() as patch:
         patch.setattr(torch.version, "hip", "6.4.0", raising=False)
-        assert speed.default_speed_options() == speed.fast_paths.FAST_GPU
+        assert speed.default_speed_options().describe() == "bf16-autocast+reuse"
     # A GPU without bf16: the Speed node's own defaults, i.e. the original's fp16 torso.
     monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: False)
     monkeypatch.setattr(mm, "should_use_fp16", lambda *args, **kwargs: True)

@@ -174,6 +174,45 @@ exec "{REAL_PY}" -S "$@"
     assert (venv / "comfyui-path").read_text().strip() == str(comfy)
 
 
+def test_a_venv_made_without_pip_gets_pip_from_ensurepip_and_keeps_its_packages(world):
+    venv = world.tmp / "venv"
+    # A venv made without pip (e.g. by uv): `-m pip` fails until `-m ensurepip` has run.
+    world.venv(venv, f"""#!/usr/bin/env bash
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = ensurepip ]; then touch "{venv}/has-pip"; exit 0; fi
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = pip ] && [ ! -e "{venv}/has-pip" ]; then exit 1; fi
+exec {world.stub_python.split(chr(10))[0][2:]} "$0.stub" "$@"
+""")
+    _write_exe(venv / "bin/python.stub", world.stub_python)
+    maker_log = world.tmp / "maker.log"
+    maker = _write_exe(world.tmp / "python-maker", f'#!/usr/bin/env bash\necho "$*" >> "{maker_log}"\nexit 1\n')
+    comfy = world.comfyui(world.tmp / "ComfyUI")
+    result = world.run("scripts/setup_env.sh", BLENDED_VENV=str(venv), COMFYUI_PATH=str(comfy), PYTHON=str(maker))
+    assert result.returncode == 0, result.stderr
+    assert "broken" not in result.stderr and not maker_log.exists(), "the venv must not be made again"
+    assert (venv / "has-pip").exists()
+
+
+def test_a_relative_python_path_is_taken_from_the_callers_folder(world):
+    maker_log = world.tmp / "maker.log"
+    _write_exe(world.tmp / "tools/python-maker", f'''#!/usr/bin/env bash
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = venv ]; then
+  echo "$*" >> "{maker_log}"
+  for last; do :; done
+  mkdir -p "$last/bin"
+  cat > "$last/bin/python" <<'STUB'
+{world.stub_python}STUB
+  chmod +x "$last/bin/python"
+  exit 0
+fi
+exec "{REAL_PY}" -S "$@"
+''')
+    comfy = world.comfyui(world.tmp / "ComfyUI")
+    result = world.run("scripts/setup_env.sh", BLENDED_VENV=str(world.tmp / "venv"), COMFYUI_PATH=str(comfy),
+                       PYTHON="tools/python-maker", cwd=world.tmp)
+    assert result.returncode == 0, result.stderr
+    assert maker_log.read_text().split()[:2] == ["-m", "venv"]
+
+
 def test_a_venv_and_python_older_than_3_10_stop_with_which_python_to_use(world):
     old = '#!/usr/bin/env bash\n[ "${1:-}" = -c ] && { echo 3.8; exit 1; }\necho "$*" >> "$0.log"\nexit 0\n'
     venv = world.venv(world.tmp / "venv", old)
