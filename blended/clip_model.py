@@ -309,8 +309,10 @@ class GuidanceCLIP:
             if count > self.context_length:
                 if not truncate:
                     raise BlendedInputError(
-                        f"the prompt has {count} tokens but CLIP's limit is {self.context_length} (including "
-                        f"start/end markers); shorten it: {prompt[:60]!r}...")
+                        f"the prompt {prompt[:60]!r}... has {count} tokens but CLIP's limit is "
+                        f"{self.context_length} (including start/end markers): shorten it, split it into weighted "
+                        "parts with '|' (each part has its own limit), or turn CLIP Guidance's "
+                        "truncate_long_prompts on to cut it")
                 log.warning("prompt has %d tokens, CLIP reads only the first %d; the rest is ignored: %r",
                             count, self.context_length, prompt[:60])
         return tokenizer(list(prompts), context_length=self.context_length)

@@ -108,6 +108,8 @@ def space_timesteps(num_steps: int, section_counts: str | Iterable[int]) -> set[
         counts = [int(c) for c in section_counts]
     if not counts or any(c < 0 for c in counts):
         raise BlendedInputError(f"timestep respacing {section_counts!r} needs positive step counts")
+    if sum(counts) == 0:
+        raise BlendedInputError(f"timestep respacing {section_counts!r} keeps no step: ask for at least 1")
 
     base_size, longer_sections = divmod(num_steps, len(counts))
     kept: list[int] = []

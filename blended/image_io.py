@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 _FINITE_CHECK_ELEMENTS = 1 << 22
 
 EMPTY_MASK_MESSAGE = (
-    "the mask is empty: nothing to edit. Paint the region to change in white (mask = 1) or enable invert_mask"
+    "the mask is empty: nothing to edit. Paint the region to change in white (mask = 1) or enable invert_mask. "
+    "(Load Image's MASK output is empty for a picture without a painted or transparent area: paint the region "
+    "in its MaskEditor.)"
 )
 EMPTY_INVERTED_MASK_MESSAGE = (
     "the inverted mask is empty: nothing to edit. invert_mask edits where the mask is black (0), and this mask "

@@ -14,6 +14,7 @@ from .model_folders import (
     CLIP_GUIDANCE_FOLDER,
     GUIDED_DIFFUSION_FOLDER,
     checkpoint_stamp,
+    missing_model_message,
     model_file_list,
     model_file_path,
 )
@@ -51,6 +52,12 @@ class LoadGuidedDiffusionModel:
                                "release's, else 64 as the 256x256 checkpoint)."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        # In place of ComfyUI's "value not in list": a missing checkpoint is refused at queue time with where it
+        # goes and how to fetch it.
+        return missing_model_message(GUIDED_DIFFUSION_FOLDER, model_name) or True
 
     @classmethod
     def IS_CHANGED(cls, model_name, **_):
@@ -109,6 +116,10 @@ class LoadGuidanceCLIP:
                                "LAION, DataComp). The wrong one still loads, but scores and steers worse."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name):
+        return missing_model_message(CLIP_GUIDANCE_FOLDER, clip_name) or True
 
     def load(self, clip_name, dtype="auto", activation="quick_gelu"):
         path = model_file_path(CLIP_GUIDANCE_FOLDER, clip_name)

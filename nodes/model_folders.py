@@ -34,16 +34,23 @@ def model_file_list(name: str) -> list:
     return sorted(files)
 
 
-def model_file_path(name: str, filename: str) -> str:
-    path = folder_paths.get_full_path(name, filename)
-    if path is None or not os.path.isfile(path):
-        folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
-        raise FileNotFoundError(
-            f"model file {filename!r} was not found in the {name} folder ({folders}). "
+def missing_model_message(name: str, filename) -> str | None:
+    """What to tell a user whose model file is not in the ``name`` folder; None when it is there."""
+    path = folder_paths.get_full_path(name, str(filename))
+    if path is not None and os.path.isfile(path):
+        return None
+    folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
+    return (f"model file {str(filename)!r} was not found in the {name} folder ({folders}). "
             "Put the file there and press R to refresh the list. To fetch the released ones, run "
             "'PYTHONPATH=. python scripts/download_models.py --comfyui <your ComfyUI folder>' in the pack's folder "
             "(README, 'Models').")
-    return path
+
+
+def model_file_path(name: str, filename: str) -> str:
+    message = missing_model_message(name, filename)
+    if message is not None:
+        raise FileNotFoundError(message)
+    return folder_paths.get_full_path(name, filename)
 
 
 def checkpoint_stamp(name: str, filename: str) -> str:

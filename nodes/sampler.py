@@ -129,9 +129,11 @@ class BlendedDiffusionSampler:
         try:
             # The model's own training schedule (config.json's noise_schedule), respaced as asked.
             diffusion = diffusion_for(model.unet, str(respacing).strip())
+        except BlendedInputError:
+            raise  # says what is wrong with it and what to write instead
         except (ValueError, KeyError) as exc:
-            raise BlendedInputError(f"respacing {respacing!r} is not valid ({exc}): use a step count like "
-                                    "'100', 'ddim50' or sections like '10,15,20'") from exc
+            raise BlendedInputError(f"respacing {respacing!r} is not valid: use a step count like '100', 'ddim50' "
+                                    f"or sections like '10,15,20' ({exc})") from exc
         # What the widgets and the mask alone can refuse is refused before the models are loaded and copied.
         check_settings(SamplerSettings(**widgets), diffusion, num_results)
         image_io.check_edit_mask(image, mask, invert_mask)

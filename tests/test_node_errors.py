@@ -388,3 +388,19 @@ def test_a_missing_model_file_says_where_to_put_it_and_how_to_fetch_it(comfy_inp
         message = str(error.value)
         assert "'absent.safetensors' was not found" in message and str(comfy_models_dir / folder) in message
         assert "press R to refresh" in message and "python scripts/download_models.py --comfyui" in message
+
+
+def test_a_missing_model_file_is_refused_when_queued_with_where_it_goes(comfy_inprocess, comfy_models_dir):
+    """ComfyUI's own check would say only "value not in list": the loaders say where the file goes instead,
+    before anything runs."""
+    import harness
+
+    prompt = harness.tiny_edit_prompt(comfy_inprocess.node_defs())
+    prompt["3"]["inputs"]["model_name"] = "absent.safetensors"
+    prompt["4"]["inputs"]["clip_name"] = "also-absent.safetensors"
+    ok, error, _, node_errors = comfy_inprocess.validate(prompt)
+    assert not ok
+    reasons = " ".join(str(e) for e in node_errors.values())
+    assert "'absent.safetensors' was not found" in reasons and "'also-absent.safetensors' was not found" in reasons
+    assert "download_models.py" in reasons and "not in list" not in reasons
+    assert comfy_inprocess.validate(harness.tiny_edit_prompt(comfy_inprocess.node_defs()))[0]
