@@ -147,10 +147,15 @@ class CLIPGuidance:
             pictures = image_io.to_rgb_nchw(image_target)
             mask = None
             if image_target_mask is not None:
-                # As for the edited image: one picture with several masks is a target per mask, none dropped. An
-                # empty mask is refused when the target is embedded, with advice about the target.
+                # As for the edited image: one picture with several masks is a target per mask, none dropped.
                 pictures, mask = image_io.match_batches(pictures,
                                                         image_io.mask_for_images(pictures, image_target_mask))
+                empty = image_io.empty_mask_items(mask)
+                if empty:  # here, before the Sampler loads its models
+                    which = f" for picture(s) {empty[:8]}" if mask.shape[0] > 1 else ""
+                    raise BlendedInputError(f"image_target_mask is empty (all 0){which}: paint the part of the "
+                                            "reference picture that should count, or leave image_target_mask "
+                                            "unconnected.")
             image_targets.append(bridge.ImageTargetSpec(pictures, mask, float(image_target_weight)))
         return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings, extra_clips=extra_clips,
                                         image_targets=image_targets),)

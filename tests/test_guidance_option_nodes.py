@@ -124,5 +124,10 @@ def test_image_target_masks_each_count_and_an_empty_one_is_refused(comfy_inproce
         torch.testing.assert_close(embeds[i:i + 1], embeddings(picture, masks[i:i + 1])[0], atol=1e-6, rtol=0)
     partly_empty = masks[:2].clone()
     partly_empty[1] = 0
-    with pytest.raises(ValueError, match=r"image target's mask is empty \(for picture\(s\) \[1\] of 2\)"):
+    # refused by CLIP Guidance itself, before the Sampler loads its models, naming the input
+    with pytest.raises(ValueError, match=r"image_target_mask is empty \(all 0\) for picture\(s\) \[1\]"):
         embeddings(picture.expand(2, -1, -1, -1), partly_empty)
+    # and by the library, for callers without the node
+    with pytest.raises(ValueError, match=r"image target's mask is empty \(for picture\(s\) \[1\] of 2\)"):
+        targets.image_target_embeddings(clip.clip, [targets.ImageTarget(picture.expand(2, -1, -1, -1).movedim(-1, 1),
+                                                                         partly_empty[:, None], 1.0)], "cpu")
