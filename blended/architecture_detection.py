@@ -357,7 +357,9 @@ def expected_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             model = GuidedDiffusionUNet(config)
     except ValueError as exc:
-        raise BlendedInputError(f"the model settings do not fit the weights: {exc}") from exc
+        raise BlendedInputError(f"the model settings do not fit the weights ({exc}): set the Load Guided Diffusion "
+                                "node's head_channels to 0 (auto) or to a divisor of the model's channels, e.g. "
+                                "64, and check the settings of a config.json beside the checkpoint") from exc
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 

@@ -21,16 +21,23 @@ def vgg16_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
 
 
-def load_lpips():
-    """An LPIPS-VGG module (frozen, eval) or a clear error saying what is missing."""
+def check_lpips_available() -> None:
+    """Refuse, saying what is missing, where LPIPS cannot be loaded: cheap, so a node can ask before any model
+    is loaded."""
     if importlib.util.find_spec("lpips") is None:
         raise BlendedInputError("the LPIPS background loss needs the 'lpips' package: `pip install lpips`, or set "
-                                "the LPIPS weight to 0 (the L2 background loss needs nothing extra)")
+                                "CLIP Guidance's background_lpips_lambda to 0 (the L2 background loss needs nothing "
+                                "extra)")
     weights = vgg16_weights_path()
     if not os.path.isfile(weights):
         raise BlendedInputError(f"the LPIPS background loss needs torchvision's VGG16 weights at {weights} "
                                 f"({VGG16_FILE}, 528 MB; nothing is downloaded at run time): put the file there, "
-                                "or set the LPIPS weight to 0")
+                                "or set CLIP Guidance's background_lpips_lambda to 0")
+
+
+def load_lpips():
+    """An LPIPS-VGG module (frozen, eval) or a clear error saying what is missing."""
+    check_lpips_available()
     import lpips
 
     return lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)

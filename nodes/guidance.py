@@ -11,6 +11,7 @@ from ..blended import schedule as guidance_schedule
 from ..blended.augment import AugmentationSettings
 from ..blended.errors import BlendedInputError
 from ..blended.guidance import GuidanceSettings
+from ..blended.lpips_loss import check_lpips_available
 from ..blended.prompts import parse_prompt_lines
 from . import comfy_bridge as bridge
 
@@ -131,6 +132,8 @@ class CLIPGuidance:
         if augmentations is None:
             augmentations = AugmentationSettings(num_views=num_views)
         augmentations.validate()  # here, not after the Sampler has loaded its models
+        if background_lpips_lambda:
+            check_lpips_available()  # likewise
         settings = GuidanceSettings(clip_lambda=clip_lambda, range_lambda=range_lambda,
                                     background_l2_lambda=background_l2_lambda,
                                     background_lpips_lambda=background_lpips_lambda, augmentations=augmentations,

@@ -404,3 +404,18 @@ def test_a_missing_model_file_is_refused_when_queued_with_where_it_goes(comfy_in
     assert "'absent.safetensors' was not found" in reasons and "'also-absent.safetensors' was not found" in reasons
     assert "download_models.py" in reasons and "not in list" not in reasons
     assert comfy_inprocess.validate(harness.tiny_edit_prompt(comfy_inprocess.node_defs()))[0]
+
+
+def test_lpips_that_cannot_load_is_refused_by_clip_guidance_naming_its_weight(comfy_inprocess, monkeypatch):
+    import importlib.util
+
+    import harness
+
+    mappings = comfy_inprocess.node_class_mappings
+    clip = mappings["BlendedDiffusion_LoadCLIP"]().load(harness.CLIP_TINY_NAME, "float32")[0]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else find_spec(name, *a))
+    guidance = mappings["BlendedDiffusion_CLIPGuidance"]()
+    with pytest.raises(ValueError, match="pip install lpips.*background_lpips_lambda to 0"):
+        guidance.build(clip, "a red rock", 1000.0, 50.0, 1, background_lpips_lambda=1000.0)
+    assert guidance.build(clip, "a red rock", 1000.0, 50.0, 1)[0].settings.background_lpips_lambda == 0.0
