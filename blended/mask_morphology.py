@@ -93,7 +93,7 @@ def _running_max_diagonal(x: torch.Tensor, low: int, high: int, anti: bool) -> t
 def _kernel_max(x: torch.Tensor, steps: int, shape: str) -> torch.Tensor:
     """The maximum over the kernel that ``steps`` 3x3 steps grow (square, or the octagon), outside ignored.
 
-    The caller pads ``x`` so no part of the kernel's decomposition needs values beyond it (``steps + 1``).
+    The caller pads ``x`` so no part of the kernel's decomposition needs values beyond it (:func:`_dilated`).
     """
     squares, crosses = (steps, 0) if shape == "square" else ((steps + 1) // 2, steps // 2)
     x = _running_max(_running_max_rows(x, -squares, squares), -squares, squares)
@@ -108,12 +108,15 @@ def _kernel_max(x: torch.Tensor, steps: int, shape: str) -> torch.Tensor:
     return x
 
 
-def _dilated(region: torch.Tensor, steps: int, shape: str, pad: tuple[int, int, int, int]) -> torch.Tensor:
-    """``region`` dilated by ``steps`` steps, with ``pad`` pixels of nothing (``-inf``) around it to work in."""
-    left, right, top, bottom = pad
-    padded = F.pad(region, pad, value=float("-inf"))
-    out = _kernel_max(padded, steps, shape)
-    return out[..., top:out.shape[-2] - bottom, left:out.shape[-1] - right]
+def _dilated(region: torch.Tensor, steps: int, shape: str) -> torch.Tensor:
+    """``region`` dilated by ``steps`` steps, nothing (``-inf``) beyond it.
+
+    The kernel's decomposition passes through points up to ``steps + 1`` beyond the region, so it works on the
+    region padded by that much.
+    """
+    room = steps + 1
+    out = _kernel_max(F.pad(region, (room, room, room, room), value=float("-inf")), steps, shape)
+    return out[..., room:out.shape[-2] - room, room:out.shape[-1] - room]
 
 
 # --- one 3x3 step at a time (feathering) --------------------------------------------------------------------
@@ -181,17 +184,14 @@ def grow_mask(mask: torch.Tensor, pixels: int, shape: str = "circle") -> torch.T
         return work.reshape(original_shape)
     row0, row1, col0, col1 = box
     region = work[..., row0:row1, col0:col1]
-    # The kernel's decomposition passes through points up to ``|pixels| + 1`` beyond the box: give it room.
-    room = abs(pixels) + 1
-    pad = (room, room, room, room)
     if abs(pixels) <= STEPPED_UP_TO:
         pick = torch.maximum if pixels > 0 else torch.minimum
         for step in range(abs(pixels)):
             region = _step(region, _step_is_square(step, shape), pick)
     elif pixels > 0:
-        region = _dilated(region, pixels, shape, pad)
+        region = _dilated(region, pixels, shape)
     else:
-        region = -_dilated(-region, -pixels, shape, pad)
+        region = -_dilated(-region, -pixels, shape)
     out = work.clone()
     out[..., row0:row1, col0:col1] = region
     return out.reshape(original_shape)
