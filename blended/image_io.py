@@ -310,12 +310,14 @@ def fit_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     return tensor if group == 1 else tensor.repeat_interleave(group, dim=0)
 
 
-def results_per_item(count: int, batch: int, what: str) -> int:
+def results_per_item(count: int, batch: int, what: str, of: str = "results") -> int:
     """How many consecutive results of ``batch`` each of ``count`` items (``what``: input images, masks) serves,
-    as :func:`fit_batch` pairs them: result ``i`` goes with item ``i // results_per_item(...)``."""
+    as :func:`fit_batch` pairs them: result ``i`` goes with item ``i // results_per_item(...)``. ``of`` names
+    the batch in the message as the node's input calls it (CLIP Rank ranks ``images``)."""
     if count == 0 or batch % count:
-        raise BlendedInputError(f"{what} has a batch of {count} but there are {batch} results: give one {what}, "
-                                f"one per result, or one per group of results ({batch} must be a multiple)")
+        one = of[:-1] if of.endswith("s") else of
+        raise BlendedInputError(f"{what} has a batch of {count} but there are {batch} {of}: give one {what}, "
+                                f"one per {one}, or one per group of {of} ({batch} must be a multiple)")
     return batch // count
 
 
@@ -327,6 +329,11 @@ def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     one picture can be edited in several places in one run instead of silently dropping masks.
     """
     image_batch = image.shape[0]
+    if image_batch > 1 and mask_batch_size(mask) > image_batch:
+        # Core's rule, but a mask painted for nothing should not vanish without a word.
+        logger.warning("%d masks for %d images: the last %d mask(s) are not used (the image batch decides; "
+                       "give one image with several masks to edit it in several places)", mask_batch_size(mask),
+                       image_batch, mask_batch_size(mask) - image_batch)
     mask = masks_in_use(mask, image_batch)
     if image_batch == 1 and mask.shape[0] > 1:
         return image.expand(mask.shape[0], *image.shape[1:]), mask

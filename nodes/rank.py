@@ -80,7 +80,7 @@ class CLIPRank:
             if mask is not None:
                 # One mask per result, or one per input with its group of results, in the Sampler's order.
                 mask_in = image_io.mask_for_images(pixels, mask)
-                per_mask = image_io.results_per_item(mask_in.shape[0], pixels.shape[0], "mask")
+                per_mask = image_io.results_per_item(mask_in.shape[0], pixels.shape[0], "mask", of="images")
                 empty = [i for item in image_io.empty_mask_items(mask_in)
                          for i in range(item * per_mask, (item + 1) * per_mask)]
                 if empty:

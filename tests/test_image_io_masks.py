@@ -4,6 +4,7 @@ empty mask, as the Sampler, CLIP Guidance, CLIP Rank and Edit Metrics use them."
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -142,3 +143,19 @@ def test_mask_for_images_keeps_the_mask_s_batch_at_the_images_size():
     assert torch.equal(mask_for_images(images, None), torch.ones(4, 1, 12, 10))
     assert torch.equal(mask_for_images(images, None, invert=True), torch.zeros(4, 1, 12, 10))
     assert mask_for_images(images, torch.ones(6, 5)).shape == (1, 1, 12, 10)
+
+
+def test_masks_beyond_the_image_batch_are_named_in_a_warning(caplog):
+    """Core drops masks beyond the image batch; the pack follows it but says so. Fewer masks, or one image with
+    several masks (each its own edit), use every mask and say nothing."""
+    images = torch.rand(2, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="blended.image_io"):
+        _, masks = match_batches(images, torch.ones(3, 1, 8, 8))
+    assert masks.shape[0] == 2
+    assert "3 masks for 2 images: the last 1 mask(s) are not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="blended.image_io"):
+        match_batches(images, torch.ones(1, 1, 8, 8))
+        match_batches(images[:1], torch.ones(3, 1, 8, 8))
+        match_batches(images, torch.ones(2, 1, 8, 8))
+    assert caplog.text == ""

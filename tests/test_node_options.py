@@ -309,7 +309,7 @@ def test_clip_rank_node_pairs_a_mask_per_input_with_its_group_of_results(comfy_i
     grouped = node.rank(images, clip, "a red rock", top_k=1, mask=masks)[2]
     assert grouped == node.rank(images, clip, "a red rock", top_k=1, mask=masks.repeat_interleave(2, dim=0))[2]
     assert grouped != node.rank(images, clip, "a red rock", top_k=1, mask=masks.repeat(2, 1, 1))[2]
-    with pytest.raises(ValueError, match="mask has a batch of 3 but there are 4 results"):
+    with pytest.raises(ValueError, match="mask has a batch of 3 but there are 4 images: give one mask, one per image"):
         node.rank(images, clip, "a red rock", top_k=1, mask=torch.ones(3, 40, 48))
 
 
