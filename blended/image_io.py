@@ -208,20 +208,16 @@ def prepare_mask(
     edits exactly the pixels the plain one keeps, so a soft (feathered) edge is edited in one mode only. An
     all-zero mask is not rejected here: see ``check_mask_not_empty``.
     """
+    if mask is not None:
+        _check_mask_tensor(mask)  # before the sizes: a mask batch of 0 is the user's to fix, not ours
     if height <= 0 or width <= 0 or batch <= 0:
         raise ValueError(f"height, width and batch must be positive, got {height}, {width}, {batch}")
     if mask is None:
         return torch.full((batch, 1, height, width), 0.0 if invert else 1.0, dtype=torch.float32)
-    if not isinstance(mask, torch.Tensor):
-        raise BlendedInputError(
-            f"the mask must be a tensor, got {type(mask).__name__}; connect a ComfyUI MASK to this input"
-        )
     prepared = mask_as_b1hw(mask)
-    if any(size == 0 for size in prepared.shape):
-        raise BlendedInputError(
-            f"the mask has an empty dimension (shape {tuple(mask.shape)}); feed a mask of at least 1x1 pixel"
-        )
-    prepared = prepared.to(torch.float32)
+    # 8-bit masks (from nodes that skip ComfyUI's float convention) are read as 8-bit images are: 255 = 1, so
+    # grey levels keep their meaning for soft masks and CLIP Rank; other integers and bools are taken as they are.
+    prepared = prepared.to(torch.float32) / 255.0 if prepared.dtype == torch.uint8 else prepared.to(torch.float32)
     low, high = _require_finite(prepared, "mask")
     prepared = _clamp_if_needed(prepared, low, high)
     if prepared.shape[-2:] != (height, width):
@@ -231,6 +227,18 @@ def prepare_mask(
     if invert:
         prepared = _inverted(prepared)
     return prepared.contiguous()
+
+
+def _check_mask_tensor(mask) -> None:
+    """Refuse what is not a MASK at all: no tensor, or one with an empty dimension."""
+    if not isinstance(mask, torch.Tensor):
+        raise BlendedInputError(
+            f"the mask must be a tensor, got {type(mask).__name__}; connect a ComfyUI MASK to this input"
+        )
+    if any(size == 0 for size in mask.shape):
+        raise BlendedInputError(
+            f"the mask has an empty dimension (shape {tuple(mask.shape)}); feed a mask of at least 1x1 pixel"
+        )
 
 
 def _inverted(mask: torch.Tensor) -> torch.Tensor:
@@ -263,8 +271,15 @@ def check_edit_mask(image: torch.Tensor, mask: torch.Tensor | None, invert: bool
     for the items an edit of ``image`` (an IMAGE ``[B,H,W,C]`` or ``[H,W,C]``) uses, before any model is loaded.
     A mask that only empties once resized to the image (a few kept pixels of a larger inverted mask) is refused
     later, by ``prepare_edit_masks``."""
+    if isinstance(image, torch.Tensor) and any(size == 0 for size in image.shape):
+        raise BlendedInputError(
+            f"the image has an empty dimension (shape {tuple(image.shape)}); feed at least one 1x1 image"
+        )
     if mask is None:
         return
+    _check_mask_tensor(mask)
+    if mask.is_floating_point():
+        _require_finite(mask, "mask")  # NaN is neither > 0 nor <= 0: it would read as "empty"
     used = masks_in_use(mask, image.shape[0] if image.dim() == 4 else 1)
     check_mask_not_empty(_inverted(used) if invert else used, inverted=invert)
 

@@ -159,3 +159,36 @@ def test_masks_beyond_the_image_batch_are_named_in_a_warning(caplog):
         match_batches(images[:1], torch.ones(3, 1, 8, 8))
         match_batches(images, torch.ones(2, 1, 8, 8))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("image_shape, mask_shape", [((0, 8, 8, 3), (1, 8, 8)), ((1, 8, 8, 3), (0, 8, 8)),
+                                                     ((2, 8, 8, 3), (0, 8, 8)), ((1, 8, 8, 3), (1, 0, 8))])
+def test_an_empty_batch_is_refused_as_the_users_to_fix(image_shape, mask_shape):
+    """The Sampler's first check and the other nodes' mask preparation name the empty input (not a reshape
+    error, or an internal "batch must be positive")."""
+    image, mask = torch.rand(image_shape), torch.ones(mask_shape)
+    which = "image" if 0 in image_shape else "mask"
+    with pytest.raises(BlendedInputError, match=f"the {which} has an empty dimension"):
+        check_edit_mask(image, mask)
+    if which == "mask":
+        with pytest.raises(BlendedInputError, match="the mask has an empty dimension"):
+            mask_for_images(torch.rand(1, 3, 8, 8), mask)
+
+
+def test_an_8_bit_mask_is_read_as_8_bit_images_are():
+    """255 = 1 and grey levels keep their meaning (soft masks, CLIP Rank); other dtypes are read as values."""
+    grey = torch.full((1, 4, 4), 128, dtype=torch.uint8)
+    assert torch.allclose(prepare_mask(grey, 4, 4, 1), torch.full((1, 1, 4, 4), 128 / 255))
+    assert torch.equal(prepare_mask(grey * 0 + 255, 4, 4, 1), torch.ones(1, 1, 4, 4))
+    assert torch.equal(prepare_mask(torch.ones(1, 4, 4, dtype=torch.int64), 4, 4, 1), torch.ones(1, 1, 4, 4))
+    assert torch.equal(prepare_mask(torch.ones(1, 4, 4, dtype=torch.bool), 4, 4, 1), torch.ones(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_a_nan_mask_is_named_as_nan_not_as_empty(invert):
+    """NaN is neither > 0 nor <= 0, so the emptiness check alone would call an all-NaN mask empty."""
+    mask = torch.full((1, 8, 8), float("nan"))
+    mask[0, :4] = 1.0
+    with pytest.raises(BlendedInputError, match="mask contains NaN"):
+        check_edit_mask(torch.rand(1, 8, 8, 3), mask if invert else torch.full((1, 8, 8), float("nan")),
+                        invert=invert)
