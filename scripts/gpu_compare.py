@@ -114,7 +114,8 @@ def run_stage(name: str, command: list[str], budget: Budget, out_file, json_file
         rows = rows or [{"text": str(text_out)}]
     if not rows:
         tail = output.strip().splitlines()
-        rows = [{"error": tail[-1] if tail else "no output"}]
+        last = tail[-1] if tail else "no output"
+        rows = [{"error": f"timed out after {timeout:.0f} s (last line: {last})" if timed_out else last}]
         print(output[-2000:], flush=True)
     return _record(rows, name, command, rc, timed_out, wall, out_file)
 

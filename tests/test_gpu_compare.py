@@ -130,3 +130,16 @@ def _writes(mode, flags) -> bool:
     if isinstance(mode, str):
         return any(c in mode for c in "wax+")
     return bool(flags & (os.O_WRONLY | os.O_RDWR))
+
+
+def test_a_stage_stopped_by_its_timeout_says_so_in_its_error_row(tmp_path):
+    """A stage that printed no row before its timeout: the row says it timed out, not only its last log line."""
+    gpu_compare = _gpu_compare()
+    stub = tmp_path / "original_bench.py"
+    stub.write_text("import sys, time\nprint('INFO loading', file=sys.stderr, flush=True)\ntime.sleep(60)\n")
+    out = tmp_path / "rows.jsonl"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gpu_compare.main(["--original", str(stub), "--timeout", "3", "--budget", "60", *ONLY_THE_ORIGINAL,
+                          "--out", str(out)])
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["timed_out"] and row["error"] == "timed out after 3 s (last line: INFO loading)"
