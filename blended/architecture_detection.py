@@ -204,7 +204,7 @@ def detect_unet_config(
     logger.debug("architecture detected from the weights of %s: %s", source or "a state dict", config)
     released = released_checkpoint(config)
     if released is not None:
-        logger.info("%s has the shapes of OpenAI's %s: using its flags %s", source or "the state dict",
+        logger.debug("%s has the shapes of OpenAI's %s: using its flags %s", source or "the state dict",
                     released.name, dict(released.fields))
         config = dataclasses.replace(config, **released.fields)
     config = apply_overrides(config, overrides)

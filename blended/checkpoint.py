@@ -182,7 +182,8 @@ def _config_from_file(config_path: Path) -> tuple[UNetConfig, NoiseSchedule] | N
         raise CheckpointError(config_path, f"cannot be read as JSON ({exc}); fix or remove it") from exc
     if not isinstance(kwargs, dict) or "num_channels" not in kwargs:
         # Probably some other model's config sharing the folder: detection from the weights still works.
-        logger.warning("ignoring %s: it holds no guided-diffusion create_model arguments", config_path)
+        logger.warning("Blended Diffusion: ignoring %s: it holds no guided-diffusion create_model arguments",
+                       config_path)
         return None
     try:
         return unet_config_from_original_kwargs(kwargs), NoiseSchedule.from_original_kwargs(kwargs)
@@ -227,7 +228,7 @@ def load_guided_diffusion(
         if released is not None:
             schedule = NoiseSchedule(released.noise_schedule)
     else:
-        logger.info("using the architecture in %s", config_path)
+        logger.debug("using the architecture in %s", config_path)
         config = apply_overrides(config, overrides)
 
     shapes = {str(k): tuple(v.shape) for k, v in state_dict.items()}
@@ -268,6 +269,6 @@ def load_guided_diffusion(
     # The schedule the weights were trained with (config.json's noise_schedule; linear without one), for the
     # sampler to build its diffusion from.
     model.noise_schedule = schedule
-    logger.info("loaded guided-diffusion UNet from %s: %s, %s schedule", path or "a state dict", config,
+    logger.debug("loaded guided-diffusion UNet from %s: %s, %s schedule", path or "a state dict", config,
                 schedule.name)
     return model, config

@@ -313,8 +313,9 @@ class GuidanceCLIP:
                         f"{self.context_length} (including start/end markers): shorten it, split it into weighted "
                         "parts with '|' (each part has its own limit), or turn CLIP Guidance's "
                         "truncate_long_prompts on to cut it")
-                log.warning("prompt has %d tokens, CLIP reads only the first %d; the rest is ignored: %r",
-                            count, self.context_length, prompt[:60])
+                log.warning("Blended Diffusion: the prompt %r... has %d tokens and CLIP reads only the first %d; "
+                            "the rest is ignored. Shorten it, or split it into weighted parts with '|' (each part "
+                            "has its own limit).", prompt[:60], count, self.context_length)
         return tokenizer(list(prompts), context_length=self.context_length)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -395,6 +396,6 @@ def load_guidance_clip(path: str | os.PathLike | None = None, state_dict: Mappin
     check_finite(sd, path)
     model = _build_open_clip(sd, path, quick_gelu)
     clip = GuidanceCLIP(model, _image_size_of(model), int(sd["positional_embedding"].shape[0]))
-    log.info("loaded CLIP (%d px, embedding %d) from %s", clip.image_size, int(sd["text_projection"].shape[1]),
-             path if path is not None else "a state dict")
+    log.info("Blended Diffusion: loaded CLIP (%d px, embedding %d) from %s", clip.image_size,
+             int(sd["text_projection"].shape[1]), path if path is not None else "a state dict")
     return clip

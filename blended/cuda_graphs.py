@@ -81,7 +81,7 @@ def warmups_that_fit(device: torch.device, margin: float = 1.25) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     if free >= margin * 2 * step:
         return CAPTURE_WARMUPS
-    log.info("cuda_graphs: capturing without warm-ups (%.1f GiB free, a step takes about %.1f GiB)", free / 2**30,
+    log.debug("cuda_graphs: capturing without warm-ups (%.1f GiB free, a step takes about %.1f GiB)", free / 2**30,
              step / 2**30)
     return 0
 
@@ -211,7 +211,7 @@ class GraphedCalls:
             self._disable(f"its capture failed ({type(exc).__name__}: {exc})")
             return None
         self.captures += 1
-        log.info("cuda_graphs: captured the %s%s for inputs %s", self.name, "" if autograd else " (forward only)",
+        log.debug("cuda_graphs: captured the %s%s for inputs %s", self.name, "" if autograd else " (forward only)",
                  [tuple(t.shape) for t in flat])
         self._graphs[key] = graphed
         return graphed
@@ -219,7 +219,8 @@ class GraphedCalls:
     def _disable(self, why: str) -> None:
         self.disabled = why
         self.release()
-        log.warning("cuda_graphs: the %s runs eagerly for the rest of this run: %s", self.name, why)
+        log.warning("Blended Diffusion: the %s runs without CUDA graphs for the rest of this run (the same "
+                    "results, a little slower): %s", self.name, why)
 
     def release(self) -> None:
         """Drop the graphs and hand their memory pools back.

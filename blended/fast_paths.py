@@ -422,7 +422,7 @@ def apply_fast_paths(unet, clip, options: FastPathOptions, compile_backend: str 
         cuda_graphs.install(unet, clip)
     else:
         cuda_graphs.remove(unet, clip)
-    log.info("fast paths: %s", options.describe())
+    log.debug("fast paths: %s", options.describe())
     return unet, clip
 
 

@@ -81,7 +81,7 @@ def _compiled_function(function):
     with _lock:
         compiled = _compiled.get(function)
         if compiled is None:
-            log.info("fused_norm: compiling %s with torch.compile (%s, dynamic shapes)", function.__name__, _backend)
+            log.debug("fused_norm: compiling %s with torch.compile (%s, dynamic shapes)", function.__name__, _backend)
             compiled = _compiled[function] = torch.compile(function, backend=_backend, dynamic=True)
         return compiled
 

@@ -346,9 +346,9 @@ def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     image_batch = image.shape[0]
     if image_batch > 1 and mask_batch_size(mask) > image_batch:
         # Core's rule, but a mask painted for nothing should not vanish without a word.
-        logger.warning("%d masks for %d images: the last %d mask(s) are not used (the image batch decides; "
-                       "give one image with several masks to edit it in several places)", mask_batch_size(mask),
-                       image_batch, mask_batch_size(mask) - image_batch)
+        logger.warning("Blended Diffusion: %d masks for %d images: the last %d mask(s) are not used (the image "
+                       "batch decides; give one image with several masks to edit it in several places)",
+                       mask_batch_size(mask), image_batch, mask_batch_size(mask) - image_batch)
     mask = masks_in_use(mask, image_batch)
     if image_batch == 1 and mask.shape[0] > 1:
         return image.expand(mask.shape[0], *image.shape[1:]), mask

@@ -100,6 +100,16 @@ def smaller_batch_size(batch_size: int, num_results: int) -> int:
 T = TypeVar("T")
 
 
+def _with_advice(exc: BaseException, advice: str) -> BaseException:
+    """The error again, of its own type (so ComfyUI still treats it as out of memory and frees its models), with
+    ``advice`` after its text: ComfyUI's error dialog shows an error's text, not the console's log. ``exc``
+    itself where its type cannot be built from one message."""
+    try:
+        return type(exc)(f"{exc}\n{advice}")
+    except Exception:
+        return exc
+
+
 def run_with_smaller_batches(attempt: Callable[[int], T], batch_size: int, num_results: int, *, auto: bool,
                              is_oom: Callable[[BaseException], bool], free_memory: Callable[[], None]) -> T:
     """``attempt(batch_size)``, started again at a smaller batch where an auto batch ran out of memory.
@@ -119,10 +129,14 @@ def run_with_smaller_batches(attempt: Callable[[int], T], batch_size: int, num_r
             if not is_oom(exc):
                 raise
             if not auto or batch_size == 1:
-                log.error("Blended Diffusion ran out of memory with batch_size=%d: lower batch_size (results "
-                          "do not depend on it), or connect a Speed node with gradient_checkpointing on or "
-                          "precision 'bf16 autocast'.", batch_size)
-                raise
+                advice = (f"Blended Diffusion ran out of memory with batch_size={batch_size}: lower batch_size "
+                          "(results do not depend on it), or connect a Speed node with gradient_checkpointing on "
+                          "or precision 'bf16 autocast'.")
+                log.error(advice)
+                with_advice = _with_advice(exc, advice)
+                if with_advice is exc:
+                    raise
+                raise with_advice from exc
         # Here, outside the except block, the failed attempt's traceback is already gone.
         smaller = smaller_batch_size(batch_size, num_results)
         log.warning("Blended Diffusion: out of memory at batch_size=%d (auto); running again at %d",

@@ -336,8 +336,8 @@ def paste_back(
     )
     if any(bool((strip > 0).any()) for strip in outside if strip.numel()):
         logger.warning(
-            "the composite mask reaches outside the crop box; that part is ignored (plan the crop from the "
-            "grown/feathered mask)"
+            "Blended Diffusion: the composite mask reaches outside the crop box; that part is ignored (plan the "
+            "crop from the grown/feathered mask)"
         )
     inside = composite_mask[..., row0:row1, col0:col1].to(torch.float32)
     pad_top, _, pad_left, _ = plan.padding()

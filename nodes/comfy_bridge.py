@@ -111,6 +111,9 @@ def load_state_dict(path: str) -> dict:
     return as_state_dict(path, loaded)
 
 
+_WHOLLY_LOADED: set[tuple[str, str]] = set()
+
+
 def load_for_sampling(patchers, memory_required: int) -> None:
     """Load all models at once so ComfyUI frees room for both, fully (plain nn.Modules cannot stream).
 
@@ -122,8 +125,11 @@ def load_for_sampling(patchers, memory_required: int) -> None:
         mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
         for patcher in patchers:
             if patcher.loaded_size() < patcher.model_size():
-                log.info("Blended Diffusion: loading %s wholly onto %s (its layers cannot stream their weights)",
-                         type(patcher.model).__name__, patcher.load_device)
+                news = (type(patcher.model).__name__, str(patcher.load_device))
+                if news not in _WHOLLY_LOADED:  # the same news on every run of a --lowvram session
+                    _WHOLLY_LOADED.add(news)
+                    log.info("Blended Diffusion: loading %s wholly onto %s (its layers cannot stream their "
+                             "weights)", *news)
                 patcher.partially_load(patcher.load_device, 1e32)
 
 

@@ -76,7 +76,8 @@ class LoadGuidedDiffusionModel:
         with torch.inference_mode(False):
             unet, config = load_guided_diffusion(path=path, state_dict=state_dict, overrides=overrides or None)
         del state_dict
-        log.info("Loaded guided-diffusion UNet %s (%s)", model_name, config)
+        log.info("Blended Diffusion: loaded %s (%d px, %s schedule)", model_name, config.image_size,
+                 unet.noise_schedule.name)
         return (bridge.GuidedDiffusionModel(bridge.make_patcher(unet), unet, os.path.basename(model_name)),)
 
 

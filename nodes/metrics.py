@@ -15,6 +15,14 @@ from . import comfy_bridge as bridge
 log = logging.getLogger(__name__)
 
 LPIPS_CHOICES = ["if available", "off"]
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Log ``message`` the first time this session: a missing LPIPS is the same news on every run."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.info(message)
 
 
 class EditMetrics:
@@ -76,13 +84,13 @@ class EditMetrics:
             raise BlendedInputError("Blended Edit Metrics got an empty image batch: connect the edits to score")
         pixels = to_rgb_nchw(results.cpu())  # gray and RGBA too, as CLIP Rank takes them; read, never written
         reference = to_rgb_nchw(image.cpu())
-        mask_in = mask_for_images(pixels, mask.float().cpu())
+        mask_in = mask_for_images(pixels, mask.cpu())
         lpips_model = None
         if lpips == "if available":
             try:
-                lpips_model = load_lpips()
+                lpips_model = load_lpips(way_out="set Edit Metrics' lpips to 'off'")
             except BlendedInputError as exc:
-                log.info("Blended Edit Metrics: LPIPS skipped (%s)", exc)
+                _say_once(f"Blended Edit Metrics: no LPIPS column ({exc})")
         guidance_clip = None
         if clip is not None:
             bridge.load_for_sampling([clip.patcher], 0)
@@ -92,7 +100,7 @@ class EditMetrics:
                                          prompt=prompt if clip is not None else None, lpips_model=lpips_model,
                                          ring_width=ring_width)
         table = scores.table()
-        log.info("Blended Edit Metrics:\n%s", table)
+        log.debug("Blended Edit Metrics:\n%s", table)  # the node shows it, and its output carries it
         return {"ui": {"text": [table]},
                 "result": (table, scores.clip_similarity, scores.background_psnr, scores.seam_gradient,
                            scores.seam_colour, scores.batch_diversity)}

@@ -170,7 +170,6 @@ class BlendedDiffusionSampler:
             bridge.release_failed_attempt()
             result = _edit(for_clip(fallback, guidance.clip.clip), **run)
         frames = result.frames if result.frames is not None else result.images
-        log.info("Blended Diffusion: %d image(s) for %d prompt(s)", result.images.shape[0], len(guidance.prompts))
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
 
 
@@ -203,7 +202,10 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
             lpips_model = lpips_model.to(device)
         extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
 
+        batches = []
+
         def attempt(batch_size: int):
+            batches.append(batch_size)
             # Inputs from upstream nodes are inference tensors: clone them before they enter autograd.
             image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
                              for t in guidance.image_targets]
@@ -218,13 +220,17 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
 
         # An out-of-memory error at an auto batch starts the edit again at a smaller one; otherwise it is
         # re-raised with the advice (ComfyUI frees its models as for any OOM).
-        return run_with_smaller_batches(attempt, batch_size, num_prompts * num_results, auto=auto,
-                                        is_oom=bridge.is_out_of_memory, free_memory=bridge.release_failed_attempt)
+        result = run_with_smaller_batches(attempt, batch_size, num_prompts * num_results, auto=auto,
+                                          is_oom=bridge.is_out_of_memory, free_memory=bridge.release_failed_attempt)
+    # One line a run: what came out, and how it ran.
+    log.info("Blended Diffusion: %d image(s) for %d prompt(s), in batches of %d%s; speed: %s",
+             result.images.shape[0], num_prompts, batches[-1], " (auto)" if auto else "", options.describe())
+    return result
 
 
 def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
     """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
     batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result_bytes(model.unet.config.image_size, options),
                             num_results)
-    log.info("Blended Diffusion: batch_size auto = %d", batch)
+    log.debug("Blended Diffusion: batch_size auto = %d", batch)
     return batch

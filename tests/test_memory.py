@@ -145,11 +145,13 @@ def test_a_batch_by_hand_or_of_one_raises_with_the_advice(caplog, batch_size, au
         run_with_smaller_batches(attempt, batch_size, 5, auto=auto, is_oom=_is_oom,
                                  free_memory=lambda: freed.append(1))
     assert batches == tried and len(freed) == len(tried) - 1
-    assert str(err.value) == f"out of memory at {tried[-1]}"  # the last attempt's error, unchanged
+    advice = (f"Blended Diffusion ran out of memory with batch_size={tried[-1]}: lower batch_size (results do not "
+              "depend on it), or connect a Speed node with gradient_checkpointing on or precision 'bf16 autocast'.")
+    # The last attempt's error, of its own type, with the advice the error dialog shows after its text.
+    assert str(err.value) == f"out of memory at {tried[-1]}\n{advice}"
+    assert str(err.value.__cause__) == f"out of memory at {tried[-1]}"
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert [r.getMessage() for r in errors] == [
-        f"Blended Diffusion ran out of memory with batch_size={tried[-1]}: lower batch_size (results do not depend "
-        "on it), or connect a Speed node with gradient_checkpointing on or precision 'bf16 autocast'."]
+    assert [r.getMessage() for r in errors] == [advice]
 
 
 def test_other_errors_pass_through_at_once():

@@ -86,3 +86,23 @@ def test_metrics_node_scores_grayscale_images_as_their_rgb_copies(comfy_inproces
     from_gray = node.score(gray, reference, mask, lpips="off")["result"]
     from_rgb = node.score(gray.expand(-1, -1, -1, 3), reference.expand(-1, -1, -1, 3), mask, lpips="off")["result"]
     assert from_gray[0] == from_rgb[0] and from_gray[2] == from_rgb[2]
+
+
+@pytest.mark.comfy
+def test_a_missing_lpips_is_said_once_a_session_with_this_nodes_way_out(comfy_inprocess, monkeypatch, caplog):
+    """'if available' without the lpips package: the column is empty, and the console says why once, naming this
+    node's own switch (not CLIP Guidance's weight); the table is not logged at INFO on every run."""
+    import importlib.util
+    import logging
+
+    metrics_node = comfy_inprocess.pack_module("metrics")
+    monkeypatch.setattr(metrics_node, "_SAID", set())
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else find_spec(name, *a))
+    with caplog.at_level(logging.INFO):
+        for colour in (0xFF2020, 0x20FF20):  # two runs (another input, so ComfyUI runs the node again)
+            comfy_inprocess.run(_core_paste_prompt(comfy_inprocess.node_defs(), colour=colour))
+    said = [r.getMessage() for r in caplog.records if "LPIPS" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(said) == 1 and "no LPIPS column" in said[0] and "set Edit Metrics' lpips to 'off'" in said[0]
+    assert "background_lpips_lambda" not in said[0]
+    assert not any("PSNR dB" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)

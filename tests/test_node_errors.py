@@ -231,6 +231,10 @@ def test_out_of_memory_at_an_auto_batch_size_runs_again_at_a_smaller_one(comfy_i
     with pytest.raises(harness.PromptExecutionError) as err, caplog.at_level(logging.ERROR):
         comfy_inprocess.run(graph(empty_image(), box_mask(), num_results=5, batch_size=2, seed=7))
     assert batches == [2] and "out of memory" in str(err.value)
+    # In the error dialog too, and still an out-of-memory error to ComfyUI (which adds its tips, frees its models).
+    assert "ran out of memory with batch_size=2: lower batch_size" in err.value.details[0]["exception_message"]
+    assert err.value.details[0]["exception_type"] == "torch.OutOfMemoryError"
+    assert "This error means you ran out of memory on your GPU" in err.value.details[0]["exception_message"]
     assert "ran out of memory with batch_size=2: lower batch_size" in caplog.text
 
 

@@ -186,7 +186,7 @@ def test_batch_size_zero_sizes_the_batch_from_free_memory(comfy_inprocess, caplo
     mask = solid_mask(1.0)
     with caplog.at_level(logging.INFO):
         auto = comfy_inprocess.run(graph(empty_image(), mask, num_results=2, batch_size=0)).tensors["sampler"][0][0]
-    assert any("batch_size auto = 2" in r.getMessage() for r in caplog.records)  # the CPU has room for both
+    assert any("in batches of 2 (auto)" in r.getMessage() for r in caplog.records)  # the CPU has room for both
     one = comfy_inprocess.run(graph(empty_image(), mask, num_results=2, batch_size=1)).tensors["sampler"][0][0]
     assert auto.shape == (2, 64, 64, 3)
     # float32 batch effects of the conv kernels only, far below one 8-bit grey level
