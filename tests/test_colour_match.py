@@ -67,6 +67,41 @@ def test_other_content_keeps_its_own_colours_but_its_border_agrees(photo_and_mas
     assert corr > 0.9
 
 
+def _smooth(seed, size=64):
+    """A smooth random image (low-frequency noise) in 0..1."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 6, 6, generator=gen)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_lab_matches_the_rings_lab_statistics_and_rgb_its_rgb_statistics():
+    """Each space matches the ring's per-channel mean and standard deviation in its own coordinates: exactly there
+    (no gain clamped, no pixel clipped in this case), and not in the other space, since RGB -> Lab is not affine.
+    So "lab" cannot silently run the RGB match."""
+    import kornia
+
+    original = 0.3 + 0.4 * _smooth(0)
+    edited = (0.3 + 0.4 * _smooth(1)) * torch.tensor([1.0, 0.9, 0.8]).view(1, 3, 1, 1)  # other content, tinted
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 12:52] = 1
+    ring = colour_match.inner_ring(mask, 4)
+
+    def ring_stats(images, space):
+        return colour_match._stats(kornia.color.rgb_to_lab(images) if space == "lab" else images, ring)
+
+    matched = {space: colour_match.match_border(edited, original, mask, space=space, width=4)
+               for space in ("rgb", "lab")}
+    assert (matched["lab"] - matched["rgb"]).abs().max().item() > 0.05
+    tolerance = {"rgb": 1e-4, "lab": 1e-2}  # RGB is 0..1, Lab's L 0..100
+    for space, other in (("rgb", "lab"), ("lab", "rgb")):
+        assert 0 < matched[space].min() and matched[space].max() < 1  # nothing clipped
+        for got, want in zip(ring_stats(matched[space], space), ring_stats(original, space), strict=True):
+            torch.testing.assert_close(got, want, atol=tolerance[space], rtol=0)
+        _, std_in_other = ring_stats(matched[space], other)
+        _, std_wanted = ring_stats(original, other)
+        assert (std_in_other - std_wanted).abs().max().item() > 100 * tolerance[other], space
+
+
 def test_off_is_the_identity_and_bad_names_are_refused(photo_and_mask):
     image, mask = photo_and_mask
     assert colour_match.match_border(image, image, mask, space="off") is image

@@ -126,6 +126,8 @@ def test_a_complete_part_is_finished_without_downloading_again(server, tmp_path)
     part.parent.mkdir(parents=True)
     part.write_bytes(WEIGHTS)
     assert download.fetch(_item(server, tmp_path)).read_bytes() == WEIGHTS
+    # one ranged request, answered 416 with the size the part already has: nothing is fetched again
+    assert server.requests == [("/files/good.pt", f"bytes={len(WEIGHTS)}-")]
 
 
 @pytest.mark.parametrize("name, message", [

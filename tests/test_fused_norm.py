@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from blended import fast_paths, fused_norm
+from blended import unet as unet_module
 from blended.fast_paths import FastPathOptions
 from conftest import tiny_unet
 
@@ -77,9 +78,20 @@ def test_compiled_function_matches_the_reference_and_shares_code_across_shapes()
     assert compiled_frames == [1, 0]
 
 
-def test_unet_with_fused_norm_matches_the_unet_without(unet, clip):
+def test_unet_with_fused_norm_matches_the_unet_without(unet, clip, monkeypatch):
     """The whole tiny UNet, forward and input gradient, with the option on (compiled through aot_eager here:
-    the same graphs and autograd as inductor, without C++ builds) against the faithful path."""
+    the same graphs and autograd as inductor, without C++ builds) against the faithful path. The eager
+    reference gives the same numbers, so the compiled function's calls are counted too: one per norm of every
+    ResBlock (in and out) and one for the UNet's out head."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused_norm.fused_group_norm_act(*args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "fused_group_norm_act", counted)
+    resblocks = sum(isinstance(module, unet_module.ResBlock) for module in unet.modules())
+    assert resblocks > 0
     fused_norm.set_compile_backend("aot_eager")
     try:
         gen = torch.Generator().manual_seed(3)
@@ -90,6 +102,7 @@ def test_unet_with_fused_norm_matches_the_unet_without(unet, clip):
         with fast_paths.run_clones(unet, clip, FastPathOptions(fused_norm=True)) as (fused, _):
             assert fused.norm_kernel == "compile" and unet.norm_kernel is None
             out = fused(x, t)
+            assert len(calls) == 2 * resblocks + 1
             (g,) = torch.autograd.grad(out.square().sum(), x)
         assert unet.norm_kernel is None
         assert rel(out, expected) < 1e-5

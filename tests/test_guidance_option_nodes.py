@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_node_errors import empty_image, graph, solid_mask
+from test_node_errors import box_mask, empty_image, graph, solid_mask
 
 import harness
 
@@ -14,10 +14,15 @@ pytestmark = pytest.mark.comfy
 PROMPT = "a red rock:1.0 | moss:0.5 | blurry:-0.5\na blue sky"
 
 
-def options_graph(prompt=PROMPT, values="1.5, 0.2"):
-    nodes = graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt=prompt)
+# Guidance weights other than the defaults (1000 / 50 / 0), so that a widget the node dropped changes the images.
+LAMBDAS = {"clip_lambda": 3000.0, "range_lambda": 20.0, "background_l2_lambda": 500.0}
+
+
+def options_graph(prompt=PROMPT, values="1.5, 0.2", mask=None, **guidance):
+    """``mask``: a mask node (default: all 1); ``guidance``: more CLIP Guidance widget values."""
+    nodes = graph(empty_image(64, 64, color=0x808080), mask or solid_mask(1.0), prompt=prompt)
     nodes["guidance"]["inputs"].update(image_target=["20", 0], image_target_mask=["23", 0], image_target_weight=0.7,
-                                more_clips=["24", 0], schedule=["25", 0])
+                                more_clips=["24", 0], schedule=["25", 0], **guidance)
     nodes["20"] = {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1,
                                                         "color": 0xCC4422}}
     nodes["21"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 48, "height": 40}}
@@ -32,6 +37,7 @@ def options_graph(prompt=PROMPT, values="1.5, 0.2"):
 
 
 def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
+    """With a background for background_l2_lambda to keep (the box mask) and non-default weights."""
     from blended.augment import AugmentationSettings
     from blended.checkpoint import load_guided_diffusion
     from blended.clip_model import load_guidance_clip
@@ -42,7 +48,7 @@ def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
     from blended.schedule import GuidanceSchedule
     from blended.targets import GuidanceClip, ImageTarget
 
-    result = comfy_inprocess.run(options_graph())
+    result = comfy_inprocess.run(options_graph(mask=box_mask(), **LAMBDAS))
     images = result.tensors["sampler"][0][0]
     assert images.shape == (2, 64, 64, 3)
 
@@ -51,17 +57,19 @@ def test_the_options_through_the_nodes_equal_the_library(comfy_inprocess):
     reference = torch.tensor([0xCC, 0x44, 0x22]).div(255.0).view(1, 3, 1, 1).expand(1, 3, 40, 48)
     region = torch.zeros(1, 1, 40, 48)
     region[..., 8:24, 10:30] = 1
+    box = torch.zeros(1, 64, 64)
+    box[:, 16:48, 16:48] = 1
     expected = edit_image(
-        torch.full((1, 64, 64, 3), 0x80 / 255.0), torch.ones(1, 64, 64), unet, create_diffusion(timestep_respacing="4"),
+        torch.full((1, 64, 64, 3), 0x80 / 255.0), box, unet, create_diffusion(timestep_respacing="4"),
         clip, parse_prompt_lines(PROMPT), seed=1, num_results=1,
         settings=SamplerSettings(skip_timesteps=1, batch_size=1),
-        guidance_settings=GuidanceSettings(augmentations=AugmentationSettings(num_views=1),
+        guidance_settings=GuidanceSettings(**LAMBDAS, augmentations=AugmentationSettings(num_views=1),
                                            schedule=GuidanceSchedule("linear", (1.5, 0.2), "normalize", 0.5)),
         extra_clips=[GuidanceClip(clip, 0.5, 2)], image_targets=[ImageTarget(reference, region, 0.7)])
     # float32 rounding of the core image/mask nodes only: far below one 8-bit grey level (4e-3)
     torch.testing.assert_close(images, expected.images, atol=1e-4, rtol=0)
     # and the options did change the edit: the plain first line alone gives other images
-    plain = comfy_inprocess.run(graph(empty_image(64, 64, color=0x808080), solid_mask(1.0), prompt="a red rock"))
+    plain = comfy_inprocess.run(graph(empty_image(64, 64, color=0x808080), box_mask(), prompt="a red rock"))
     assert not torch.allclose(plain.tensors["sampler"][0][0][0], images[0], atol=1e-3)
 
 

@@ -140,11 +140,15 @@ def test_lpips_is_measured_on_the_background_only():
         calls.append((x.min().item(), x.max().item()))
         return (x - y).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
 
-    image, mask = _photo(size=32), _mask(32, (8, 24, 8, 24))
+    image, mask = _photo(size=32) * 0.8, _mask(32, (8, 24, 8, 24))  # room for the shift below 1
     result = image.clone()
     result[..., 8:24, 8:24] = 1.0
-    scores = metrics.score_edits(result, image, mask, lpips_model=fake_lpips)
-    assert scores.background_lpips == [0.0]  # the edit is blacked out in both images
+    shifted = result.clone()
+    shifted[..., mask[0] == 0] += 0.1  # the background off by 0.1 (0.2 in LPIPS's [-1,1] range)
+    scores = metrics.score_edits(torch.cat([result, shifted]), image, mask, lpips_model=fake_lpips)
+    assert scores.background_lpips[0] == 0.0  # the edit is blacked out in both images
+    # The result is compared with the input, not with itself: the kept 3/4 of the pixels differ by 0.2.
+    assert scores.background_lpips[1] == pytest.approx(0.2 * 0.75, rel=1e-4)
     assert calls and calls[0][0] >= -1 and calls[0][1] <= 1
 
 

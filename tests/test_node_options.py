@@ -35,10 +35,48 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert torch.equal(now, value), name
 
 
-def test_bf16_autocast_and_channels_last_run_and_keep_background(comfy_inprocess):
-    prompt = graph(empty_image(64, 64, color=0x446688), box_mask(),
-                   speed={"precision": "bf16 autocast", "channels_last": True, "reuse_guided_forward": True})
+# Each Speed node precision choice -> (FastPathOptions.precision, .precision_scheme); "auto" as on the CPU.
+EXPECTED_PRECISIONS = {
+    "auto": ("fp32", "autocast"),
+    "fp32": ("fp32", "autocast"),
+    "fp16 torso": ("fp16", "torso"),
+    "bf16 torso": ("bf16", "torso"),
+    "bf16 autocast": ("bf16", "autocast"),
+    "fp16 autocast": ("fp16", "autocast"),
+}
+
+
+def record_run_options(comfy_inprocess, monkeypatch) -> list:
+    """The FastPathOptions each Sampler run applies to its clones, in the order of the runs."""
+    chosen = []
+    fast_paths = comfy_inprocess.pack_module("sampler").fast_paths
+    run_clones = fast_paths.run_clones
+    monkeypatch.setattr(fast_paths, "run_clones", lambda unet, clip, opts, *a, **k: (
+        chosen.append(opts), run_clones(unet, clip, opts, *a, **k))[1])
+    return chosen
+
+
+def assert_options_are(options, speed: dict) -> None:
+    """``options`` hold the Speed node's widget values ``speed``: its precision choice as (dtype, scheme)."""
+    assert (options.precision, options.precision_scheme) == EXPECTED_PRECISIONS[speed["precision"]]
+    for name, value in speed.items():
+        if name != "precision":
+            assert getattr(options, name) == value, name
+
+
+def test_bf16_autocast_and_channels_last_run_and_keep_background(comfy_inprocess, monkeypatch):
+    """The Sampler runs what the Speed node says (every precision choice maps to its dtype and scheme) and the
+    background stays exact."""
+    speed = comfy_inprocess.pack_module("speed")
+    assert set(speed.PRECISIONS) == set(EXPECTED_PRECISIONS)
+    for choice in speed.PRECISIONS:
+        assert_options_are(speed.BlendedDiffusionSpeed().build(precision=choice)[0], {"precision": choice})
+    chosen = record_run_options(comfy_inprocess, monkeypatch)
+    widgets = {"precision": "bf16 autocast", "channels_last": True, "reuse_guided_forward": True}
+    prompt = graph(empty_image(64, 64, color=0x446688), box_mask(), speed=widgets)
     result = comfy_inprocess.run(prompt)
+    assert len(chosen) == 1
+    assert_options_are(chosen[0], widgets)
     images = result.tensors["sampler"][0][0]
     assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
     expected = torch.tensor([0x44, 0x66, 0x88]) / 255.0
@@ -52,15 +90,19 @@ def test_bf16_autocast_and_channels_last_run_and_keep_background(comfy_inprocess
     {"precision": "bf16 torso", "channels_last": True, "gradient_checkpointing": True},
     {"precision": "fp16 autocast", "reuse_guided_forward": True},
 ], ids=["torso+channels_last+ckpt", "autocast+reuse"])
-def test_speed_options_leave_the_loaders_cached_models_unchanged(comfy_inprocess, speed):
-    """The options apply to clones for the run: the loader's cached UNet and CLIP are the same objects, with the
-    same tensors bit for bit (dtype and layout too) and the same options, after a run as before it."""
+def test_speed_options_leave_the_loaders_cached_models_unchanged(comfy_inprocess, monkeypatch, speed):
+    """The options apply to clones for the run (the options the Speed node says): the loader's cached UNet and
+    CLIP are the same objects, with the same tensors bit for bit (dtype and layout too) and the same options,
+    after a run as before it."""
     faithful_prompt = graph(empty_image(), solid_mask(1.0))
     first = comfy_inprocess.run(faithful_prompt)
     unet, clip = first.tensors["unet"][0][0], first.tensors["clip"][0][0]
     before = (model_state(unet.unet), model_state(clip.clip.model))
 
+    chosen = record_run_options(comfy_inprocess, monkeypatch)
     sped = comfy_inprocess.run(graph(empty_image(), solid_mask(1.0), speed=speed))
+    assert len(chosen) == 1
+    assert_options_are(chosen[0], speed)
     assert sped.tensors["unet"][0][0] is unet and sped.tensors["clip"][0][0] is clip  # the cached loader outputs
     assert_same_state(before[0], model_state(unet.unet))
     assert_same_state(before[1], model_state(clip.clip.model))

@@ -21,11 +21,11 @@ def diffusion():
 
 
 def run(unet, diffusion, clip, image, mask, seed=1, num_results=2, clip_lambda=1000.0, views=2, prompts=(PROMPT,),
-        **settings):
+        callback=None, **settings):
     defaults = dict(skip_timesteps=3, batch_size=num_results)
     defaults.update(settings)
     return edit_image(image, mask, unet, diffusion, clip, list(prompts), seed=seed, num_results=num_results,
-                      settings=SamplerSettings(**defaults),
+                      settings=SamplerSettings(**defaults), callback=callback,
                       guidance_settings=GuidanceSettings(clip_lambda=clip_lambda,
                                                          augmentations=AugmentationSettings(num_views=views)))
 
@@ -101,12 +101,20 @@ def test_empty_prompt_means_no_guidance(unet, diffusion, clip, image_and_mask):
 
 
 def test_local_mode_changes_the_whole_frame_and_capture_frames(unet, diffusion, clip, image_and_mask):
+    """The frames are the steps' pred_xstart (as the step callback sees it) every capture_every steps and at the
+    last, mapped to 0..1."""
     image, mask = image_and_mask
-    result = run(unet, diffusion, clip, image, mask, mode="local", capture_every=2, num_results=1)
+    preds = []
+    result = run(unet, diffusion, clip, image, mask, mode="local", capture_every=2, num_results=1,
+                 callback=lambda step, total, pred: preds.append(pred.detach().float().cpu().clone()))
     assert not torch.equal(outside(result.images, mask), outside(image, mask))
     steps = 10 - 3
-    expected_frames = len([n for n in range(steps) if n % 2 == 0 or n == steps - 1])
-    assert result.frames.shape == (expected_frames, 64, 64, 3)
+    assert len(preds) == steps
+    captured = [n for n in range(steps) if n % 2 == 0 or n == steps - 1]
+    assert result.frames.shape == (len(captured), 64, 64, 3)
+    expected = torch.stack([((preds[n][0] + 1) / 2).clamp(0, 1).movedim(0, -1) for n in captured])
+    torch.testing.assert_close(result.frames, expected, atol=0, rtol=0)
+    assert result.frames.std() > 0.01  # a picture, not a constant
 
 
 def test_bad_settings_are_refused(unet, diffusion, clip, image_and_mask):

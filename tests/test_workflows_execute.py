@@ -158,14 +158,33 @@ def _check_sampler_outputs(name, node_id, entry, tensors, results=None):
 
 
 @pytest.mark.comfy
-def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background(comfy_inprocess):
+def test_tiny_edit_in_process_returns_full_size_results_and_keeps_the_background(comfy_inprocess, monkeypatch):
+    """Also the frames output: every second step's pred_xstart (as the library's step callback sees it, at model
+    resolution) and the last step's, mapped to 0..1, all frames of result 0 then those of result 1."""
+    sampler = comfy_inprocess.pack_module("sampler")
+    edit_image, preds = sampler.edit_image, []
+
+    def recording_edit_image(*args, callback=None, **kwargs):
+        def record(step, total, pred):
+            preds.append(pred.detach().float().cpu().clone())
+            if callback is not None:
+                callback(step, total, pred)
+        return edit_image(*args, callback=record, **kwargs)
+
+    monkeypatch.setattr(sampler, "edit_image", recording_edit_image)
     node_defs = comfy_inprocess.node_defs()
-    prompt = harness.tiny_edit_prompt(node_defs, seed=5, num_results=2, enforce_background=True)
+    prompt = harness.tiny_edit_prompt(node_defs, seed=5, num_results=2, batch_size=2, capture_every=2,
+                                      enforce_background=True)
     outputs, tensors = comfy_inprocess.run(prompt)
     images, mask, frames = (slot[0] for slot in tensors["6"])
     source = tensors["1"][0][0]
     assert images.shape == (2, 256, 256, 3)
-    assert frames.ndim == 4 and frames.shape[-1] == 3
+    steps = 6 - 1  # respacing 6, skip_timesteps 1: one batch of both results
+    assert len(preds) == steps and preds[0].shape[0] == 2
+    captured = [n for n in range(steps) if n % 2 == 0 or n == steps - 1]
+    expected = torch.stack([((preds[n][r] + 1) / 2).clamp(0, 1).movedim(0, -1) for r in range(2) for n in captured])
+    torch.testing.assert_close(frames, expected, atol=0, rtol=0)
+    assert frames.std() > 0.01  # pictures, not a constant
     assert len(outputs["7"]["images"]) == 2
     _check_sampler_outputs("tiny edit", "6", prompt["6"], tensors, results=2)
     edit = (mask.reshape(-1, 256, 256)[0] > 0.5).unsqueeze(-1).expand(256, 256, 3)
