@@ -368,8 +368,10 @@ def set_clip_checkpointing(clip, enabled: bool):
 
 # Compiled variants of the UNet (2 per batch size and option set: with and without gradients) before dynamo
 # stops compiling it for the rest of the session. Its default, 8, is shared by every UNet in the process (one
-# code object), so the fourth batch size of a ComfyUI session would silently run eagerly.
-UNET_RECOMPILE_LIMIT = 64
+# code object), so the fourth batch size of a ComfyUI session would silently run eagerly. Not much more: each
+# variant of the 256x256 model keeps about 50 MB of host memory for the session (graphs and guards, traced on
+# a CPU), so 24 hold about 1.2 GB at most; beyond them new batch sizes run eagerly, as fast as without compile.
+UNET_RECOMPILE_LIMIT = 24
 
 
 def compile_unet(unet, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = False):
