@@ -280,7 +280,9 @@ def check_edit_mask(image: torch.Tensor, mask: torch.Tensor | None, invert: bool
     _check_mask_tensor(mask)
     if mask.is_floating_point():
         _require_finite(mask, "mask")  # NaN is neither > 0 nor <= 0: it would read as "empty"
-    used = masks_in_use(mask, image.shape[0] if image.dim() == 4 else 1)
+    image_batch = image.shape[0] if image.dim() == 4 else 1
+    warn_of_unused_masks(image_batch, mask)
+    used = masks_in_use(mask, image_batch)
     check_mask_not_empty(_inverted(used) if invert else used, inverted=invert)
 
 
@@ -305,6 +307,16 @@ def empty_mask_items(mask: torch.Tensor) -> list[int]:
     """The batch items of a mask ([B,H,W] or [B,1,H,W]; [H,W] is one item) with no value > 0, read in one go."""
     flat = mask.reshape(mask_batch_size(mask), -1)
     return [index for index, has_edit in enumerate((flat > 0).any(dim=1).tolist()) if not has_edit]
+
+
+def warn_of_unused_masks(image_batch: int, mask: torch.Tensor, images: str = "images",
+                         advice: str = "give one image with several masks to edit it in several places") -> None:
+    """Core's rule drops the masks beyond the image batch (``masks_in_use``); a mask painted for nothing should
+    not vanish without a word. Called once a run, where the inputs are first checked."""
+    unused = mask_batch_size(mask) - image_batch
+    if image_batch > 1 and unused > 0:
+        logger.warning("Blended Diffusion: %d masks for %d %s: the last %d mask(s) are not used (the %s decide; "
+                       "%s)", mask_batch_size(mask), image_batch, images, unused, images, advice)
 
 
 def masks_in_use(mask: torch.Tensor, image_batch: int) -> torch.Tensor:
@@ -344,11 +356,6 @@ def match_batches(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     one picture can be edited in several places in one run instead of silently dropping masks.
     """
     image_batch = image.shape[0]
-    if image_batch > 1 and mask_batch_size(mask) > image_batch:
-        # Core's rule, but a mask painted for nothing should not vanish without a word.
-        logger.warning("Blended Diffusion: %d masks for %d images: the last %d mask(s) are not used (the image "
-                       "batch decides; give one image with several masks to edit it in several places)",
-                       mask_batch_size(mask), image_batch, mask_batch_size(mask) - image_batch)
     mask = masks_in_use(mask, image_batch)
     if image_batch == 1 and mask.shape[0] > 1:
         return image.expand(mask.shape[0], *image.shape[1:]), mask

@@ -100,14 +100,11 @@ def smaller_batch_size(batch_size: int, num_results: int) -> int:
 T = TypeVar("T")
 
 
-def _with_advice(exc: BaseException, advice: str) -> BaseException:
-    """The error again, of its own type (so ComfyUI still treats it as out of memory and frees its models), with
-    ``advice`` after its text: ComfyUI's error dialog shows an error's text, not the console's log. ``exc``
-    itself where its type cannot be built from one message."""
-    try:
-        return type(exc)(f"{exc}\n{advice}")
-    except Exception:
-        return exc
+def _add_advice(exc: BaseException, advice: str) -> None:
+    """Put ``advice`` after the error's text, which is what ComfyUI's error dialog shows (not the console's log).
+    The error itself is kept, re-raised as it is: its type and attributes (ComfyUI's out-of-memory checks read
+    them, and then free its models) and its traceback (the layer that ran out)."""
+    exc.args = (f"{exc}\n{advice}",) + tuple(exc.args[1:])
 
 
 def run_with_smaller_batches(attempt: Callable[[int], T], batch_size: int, num_results: int, *, auto: bool,
@@ -133,10 +130,8 @@ def run_with_smaller_batches(attempt: Callable[[int], T], batch_size: int, num_r
                           "(results do not depend on it), or connect a Speed node with gradient_checkpointing on "
                           "or precision 'bf16 autocast'.")
                 log.error(advice)
-                with_advice = _with_advice(exc, advice)
-                if with_advice is exc:
-                    raise
-                raise with_advice from exc
+                _add_advice(exc, advice)
+                raise
         # Here, outside the except block, the failed attempt's traceback is already gone.
         smaller = smaller_batch_size(batch_size, num_results)
         log.warning("Blended Diffusion: out of memory at batch_size=%d (auto); running again at %d",

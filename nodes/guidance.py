@@ -151,6 +151,8 @@ class CLIPGuidance:
             mask = None
             if image_target_mask is not None:
                 # As for the edited image: one picture with several masks is a target per mask, none dropped.
+                image_io.warn_of_unused_masks(pictures.shape[0], image_target_mask, images="reference pictures",
+                                              advice="give one picture per mask, or one picture for all")
                 pictures, mask = image_io.match_batches(pictures,
                                                         image_io.mask_for_images(pictures, image_target_mask))
                 empty = image_io.empty_mask_items(mask)

@@ -145,9 +145,9 @@ class BlendedDiffusionSampler:
         try:
             result = _edit(options, **run)
         except Exception as exc:
-            # An OOM is re-raised unchanged (ComfyUI frees its models as for any OOM; blended.memory's retry has
-            # logged the advice), and ComfyUI's interrupt (an Exception in older releases, a BaseException in newer
-            # ones) passes through unchanged.
+            # An OOM is re-raised as it is (ComfyUI frees its models as for any OOM; blended.memory's retry has
+            # put the advice in its text), and ComfyUI's interrupt (an Exception in older releases, a
+            # BaseException in newer ones) passes through unchanged.
             # A failure inside Triton with the Triton kernels on means a GPU or Triton release they cannot be
             # compiled for. Asked for on a Speed node, it becomes an input error that names the option to turn
             # off; chosen by the pack's own default, the run starts again with PyTorch's kernels.
@@ -224,7 +224,8 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
                                           is_oom=bridge.is_out_of_memory, free_memory=bridge.release_failed_attempt)
     # One line a run: what came out, and how it ran.
     log.info("Blended Diffusion: %d image(s) for %d prompt(s), in batches of %d%s; speed: %s",
-             result.images.shape[0], num_prompts, batches[-1], " (auto)" if auto else "", options.describe())
+             result.images.shape[0], num_prompts, min(batches[-1], num_prompts * num_results),
+             " (auto)" if auto else "", options.describe())
     return result
 
 

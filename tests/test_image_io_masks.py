@@ -146,18 +146,22 @@ def test_mask_for_images_keeps_the_mask_s_batch_at_the_images_size():
 
 
 def test_masks_beyond_the_image_batch_are_named_in_a_warning(caplog):
-    """Core drops masks beyond the image batch; the pack follows it but says so. Fewer masks, or one image with
-    several masks (each its own edit), use every mask and say nothing."""
-    images = torch.rand(2, 3, 8, 8)
+    """Core drops masks beyond the image batch; the pack follows it but says so, once, where the Sampler first
+    checks its inputs. Fewer masks, or one image with several masks (each its own edit), use every mask and say
+    nothing."""
+    images = torch.rand(2, 8, 8, 3)
     with caplog.at_level(logging.WARNING, logger="blended.image_io"):
-        _, masks = match_batches(images, torch.ones(3, 1, 8, 8))
+        check_edit_mask(images, torch.ones(3, 8, 8))
+        _, masks = match_batches(images.movedim(-1, 1), torch.ones(3, 1, 8, 8))  # an edit's own pairing: quiet
     assert masks.shape[0] == 2
-    assert "3 masks for 2 images: the last 1 mask(s) are not used" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "Blended Diffusion: 3 masks for 2 images: the last 1 mask(s) are not used (the images decide; give one "
+        "image with several masks to edit it in several places)"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="blended.image_io"):
-        match_batches(images, torch.ones(1, 1, 8, 8))
-        match_batches(images[:1], torch.ones(3, 1, 8, 8))
-        match_batches(images, torch.ones(2, 1, 8, 8))
+        check_edit_mask(images, torch.ones(1, 8, 8))
+        check_edit_mask(images[:1], torch.ones(3, 8, 8))
+        check_edit_mask(images, torch.ones(2, 8, 8))
     assert caplog.text == ""
 
 

@@ -423,3 +423,18 @@ def test_lpips_that_cannot_load_is_refused_by_clip_guidance_naming_its_weight(co
     with pytest.raises(ValueError, match="pip install lpips.*background_lpips_lambda to 0"):
         guidance.build(clip, "a red rock", 1000.0, 50.0, 1, background_lpips_lambda=1000.0)
     assert guidance.build(clip, "a red rock", 1000.0, 50.0, 1)[0].settings.background_lpips_lambda == 0.0
+
+
+def test_clip_guidance_names_the_image_target_masks_it_drops(comfy_inprocess, caplog):
+    """Two reference pictures with three masks: core's rule drops the third, with a warning in the picture's
+    words (not the Sampler's advice about editing one image in several places)."""
+    mappings = comfy_inprocess.node_class_mappings
+    clip = mappings["BlendedDiffusion_LoadCLIP"]().load(harness.CLIP_TINY_NAME, "float32")[0]
+    guidance = mappings["BlendedDiffusion_CLIPGuidance"]()
+    with caplog.at_level(logging.WARNING):
+        spec = guidance.build(clip, "", 1000.0, 50.0, 1, image_target=torch.rand(2, 16, 16, 3),
+                              image_target_mask=torch.ones(3, 16, 16))[0]
+    assert spec.image_targets[0].mask.shape[0] == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "Blended Diffusion: 3 masks for 2 reference pictures: the last 1 mask(s) are not used (the reference "
+        "pictures decide; give one picture per mask, or one picture for all)"]
