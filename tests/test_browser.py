@@ -408,3 +408,30 @@ def test_settings_dropped_from_an_earlier_layout_are_named_with_what_to_use_inst
         assert len(sampler) == 1 and "Speed node" in sampler[0], texts
     assert all("Blended Diffusion" in t for t in toasts), toasts
     assert page.page_errors == []
+
+
+def test_an_earlier_layout_inside_a_subgraph_opens_with_its_values_and_names_its_subgraph(page, object_info):
+    """The same migration for pack nodes inside a subgraph definition (saved by "Convert to Subgraph"): the values
+    land on the widgets of the same name, and a dropped setting's notice says which subgraph its node id is in
+    (a top-level node may have the same id)."""
+    workflow = json.loads((harness.FIXTURES / "old_layouts/sampler_26_widgets_in_subgraph.json").read_text())
+    definition = workflow["definitions"]["subgraphs"][0]
+    instance = next(n for n in workflow["nodes"] if n["type"] == definition["id"])
+    inner = {n["type"]: n for n in definition["nodes"]}
+    inner["BlendedDiffusion_LoadGuidedDiffusion"]["widgets_values"][1] = "float16"
+    sampler = inner["BlendedDiffusion_Sampler"]
+    layout = OLD_LAYOUT_WORKFLOWS["old_layouts/sampler_26_widgets.json"]["BlendedDiffusion_Sampler"]
+    sampler["widgets_values"][layout.index("compile")] = True
+    warnings: list[str] = []
+    page.on("console", lambda message: message.type == "warning" and warnings.append(message.text))
+    _load_graph(page, workflow)
+    assert page.page_errors == []
+    notices = [t for t in warnings if "Speed node" in t]
+    assert len(notices) == 2 and all('in subgraph "Blended edit")' in t for t in notices), warnings
+    assert any(f"(node {sampler['id']} in subgraph" in t and "compile=true" in t for t in notices), notices
+    declared = object_info["BlendedDiffusion_Sampler"]["input"]
+    current = set(declared["required"]) | set(declared.get("optional", {}))
+    got = _frontend_prompt(page)[f"{instance['id']}:{sampler['id']}"]["inputs"]
+    for name, value in zip(layout, sampler["widgets_values"], strict=True):
+        if name in current:
+            assert got[name] == value, name

@@ -137,7 +137,9 @@ app.registerExtension({
           }
         });
         if (dropped.length) {
-          notify(`${this.title ?? nodeData.name} (node ${this.id}) was saved with settings that moved to the ` +
+          // A node inside a subgraph has its id there: say which subgraph, or a top-level node could share it.
+          const where = this.graph?.isRootGraph === false ? ` in subgraph "${this.graph.name}"` : "";
+          notify(`${this.title ?? nodeData.name} (node ${this.id}${where}) was saved with settings that moved to the ` +
                  `Speed node and are dropped here: ${dropped.join(", ")}. Set them on a Speed node connected to ` +
                  "the Sampler's 'speed' input to keep them.");
         }
