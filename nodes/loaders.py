@@ -122,6 +122,12 @@ class LoadGuidanceCLIP:
     def VALIDATE_INPUTS(cls, clip_name):
         return missing_model_message(CLIP_GUIDANCE_FOLDER, clip_name) or True
 
+    @classmethod
+    def IS_CHANGED(cls, clip_name, **_):
+        """The file's size and time, as for the UNet: a CLIP replaced under the same name (a download finished
+        or redone) is read on the next queue instead of after a restart."""
+        return checkpoint_stamp(CLIP_GUIDANCE_FOLDER, clip_name)
+
     def load(self, clip_name, dtype="auto", activation="quick_gelu"):
         path = model_file_path(CLIP_GUIDANCE_FOLDER, clip_name)
         device = bridge.mm.get_torch_device()

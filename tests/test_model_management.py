@@ -60,3 +60,27 @@ def test_a_config_json_added_beside_a_checkpoint_is_read_on_the_next_queue(comfy
         config_path.unlink()
     restored = comfy_inprocess.run(prompt)
     assert restored.tensors["unet"][0][0].unet.noise_schedule.name == "linear"
+
+
+@pytest.mark.comfy
+def test_a_clip_replaced_under_the_same_name_is_read_on_the_next_queue(comfy_inprocess):
+    """Guidance and ranking must not keep the old weights, unsaid, until a restart (the UNet loader already
+    re-reads its file)."""
+    import folder_paths
+    from safetensors.torch import load_file, save_file
+
+    prompt = graph(empty_image(64, 64, color=0x446688), box_mask(), respacing="5")
+    before = comfy_inprocess.run(prompt)
+    path = Path(folder_paths.get_full_path("clip_guidance", harness.CLIP_TINY_NAME))
+    original = path.read_bytes()
+    weights = load_file(path)
+    weights["positional_embedding"] = weights["positional_embedding"] * 1.5
+    save_file(weights, path)
+    try:
+        after = comfy_inprocess.run(prompt)
+        clip = after.tensors["clip"][0][0]
+        assert clip is not before.tensors["clip"][0][0]
+        assert torch.equal(clip.clip.model.positional_embedding.detach().cpu(), weights["positional_embedding"])
+        assert comfy_inprocess.run(prompt).tensors["clip"][0][0] is clip  # nothing changed since: reused
+    finally:
+        path.write_bytes(original)
