@@ -111,7 +111,14 @@ def load_state_dict(path: str) -> dict:
     return as_state_dict(path, loaded)
 
 
-_WHOLLY_LOADED: set[tuple[str, str]] = set()
+_SAID: set[str] = set()
+
+
+def say_once(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` at INFO the first time this session: news that would be the same on every run."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.info(message)
 
 
 def load_for_sampling(patchers, memory_required: int) -> None:
@@ -125,11 +132,8 @@ def load_for_sampling(patchers, memory_required: int) -> None:
         mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
         for patcher in patchers:
             if patcher.loaded_size() < patcher.model_size():
-                news = (type(patcher.model).__name__, str(patcher.load_device))
-                if news not in _WHOLLY_LOADED:  # the same news on every run of a --lowvram session
-                    _WHOLLY_LOADED.add(news)
-                    log.info("Blended Diffusion: loading %s wholly onto %s (its layers cannot stream their "
-                             "weights)", *news)
+                say_once(log, f"Blended Diffusion: loading {type(patcher.model).__name__} wholly onto "
+                              f"{patcher.load_device} (its layers cannot stream their weights)")
                 patcher.partially_load(patcher.load_device, 1e32)
 
 

@@ -15,14 +15,6 @@ from . import comfy_bridge as bridge
 log = logging.getLogger(__name__)
 
 LPIPS_CHOICES = ["if available", "off"]
-_SAID: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    """Log ``message`` the first time this session: a missing LPIPS is the same news on every run."""
-    if message not in _SAID:
-        _SAID.add(message)
-        log.info(message)
 
 
 class EditMetrics:
@@ -90,7 +82,7 @@ class EditMetrics:
             try:
                 lpips_model = load_lpips(way_out="set Edit Metrics' lpips to 'off'")
             except BlendedInputError as exc:
-                _say_once(f"Blended Edit Metrics: no LPIPS column ({exc})")
+                bridge.say_once(log, f"Blended Edit Metrics: no LPIPS column ({exc})")
         guidance_clip = None
         if clip is not None:
             bridge.load_for_sampling([clip.patcher], 0)

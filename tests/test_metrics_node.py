@@ -95,8 +95,7 @@ def test_a_missing_lpips_is_said_once_a_session_with_this_nodes_way_out(comfy_in
     import importlib.util
     import logging
 
-    metrics_node = comfy_inprocess.pack_module("metrics")
-    monkeypatch.setattr(metrics_node, "_SAID", set())
+    monkeypatch.setattr(comfy_inprocess.pack_module("comfy_bridge"), "_SAID", set())
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else find_spec(name, *a))
     with caplog.at_level(logging.INFO):
