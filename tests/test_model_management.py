@@ -84,3 +84,14 @@ def test_a_clip_replaced_under_the_same_name_is_read_on_the_next_queue(comfy_inp
         assert comfy_inprocess.run(prompt).tensors["clip"][0][0] is clip  # nothing changed since: reused
     finally:
         path.write_bytes(original)
+
+
+@pytest.mark.comfy
+def test_the_loaders_outputs_tell_comfyuis_ram_cache_their_weights_size(comfy_inprocess):
+    """ComfyUI's RAM-pressure cache weighs each output by its ``get_ram_usage`` (0.1 byte without one): the
+    models must weigh what their weights do, or under pressure the cache lets everything else go first."""
+    result = comfy_inprocess.run(graph(empty_image(64, 64, color=0x446688), box_mask(), respacing="5"))
+    unet, clip = result.tensors["unet"][0][0], result.tensors["clip"][0][0]
+    for bundle, module in ((unet, unet.unet), (clip, clip.clip.model)):
+        weights = sum(t.nelement() * t.element_size() for t in module.state_dict().values())
+        assert bundle.get_ram_usage() == weights > 1000
