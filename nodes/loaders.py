@@ -104,7 +104,8 @@ class LoadGuidanceCLIP:
                 "dtype": (bridge.DTYPE_CHOICES, {
                     "default": "auto",
                     "tooltip": "Precision of CLIP's convolution, linear and attention weights. auto = float16 "
-                               "on suitable GPUs (as the original), float32 on CPU. As in OpenAI's loader, "
+                               "where ComfyUI uses it (as the original), else bfloat16 where ComfyUI uses that, "
+                               "float32 on CPU. As in OpenAI's loader, "
                                "LayerNorms and embeddings stay float32; embeddings are compared in float32."}),
             },
             # Optional, so prompts saved before it existed still run (with OpenAI's activation, as then).

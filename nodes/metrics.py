@@ -31,11 +31,12 @@ class EditMetrics:
     OUTPUT_TOOLTIPS = (
         "A text table: one row per image, the mean, and the batch diversity; (+) higher is better, (-) lower "
         "is better. Wire it to Preview Any.",
-        "Per image: cosine similarity of the masked crop to the prompt (higher = better; NaN without a CLIP).",
+        "Per image: cosine similarity of the masked crop to the prompt (higher = better; a weighted sum for "
+        "weighted parts; NaN without a CLIP or a prompt).",
         "Per image: PSNR of the background outside the mask in dB (higher = better; inf = untouched).",
         "Per image: RMS gradient on the border ring minus the input's (lower = better; 0 = as smooth as the "
         "input; positive = a visible seam).",
-        "Per image: colour step across the border minus the input's, 0..1 (lower = better; 0 = no tint).",
+        "Per image: colour step across the border minus the input's, 0..2 (lower = better; 0 = no tint).",
         "Mean pairwise CLIP distance of the edited regions, 0..2 (higher = more varied; 0 = all the same).",
     )
     FUNCTION = "score"

@@ -25,17 +25,21 @@ class BlendedDiffusionSampler:
     DESCRIPTION = ("Text-driven local editing (Blended Diffusion, CVPR 2022): regenerates the masked region "
                    "(mask = 1) of the image with the guided-diffusion model, steered by CLIP toward the prompt, "
                    "while the noised original is blended back outside the mask at every step. Returns "
-                   "num_results edits per prompt at the input's size; pixels outside the mask are unchanged. "
+                   "num_results edits per prompt at the input's size; with enforce_background on (blended mode), "
+                   "pixels outside the mask (after grow/feather) are the input's, unchanged. "
                    "Rank them with CLIP Rank. The defaults reproduce the original code, but for speed: without a "
                    f"Speed node the sampler runs {DEFAULT_SPEED}. A Speed node left at its defaults gives the "
                    "original's numerics on the GPU too.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("images", "mask", "frames")
-    OUTPUT_TOOLTIPS = ("The edited images, num_results per prompt, at the input's size.",
-                       "The mask the final composite used (after invert/grow/feather).",
-                       "The process: the model's x0 prediction every capture_every steps, at model resolution "
-                       "(feed SaveAnimatedWEBP). The final images when capture_every is 0.")
+    OUTPUT_TOOLTIPS = ("The edited images, num_results per prompt, at the input's size: input by input, then "
+                       "prompt by prompt, then result by result.",
+                       "The mask the final composite used (after invert/grow/feather); with enforce_background "
+                       "off or mode local, the pasted box (all ones for region full).",
+                       "The process: the model's x0 prediction every capture_every steps and at the last, at "
+                       "model resolution, all frames of one result together (feed SaveAnimatedWEBP). The final "
+                       "images when capture_every is 0.")
     FUNCTION = "sample"
 
     @classmethod
@@ -69,7 +73,8 @@ class BlendedDiffusionSampler:
                          "blended: Blended Diffusion. local: the paper's 'local CLIP-guided diffusion' "
                          "baseline, no blending (pair it with a background L2 loss)."}),
                 "enforce_background": ("BOOLEAN", {"default": d.enforce_background, "tooltip":
-                                       "Paste the untouched original outside the mask at the end (original: on)."}),
+                                       "Paste the untouched original outside the mask at the end (original: on; "
+                                       "blended mode only)."}),
                 "invert_mask": ("BOOLEAN", {"default": False, "tooltip":
                                 "Edit where the mask is 0 instead (e.g. background replacement)."}),
                 "batch_size": ("INT", {"default": d.batch_size, "min": 0, "max": 256, "tooltip":

@@ -157,9 +157,9 @@ class BlendedDiffusionSpeed:
             "required": {
                 "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip":
                               "UNet compute precision. auto = the original's: fp16 'torso' (block convs stored "
-                              "in fp16) on GPUs that suit it, fp32 on the CPU. 'autocast' keeps fp32 weights and "
-                              "runs the kernels in bf16/fp16 (about 2x faster, half the activation memory); "
-                              "'torso' converts a copy of the block convs' weights."}),
+                              "in fp16) where ComfyUI uses fp16, else bf16 'torso' where it uses bf16, fp32 on "
+                              "the CPU. 'autocast' keeps fp32 weights and runs the kernels in bf16/fp16 (about "
+                              "half the activation memory); 'torso' converts a copy of the block convs' weights."}),
                 "reuse_guided_forward": ("BOOLEAN", {"default": d["reuse_guided_forward"], "tooltip":
                                          "One UNet forward per step instead of two (same result in float32; "
                                          "about a third less UNet work)."}),
@@ -171,9 +171,10 @@ class BlendedDiffusionSpeed:
                                            "Recompute UNet blocks in the guidance backward pass instead of keeping "
                                            "their activations: far bigger batches, about a third slower."}),
                 "compile": ("BOOLEAN", {"default": d["compile"], "tooltip":
-                            "torch.compile the UNet: the first run pays the compile time (a minute or more), "
-                            "later steps and runs are faster. Worth it for many results on a GPU. Each new batch "
-                            "size compiles again and keeps about 50 MB of RAM until ComfyUI restarts."}),
+                            "torch.compile the UNet: the first run pays the compile time (minutes: on an H100 it "
+                            "had not finished after 200 s, so not found worth it there); cannot be combined with "
+                            "cuda_graphs. Each new batch size compiles again and keeps about 50 MB of RAM until "
+                            "ComfyUI restarts."}),
             },
             "optional": {
                 "clip_checkpointing": ("BOOLEAN", {"default": d["clip_checkpointing"], "tooltip":
