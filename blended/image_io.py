@@ -65,6 +65,13 @@ def _clamp_if_needed(tensor: torch.Tensor, low: float, high: float) -> torch.Ten
     return tensor
 
 
+def _refuse_empty_image(image: torch.Tensor) -> None:
+    if any(size == 0 for size in image.shape):
+        raise BlendedInputError(
+            f"the image has an empty dimension (shape {tuple(image.shape)}); feed at least one 1x1 image"
+        )
+
+
 def to_rgb_nchw(image_bhwc: torch.Tensor) -> torch.Tensor:
     """Turn a ComfyUI IMAGE ``[B,H,W,C]`` (or one ``[H,W,C]`` image) into ``[B,3,H,W]`` float32 in 0..1.
 
@@ -83,10 +90,7 @@ def to_rgb_nchw(image_bhwc: torch.Tensor) -> torch.Tensor:
             f"the image has shape {tuple(image_bhwc.shape)}, expected [batch, height, width, channels]; "
             "connect a ComfyUI IMAGE"
         )
-    if any(size == 0 for size in image_bhwc.shape):
-        raise BlendedInputError(
-            f"the image has an empty dimension (shape {tuple(image_bhwc.shape)}); feed at least one 1x1 image"
-        )
+    _refuse_empty_image(image_bhwc)
     channels = image_bhwc.shape[-1]
     if channels not in (1, 3, 4):
         raise BlendedInputError(
@@ -271,10 +275,8 @@ def check_edit_mask(image: torch.Tensor, mask: torch.Tensor | None, invert: bool
     for the items an edit of ``image`` (an IMAGE ``[B,H,W,C]`` or ``[H,W,C]``) uses, before any model is loaded.
     A mask that only empties once resized to the image (a few kept pixels of a larger inverted mask) is refused
     later, by ``prepare_edit_masks``."""
-    if isinstance(image, torch.Tensor) and any(size == 0 for size in image.shape):
-        raise BlendedInputError(
-            f"the image has an empty dimension (shape {tuple(image.shape)}); feed at least one 1x1 image"
-        )
+    if isinstance(image, torch.Tensor):
+        _refuse_empty_image(image)
     if mask is None:
         return
     _check_mask_tensor(mask)
