@@ -136,6 +136,9 @@ def seam_scores(results: torch.Tensor, reference: torch.Tensor, edited: torch.Te
                 width: int = DEFAULT_RING_WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] seam_gradient, [B] seam_colour), each 0 when the ring looks as it did in the input.
 
+    The plain definition, on whole images of the results' batch (see :func:`prepare`): :func:`score_edits`
+    computes the same numbers inside each ring's box, one result at a time, and the tests hold it to this.
+
     ``seam_gradient`` = RMS gradient across the border ring in the result minus the same in the input (a hard
     paste seam raises it; a blurred border lowers it). ``seam_colour`` = mean over channels of |colour step
     across the border in the result - the step in the input| (a tint or brightness shift of the edit raises it).

@@ -65,12 +65,12 @@ def test_a_tinted_paste_has_the_tint_as_its_colour_seam_and_a_gradient_jump():
     mask = _mask(32, (8, 24, 8, 24))
     tinted = image.clone()
     tinted[..., 8:24, 8:24] += torch.tensor([0.0, 0.2, -0.1]).view(1, 3, 1, 1)
-    gradient, colour = metrics.seam_scores(*metrics.prepare(tinted, image, mask))
+    scores = metrics.score_edits(torch.cat([tinted, image.clone()]), image, mask)
     # the colour step across the border is exactly the tint: (0 + 0.2 + 0.1) / 3
-    assert colour.item() == pytest.approx(0.1, abs=1e-5)
-    assert gradient.item() > 0.02
+    assert scores.seam_colour[0] == pytest.approx(0.1, abs=1e-5)
+    assert scores.seam_gradient[0] > 0.02
     # the same content without the tint: no seam at all
-    assert metrics.seam_scores(*metrics.prepare(image.clone(), image, mask))[1].item() == 0.0
+    assert scores.seam_colour[1] == 0.0 and scores.seam_gradient[1] == 0.0
 
 
 def test_a_hard_seam_scores_worse_than_a_soft_one():
@@ -79,9 +79,9 @@ def test_a_hard_seam_scores_worse_than_a_soft_one():
     hard = image * (1 - mask) + edit * mask
     soft_mask = F.avg_pool2d(F.pad(mask[None], (3, 3, 3, 3), mode="replicate"), 7, stride=1)[0]
     soft = image * (1 - soft_mask) + edit * soft_mask
-    g_hard, _ = metrics.seam_scores(*metrics.prepare(hard, image, mask))
-    g_soft, _ = metrics.seam_scores(*metrics.prepare(soft, image, (soft_mask > 0).float()))
-    assert g_hard.item() > g_soft.item()
+    g_hard = metrics.score_edits(hard, image, mask).seam_gradient[0]
+    g_soft = metrics.score_edits(soft, image, (soft_mask > 0).float()).seam_gradient[0]
+    assert g_hard > g_soft
 
 
 def test_identical_results_have_zero_diversity_and_different_ones_do_not(clip):
