@@ -1,7 +1,7 @@
 """Before/after pictures for the README, made by the pack itself.
 
-No real weights can be downloaded where this project is built, so the pictures come from the random-weight
-tiny test models (tests/fixtures/reference): they show what the pack does to pixels (which region changes,
+The pictures come from the random-weight tiny test models, so that anyone can make them again without the real
+weights (tests/fixtures/reference): they show what the pack does to pixels (which region changes,
 the untouched background, crop-and-stitch on a non-square photo, outpainting) -- not the quality of real edits.
 Every picture is labelled accordingly.
 
