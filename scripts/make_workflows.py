@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 from blended.model_files import model_file
-from workflow_format import input_options, widget_default, widget_layout
+from workflow_format import MODE_BYPASSED, input_options, widget_default, widget_layout
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "workflows"
@@ -46,6 +47,24 @@ TITLE_CHAR_WIDTH = 7  # a title's width per character, roughly, in the canvas's 
 # Widgets the frontend adds to some core nodes beyond the declared inputs: PreviewAny's text box.
 FRONTEND_WIDGET_HEIGHTS = {"PreviewAny": [MULTILINE_HEIGHT]}
 GAP = 40  # between a node and the one below it
+# Nodes the frontend's Nodes 2.0 (Vue-rendered nodes) draws taller than the canvas renderer, for their content: an
+# image loader shows its picture at the node's full width, and the Sampler's widgets take more room. Sized for
+# both, so that under either renderer no node covers the one below it.
+IMAGE_LOADER_SIZE = (340, 420)
+SAMPLER_SIZE = (360, 690)
+# The Markdown note that says what a workflow shows and what to change: left of the graph's first column, its
+# title level with the topmost node's. The frontend gives a Markdown widget at least 400 x 200, and writes its text
+# in a small font (about 85 characters to a 400-wide line, 11 high): the height counts fewer, taller lines, so that
+# the text fits in other fonts too.
+NOTE_WIDTH, NOTE_GAP = 400, 40
+# Names of widgets and files are written as code in the notes' source but shown in italics: under Nodes 2.0 the
+# frontend draws inline code blue on blue, unreadable on any note colour.
+INLINE_CODE = re.compile(r"`([^`]+)`")
+NOTE_CHARS_PER_LINE, NOTE_LINE_HEIGHT, NOTE_PADDING = 70, 12, 60
+# The view a workflow opens with (extra.ds, which the frontend restores): at this scale, with the note's title
+# clear of the menu bar and the sidebar, so the note and the graph's first columns are in sight.
+VIEW_SCALE = 0.8
+VIEW_TOP_LEFT = (72, 140)  # screen pixels of the note's top-left corner
 
 
 class Graph:
@@ -114,14 +133,41 @@ class Graph:
                     found.append(f"#{a['id']} {a['type']} and #{b['id']} {b['type']}")
         return found
 
-    def to_json(self, note: str) -> dict:
+    def add_note(self, text: str) -> dict:
+        """A Markdown note (a frontend-only node, never sent to the server) left of the graph, its title level
+        with the topmost node's."""
+        left = min(node["pos"][0] for node in self.nodes)
+        top = min(node["pos"][1] for node in self.nodes)
+        node = {"id": len(self.nodes) + 1, "type": "MarkdownNote", "pos": [left - NOTE_GAP - NOTE_WIDTH, top],
+                "size": [NOTE_WIDTH, note_height(text)], "flags": {}, "order": len(self.nodes), "mode": 0,
+                "inputs": [], "outputs": [], "title": "About this workflow", "properties": {},
+                "widgets_values": [INLINE_CODE.sub(r"*\1*", text)], "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node
+
+    def to_json(self, text: str) -> dict:
+        """The workflow, with `text` (Markdown) in a note on the canvas; it opens with the note in view."""
+        placed = self.add_note(text)
         if overlapping := self.overlaps():
             raise ValueError(f"nodes overlap on the canvas: {'; '.join(overlapping)}")
+        # The graph's top left corner (the note's title bar) at the canvas origin: Nodes 2.0 spreads a layout
+        # made for the canvas renderer out from about there, and the view below then shows the note under either.
+        dx, dy = -placed["pos"][0], TITLE_HEIGHT - placed["pos"][1]
+        for node in self.nodes:
+            node["pos"] = [node["pos"][0] + dx, node["pos"][1] + dy]
+        # The frontend draws canvas point p at (p + offset) * scale.
+        offset = [round(VIEW_TOP_LEFT[0] / VIEW_SCALE), round(VIEW_TOP_LEFT[1] / VIEW_SCALE)]
         return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(self.links),
                 "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "blended_diffusion_note": note},
+                "extra": {"ds": {"scale": VIEW_SCALE, "offset": offset}},
                 "version": 0.4}
+
+
+def note_height(text: str) -> int:
+    """A Markdown note's height for `text`, roughly: its lines wrapped at the note's width, plus a margin."""
+    lines = sum(max(1, math.ceil(len(line) / NOTE_CHARS_PER_LINE)) for line in text.splitlines())
+    return max(200, NOTE_PADDING + NOTE_LINE_HEIGHT * lines)
 
 
 def min_size(node_def: dict, node_type: str, title: str | None) -> tuple[int, int]:
@@ -153,6 +199,22 @@ def place_below(node: dict, above: dict, gap: float = GAP) -> None:
     node["pos"][1] = below(above, gap)
 
 
+# What every note ends with: the models, the settings the Sampler keeps unless the note says otherwise, and how
+# to edit one's own photo.
+MODELS = (f"**Models:** `{GD.name}` in `models/{GD.directory}/`, `{CLIP.name}` in `models/{CLIP.directory}/` "
+          "(`scripts/download_models.py` fetches them; README, *Models*).")
+SETTINGS = ("**Sampler:** the original's settings unless said above (100 respaced steps, 25 of them skipped, seed "
+            "404 fixed); `batch_size` 0 (auto) fits the batch to the free memory, results do not depend on it.")
+OWN_PHOTO = ("**Your own photo:** choose it in *Load Image* and its mask (white = edit) in *Load Image (as Mask)*, "
+             "or paint the region in Load Image's mask editor (right-click the node) and connect Load Image's "
+             "`MASK` output to the Sampler's `mask` instead.")
+
+
+def note(title: str, *paragraphs: str, photo: str | None = OWN_PHOTO, models: str = MODELS) -> str:
+    """A workflow's Markdown note: what it shows and what to change, then the common lines."""
+    return "\n\n".join([f"## {title}", *paragraphs, "---", models, SETTINGS, *([photo] if photo else [])])
+
+
 def models(g: Graph, x=0, y=0):
     unet = g.add("BlendedDiffusion_LoadGuidedDiffusion", (x, y), {"model_name": GD.name}, size=(340, 180))
     clip = g.add("BlendedDiffusion_LoadCLIP", (x, y + 220), {"clip_name": CLIP.name}, size=(340, 110))
@@ -163,8 +225,8 @@ def models(g: Graph, x=0, y=0):
 
 
 def inputs(g: Graph, image=IMG, mask=MASK, x=0, y=380):
-    img = g.add("LoadImage", (x, y), {"image": image}, size=(340, 340))
-    msk = g.add("LoadImageMask", (x, below(img)), {"image": mask, "channel": "red"}, size=(340, 340))
+    img = g.add("LoadImage", (x, y), {"image": image}, size=IMAGE_LOADER_SIZE)
+    msk = g.add("LoadImageMask", (x, below(img)), {"image": mask, "channel": "red"}, size=IMAGE_LOADER_SIZE)
     return img, msk
 
 
@@ -192,7 +254,8 @@ def guidance(g: Graph, clip, prompt, x=400, y=0, **widgets):
 
 
 def sampler(g: Graph, unet, guide, image_src, mask_src, x=820, y=0, title=None, **widgets):
-    node = g.add("BlendedDiffusion_Sampler", (x, y), widgets, title=title, size=(360, 660))
+    # batch_size auto: as many results at once as the free memory holds, started again smaller if it runs out.
+    node = g.add("BlendedDiffusion_Sampler", (x, y), {"batch_size": 0, **widgets}, title=title, size=SAMPLER_SIZE)
     g.link(unet, 0, node, "model")
     g.link(guide, 0, node, "guidance")
     g.link(image_src[0], image_src[1], node, "image")
@@ -214,18 +277,21 @@ def edit_start(defs, prompt, image=IMG, mask=MASK):
     return g, unet, clip, img, msk, guidance(g, clip, prompt)
 
 
-def simple_edit(defs, prompt, prefix, note, image=IMG, mask=MASK, **widgets):
-    """Photo and mask -> sampler guided by one prompt -> SaveImage."""
+def simple_edit(defs, prompt, prefix, text, image=IMG, mask=MASK, **widgets):
+    """Photo and mask -> sampler guided by one prompt -> SaveImage; `text` is the workflow's note."""
     g, unet, _, img, msk, guide = edit_start(defs, prompt, image, mask)
     save(g, sampler(g, unet, guide, (img, 0), (msk, 0), **widgets), 0, prefix, 1220, 0)
-    return g.to_json(note)
+    return g.to_json(text)
 
 
 def ranked_results(defs):
     g, unet, clip, img, msk, guide = edit_start(defs, "a big rock")
-    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=8, batch_size=4)
-    # Speed options at their (faithful) defaults: where to turn on bf16, reuse_guided_forward, compile, ...
-    speed = g.add("BlendedDiffusion_Speed", (400, below(guide)), size=(380, 290))
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=32)
+    # Bypassed: without a Speed node the Sampler runs the fastest setting for the device, and a Speed node, even
+    # at its defaults, means the original's numerics (slower on a GPU). It shows where the options are.
+    speed = g.add("BlendedDiffusion_Speed", (400, below(guide)), size=(380, 290),
+                  title="Speed (bypassed: Ctrl+B to use it)")
+    speed["mode"] = MODE_BYPASSED
     g.link(speed, 0, samp, "speed")
     rank = g.add("BlendedDiffusion_CLIPRank", (1220, 0), {"prompt": "a big rock", "top_k": 2}, size=(340, 220))
     g.link(samp, 0, rank, "images")
@@ -236,21 +302,32 @@ def ranked_results(defs):
     g.link(rank, 0, preview, "images")
     text = g.add("PreviewAny", (1600, 420), size=(340, 200))
     g.link(rank, 2, text, "source")
-    return g.to_json("Many results for one prompt, ranked by CLIP (the original makes 32; 64 recommended). The "
-                     "Speed node holds the speed and memory options, at the original's settings.")
+    return g.to_json(note(
+        "Many results, ranked by CLIP",
+        "The paper's basic use: the Sampler makes `num_results` edits of the masked region for one prompt (32, as "
+        "the original; its authors recommend 64) and **CLIP Rank** sorts them by how close the edited region is to "
+        "the prompt. *Preview Image* shows them all, best first; *Save Image* keeps the best `top_k`; *Preview "
+        "Any* lists each result's CLIP distance (lower = closer).",
+        "- Change the prompt in **CLIP Guidance** and in **CLIP Rank** alike.\n"
+        "- The **Speed** node is bypassed: without it the Sampler runs the fastest setting for your device. "
+        "Select it and press Ctrl+B to choose the speed and memory options yourself; at its defaults it "
+        "reproduces the original's numerics (on a GPU its fp16 scheme: 2.5 to 7 times slower on an H100)."))
 
 
 def different_prompts(defs):
-    return simple_edit(defs, "a teddy bear\na white cat\na red ball", "blended/different_prompts",
-                       "Different prompts for one image and mask: one line per prompt, results of every prompt "
-                       "share their seeds so they differ only by the text.", IMG2, MASK2, num_results=2,
-                       batch_size=2)
+    return simple_edit(defs, "a teddy bear\na white cat\na red ball", "blended/different_prompts", note(
+        "Different prompts, one mask",
+        "One prompt per line in **CLIP Guidance**: each line gets its own `num_results` edits of the masked "
+        "grass. Result *i* of every line starts from the same noise (the same seed), so the results differ only "
+        "by the text. The images come prompt by prompt: here 3 lines x 2 results = 6.",
+        "Add or change lines; raise `num_results` for more choice per prompt."),
+        IMG2, MASK2, num_results=2)
 
 
 def alter_object_part(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 340))
+    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=IMAGE_LOADER_SIZE)
     # A box on the leopard's flank, built from core mask nodes (users paint it in the mask editor).
     base = g.add("SolidMask", (0, below(img)), {"value": 0.0, "width": 256, "height": 256}, size=(300, 110))
     part = g.add("SolidMask", (0, below(base)), {"value": 1.0, "width": 70, "height": 50}, size=(300, 110))
@@ -261,28 +338,46 @@ def alter_object_part(defs):
     guide = guidance(g, clip, "blue fur")
     samp = sampler(g, unet, guide, (img, 0), (comp, 0), num_results=4, skip_timesteps=33)
     save(g, samp, 0, "blended/object_part", 1220, 0)
-    return g.to_json("Altering part of an object: only the masked part of the leopard changes.")
+    return g.to_json(note(
+        "Altering part of an object",
+        "Only the masked part of the leopard changes: a patch of its flank and back gets blue fur, the rest of "
+        "the leopard and the road keep every pixel. `skip_timesteps` 33 (the original's default is 25) starts "
+        "from a less noisy copy of the photo, so more of the leopard's shape stays.",
+        "The mask is a box made by core nodes, so no mask file is needed: a black 256x256 **SolidMask** (the "
+        "photo's size) with a white 70x50 one added by **MaskComposite** at x 150, y 115. Move or resize the box "
+        "there.",
+        photo="**Your own photo:** choose it in *Load Image*, paint the part to change in its mask editor "
+              "(right-click the node) and connect Load Image's `MASK` output to the Sampler's `mask` in place of "
+              "MaskComposite's."))
 
 
 def background_replacement(defs):
     # The dogs are painted white and the mask inverted: everything else is regenerated.
-    return simple_edit(defs, "a snowy mountain landscape", "blended/background",
-                       "Background replacement: the mask paints the dogs and invert_mask regenerates everything "
-                       "else (paper: skip 33 of 100 steps).", IMG2, DOGS_MASK, num_results=4, skip_timesteps=33,
-                       invert_mask=True)
+    return simple_edit(defs, "a snowy mountain landscape", "blended/background", note(
+        "Background replacement",
+        "The mask paints the two dogs white and the Sampler's `invert_mask` is on, so everything *but* the dogs "
+        "is regenerated from the prompt, and the dogs keep every pixel. `skip_timesteps` 33 of 100, as the paper "
+        "uses for backgrounds (the original's default is 25).",
+        "For your own photo, mask the subject to keep; or turn `invert_mask` off and mask the background "
+        "itself."),
+        IMG2, DOGS_MASK, num_results=4, skip_timesteps=33, invert_mask=True)
 
 
 def scribble_guided(defs):
-    return simple_edit(defs, "a blue ball", "blended/scribble",
-                       "Scribble-guided editing: a rough colour scribble inside the mask plus a prompt; more "
-                       "skipped steps keep the scribble's colours (paper: skip 40).", SCRIBBLE, MASK,
-                       num_results=4, skip_timesteps=40)
+    return simple_edit(defs, "a blue ball", "blended/scribble", note(
+        "Scribble-guided editing",
+        "The input is the photo with a rough blue disc painted on the road (`blended_example_scribble.png`), and "
+        "the mask covers the scribble; the prompt says what it should become. `skip_timesteps` 40 of 100, as "
+        "the paper uses for scribbles (the original's default is 25): the edit starts from a less noisy copy, so "
+        "the scribble's colour and shape stay.",
+        "Paint your own scribble on a photo in any image editor, then mask the scribbled region."),
+        SCRIBBLE, MASK, num_results=4, skip_timesteps=40)
 
 
 def text_guided_extrapolation(defs):
     g = Graph(defs)
     unet, clip = models(g)
-    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=(340, 340))
+    img = g.add("LoadImage", (0, 380), {"image": IMG}, size=IMAGE_LOADER_SIZE)
     pad = g.add("ImagePadForOutpaint", (400, 380), {"left": 0, "top": 0, "right": 128, "bottom": 0,
                                                     "feathering": 0}, size=(320, 180))
     g.link(img, 0, pad, "image")
@@ -290,8 +385,16 @@ def text_guided_extrapolation(defs):
     place_below(pad, guide)
     samp = sampler(g, unet, guide, (pad, 0), (pad, 1), num_results=4, region="mask_crop", context=0.5)
     save(g, samp, 0, "blended/extrapolation", 1220, 0)
-    return g.to_json("Text-guided extrapolation (outpainting): core ImagePadForOutpaint widens the photo; the "
-                     "sampler fills the padding, working on a square crop so any aspect ratio works.")
+    return g.to_json(note(
+        "Text-guided extrapolation (outpainting)",
+        "Core **Pad Image for Outpainting** widens the photo by 128 px on the right and outputs a mask of just "
+        "that strip; the Sampler fills the strip from the prompt, and the photo keeps every pixel. With `region` "
+        "mask_crop the Sampler edits a square around the strip instead of squashing the 384x256 picture into "
+        "the model's square: its margin (`context` 0.5 of the strip's longer side) takes in the whole picture "
+        "here, and the square is filled out beyond the picture's top and bottom.",
+        "Set left, top, right and bottom on the pad node to extend other sides; say in the prompt what should be "
+        "there.",
+        photo="**Your own photo:** choose it in *Load Image*; the pad node makes the mask."))
 
 
 def sequential_edits(defs):
@@ -305,7 +408,14 @@ def sequential_edits(defs):
     second = guidance(g, clip, "a hot air balloon", x=1220, y=0)
     s2 = sampler(g, unet, second, (s1, 0), (comp, 0), x=1640, y=0, title="Edit 2: balloon", num_results=1)
     save(g, s2, 0, "blended/sequential", 2040, 0)
-    return g.to_json("Composing several edits in sequence: the first result is the second edit's input.")
+    return g.to_json(note(
+        "Several edits in sequence",
+        "**Edit 1** puts a rock in the loaded mask; its result is the input of **Edit 2**, which puts a hot air "
+        "balloon in a second region: a 60x60 box at x 180, y 20, made by core **SolidMask** and "
+        "**MaskComposite** nodes (the first SolidMask is the photo's size). Each edit keeps every pixel outside "
+        "its own mask, so the rock is still there after edit 2.",
+        "Each edit has its own **CLIP Guidance** (prompt) and mask; both share the models. Add more edits the "
+        "same way."))
 
 
 def chain_core_compositing(defs):
@@ -321,9 +431,14 @@ def chain_core_compositing(defs):
     g.link(img, 0, comp, "source")
     g.link(invert, 0, comp, "mask")
     save(g, comp, 0, "blended/chained", 1920, 0)
-    return g.to_json("Chaining into core nodes: the sampler's mask output gets a soft edge from core "
-                     "GrowMask/MaskToImage/ImageBlur/ImageToMask, and ImageCompositeMasked lays the original "
-                     "back over our edit through its inverse, so the edit fades in at the border.")
+    return g.to_json(note(
+        "Chaining into core nodes",
+        "The Sampler's `mask` output (the mask its final paste used) goes on into core nodes: **GrowMask** -3 "
+        "shrinks it, **Convert Mask to Image**, **Image Blur** and **Convert Image to Mask** give it a soft "
+        "edge, **InvertMask** turns it around, and **ImageCompositeMasked** lays the original photo back over "
+        "the edit through it. Just inside the mask's border the edit now fades into the photo instead of "
+        "stopping at a hard line; elsewhere nothing changes.",
+        "A bigger blur radius and sigma (with a bigger shrink) give a wider fade."))
 
 
 def high_resolution(defs):
@@ -338,8 +453,14 @@ def high_resolution(defs):
     samp = sampler(g, unet, guide, (up, 0), (msk, 0), num_results=2, region="mask_crop", context=0.5,
                    grow_mask=4, feather=6)
     save(g, samp, 0, "blended/high_res", 1220, 0)
-    return g.to_json("Any resolution and aspect ratio: a 1000x600 photo is edited on a square crop around the "
-                     "mask at model resolution and pasted back; grow/feather soften the seam.")
+    return g.to_json(note(
+        "Any size and aspect ratio: editing a crop",
+        "Core **Upscale Image** stretches the 256x256 example to 1000x600, only to make a big, non-square input; "
+        "the Sampler resizes the 256x256 mask to the image. With `region` mask_crop it edits a square crop "
+        "around the mask (a margin of `context` 0.5 of the mask's longer side all round) at the model's 256 px "
+        "and pastes it back at full resolution, so the rest of the picture keeps every pixel; `grow_mask` 4 and "
+        "`feather` 6 soften the pasted edge.",
+        "With your own big photo, delete Upscale Image and connect Load Image to the Sampler's `image`."))
 
 
 def process_video(defs):
@@ -349,7 +470,13 @@ def process_video(defs):
     anim = g.add("SaveAnimatedWEBP", (1220, below(final)), {"filename_prefix": "blended/process", "fps": 8.0},
                  size=(360, 420))
     g.link(samp, 2, anim, "images")
-    return g.to_json("The process as an animation: the model's x0 prediction every 3 steps, saved as WEBP.")
+    return g.to_json(note(
+        "The process as an animation",
+        "`capture_every` 3 keeps the model's prediction of the finished image (x0) every 3 steps and at the "
+        "last, at the model's 256 px, on the Sampler's `frames` output; core **SaveAnimatedWEBP** saves them at "
+        "8 fps. *Save Image* keeps the final edit.",
+        "Lower `capture_every` for a smoother, longer animation. With more results, the frames of each result "
+        "follow one another in the same animation."))
 
 
 def edit_metrics(defs):
@@ -391,9 +518,16 @@ def edit_metrics(defs):
     g.link(judge, 0, soft, "clip")
     table2 = g.add("PreviewAny", (2300, edge_y), size=(520, 260))
     g.link(soft, 0, table2, "source")
-    return g.to_json("Measuring edits: Blended Edit Metrics scores the sampler's results (CLIP similarity of the "
-                     "edited region, background PSNR, seam, diversity) and the same results blended with a soft "
-                     "edge by core nodes, so the two tables can be compared.")
+    return g.to_json(note(
+        "Measuring edits",
+        "**Edit Metrics** scores the Sampler's 4 results against the photo and mask: CLIP similarity of the "
+        "edited region to the prompt (higher = better), background PSNR outside the mask (inf = untouched), the "
+        "seam gradient and seam colour across the mask's border (lower = better) and the batch's diversity. The "
+        "first table scores the Sampler's hard paste; the second, the same results blended into the photo with "
+        "a soft edge by core nodes (as in workflow 08): compare their seam columns.",
+        "The judge is its own **Load CLIP** node, here the same ViT-B/16 that guides. Guidance optimises its own "
+        "CLIP and can fool it: another CLIP (e.g. `ViT-L-14.safetensors`) is a fairer judge. Keep the metrics' "
+        "prompt the same as CLIP Guidance's."))
 
 
 def metrics_of(g: Graph, samp, img, clip, prompt, x, y, title):
@@ -419,8 +553,13 @@ def colour_match_at_paste(defs):
         y = node["pos"][1]
         save(g, node, 0, f"blended/colour_match_{name}", 1220, y)
         metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: colour_match {name}")
-    return g.to_json("Colour match at paste-back: the same seed with and without colour_match; compare the "
-                     "'seam colour' column of the two metrics tables.")
+    return g.to_json(note(
+        "Colour match at paste-back",
+        "Two Samplers with the same seed and settings, `colour_match` off (the original) and `rgb`: before the "
+        "paste, the edit's colours are shifted so the pixels just inside the mask's border get the photo's mean "
+        "and spread there, which removes a tinted outline. Compare the images, and the **seam colour** column "
+        "of the two Edit Metrics tables (lower = less tint).",
+        "`lab` matches in Lab colour instead."))
 
 
 def soft_mask_schedule(defs):
@@ -432,8 +571,13 @@ def soft_mask_schedule(defs):
     guide = guidance(g, clip, "a big rock")
     samp = sampler(g, unet, guide, (img, 0), (grey, 0), num_results=2, soft_mask=True)
     save(g, samp, 0, "blended/soft_mask", 1220, 0)
-    return g.to_json("Soft masks: with soft_mask on, a grey pixel of value m is edited only during the last m "
-                     "of the steps (Differential Diffusion), so the edit fades out over the blurred border.")
+    return g.to_json(note(
+        "Soft masks as a schedule (Differential Diffusion)",
+        "Core nodes give the mask a grey edge: **GrowMask** +10 px, then **Convert Mask to Image**, **Image "
+        "Blur** (radius 12, sigma 6) and **Convert Image to Mask**. With the Sampler's `soft_mask` on, a pixel "
+        "of grey value m is edited only during the last m of the steps, so the edit fades out over the blurred "
+        "border. Off, any value above 0 is edited for the whole run (the original).",
+        "A mask painted with soft or grey strokes works the same way."))
 
 
 def harmonising_resampling(defs):
@@ -448,26 +592,37 @@ def harmonising_resampling(defs):
         y = node["pos"][1]
         save(g, node, 0, f"blended/resampling_{name}", 1220, y)
         metrics_of(g, node, img, clip, "a big rock", 1620, y, f"Metrics: resampling {name}")
-    return g.to_json("Harmonising resampling (RePaint): every 5 steps are re-noised and denoised twice more, so "
-                     "the edit and the background agree at the border; compare the seam columns.")
+    return g.to_json(note(
+        "Harmonising resampling (RePaint)",
+        "Two Samplers with the same seed: resampling off (the original), and `resample_count` 2 with "
+        "`resample_jump_length` 5: after every 5 steps their noise is added back and they are denoised again, "
+        "twice more, so the edit and the background agree at the border. That run takes 3 times the steps. "
+        "Compare the images, and the seam columns of the two Edit Metrics tables (lower = smoother border)."))
+
+
 def weighted_prompts(defs):
     g = Graph(defs)
     unet, clip = models(g)
     img, msk = inputs(g)
     guide = guidance(g, clip, "a big rock:1.0 | moss:0.5 | blurry:-0.5\na big rock")
-    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4, batch_size=4)
+    samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
     save(g, samp, 0, "blended/weighted_prompts", 1220, 0)
-    return g.to_json("Weighted and negative prompts: parts split by '|', each with ':weight'; a negative weight "
-                     "pushes away. The second line is the plain prompt, with the same seeds, for comparison.")
+    return g.to_json(note(
+        "Weighted and negative prompts",
+        "In **CLIP Guidance**, line 1 `a big rock:1.0 | moss:0.5 | blurry:-0.5` is split into parts at `|`, "
+        "each with its `:weight`: moss pulls half as hard as the rock, and *blurry*, weighted negative, pushes "
+        "the edit away. Line 2 is the plain prompt. Result *i* of both lines starts from the same noise, so of "
+        "the 8 images, the first 4 (line 1) and the last 4 (line 2) differ only by the weighting.",
+        "Write `\\:` or `\\|` for a literal colon or bar."))
 
 
 def image_target(defs):
     g = Graph(defs)
     unet, clip = models(g)
     img, msk = inputs(g)
-    ref = g.add("LoadImage", (400, 380), {"image": IMG2}, title="Reference picture", size=(340, 340))
+    ref = g.add("LoadImage", (400, 380), {"image": IMG2}, title="Reference picture", size=IMAGE_LOADER_SIZE)
     ref_mask = g.add("LoadImageMask", (400, below(ref)), {"image": DOGS_MASK, "channel": "red"},
-                     title="Part of the reference that counts", size=(340, 340))
+                     title="Part of the reference that counts", size=IMAGE_LOADER_SIZE)
     guide = guidance(g, clip, "", image_target_weight=1.0)
     place_below(ref, guide)
     place_below(ref_mask, ref)
@@ -475,8 +630,13 @@ def image_target(defs):
     g.link(ref_mask, 0, guide, "image_target_mask")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
     save(g, samp, 0, "blended/image_target", 1220, 0)
-    return g.to_json("An image target: the masked part of a reference picture steers the edit instead of a "
-                     "prompt (combine both by writing a prompt too).")
+    return g.to_json(note(
+        "A picture as the target",
+        "CLIP Guidance's prompt is empty, so its only target is the CLIP image embedding of the masked part of "
+        "the **Reference picture**: the two dogs of `blended_example_img2.png`. The masked patch of road in the "
+        "leopard photo is steered toward them.",
+        "Write a prompt too to steer by both; `image_target_weight` weighs the picture like a prompt part "
+        "(negative = away from it). Disconnect the reference's mask to use the whole picture."))
 
 
 def clip_ensemble(defs):
@@ -496,8 +656,14 @@ def clip_ensemble(defs):
     g.link(clip2, 0, rank, "clip")
     g.link(samp, 1, rank, "mask")
     save(g, rank, 1, "blended/ensemble_best", 1600, 0)
-    return g.to_json("Several CLIPs at once: the second CLIP (weight 0.5, 4 views at its own input size) guides "
-                     "with the main one; CLIP Rank can use either.")
+    return g.to_json(note(
+        "Several CLIPs at once",
+        "A second CLIP, ViT-L/14, joins the main ViT-B/16: **CLIP List** (weight 0.5, 4 views of its own at its "
+        "own input size) feeds CLIP Guidance's `more_clips`, and the two losses add up. **CLIP Rank** ranks the "
+        "results with the second CLIP and *Save Image* keeps the best.",
+        "Chain more CLIP List nodes for more CLIPs; connect CLIP Rank's `clip` to either loader.",
+        models=MODELS + f" The second CLIP is the optional `{CLIP_LARGE.name}`, also in "
+                        f"`models/{CLIP_LARGE.directory}/` (the script skips it with `--required-only`)."))
 
 
 def guidance_schedule(defs):
@@ -511,8 +677,13 @@ def guidance_schedule(defs):
     g.link(sched, 0, guide, "schedule")
     samp = sampler(g, unet, guide, (img, 0), (msk, 0), num_results=4)
     save(g, samp, 0, "blended/schedule", 1220, 0)
-    return g.to_json("A guidance schedule: CLIP pulls hard early (1.5x) and gently late (0.2x), and each "
-                     "result's guidance gradient is capped (normalize guard).")
+    return g.to_json(note(
+        "A guidance schedule",
+        "**Guidance Schedule** multiplies CLIP Guidance's `clip_lambda` at each step: `linear` from 1.5x at the "
+        "first step to 0.2x at the last. `clip_lambda` is 2000 here (the original's is 1000), so CLIP pulls "
+        "with 3000 at the start and 400 at the end. `gradient_guard` normalize scales each result's guidance "
+        "gradient down to an RMS of at most `limit` (0.05), a guard against blow-ups at such weights.",
+        "Shape `constant` with the guard off (or no schedule node) is the original."))
 
 
 WORKFLOWS = {

@@ -64,11 +64,21 @@ def object_info(comfy_server):
     return harness.ComfyClient(comfy_server.base_url).object_info()
 
 
+VUE_NODES = "Comfy.VueNodes.Enabled"  # the user setting behind the frontend's "Nodes 2.0" (Vue-rendered nodes)
+NODES_2_0 = pytest.param(True, id="nodes_2_0")
+CANVAS_AND_NODES_2_0 = [pytest.param(False, id="litegraph"), NODES_2_0]
+
+
 @pytest.fixture
-def page(browser, comfy_server, comfy_client):
-    """A fresh page on the canvas with the first-run Templates dialog already out of the way."""
-    status, _ = comfy_client.post_json("/settings/Comfy.TutorialCompleted", True)
-    assert status == 200
+def page(request, browser, comfy_server, comfy_client):
+    """A fresh page on the canvas with the first-run Templates dialog already out of the way; with Nodes 2.0 on
+    where the test parametrizes it indirectly as True (the setting is written back to off after the page)."""
+    vue_nodes = getattr(request, "param", False)
+    for setting, value in (("Comfy.TutorialCompleted", True), (VUE_NODES, vue_nodes)):
+        status, _ = comfy_client.post_json(f"/settings/{setting}", value)
+        assert status == 200
+    if vue_nodes:
+        request.addfinalizer(lambda: comfy_client.post_json(f"/settings/{VUE_NODES}", False))
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
     errors: list[str] = []
@@ -77,7 +87,8 @@ def page(browser, comfy_server, comfy_client):
     page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
                            "Object.keys(window.LiteGraph.registered_node_types).length > 50", timeout=120_000)
     _close_dialogs(page)
-    page.page_errors = errors
+    assert page.evaluate(f"() => window.app.extensionManager.setting.get('{VUE_NODES}')") is vue_nodes
+    page.page_errors, page.vue_nodes = errors, vue_nodes
     yield page
     context.close()
 
@@ -100,6 +111,35 @@ def _load_graph(page, workflow: dict) -> list[str]:
 
 def _frontend_prompt(page) -> dict:
     return page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+
+# Under Nodes 2.0 each node of the graph is a DOM element; each widget's control is labelled with the widget's name,
+# and an output node shows its images as <img> elements fetched from /view.
+VUE_NODE_IDS = "() => [...document.querySelectorAll('[data-node-id]')].map(e => Number(e.dataset.nodeId))"
+VUE_WIDGET_VALUES = """(id) => Object.fromEntries([...document.querySelector(`[data-node-id="${id}"]`)
+  .querySelectorAll('input[aria-label], textarea[aria-label], [role="combobox"][aria-label]')].map(c =>
+  [c.getAttribute('aria-label'), c.type === 'checkbox' ? c.checked : c.matches('[role="combobox"]') ? c.innerText
+                                                                    : c.value]))"""
+VUE_IMAGE_SHOWN = """([id, file]) => [...document.querySelectorAll(`[data-node-id="${id}"] img`)]
+  .some(img => img.complete && img.naturalWidth > 0 && new URL(img.src).searchParams.get('filename') === file)"""
+
+
+def _shown_on_vue_widgets(page, node_id: int, values: dict) -> dict:
+    """The subset of `values` (name -> value) that a Nodes 2.0 node does not show on its widget of that name, as
+    {name: (value, shown)}: numbers as their numeric text, booleans as switches, strings as text or menu label."""
+    shown = page.evaluate(VUE_WIDGET_VALUES, node_id)
+
+    def same(value, text):
+        if isinstance(value, bool) or isinstance(text, bool):
+            return value is text
+        if isinstance(value, int | float):
+            try:
+                return float(text.replace(",", "")) == value
+            except (AttributeError, ValueError):
+                return False
+        return text == value
+
+    return {name: (value, shown.get(name)) for name, value in values.items() if not same(value, shown.get(name))}
 
 
 def _core_workflow() -> dict:
@@ -268,11 +308,46 @@ def test_shipped_workflow_loads_and_matches_our_conversion(path, page, object_in
     assert ours == frontend, json.dumps({"ours": ours, "frontend": frontend}, indent=1, default=str)[:6000]
 
 
+@pytest.mark.parametrize("page", [NODES_2_0], indirect=True)
+def test_shipped_workflows_under_nodes_2_0_show_every_node_with_its_values(page, object_info, screenshots):
+    """With the frontend's Nodes 2.0 on, each shipped workflow opens without a missing-node dialog or page error,
+    every node is drawn as a Vue node, the pack's nodes show their saved values on widgets of the same name, and
+    graphToPrompt() still gives what our conversion gives (as with the canvas renderer, above). A Sampler widget
+    hovered shows its declared tooltip, as core nodes' widgets do."""
+    for path in harness.workflow_files():
+        workflow = harness.load_workflow(path)
+        dialogs = _load_graph(page, workflow)
+        assert all(d.startswith("Missing Models") for d in dialogs), (path.name, dialogs)
+        _close_dialogs(page)
+        page.screenshot(path=str(screenshots / f"{path.stem}_nodes_2_0.png"))
+        assert sorted(page.evaluate(VUE_NODE_IDS)) == sorted(n["id"] for n in workflow["nodes"]), path.name
+        for node in workflow["nodes"]:
+            if node["type"].startswith("BlendedDiffusion_"):
+                saved = workflow_format.widget_values_by_name(node, object_info[node["type"]])
+                assert saved and _shown_on_vue_widgets(page, node["id"], saved) == {}, (path.name, node["type"])
+        frontend = _comparable(_frontend_prompt(page), object_info)
+        ours = _comparable(workflow_format.ui_to_api(workflow, object_info), object_info)
+        assert ours == frontend, (path.name, json.dumps({"ours": ours, "frontend": frontend}, default=str)[:6000])
+    sampler = next(n["id"] for n in workflow["nodes"] if n["type"] == harness.SAMPLER)
+    page.evaluate("(id) => window.app.canvas.centerOnNode(window.app.graph.getNodeById(id))", sampler)
+    page.locator(f'[data-node-id="{sampler}"] [aria-label="skip_timesteps"]').hover()
+    page.wait_for_selector(".p-tooltip", timeout=10_000)
+    tooltip = object_info[harness.SAMPLER]["input"]["required"]["skip_timesteps"][1]["tooltip"]
+    assert page.evaluate("() => [...document.querySelectorAll('.p-tooltip')].map(t => t.innerText)") == [tooltip]
+    page.screenshot(path=str(screenshots / "sampler_tooltip_nodes_2_0.png"))
+    assert page.page_errors == []
+
+
 # Every node's box on the canvas as the frontend has laid it out after loading: its body (pos, size, which
 # the frontend grows to fit the node's widgets) and its title bar above pos. Groups are not nodes.
 NODE_BOXES = """() => { const title = window.LiteGraph.NODE_TITLE_HEIGHT;
   return window.app.graph._nodes.map(n => ({id: n.id, title: n.title,
     box: [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title]})); }"""
+# Under Nodes 2.0 a node is a DOM element that sizes itself to its content: its box on the screen.
+VUE_NODE_BOXES = """() => [...document.querySelectorAll('[data-node-id]')].map(e => {
+  const r = e.getBoundingClientRect();
+  return {id: Number(e.dataset.nodeId), title: e.querySelector('[data-testid="node-title"]')?.innerText ?? '',
+          box: [r.x, r.y, r.width, r.height]}; })"""
 
 
 def _overlaps(nodes: list[dict]) -> list[str]:
@@ -286,13 +361,17 @@ def _overlaps(nodes: list[dict]) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("page", CANVAS_AND_NODES_2_0, indirect=True)
 def test_shipped_workflows_open_with_no_node_covering_another(page):
-    """After the frontend has grown each node to fit its widgets, no node (title bar included) covers part of
-    another, so every widget of every shipped workflow can be seen and reached."""
+    """After the frontend has grown each node to fit its widgets (under Nodes 2.0: to fit its content, with the
+    layout spread out by the frontend), no node (title bar included) covers part of another, so every widget of
+    every shipped workflow can be seen and reached."""
     overlaps = {}
     for path in harness.workflow_files():
         _load_graph(page, harness.load_workflow(path))
-        found = _overlaps(page.evaluate(NODE_BOXES))
+        if page.vue_nodes:
+            time.sleep(1)  # the image previews load and the nodes grow around them
+        found = _overlaps(page.evaluate(VUE_NODE_BOXES if page.vue_nodes else NODE_BOXES))
         if found:
             overlaps[path.name] = found
     assert page.page_errors == []
@@ -300,6 +379,7 @@ def test_shipped_workflows_open_with_no_node_covering_another(page):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("page", CANVAS_AND_NODES_2_0, indirect=True)
 def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_client, object_info, screenshots):
     candidates = [p for p in harness.workflow_files()
                   if harness.SAMPLER in workflow_format.node_types_used(harness.load_workflow(p))]
@@ -309,11 +389,17 @@ def test_a_shipped_workflow_queued_from_the_page_produces_images(page, comfy_cli
     prompt = workflow_format.ui_to_api(workflow, object_info)
     outputs = [nid for nid, e in prompt.items() if object_info[e["class_type"]].get("output_node")]
     entry = _queue_and_wait_for_image(page, comfy_client, outputs)
-    page.screenshot(path=str(screenshots / f"{candidates[0].stem}_done.png"))
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
     assert images
     for image in images:
         assert comfy_client.view(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = {int(node_id): output["images"][0]["filename"] for node_id, output in entry["outputs"].items()
+             if output.get("images")}
+    for node_id, filename in shown.items() if page.vue_nodes else ():  # each Vue node shows its first image
+        page.wait_for_function(VUE_IMAGE_SHOWN, arg=[node_id, filename], timeout=30_000)
+    page.evaluate("(id) => window.app.canvas.centerOnNode(window.app.graph.getNodeById(id))", min(shown))
+    time.sleep(0.5)
+    page.screenshot(path=str(screenshots / f"{candidates[0].stem}_done{'_nodes_2_0' * page.vue_nodes}.png"))
 
 
 # Widget names of the layouts that web/blended_diffusion.js upgrades, in their saved order (written out here,
@@ -343,11 +429,12 @@ OLD_LAYOUT_WORKFLOWS = {
 }
 
 
+@pytest.mark.parametrize("page", CANVAS_AND_NODES_2_0, indirect=True)
 @pytest.mark.parametrize("fixture", OLD_LAYOUT_WORKFLOWS)
 def test_a_workflow_saved_with_an_earlier_widget_layout_opens_with_its_values(fixture, page, object_info):
     """Widgets left the Sampler and the loader, others were added in the middle: an old workflow still gets
     every remaining value on the widget of the same name (not shifted by position), widgets added since get
-    their defaults, and the frontend queues what it saved."""
+    their defaults, and the frontend queues what it saved; under Nodes 2.0 the node's widgets show them too."""
     layouts = OLD_LAYOUT_WORKFLOWS[fixture]
     workflow = json.loads((harness.FIXTURES / fixture).read_text())
     saved = {n["id"]: n for n in workflow["nodes"] if n["type"] in layouts}
@@ -366,6 +453,8 @@ def test_a_workflow_saved_with_an_earlier_widget_layout_opens_with_its_values(fi
                 expected[name] = spec[1]["default"] if "default" in spec[1] else spec[0][0]
         got = {k: v for k, v in prompt[str(node_id)]["inputs"].items() if not isinstance(v, list)}
         assert got == expected, (node["type"], got, expected)
+        if page.vue_nodes:
+            assert _shown_on_vue_widgets(page, node_id, expected) == {}, node["type"]
 
 
 def _widget_value(page, node_id: int, name: str):
@@ -388,6 +477,7 @@ def test_a_clip_rank_saved_with_the_normalized_switch_shows_the_mode_it_runs(sav
 TOAST_TEXTS = "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)"
 
 
+@pytest.mark.parametrize("page", CANVAS_AND_NODES_2_0, indirect=True)
 def test_settings_dropped_from_an_earlier_layout_are_named_with_what_to_use_instead(page):
     """Values of widgets that moved to the Speed node are reported in the console and in a toast, each with
     its setting on the Speed node (the loader's float16 UNet was the Speed node's "fp16 torso")."""
@@ -410,6 +500,7 @@ def test_settings_dropped_from_an_earlier_layout_are_named_with_what_to_use_inst
     assert page.page_errors == []
 
 
+@pytest.mark.parametrize("page", CANVAS_AND_NODES_2_0, indirect=True)
 def test_an_earlier_layout_inside_a_subgraph_opens_with_its_values_and_names_its_subgraph(page, object_info):
     """The same migration for pack nodes inside a subgraph definition (saved by "Convert to Subgraph"): the values
     land on the widgets of the same name, and a dropped setting's notice says which subgraph its node id is in
