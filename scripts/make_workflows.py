@@ -405,13 +405,13 @@ def sequential_edits(defs):
     comp = g.add("MaskComposite", (400, below(box)), {"x": 180, "y": 20, "operation": "add"}, size=(300, 160))
     g.link(mask2, 0, comp, "destination")
     g.link(box, 0, comp, "source")
-    second = guidance(g, clip, "a hot air balloon", x=1220, y=0)
-    s2 = sampler(g, unet, second, (s1, 0), (comp, 0), x=1640, y=0, title="Edit 2: balloon", num_results=1)
+    second = guidance(g, clip, "a bush with yellow flowers", x=1220, y=0)
+    s2 = sampler(g, unet, second, (s1, 0), (comp, 0), x=1640, y=0, title="Edit 2: flowering bush", num_results=1)
     save(g, s2, 0, "blended/sequential", 2040, 0)
     return g.to_json(note(
         "Several edits in sequence",
-        "**Edit 1** puts a rock in the loaded mask; its result is the input of **Edit 2**, which puts a hot air "
-        "balloon in a second region: a 60x60 box at x 180, y 20, made by core **SolidMask** and "
+        "**Edit 1** puts a rock in the loaded mask; its result is the input of **Edit 2**, which turns the "
+        "roadside grass in a second region into a flowering bush: a 60x60 box at x 180, y 20, made by core **SolidMask** and "
         "**MaskComposite** nodes (the first SolidMask is the photo's size). Each edit keeps every pixel outside "
         "its own mask, so the rock is still there after edit 2.",
         "Each edit has its own **CLIP Guidance** (prompt) and mask; both share the models. Add more edits the "
