@@ -7,6 +7,7 @@ sees them, progress messages, interruption, and memory growth over many prompts.
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -72,6 +73,17 @@ def test_every_input_has_a_tooltip_and_every_node_a_description(object_info):
                 if not str(options.get("tooltip") or "").strip():
                     problems.append(f"{name}.{input_name}: no tooltip")
     assert not problems, "\n".join(problems)
+
+
+def test_shipped_workflows_are_offered_as_the_packs_templates(comfy_client):
+    """ComfyUI lists a pack's `workflows/` folder in its template browser (under the pack's folder name) and serves
+    each file from it: every shipped workflow is listed and comes back as it is in the repository."""
+    shipped = {path.stem: path for path in harness.workflow_files()}
+    listed = comfy_client.get_json("/workflow_templates")
+    assert sorted(listed.get(harness.PACK_DIR_NAME, [])) == sorted(shipped), listed
+    for name, path in shipped.items():
+        status, _, body = comfy_client.get_bytes(f"/api/workflow_templates/{harness.PACK_DIR_NAME}/{name}.json")
+        assert status == 200 and json.loads(body) == json.loads(path.read_text()), name
 
 
 def test_model_folders_list_the_tiny_models(object_info):
