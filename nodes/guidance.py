@@ -217,8 +217,8 @@ class GuidanceSchedule:
                           "first step to the second at the last, e.g. '1.0, 0.2' ramps down to a fifth. values: "
                           "any list placed evenly over the steps and interpolated, e.g. '0.5, 1.5, 1.0'."}),
                 "values": ("STRING", {"default": "1.0, 0.2", "tooltip":
-                           "Multipliers of clip_lambda (>= 0), separated by commas, decimals with a point "
-                           "(ignored when constant)."}),
+                           "Multipliers of clip_lambda (>= 0), separated by commas, spaces or semicolons, decimals "
+                           "with a point (ignored when constant)."}),
                 "gradient_guard": (list(guidance_schedule.GUARDS), {"default": "off", "tooltip":
                                    "off: the original. clamp: every element of the guidance gradient is clamped "
                                    "to +-limit. normalize: each result's gradient is scaled down so its RMS is "

@@ -143,7 +143,8 @@ def for_clip(options: FastPathOptions, clip) -> FastPathOptions:
 class BlendedDiffusionSpeed:
     DESCRIPTION = ("Speed and memory options of the Blended Diffusion Sampler, for its runs only: the loaded "
                    "models stay as loaded for every other node and run. This node's defaults reproduce the "
-                   f"original code (on a GPU, its fp16 numerics). Without this node the Sampler runs {DEFAULT_SPEED}.")
+                   "original code (on a GPU, its half-precision 'torso': fp16, or bf16 where ComfyUI uses bf16). "
+                   f"Without this node the Sampler runs {DEFAULT_SPEED}.")
     CATEGORY = "BlendedDiffusion"
     RETURN_TYPES = ("FAST_PATH_OPTIONS",)
     RETURN_NAMES = ("speed",)

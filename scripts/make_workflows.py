@@ -411,9 +411,9 @@ def sequential_edits(defs):
     return g.to_json(note(
         "Several edits in sequence",
         "**Edit 1** puts a rock in the loaded mask; its result is the input of **Edit 2**, which turns the "
-        "roadside grass in a second region into a flowering bush: a 60x60 box at x 180, y 20, made by core **SolidMask** and "
-        "**MaskComposite** nodes (the first SolidMask is the photo's size). Each edit keeps every pixel outside "
-        "its own mask, so the rock is still there after edit 2.",
+        "roadside grass in a second region into a flowering bush: a 60x60 box at x 180, y 20, made by core "
+        "**SolidMask** and **MaskComposite** nodes (the first SolidMask is the photo's size). Each edit keeps every "
+        "pixel outside its own mask, so the rock is still there after edit 2.",
         "Each edit has its own **CLIP Guidance** (prompt) and mask; both share the models. Add more edits the "
         "same way."))
 
