@@ -23,7 +23,6 @@ import json
 import logging
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -476,17 +475,13 @@ def load_workflows(folder: Path = WORKFLOW_DIR) -> dict[str, dict]:
 
 
 def main() -> int:
-    # The test harness boots ComfyUI in this process; imported here so the freshness test, which loads this
-    # file for `build_all`, does not import it a second time under another name.
-    from tests.harness import InProcessComfy, build_workspace, find_comfyui
+    # Imported here, as in make_workflows.py: the freshness test loads this file for `build_all` and must not
+    # import the harness a second time under another name.
+    from tests.harness import throwaway_comfy
 
     logging.basicConfig(level=logging.WARNING)
-    comfy = find_comfyui()
-    if comfy is None:
-        logging.error("no ComfyUI found: run scripts/setup_env.sh first")
-        return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        infos = node_infos(InProcessComfy(comfy, build_workspace(Path(tmp), comfy)))
+    with throwaway_comfy() as comfy:
+        infos = node_infos(comfy)
     pages = build_all(infos, load_workflows())
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for stale in OUT_DIR.glob("*.md"):  # a page of a node that is gone

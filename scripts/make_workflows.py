@@ -16,7 +16,6 @@ import logging
 import math
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from blended.model_files import model_file
@@ -715,15 +714,11 @@ def build_all(defs: dict) -> dict[str, dict]:
 def main() -> int:
     # The test harness boots ComfyUI in this process; imported here so the freshness test, which loads this
     # file for `build_all`, does not import it a second time under another name.
-    from tests.harness import InProcessComfy, build_workspace, find_comfyui
+    from tests.harness import throwaway_comfy
 
     logging.basicConfig(level=logging.WARNING)
-    comfy = find_comfyui()
-    if comfy is None:
-        logging.error("no ComfyUI found: run scripts/setup_env.sh first")
-        return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        defs = InProcessComfy(comfy, build_workspace(Path(tmp), comfy)).node_defs()
+    with throwaway_comfy() as comfy:
+        defs = comfy.node_defs()
     OUT_DIR.mkdir(exist_ok=True)
     for name, workflow in build_all(defs).items():
         (OUT_DIR / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n", encoding="utf-8")

@@ -15,7 +15,7 @@ imported by the pack; ComfyUI's directory goes on `sys.path` only when a test ne
 
 from .client import ComfyClient
 from .errors import HarnessError, PromptExecutionError, custom_node_import_failures, tail
-from .inprocess import InProcessComfy, InProcessResult
+from .inprocess import InProcessComfy, InProcessResult, throwaway_comfy
 from .locate import ARTIFACTS, FIXTURES, PACK_DIR_NAME, REPO_ROOT, find_comfyui
 from .prompts import (
                       SAMPLER,
@@ -33,4 +33,4 @@ __all__ = ["ARTIFACTS", "CLIP_TINY_NAME", "FIXTURES", "GD_TINY_NAME", "PACK_DIR_
            "TINY_MODELS", "ComfyClient", "ComfyServer", "ComfyWorkspace", "HarnessError", "InProcessComfy",
            "InProcessResult", "PromptExecutionError", "build_workspace", "custom_node_import_failures",
            "find_comfyui", "graph_builder", "load_workflow", "shrink_prompt", "shrink_ui_workflow", "start_server",
-           "tail", "tiny_edit_prompt", "workflow_files"]
+           "tail", "throwaway_comfy", "tiny_edit_prompt", "workflow_files"]

@@ -8,21 +8,23 @@ more cache settings, make the output cache asynchronous and have an assets syste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import inspect
 import logging
 import re
 import sys
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from workflow_format import node_info_v1
 
-from .errors import PromptExecutionError, custom_node_import_failures, shorten
-from .locate import REPO_ROOT, use_comfyui
-from .workspace import ComfyWorkspace
+from .errors import HarnessError, PromptExecutionError, custom_node_import_failures, shorten
+from .locate import REPO_ROOT, find_comfyui, use_comfyui
+from .workspace import ComfyWorkspace, build_workspace
 
 # The executor's cache settings: classic caching reads none, but executors read some at every prompt
 # whatever the cache type ("ram" since 0.3.x, "ram_inactive" in newer ones). Any other key the installed
@@ -188,3 +190,14 @@ class InProcessComfy:
             if entry is not None:
                 tensors[node_id] = entry.outputs if hasattr(entry, "outputs") else entry
         return InProcessResult(prompt_id, self.executor.history_result.get("outputs", {}), tensors, messages)
+
+
+@contextlib.contextmanager
+def throwaway_comfy() -> Iterator[InProcessComfy]:
+    """ComfyUI booted in this process on a workspace deleted afterwards, for the scripts that generate files from
+    the live node definitions."""
+    comfy = find_comfyui()
+    if comfy is None:
+        raise HarnessError("no ComfyUI found: run scripts/setup_env.sh first, or set COMFYUI_PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        yield InProcessComfy(comfy, build_workspace(Path(tmp), comfy))
