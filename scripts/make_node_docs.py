@@ -8,7 +8,7 @@ say: how the node is wired to the others, the original's defaults and when to ch
 workflows that show it.
 
 Each page is the node's display name and DESCRIPTION, the hand-written part below (PAGES), the shipped workflows
-that show the node, and tables of its inputs and outputs read from the live definitions (INPUT_TYPES with their
+that show the node, and lists of its inputs and outputs read from the live definitions (INPUT_TYPES with their
 optional inputs, RETURN_NAMES, RETURN_TYPES, OUTPUT_TOOLTIPS), so that they never drift. Run after changing a
 node's inputs, outputs, tooltips or description, or the workflows:
 
@@ -311,19 +311,18 @@ PAGES = {
     ),
 }
 
-# Markdown's markup characters, escaped so that a tooltip or description shows as the plain text it is (a `|`
-# would also end a table cell).
+# Markdown's markup characters, escaped so that a tooltip or description shows as the plain text it is.
 MARKUP = re.compile(r"([\\`*_\[\]<>|~])")
 
 
 def plain(text: str) -> str:
-    """Plain text as Markdown that shows it unchanged, on one line (a table row is one line)."""
+    """Plain text as Markdown that shows it unchanged, on one line (a list item's line)."""
     return MARKUP.sub(r"\\\1", " ".join(str(text).splitlines()))
 
 
 def code(text) -> str:
-    """A value as inline code; `|` escaped, as a table cell needs even inside code."""
-    text = str(text).replace("|", "\\|")
+    """A value as inline code."""
+    text = str(text)
     fence = "``" if "`" in text else "`"
     return f"{fence}{text}{fence}"
 
@@ -356,29 +355,34 @@ def default_text(node_type: str, name: str, spec) -> str:
     return f"{text}." if text else ""
 
 
-def inputs_table(node_type: str, info: dict, section: str) -> list[str]:
-    """Three columns, as the frontend's own fallback has (a fourth would not fit the help panel): the default goes
-    on its own line in the last cell, under the tooltip."""
+# The help panel is narrow (about a fifth of the window): a table of inputs would need scrolling sideways to reach
+# its tooltips, so each input or output is a list item that wraps, its lines apart: name and type, tooltip, default.
+ITEM_LINES = "<br>"
+
+
+def inputs_list(node_type: str, info: dict, section: str) -> list[str]:
     specs = info["input"].get(section, {})
     order = (info.get("input_order") or {}).get(section) or list(specs)
-    rows = ["| input | type | what it does |", "|---|---|---|"]
+    items = []
     for name in order:
         spec = specs[name]
         type_ = "COMBO" if isinstance(spec[0], (list, tuple)) else spec[0]
-        parts = [plain(input_options(spec).get("tooltip", "")), default_text(node_type, name, spec)]
-        rows.append(f"| {code(name)} | {plain(type_)} | {'<br>'.join(part for part in parts if part)} |")
-    return rows
+        lines = [f"{code(name)} · {plain(type_)}", plain(input_options(spec).get("tooltip", "")),
+                 default_text(node_type, name, spec)]
+        items.append(f"- {ITEM_LINES.join(line for line in lines if line)}")
+    return items
 
 
-def outputs_table(info: dict) -> list[str]:
+def outputs_list(info: dict) -> list[str]:
     types = list(info["output"])
     names = list(info.get("output_name") or types)
     tooltips = list(info.get("output_tooltips") or [""] * len(types))
     is_list = list(info.get("output_is_list") or [False] * len(types))
-    rows = ["| output | type | what it is |", "|---|---|---|"]
+    items = []
     for name, type_, tooltip, listed in zip(names, types, tooltips, is_list, strict=True):
-        rows.append(f"| {code(name)} | {plain(type_)}{' list' if listed else ''} | {plain(tooltip)} |")
-    return rows
+        lines = [f"{code(name)} · {plain(type_)}{' list' if listed else ''}", plain(tooltip)]
+        items.append(f"- {ITEM_LINES.join(line for line in lines if line)}")
+    return items
 
 
 def workflow_title(workflow: dict) -> str:
@@ -425,10 +429,10 @@ def render(node_type: str, info: dict, page: Page, workflows: dict[str, dict]) -
         lines += [paragraph, ""]
     lines += ["## Tips", ""] + [f"- {tip}" for tip in page.tips] + [""]
     lines += workflows_section(node_type, page, workflows) + [""]
-    lines += ["## Inputs", ""] + inputs_table(node_type, info, "required") + [""]
+    lines += ["## Inputs", ""] + inputs_list(node_type, info, "required") + [""]
     if info["input"].get("optional"):
-        lines += ["## Optional inputs", ""] + inputs_table(node_type, info, "optional") + [""]
-    lines += ["## Outputs", ""] + outputs_table(info)
+        lines += ["## Optional inputs", ""] + inputs_list(node_type, info, "optional") + [""]
+    lines += ["## Outputs", ""] + outputs_list(info)
     return "\n".join(lines) + "\n"
 
 

@@ -528,30 +528,38 @@ def test_an_earlier_layout_inside_a_subgraph_opens_with_its_values_and_names_its
             assert got[name] == value, name
 
 
-def test_the_node_librarys_help_button_shows_the_samplers_help_page(page, object_info, screenshots):
-    """In the node library, the Sampler's "?" button opens the help panel with the pack's page (web/docs/), not
-    the frontend's fallback: its hand-written text, and each input's tooltip in the inputs table as declared (the
-    Markdown's escapes undone), with its default on the line under it."""
+# The help panel's input items, by name: [name · type, tooltip, default] as the panel shows their lines.
+HELP_INPUTS = """() => [...document.querySelectorAll('.node-help-content h2')]
+  .filter(h => ['Inputs', 'Optional inputs'].includes(h.innerText.trim()))
+  .flatMap(h => [...h.nextElementSibling.querySelectorAll('li')].map(li => li.innerText.trim().split('\\n')))"""
+
+
+@pytest.mark.parametrize("node_type, hand_written", [
+    (harness.SAMPLER, "100 respaced steps with the first 25 skipped (75 run)"),
+    ("BlendedDiffusion_CLIPGuidance", "With none of the optional inputs connected the loss is exactly the original's"),
+])
+def test_the_node_librarys_help_button_shows_the_nodes_help_page(node_type, hand_written, page, object_info,
+                                                                   screenshots):
+    """In the node library, a node's "?" button opens the help panel with the pack's page (web/docs/), not the
+    frontend's fallback: its hand-written text, and each input's tooltip as declared (the Markdown's escapes undone:
+    CLIP Guidance's prompt tooltip has bars, colons and backslashes), with its default on the line under it."""
+    display_name = object_info[node_type]["display_name"]
     page.locator(".node-library-tab-button").click()
-    page.locator(".node-lib-search-box input").fill("Blended Diffusion: Sampler")
-    leaf = page.locator(".p-tree-node-content", has_text="Blended Diffusion: Sampler").first
+    page.locator(".node-lib-search-box input").fill(display_name)
+    leaf = page.locator(".p-tree-node-content", has_text=display_name).first
     leaf.hover()
     leaf.locator(".help-button").click()
     page.wait_for_function("(text) => document.querySelector('.node-help-content')?.innerText.includes(text)",
-                           arg="100 respaced steps with the first 25 skipped (75 run)", timeout=30_000)
-    page.screenshot(path=str(screenshots / "sampler_help_page.png"))
-    page.locator(".node-help-content table").first.scroll_into_view_if_needed()
-    page.screenshot(path=str(screenshots / "sampler_help_page_inputs.png"))
+                           arg=hand_written, timeout=30_000)
     assert page.locator(".node-help-content .fallback-content").count() == 0
-    rows = page.evaluate("""() => [...document.querySelectorAll('.node-help-content table')]
-      .filter(table => table.querySelector('th')?.innerText.trim() === 'input')
-      .flatMap(table => [...table.querySelectorAll('tbody tr')])
-      .map(tr => [...tr.querySelectorAll('td')].map(td => td.innerText.trim()))""")
-    shown = {row[0]: row[-1].split("\n") for row in rows}
-    declared = object_info[harness.SAMPLER]["input"]
+    page.locator(".node-help-content h2", has_text="Inputs").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(screenshots / f"{node_type}_help_page_inputs.png"))
+    shown = {lines[0].split(" · ")[0]: lines[1:] for lines in page.evaluate(HELP_INPUTS)}
+    declared = object_info[node_type]["input"]
     tooltips = {name: spec[1]["tooltip"] for section in ("required", "optional")
                 for name, spec in declared.get(section, {}).items()}
-    assert {name: shown.get(name, [None])[0] for name, tip in tooltips.items()
-            if shown.get(name, [None])[0] != tip} == {}
-    assert shown["seed"][1] == f"Default: {declared['required']['seed'][1]['default']} (0 to {2**64 - 1})."
+    assert sorted(shown) == sorted(tooltips)
+    assert {name: shown[name][0] for name, tip in tooltips.items() if shown[name][0] != tip} == {}
+    if node_type == harness.SAMPLER:
+        assert shown["seed"][1] == f"Default: {declared['required']['seed'][1]['default']} (0 to {2**64 - 1})."
     assert page.page_errors == []
