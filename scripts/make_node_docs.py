@@ -66,7 +66,7 @@ PAGES = {
             "`config.json` (the original's `create_model_and_diffusion` arguments) beside the file; the widgets "
             "win over the file.",
             "A `config.json` also sets the noise schedule (`noise_schedule`, `diffusion_steps`); without one it "
-            "is linear over 1000 steps, as in OpenAI's releases.",
+            "is linear over 1000 steps, as in OpenAI's releases (cosine for the recognised 64x64 release).",
             "The class-conditional `256x256_diffusion.pt` and `512x512_diffusion.pt` (optional downloads) load "
             "too; the Sampler then draws a random class for every result at every step, as the original does.",
             "A file missing from the folder is refused when you queue, with the folder it belongs in. After "
@@ -180,8 +180,8 @@ PAGES = {
         ),
         tips=(
             "`linear` takes exactly two values (first step, last step); `values` takes any number, spread evenly "
-            "over the steps and interpolated between. Values are 0 or more, separated by commas; a bad entry is "
-            "refused when you queue.",
+            "over the steps and interpolated between. Values are 0 or more, separated by commas, spaces or "
+            "semicolons; a bad entry is refused when you queue.",
             "A common ramp is strong early, to set the layout, and weak late, to spare the details (`linear` "
             "`1.0, 0.2`); the reverse is possible too.",
             "`gradient_guard` `normalize` scales each result's guidance gradient down to an RMS of at most "
@@ -202,8 +202,8 @@ PAGES = {
             "with `mask` feed **Edit Metrics** and core compositing nodes; `frames` feeds core SaveAnimatedWEBP.",
             "**Defaults** are the original code's: 100 respaced steps with the first 25 skipped (75 run), DDPM, "
             "`blended` mode, the background enforced, seed 404. Two differ: `num_results` is 4 (the original "
-            "makes 32 and ranks them), and without a Speed node the Sampler runs the fastest setting for the "
-            "device rather than the original's numerics.",
+            "makes 32 and ranks them), and without a Speed node the Sampler runs a faster setting on a GPU "
+            "rather than the original's numerics (on a CPU, the original's).",
         ),
         tips=(
             "`skip_timesteps` trades change for faithfulness: more skipped steps start from a less noisy copy of "
@@ -214,7 +214,7 @@ PAGES = {
             "For the paper's ranked results set `num_results` to 32 (or the 64 its authors recommend) and chain "
             "CLIP Rank. Result *i* depends only on the seed, *i* and the image's place in the batch, so asking "
             "for more results keeps the first ones.",
-            "Out of memory: lower `batch_size`, or leave it at 0 (auto), which fits it to the free memory and "
+            "Out of memory: lower `batch_size`, or set it to 0 (auto), which fits it to the free memory and "
             "starts again smaller if needed. The results do not depend on it.",
             "Big or non-square photos: `region` `mask_crop` edits a square around the mask at the model's "
             "resolution and pastes it back at full size, instead of squashing the whole picture into the "
@@ -242,10 +242,10 @@ PAGES = {
             "**In a graph.** Optional: connect `speed` to the **Sampler**'s `speed` input. Its options apply to "
             "that Sampler's runs only, on copies of the loaded models; the loaders' models stay as loaded for "
             "every other node and run.",
-            "**Defaults.** Without a Speed node the Sampler already runs the fastest setting for the device (see "
-            "above). A connected Speed node means exactly what it shows: left at its defaults it reproduces the "
-            "original code's numerics (two UNet forwards per step; on a GPU the original's half-precision "
-            "scheme), which is slower.",
+            "**Defaults.** Without a Speed node the Sampler already runs a faster setting on a GPU (see above); "
+            "on a CPU, the original's. A connected Speed node means exactly what it shows: left at its defaults "
+            "it reproduces the original code's numerics (two UNet forwards per step; on a GPU the original's "
+            "half-precision scheme), which is slower.",
         ),
         tips=(
             "To reproduce the original's numbers, connect a Speed node at its defaults.",

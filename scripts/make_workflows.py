@@ -56,10 +56,10 @@ SAMPLER_SIZE = (360, 690)
 # in a small font (about 85 characters to a 400-wide line, 11 high): the height counts fewer, taller lines, so that
 # the text fits in other fonts too.
 NOTE_WIDTH, NOTE_GAP = 400, 40
+NOTE_CHARS_PER_LINE, NOTE_LINE_HEIGHT, NOTE_PADDING = 70, 12, 60
 # Names of widgets and files are written as code in the notes' source but shown in italics: under Nodes 2.0 the
 # frontend draws inline code blue on blue, unreadable on any note colour.
 INLINE_CODE = re.compile(r"`([^`]+)`")
-NOTE_CHARS_PER_LINE, NOTE_LINE_HEIGHT, NOTE_PADDING = 70, 12, 60
 # The view a workflow opens with (extra.ds, which the frontend restores): at this scale, with the note's title
 # clear of the menu bar and the sidebar, so the note and the graph's first columns are in sight.
 VIEW_SCALE = 0.8
