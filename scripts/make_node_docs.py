@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from workflow_format import input_options, is_widget
+from workflow_format import input_options, is_widget, node_info_v1
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "web" / "docs"
@@ -445,26 +445,16 @@ def build_all(infos: dict[str, dict], workflows: dict[str, dict]) -> dict[str, s
 
 
 def node_info(name: str, node_class: type, display_name: str) -> dict:
-    """The `/object_info` entry ComfyUI's server builds for a node (its parts the pages read), as JSON gives it."""
-    if hasattr(node_class, "GET_NODE_INFO_V1"):  # V3 io.ComfyNode
-        info = node_class.GET_NODE_INFO_V1()
-    else:
-        input_types = node_class.INPUT_TYPES()
-        info = {
-            "input": input_types,
-            "input_order": {section: list(specs) for section, specs in input_types.items()},
-            "output": node_class.RETURN_TYPES,
-            "output_is_list": getattr(node_class, "OUTPUT_IS_LIST", [False] * len(node_class.RETURN_TYPES)),
-            "output_name": getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES),
-            "name": name,
-            "display_name": display_name,
-            "description": getattr(node_class, "DESCRIPTION", ""),
-            "python_module": getattr(node_class, "RELATIVE_PYTHON_MODULE", "nodes"),
-            "category": getattr(node_class, "CATEGORY", "sd"),
-        }
+    """The `/object_info` entry ComfyUI's server builds for a node (its parts the pages read), as JSON gives it:
+    workflow_format's entry with the outputs' names, list flags and tooltips and the node's module added."""
+    info = node_info_v1(node_class)
+    if not hasattr(node_class, "GET_NODE_INFO_V1"):  # a V3 node's entry has them already
+        info |= {"output_is_list": getattr(node_class, "OUTPUT_IS_LIST", [False] * len(node_class.RETURN_TYPES)),
+                 "output_name": getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES),
+                 "python_module": getattr(node_class, "RELATIVE_PYTHON_MODULE", "nodes")}
         if hasattr(node_class, "OUTPUT_TOOLTIPS"):
             info["output_tooltips"] = node_class.OUTPUT_TOOLTIPS
-    return json.loads(json.dumps(info))
+    return json.loads(json.dumps({**info, "name": name, "display_name": display_name}))
 
 
 def node_infos(comfy) -> dict[str, dict]:
