@@ -65,47 +65,48 @@ def _clamp_if_needed(tensor: torch.Tensor, low: float, high: float) -> torch.Ten
     return tensor
 
 
-def _refuse_empty_image(image: torch.Tensor) -> None:
+def _refuse_empty_image(image: torch.Tensor, what: str = "image") -> None:
     if any(size == 0 for size in image.shape):
         raise BlendedInputError(
-            f"the image has an empty dimension (shape {tuple(image.shape)}); feed at least one 1x1 image"
+            f"the {what} has an empty dimension (shape {tuple(image.shape)}); feed at least one 1x1 image"
         )
 
 
-def to_rgb_nchw(image_bhwc: torch.Tensor) -> torch.Tensor:
+def to_rgb_nchw(image_bhwc: torch.Tensor, what: str = "image") -> torch.Tensor:
     """Turn a ComfyUI IMAGE ``[B,H,W,C]`` (or one ``[H,W,C]`` image) into ``[B,3,H,W]`` float32 in 0..1.
 
     Grayscale is repeated to three channels and an alpha channel is dropped, because the diffusion model and
     CLIP only understand RGB. The result may share memory with the input; callers must not write into it.
-    Out-of-range values (from upstream bicubic resizes, say) are clamped rather than rejected.
+    Out-of-range values (from upstream bicubic resizes, say) are clamped rather than rejected. ``what`` names the
+    input in the errors (a node with two IMAGE inputs says which one is wrong).
     """
     if not isinstance(image_bhwc, torch.Tensor):
         raise BlendedInputError(
-            f"the image must be a tensor, got {type(image_bhwc).__name__}; connect an IMAGE output to this input"
+            f"the {what} must be a tensor, got {type(image_bhwc).__name__}; connect an IMAGE output to this input"
         )
     if image_bhwc.dim() == 3:
         image_bhwc = image_bhwc.unsqueeze(0)
     if image_bhwc.dim() != 4:
         raise BlendedInputError(
-            f"the image has shape {tuple(image_bhwc.shape)}, expected [batch, height, width, channels]; "
+            f"the {what} has shape {tuple(image_bhwc.shape)}, expected [batch, height, width, channels]; "
             "connect a ComfyUI IMAGE"
         )
-    _refuse_empty_image(image_bhwc)
+    _refuse_empty_image(image_bhwc, what)
     channels = image_bhwc.shape[-1]
     if channels not in (1, 3, 4):
         raise BlendedInputError(
-            f"the image has {channels} channels, expected 1 (gray), 3 (RGB) or 4 (RGBA); "
+            f"the {what} has {channels} channels, expected 1 (gray), 3 (RGB) or 4 (RGBA); "
             "convert it to RGB first"
         )
     if not image_bhwc.is_floating_point():
         raise BlendedInputError(
-            f"the image has dtype {image_bhwc.dtype}, expected floats in 0..1 as ComfyUI IMAGEs are; "
+            f"the {what} has dtype {image_bhwc.dtype}, expected floats in 0..1 as ComfyUI IMAGEs are; "
             "convert it (divide 8-bit values by 255)"
         )
     image = image_bhwc.to(torch.float32)
     if channels == 4:
         image = image[..., :3]
-    low, high = _require_finite(image, "image")
+    low, high = _require_finite(image, what)
     image = image.movedim(-1, 1)
     if channels == 1:
         image = image.expand(-1, 3, -1, -1)
@@ -265,9 +266,30 @@ def prepare_edit_masks(images: torch.Tensor, mask: torch.Tensor | None,
     """``(images, masks)`` of an edit: the mask at the images' size, both fitted to one batch (``match_batches``)
     and refused where some item edits nothing (``check_mask_not_empty``). ``images`` are NCHW (``to_rgb_nchw``);
     ``mask`` a MASK or ``None`` (edit everything)."""
+    image_batch = images.shape[0]
     images, masks = match_batches(images, mask_for_images(images, mask, invert=invert))
+    empty = empty_mask_items(masks)
+    if empty and mask is not None and tuple(mask.shape[-2:]) != tuple(masks.shape[-2:]):
+        used = masks_in_use(mask, image_batch)
+        if not empty_mask_items(_inverted(used) if invert else used):
+            raise BlendedInputError(_vanished_message(mask, masks, empty, invert))
     check_mask_not_empty(masks, inverted=invert)
     return images, masks
+
+
+def _vanished_message(mask: torch.Tensor, masks: torch.Tensor, empty: list[int], inverted: bool) -> str:
+    """What to say when a mask that edits somewhere at its own size edits nothing once shrunk to the image's:
+    ``check_mask_not_empty``'s words ("no black pixel") would be wrong about it."""
+    sizes = (f"the {mask.shape[-1]}x{mask.shape[-2]} mask is shrunk to the image's "
+             f"{masks.shape[-1]}x{masks.shape[-2]}")
+    if inverted:
+        message = ("the inverted mask is empty at the image's size: invert_mask edits where the mask is black (0), "
+                   f"and its black area vanishes when {sizes} (a thin black area blurs into grey, which counts as "
+                   "painted). Paint a wider black area, or give a mask at the image's size")
+    else:
+        message = (f"the mask is empty at the image's size: its painted area vanishes when {sizes}. Paint a larger "
+                   "area with a brighter value, or give a mask at the image's size")
+    return message if mask_batch_size(masks) == 1 else f"{message} (empty in batch item(s) {empty})"
 
 
 def check_edit_mask(image: torch.Tensor, mask: torch.Tensor | None, invert: bool = False) -> None:
@@ -346,7 +368,7 @@ def results_per_item(count: int, batch: int, what: str, of: str = "results") -> 
     if count == 0 or batch % count:
         one = of[:-1] if of.endswith("s") else of
         raise BlendedInputError(f"{what} has a batch of {count} but there are {batch} {of}: give one {what}, "
-                                f"one per {one}, or one per group of {of} ({batch} must be a multiple)")
+                                f"one per {one}, or one per group of {of} ({batch} must be a multiple of {count})")
     return batch // count
 
 

@@ -75,8 +75,9 @@ class EditMetrics:
               prompt=""):
         if results.shape[0] == 0:
             raise BlendedInputError("Blended Edit Metrics got an empty image batch: connect the edits to score")
-        pixels = to_rgb_nchw(results.cpu())  # gray and RGBA too, as CLIP Rank takes them; read, never written
-        reference = to_rgb_nchw(image.cpu())
+        # Gray and RGBA too, as CLIP Rank takes them; read, never written. Named, so an error says which input.
+        pixels = to_rgb_nchw(results.cpu(), what="results input")
+        reference = to_rgb_nchw(image.cpu(), what="image input")
         mask_in = mask_for_images(pixels, mask.cpu())
         lpips_model = None
         if lpips == "if available":

@@ -68,8 +68,13 @@ class CLIPRank:
         return f"mode must be one of {', '.join(RANK_MODES)}, got {mode!r}"
 
     def rank(self, images, clip, prompt, top_k, mode="original", mask=None):
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = images.unsqueeze(0)  # one [H,W,C] image, as the Sampler takes it: sorted as a batch of one
         if images.shape[0] == 0:
             raise BlendedInputError("CLIP Rank got an empty image batch: connect a node that outputs images")
+        if int(top_k) < 1:  # a linked value skips the widget's minimum
+            raise BlendedInputError(f"CLIP Rank's top_k must be at least 1, got {top_k}: it is how many of the best "
+                                    "images the top_k output keeps (the sorted output holds them all)")
         # One prompt: line breaks count as spaces; weighted parts rank by the weighted sum of their distances.
         prompt = parse_prompt(" ".join(str(prompt).split()))
         with bridge.autograd_enabled():

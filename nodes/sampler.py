@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ..blended import fast_paths, image_io
+from ..blended import fast_paths, image_io, mask_morphology
 from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
@@ -141,7 +141,9 @@ class BlendedDiffusionSampler:
                                     f"or sections like '10,15,20' ({exc})") from exc
         # What the widgets and the mask alone can refuse is refused before the models are loaded and copied.
         check_settings(SamplerSettings(**widgets), diffusion, num_results)
+        image_io.to_rgb_nchw(image)  # its channels, dtype and finite values; the edit converts it again
         image_io.check_edit_mask(image, mask, invert_mask)
+        _check_shrunk_mask(image, mask, invert_mask, widgets)
         run = dict(model=model, guidance=guidance, diffusion=diffusion, image=image, mask=mask, seed=seed,
                    num_results=num_results, invert_mask=invert_mask, widgets=widgets,
                    callback=bridge.progress_callback(node_id=unique_id, preview=preview))
@@ -176,6 +178,26 @@ class BlendedDiffusionSampler:
             result = _edit(for_clip(fallback, guidance.clip.clip), **run)
         frames = result.frames if result.frames is not None else result.images
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
+
+
+def _check_shrunk_mask(image, mask, invert_mask: bool, widgets: dict) -> None:
+    """Refuse a negative grow_mask (a linked value: the widget stops at 0) that shrinks some item's composite mask
+    away entirely: that input would come back unchanged, as if edited, without a word. Checked on the masks at the
+    image's size, as the edit makes its composite, before the models load."""
+    grow = int(widgets.get("grow_mask", 0))
+    if grow >= 0:
+        return
+    feather = int(widgets.get("feather", 0))
+    images = image_io.to_rgb_nchw(image.cpu())
+    _, masks = image_io.prepare_edit_masks(images, None if mask is None else mask.cpu(), invert_mask)
+    gone = [item for item in range(masks.shape[0])
+            if not bool((mask_morphology.grown_and_feathered((masks[item:item + 1] > 0).float(), grow, feather)
+                         > 0).any())]
+    if gone:
+        where = f" (in batch item(s) {gone[:8]})" if masks.shape[0] > 1 else ""
+        raise BlendedInputError(
+            f"grow_mask {grow} shrinks the mask away entirely{where}: nothing would be edited. Shrink it less (a "
+            "grow_mask closer to 0) or paint a larger region.")
 
 
 def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, image, mask, seed, num_results,
