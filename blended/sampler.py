@@ -114,6 +114,12 @@ def check_settings(settings: SamplerSettings, diffusion, num_results: int = 1) -
             f"skip fewer steps than there are (at most {diffusion.num_timesteps - 1}), or respace to more steps")
     if int(settings.group_size) != settings.group_size or settings.group_size < 1:
         raise BlendedInputError(f"group_size must be a whole number >= 1 (the original's 4), got {settings.group_size}")
+    if settings.batch_size < 0:  # a linked value can go below the widget's 0 (auto)
+        raise BlendedInputError(f"batch_size must be 0 (auto: as many results as fit) or more, got "
+                                f"{settings.batch_size}")
+    if settings.capture_every < 0:
+        raise BlendedInputError(f"capture_every must be 0 (no frames) or more (a frame every so many steps), got "
+                                f"{settings.capture_every}")
     if settings.region not in ("full", "mask_crop"):
         raise BlendedInputError(f"unknown region {settings.region!r}: use 'full' or 'mask_crop'")
     resampling.validate(settings.resample_jump_length, settings.resample_count)

@@ -135,6 +135,17 @@ def test_a_negative_grow_mask_that_shrinks_the_mask_away_is_refused(comfy, monke
     assert loads == []
 
 
+@pytest.mark.parametrize("widget,message", [("batch_size", "batch_size must be 0 \\(auto"),
+                                            ("capture_every", "capture_every must be 0 \\(no frames\\)")])
+def test_a_linked_negative_count_is_refused(comfy, widget, message):
+    """A link skips the widget's minimum: -1 results per batch or a frame every -1 steps means nothing."""
+    prompt = graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)))
+    prompt["count"] = {"class_type": "PrimitiveInt", "inputs": {"value": -1}}
+    prompt["sampler"]["inputs"][widget] = ["count", 0]
+    with pytest.raises(harness.PromptExecutionError, match=message + ".*got -1"):
+        comfy.run(prompt)
+
+
 @pytest.mark.parametrize("case", ["NaN", "2 channels", "8-bit"])
 def test_a_bad_image_is_refused_before_the_models_load(comfy, monkeypatch, case):
     """What is wrong with the image alone is said before the models are loaded (seconds, for a 2.2 GB UNet)."""
