@@ -64,6 +64,25 @@ class ComfyClient:
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
 
+    def free(self, *, unload_models: bool = True, free_memory: bool = True) -> int:
+        """What the frontend's "Unload models" ({unload_models}) and "Free model and node cache" (both) send.
+        The server's worker applies it between prompts: at once when idle, else when the running one ends."""
+        status, _ = self.post_json("/free", {"unload_models": unload_models, "free_memory": free_memory})
+        return status
+
+    def queue(self) -> tuple[list[str], list[str]]:
+        """The prompt ids running and pending, as GET /queue lists them (pending in no particular order)."""
+        state = self.get_json("/queue")
+        return [item[1] for item in state["queue_running"]], [item[1] for item in state["queue_pending"]]
+
+    def edit_queue(self, *, clear: bool = False, delete=()) -> int:
+        """POST /queue: the queue panel's "Clear queue" (clear) or an item's cancel (delete, prompt ids)."""
+        payload: dict[str, Any] = {"delete": list(delete)} if delete else {}
+        if clear:
+            payload["clear"] = True
+        status, _ = self.post_json("/queue", payload)
+        return status
+
     def queue_prompt(self, prompt: dict) -> str:
         self.connect()
         status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
@@ -133,6 +152,21 @@ class ComfyClient:
                     f"{shorten(''.join(data.get('traceback') or []))}", data)
             if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
                 return collected
+
+    def wait_for_prompts(self, prompt_ids, timeout: float = 300) -> dict[str, list[dict]]:
+        """Each of several queued prompts' messages (binary previews left out), until every one has ended; the
+        dict's order is the order they ended in. Errors are not raised: the caller reads them per prompt."""
+        collected: dict[str, list[dict]] = {}
+        waiting = {prompt_id: [] for prompt_id in prompt_ids}
+        for message in self.messages(timeout):
+            prompt_id = (message.get("data") or {}).get("prompt_id")
+            if prompt_id not in waiting:
+                continue
+            waiting[prompt_id].append(message)
+            if message["type"] == "executing" and message["data"].get("node") is None:
+                collected[prompt_id] = waiting.pop(prompt_id)
+                if not waiting:
+                    return collected
 
     def run_prompt(self, prompt: dict, timeout: float = 300, **kwargs) -> tuple[str, list[dict]]:
         prompt_id = self.queue_prompt(prompt)
