@@ -33,6 +33,7 @@ from .unet import GuidedDiffusionUNet, UNetConfig
 __all__ = [
     "OVERRIDABLE_FIELDS",
     "ORIGINAL_DEFAULTS",
+    "ORIGINAL_KWARGS",
     "apply_overrides",
     "check_guided_diffusion_family",
     "detect_unet_config",
@@ -73,6 +74,13 @@ ORIGINAL_DEFAULTS: dict[str, Any] = {
     "learn_sigma": False,
 }
 
+# Every create_model_and_diffusion keyword of the original (the model's above, the diffusion's below, and
+# in_channels, which this loader also reads): a config.json key that is none of them is not one of its settings.
+ORIGINAL_KWARGS = frozenset(ORIGINAL_DEFAULTS) | {
+    "in_channels", "use_checkpoint", "use_fp16", "diffusion_steps", "noise_schedule", "timestep_respacing",
+    "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas",
+}
+
 # What shapes cannot tell, so what a caller may set; shape-derived fields are fixed by the weights.
 OVERRIDABLE_FIELDS = (
     "image_size",
@@ -108,17 +116,17 @@ def unet_config_from_original_kwargs(kwargs: Mapping[str, Any]) -> UNetConfig:
             image_size=image_size,
             in_channels=in_channels,
             model_channels=int(args["num_channels"]),
-            out_channels=in_channels * (2 if bool(args["learn_sigma"]) else 1),
+            out_channels=in_channels * (2 if _flag(args, "learn_sigma") else 1),
             num_res_blocks=int(args["num_res_blocks"]),
             attention_resolutions=attention_ds,
             channel_mult=channel_mult,
-            num_classes=NUM_IMAGENET_CLASSES if bool(args["class_cond"]) else None,
-            use_scale_shift_norm=bool(args["use_scale_shift_norm"]),
-            resblock_updown=bool(args["resblock_updown"]),
+            num_classes=NUM_IMAGENET_CLASSES if _flag(args, "class_cond") else None,
+            use_scale_shift_norm=_flag(args, "use_scale_shift_norm"),
+            resblock_updown=_flag(args, "resblock_updown"),
             num_heads=int(args["num_heads"]),
             num_head_channels=int(args["num_head_channels"]),
             num_heads_upsample=int(args["num_heads_upsample"]),
-            use_new_attention_order=bool(args["use_new_attention_order"]),
+            use_new_attention_order=_flag(args, "use_new_attention_order"),
             dropout=float(args["dropout"]),
         )
     except (TypeError, ValueError, ZeroDivisionError) as exc:
@@ -126,6 +134,23 @@ def unet_config_from_original_kwargs(kwargs: Mapping[str, Any]) -> UNetConfig:
             f"guided-diffusion model settings are invalid ({exc}); use the keyword arguments of the original "
             "create_model_and_diffusion, e.g. image_size 256, num_channels 256, attention_resolutions \"32,16,8\""
         ) from exc
+
+
+_TRUE = ("true", "yes", "t", "y", "1")
+_FALSE = ("false", "no", "f", "n", "0")
+
+
+def _flag(args: Mapping[str, Any], name: str) -> bool:
+    """A yes/no setting: a JSON boolean, 0/1, or a word the original's command line takes ("true", "False"...).
+    Python's bool() would make the string "false" true: a wrong attention order still loads, silently."""
+    value = args[name]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be true or false, not {value!r}")
 
 
 def _split_numbers(value: Any) -> list[str]:

@@ -31,6 +31,7 @@ the shapes cannot tell:
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from .architecture_detection import (
+    ORIGINAL_KWARGS,
     apply_overrides,
     check_guided_diffusion_family,
     describe_mismatches,
@@ -55,7 +57,7 @@ from .diffusion import NoiseSchedule
 from .errors import BlendedInputError, CheckpointError
 from .unet import GuidedDiffusionUNet, UNetConfig
 
-__all__ = ["check_finite", "find_config_file", "load_guided_diffusion", "read_state_dict"]
+__all__ = ["check_finite", "find_config_file", "load_guided_diffusion", "read_state_dict", "stored_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,18 @@ def _looks_like_torch(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def stored_format(path: str | os.PathLike) -> str | None:
+    """What the file holds by its first bytes: "safetensors", "torch", or None (unreadable, empty, other)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except OSError:
+        return None
+    if _looks_like_safetensors(head):
+        return "safetensors"
+    return "torch" if _looks_like_torch(head) else None
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -135,7 +149,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch >= 2.10 hands a path ending in .safetensors to safetensors whatever the
+        # file holds, so a .pt renamed .safetensors would fail with safetensors' "header too large".
+        with path.open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "weights_only" in message.lower() or "weights only" in message.lower():
@@ -155,6 +172,11 @@ def as_state_dict(path: str | os.PathLike, loaded: Any) -> dict[str, torch.Tenso
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise CheckpointError(path, f"holds a {type(loaded).__name__}, not a state dict of named tensors")
+    if set(loaded) == {"state", "param_groups"}:
+        raise CheckpointError(
+            path, "this is an optimizer's state, not model weights (training saves it beside the model, as "
+            "guided-diffusion's opt<step>.pt). Load the model file instead: model<step>.pt, or ema_<rate>_<step>.pt "
+            "for the EMA weights.")
     not_tensors = [str(k) for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(
@@ -177,7 +199,9 @@ def find_config_file(path: str | os.PathLike | None) -> Path | None:
 
 def _config_from_file(config_path: Path) -> tuple[UNetConfig, NoiseSchedule] | None:
     try:
-        kwargs = json.loads(config_path.read_text(encoding="utf-8"))
+        # From bytes, so that JSON's own encoding detection reads what Windows editors save: UTF-8 with a BOM
+        # (Notepad) and UTF-16 (PowerShell's redirection).
+        kwargs = json.loads(config_path.read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(config_path, f"cannot be read as JSON ({exc}); fix or remove it") from exc
     if not isinstance(kwargs, dict) or "num_channels" not in kwargs:
@@ -185,10 +209,28 @@ def _config_from_file(config_path: Path) -> tuple[UNetConfig, NoiseSchedule] | N
         logger.warning("Blended Diffusion: ignoring %s: it holds no guided-diffusion create_model arguments",
                        config_path)
         return None
+    _check_setting_names(config_path, kwargs)
     try:
         return unet_config_from_original_kwargs(kwargs), NoiseSchedule.from_original_kwargs(kwargs)
     except BlendedInputError as exc:
         raise CheckpointError(config_path, str(exc)) from exc
+
+
+def _check_setting_names(config_path: Path, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a misspelt setting (it would be ignored, and its default silently used: a wrong head split or
+    schedule still loads); name the other unknown ones in the log, as settings of some other script."""
+    unknown = [str(key) for key in kwargs if key not in ORIGINAL_KWARGS]
+    by_lower = {name.lower(): name for name in ORIGINAL_KWARGS}
+    for key in unknown:
+        near = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.85)
+        if near:
+            raise CheckpointError(
+                config_path, f"unknown setting {key!r}: did you mean {by_lower[near[0]]!r}? As written it would be "
+                "ignored and its default used. Fix its name, or remove the config.json to read the architecture "
+                "from the weights.")
+    if unknown:
+        logger.warning("Blended Diffusion: %s: ignoring %s, which %s not guided-diffusion model settings",
+                       config_path, ", ".join(repr(k) for k in unknown), "is" if len(unknown) == 1 else "are")
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None) -> None:

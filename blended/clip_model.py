@@ -172,7 +172,10 @@ def _check_is_clip(sd: Mapping[str, torch.Tensor], path) -> None:
     if missing:
         hint = ""
         if any(k.startswith(("text.", "vision_model.", "text_model.")) for k in sd):
-            hint = " It looks like an open_clip custom-text or Hugging Face CLIP layout, which is not supported."
+            hint = (" It looks like a Hugging Face (transformers) CLIP, as ComfyUI's models/clip and "
+                    "models/clip_vision files are, or an open_clip model with its own text tower; neither can guide "
+                    "here. Use open_clip's OpenAI-layout weights of the model instead (for the original's ViT-B/16, "
+                    "scripts/download_models.py fetches ViT-B-16.safetensors into models/clip_guidance).")
         raise CheckpointError(path, f"not an OpenAI-layout CLIP: missing {', '.join(missing)}.{hint} "
                                     f"Expected {_EXPECTED}.")
 
@@ -182,12 +185,13 @@ def _build_open_clip(sd: dict[str, torch.Tensor], path, quick_gelu: bool) -> nn.
 
     floating = {k: v for k, v in sd.items() if v.is_floating_point()}
     try:
-        # The builder loads into fp16 parameters (OpenAI's layout); fp32 files are reloaded below at full
-        # precision so nothing is rounded. cast_dtype=float16 gives LayerNorms that compute in float32 whatever
+        # The builder loads into fp16 parameters (OpenAI's layout); fp32 and bf16 files are reloaded below at full
+        # precision so nothing is rounded (bf16's range is fp32's: through fp16, small weights lose digits and
+        # large ones become infinite). cast_dtype=float16 gives LayerNorms that compute in float32 whatever
         # their input, as OpenAI's do, so the low-precision scheme of ``set_precision`` can keep them in float32.
         model = build_model_from_openai_state_dict(dict(sd), quick_gelu=quick_gelu, cast_dtype=torch.float16)
         model = model.float()
-        if any(v.dtype == torch.float32 for v in floating.values()):
+        if any(v.dtype != torch.float16 for v in floating.values()):
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()
                                    if k not in ("input_resolution", "context_length", "vocab_size")})
     except (KeyError, RuntimeError, AssertionError, ValueError, IndexError) as exc:

@@ -299,3 +299,59 @@ def test_a_recognised_release_brings_its_noise_schedule_and_widgets_still_win(tm
     assert config.use_new_attention_order and unet.noise_schedule.name == "cosine"
     _, config = load_guided_diffusion(path, overrides={"use_new_attention_order": False})
     assert not config.use_new_attention_order
+
+
+def test_a_pytorch_checkpoint_renamed_safetensors_still_loads(tmp_path, tiny_state):
+    """The format goes by the content, whatever the torch: torch >= 2.10's own load hands any path ending in
+    .safetensors to safetensors, which failed with a bare "header too large"."""
+    renamed = tmp_path / "256x256_diffusion_uncond.safetensors"
+    shutil.copyfile(GD_TINY / "model.pt", renamed)
+    assert list(read_state_dict(renamed)) == list(tiny_state)
+    model, _ = load_guided_diffusion(renamed)
+    assert torch.equal(model.state_dict()["out.2.weight"], tiny_state["out.2.weight"])
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_a_config_json_saved_by_a_windows_editor_is_read(tmp_path, encoding):
+    """Notepad saves UTF-8 with a byte-order mark and PowerShell's redirection UTF-16: both are JSON all the same,
+    and were refused as unreadable."""
+    path, config = copy_with_config(tmp_path, "model.pt", num_head_channels=32)
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding=encoding)
+    assert load_guided_diffusion(path)[1].num_head_channels == 32
+
+
+def test_a_config_json_yes_no_setting_written_as_a_word_means_that_word(tmp_path):
+    """bool("false") is True: a config saying "use_new_attention_order": "false" loaded the new order, silently
+    (the qkv layout changes no shape)."""
+    path, _ = copy_with_config(tmp_path, "model.pt", use_new_attention_order="false")
+    assert not load_guided_diffusion(path)[1].use_new_attention_order
+    copy_with_config(tmp_path, "model.pt", use_new_attention_order="True")
+    assert load_guided_diffusion(path)[1].use_new_attention_order
+    copy_with_config(tmp_path, "model.pt", use_new_attention_order="sometimes")
+    with pytest.raises(CheckpointError, match="config.json: .*use_new_attention_order must be true or false, not "
+                                              "'sometimes'"):
+        load_guided_diffusion(path)
+
+
+def test_a_misspelt_config_json_setting_is_refused_and_other_scripts_settings_are_ignored(tmp_path, caplog):
+    """A misspelt key was ignored and its default used: "num_head_channel": 32 gave four heads of 16 channels,
+    which load without complaint and compute another model."""
+    path, config = copy_with_config(tmp_path, "model.pt")
+    config["num_head_channel"] = config.pop("num_head_channels")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: unknown setting 'num_head_channel': did you mean "
+                                              "'num_head_channels'"):
+        load_guided_diffusion(path)
+    # the settings of Blended Diffusion's own script (or any other) beside the model's are only named in the log
+    copy_with_config(tmp_path, "model.pt", num_head_channels=32, clip_guidance_lambda=1000, batch_size=4)
+    assert load_guided_diffusion(path)[1].num_head_channels == 32
+    assert "'clip_guidance_lambda', 'batch_size'" in caplog.text
+
+
+def test_an_optimizer_state_is_refused_as_such(tmp_path):
+    """guided-diffusion's training saves opt<step>.pt beside model<step>.pt and ema_*.pt; picking it was met with
+    advice to save the model's state_dict."""
+    path = tmp_path / "opt050000.pt"
+    torch.save(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict(), path)
+    error = refused(path, "optimizer's state", "ema_")
+    assert "Save model.state_dict()" not in str(error)
