@@ -30,6 +30,9 @@ from .errors import BlendedInputError
 log = logging.getLogger(__name__)
 
 _PADDING_MODES = ("border", "zeros", "reflection")
+# Views per sample beyond any use (the original takes 8, the paper 16, the node's widget stops at 64): each is a CLIP
+# forward and backward pass in every step, so a linked 100000 would run for hours or fail to allocate its draws.
+MAX_VIEWS = 1024
 
 # Corner directions of kornia's "basic" perspective sampling: each corner moves inward by up to
 # distortion * size / 2 along both axes.
@@ -70,6 +73,9 @@ class AugmentationSettings:
         """Refuse settings kornia would reject later with a less helpful message."""
         if int(self.num_views) != self.num_views or self.num_views < 1:
             raise BlendedInputError(f"num_views must be a whole number >= 1, got {self.num_views}.")
+        if self.num_views > MAX_VIEWS:
+            raise BlendedInputError(f"num_views must be at most {MAX_VIEWS}, got {self.num_views}: every view is a "
+                                    "CLIP pass in every step (the original uses 8, the paper 16).")
         for name in ("translate", "p_affine", "distortion", "p_perspective"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -45,6 +45,32 @@ class GuidanceSettings:
     # CLIP weight per step and gradient guard; None = constant weight, no guard (the original).
     schedule: Optional[GuidanceSchedule] = None
 
+    def validate(self) -> None:
+        """Refuse weights that would turn every result into NaN (or reward what the loss should punish) after
+        the models have loaded; a linked value skips the node widgets' ranges."""
+        for name in ("clip_lambda", "range_lambda", "background_l2_lambda", "background_lpips_lambda"):
+            check_weight(getattr(self, name), name, negative_advice=(
+                "to steer away from something, give a prompt part a negative weight ('blurry:-0.5')"
+                if name == "clip_lambda" else "0 turns the loss off"))
+        self.augmentations.validate()
+
+
+def check_weight(value, name: str, negative_advice: Optional[str] = None) -> float:
+    """``value`` as a float if it is a finite weight that float32 holds (and >= 0 unless ``negative_advice`` is
+    None); otherwise a :class:`BlendedInputError` naming ``name``."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise BlendedInputError(f"{name} must be a number, got {value!r}.") from None
+    if weight != weight:
+        raise BlendedInputError(f"{name} is NaN (not a number): give it a number; if it comes from another node, "
+                                "check that node (a division by zero?).")
+    if abs(weight) > torch.finfo(torch.float32).max:
+        raise BlendedInputError(f"{name} is too large ({weight}): weights are relative, e.g. 1.0 and 0.5.")
+    if negative_advice is not None and weight < 0:
+        raise BlendedInputError(f"{name} must be >= 0, got {weight}: {negative_advice}.")
+    return weight
+
 
 @dataclass
 class TargetSet:

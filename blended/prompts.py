@@ -5,15 +5,22 @@ may end in ``:weight``. The CLIP loss of the line is the weighted sum of each pa
 negative weight pushes the edit away from that text. A line without ``|`` or ``:weight`` is one part of
 weight 1: exactly the original's single prompt.
 
-A trailing ``:<token>`` counts as a weight when the token (no spaces) starts like a number (a digit, a sign or
-a dot) or is empty; it must then be a finite number, otherwise the part is refused with a message quoting it.
-Any other colon stays text ("style: watercolor"). ``\\:`` and ``\\|`` write a literal colon or bar.
+A trailing ``:<token>`` counts as a weight when the token (no spaces) starts like a number (a digit, a sign, a
+dot, or a comma before a digit), is ``nan``/``inf`` or is empty; it must then be a finite number, otherwise the
+part is refused with a message quoting it. Any other colon stays text ("style: watercolor"). ``\\:`` and ``\\|``
+write a literal colon or bar. A part ending in digits, a colon and whole-number digits ("a photo 16:9",
+"12:30") is refused as ambiguous (an aspect ratio or a time read as a weight would scale that part silently):
+``16\\:9`` (or ``16:9:1``) keeps it text, a space before the colon ("1984 :2") makes it a weight.
+
+Lines and parts that hold only invisible characters (spaces, a byte-order mark, zero-width or control
+characters, as text pasted from a file may carry) count as empty.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +29,11 @@ from .errors import BlendedInputError
 
 _ESCAPES = {"\\|": "\x00", "\\:": "\x01"}
 _WEIGHT = re.compile(r"^(?P<text>.*):\s*(?P<weight>\S*)\s*$", re.DOTALL)
-_LOOKS_NUMERIC = re.compile(r"^[-+.\d]")
+_LOOKS_NUMERIC = re.compile(r"^(?:[-+.\d]|,\d|[-+]?(?:nan|inf(?:inity)?)$)", re.IGNORECASE)
+# Digits, a colon, whole-number digits at the end of a part: an aspect ratio or a time, or a weight? (Not after
+# another colon: "16:9:1" and "16\\:9:1" are the text "16:9" of weight 1.)
+_TRAILING_NUMBER = re.compile(r"\d(?:[\d.,]*\d)?$")
+_WHOLE_NUMBER = re.compile(r"^\d+$")
 SYNTAX_HINT = "write parts as 'text:weight' separated by '|', e.g. 'a red rock:1.0 | moss:0.5 | blurry:-0.5'"
 
 
@@ -47,6 +58,11 @@ class WeightedPrompt:
         return self.source
 
 
+def _is_blank(text: str) -> bool:
+    """Nothing visible: whitespace, format characters (byte-order mark, zero-width space) or control characters."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
 def _unescape(text: str) -> str:
     return text.replace("\x00", "|").replace("\x01", ":")
 
@@ -54,7 +70,7 @@ def _unescape(text: str) -> str:
 def parse_prompt(line: str) -> WeightedPrompt:
     """Parse one prompt line. An empty line is the empty prompt (no text guidance)."""
     source = str(line).strip()
-    if not source:
+    if _is_blank(source):
         return WeightedPrompt((), "")
     escaped = source
     for escape, placeholder in _ESCAPES.items():
@@ -71,15 +87,25 @@ def parse_prompt(line: str) -> WeightedPrompt:
             except ValueError:
                 weight = math.nan
             if not math.isfinite(weight):
+                comma = " with a decimal point, not a comma" if "," in match["weight"] else ""
                 raise BlendedInputError(
                     f"malformed weight in the prompt part {shown!r}: {match['weight']!r} is not a number; "
-                    f"{SYNTAX_HINT} (write '\\:' for a literal colon).")
+                    f"{SYNTAX_HINT}{comma} (write '\\:' for a literal colon).")
+            ending = _TRAILING_NUMBER.search(match["text"])
+            if (_WHOLE_NUMBER.match(match["weight"]) and ending
+                    and not match["text"][:ending.start()].endswith(("\x01", ":"))):
+                before, ratio = _unescape(match["text"]).strip(), f"{ending[0]}:{match['weight']}"
+                raise BlendedInputError(
+                    f"the prompt part {shown!r} is ambiguous: {ratio!r} at its end reads as the weight "
+                    f"{match['weight']} of {before!r}. If {ratio!r} is text (an aspect ratio, a time), write "
+                    f"'{before}\\:{match['weight']}' (or add a weight: '{shown}:1'); if {match['weight']} is the "
+                    f"weight, put a space before the colon: '{before} :{match['weight']}'.")
             if abs(weight) > torch.finfo(torch.float32).max:  # infinite once in float32: every image would come out NaN
                 raise BlendedInputError(f"the weight of the prompt part {shown!r} is too large ({match['weight']}); "
                                         "weights are relative, e.g. 1.0 and 0.5.")
             text = match["text"].strip()
         text = _unescape(text)
-        if not text:
+        if _is_blank(text):
             if len(raw_parts) == 1 and not match:
                 return WeightedPrompt((), "")
             raise BlendedInputError(f"empty part {shown!r} in the prompt {source!r}: every part between '|' "
@@ -90,7 +116,7 @@ def parse_prompt(line: str) -> WeightedPrompt:
 
 def parse_prompt_lines(text: str) -> list[WeightedPrompt]:
     """One weighted prompt per non-empty line; [the empty prompt] when there is none (no text guidance)."""
-    lines = [line for line in str(text).splitlines() if line.strip()]
+    lines = [line for line in str(text).splitlines() if not _is_blank(line)]
     return [parse_prompt(line) for line in lines] or [WeightedPrompt((), "")]
 
 

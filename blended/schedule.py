@@ -18,6 +18,7 @@ from .errors import BlendedInputError
 
 SHAPES = ("constant", "linear", "values")
 GUARDS = ("off", "clamp", "normalize")
+_ONE_COMMA_BETWEEN_DIGITS = re.compile(r"^[+-]?\d+,\d+$")  # '0,5': 0.5 or two values?
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,17 @@ def parse_values(text: str) -> tuple:
     """'0.2, 1.0' (commas and/or spaces) -> (0.2, 1.0); a bad entry is quoted in the error.
 
     The values multiply ``clip_lambda``, so they are >= 0 (a negative weight belongs on a prompt part). Decimal
-    commas with semicolons between the values ('0,5; 1,5') would split into twice as many numbers, so they are
-    refused rather than guessed at.
+    commas would split into twice as many numbers, so they are refused rather than guessed at: with semicolons
+    between the values ('0,5; 1,5'), and wherever one comma sits between two runs of digits with no other
+    separator ('0,5', '0,5 1,5': 0.5, or the values 0 and 5?).
     """
-    if ";" in str(text) and re.search(r"\d,\d", str(text)):
-        raise BlendedInputError(f"schedule values {str(text)!r} look like they use decimal commas: write decimals "
-                                "with a point and separate the values with commas or spaces, e.g. '0.5, 1.5'.")
+    groups = [g for g in re.split(r"[\s;]+", str(text).strip()) if g]
+    ambiguous = [g for g in groups if _ONE_COMMA_BETWEEN_DIGITS.match(g)]
+    if ambiguous or (";" in str(text) and re.search(r"\d,\d", str(text))):
+        which = f" ({ambiguous[0]!r} could be {ambiguous[0].replace(',', '.')} or two values)" if ambiguous else ""
+        raise BlendedInputError(f"schedule values {str(text)!r} look like they use decimal commas{which}: write "
+                                "decimals with a point and separate the values with a comma and a space, e.g. "
+                                "'0.5, 1.5'.")
     entries = [e for e in re.split(r"[,\s;]+", str(text).strip()) if e]
     values = []
     for entry in entries:

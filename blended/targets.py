@@ -13,7 +13,7 @@ import torch
 
 from .augment import AugmentationSettings
 from .errors import BlendedInputError
-from .guidance import TargetSet
+from .guidance import TargetSet, check_weight
 from .image_io import empty_mask_items, mask_as_b1hw
 from .prompts import WeightedPrompt
 from .rank import image_embeddings
@@ -40,6 +40,9 @@ class GuidanceClip:
     weight: float = 1.0
     num_views: Optional[int] = None  # None = the main CLIP's augmentation settings
 
+    def __post_init__(self):
+        self.weight = check_weight(self.weight, "a CLIP's ensemble weight")
+
 
 def member_augmentations(member: GuidanceClip, base: AugmentationSettings) -> AugmentationSettings:
     if member.num_views is None:
@@ -54,6 +57,7 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
     out = []
     for target in targets:
         image = target.image
+        weight = check_weight(target.weight, "the image target's weight")
         if image.dim() != 4 or image.shape[1] != 3 or image.shape[0] == 0:
             raise BlendedInputError(f"an image target must be one or more RGB pictures, got shape "
                                     f"{tuple(image.shape)}.")
@@ -69,7 +73,7 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
             clip_device = clip.device
             embeds = image_embeddings(clip, image.to(clip_device),
                                       None if mask is None else mask.to(clip_device)).float()
-        out.append((embeds.detach().clone().to(device), float(target.weight) / image.shape[0]))
+        out.append((embeds.detach().clone().to(device), weight / image.shape[0]))
     return out
 
 

@@ -10,7 +10,7 @@ from ..blended import image_io
 from ..blended import schedule as guidance_schedule
 from ..blended.augment import AugmentationSettings
 from ..blended.errors import BlendedInputError
-from ..blended.guidance import GuidanceSettings
+from ..blended.guidance import GuidanceSettings, check_weight
 from ..blended.lpips_loss import check_lpips_available
 from ..blended.prompts import parse_prompt_lines
 from . import comfy_bridge as bridge
@@ -131,13 +131,13 @@ class CLIPGuidance:
         prompts = parse_prompt_lines(prompt)
         if augmentations is None:
             augmentations = AugmentationSettings(num_views=num_views)
-        augmentations.validate()  # here, not after the Sampler has loaded its models
-        if background_lpips_lambda:
-            check_lpips_available()  # likewise
         settings = GuidanceSettings(clip_lambda=clip_lambda, range_lambda=range_lambda,
                                     background_l2_lambda=background_l2_lambda,
                                     background_lpips_lambda=background_lpips_lambda, augmentations=augmentations,
                                     schedule=schedule)
+        settings.validate()  # here, not after the Sampler has loaded its models (a link skips the widgets' ranges)
+        if background_lpips_lambda:
+            check_lpips_available()  # likewise
         extra_clips = list(more_clips or [])
         if not truncate_long_prompts:
             # fail here, before any model is loaded or step is run; the limit applies to each part
@@ -161,7 +161,8 @@ class CLIPGuidance:
                     raise BlendedInputError(f"image_target_mask is empty (all 0){which}: paint the part of the "
                                             "reference picture that should count, or leave image_target_mask "
                                             "unconnected.")
-            image_targets.append(bridge.ImageTargetSpec(pictures, mask, float(image_target_weight)))
+            weight = check_weight(image_target_weight, "image_target_weight")
+            image_targets.append(bridge.ImageTargetSpec(pictures, mask, weight))
         return (bridge.ClipGuidanceSpec(clip=clip, prompts=prompts, settings=settings, extra_clips=extra_clips,
                                         image_targets=image_targets),)
 
@@ -195,7 +196,9 @@ class CLIPList:
 
     def build(self, clip, weight, num_views, clips=None):
         AugmentationSettings(num_views=num_views).validate()
-        entry = bridge.ClipListEntry(model=clip, weight=float(weight), num_views=int(num_views))
+        weight = check_weight(weight, "weight", negative_advice="0 leaves this CLIP out; to steer away from "
+                              "something, give a prompt part a negative weight ('blurry:-0.5')")
+        entry = bridge.ClipListEntry(model=clip, weight=weight, num_views=int(num_views))
         return (tuple(clips or ()) + (entry,),)
 
 

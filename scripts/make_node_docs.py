@@ -134,7 +134,9 @@ PAGES = {
             "Several lines are several prompts, each with its own `num_results` results; result *i* of every "
             "line starts from the same noise, so the lines' results differ only by the text.",
             "Weighted parts within one line: `a big rock:1.0 | moss:0.5 | blurry:-0.5`; a negative weight pushes "
-            "the edit away from that text. `\\:` and `\\|` write a literal colon and bar.",
+            "the edit away from that text. `\\:` and `\\|` write a literal colon and bar; a part ending in a ratio "
+            "or a time (`a photo 16:9`) is refused as ambiguous until it is written `16\\:9` (text) or `16 :9` "
+            "(weight 9).",
             "`clip_lambda` sets how hard the prompt pulls: raise it when the results ignore the prompt. Very high "
             "weights can blow up; a **Guidance Schedule** with a gradient guard holds them.",
             "`background_l2_lambda` and `background_lpips_lambda` are for the Sampler's `local` mode (the "
@@ -181,7 +183,8 @@ PAGES = {
         tips=(
             "`linear` takes exactly two values (first step, last step); `values` takes any number, spread evenly "
             "over the steps and interpolated between. Values are 0 or more, separated by commas, spaces or "
-            "semicolons; a bad entry is refused when you queue.",
+            "semicolons; a bad entry is refused when you queue, and so is a decimal comma: `0,5` could be 0.5 or "
+            "two values, so write `0.5`, or `0, 5` for two.",
             "A common ramp is strong early, to set the layout, and weak late, to spare the details (`linear` "
             "`1.0, 0.2`); the reverse is possible too.",
             "`gradient_guard` `normalize` scales each result's guidance gradient down to an RMS of at most "

@@ -252,3 +252,125 @@ def test_edit_metrics_scores_odd_tensors_as_their_float32_rgb_copies(comfy):
     half = comfy.run(metrics_graph(tensor(results.bfloat16()), tensor(reference.bfloat16()),
                                    mask_tensor(_box(1, 32, 32).bfloat16()))).tensors
     assert half["metrics"][2] == [float("inf")] * 2 and len(half["metrics"][3]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ the guidance nodes
+
+
+def _linked(prompt, node, widget, value, kind="PrimitiveFloat"):
+    """``prompt`` with ``node``'s ``widget`` fed by a primitive node: a link skips the widget's min and max."""
+    key = f"linked_{node}_{widget}"
+    prompt[key] = {"class_type": kind, "inputs": {"value": value}}
+    prompt[node]["inputs"][widget] = [key, 0]
+    return prompt
+
+
+def _with_clip_list(prompt, **widgets):
+    prompt["clips"] = {"class_type": "BlendedDiffusion_CLIPList",
+                       "inputs": {"clip": ["clip", 0], "weight": 0.5, "num_views": 2, **widgets}}
+    prompt["guidance"]["inputs"]["more_clips"] = ["clips", 0]
+    return prompt
+
+
+def _with_image_target(prompt):
+    key = uuid.uuid4().hex
+    _TENSORS[key] = _rand(1, 24, 24, 3)
+    prompt["target"] = {"class_type": "BlendedTest_TensorImage", "inputs": {"key": key}}
+    prompt["guidance"]["inputs"]["image_target"] = ["target", 0]
+    return prompt
+
+
+def _with_augmentations(prompt):
+    prompt["augmentations"] = {"class_type": "BlendedDiffusion_Augmentations",
+                               "inputs": {"num_views": 2, "degrees": 15.0, "translate": 0.1, "p_affine": 0.7,
+                                          "distortion": 0.7, "p_perspective": 0.7, "fix_translate": False}}
+    prompt["guidance"]["inputs"]["augmentations"] = ["augmentations", 0]
+    return prompt
+
+
+NAN = float("nan")
+LINKED_GUIDANCE_CASES = {
+    # a NaN weight made every result NaN: the Sampler ran the whole edit, then blamed "guidance too strong"
+    "clip_lambda NaN": (lambda p: p, "guidance", "clip_lambda", NAN, "clip_lambda is NaN"),
+    "range_lambda NaN": (lambda p: p, "guidance", "range_lambda", NAN, "range_lambda is NaN"),
+    "background_l2_lambda NaN": (lambda p: p, "guidance", "background_l2_lambda", NAN, "background_l2_lambda is NaN"),
+    "image_target_weight NaN": (_with_image_target, "guidance", "image_target_weight", NAN,
+                                "image_target_weight is NaN"),
+    "CLIP List weight NaN": (_with_clip_list, "clips", "weight", NAN, "weight is NaN"),
+    # a negative loss weight ran silently: range_lambda < 0 rewards pixels out of range, clip_lambda < 0 pushes away
+    # from every prompt (the schedule refuses a negative multiplier for the same reason)
+    "clip_lambda negative": (lambda p: p, "guidance", "clip_lambda", -1000.0,
+                             r"clip_lambda must be >= 0, got -1000.0: .*give a prompt part a negative weight"),
+    "range_lambda negative": (lambda p: p, "guidance", "range_lambda", -50.0, "range_lambda must be >= 0"),
+    "CLIP List weight negative": (_with_clip_list, "clips", "weight", -1.0, r"weight must be >= 0, got -1.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINKED_GUIDANCE_CASES))
+def test_a_linked_nan_or_negative_guidance_weight_is_refused_before_the_models_load(comfy, monkeypatch, case):
+    add, node, widget, value, message = LINKED_GUIDANCE_CASES[case]
+    bridge = comfy.pack_module("comfy_bridge")
+    loads = []
+    monkeypatch.setattr(bridge, "load_for_sampling", lambda *args, **kwargs: loads.append(args))
+    prompt = _linked(add(graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)))), node, widget, value)
+    with pytest.raises(harness.PromptExecutionError, match=message):
+        comfy.run(prompt)
+    assert loads == []
+
+
+@pytest.mark.parametrize("add, node", [(lambda p: p, "guidance"), (_with_clip_list, "clips"),
+                                       (_with_augmentations, "augmentations")])
+def test_a_linked_huge_view_count_is_refused(comfy, add, node):
+    """100000 views ran for minutes even on the tiny CLIP; 2**40 failed with a bare allocation error."""
+    for views in (2**40, 100_000):
+        prompt = _linked(add(graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)))), node, "num_views",
+                         views, "PrimitiveInt")
+        with pytest.raises(harness.PromptExecutionError, match=f"num_views must be at most 1024, got {views}"):
+            comfy.run(prompt)
+
+
+def _images(comfy, text, **widgets):
+    return comfy.run(graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)), prompt=text,
+                           **widgets)).tensors["sampler"][0][0]
+
+
+def test_a_prompt_ending_in_a_ratio_or_a_time_is_refused_as_ambiguous(comfy):
+    """'a photo 16:9' was the text 'a photo 16' with the weight 9, silently; the error says both ways to write it."""
+    with pytest.raises(harness.PromptExecutionError) as err:
+        comfy.run(graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)), prompt="a red rock | photo 16:9"))
+    message = str(err.value)
+    assert "'photo 16:9' is ambiguous: '16:9' at its end reads as the weight 9 of 'photo 16'" in message
+    assert r"write 'photo 16\:9' (or add a weight: 'photo 16:9:1')" in message
+    assert "put a space before the colon: 'photo 16 :9'" in message
+    escaped = _images(comfy, r"a red rock | photo 16\:9")
+    torch.testing.assert_close(_images(comfy, "a red rock | photo 16:9:1"), escaped, atol=0, rtol=0)
+    assert not torch.equal(_images(comfy, "a red rock | photo 16 :9"), escaped)  # the weight 9, asked for
+    assert _images(comfy, "a red rock, 16:9 photo").shape == (1, 32, 32, 3)  # a colon inside stays text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a red rock:nan", "'nan' is not a number"), ("a red rock:inf", "'inf' is not a number"),
+    ("a red rock:,5", "',5' is not a number.* with a decimal point, not a comma")])
+def test_a_weight_of_nan_inf_or_with_a_decimal_comma_is_refused(comfy, text, message):
+    """These were the text 'a red rock:nan' of weight 1 (while ':-inf' and ':0,5' were refused)."""
+    with pytest.raises(harness.PromptExecutionError, match=f"malformed weight in the prompt part '{text}': {message}"):
+        _images(comfy, text)
+
+
+@pytest.mark.parametrize("text", ["\ufeff\na red rock", "a red rock\n\u200b\n", "a red rock\r\n\x00\r\n"])
+def test_a_line_of_only_invisible_characters_is_no_prompt(comfy, text):
+    """A byte-order mark, a zero-width space or a control character alone on a line (text pasted from a file) made
+    a set of results of its own, guided toward the empty text."""
+    torch.testing.assert_close(_images(comfy, text), _images(comfy, "a red rock"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape, values", [("linear", "0,5"), ("values", "0,5 1,5"), ("values", "1,5; 0.5")])
+def test_schedule_values_with_decimal_commas_are_refused_when_queued(comfy, shape, values):
+    """'0,5' was the ramp from 0 to 5 and '0,5 1,5' four values, silently."""
+    prompt = graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)))
+    prompt["schedule"] = {"class_type": "BlendedDiffusion_GuidanceSchedule",
+                          "inputs": {"shape": shape, "values": values, "gradient_guard": "off", "limit": 0.05}}
+    prompt["guidance"]["inputs"]["schedule"] = ["schedule", 0]
+    with pytest.raises(harness.PromptExecutionError, match="prompt rejected") as err:
+        comfy.run(prompt)
+    assert f"schedule values {values!r} look like they use decimal commas" in str(err.value)

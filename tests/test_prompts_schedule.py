@@ -87,3 +87,53 @@ def test_gradient_guards():
     torch.testing.assert_close(rms[0], torch.tensor(1.0))        # capped: direction kept, RMS = limit
     torch.testing.assert_close(normalized[0], grad[0] / grad[0].pow(2).mean().sqrt())
     assert torch.equal(normalized[1], grad[1])                     # under the limit: untouched
+
+
+def test_a_part_ending_in_a_ratio_or_a_time_is_ambiguous_unless_written_out():
+    for line in ("a photo 16:9", "moss | 12:30", "R2D2:2"):
+        with pytest.raises(BlendedInputError, match="is ambiguous: .* at its end reads as the weight"):
+            parse_prompt(line)
+    assert parts(r"a photo 16\:9") == [("a photo 16:9", 1.0)]
+    assert parts("a photo 16:9:1") == parts(r"a photo 16\:9:1") == [("a photo 16:9", 1.0)]
+    assert parts("1984 :2 | rock2:1.5 | ratio 16:9 photo") == [("1984", 2.0), ("rock2", 1.5),
+                                                                 ("ratio 16:9 photo", 1.0)]
+
+
+@pytest.mark.parametrize("line", ["rock:nan", "rock:Inf", "rock:-infinity", "rock:,5"])
+def test_nan_inf_and_decimal_comma_weights_are_refused_not_read_as_text(line):
+    with pytest.raises(BlendedInputError, match="malformed weight"):
+        parse_prompt(line)
+    assert parts("grandma:nana | style:, watercolor") == [("grandma:nana", 1.0), ("style:, watercolor", 1.0)]
+
+
+def test_invisible_lines_and_parts_are_empty():
+    lines = parse_prompt_lines("\ufeff\na red rock\r\n\u200b\r\n\x00\n\u3000")
+    assert [p.source for p in lines] == ["a red rock"]
+    assert parse_prompt("\ufeff").is_empty
+    with pytest.raises(BlendedInputError, match="empty part"):
+        parse_prompt("rock | \u200b:0.5")
+
+
+@pytest.mark.parametrize("text", ["0,5", "0,5 1,5", "-1,5", "1,5;0,2"])
+def test_schedule_values_with_a_decimal_comma_are_refused(text):
+    with pytest.raises(BlendedInputError, match="decimal commas"):
+        parse_values(text)
+    assert parse_values("1,2,3") == (1.0, 2.0, 3.0) and parse_values("1,0.5") == (1.0, 0.5)
+
+
+def test_guidance_weights_must_be_numbers_and_not_negative():
+    from blended.augment import MAX_VIEWS, AugmentationSettings
+    from blended.guidance import GuidanceSettings
+    from blended.targets import GuidanceClip
+
+    GuidanceSettings().validate()
+    for name, value, message in [("clip_lambda", float("nan"), "clip_lambda is NaN"),
+                                 ("range_lambda", -1.0, "range_lambda must be >= 0"),
+                                 ("background_lpips_lambda", 1e39, "too large")]:
+        with pytest.raises(BlendedInputError, match=message):
+            GuidanceSettings(**{name: value}).validate()
+    with pytest.raises(BlendedInputError, match="ensemble weight is NaN"):
+        GuidanceClip(None, float("nan"))
+    AugmentationSettings(num_views=MAX_VIEWS).validate()
+    with pytest.raises(BlendedInputError, match=f"at most {MAX_VIEWS}"):
+        AugmentationSettings(num_views=MAX_VIEWS + 1).validate()
