@@ -311,15 +311,16 @@ class GuidanceCLIP:
         for prompt in prompts:
             count = len(tokenizer.encode(prompt)) + 2  # + start and end markers
             if count > self.context_length:
+                shown = repr(prompt[:60]) + ("..." if len(prompt) > 60 else "")
                 if not truncate:
                     raise BlendedInputError(
-                        f"the prompt {prompt[:60]!r}... has {count} tokens but CLIP's limit is "
+                        f"the prompt {shown} has {count} tokens but CLIP's limit is "
                         f"{self.context_length} (including start/end markers): shorten it, split it into weighted "
                         "parts with '|' (each part has its own limit), or turn CLIP Guidance's "
                         "truncate_long_prompts on to cut it")
-                log.warning("Blended Diffusion: the prompt %r... has %d tokens and CLIP reads only the first %d; "
+                log.warning("Blended Diffusion: the prompt %s has %d tokens and CLIP reads only the first %d; "
                             "the rest is ignored. Shorten it, or split it into weighted parts with '|' (each part "
-                            "has its own limit).", prompt[:60], count, self.context_length)
+                            "has its own limit).", shown, count, self.context_length)
         return tokenizer(list(prompts), context_length=self.context_length)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

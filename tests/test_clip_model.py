@@ -152,6 +152,19 @@ def test_long_prompt_truncates_with_warning_or_raises(clip, caplog):
     assert clip.tokenize([" ".join(["rock"] * 75)], truncate=False).shape == (1, 77)
 
 
+def test_a_long_prompt_is_quoted_whole_when_short_enough_and_cut_with_dots_otherwise(clip):
+    """Long in tokens is not long in characters: a prompt under 60 characters is quoted whole, without dots that
+    would suggest more text; a longer one is quoted cut, with dots."""
+    short = "\U0001f98a" * 40  # 40 emoji, a few tokens each: over the limit in 40 characters
+    with pytest.raises(BlendedInputError) as err:
+        clip.tokenize([short], truncate=False)
+    assert f"the prompt {short!r} has" in str(err.value)
+    long = " ".join(["rock"] * 100)
+    with pytest.raises(BlendedInputError) as err:
+        clip.tokenize([long], truncate=False)
+    assert f"the prompt {long[:60]!r}... has" in str(err.value)
+
+
 def test_tokenizer_needs_no_network(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the tokenizer tried to open a network connection")
