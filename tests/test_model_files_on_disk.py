@@ -5,7 +5,6 @@ do. Every file is made under the test's tmp_path, in a folder put first in the l
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ CLIP_NODE = "BlendedDiffusion_LoadCLIP"
 
 
 @pytest.fixture
-def folders(comfy_inprocess, tmp_path, monkeypatch) -> dict[str, Path]:
+def folders(comfy_inprocess, tmp_path, monkeypatch):
     """Empty guided_diffusion and clip_guidance folders under tmp_path, searched before the workspace's."""
     import folder_paths
 
@@ -32,7 +31,9 @@ def folders(comfy_inprocess, tmp_path, monkeypatch) -> dict[str, Path]:
         paths, extensions = folder_paths.folder_names_and_paths[name]
         monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(made[name]), *paths], extensions))
         monkeypatch.delitem(folder_paths.filename_list_cache, name, raising=False)  # the old list comes back after
-    return made
+    yield made
+    for name in made:  # the list made during the test names these files: not for the tests after this one
+        folder_paths.filename_list_cache.pop(name, None)
 
 
 def node(comfy_inprocess, name):
