@@ -66,7 +66,8 @@ def check_weight(value, name: str, negative_advice: Optional[str] = None) -> flo
         raise BlendedInputError(f"{name} is NaN (not a number): give it a number; if it comes from another node, "
                                 "check that node (a division by zero?).")
     if abs(weight) > torch.finfo(torch.float32).max:
-        raise BlendedInputError(f"{name} is too large ({weight}): weights are relative, e.g. 1.0 and 0.5.")
+        raise BlendedInputError(f"{name} is too large ({weight}): in 32-bit floats it would be infinite (the limit "
+                                "is about 3.4e38), and every result NaN. Give it a smaller value.")
     if negative_advice is not None and weight < 0:
         raise BlendedInputError(f"{name} must be >= 0, got {weight}: {negative_advice}.")
     return weight

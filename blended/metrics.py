@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import mask_morphology, regions
 from .errors import BlendedInputError
 from .image_io import fit_batch, mask_batch_size, prepare_mask, results_per_item
-from .prompts import parse_prompt
+from .prompts import is_blank, parse_prompt
 
 DEFAULT_RING_WIDTH = 2
 
@@ -230,7 +230,8 @@ def split_prompts(prompt: str, batch: int, inputs: int = 1) -> list[str]:
     """One prompt per line, fitted to the batch in the sampler's order: for each of ``inputs`` input images (its
     results together), each prompt line's results together. One line is every image's, as many lines as images
     one each."""
-    lines = [" ".join(line.split()) for line in str(prompt).splitlines() if line.strip()]
+    # The lines CLIP Guidance counts (parse_prompt_lines): one of only invisible characters is none.
+    lines = [" ".join(line.split()) for line in str(prompt).splitlines() if not is_blank(line)]
     if not lines:
         raise BlendedInputError("CLIP similarity needs a prompt: type the text the edits should match")
     if len(lines) == 1 or len(lines) == batch:

@@ -75,20 +75,25 @@ class GuidanceSchedule:
 
 
 
-def parse_values(text: str) -> tuple:
+def parse_values(text: str, shape: str = "values") -> tuple:
     """'0.2, 1.0' (commas and/or spaces) -> (0.2, 1.0); a bad entry is quoted in the error.
 
     The values multiply ``clip_lambda``, so they are >= 0 (a negative weight belongs on a prompt part). Decimal
     commas would split into twice as many numbers, so they are refused rather than guessed at: with semicolons
     between the values ('0,5; 1,5'), and wherever one comma sits between two runs of digits with no other
-    separator ('0,5', '0,5 1,5': 0.5, or the values 0 and 5?).
+    separator ('0,5', '0,5 1,5': 0.5, or the values 0 and 5?), unless ``shape`` leaves only one reading: a
+    "linear" schedule takes exactly two values, so '1,0' can only be 1 and 0.
     """
     groups = [g for g in re.split(r"[\s;]+", str(text).strip()) if g]
     ambiguous = [g for g in groups if _ONE_COMMA_BETWEEN_DIGITS.match(g)]
+    if ambiguous and shape == "linear":
+        as_decimals = [e for e in re.split(r"[,\s;]+", re.sub(r"(\d),(\d)", r"\1.\2", str(text)).strip()) if e]
+        if len(as_decimals) != 2:  # the decimal reading is not a linear schedule: the commas separate values
+            ambiguous = []
     if ambiguous or (";" in str(text) and re.search(r"\d,\d", str(text))):
         which = f" ({ambiguous[0]!r} could be {ambiguous[0].replace(',', '.')} or two values)" if ambiguous else ""
         raise BlendedInputError(f"schedule values {str(text)!r} look like they use decimal commas{which}: write "
-                                "decimals with a point and separate the values with a comma and a space, e.g. "
+                                "decimals with a point and separate the values with spaces or ', ', e.g. "
                                 "'0.5, 1.5'.")
     entries = [e for e in re.split(r"[,\s;]+", str(text).strip()) if e]
     values = []

@@ -196,8 +196,9 @@ class CLIPList:
 
     def build(self, clip, weight, num_views, clips=None):
         AugmentationSettings(num_views=num_views).validate()
-        weight = check_weight(weight, "weight", negative_advice="0 leaves this CLIP out; to steer away from "
-                              "something, give a prompt part a negative weight ('blurry:-0.5')")
+        weight = check_weight(weight, "CLIP List's weight", negative_advice=(
+            "0 leaves this CLIP out; to steer away from something, give a prompt part a negative weight "
+            "('blurry:-0.5')"))
         entry = bridge.ClipListEntry(model=clip, weight=weight, num_views=int(num_views))
         return (tuple(clips or ()) + (entry,),)
 
@@ -249,6 +250,6 @@ class GuidanceSchedule:
 
     @staticmethod
     def _schedule(shape, values, gradient_guard, limit):
-        parsed = guidance_schedule.parse_values(values) if shape != "constant" else ()
+        parsed = guidance_schedule.parse_values(values, shape) if shape != "constant" else ()
         return guidance_schedule.GuidanceSchedule(shape=shape, values=parsed, guard=gradient_guard,
                                                   limit=float(limit))

@@ -184,7 +184,8 @@ PAGES = {
             "`linear` takes exactly two values (first step, last step); `values` takes any number, spread evenly "
             "over the steps and interpolated between. Values are 0 or more, separated by commas, spaces or "
             "semicolons; a bad entry is refused when you queue, and so is a decimal comma: `0,5` could be 0.5 or "
-            "two values, so write `0.5`, or `0, 5` for two.",
+            "two values, so write `0.5`, or `0, 5` for two (a `linear` schedule needs two, so there `1,0` is "
+            "read as 1 and 0).",
             "A common ramp is strong early, to set the layout, and weak late, to spare the details (`linear` "
             "`1.0, 0.2`); the reverse is possible too.",
             "`gradient_guard` `normalize` scales each result's guidance gradient down to an RMS of at most "

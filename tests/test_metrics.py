@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from blended import metrics
 from blended.clip_model import load_guidance_clip
 from blended.errors import BlendedInputError
+from blended.prompts import parse_prompt_lines
 
 CLIP_DIR = Path(__file__).parent / "fixtures" / "reference" / "clip_tiny"
 PROMPT = "a red rock"
@@ -160,6 +161,11 @@ def test_results_are_paired_with_their_input_and_prompt():
     scores = metrics.score_edits(results, inputs, mask)
     assert scores.background_psnr == [math.inf] * 4
     assert metrics.split_prompts("a\nb", 4) == ["a", "a", "b", "b"]
+    # Lines of only invisible characters (a pasted byte-order mark, a zero-width space) are no prompt lines, as
+    # CLIP Guidance counts them: the same text gives both nodes the same lines.
+    pasted = "\ufeff\na\n\u200b\n \t\nb\n"
+    assert metrics.split_prompts(pasted, 4) == ["a", "a", "b", "b"]
+    assert len(parse_prompt_lines(pasted)) == 2
     with pytest.raises(BlendedInputError, match="multiple"):
         metrics.score_edits(results[:3], inputs, mask)
     with pytest.raises(BlendedInputError, match="same size"):

@@ -296,13 +296,14 @@ LINKED_GUIDANCE_CASES = {
     "background_l2_lambda NaN": (lambda p: p, "guidance", "background_l2_lambda", NAN, "background_l2_lambda is NaN"),
     "image_target_weight NaN": (_with_image_target, "guidance", "image_target_weight", NAN,
                                 "image_target_weight is NaN"),
-    "CLIP List weight NaN": (_with_clip_list, "clips", "weight", NAN, "weight is NaN"),
+    "CLIP List weight NaN": (_with_clip_list, "clips", "weight", NAN, "CLIP List.s weight is NaN"),
     # a negative loss weight ran silently: range_lambda < 0 rewards pixels out of range, clip_lambda < 0 pushes away
     # from every prompt (the schedule refuses a negative multiplier for the same reason)
     "clip_lambda negative": (lambda p: p, "guidance", "clip_lambda", -1000.0,
                              r"clip_lambda must be >= 0, got -1000.0: .*give a prompt part a negative weight"),
     "range_lambda negative": (lambda p: p, "guidance", "range_lambda", -50.0, "range_lambda must be >= 0"),
-    "CLIP List weight negative": (_with_clip_list, "clips", "weight", -1.0, r"weight must be >= 0, got -1.0"),
+    "CLIP List weight negative": (_with_clip_list, "clips", "weight", -1.0,
+                                  r"CLIP List.s weight must be >= 0, got -1.0"),
 }
 
 
@@ -339,11 +340,12 @@ def test_a_prompt_ending_in_a_ratio_or_a_time_is_refused_as_ambiguous(comfy):
     with pytest.raises(harness.PromptExecutionError) as err:
         comfy.run(graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)), prompt="a red rock | photo 16:9"))
     message = str(err.value)
-    assert "'photo 16:9' is ambiguous: '16:9' at its end reads as the weight 9 of 'photo 16'" in message
-    assert r"write 'photo 16\:9' (or add a weight: 'photo 16:9:1')" in message
+    assert "'photo 16:9' is ambiguous: it ends in a number, a colon and a whole number, which reads as the weight 9 " \
+           "of 'photo 16'" in message
+    assert r"escape its colons: 'photo 16\:9'" in message
     assert "put a space before the colon: 'photo 16 :9'" in message
     escaped = _images(comfy, r"a red rock | photo 16\:9")
-    torch.testing.assert_close(_images(comfy, "a red rock | photo 16:9:1"), escaped, atol=0, rtol=0)
+    torch.testing.assert_close(_images(comfy, "a red rock | photo 16:9 :1"), escaped, atol=0, rtol=0)
     assert not torch.equal(_images(comfy, "a red rock | photo 16 :9"), escaped)  # the weight 9, asked for
     assert _images(comfy, "a red rock, 16:9 photo").shape == (1, 32, 32, 3)  # a colon inside stays text
 
@@ -364,9 +366,10 @@ def test_a_line_of_only_invisible_characters_is_no_prompt(comfy, text):
     torch.testing.assert_close(_images(comfy, text), _images(comfy, "a red rock"), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("shape, values", [("linear", "0,5"), ("values", "0,5 1,5"), ("values", "1,5; 0.5")])
+@pytest.mark.parametrize("shape, values", [("values", "0,5"), ("linear", "0,5 1,5"), ("values", "1,5; 0.5")])
 def test_schedule_values_with_decimal_commas_are_refused_when_queued(comfy, shape, values):
-    """'0,5' was the ramp from 0 to 5 and '0,5 1,5' four values, silently."""
+    """'0,5' was the values 0 and 5 and '0,5 1,5' four values, silently. (A linear schedule's '1,0' can only be
+    two values: tests/test_prompts_schedule.py.)"""
     prompt = graph(tensor(_rand(1, 32, 32, 3)), mask_tensor(_box(1, 32, 32)))
     prompt["schedule"] = {"class_type": "BlendedDiffusion_GuidanceSchedule",
                           "inputs": {"shape": shape, "values": values, "gradient_guard": "off", "limit": 0.05}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -90,13 +92,29 @@ def test_gradient_guards():
 
 
 def test_a_part_ending_in_a_ratio_or_a_time_is_ambiguous_unless_written_out():
-    for line in ("a photo 16:9", "moss | 12:30", "R2D2:2"):
-        with pytest.raises(BlendedInputError, match="is ambiguous: .* at its end reads as the weight"):
+    for line in ("a photo 16:9", "moss | 12:30", "R2D2:2", "a clock at 12:30:45", "at 12:30:00", "ratio:16:9",
+                 "a photo 16:9:1"):
+        with pytest.raises(BlendedInputError, match="is ambiguous: it ends in a number, a colon and a whole number"):
             parse_prompt(line)
     assert parts(r"a photo 16\:9") == [("a photo 16:9", 1.0)]
-    assert parts("a photo 16:9:1") == parts(r"a photo 16\:9:1") == [("a photo 16:9", 1.0)]
-    assert parts("1984 :2 | rock2:1.5 | ratio 16:9 photo") == [("1984", 2.0), ("rock2", 1.5),
-                                                                 ("ratio 16:9 photo", 1.0)]
+    assert parts(r"a photo 16\:9 :1") == parts("a photo 16:9 :1") == [("a photo 16:9", 1.0)]
+    with pytest.raises(BlendedInputError, match="ambiguous"):  # '9:1' could be a ratio still
+        parse_prompt(r"a photo 16\:9:1")
+    assert parts("1984 :2 | 1984: 2 | rock2:1.5 | ratio 16:9 photo | 16:0.5") == [
+        ("1984", 2.0), ("1984", 2.0), ("rock2", 1.5), ("ratio 16:9 photo", 1.0), ("16", 0.5)]
+
+
+@pytest.mark.parametrize("line,meant", [
+    ("a clock at 12:30:45", ("a clock at 12:30:45", 1.0)), (r"time\: 12:30", ("time: 12:30", 1.0)),
+    ("ratio:16:9", ("ratio:16:9", 1.0)), ("R2D2:2 | moss", ("R2D2:2", 1.0))])
+def test_the_ambiguity_errors_suggestions_parse_as_they_say(line, meant):
+    """Both suggestions, copied from the message as typed, give the text (weight 1) or the weight asked for."""
+    with pytest.raises(BlendedInputError) as err:
+        parse_prompt(line)
+    as_text, as_weight = re.findall(r"colons: '(.*?)'; if .* the colon: '(.*?)'\.$", str(err.value))[0]
+    assert parts(as_text) == [meant]
+    text, _, weight = meant[0].rpartition(":")
+    assert parts(as_weight) == [(text, float(weight))]
 
 
 @pytest.mark.parametrize("line", ["rock:nan", "rock:Inf", "rock:-infinity", "rock:,5"])
@@ -119,6 +137,17 @@ def test_schedule_values_with_a_decimal_comma_are_refused(text):
     with pytest.raises(BlendedInputError, match="decimal commas"):
         parse_values(text)
     assert parse_values("1,2,3") == (1.0, 2.0, 3.0) and parse_values("1,0.5") == (1.0, 0.5)
+
+
+def test_a_linear_schedule_reads_one_comma_as_its_two_values_where_decimals_would_not_make_two():
+    """A linear schedule takes exactly two values: '1,0' read with a decimal comma would be one value, so it is
+    the ramp from 1 to 0 (as workflows saved before the decimal-comma check have it); '0,5 1,5' stays refused,
+    since its decimal reading is two values too."""
+    assert parse_values("1,0", "linear") == (1.0, 0.0) and parse_values("10,20", "linear") == (10.0, 20.0)
+    with pytest.raises(BlendedInputError, match="decimal commas"):
+        parse_values("1,0", "values")
+    with pytest.raises(BlendedInputError, match="decimal commas"):
+        parse_values("0,5 1,5", "linear")
 
 
 def test_guidance_weights_must_be_numbers_and_not_negative():
