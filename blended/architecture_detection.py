@@ -40,6 +40,7 @@ __all__ = [
     "expected_shapes",
     "infer_image_size",
     "layout_mismatches",
+    "predicts_noise",
     "released_checkpoint",
     "unet_config_from_original_kwargs",
 ]
@@ -146,11 +147,17 @@ def _flag(args: Mapping[str, Any], name: str) -> bool:
     value = args[name]
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
+def predicts_noise(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a model of these settings predicts the noise (guided-diffusion's default, every OpenAI release), the
+    only kind the sampler reads; ``predict_xstart`` models predict the clean image instead."""
+    return "predict_xstart" not in kwargs or not _flag(kwargs, "predict_xstart")
 
 
 def _split_numbers(value: Any) -> list[str]:

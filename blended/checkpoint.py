@@ -50,6 +50,7 @@ from .architecture_detection import (
     describe_mismatches,
     detect_unet_config,
     layout_mismatches,
+    predicts_noise,
     released_checkpoint,
     unet_config_from_original_kwargs,
 )
@@ -57,11 +58,11 @@ from .diffusion import NoiseSchedule
 from .errors import BlendedInputError, CheckpointError
 from .unet import GuidedDiffusionUNet, UNetConfig
 
-__all__ = ["check_finite", "find_config_file", "load_guided_diffusion", "read_state_dict", "stored_format"]
+__all__ = ["SAFETENSORS_SUFFIXES", "check_finite", "find_config_file", "load_guided_diffusion", "read_state_dict"]
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # ".sft": the short name ComfyUI also reads as safetensors
 CONFIG_FILE_NAME = "config.json"
 _SNIFF_BYTES = 512
 _REDOWNLOAD = "Download it again (the file is damaged or incomplete)"
@@ -80,7 +81,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not head:
         raise CheckpointError(path, f"the file is empty. {_REDOWNLOAD}.")
     refuse_text(path, head)
-    if _looks_like_safetensors(head) or (path.suffix.lower() == SAFETENSORS_SUFFIX and not _looks_like_torch(head)):
+    if _looks_like_safetensors(head) or (path.suffix.lower() in SAFETENSORS_SUFFIXES and not _looks_like_torch(head)):
         loaded: Any = _read_safetensors(path)
     else:
         loaded = _read_torch(path)
@@ -124,18 +125,6 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 def _looks_like_torch(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
-
-def stored_format(path: str | os.PathLike) -> str | None:
-    """What the file holds by its first bytes: "safetensors", "torch", or None (unreadable, empty, other)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_SNIFF_BYTES)
-    except OSError:
-        return None
-    if _looks_like_safetensors(head):
-        return "safetensors"
-    return "torch" if _looks_like_torch(head) else None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -211,8 +200,14 @@ def _config_from_file(config_path: Path) -> tuple[UNetConfig, NoiseSchedule] | N
         return None
     _check_setting_names(config_path, kwargs)
     try:
+        if not predicts_noise(kwargs):
+            raise BlendedInputError(
+                "predict_xstart is true: this model predicts the clean image, and the sampler reads a model's "
+                "output as the noise (as OpenAI's released models are trained), so its edits would be wrong. Use a "
+                "model trained to predict the noise (guided-diffusion's default), or set predict_xstart to false "
+                "if the config.json is wrong about it.")
         return unet_config_from_original_kwargs(kwargs), NoiseSchedule.from_original_kwargs(kwargs)
-    except BlendedInputError as exc:
+    except (BlendedInputError, ValueError) as exc:
         raise CheckpointError(config_path, str(exc)) from exc
 
 

@@ -102,9 +102,11 @@ def make_patcher(module: torch.nn.Module):
 def load_state_dict(path: str) -> dict:
     """ComfyUI's safe loader: safetensors, or torch.load(weights_only=True); never arbitrary unpickling.
 
-    Where it fails, the library reads the file itself for the reason in the user's terms (a web page or a Git LFS
-    pointer saved instead of the weights, a truncated download, Python objects in a pickle), rather than torch's
-    message, whose advice (load with weights_only=False) would be unsafe. What it returns must be named tensors."""
+    Where it fails, the library reads the file itself, as safely. ComfyUI picks the format by the file's name, the
+    library by its content, so a checkpoint renamed between .pt and .safetensors loads; anything else fails there
+    with the reason in the user's terms (a web page or a Git LFS pointer saved instead of the weights, a truncated
+    download, Python objects in a pickle), rather than torch's message, whose advice (load with
+    weights_only=False) would be unsafe. What it returns must be named tensors."""
     from ..blended.checkpoint import as_state_dict, read_state_dict
     from ..blended.errors import CheckpointError
 
@@ -112,11 +114,11 @@ def load_state_dict(path: str) -> dict:
         loaded = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as exc:  # torch/safetensors raise many types; the user needs one clear message
         try:
-            read_state_dict(path)
+            state_dict = read_state_dict(path)
         except CheckpointError as clear:
             raise clear from exc
-        raise CheckpointError(path, f"cannot be read as a model file ({type(exc).__name__}: {exc}). "
-                                    "Is it complete (not truncated) and a .pt/.safetensors state dict?") from exc
+        log.info("Blended Diffusion: %s holds another format than its name says; read by its content", path)
+        return state_dict
     return as_state_dict(path, loaded)
 
 

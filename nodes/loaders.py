@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..blended.checkpoint import load_guided_diffusion, read_state_dict, stored_format
+from ..blended.checkpoint import SAFETENSORS_SUFFIXES, load_guided_diffusion
 from ..blended.clip_model import load_guidance_clip
 from . import comfy_bridge as bridge
 from .model_folders import (
@@ -21,19 +21,6 @@ from .model_folders import (
 
 log = logging.getLogger(__name__)
 CATEGORY = "BlendedDiffusion/loaders"
-_SAFETENSORS_NAMES = (".safetensors", ".sft")
-
-
-def _comfy_reads_by_its_name(path: str) -> bool:
-    """Whether ComfyUI's loader, which takes a file for safetensors or PyTorch by its name, takes it for what it
-    holds. A checkpoint renamed .pt <-> .safetensors fails there (torch's unpickler or safetensors' "header too
-    large"); the library reads it by its content."""
-    holds = stored_format(path)
-    return holds is None or (holds == "safetensors") == path.lower().endswith(_SAFETENSORS_NAMES)
-
-
-def _read_weights(path: str) -> dict:
-    return bridge.load_state_dict(path) if _comfy_reads_by_its_name(path) else read_state_dict(path)
 
 
 class LoadGuidedDiffusionModel:
@@ -85,7 +72,7 @@ class LoadGuidedDiffusionModel:
             overrides["use_new_attention_order"] = attention_order == "new"
         if head_channels:
             overrides["num_head_channels"] = int(head_channels)
-        state_dict = _read_weights(path)
+        state_dict = bridge.load_state_dict(path)
         with torch.inference_mode(False):
             unet, config = load_guided_diffusion(path=path, state_dict=state_dict, overrides=overrides or None)
         del state_dict
@@ -148,7 +135,7 @@ class LoadGuidanceCLIP:
         compute_dtype = bridge.resolve_dtype(dtype, device)
         with torch.inference_mode(False):
             quick_gelu = activation == "quick_gelu"
-            if path.lower().endswith(_SAFETENSORS_NAMES) and _comfy_reads_by_its_name(path):
+            if path.lower().endswith(SAFETENSORS_SUFFIXES):
                 clip = load_guidance_clip(path=path, state_dict=bridge.load_state_dict(path), quick_gelu=quick_gelu)
             else:
                 # .pt may be OpenAI's TorchScript archive, which the library reads itself, safely (as it reads a

@@ -54,7 +54,10 @@ def _not_a_file_reason(name: str, filename) -> str | None:
     """Why a name that is in a ``name`` folder is no model file: a link to nothing, or a folder."""
     for folder in folder_paths.get_folder_paths(name):
         for spelling in _spellings(filename):
-            relative = os.path.relpath(os.path.join("/", spelling), "/")
+            try:
+                relative = os.path.relpath(os.path.join("/", spelling), "/")
+            except ValueError:  # on Windows, a name on another drive ("D:\\x.pt") has no path relative to "/"
+                continue
             if relative == os.curdir:  # an empty name is the folder itself
                 continue
             candidate = os.path.join(folder, relative)

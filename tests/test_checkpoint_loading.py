@@ -333,6 +333,22 @@ def test_a_config_json_yes_no_setting_written_as_a_word_means_that_word(tmp_path
         load_guided_diffusion(path)
 
 
+def test_a_config_json_flag_may_be_a_number_and_an_x0_predicting_model_is_refused(tmp_path):
+    """JSON writers turn flags into 1.0 as often as into true; and a model trained with predict_xstart would load
+    (its shapes are the same) and edit wrongly, since the sampler reads the output as the noise."""
+    path, _ = copy_with_config(tmp_path, "model.pt", learn_sigma=1.0, use_new_attention_order=0.0)
+    assert load_guided_diffusion(path)[1].out_channels == 6
+    copy_with_config(tmp_path, "model.pt", predict_xstart=False)
+    load_guided_diffusion(path)
+    copy_with_config(tmp_path, "model.pt", predict_xstart=True)
+    with pytest.raises(CheckpointError, match="config.json: predict_xstart is true: this model predicts the clean "
+                                              "image"):
+        load_guided_diffusion(path)
+    copy_with_config(tmp_path, "model.pt", predict_xstart="maybe")
+    with pytest.raises(CheckpointError, match="predict_xstart must be true or false, not 'maybe'"):
+        load_guided_diffusion(path)
+
+
 def test_a_misspelt_config_json_setting_is_refused_and_other_scripts_settings_are_ignored(tmp_path, caplog):
     """A misspelt key was ignored and its default used: "num_head_channel": 32 gave four heads of 16 channels,
     which load without complaint and compute another model."""
