@@ -131,6 +131,30 @@ def check_settings(settings: SamplerSettings, diffusion, num_results: int = 1) -
                                 f"{', '.join(colour_match.SPACES)}")
 
 
+def composite_mask(mask: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """One item's final composite mask ``[1,1,H,W]``: where the user's mask is above 0, grown (or, negative, shrunk)
+    and feathered as set. It decides which pixels of the result come from the edit."""
+    composite = (mask > 0).float()
+    if settings.grow_mask or settings.feather:
+        composite = mask_morphology.grown_and_feathered(composite, settings.grow_mask, settings.feather)
+    return composite
+
+
+def check_composite_masks(masks: torch.Tensor, settings: SamplerSettings) -> None:
+    """Refuse a negative grow_mask that shrinks some item's composite away entirely: that input would come back
+    unchanged, as if edited, without a word. ``masks`` as :func:`~blended.image_io.prepare_edit_masks` gives them
+    (each item edits somewhere); only a shrink can empty one. Cheap enough to run before any model is loaded."""
+    if settings.grow_mask >= 0:
+        return
+    gone = [item for item in range(masks.shape[0])
+            if not bool((composite_mask(masks[item:item + 1], settings) > 0).any())]
+    if gone:
+        where = f" (in batch item(s) {gone[:8]})" if masks.shape[0] > 1 else ""
+        raise BlendedInputError(
+            f"grow_mask {settings.grow_mask} shrinks the mask away entirely{where}: nothing would be edited. Shrink "
+            "it less (a grow_mask closer to 0) or paint a larger region.")
+
+
 def guided_step(unet, diffusion, objective: Optional[GuidanceObjective], x: torch.Tensor, index: int,
                 init_image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, background_noise: torch.Tensor,
                 settings: SamplerSettings, result_ids: Sequence[int], model_kwargs=None, repeat: int = 0) -> dict:
@@ -265,6 +289,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
     images = image_io.to_rgb_nchw(image.cpu())
     _, _, height, width = images.shape
     images, masks = image_io.prepare_edit_masks(images, None if mask is None else mask.cpu(), invert_mask)
+    check_composite_masks(masks, settings)
     batch = images.shape[0]
 
     # CUDA's current device is where Triton launches its kernels and CUDA graphs capture: the model's, which
@@ -296,9 +321,7 @@ def edit_image(image: torch.Tensor, mask: Optional[torch.Tensor], unet, diffusio
         for b in range(batch):
             # 2. The final composite mask (the user's, optionally grown and feathered) and what the model sees:
             #    a square crop covering it, at model resolution, in [-1,1]. The model edits the user's mask.
-            composite = (masks[b:b + 1] > 0).float()
-            if settings.grow_mask or settings.feather:
-                composite = mask_morphology.grown_and_feathered(composite, settings.grow_mask, settings.feather)
+            composite = composite_mask(masks[b:b + 1], settings)
             if settings.region == "full":
                 plan = regions.plan_full_image(height, width, model_size)
             else:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ..blended import fast_paths, image_io, mask_morphology
+from ..blended import fast_paths, image_io
 from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
 from ..blended.memory import GIB, auto_batch_size, per_result_bytes, run_with_smaller_batches
-from ..blended.sampler import SamplerSettings, check_settings, diffusion_for, edit_image
+from ..blended.sampler import SamplerSettings, check_composite_masks, check_settings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
 from .speed import DEFAULT_SPEED, default_speed_options, default_without_triton_kernels, for_clip
@@ -140,10 +140,11 @@ class BlendedDiffusionSampler:
             raise BlendedInputError(f"respacing {respacing!r} is not valid: use a step count like '100', 'ddim50' "
                                     f"or sections like '10,15,20' ({exc})") from exc
         # What the widgets and the mask alone can refuse is refused before the models are loaded and copied.
-        check_settings(SamplerSettings(**widgets), diffusion, num_results)
+        settings = SamplerSettings(**widgets)
+        check_settings(settings, diffusion, num_results)
         image_io.to_rgb_nchw(image)  # its channels, dtype and finite values; the edit converts it again
         image_io.check_edit_mask(image, mask, invert_mask)
-        _check_shrunk_mask(image, mask, invert_mask, widgets)
+        _check_shrunk_mask(image, mask, invert_mask, settings)
         run = dict(model=model, guidance=guidance, diffusion=diffusion, image=image, mask=mask, seed=seed,
                    num_results=num_results, invert_mask=invert_mask, widgets=widgets,
                    callback=bridge.progress_callback(node_id=unique_id, preview=preview))
@@ -180,24 +181,14 @@ class BlendedDiffusionSampler:
         return (bridge.to_output(result.images), bridge.to_output(result.mask), bridge.to_output(frames))
 
 
-def _check_shrunk_mask(image, mask, invert_mask: bool, widgets: dict) -> None:
-    """Refuse a negative grow_mask (a linked value: the widget stops at 0) that shrinks some item's composite mask
-    away entirely: that input would come back unchanged, as if edited, without a word. Checked on the masks at the
-    image's size, as the edit makes its composite, before the models load."""
-    grow = int(widgets.get("grow_mask", 0))
-    if grow >= 0:
+def _check_shrunk_mask(image, mask, invert_mask: bool, settings: SamplerSettings) -> None:
+    """The edit's refusal of a negative grow_mask (a linked value: the widget stops at 0) that shrinks some item's
+    composite away, made before the models load, on the masks at the image's size as the edit makes them."""
+    if settings.grow_mask >= 0:
         return
-    feather = int(widgets.get("feather", 0))
     images = image_io.to_rgb_nchw(image.cpu())
     _, masks = image_io.prepare_edit_masks(images, None if mask is None else mask.cpu(), invert_mask)
-    gone = [item for item in range(masks.shape[0])
-            if not bool((mask_morphology.grown_and_feathered((masks[item:item + 1] > 0).float(), grow, feather)
-                         > 0).any())]
-    if gone:
-        where = f" (in batch item(s) {gone[:8]})" if masks.shape[0] > 1 else ""
-        raise BlendedInputError(
-            f"grow_mask {grow} shrinks the mask away entirely{where}: nothing would be edited. Shrink it less (a "
-            "grow_mask closer to 0) or paint a larger region.")
+    check_composite_masks(masks, settings)
 
 
 def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, image, mask, seed, num_results,

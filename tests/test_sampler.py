@@ -123,6 +123,10 @@ def test_bad_settings_are_refused(unet, diffusion, clip, image_and_mask):
         run(unet, diffusion, clip, image, mask, skip_timesteps=10)
     with pytest.raises(BlendedInputError, match="empty"):
         run(unet, diffusion, clip, image, torch.zeros_like(mask))
+    # A negative grow_mask that shrinks the mask away would give the input back as if edited (the node checks it
+    # before loading the models, through the same check_composite_masks).
+    with pytest.raises(BlendedInputError, match=r"grow_mask -1000 shrinks the mask away entirely"):
+        run(unet, diffusion, clip, image, mask, grow_mask=-1000)
 
 
 def test_any_size_crop_edit_stitch_two_regions(unet, diffusion, clip):
