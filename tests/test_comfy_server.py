@@ -182,6 +182,9 @@ def test_thirty_prompts_finish_and_memory_does_not_keep_growing(comfy_client, co
 # ---- the run lifecycle as a user drives it: free, re-queue, queue while running, interrupt, cancel pending
 
 SAMPLER_NODE = "6"  # tiny_edit_prompt's node ids
+# An edit long enough (30 steps, about 3 s on two cores) that the requests a test sends once it has begun to
+# sample (a handful, each a few milliseconds) certainly arrive before it ends, on a loaded machine too.
+LONG = {"respacing": "30", "skip_timesteps": 0}
 
 
 def _types(messages) -> list[str]:
@@ -243,7 +246,7 @@ def test_free_models_and_node_cache_then_the_same_prompt_runs_again_alike(comfy_
     ComfyUI's worker applies /free between prompts: posted while the first edit samples, it takes effect the
     moment that run ends, so the re-queued prompt certainly finds the models unloaded and the cache empty (posted
     while idle, it would race the next /prompt)."""
-    prompt = harness.tiny_edit_prompt(object_info, seed=31, text="a mossy stone")
+    prompt = harness.tiny_edit_prompt(object_info, seed=31, text="a mossy stone", **LONG)
     hook, posted = _on_first_sampler_step(lambda _: comfy_client.free(unload_models=True, free_memory=True))
     first_id, first = comfy_client.run_prompt(prompt, timeout=300, on_message=hook)
     assert posted == [200], _types(first)
@@ -266,12 +269,13 @@ def test_free_models_and_node_cache_then_the_same_prompt_runs_again_alike(comfy_
 def test_unload_models_keeps_the_node_cache_and_the_next_edit_loads_them_again(comfy_client, object_info):
     """The frontend's "Unload models" ({unload_models} alone): ComfyUI unloads the models but keeps the loaders'
     outputs cached, so the next edit samples with model objects ComfyUI unloaded, which must load again and give
-    what they gave before."""
+    what they gave before. (Under --cpu, unloading leaves the weights where they are: there the test holds the
+    node cache and the result.)"""
     edit = harness.tiny_edit_prompt(object_info, seed=33)
     before_id, before = comfy_client.run_prompt(edit, timeout=300)
     assert _succeeded(before), _types(before)
 
-    other = harness.tiny_edit_prompt(object_info, seed=32, respacing="3")  # evicts `edit`'s sampler output
+    other = harness.tiny_edit_prompt(object_info, seed=32, **LONG)  # evicts `edit`'s sampler output
     hook, posted = _on_first_sampler_step(lambda _: comfy_client.free(unload_models=True, free_memory=False))
     _, during = comfy_client.run_prompt(other, timeout=300, on_message=hook)
     assert posted == [200] and _succeeded(during), _types(during)
@@ -288,7 +292,7 @@ def test_prompts_queued_while_one_runs_finish_in_order_with_their_own_results(co
     """A second and third prompt (other text, other seed) queued while the first samples: all three run, one after
     the other in queue order, each giving what it gives when queued alone."""
     order = ("first", "other_text", "other_seed")
-    edits = {"first": harness.tiny_edit_prompt(object_info, seed=41, text="a red rock"),
+    edits = {"first": harness.tiny_edit_prompt(object_info, seed=41, text="a red rock", **LONG),
              "other_text": harness.tiny_edit_prompt(object_info, seed=41, text="a blue pond"),
              "other_seed": harness.tiny_edit_prompt(object_info, seed=42, text="a red rock")}
     alone = {}
@@ -334,7 +338,7 @@ def test_interrupted_edit_queued_again_at_once_gives_the_full_result(comfy_clien
     """Cancel (/interrupt) mid-edit, then Queue the same prompt again straight away: it samples from the start to
     the last step and gives the uninterrupted edit, nothing of the cancelled run (partial state, a stale interrupt
     flag) carried over."""
-    edit = harness.tiny_edit_prompt(object_info, seed=51, respacing="12", skip_timesteps=0)
+    edit = harness.tiny_edit_prompt(object_info, seed=51, **LONG)
     reference_id, reference = comfy_client.run_prompt(edit, timeout=300)
     assert _succeeded(reference) and _sampled_in_full(reference), _types(reference)
     # Another seed evicts the reference from the cache, so the prompt below samples again.
@@ -365,7 +369,7 @@ def test_prompts_taken_off_the_queue_never_run_and_the_running_one_finishes(comf
     """While an edit samples, two more are queued; one is cancelled from the queue panel (/queue delete), then
     the queue is cleared (/queue clear): the running edit finishes normally, neither pending one ever runs, and
     the cleared prompt queued again later runs as usual."""
-    running = harness.tiny_edit_prompt(object_info, seed=61, respacing="12", skip_timesteps=0)
+    running = harness.tiny_edit_prompt(object_info, seed=61, **LONG)
     deleted = harness.tiny_edit_prompt(object_info, seed=62)
     cleared = harness.tiny_edit_prompt(object_info, seed=63)
     ids: dict[str, str] = {}
