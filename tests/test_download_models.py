@@ -3,8 +3,13 @@ resume, size checks, refusal of web pages and LFS pointers, dry runs, files alre
 
 from __future__ import annotations
 
+import errno
 import http.server
+import importlib.util
+import io
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -201,3 +206,141 @@ def test_the_script_reports_a_failed_download_and_exits_non_zero(server, tmp_pat
     assert result.returncode == 1 and "not the right file" in result.stderr
     assert server.requests == [("/files/ViT-B-16.safetensors", None)]
     assert not (tmp_path / "clip_guidance" / "ViT-B-16.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ what is there, mirrors, the disk
+
+def load_script():
+    """The script in-process (a subprocess costs seconds of imports): its main, parse_args and helpers."""
+    spec = importlib.util.spec_from_file_location("download_models_script", REPO / "scripts" / "download_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_smaller_file_already_there_is_left_alone_and_reported(server, tmp_path, caplog):
+    """README: files already there are left alone, also one smaller than the model (a truncated download, or a
+    conversion of the user's own): it is reported, never replaced, and the exit status says so."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "clip_guidance" / "ViT-B-16.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"the user's own smaller file")
+    script = load_script()
+    assert script.main(["--models-dir", str(tmp_path), "--only", "ViT-B-16.safetensors",
+                        "--base-url", f"http://127.0.0.1:{server.server_port}/files"]) == 1
+    assert path.read_bytes() == b"the user's own smaller file" and server.requests == []
+    assert "holds only 27 bytes" in caplog.text and "left alone; move or delete it" in caplog.text
+    # fetch itself refuses too, should a caller skip the plan's verdict
+    (tmp_path / "guided_diffusion").mkdir()
+    (tmp_path / "guided_diffusion" / "good.pt").write_bytes(b"small")
+    item = _item(server, tmp_path)
+    assert "holds only 5 bytes" in item.in_the_way and not item.present
+    with pytest.raises(download.DownloadError, match="left alone"):
+        download.fetch(item)
+    assert (tmp_path / "guided_diffusion" / "good.pt").read_bytes() == b"small" and server.requests == []
+
+
+def test_a_folder_mirror_resumes_by_starting_over_not_by_appending(tmp_path):
+    """A local folder (or file:// URL) as --base-url answers a Range request with the whole file and no status:
+    appended to the .part, each retry made it longer and the download never finished."""
+    mirror = tmp_path / "mirror with spaces é"
+    mirror.mkdir()
+    (mirror / "good.pt").write_bytes(WEIGHTS)
+    model = ModelFile("good.pt", "guided_diffusion", "https://unused.invalid/good.pt", len(WEIGHTS), True, "test")
+    item = download.plan([model], tmp_path / "models", base_url=str(mirror))[0]
+    assert item.url.startswith("file://")
+    part = tmp_path / "models" / "guided_diffusion" / "good.pt.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(WEIGHTS[:1000])
+    assert download.fetch(download.plan([model], tmp_path / "models", base_url=str(mirror))[0],
+                          attempts=1).read_bytes() == WEIGHTS
+
+
+def test_too_little_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.raises(download.DownloadError, match=r"not enough space for good.pt .* 0.00 GB are free"):
+        download.fetch(_item(server, tmp_path))
+    assert list((tmp_path / "guided_diffusion").iterdir()) == [] and len(server.requests) == 1
+
+
+class _FillingDisk(io.RawIOBase):
+    """A file on a disk that fills up after ``room`` bytes: a short write, then ENOSPC."""
+
+    def __init__(self, handle, room):
+        self.handle, self.room = handle, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = self.handle.write(bytes(data[:self.room]))
+        self.room -= taken
+        return taken
+
+    def close(self):
+        self.handle.close()
+        super().close()
+
+
+def test_a_disk_filling_up_says_so_keeps_the_part_and_does_not_retry(server, tmp_path, monkeypatch):
+    """A full disk is no broken transfer: retrying cannot help, and the message says what to do."""
+    real_open = Path.open
+
+    def filling_open(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        return _FillingDisk(handle, 150_000) if "b" in mode and ("w" in mode or "a" in mode) else handle
+    monkeypatch.setattr(Path, "open", filling_open)
+    monkeypatch.setattr(download.time, "sleep", lambda _: None)
+    with pytest.raises(download.DownloadError, match="disk is full; good.pt needs about"):
+        download.fetch(_item(server, tmp_path))
+    assert len(server.requests) == 1
+    assert (tmp_path / "guided_diffusion" / "good.pt.part").read_bytes() == WEIGHTS[:150_000]  # kept to resume
+    assert not (tmp_path / "guided_diffusion" / "good.pt").exists()
+
+
+def test_a_folder_that_cannot_be_made_is_a_download_error_not_a_traceback(server, tmp_path, monkeypatch, caplog):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    script = load_script()
+    assert script.main(["--models-dir", str(tmp_path / "ro"), "--only", "ViT-B-16.safetensors",
+                        "--base-url", f"http://127.0.0.1:{server.server_port}/files"]) == 1
+    assert "cannot create the folder" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_ctrl_c_keeps_the_part_and_says_how_to_resume(tmp_path, monkeypatch, caplog):
+    script = load_script()
+
+    def interrupted(item, progress=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(script.download, "fetch", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            script.main(["--models-dir", str(tmp_path), "--only", "ViT-B-16.safetensors"])
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C ended the script with a traceback")
+    assert exit_info.value.code == 130 and "run the script again to resume" in caplog.text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--comfyui", "{tmp}/ComfyUl-typo"], "no such folder"),
+    (["--models-dir", "{tmp}", "--only", "ViT-L-14.safetensors", "--required-only"], "nothing to fetch"),
+])
+def test_arguments_that_would_do_the_wrong_thing_quietly_are_refused(tmp_path, capsys, args, message):
+    script = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args([a.format(tmp=tmp_path) for a in args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_messages_name_the_folder_absolutely(tmp_path, monkeypatch, caplog):
+    """README's command for a ComfyUI of one's own passes --comfyui ../..: the plan said "to ../../models/...",
+    which does not tell which ComfyUI gets the files."""
+    caplog.set_level(logging.INFO)
+    (tmp_path / "ComfyUI" / "custom_nodes" / "pack").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "ComfyUI" / "custom_nodes" / "pack")
+    assert load_script().main(["--comfyui", "../..", "--dry-run", "--required-only"]) == 0
+    assert f"to   {tmp_path.resolve() / 'ComfyUI' / 'models' / 'clip_guidance' / 'ViT-B-16.safetensors'}" in caplog.text
