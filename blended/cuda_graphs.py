@@ -128,15 +128,18 @@ def _own(tensor):
 class GraphedCalls:
     """One network call (``fn``), replayed from CUDA graphs captured per input signature.
 
-    ``keep`` graphs are kept (an edit sees its batch size and perhaps a smaller last chunk; with and without
-    autograd); the oldest is dropped for a new one. After ``max_captures`` captures, or a capture that fails,
-    the rest of the run is eager, with a warning: a call whose shapes keep changing gains nothing from graphs.
+    ``keep`` graphs are kept: an edit sees its batch size and perhaps a smaller last chunk, each with and without
+    autograd (the unguided forward when ``reuse_guided_forward`` is off), four signatures that come back for every
+    input image of a batch, so all four are kept; beyond that the least recently used is dropped for a new one.
+    After ``max_captures`` captures, or a capture that fails, the rest of the run is eager, with a warning: a call
+    whose shapes keep changing gains nothing from graphs.
     """
 
-    def __init__(self, fn: Callable, name: str, keep: int = 3, max_captures: int = 8):
+    def __init__(self, fn: Callable, name: str, keep: int = 4, max_captures: int = 8):
         self.fn, self.name, self.keep, self.max_captures = fn, name, keep, max_captures
         self._graphs: dict[tuple, Callable] = {}
         self._seen: set[tuple] = set()
+        self._captured: set[tuple] = set()  # the signatures captured so far (for the warning)
         # per graph: the last replay's output that needs a gradient (weakly) and whether its gradient came
         self._awaiting: dict[tuple, tuple[weakref.ref, list]] = {}
         self.captures = 0
@@ -162,6 +165,8 @@ class GraphedCalls:
         elif self._awaits_backward(key):
             self.eager_while_awaiting += 1
             return self.fn(*args, **kwargs)
+        else:
+            self._graphs[key] = self._graphs.pop(key)  # the most recently used: dropped last
         self.replays += 1
         outputs = pytree.tree_map(_own, graphed(*flat))
         if autograd:
@@ -197,7 +202,7 @@ class GraphedCalls:
 
     def _capture(self, key: tuple, flat: tuple, num_args: int, names: tuple, autograd: bool) -> Callable | None:
         if self.captures >= self.max_captures:
-            self._disable(f"{self.captures} input shapes in one run")
+            self._disable(f"{len(self._captured)} input shapes in one run, {self.captures} captures")
             return None
         while len(self._graphs) >= self.keep:
             oldest = next(iter(self._graphs))
@@ -211,6 +216,7 @@ class GraphedCalls:
             self._disable(f"its capture failed ({type(exc).__name__}: {exc})")
             return None
         self.captures += 1
+        self._captured.add(key)
         log.debug("cuda_graphs: captured the %s%s for inputs %s", self.name, "" if autograd else " (forward only)",
                  [tuple(t.shape) for t in flat])
         self._graphs[key] = graphed
@@ -232,6 +238,7 @@ class GraphedCalls:
         had_graphs = bool(self._graphs)
         self._graphs.clear()
         self._seen.clear()
+        self._captured.clear()
         self._awaiting.clear()
         if had_graphs:
             gc.collect()
@@ -249,6 +256,11 @@ def install(unet, clip) -> None:
     """Graph ``unet``'s forward and ``clip``'s image tower (run clones: the shared models are never touched)."""
     if not isinstance(unet.__dict__.get("forward"), GraphedCalls):
         unet.forward = GraphedCalls(functools.partial(type(unet).forward, unet), "UNet")
+    install_clip(clip)
+
+
+def install_clip(clip) -> None:
+    """Graph ``clip``'s image tower alone: a CLIP of an ensemble guides beside the run's UNet (a run clone)."""
     if clip is not None and clip.graphed_tower is None:
         clip.graphed_tower = GraphedCalls(clip.image_tower(), "CLIP image tower")
 
@@ -259,6 +271,11 @@ def remove(unet, clip) -> None:
     if isinstance(graphed, GraphedCalls):
         graphed.release()
         del unet.forward
+    remove_clip(clip)
+
+
+def remove_clip(clip) -> None:
+    """``clip``'s image tower back to eager calls, its graphs' memory released."""
     if clip is not None and clip.graphed_tower is not None:
         clip.graphed_tower.release()
         clip.graphed_tower = None

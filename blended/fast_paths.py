@@ -55,6 +55,7 @@ __all__ = [
     "OPTION_TOKENS",
     "PRESETS",
     "apply_channels_last",
+    "apply_clip_fast_paths",
     "apply_fast_paths",
     "precast_autocast_weights",
     "precast_clip_embeddings",
@@ -66,6 +67,7 @@ __all__ = [
     "parse_preset",
     "dtype_name",
     "parse_dtype",
+    "run_clip_clone",
     "run_clones",
     "sampler_settings_with",
     "set_clip_checkpointing",
@@ -572,6 +574,38 @@ def cudnn_benchmark(enabled: bool, device: torch.device | str):
         yield
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def apply_clip_fast_paths(clip, options: FastPathOptions):
+    """Configure one CLIP in place for the CLIP side of ``options`` (precision, channels_last, checkpointing, the
+    Triton kernels, CUDA graphs of its image tower), as :func:`apply_fast_paths` configures the main CLIP. For
+    the further CLIPs of an ensemble, which guide beside the run's UNet and would otherwise run as loaded."""
+    set_clip_precision(clip, options.clip_dtype)
+    _to_memory_format(clip.model, torch.channels_last if options.channels_last else torch.contiguous_format)
+    set_clip_checkpointing(clip, options.clip_checkpointing)
+    set_clip_kernels(clip, options.triton_clip)
+    if options.cuda_graphs:
+        cuda_graphs.install_clip(clip)
+    else:
+        cuda_graphs.remove_clip(clip)
+    return clip
+
+
+@contextlib.contextmanager
+def run_clip_clone(clip, options: FastPathOptions):
+    """A clone of one more guiding CLIP (an ensemble's), configured by :func:`apply_clip_fast_paths` for one run;
+    ``clip`` stays as it is. Its precision is ``options.clip_dtype``: pin it to the CLIP's own dtype where that
+    CLIP's loader chose it (the Speed node's ``for_clip``). A CLIP that is the run's main CLIP needs no second
+    clone: the kept clone of a model is one object, and this one is emptied when it ends."""
+    clone = copy.copy(clip)
+    clone.model = _clone_of(clip.model)
+    try:
+        apply_clip_fast_paths(clone, options)
+        precast_clip_embeddings(clone)
+        yield clone
+    finally:
+        cuda_graphs.remove_clip(clone)
+        _empty(clone.model)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -79,8 +80,9 @@ class BlendedDiffusionSampler:
                                 "Edit where the mask is 0 instead (e.g. background replacement)."}),
                 "batch_size": ("INT", {"default": d.batch_size, "min": 0, "max": 256, "tooltip":
                                "Results denoised together. Lower it if you run out of memory; results do not "
-                               "depend on it. 0 = auto: as many as fit in the memory that is free once the "
-                               "models are loaded, started again at about half that batch if it still runs out."}),
+                               "depend on it (beyond float rounding). 0 = auto: as many as fit in the memory that is "
+                               "free once the models are loaded, started again at about half that batch if it "
+                               "still runs out."}),
             },
             "optional": {
                 "region": (["full", "mask_crop"], {"default": d.region, "tooltip":
@@ -218,8 +220,6 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
             batch_size = _auto_batch_size(model, device, num_prompts * num_results, options)
         if lpips_model is not None:
             lpips_model = lpips_model.to(device)
-        extra_clips = [GuidanceClip(e.model.clip, e.weight, e.num_views) for e in extra]
-
         batches = []
 
         def attempt(batch_size: int):
@@ -228,7 +228,10 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
             image_targets = [ImageTarget(t.image.clone(), None if t.mask is None else t.mask.clone(), t.weight)
                              for t in guidance.image_targets]
             # The speed options apply to clones: the loader's cached models stay as loaded.
-            with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip):
+            with fast_paths.run_clones(model.unet, guidance.clip.clip, options) as (unet, clip), \
+                    contextlib.ExitStack() as stack:
+                extra_clips = [GuidanceClip(_ensemble_clip(stack, e.model.clip, guidance.clip.clip, clip, options),
+                                            e.weight, e.num_views) for e in extra]
                 return edit_image(image.clone(), mask.clone() if mask is not None else None, unet, diffusion,
                                   clip, guidance.prompts, seed=seed, num_results=num_results,
                                   settings=dataclasses.replace(settings, batch_size=batch_size),
@@ -245,6 +248,15 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
              result.images.shape[0], num_prompts, min(batches[-1], num_prompts * num_results),
              " (auto)" if auto else "", options.describe())
     return result
+
+
+def _ensemble_clip(stack: contextlib.ExitStack, extra_clip, main_clip, main_run_clip, options):
+    """A further CLIP of the ensemble, with the Speed options the main CLIP runs with (else it would run as loaded,
+    without the checkpointing, kernels or graphs the user asked for). The main CLIP's model listed again is the
+    main run clone; another is cloned for the run at its own loader's precision."""
+    if extra_clip.model is main_clip.model:
+        return main_run_clip
+    return stack.enter_context(fast_paths.run_clip_clone(extra_clip, for_clip(options, extra_clip)))
 
 
 def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:

@@ -377,6 +377,34 @@ def test_cuda_graphs_run_in_comfyuis_executor_and_give_eagers_bits(comfy_inproce
     assert "forward" not in unet.unet.__dict__ and clip.clip.graphed_tower is None
 
 
+def test_a_clip_lists_own_clip_runs_with_the_speed_options_too(comfy_inprocess, monkeypatch):
+    """A CLIP List member loaded by its own loader guides with the run's speed options on a run clone, as the main
+    CLIP does (it ran as loaded: no checkpointing, kernels or graphs): with ``cuda_graphs`` through the tests'
+    emulator, its tower is captured too, the images are eager's bits, and its loader's model keeps no graph."""
+    from test_cuda_graphs import emulate_graphs
+
+    sampler = comfy_inprocess.pack_module("sampler")
+    captured = emulate_graphs(monkeypatch, sampler.fast_paths.cuda_graphs)
+
+    def run(preset, preview):  # preview only changes the cache key: ComfyUI runs the node again
+        monkeypatch.setattr(sampler, "default_speed_options", lambda: sampler.fast_paths.parse_preset(preset))
+        prompt = graph(empty_image(64, 64, color=0x446688), box_mask(), respacing="6", seed=4, num_results=2,
+                       batch_size=2, preview=preview)
+        # the same weights under another activation: a second CLIP model, with a view count of its own
+        prompt["clip2"] = {"class_type": "BlendedDiffusion_LoadCLIP",
+                           "inputs": {"clip_name": harness.CLIP_TINY_NAME, "dtype": "float32", "activation": "gelu"}}
+        prompt["list"] = {"class_type": "BlendedDiffusion_CLIPList",
+                          "inputs": {"clip": ["clip2", 0], "weight": 0.5, "num_views": 2}}
+        prompt["guidance"]["inputs"]["more_clips"] = ["list", 0]
+        return comfy_inprocess.run(prompt)
+    eager = run("bf16+reuse", True)
+    assert captured == []
+    graphed = run("bf16+reuse+cuda_graphs", False)
+    assert [kind for kind, _ in captured] == ["autograd"] * 3  # the UNet and both CLIPs' image towers
+    torch.testing.assert_close(graphed.tensors["sampler"][0][0], eager.tensors["sampler"][0][0], atol=0, rtol=0)
+    assert graphed.tensors["clip2"][0][0].clip.graphed_tower is None
+
+
 def test_speed_node_runs_the_triton_kernels_and_cuda_graphs_options(comfy_inprocess, monkeypatch):
     """triton_kernels is both Triton options (the UNet's GroupNorm + SiLU, CLIP's LayerNorm and QuickGELU) and
     cuda_graphs the graph replay. Through ComfyUI's executor on the CPU, where the Triton paths run their
