@@ -202,7 +202,8 @@ class GraphedCalls:
 
     def _capture(self, key: tuple, flat: tuple, num_args: int, names: tuple, autograd: bool) -> Callable | None:
         if self.captures >= self.max_captures:
-            self._disable(f"{len(self._captured)} input shapes in one run, {self.captures} captures")
+            self._disable(f"{len(self._captured)} input shapes in one run (with and without gradients counted "
+                          f"apart), {self.captures} captures")
             return None
         while len(self._graphs) >= self.keep:
             oldest = next(iter(self._graphs))

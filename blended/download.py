@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Iterable, Optional
 
 from .checkpoint import refuse_text
@@ -71,11 +71,26 @@ def plan(models: Iterable[ModelFile], models_dir: str | os.PathLike, base_url: O
 
 
 def mirror_url(base: str) -> str:
-    """``base`` as a URL: a local folder (no ``scheme://``; ``D:\\mirror`` on Windows too) becomes its file:// URL,
-    which urllib would otherwise refuse as an unknown URL type."""
+    """``base`` as a URL: a local folder (no ``scheme://``; ``D:\\mirror`` or a share on Windows too) becomes its
+    file:// URL, which urllib would otherwise refuse as an unknown URL type. Anything else without a scheme is
+    refused here: read as a folder, a mistyped web address would fail later as "cannot connect"."""
     if "://" in base:
         return base
-    return Path(base).expanduser().resolve().as_uri()
+    # abspath, not resolve: on Windows resolve() turns a mapped drive letter into the name of its share.
+    folder = Path(os.path.abspath(os.path.expanduser(base)))
+    if not folder.is_dir():
+        raise DownloadError(f"the mirror {base!r} is no folder here; a web mirror needs its scheme, e.g. "
+                            f"https://{base.lstrip('/')}")
+    return folder_uri(folder)
+
+
+def folder_uri(folder: PurePath) -> str:
+    """The file:// URL urllib opens for ``folder``. A Windows share (\\\\server\\share) is
+    ``file:////server/share``: ``as_uri()``'s ``file://server/share`` names a host, which urllib does not open."""
+    uri = folder.as_uri()
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        uri = "file:////" + uri[len("file://"):]
+    return uri
 
 
 def _in_the_way(path: Path, model: ModelFile) -> str:
@@ -106,6 +121,9 @@ def _local(action: str, path: Path, exc: OSError, model: ModelFile) -> _LocalFil
     if exc.errno == errno.ENOSPC:
         advice = (f"the disk is full; {model.name} needs about {model.min_bytes / 1e9:.1f} GB there. Free some "
                   "space (or use --models-dir on a roomier disk), then run the script again to resume")
+    elif exc.errno == errno.EEXIST:
+        advice = ("something that is not a folder has that name (a file, or a link to a folder that is gone): "
+                  "move it away or reconnect what it points to, then run the script again")
     else:
         advice = "check the folder's permissions and free space, then run the script again to resume"
     return _LocalFileError(f"cannot {action} {path}: {exc.strerror or exc} ({advice})")

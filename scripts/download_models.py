@@ -42,10 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.models_dir is None and args.comfyui is None:
         parser.error("say where ComfyUI is: --comfyui PATH (or COMFYUI_PATH), or --models-dir PATH")
-    if args.comfyui is not None and not Path(args.comfyui).is_dir():
+    if args.models_dir is None and not Path(args.comfyui).is_dir():
         # A mistyped path would otherwise get a new models/ tree and gigabytes nobody's ComfyUI reads.
-        parser.error(f"--comfyui {args.comfyui}: no such folder (give the folder holding ComfyUI's main.py; "
+        typed = any(str(a).startswith("--comfyui") for a in (sys.argv[1:] if argv is None else argv))
+        given = "--comfyui" if typed else "$COMFYUI_PATH"
+        parser.error(f"{given} {args.comfyui}: no such folder (give the folder holding ComfyUI's main.py; "
                      "for a models/ folder of your own, use --models-dir)")
+    if args.base_url:
+        try:
+            download.mirror_url(args.base_url)
+        except download.DownloadError as exc:
+            parser.error(f"--base-url: {exc}")
     if not selected(args):  # else it would say nothing and succeed
         parser.error("nothing to fetch: --only names no required model, and --required-only skips the others")
     return args
@@ -105,7 +112,8 @@ def fetch_all(missing: list) -> int:
             continue
         except KeyboardInterrupt:
             bar.close()
-            log.error("interrupted: what arrived is kept in %s.part; run the script again to resume", item.path)
+            log.error("interrupted: what arrived (if anything) is kept in %s.part; run the script again to resume",
+                      item.path)
             raise SystemExit(130) from None
         bar.close()
         log.info("saved %s", item.path)

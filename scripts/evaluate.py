@@ -85,26 +85,27 @@ def read_mask(path: Path) -> torch.Tensor:
     return torch.from_numpy(mask)[None]
 
 
-def find_cases(folders) -> tuple[list[Path], list[Path]]:
-    """(the case folders among ``folders``, each a case or a folder of cases; the folders that hold none).
+def find_cases(folders) -> tuple[list[Path], list[Path], list[Path]]:
+    """(the case folders among ``folders``, each a case or a folder of cases; the folders that hold none; the
+    case folders skipped for want of their input image).
 
-    A folder that holds none is an error, not a silence: else a mistyped path, or one of several folders whose
-    inputs are named image.jpg, would score nothing and the run would still succeed.
+    A folder that holds none, or a case without its input, is an error, not a silence: else a mistyped path, or
+    a case whose input is named image.jpg, would score nothing and the run would still succeed.
     """
-    cases, empty = [], []
+    cases, empty, skipped = [], [], []
     for folder in map(Path, folders):
         if _input_path(folder) is not None:
             cases.append(folder)
             continue
         subfolders = sorted(sub for sub in folder.iterdir() if sub.is_dir()) if folder.is_dir() else []
         found = [sub for sub in subfolders if _input_path(sub) is not None]
-        for sub in subfolders:
-            if sub not in found and ((sub / "results").is_dir() or (sub / "mask.png").is_file()):
-                log.warning("%s: skipped, it has no image.png or input.png (the input the edits were made from)", sub)
+        half_made = [sub for sub in subfolders
+                     if sub not in found and ((sub / "results").is_dir() or (sub / "mask.png").is_file())]
         cases.extend(found)
-        if not found:
+        skipped.extend(half_made)
+        if not found and not half_made:
             empty.append(folder)
-    return cases, empty
+    return cases, empty, skipped
 
 
 def _input_path(folder: Path):
@@ -158,10 +159,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cases, empty = find_cases(args.folders)
+    cases, empty, skipped = find_cases(args.folders)
     for folder in empty:
         log.error("%s: %s", folder, "no case in it (a case is a folder with image.png or input.png, mask.png and "
                   "results/)" if folder.is_dir() else "no such folder")
+    for folder in skipped:
+        log.error("%s: not scored, it has no image.png or input.png (the input the edits were made from)", folder)
     if not cases:
         return 1
     try:
@@ -178,8 +181,9 @@ def main(argv=None) -> int:
             failed += 1
             continue
         sys.stdout.write(f"\n== {case}\n{scores.table(names)}\n")
+    failed += len(skipped)
     if failed:
-        log.error("%d of %d case(s) could not be scored (see above)", failed, len(cases))
+        log.error("%d of %d case(s) could not be scored (see above)", failed, len(cases) + len(skipped))
     return 1 if failed or empty else 0
 
 

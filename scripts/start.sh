@@ -29,9 +29,13 @@ bash "$ROOT/scripts/setup_env.sh"
 COMFY="$(cat "$VENV/comfyui-path")"
 
 if [ "$DOWNLOAD" = 1 ]; then
-  if ! PYTHONPATH="$ROOT" "$VENV/bin/python" "$ROOT/scripts/download_models.py" --comfyui "$COMFY" \
-       ${download_args[@]+"${download_args[@]}"}; then
-    echo "[start] some models could not be fetched (see above; running it again resumes): starting ComfyUI anyway"
+  status=0
+  PYTHONPATH="$ROOT" "$VENV/bin/python" "$ROOT/scripts/download_models.py" --comfyui "$COMFY" \
+    ${download_args[@]+"${download_args[@]}"} || status=$?
+  # 130: stopped with Ctrl-C, which stops this script too (the download keeps its .part to resume).
+  if [ "$status" = 130 ]; then exit 130; fi
+  if [ "$status" != 0 ]; then
+    echo "[start] some models were not fetched (see above): starting ComfyUI anyway"
   fi
 fi
 

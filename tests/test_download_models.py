@@ -310,6 +310,13 @@ def test_a_folder_that_cannot_be_made_is_a_download_error_not_a_traceback(server
     assert "cannot create the folder" in caplog.text and "Permission denied" in caplog.text
 
 
+def test_a_link_to_a_vanished_folder_in_the_way_of_the_model_folder_says_so(server, tmp_path):
+    (tmp_path / "guided_diffusion").symlink_to(tmp_path / "unplugged-disk")
+    with pytest.raises(download.DownloadError, match="a link to a folder that is gone") as err:
+        download.fetch(_item(server, tmp_path))
+    assert "free space" not in str(err.value)
+
+
 def test_ctrl_c_keeps_the_part_and_says_how_to_resume(tmp_path, monkeypatch, caplog):
     script = load_script()
 
@@ -334,6 +341,40 @@ def test_arguments_that_would_do_the_wrong_thing_quietly_are_refused(tmp_path, c
         script.parse_args([a.format(tmp=tmp_path) for a in args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_comfyui_path_is_named_as_such_and_does_not_block_models_dir(tmp_path, monkeypatch, capsys):
+    """--comfyui defaults to $COMFYUI_PATH: a variable left pointing at a removed ComfyUI must not refuse an
+    explicit --models-dir, and where it is used its refusal names the variable, not an option nobody typed."""
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "removed-ComfyUI"))
+    script = load_script()
+    assert script.parse_args(["--models-dir", str(tmp_path), "--dry-run"]).models_dir == tmp_path
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--dry-run"])
+    assert exit_info.value.code == 2 and "$COMFYUI_PATH" in capsys.readouterr().err
+
+
+def test_a_mirror_without_a_scheme_must_be_a_folder(tmp_path, capsys):
+    """'example.com/models' was read as a folder under the current one and failed as "cannot connect ... run the
+    script again to resume", neither of which was true: it is refused up front with the scheme it lacks."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().parse_args(["--models-dir", str(tmp_path), "--base-url", "example.com/models"])
+    assert exit_info.value.code == 2 and "https://example.com/models" in capsys.readouterr().err
+    assert download.mirror_url(str(tmp_path)) == tmp_path.as_uri()
+
+
+def test_a_windows_share_mirror_gets_the_url_urllib_opens_as_a_share():
+    """as_uri() gives file://server/share, whose 'server' urllib takes for a remote host it does not open; with
+    four slashes the server stays in the path, which urllib hands to Windows as a share's path."""
+    import nturl2path
+    import urllib.request
+    from pathlib import PureWindowsPath
+
+    share = download.folder_uri(PureWindowsPath(r"\\server\share\models"))
+    request = urllib.request.Request(share + "/ViT-B-16.safetensors")
+    assert request.host == ""
+    assert nturl2path.url2pathname(request.selector) == r"\\server\share\models\ViT-B-16.safetensors"
+    assert download.folder_uri(PureWindowsPath(r"D:\mirror")) == "file:///D:/mirror"
 
 
 def test_messages_name_the_folder_absolutely(tmp_path, monkeypatch, caplog):

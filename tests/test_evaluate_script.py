@@ -129,7 +129,7 @@ def test_broken_cases_are_reported_by_name_and_the_others_still_scored(evaluate,
     out = capsys.readouterr().out
     assert "== " + str(cases / "a_good") in out and "== " + str(cases / "e_folder_named_png") in out
     assert "b_other_size" not in out and "c_no_mask" not in out and "d_unreadable" not in out
-    assert "b_other_size/results/b.png is 8x8, but the input is 16x16" in caplog.text
+    assert f"{cases / 'b_other_size' / 'results' / 'b.png'} is 8x8, but the input is 16x16" in caplog.text
     assert "c_no_mask has no mask.png" in caplog.text
     assert "cannot read " + str(cases / "d_unreadable" / "results" / "b.png") in caplog.text
     assert "3 of 5 case(s) could not be scored" in caplog.text
@@ -143,9 +143,21 @@ def test_a_named_folder_without_cases_fails_the_run(evaluate, tmp_path, capsys, 
     assert evaluate.main([str(tmp_path / "good"), str(tmp_path / "typo"), str(tmp_path / "jpeg_input")]) == 1
     assert "== " + str(tmp_path / "good") in capsys.readouterr().out
     assert f"{tmp_path / 'typo'}: no such folder" in caplog.text
-    assert f"{tmp_path / 'jpeg_input'}: no case in it" in caplog.text
-    assert f"{tmp_path / 'jpeg_input' / 'case'}: skipped, it has no image.png" in caplog.text
-    assert evaluate.main([str(tmp_path / "typo")]) == 1
+    assert f"{tmp_path / 'jpeg_input' / 'case'}: not scored, it has no image.png" in caplog.text
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main([str(tmp_path / "typo")]) == 1 and evaluate.main([str(tmp_path / "empty")]) == 1
+    assert f"{tmp_path / 'empty'}: no case in it" in caplog.text
+
+
+def test_a_case_without_its_input_among_good_ones_fails_the_run(evaluate, tmp_path, capsys, caplog):
+    """The README: a case that cannot be scored is reported by name and the exit status is then 1; one whose input
+    is missing was only warned about, and the run succeeded on the others."""
+    _make_case(tmp_path / "cases" / "a", {"a.png": _untouched()})
+    _make_case(tmp_path / "cases" / "b", {"a.png": _untouched()})
+    (tmp_path / "cases" / "b" / "image.png").unlink()
+    assert evaluate.main([str(tmp_path / "cases")]) == 1
+    assert "== " + str(tmp_path / "cases" / "a") in capsys.readouterr().out
+    assert f"{tmp_path / 'cases' / 'b'}: not scored" in caplog.text and "1 of 2 case(s)" in caplog.text
 
 
 def test_a_notepad_prompt_with_a_byte_order_mark_is_read_without_it(evaluate, tmp_path, monkeypatch):

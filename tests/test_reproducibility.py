@@ -235,7 +235,9 @@ def test_an_auto_batch_restarted_smaller_after_out_of_memory_gives_the_smaller_b
 def test_the_seeded_streams_keep_their_numbers():
     """The numbers each stream gives for seed 404: users' saved seeds must give the same images after an update,
     so a change to the key mixing, the stream names, the result ids, the repeat key or the background groups
-    fails here (the parity tests replay recorded noises and would not see it)."""
+    fails here (the parity tests replay recorded noises and would not see it). The normal draws are compared to
+    1e-5: torch's CPU randn rounds their last bits differently with and without AVX2 (an ARM Mac, an older CPU),
+    where a wrong stream differs by about 1; seeds, labels and uniform draws are exact everywhere."""
     noise = SeededNoise(404)
     ids = [seeds.result_id(0, 0), seeds.result_id(1, 5)]
     shape = (2, 3, 4, 4)
@@ -243,18 +245,20 @@ def test_the_seeded_streams_keep_their_numbers():
     def head(t):
         return [row.flatten()[:3].tolist() for row in t]
 
+    def assert_draws(t, expected):
+        torch.testing.assert_close(torch.tensor(head(t)), torch.tensor(expected), atol=1e-5, rtol=0)
+
     assert seeds.derive_seed(404, seeds.STREAM_STEP_NOISE, ids[1], 7) == 161817472688961527
-    assert head(noise.initial(9, shape, ids)) == [[-1.2302747964859009, -0.5308480858802795, 0.1675230860710144],
-                                                  [-1.31304931640625, 0.42548009753227234, -0.8045096397399902]]
-    assert head(noise.step(9, shape, ids)) == [[-1.1786119937896729, -0.04419630765914917, 0.2710072100162506],
-                                               [-0.8833602070808411, 0.7825814485549927, -0.9227678775787354]]
-    assert head(noise.step(9, shape, ids, repeat=1)) == [
-        [0.08452755212783813, -0.1871705800294876, 1.6236648559570312],
-        [-0.03270603343844414, 1.5523567199707031, -0.607774555683136]]
-    assert head(noise.background(9, shape, ids)) == [[0.9962854385375977, 2.7361645698547363, -0.2575257420539856],
-                                                     [0.126144140958786, 1.0830854177474976, -0.008633381687104702]]
-    assert head(noise.resample(9, shape, ids, 1)) == [[1.0424683094024658, -0.4703083336353302, 1.1868318319320679],
-                                                      [0.4717310667037964, -0.35927653312683105, 0.34777262806892395]]
+    assert_draws(noise.initial(9, shape, ids), [[-1.2302747964859009, -0.5308480858802795, 0.1675230860710144],
+                                                [-1.31304931640625, 0.42548009753227234, -0.8045096397399902]])
+    assert_draws(noise.step(9, shape, ids), [[-1.1786119937896729, -0.04419630765914917, 0.2710072100162506],
+                                             [-0.8833602070808411, 0.7825814485549927, -0.9227678775787354]])
+    assert_draws(noise.step(9, shape, ids, repeat=1), [[0.08452755212783813, -0.1871705800294876, 1.6236648559570312],
+                                                       [-0.03270603343844414, 1.5523567199707031, -0.607774555683136]])
+    assert_draws(noise.background(9, shape, ids), [[0.9962854385375977, 2.7361645698547363, -0.2575257420539856],
+                                                   [0.126144140958786, 1.0830854177474976, -0.008633381687104702]])
+    assert_draws(noise.resample(9, shape, ids, 1), [[1.0424683094024658, -0.4703083336353302, 1.1868318319320679],
+                                                    [0.4717310667037964, -0.35927653312683105, 0.34777262806892395]])
     assert noise.labels(9, ids, 1000).tolist() == [631, 871]
     assert noise.labels(9, ids, 1000, repeat=2).tolist() == [758, 29]
     views = torch.rand(3, generator=seeds.generator_for(404, seeds.STREAM_AUGMENTATION, ids[1], 9))

@@ -320,3 +320,18 @@ def test_download_required_models_fetches_only_the_required_ones(world):
         assert len(fetched) == 1
         assert json.loads(fetched[0].split(" ", 1)[1]) == ["--comfyui", str(comfy), *expected]
         assert _comfyui_run(result)["argv"][-1:] == ["--lowvram"]
+
+
+@pytest.mark.parametrize("exit_code", [1, 130])
+def test_a_failed_download_starts_comfyui_anyway_but_ctrl_c_stops_start(world, exit_code):
+    """A download that fails (exit 1) leaves ComfyUI to start with the models there are; Ctrl-C in it (the script
+    exits 130, its .part kept) is the user stopping start.sh, which must not start ComfyUI after all."""
+    venv = world.venv(world.tmp / "venv")
+    comfy = world.comfyui(world.tmp / "ComfyUI")
+    _write_exe(world.pack / "scripts/download_models.py", f"import sys\nsys.exit({exit_code})\n")
+    result = world.run("scripts/start.sh", "--download-models", BLENDED_VENV=str(venv), COMFYUI_PATH=str(comfy))
+    if exit_code == 130:
+        assert result.returncode == 130 and "FAKE_COMFYUI" not in result.stdout, result.stdout
+    else:
+        assert result.returncode == 0 and "starting ComfyUI anyway" in result.stdout, result.stderr
+        _comfyui_run(result)
