@@ -29,6 +29,7 @@ it ends): their memory pools hold the inputs, outputs and activations of one ste
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -280,6 +281,21 @@ def remove_clip(clip) -> None:
     if clip is not None and clip.graphed_tower is not None:
         clip.graphed_tower.release()
         clip.graphed_tower = None
+
+
+@contextlib.contextmanager
+def eager_tower(clip):
+    """``clip``'s image tower called eagerly meanwhile: a one-off call (the image targets' embeddings, made once
+    before a run's first step) would otherwise capture a graph that keeps a slot and a memory pool for the run."""
+    graphed = getattr(clip, "graphed_tower", None)
+    if graphed is None:
+        yield clip
+        return
+    clip.graphed_tower = None
+    try:
+        yield clip
+    finally:
+        clip.graphed_tower = graphed
 
 
 def graphed_calls(unet, clip=None) -> list[GraphedCalls]:

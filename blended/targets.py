@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from .augment import AugmentationSettings
+from .cuda_graphs import eager_tower
 from .errors import BlendedInputError
 from .guidance import TargetSet, check_weight
 from .image_io import empty_mask_items, mask_as_b1hw
@@ -69,7 +70,7 @@ def image_target_embeddings(clip, targets: Sequence[ImageTarget], device) -> lis
                 which = f" (for picture(s) {empty} of {mask.shape[0]})" if mask.shape[0] > 1 else ""
                 raise BlendedInputError(f"the image target's mask is empty{which}: paint the part of the reference "
                                         "picture that should count, or leave the mask unconnected.")
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), eager_tower(clip):
             clip_device = clip.device
             embeds = image_embeddings(clip, image.to(clip_device),
                                       None if mask is None else mask.to(clip_device)).float()

@@ -182,3 +182,16 @@ def test_an_ensemble_run_through_graphs_and_checkpointing_gives_eagers_bits(unet
     assert [name for name, *_ in calls] == ["UNet", "CLIP image tower", "CLIP image tower"]
     assert all(captures == 1 and replays == STEPS - 1 and why is None for _, captures, replays, why in calls)
     assert torch.equal(graphed, eager)
+
+
+def test_image_targets_are_embedded_without_a_graph_of_their_own(unet, clip, diffusion, monkeypatch):
+    """Two image targets of one shape embed through the same tower call twice before the run's first step: that
+    captured a forward-only graph, replayed never again, whose memory pool and slot lasted the whole run."""
+    pictures = [targets.ImageTarget(torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(s)))
+                for s in (1, 2)]
+    feature = dict(image_targets=pictures, num_results=1, batch_size=1)
+    eager, _ = _edit(unet, clip, diffusion, "fp32+reuse", **feature)
+    captured = emulate_graphs(monkeypatch)
+    graphed, calls = _edit(unet, clip, diffusion, "fp32+reuse+cuda_graphs", **feature)
+    assert [kind for kind, _ in captured] == ["autograd", "autograd"], captured  # the UNet and CLIP, no more
+    assert torch.equal(graphed, eager)
