@@ -33,6 +33,7 @@ from . import mask_morphology, regions
 from .errors import BlendedInputError
 from .image_io import fit_batch, mask_batch_size, prepare_mask, results_per_item
 from .prompts import is_blank, parse_prompt
+from .rank import EMBED_CHUNK, Progress, chunk_size, chunks
 
 DEFAULT_RING_WIDTH = 2
 
@@ -89,12 +90,20 @@ def background_lpips(lpips_model, results: torch.Tensor, reference: torch.Tensor
     """[B] LPIPS between the results and the input with the edited region blacked out in both (BrushBench).
 
     ``lpips_model(x, y)`` takes images in [-1,1] (the ``lpips`` package's convention) and returns one distance
-    per image.
+    per image. The images go to the model's device (a module's parameters'), so LPIPS runs where it was put.
     """
-    keep = (~edited).float()
+    device = _device_of(lpips_model, results.device)
+    keep = (~edited).to(device=device, dtype=torch.float32)
     with torch.no_grad():
-        out = lpips_model(results * keep * 2 - 1, reference * keep * 2 - 1)
+        out = lpips_model(results.to(device) * keep * 2 - 1, reference.to(device) * keep * 2 - 1)
     return out.reshape(results.shape[0]).float().cpu()
+
+
+def _device_of(model, default: torch.device) -> torch.device:
+    """The device of a module's first parameter; ``default`` for a plain function or a module without any."""
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else default
 
 
 # ---------------------------------------------------------------------------------------------- the seam
@@ -159,24 +168,24 @@ def masked_views(images: torch.Tensor, edited: torch.Tensor, size: int) -> torch
     ``edited`` holds one mask per image or one per consecutive group of images (the Sampler's order).
     """
     per_mask = results_per_item(edited.shape[0], images.shape[0], "mask")
-    views = []
-    for index, image in enumerate(images):
-        region = edited[index // per_mask]
-        row0, row1, col0, col1 = regions.mask_bounding_box(region[0])
-        side = max(row1 - row0, col1 - col0)
-        top = row0 - (side - (row1 - row0)) // 2
-        left = col0 - (side - (col1 - col0)) // 2
-        height, width = image.shape[-2:]
-        # The square's part inside the image, greyed outside the mask; the rest of the square is grey padding.
-        inside = (slice(max(top, 0), min(top + side, height)), slice(max(left, 0), min(left + side, width)))
-        part = image[:, inside[0], inside[1]]
-        kept = region[:, inside[0], inside[1]]
-        grey = part * kept + 0.5 * (~kept)
-        crop = F.pad(grey[None], (max(-left, 0), max(left + side - width, 0), max(-top, 0),
-                                  max(top + side - height, 0)), value=0.5)
-        views.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                                   antialias=side > size))
-    return torch.cat(views)
+    return torch.cat([masked_view(image, edited[index // per_mask], size) for index, image in enumerate(images)])
+
+
+def masked_view(image: torch.Tensor, region: torch.Tensor, size: int) -> torch.Tensor:
+    """[1,3,size,size]: :func:`masked_views` of one [3,H,W] image and its [1,H,W] bool mask."""
+    row0, row1, col0, col1 = regions.mask_bounding_box(region[0])
+    side = max(row1 - row0, col1 - col0)
+    top = row0 - (side - (row1 - row0)) // 2
+    left = col0 - (side - (col1 - col0)) // 2
+    height, width = image.shape[-2:]
+    # The square's part inside the image, greyed outside the mask; the rest of the square is grey padding.
+    inside = (slice(max(top, 0), min(top + side, height)), slice(max(left, 0), min(left + side, width)))
+    part = image[:, inside[0], inside[1]]
+    kept = region[:, inside[0], inside[1]]
+    grey = part * kept + 0.5 * (~kept)
+    crop = F.pad(grey[None], (max(-left, 0), max(left + side - width, 0), max(-top, 0),
+                              max(top + side - height, 0)), value=0.5)
+    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
 
 def unit_embeddings(clip, views: torch.Tensor) -> torch.Tensor:
@@ -184,6 +193,26 @@ def unit_embeddings(clip, views: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         embeds = clip.encode_image(clip.normalize(views.to(clip.device)))
     return F.normalize(embeds.float().cpu(), dim=-1)
+
+
+def view_embeddings(clip, images: torch.Tensor, edited: torch.Tensor, progress: Optional[Progress] = None,
+                    chunk: Optional[int] = None) -> torch.Tensor:
+    """[B,D] :func:`unit_embeddings` of the :func:`masked_views`, ``chunk`` (:data:`VIEW_CHUNK`) images at a
+    time: only one chunk's views are made and on CLIP's device at once, however many results there are (CLIP's
+    activations grow with the batch: 256 views through ViT-L/14 at once hold gigabytes). ``progress(done, B)``
+    after each chunk, as in :func:`blended.rank.image_embeddings`."""
+    per_mask = results_per_item(edited.shape[0], images.shape[0], "mask")
+    embeds = []
+    for part in chunks(images.shape[0], VIEW_CHUNK if chunk is None else chunk):
+        views = torch.cat([masked_view(images[i], edited[i // per_mask], clip.image_size) for i in part])
+        embeds.append(unit_embeddings(clip, views))
+        if progress is not None:
+            progress(part.stop, images.shape[0])
+    return torch.cat(embeds)
+
+
+# Views CLIP embeds at a time (they are at CLIP's size already): as many as CLIP Rank's chunks.
+VIEW_CHUNK = EMBED_CHUNK
 
 
 def clip_similarity(clip, embeds: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -210,10 +239,24 @@ def clip_similarity(clip, embeds: torch.Tensor, prompts: Sequence[str]) -> torch
                         for i, line in enumerate(lines)])
 
 
-def pairwise_distances(embeds: torch.Tensor) -> torch.Tensor:
-    """[B,B] ``|a - b|^2 / 2`` of unit embeddings: 1 - cosine similarity, and exactly 0 for identical images."""
-    diff = embeds[:, None, :] - embeds[None, :, :]
-    return (diff ** 2).sum(dim=-1) / 2
+def pairwise_distances(embeds: torch.Tensor, elements: Optional[int] = None) -> torch.Tensor:
+    """[B,B] ``|a - b|^2 / 2`` of unit embeddings: 1 - cosine similarity, and exactly 0 for identical images.
+
+    Computed a block of rows at a time, each row exactly as on its own: the differences of all pairs at once
+    would be [B,B,D] (3 GiB for 1024 results of ViT-L/14, 48 GiB for 4096), the blocks hold at most
+    ``elements`` (:data:`PAIRWISE_ELEMENTS`) of them, or one row.
+    """
+    count, dim = embeds.shape
+    rows = max(1, (PAIRWISE_ELEMENTS if elements is None else elements) // max(1, count * dim))
+    dist = embeds.new_empty(count, count)
+    for part in chunks(count, rows):
+        diff = embeds[part.start:part.stop, None, :] - embeds[None, :, :]
+        dist[part.start:part.stop] = (diff ** 2).sum(dim=-1) / 2
+    return dist
+
+
+# The most pairwise differences held at once (64 MiB in float32): 256 results of a 768-wide CLIP in one block.
+PAIRWISE_ELEMENTS = 16 * 1024 * 1024
 
 
 def diversity(embeds: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -300,12 +343,14 @@ def _mean(values: list) -> float:
 
 
 def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, clip=None,
-                prompt: Optional[str] = None, lpips_model=None, ring_width: int = DEFAULT_RING_WIDTH) -> EditScores:
+                prompt: Optional[str] = None, lpips_model=None, ring_width: int = DEFAULT_RING_WIDTH,
+                progress: Optional[Progress] = None) -> EditScores:
     """Every score for a batch of edits of ``reference`` in ``mask``.
 
     ``results`` [B,3,H,W] 0..1; ``reference`` [1|B|divisor,3,H,W]; ``mask`` [1|B|divisor,(1,)H,W] (> 0 =
     edited). CLIP similarity needs ``clip`` and ``prompt``, diversity ``clip``; LPIPS needs ``lpips_model``.
-    What is not measured stays NaN.
+    What is not measured stays NaN. ``progress(done, total)`` is told of each result measured by each pass
+    (the pixels, LPIPS, CLIP: ``total`` counts a result once per pass), and may raise to stop scoring.
     """
     # The Sampler's inputs: its images, or one picture's masks (it edits a picture once per mask). Between one
     # and one per result, each input has its group of results.
@@ -315,11 +360,54 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
     if ring_width < 1:
         raise BlendedInputError(f"the seam ring must be at least 1 pixel wide, got {ring_width}")
     batch = results.shape[0]
+    # One pass for the pixels, one for LPIPS, one for CLIP: the bar counts each result once per pass.
+    stage = _Stages(progress, batch * (1 + (lpips_model is not None) + (clip is not None)))
+    mse, gradient, colour = _pixel_scores(results, reference, edited, ring_width, stage.next())
+    nan = [float("nan")] * batch
+    scores = EditScores(background_mse=mse.tolist(), background_psnr=psnr(mse).tolist(),
+                        seam_gradient=gradient.tolist(), seam_colour=colour.tolist(),
+                        clip_similarity=list(nan), background_lpips=list(nan), diversity=list(nan))
+    if lpips_model is not None:
+        scores.background_lpips = _chunked_lpips(lpips_model, results, reference, edited, stage.next()).tolist()
+    if clip is not None:
+        embeds = view_embeddings(clip, results, edited, progress=stage.next())
+        if prompt is not None and str(prompt).strip():
+            scores.clip_similarity = clip_similarity(clip, embeds, split_prompts(prompt, batch, inputs)).tolist()
+        per_image, scores.batch_diversity = diversity(embeds)
+        scores.diversity = per_image.tolist()
+    return scores
+
+
+class _Stages:
+    """One progress over several passes through the results: each pass's ``(done, count)`` is reported as
+    ``(results done in the passes before + done, total)``, so the bar moves once from 0 to the end."""
+
+    def __init__(self, progress: Optional[Progress], total: int):
+        self.progress, self.total, self.offset = progress, total, 0
+
+    def next(self) -> Optional[Progress]:
+        """The callback for the next pass (None without a progress), which starts where the last one ended."""
+        if self.progress is None:
+            return None
+        offset = self.offset
+
+        def report(done: int, count: int) -> None:
+            self.offset = offset + count
+            self.progress(offset + done, self.total)
+        return report
+
+
+def _pixel_scores(results: torch.Tensor, reference: torch.Tensor, edited: torch.Tensor, ring_width: int,
+                  progress: Optional[Progress]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([B] background MSE, [B] seam gradient, [B] seam colour), one result at a time.
+
+    Each result against its own input and mask (never a copy of them per result), and the seam only inside its
+    ring's box, with the input's side of it measured once per input and mask: 64 results of a 4096x4096 photo
+    cost their own pixels, not 64 copies of the photo.
+    """
+    batch = results.shape[0]
     per_reference = results_per_item(reference.shape[0], batch, "input image")
     per_mask = results_per_item(edited.shape[0], batch, "mask")
-    # One result at a time against its own input and mask (never a copy of them per result), and the seam only
-    # inside its ring's box, with the input's side of it measured once per input and mask: 64 results of a
-    # 4096x4096 photo cost their own pixels, not 64 copies of the photo.
     mse, gradient, colour = [], [], []
     seams = {}
     for index in range(batch):
@@ -333,30 +421,33 @@ def score_edits(results: torch.Tensor, reference: torch.Tensor, mask: torch.Tens
         crop = result[..., row0:row1, col0:col1]
         gradient.append(gradient_rms(crop, ring) - input_gradient)
         colour.append((colour_step(crop, inner, outer) - input_step).abs().mean(dim=1))
-    mse = torch.cat(mse)
-    nan = [float("nan")] * batch
-    scores = EditScores(background_mse=mse.tolist(), background_psnr=psnr(mse).tolist(),
-                        seam_gradient=torch.cat(gradient).tolist(), seam_colour=torch.cat(colour).tolist(),
-                        clip_similarity=list(nan), background_lpips=list(nan), diversity=list(nan))
-    if lpips_model is not None:
-        distances = []
-        for start in range(0, batch, LPIPS_CHUNK):
-            chunk = range(start, min(start + LPIPS_CHUNK, batch))
-            pictures = reference[[i // per_reference for i in chunk]]
-            masks = edited[[i // per_mask for i in chunk]]
-            distances.append(background_lpips(lpips_model, results[chunk.start:chunk.stop], pictures, masks))
-        scores.background_lpips = torch.cat(distances).tolist()
-    if clip is not None:
-        embeds = unit_embeddings(clip, masked_views(results, edited, clip.image_size))
-        if prompt is not None and str(prompt).strip():
-            scores.clip_similarity = clip_similarity(clip, embeds, split_prompts(prompt, batch, inputs)).tolist()
-        per_image, scores.batch_diversity = diversity(embeds)
-        scores.diversity = per_image.tolist()
-    return scores
+        if progress is not None:
+            progress(index + 1, batch)
+    return torch.cat(mse), torch.cat(gradient), torch.cat(colour)
 
 
-# Results LPIPS compares at a time (full resolution: its activations are many times an image's size).
+def _chunked_lpips(lpips_model, results: torch.Tensor, reference: torch.Tensor, edited: torch.Tensor,
+                   progress: Optional[Progress]) -> torch.Tensor:
+    """[B] :func:`background_lpips`, a few results at a time, each against its own input and mask: fewer the
+    larger the images (its activations are many times an image's size), down to one."""
+    batch = results.shape[0]
+    per_reference = results_per_item(reference.shape[0], batch, "input image")
+    per_mask = results_per_item(edited.shape[0], batch, "mask")
+    distances = []
+    for chunk in chunks(batch, chunk_size(*results.shape[-2:], most=LPIPS_CHUNK, pixels=LPIPS_PIXELS)):
+        pictures = reference[[i // per_reference for i in chunk]]
+        masks = edited[[i // per_mask for i in chunk]]
+        distances.append(background_lpips(lpips_model, results[chunk.start:chunk.stop], pictures, masks))
+        if progress is not None:
+            progress(chunk.stop, batch)
+    return torch.cat(distances)
+
+
+# Results LPIPS compares at a time (full resolution: its activations are many times an image's size), and the
+# most full-size pixels (per channel) at a time: 4 results of 1024x1024; one of 2048x2048 or larger. VGG's
+# features at full size are ~120 channels' worth per image, for the result and the input: ~4 GiB at 4 MPixel.
 LPIPS_CHUNK = 4
+LPIPS_PIXELS = 4 * 1024 * 1024
 
 
 def _input_seam(picture: torch.Tensor, region: torch.Tensor, width: int):

@@ -222,5 +222,12 @@ def progress_callback(node_id=None, preview: bool = True):
     return callback
 
 
+def progress_steps(node_id=None):
+    """``progress(done, total)`` for the library's scoring loops (hundreds of results): moves the node's bar and
+    stops at ComfyUI's Cancel between chunks, as the Sampler's callback does between steps."""
+    callback = progress_callback(node_id=node_id, preview=False)
+    return lambda done, total: callback(done, total, None)
+
+
 def to_output(images: torch.Tensor) -> torch.Tensor:
     return images.detach().to(mm.intermediate_device(), dtype=torch.float32)

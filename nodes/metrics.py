@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 LPIPS_CHOICES = ["if available", "off"]
 
 
+def _on_device(module: torch.nn.Module) -> torch.nn.Module:
+    """LPIPS moved to ComfyUI's device as ComfyUI moves its own models (room made for it, other models offloaded
+    if need be): VGG16 at full resolution on the CPU takes seconds per result, minutes for a batch of hundreds.
+    Moved outside inference mode, as the pack's other models, so its weights stay ordinary tensors."""
+    patcher = bridge.make_patcher(module)
+    bridge.load_for_sampling([patcher], 0)
+    return patcher.model
+
+
 class EditMetrics:
     DESCRIPTION = ("Measures edits instead of eyeballing them: CLIP similarity of the edited region to the prompt, "
                    "background preservation outside the mask (PSNR, MSE, LPIPS when installed), a seam score on a "
@@ -69,10 +78,11 @@ class EditMetrics:
                            "group per line, in order). Weighted parts (a | b:-0.5) score the weighted sum of "
                            "their similarities."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def score(self, results, image, mask, ring_width=metrics.DEFAULT_RING_WIDTH, lpips="if available", clip=None,
-              prompt=""):
+              prompt="", unique_id=None):
         if results.shape[0] == 0:
             raise BlendedInputError("Blended Edit Metrics got an empty image batch: connect the edits to score")
         # Gray and RGBA too, as CLIP Rank takes them; read, never written. Named, so an error says which input.
@@ -89,10 +99,12 @@ class EditMetrics:
         if clip is not None:
             bridge.load_for_sampling([clip.patcher], 0)
             guidance_clip = clip.clip
+        if lpips_model is not None:
+            lpips_model = _on_device(lpips_model)
         with torch.no_grad():
             scores = metrics.score_edits(pixels, reference, mask_in, clip=guidance_clip,
                                          prompt=prompt if clip is not None else None, lpips_model=lpips_model,
-                                         ring_width=ring_width)
+                                         ring_width=ring_width, progress=bridge.progress_steps(unique_id))
         table = scores.table()
         log.debug("Blended Edit Metrics:\n%s", table)  # the node shows it, and its output carries it
         return {"ui": {"text": [table]},

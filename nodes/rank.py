@@ -57,6 +57,7 @@ class CLIPRank:
                                   "mask, one per image, or one per input the Sampler edited (each with its group "
                                   "of results, in the Sampler's order); the Sampler's mask output fits always."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -67,7 +68,7 @@ class CLIPRank:
             return True
         return f"mode must be one of {', '.join(RANK_MODES)}, got {mode!r}"
 
-    def rank(self, images, clip, prompt, top_k, mode="original", mask=None):
+    def rank(self, images, clip, prompt, top_k, mode="original", mask=None, unique_id=None):
         if isinstance(images, torch.Tensor) and images.dim() == 3:
             images = images.unsqueeze(0)  # one [H,W,C] image, as the Sampler takes it: sorted as a batch of one
         if images.shape[0] == 0:
@@ -94,7 +95,8 @@ class CLIPRank:
                         "same. Connect the mask the edit used (the Sampler's mask output), or leave mask "
                         "unconnected to score whole images.")
             with torch.no_grad():
-                order, distances = rank_by_clip(clip.clip, pixels, prompt, mask=mask_in, mode=_mode_of(mode))
+                order, distances = rank_by_clip(clip.clip, pixels, prompt, mask=mask_in, mode=_mode_of(mode),
+                                                progress=bridge.progress_steps(unique_id))
         order = order.cpu()
         distances = distances.float().cpu()
         ranked = images[order]

@@ -318,3 +318,113 @@ def test_a_mask_covering_the_whole_picture_scores_no_seam():
     scores = metrics.score_edits(results, reference, torch.ones(1, 20, 24))
     assert scores.seam_gradient == [0.0, 0.0] and scores.seam_colour == [0.0, 0.0]
     assert all(math.isnan(v) for v in scores.background_mse)
+
+
+CLIP_COLUMNS = ("clip_similarity", "diversity")
+
+
+def _assert_same(a: metrics.EditScores, b: metrics.EditScores) -> None:
+    """Pixel and LPIPS scores bit for bit (NaN equal to NaN); CLIP's to float32 rounding: CLIP embedding another
+    number of views at once rounds its matmuls differently (9e-8 on the unit embeddings, measured)."""
+    for name, _, _ in metrics.EditScores.COLUMNS:
+        tolerance = {"atol": 1e-6, "rtol": 0} if name in CLIP_COLUMNS else {"atol": 0, "rtol": 0}
+        torch.testing.assert_close(torch.tensor(getattr(a, name), dtype=torch.float64),
+                                   torch.tensor(getattr(b, name), dtype=torch.float64), equal_nan=True, **tolerance)
+    assert a.batch_diversity == pytest.approx(b.batch_diversity, abs=1e-6)
+
+
+class _RecordingDistance:
+    """Stands in for LPIPS (not installed here): a per-image distance of [-1,1] images; records the batches."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, y):
+        self.batches.append(x.shape[0])
+        return ((x - y) ** 2).flatten(1).mean(dim=1)
+
+
+def _many_results(batch=7, size=40):
+    """``batch`` results of two inputs' masks (the Sampler's order), and one input picture."""
+    generator = torch.Generator().manual_seed(12)
+    results, picture = torch.rand(batch + 1, 3, size, size, generator=generator).split([batch, 1])
+    masks = torch.zeros(batch, size, size)
+    masks[:, 6:30, 8:34] = 1
+    return results, picture, masks
+
+
+def test_scores_in_chunks_equal_the_scores_of_one_call(clip, monkeypatch):
+    """CLIP embeds a few views at a time and LPIPS compares fewer results the larger they are: every score is
+    the one a single call doing everything at once gives (CLIP's to float32 rounding, the others bit for bit)."""
+    results, picture, masks = _many_results()
+    monkeypatch.setattr(metrics, "VIEW_CHUNK", 100)
+    monkeypatch.setattr(metrics, "LPIPS_CHUNK", 100)
+    monkeypatch.setattr(metrics, "LPIPS_PIXELS", 100 * 40 * 40)
+    whole_lpips = _RecordingDistance()
+    whole = metrics.score_edits(results, picture, masks, clip=clip, prompt=PROMPT, lpips_model=whole_lpips)
+    assert whole_lpips.batches == [7]
+    monkeypatch.setattr(metrics, "VIEW_CHUNK", 3)
+    monkeypatch.setattr(metrics, "LPIPS_PIXELS", 2 * 40 * 40)  # two results' pixels at a time
+    chunked_lpips, encoded = _RecordingDistance(), []
+    encode = clip.encode_image
+    monkeypatch.setattr(clip, "encode_image", lambda x: encoded.append(len(x)) or encode(x))
+    chunked = metrics.score_edits(results, picture, masks, clip=clip, prompt=PROMPT, lpips_model=chunked_lpips)
+    _assert_same(chunked, whole)
+    assert chunked_lpips.batches == [2, 2, 2, 1]
+    assert encoded == [3, 3, 1], "CLIP embeds the views a chunk at a time, not all results at once"
+
+
+def test_lpips_runs_where_its_model_is():
+    """The node puts LPIPS on ComfyUI's device: the images (CPU, as the node reads them) go to it a chunk at a
+    time, and the distances come back to the CPU."""
+    seen = []
+
+    class OnMeta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, x, y):
+            seen.append((x.device.type, y.device.type))
+            return torch.zeros(x.shape[0])
+
+    results, picture, masks = _many_results(batch=2)
+    assert metrics.score_edits(results, picture, masks, lpips_model=OnMeta()).background_lpips == [0.0, 0.0]
+    assert seen == [("meta", "meta")]
+
+
+def test_pairwise_distances_hold_a_block_of_rows_at_a_time(monkeypatch):
+    """Diversity needs every pair, but not every pair's difference at once ([B,B,D]: 48 GiB for 4096 results
+    of ViT-L/14): the distances are the definition's, bit for bit, from blocks of at most the budget."""
+    embeds = F.normalize(torch.randn(64, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    definition = ((embeds[:, None, :] - embeds[None, :, :]) ** 2).sum(dim=-1) / 2
+    monkeypatch.setattr(metrics, "PAIRWISE_ELEMENTS", 8 * 64 * 32)
+    from test_rank import largest_tensor
+    (per_image, batch), largest = largest_tensor(lambda: metrics.diversity(embeds))
+    assert largest <= 8 * 64 * 32 * 4
+    assert torch.equal(metrics.pairwise_distances(embeds), definition)
+    assert torch.equal(per_image, definition.sum(dim=1) / 63) and batch == float(definition.sum() / (64 * 63))
+
+
+def test_scoring_reports_each_result_of_each_pass_and_stops_when_the_callback_raises(clip, monkeypatch):
+    """One bar over the pixel pass, LPIPS and CLIP (7 results each: 21); the node's callback raises on Cancel."""
+    results, picture, masks = _many_results()
+    monkeypatch.setattr(metrics, "VIEW_CHUNK", 4)
+    monkeypatch.setattr(metrics, "LPIPS_PIXELS", 2 * 40 * 40)
+    seen = []
+    metrics.score_edits(results, picture, masks, clip=clip, prompt=PROMPT, lpips_model=_RecordingDistance(),
+                        progress=lambda done, total: seen.append((done, total)))
+    assert [done for done, _ in seen] == list(range(1, 8)) + [9, 11, 13, 14] + [18, 21]
+    assert {total for _, total in seen} == {21}
+    lpips = _RecordingDistance()
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_lpips(done, total):
+        if done > 7:
+            raise Cancelled
+    with pytest.raises(Cancelled):
+        metrics.score_edits(results, picture, masks, clip=clip, prompt=PROMPT, lpips_model=lpips,
+                            progress=cancel_at_lpips)
+    assert lpips.batches == [2]

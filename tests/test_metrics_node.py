@@ -105,3 +105,78 @@ def test_a_missing_lpips_is_said_once_a_session_with_this_nodes_way_out(comfy_in
     assert len(said) == 1 and "no LPIPS column" in said[0] and "set Edit Metrics' lpips to 'off'" in said[0]
     assert "background_lpips_lambda" not in said[0]
     assert not any("PSNR dB" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+
+
+def _loaded_clip(comfy_inprocess):
+    """The tiny CLIP as Load CLIP gives it (a GUIDANCE_CLIP), to call the nodes directly."""
+    g = harness.graph_builder()
+    g.node("PreviewAny", source=g.node("BlendedDiffusion_LoadCLIP", id="clip", clip_name=harness.CLIP_TINY_NAME,
+                                       dtype="float32").out(0))
+    return comfy_inprocess.run(g.finalize()).tensors["clip"][0][0]
+
+
+@pytest.mark.comfy
+def test_clip_rank_and_edit_metrics_move_their_bar_and_stop_on_cancel(comfy_inprocess, monkeypatch):
+    """Hundreds of results take a while to score: both nodes move their own progress bar as they go and stop
+    at ComfyUI's Cancel (between chunks), as the Sampler does between steps."""
+    import sys
+
+    import comfy.model_management as mm
+
+    # the library as ComfyUI loaded the pack (under a module name it chose), with small chunks
+    library_rank = sys.modules[comfy_inprocess.pack_module("rank").rank_by_clip.__module__]
+    monkeypatch.setattr(library_rank, "EMBED_CHUNK", 4)
+    monkeypatch.setattr(comfy_inprocess.pack_module("metrics").metrics, "VIEW_CHUNK", 4)
+    clip = _loaded_clip(comfy_inprocess)
+    rank_node = comfy_inprocess.node_class_mappings["BlendedDiffusion_CLIPRank"]()
+    metrics_node = comfy_inprocess.node_class_mappings["BlendedDiffusion_EditMetrics"]()
+    images = torch.rand(10, 40, 40, 3, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(1, 40, 40)
+    mask[:, 8:30, 10:32] = 1
+    messages = comfy_inprocess.server.messages
+    del messages[:]
+    rank_node.rank(images, clip, PROMPT, top_k=1, unique_id="rank")
+    metrics_node.score(images, images[:1], mask, lpips="off", clip=clip, prompt=PROMPT, unique_id="metrics")
+    bars = {}
+    for kind, data in messages:
+        if kind == "progress":
+            bars.setdefault(data["node"], []).append((data["value"], data["max"]))
+    assert bars["rank"] == [(4, 10), (8, 10), (10, 10)]
+    assert bars["metrics"][-1] == (20, 20) and len(bars["metrics"]) == 10 + 3
+    for run in (lambda: rank_node.rank(images, clip, PROMPT, top_k=1),
+                lambda: metrics_node.score(images, images[:1], mask, lpips="off", clip=clip, prompt=PROMPT)):
+        mm.interrupt_current_processing(True)
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                run()
+        finally:
+            mm.interrupt_current_processing(False)
+
+
+@pytest.mark.comfy
+def test_edit_metrics_loads_lpips_onto_comfyuis_device_as_a_model(comfy_inprocess, monkeypatch):
+    """LPIPS is VGG16 at full resolution: on the CPU it takes seconds a result. The node loads it as ComfyUI loads
+    its models (room made for it), onto ComfyUI's device, and scores there."""
+    module = comfy_inprocess.pack_module("metrics")
+    bridge = comfy_inprocess.pack_module("comfy_bridge")
+
+    class Distance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+
+        def forward(self, x, y):
+            return ((x - y) ** 2).flatten(1).mean(dim=1) * self.scale
+
+    loaded = []
+    real_load = bridge.load_for_sampling
+    monkeypatch.setattr(module, "load_lpips", lambda way_out: Distance())
+    monkeypatch.setattr(bridge, "load_for_sampling", lambda patchers, memory: loaded.extend(patchers) or
+                        real_load(patchers, memory))
+    images = torch.rand(2, 24, 24, 3, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(1, 24, 24)
+    mask[:, 4:12, 4:12] = 1
+    table = module.EditMetrics().score(images, images[:1], mask)["result"][0]
+    assert [type(patcher.model).__name__ for patcher in loaded] == ["Distance"]
+    assert loaded[0].load_device == bridge.mm.get_torch_device()
+    assert "LPIPS (-)" in table and "0.0000" in table

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from blended import rank
 from blended.clip_model import load_guidance_clip
 from blended.errors import BlendedInputError
 from blended.losses import spherical_distance
-from blended.rank import RANK_MODES, clip_scores, image_embeddings, rank_by_clip
+from blended.rank import EMBED_CHUNK, RANK_MODES, chunk_size, chunks, clip_scores, image_embeddings, rank_by_clip
 from conftest import REF
 
 CLIP_DIR = REF / "clip_tiny"
@@ -170,3 +172,68 @@ def test_many_images_embed_a_chunk_at_a_time_with_a_mask_per_group_as_with_a_mas
     torch.testing.assert_close(grouped, each, atol=1e-5, rtol=1e-4)
     with pytest.raises(BlendedInputError, match="equal group"):
         image_embeddings(clip, images, masks[:3], mode=mode)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch operation makes: what a device would have to hold at once, measured
+    on the CPU from tensor sizes (no GPU needed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.bytes = max(self.bytes, tensor.numel() * tensor.element_size())
+        return out
+
+
+def largest_tensor(fn):
+    """(fn(), bytes of the largest tensor made while it ran)."""
+    with _LargestTensor() as largest:
+        result = fn()
+    return result, largest.bytes
+
+
+def test_chunks_hold_fewer_images_the_larger_they_are():
+    """16 results of 1024x1024 at a time (192 MiB in float32), 4 of 2048x2048, one of 4096x4096, never none."""
+    assert [chunk_size(side, side) for side in (256, 1024, 2048, 4096, 16384)] == [EMBED_CHUNK, 16, 4, 1, 1]
+    assert chunks(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+
+
+@pytest.mark.parametrize("mode", RANK_MODES)
+def test_large_images_reach_clip_a_few_at_a_time_with_the_same_embeddings(clip, mode, monkeypatch):
+    """Full-size pixels are what is large: a chunk holds no more of them than the pixel budget, and the
+    embeddings are those of one batch (to float32 rounding: CLIP's matmuls may round another batch size
+    differently)."""
+    images = _rand((6, 3, 64, 64), 10)
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 8:40, 16:56], masks[1, 20:60, 4:30] = 1, 1
+    whole = image_embeddings(clip, images, masks, mode=mode)  # 6 images in one chunk
+    monkeypatch.setattr(rank, "EMBED_PIXELS", 2 * 64 * 64)
+    chunked, largest = largest_tensor(lambda: image_embeddings(clip, images, masks, mode=mode))
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    assert largest <= 2 * 3 * 64 * 64 * 4, "more than two images' float32 pixels at once"
+
+
+def test_ranking_reports_each_chunk_and_stops_when_the_callback_raises(clip, monkeypatch):
+    """The node's callback moves ComfyUI's bar and raises on Cancel: the ranking stops at the next chunk."""
+    monkeypatch.setattr(rank, "EMBED_CHUNK", 4)
+    images, seen = _rand((10, 3, 32, 32), 11), []
+    order, distances = rank_by_clip(clip, images, PROMPT, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(4, 10), (8, 10), (10, 10)]
+    torch.testing.assert_close(distances, clip_scores(clip, images, PROMPT), atol=1e-6, rtol=0)
+    encoded = []
+    encode = clip.encode_image
+    monkeypatch.setattr(clip, "encode_image", lambda x: encoded.append(len(x)) or encode(x))
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        raise Cancelled
+    with pytest.raises(Cancelled):
+        rank_by_clip(clip, images, PROMPT, progress=cancel)
+    assert encoded == [4]
