@@ -30,8 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Allocation", "MemoryTracer", "fake_guided_step", "trace_guided_step", "trace_unet_backward",
-           "unet_for_trace"]
+__all__ = ["Allocation", "MemoryTracer", "clip_for_trace", "fake_guided_step", "trace_clip_backward",
+           "trace_guided_step", "trace_unet_backward", "unet_for_trace"]
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _THIS_FILE = str(Path(__file__).resolve())
@@ -322,6 +322,61 @@ def trace_guided_step(options, batch: int, views: int = 8, config: str = "full25
         result = tracer.report()
     result.update(config=config, batch=batch, views=views, image_size=runner.unet.config.image_size,
                   options=options.describe(), emulate_cuda=emulate_cuda, weights_gib=round(weights / GIB, 3))
+    return result
+
+
+def clip_for_trace(name: str = "ViT-B-16"):
+    """The vision tower of open_clip's architecture ``name`` (e.g. 'ViT-B-16', 'ViT-L-14') on the meta device, as
+    a :class:`~blended.clip_model.GuidanceCLIP` the speed options can configure: nothing is downloaded or
+    initialised (building ViT-L/14 takes a fraction of a second). Its LayerNorms compute in float32, as the
+    loader's do (open_clip builds them so for a low-precision ``cast_dtype``); the text tower is left out: a guided
+    step runs only the image tower with gradients."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    from .clip_model import GuidanceCLIP
+
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"open_clip has no architecture {name!r}")
+    with torch.device("meta"):
+        visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], quick_gelu=True,
+                                     cast_dtype=torch.float16)
+    model = torch.nn.Module()
+    model.visual = visual.eval().requires_grad_(False)
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    return GuidanceCLIP(model, int(size))
+
+
+def trace_clip_backward(options, views: int, name: str = "ViT-B-16", keep: int = 25,
+                        emulate_cuda: bool = True) -> dict:
+    """Trace CLIP's part of a guided step for ``views`` images: normalised float32 views (as the augmentations
+    hand them on) through the image tower configured for ``options`` (CLIP precision, channels_last,
+    clip_checkpointing, triton_clip), and the backward to the views. What the views add to a step's peak, for
+    :func:`blended.memory.clip_view_bytes` to be checked against. Same fields as :func:`trace_unet_backward`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from . import fast_paths
+
+    clip = clip_for_trace(name)
+    fast_paths.set_clip_precision(clip, options.clip_dtype)
+    fast_paths._to_memory_format(clip.model, torch.channels_last if options.channels_last else torch.contiguous_format)
+    fast_paths.set_clip_checkpointing(clip, options.clip_checkpointing)
+    fast_paths.set_clip_kernels(clip, options.triton_clip)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        weights = _fake_weights(clip.model)
+        fast_paths.precast_clip_embeddings(clip)
+        images = torch.empty(views, 3, clip.image_size, clip.image_size).requires_grad_(True)
+        with _tracing(MemoryTracer(baseline=weights, keep=keep, emulate_cuda=emulate_cuda), options) as tracer:
+            loss = clip.encode_image(images).sum()
+            after_forward, live_after_forward = tracer.current, tracer.live_now()[:keep]
+            (grad,) = torch.autograd.grad(loss, images)
+            del grad, loss
+        result = tracer.report()
+    result.update(clip=name, views=views, options=options.describe(), emulate_cuda=emulate_cuda,
+                  weights_gib=round(weights / GIB, 3), after_forward_gib=round(after_forward / GIB, 3),
+                  peak_bytes=tracer.peak, weights_bytes=weights, after_forward_bytes=after_forward,
+                  live_after_forward=tracer.rows(live_after_forward))
     return result
 
 

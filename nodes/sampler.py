@@ -11,7 +11,7 @@ from ..blended.colour_match import SPACES as COLOUR_MATCH
 from ..blended.devices import raised_in_triton
 from ..blended.errors import BlendedInputError
 from ..blended.lpips_loss import load_lpips
-from ..blended.memory import GIB, auto_batch_size, per_result_bytes, run_with_smaller_batches
+from ..blended.memory import GIB, auto_batch_size, guiding_clips, per_result_bytes, run_with_smaller_batches
 from ..blended.sampler import SamplerSettings, check_composite_masks, check_settings, diffusion_for, edit_image
 from ..blended.targets import GuidanceClip, ImageTarget
 from . import comfy_bridge as bridge
@@ -202,22 +202,26 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
     guidance_settings = fast_paths.guidance_settings_with(guidance.settings, options)
     batch_size = settings.batch_size
     num_prompts = len(guidance.prompts)
-    # What a batch adds beyond the weights, for ComfyUI to free before loading (the auto batch counts on 1).
-    per_result = per_result_bytes(model.unet.config.image_size, options)
+    extra = list(guidance.extra_clips)
+    # What a batch adds beyond the weights, for ComfyUI to free before loading (the auto batch counts on 1): every
+    # guiding CLIP on its views, in its precision and options, and LPIPS where it is on.
+    clips = guiding_clips(guidance.clip.clip, guidance.settings.augmentations.num_views,
+                          [(e.model.clip, e.num_views) for e in extra], options)
+    per_result = per_result_bytes(model.unet.config.image_size, options, clips,
+                                  lpips=bool(guidance.settings.background_lpips_lambda))
     memory = min(batch_size or 1, num_prompts * num_results) * per_result + GIB
     with bridge.autograd_enabled():
         lpips_model = None
         if guidance.settings.background_lpips_lambda:
             lpips_model = load_lpips()
         memory += fast_paths.clone_bytes(model.unet, guidance.clip.clip, options)
-        extra = list(guidance.extra_clips)
         clip_patchers = [guidance.clip.patcher] + [e.model.patcher for e in extra
                                                    if e.model.patcher is not guidance.clip.patcher]
         bridge.load_for_sampling([model.patcher] + clip_patchers, memory)
         device = model.patcher.load_device
         auto = batch_size == 0
         if auto:
-            batch_size = _auto_batch_size(model, device, num_prompts * num_results, options)
+            batch_size = _auto_batch_size(model, device, num_prompts * num_results, options, per_result)
         if lpips_model is not None:
             lpips_model = lpips_model.to(device)
         batches = []
@@ -259,9 +263,14 @@ def _ensemble_clip(stack: contextlib.ExitStack, extra_clip, main_clip, main_run_
     return stack.enter_context(fast_paths.run_clip_clone(extra_clip, for_clip(options, extra_clip)))
 
 
-def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions) -> int:
-    """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded)."""
-    batch = auto_batch_size(bridge.mm.get_free_memory(device), per_result_bytes(model.unet.config.image_size, options),
-                            num_results)
-    log.debug("Blended Diffusion: batch_size auto = %d", batch)
+def _auto_batch_size(model, device, num_results: int, options: fast_paths.FastPathOptions,
+                     per_result: int | None = None) -> int:
+    """batch_size 0: as many results as ComfyUI's free memory on ``device`` holds (models already loaded), at
+    ``per_result`` bytes each (``_edit`` counts the run's CLIPs and LPIPS; None: the measured figure alone)."""
+    if per_result is None:
+        per_result = per_result_bytes(model.unet.config.image_size, options)
+    free = bridge.mm.get_free_memory(device)
+    batch = auto_batch_size(free, per_result, num_results)
+    log.debug("Blended Diffusion: batch_size auto = %d (%.2f GiB free, %.2f GiB per result)", batch, free / GIB,
+              per_result / GIB)
     return batch

@@ -1,6 +1,7 @@
 """Batch sizing from free memory (blended/memory.py)."""
 
 import pytest
+import torch
 
 from blended.memory import GIB, activation_bytes_per_result, auto_batch_size
 
@@ -173,3 +174,130 @@ def test_other_errors_pass_through_at_once():
     assert run_with_smaller_batches(attempt, 16, 64, auto=True, is_oom=_is_oom, free_memory=freed.append) == (
         "done at 16")
     assert batches == [16] and freed == []
+
+
+def _meta_clip(name):
+    from blended.memory_trace import clip_for_trace
+
+    return clip_for_trace(name)
+
+
+@pytest.mark.parametrize("preset", ["faithful", "fastest-gpu", "fastest-gpu-without-triton", "original-gpu",
+                                    "fast-cpu", "fast-gpu-lowmem"])
+def test_vit_b16_on_8_views_keeps_the_measured_figure_exactly(preset):
+    """The measured figures hold ViT-B/16 on 8 views: counted as the run's CLIP, with the options the run gives it
+    (CLIP at the loader's half precision on a GPU, or following the preset), the estimate is today's, to the byte."""
+    import dataclasses
+
+    from blended import fast_paths
+    from blended.memory import guiding_clips, per_result_bytes
+
+    options = fast_paths.parse_preset(preset)
+    clip = _meta_clip("ViT-B-16")
+    today = activation_bytes_per_result(
+        256, options.unet_dtype != torch.float32, options.gradient_checkpointing,
+        triton_kernels=options.triton_norm and options.channels_last,
+        autocast_one_forward=(options.precision_scheme == "autocast" and options.reuse_guided_forward
+                              and not options.channels_last))
+    runs = [options]
+    if options.unet_dtype != torch.float32:  # the Speed node's for_clip pins CLIP to its loader's fp16
+        runs.append(dataclasses.replace(options, clip_precision="fp16"))
+    for run in runs:
+        clips = guiding_clips(clip, 8, [], run)
+        if run.clip_checkpointing:  # checkpointed CLIP keeps less than the figure's: the estimate comes down
+            assert per_result_bytes(256, run, clips) < today
+        else:
+            assert per_result_bytes(256, run, clips) == per_result_bytes(256, run) == today
+
+
+
+
+def test_the_fastest_gpu_figure_is_unchanged_at_its_measured_value():
+    from blended import fast_paths
+    from blended.memory import guiding_clips, per_result_bytes
+
+    clips = guiding_clips(_meta_clip("ViT-B-16"), 8, [], fast_paths.FASTEST_GPU)
+    assert per_result_bytes(256, fast_paths.FASTEST_GPU, clips) == int(1.25 * GIB)
+
+
+def test_views_a_larger_clip_and_an_ensemble_raise_the_estimate_and_lower_the_auto_batch():
+    """ViT-L/14 (257 tokens x 1024 wide x 24 blocks) keeps 3.3x ViT-B/16's bytes per view; 16 views (the paper's)
+    twice 8's; a CLIP List member adds its own views. On an 80 GB card (77 GiB free) with the Sampler's CUDA default,
+    64 results no longer run as 2 batches of 32 when the views do not fit beside them."""
+    from blended import fast_paths
+    from blended.memory import MIB, VIT_B16, clip_view_bytes, guiding_clips, per_result_bytes
+
+    options = fast_paths.FASTEST_GPU
+    b16, l14 = _meta_clip("ViT-B-16"), fast_paths.set_clip_precision(_meta_clip("ViT-L-14"), "fp16")  # as loaded
+    base = per_result_bytes(256, options)
+    view_b16 = clip_view_bytes(VIT_B16, True, triton=True)
+    assert per_result_bytes(256, options, guiding_clips(b16, 16, [], options)) == base + 8 * view_b16
+    l14_8 = per_result_bytes(256, options, guiding_clips(l14, 8, [], options))
+    assert l14_8 - base == pytest.approx(8 * (126.66 - 38.20) * MIB, rel=0.01)  # the traced per-view figures
+    ensemble = per_result_bytes(256, options, guiding_clips(b16, 8, [(l14, 32)], options))
+    assert ensemble == pytest.approx(base + 32 * 126.66 * MIB, rel=0.01)
+    assert auto_batch_size(77 * GIB, base, 64) == 32
+    assert auto_batch_size(77 * GIB, l14_8, 64) == 32  # 39 fit
+    l14_16 = per_result_bytes(256, options, guiding_clips(l14, 16, [], options))
+    assert auto_batch_size(77 * GIB, l14_16, 64) == 22  # 25 fit: 3 batches of 22
+    assert auto_batch_size(77 * GIB, ensemble, 64) == 13
+    # the main CLIP's model listed again in the CLIP List runs as the main CLIP, on views of its own
+    again = per_result_bytes(256, options, guiding_clips(b16, 8, [(b16, None)], options))
+    assert again == base + 8 * view_b16
+
+
+def test_clip_options_and_precision_are_counted():
+    import dataclasses
+
+    from blended import fast_paths
+    from blended.memory import VIT_B16, clip_view_bytes, guiding_clips, per_result_bytes
+
+    options = fast_paths.FASTEST_GPU
+    l14 = _meta_clip("ViT-L-14")
+    plain = per_result_bytes(256, options, guiding_clips(l14, 64, [], options))
+    checkpointed = dataclasses.replace(options, clip_checkpointing=True)
+    assert per_result_bytes(256, checkpointed, guiding_clips(l14, 64, [], checkpointed)) < plain / 3
+    float32_clip = dataclasses.replace(options, clip_precision="fp32")
+    assert per_result_bytes(256, float32_clip, guiding_clips(l14, 64, [], float32_clip)) > plain
+    # a member loaded in float32 counts in float32 whatever the main CLIP's precision
+    member = _meta_clip("ViT-B-16")
+    assert member.dtype == torch.float32
+    with_member = per_result_bytes(256, options, guiding_clips(l14, 64, [(member, 8)], options))
+    assert with_member - plain == 8 * clip_view_bytes(VIT_B16, False, triton=True)
+
+
+def test_the_clip_s_views_do_not_scale_with_the_model_s_size():
+    """The figure scales with the model's area; the CLIP's views are at the CLIP's resolution: at 512 px the
+    figure's own CLIP is taken off scaled, the run's CLIP added as it is."""
+    from blended import fast_paths
+    from blended.memory import VIT_B16, GuidingClip, per_result_bytes
+
+    options = fast_paths.FASTEST_GPU
+    measured = GuidingClip(VIT_B16, 8, True, triton=True).bytes_per_result
+    clips = [GuidingClip(VIT_B16, 8, True, triton=True)]
+    assert per_result_bytes(512, options, clips) == pytest.approx(
+        per_result_bytes(512, options) - 3 * measured, abs=2)
+    assert per_result_bytes(64, options, clips) > 0
+
+
+def test_lpips_is_counted_where_it_is_on():
+    from blended import fast_paths
+    from blended.memory import MIB, lpips_bytes_per_result, per_result_bytes
+
+    base = per_result_bytes(256, fast_paths.FASTEST_GPU)
+    assert per_result_bytes(256, fast_paths.FASTEST_GPU, lpips=True) == base + lpips_bytes_per_result(256)
+    assert lpips_bytes_per_result(256) == pytest.approx(213.5 * MIB, rel=0.01)
+    assert lpips_bytes_per_result(512) == 4 * lpips_bytes_per_result(256)
+
+
+def test_the_estimate_s_parts_are_logged(caplog):
+    import logging
+
+    from blended import fast_paths
+    from blended.memory import guiding_clips, per_result_bytes
+
+    with caplog.at_level(logging.DEBUG, logger="blended.memory"):
+        per_result_bytes(256, fast_paths.FASTEST_GPU, guiding_clips(_meta_clip("ViT-L-14"), 16, [],
+                                                                    fast_paths.FASTEST_GPU), lpips=True)
+    text = caplog.records[-1].getMessage()
+    assert "measured +1280 MiB" in text and "24x1024 257 tokens, 16 views" in text and "LPIPS" in text

@@ -1,5 +1,6 @@
 """The fake-tensor memory tracer (blended.memory_trace) and what it found in the checkpointed UNet."""
 
+import pytest
 import torch
 
 from blended.fast_paths import parse_preset
@@ -95,3 +96,47 @@ def test_triton_kernels_are_traced_by_stand_ins_that_keep_only_their_input():
     ops = {a["op"] for a in result["largest"]}
     assert {"empty_like.default in _ModelledKernelBackward",  # the stand-ins' input gradients
             "empty_like.default in _ModelledKernelKeepingInputBackward"} <= ops
+
+
+def _traced_view_bytes(preset, name):
+    """The per-view slope of the traced peak of CLIP's forward + backward (2 and 4 views)."""
+    from blended.memory_trace import trace_clip_backward
+
+    peaks = [trace_clip_backward(parse_preset(preset), views, name, keep=1)["peak_bytes"] for views in (2, 4)]
+    return (peaks[1] - peaks[0]) / 2
+
+
+def test_clip_view_bytes_follow_the_traces_of_vit_b16_and_vit_l14():
+    """blended.memory counts each guiding CLIP's views from its shape with coefficients fitted to these traces
+    (ViT-L/14 keeps 3.3x ViT-B/16's bytes per view): within 0.5% of each."""
+    from blended.memory import clip_tower, clip_view_bytes
+    from blended.memory_trace import clip_for_trace
+
+    for name in ("ViT-B-16", "ViT-L-14"):
+        tower = clip_tower(clip_for_trace(name).model)
+        for preset, low, ckpt, triton in (("faithful", False, False, False), ("bf16", True, False, False),
+                                          ("bf16+triton_clip+clip_ckpt", True, True, True)):
+            assert clip_view_bytes(tower, low, ckpt, triton) == pytest.approx(_traced_view_bytes(preset, name),
+                                                                              rel=0.005), (name, preset)
+
+
+def test_the_lpips_trunk_follows_its_trace():
+    """The LPIPS figure's VGG16 trunk (torchvision's features to relu5_3, as the lpips package builds it)."""
+    import torchvision
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from blended import memory
+    from blended.memory_trace import MemoryTracer, _fake_weights
+
+    def peak(batch):
+        with torch.device("meta"):
+            net = torchvision.models.vgg16().features[:30].eval().requires_grad_(False)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            weights = _fake_weights(net)
+            x = torch.empty(batch, 3, 256, 256).requires_grad_(True)
+            with MemoryTracer(baseline=weights) as tracer:
+                (grad,) = torch.autograd.grad(net(x).sum(), x)
+                del grad
+        return tracer.peak
+
+    assert peak(2) - peak(1) == pytest.approx(memory._LPIPS_TRUNK_PER_RESULT_256, rel=0.01)

@@ -269,7 +269,10 @@ def test_the_models_load_with_room_for_the_batch_by_the_runs_own_estimate(comfy_
         result = comfy_inprocess.run(graph(empty_image(), box_mask(), respacing="4", num_results=3, batch_size=2,
                                            seed=seed))
         image_size = result.tensors["unet"][0][0].unet.config.image_size
-        expected.append(2 * sampler.per_result_bytes(image_size, options) + (1 << 30))
+        clip = result.tensors["clip"][0][0].clip
+        run = sampler.for_clip(options, clip)  # the run's CLIP on its 1 view, as the Sampler counts it
+        expected.append(2 * sampler.per_result_bytes(image_size, run, sampler.guiding_clips(clip, 1, [], run))
+                        + (1 << 30))
     assert asked == expected and expected[0] != expected[1]
 
 

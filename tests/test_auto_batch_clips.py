@@ -1,0 +1,26 @@
+"""The Sampler sizes a batch by the run's own guiding CLIPs (nodes/sampler.py over blended.memory)."""
+
+import pytest
+from test_node_errors import box_mask, empty_image, graph
+
+pytestmark = pytest.mark.comfy
+
+
+def test_the_memory_asked_counts_the_run_s_clip_and_its_views(comfy_inprocess, monkeypatch):
+    """ComfyUI is asked for room for the run's CLIP (the tiny fixture, 1 view) in place of the measured figure's
+    ViT-B/16 on 8 views, and the auto batch uses the same figure."""
+    sampler = comfy_inprocess.pack_module("sampler")
+    asked = []
+    real_load = sampler.bridge.load_for_sampling
+    monkeypatch.setattr(sampler.bridge, "load_for_sampling", lambda patchers, memory: asked.append(memory) or
+                        real_load(patchers, memory))
+    monkeypatch.setattr(sampler.fast_paths, "clone_bytes", lambda *args: 0)
+    options = sampler.fast_paths.parse_preset("bf16+reuse")
+    monkeypatch.setattr(sampler, "default_speed_options", lambda: options)
+    result = comfy_inprocess.run(graph(empty_image(), box_mask(), respacing="4", num_results=3, batch_size=2, seed=7))
+    unet, clip = result.tensors["unet"][0][0].unet, result.tensors["clip"][0][0].clip
+    run_options = sampler.for_clip(options, clip)
+    clips = sampler.guiding_clips(clip, 1, [], run_options)
+    expected = sampler.per_result_bytes(unet.config.image_size, run_options, clips)
+    assert expected != sampler.per_result_bytes(unet.config.image_size, run_options)
+    assert asked == [2 * expected + (1 << 30)]
