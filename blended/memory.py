@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
+from . import clip_vision
+
 if TYPE_CHECKING:
     from .fast_paths import FastPathOptions
 
@@ -118,7 +120,9 @@ def per_result_parts(image_size: int, options: FastPathOptions, clips: Sequence[
         return parts
     if clips is not None:
         included = _measured_clip(low, checkpointing, triton).bytes_per_result
-        parts["measured CLIP (ViT-B/16, 8 views)"] = -int(included * (image_size / 256) ** 2)
+        # Checkpointing's figure is the saved set, CLIP's share included, times _CHECKPOINT_FACTOR.
+        scale = _CHECKPOINT_FACTOR if checkpointing else 1.0
+        parts["measured CLIP (ViT-B/16, 8 views)"] = -int(included * scale * (image_size / 256) ** 2)
         for number, clip in enumerate(clips):
             parts[f"CLIP {number} ({clip.describe()})"] = clip.bytes_per_result
     if lpips:
@@ -235,11 +239,13 @@ def guiding_clip(clip, num_views: int, options: FastPathOptions, dtype: torch.dt
     """``clip`` (a :class:`~blended.clip_model.GuidanceCLIP`) as a run guides with it: ``num_views`` per result,
     ``options``' CLIP checkpointing and Triton kernels, in ``dtype`` (default: ``options.clip_dtype``)."""
     tower = clip_tower(clip.model)
+    # The Triton kernels run only in the towers clip_vision reproduces; open_clip's own forward keeps more.
+    triton = options.triton_clip and tower is not None and clip_vision.supports(clip.model.visual)
     if tower is None:
         log.debug("Blended Diffusion: a CLIP without a ViT image tower is counted as ViT-B/16 for the batch size")
         tower = VIT_B16
     dtype = options.clip_dtype if dtype is None else dtype
-    return GuidingClip(tower, int(num_views), dtype != torch.float32, options.clip_checkpointing, options.triton_clip)
+    return GuidingClip(tower, int(num_views), dtype != torch.float32, options.clip_checkpointing, triton)
 
 
 def guiding_clips(main_clip, num_views: int, members: Iterable[tuple[object, int | None]],

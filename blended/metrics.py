@@ -445,7 +445,7 @@ def _chunked_lpips(lpips_model, results: torch.Tensor, reference: torch.Tensor, 
 
 # Results LPIPS compares at a time (full resolution: its activations are many times an image's size), and the
 # most full-size pixels (per channel) at a time: 4 results of 1024x1024; one of 2048x2048 or larger. VGG's
-# features at full size are ~120 channels' worth per image, for the result and the input: ~4 GiB at 4 MPixel.
+# features at full size, for the result and the input, with their differences: ~8 GiB at 4 MPixel (traced).
 LPIPS_CHUNK = 4
 LPIPS_PIXELS = 4 * 1024 * 1024
 

@@ -17,13 +17,16 @@ log = logging.getLogger(__name__)
 LPIPS_CHOICES = ["if available", "off"]
 
 
-def _on_device(module: torch.nn.Module) -> torch.nn.Module:
-    """LPIPS moved to ComfyUI's device as ComfyUI moves its own models (room made for it, other models offloaded
-    if need be): VGG16 at full resolution on the CPU takes seconds per result, minutes for a batch of hundreds.
-    Moved outside inference mode, as the pack's other models, so its weights stay ordinary tensors."""
-    patcher = bridge.make_patcher(module)
-    bridge.load_for_sampling([patcher], 0)
-    return patcher.model
+# What LPIPS's forward holds per pixel of one of its chunks (VGG16's five taps for the result and the input,
+# normalised, their difference and its square; no gradients): traced on fake tensors, 7.9 GiB at 2048x2048.
+LPIPS_BYTES_PER_PIXEL = 2000
+
+
+def _lpips_memory(pixels: torch.Tensor) -> int:
+    """The memory to make room for where LPIPS runs on ComfyUI's device: its largest chunk's activations."""
+    height, width = pixels.shape[-2:]
+    chunk = metrics.chunk_size(height, width, most=metrics.LPIPS_CHUNK, pixels=metrics.LPIPS_PIXELS)
+    return min(chunk, pixels.shape[0]) * height * width * LPIPS_BYTES_PER_PIXEL
 
 
 class EditMetrics:
@@ -95,18 +98,38 @@ class EditMetrics:
                 lpips_model = load_lpips(way_out="set Edit Metrics' lpips to 'off'")
             except BlendedInputError as exc:
                 bridge.say_once(log, f"Blended Edit Metrics: no LPIPS column ({exc})")
-        guidance_clip = None
-        if clip is not None:
-            bridge.load_for_sampling([clip.patcher], 0)
-            guidance_clip = clip.clip
-        if lpips_model is not None:
-            lpips_model = _on_device(lpips_model)
-        with torch.no_grad():
-            scores = metrics.score_edits(pixels, reference, mask_in, clip=guidance_clip,
-                                         prompt=prompt if clip is not None else None, lpips_model=lpips_model,
-                                         ring_width=ring_width, progress=bridge.progress_steps(unique_id))
+        # LPIPS runs on ComfyUI's device as a model of its own (VGG16 at full size on the CPU takes seconds a
+        # result), loaded with CLIP in one call, so that making room for one cannot move the other off the device.
+        # Its patcher lives while it scores: ComfyUI counts a model whose patcher is gone as leaked.
+        patchers = [] if clip is None else [clip.patcher]
+        lpips_patcher = None if lpips_model is None else bridge.make_patcher(lpips_model)
+        if lpips_patcher is not None:
+            patchers.append(lpips_patcher)
+        if patchers:
+            bridge.load_for_sampling(patchers, 0 if lpips_patcher is None else _lpips_memory(pixels))
+        run = dict(clip=None if clip is None else clip.clip, prompt=prompt if clip is not None else None,
+                   ring_width=ring_width)
+        try:
+            scores = self._score(pixels, reference, mask_in, lpips_model, unique_id, run)
+        except Exception as exc:
+            if lpips_patcher is None or not bridge.is_out_of_memory(exc):
+                raise
+            # A picture too large for LPIPS beside what else the device holds: scored again with LPIPS on the CPU
+            # (slower, but it finishes), outside this block, so the failed attempt's tensors are freed first.
+            log.warning("Blended Edit Metrics: LPIPS ran out of memory on %s; scoring again with LPIPS on the CPU",
+                        lpips_patcher.load_device)
+            scores = None
+        if scores is None:
+            bridge.release_failed_attempt()
+            scores = self._score(pixels, reference, mask_in, load_lpips(), unique_id, run)
         table = scores.table()
         log.debug("Blended Edit Metrics:\n%s", table)  # the node shows it, and its output carries it
         return {"ui": {"text": [table]},
                 "result": (table, scores.clip_similarity, scores.background_psnr, scores.seam_gradient,
                            scores.seam_colour, scores.batch_diversity)}
+
+    @staticmethod
+    def _score(pixels, reference, mask_in, lpips_model, unique_id, run: dict):
+        with torch.no_grad():
+            return metrics.score_edits(pixels, reference, mask_in, lpips_model=lpips_model,
+                                       progress=bridge.progress_steps(unique_id), **run)

@@ -204,10 +204,13 @@ def _edit(options: fast_paths.FastPathOptions, *, model, guidance, diffusion, im
     num_prompts = len(guidance.prompts)
     extra = list(guidance.extra_clips)
     # What a batch adds beyond the weights, for ComfyUI to free before loading (the auto batch counts on 1): every
-    # guiding CLIP on its views, in its precision and options, and LPIPS where it is on.
+    # guiding CLIP on its views, in its precision and options, and LPIPS where it is on. The Triton kernels keep
+    # less, but only where they run (CUDA); elsewhere their options run plain torch, and are counted so.
+    counted = options if model.patcher.load_device.type == "cuda" else dataclasses.replace(
+        options, triton_norm=False, triton_clip=False)
     clips = guiding_clips(guidance.clip.clip, guidance.settings.augmentations.num_views,
-                          [(e.model.clip, e.num_views) for e in extra], options)
-    per_result = per_result_bytes(model.unet.config.image_size, options, clips,
+                          [(e.model.clip, e.num_views) for e in extra], counted)
+    per_result = per_result_bytes(model.unet.config.image_size, counted, clips,
                                   lpips=bool(guidance.settings.background_lpips_lambda))
     memory = min(batch_size or 1, num_prompts * num_results) * per_result + GIB
     with bridge.autograd_enabled():

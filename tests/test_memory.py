@@ -301,3 +301,28 @@ def test_the_estimate_s_parts_are_logged(caplog):
                                                                     fast_paths.FASTEST_GPU), lpips=True)
     text = caplog.records[-1].getMessage()
     assert "measured +1280 MiB" in text and "24x1024 257 tokens, 16 views" in text and "LPIPS" in text
+
+
+def test_under_checkpointing_the_figures_own_clip_is_taken_off_at_the_figures_scale():
+    """Checkpointing's figure is the saved set, its ViT-B/16 on 8 views included, times the checkpoint factor:
+    taking that CLIP off at full size took off four times what the figure holds of it."""
+    from blended import fast_paths, memory
+
+    options = fast_paths.parse_preset("fast-gpu-lowmem")
+    assert options.gradient_checkpointing
+    clip = _meta_clip("ViT-B-16")
+    parts = memory.per_result_parts(256, options, memory.guiding_clips(clip, 8, [], options))
+    full = memory._measured_clip(True, True, False).bytes_per_result
+    assert parts["measured CLIP (ViT-B/16, 8 views)"] == -int(full * memory._CHECKPOINT_FACTOR)
+
+
+def test_the_triton_figures_count_only_for_towers_the_kernels_run_in(monkeypatch):
+    """A ViT that clip_vision does not reproduce runs open_clip's own forward, where the Triton kernels never
+    apply: counted at the plain figures."""
+    from blended import fast_paths, memory
+
+    options = fast_paths.parse_preset("fastest-gpu")
+    clip = _meta_clip("ViT-B-16")
+    assert options.triton_clip and memory.guiding_clip(clip, 8, options).triton
+    monkeypatch.setattr(memory.clip_vision, "supports", lambda visual: False)
+    assert not memory.guiding_clip(clip, 8, options).triton

@@ -153,30 +153,59 @@ def test_clip_rank_and_edit_metrics_move_their_bar_and_stop_on_cancel(comfy_inpr
             mm.interrupt_current_processing(False)
 
 
-@pytest.mark.comfy
-def test_edit_metrics_loads_lpips_onto_comfyuis_device_as_a_model(comfy_inprocess, monkeypatch):
-    """LPIPS is VGG16 at full resolution: on the CPU it takes seconds a result. The node loads it as ComfyUI loads
-    its models (room made for it), onto ComfyUI's device, and scores there."""
-    module = comfy_inprocess.pack_module("metrics")
-    bridge = comfy_inprocess.pack_module("comfy_bridge")
+class Distance(torch.nn.Module):
+    """A stand-in for LPIPS (the package is optional): a per-result distance with a weight to move."""
 
-    class Distance(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
 
-        def forward(self, x, y):
-            return ((x - y) ** 2).flatten(1).mean(dim=1) * self.scale
+    def forward(self, x, y):
+        return ((x - y) ** 2).flatten(1).mean(dim=1) * self.scale
 
-    loaded = []
-    real_load = bridge.load_for_sampling
-    monkeypatch.setattr(module, "load_lpips", lambda way_out: Distance())
-    monkeypatch.setattr(bridge, "load_for_sampling", lambda patchers, memory: loaded.extend(patchers) or
-                        real_load(patchers, memory))
+
+def _metrics_inputs():
     images = torch.rand(2, 24, 24, 3, generator=torch.Generator().manual_seed(7))
     mask = torch.zeros(1, 24, 24)
     mask[:, 4:12, 4:12] = 1
-    table = module.EditMetrics().score(images, images[:1], mask)["result"][0]
-    assert [type(patcher.model).__name__ for patcher in loaded] == ["Distance"]
-    assert loaded[0].load_device == bridge.mm.get_torch_device()
+    return images, images[:1], mask
+
+
+@pytest.mark.comfy
+def test_edit_metrics_loads_lpips_with_clip_onto_comfyuis_device_in_one_call(comfy_inprocess, monkeypatch):
+    """LPIPS is VGG16 at full resolution: on the CPU it takes seconds a result. The node loads it as ComfyUI loads
+    its models, onto ComfyUI's device, in one call with CLIP (making room for one in a second call could move the
+    other off the device) and with room for its largest chunk's activations."""
+    module = comfy_inprocess.pack_module("metrics")
+    bridge = comfy_inprocess.pack_module("comfy_bridge")
+    clip = comfy_inprocess.node_class_mappings["BlendedDiffusion_LoadCLIP"]().load(harness.CLIP_TINY_NAME,
+                                                                                    "float32")[0]
+    calls = []
+    real_load = bridge.load_for_sampling
+    monkeypatch.setattr(module, "load_lpips", lambda way_out: Distance())
+    monkeypatch.setattr(bridge, "load_for_sampling", lambda patchers, memory: calls.append((patchers, memory)) or
+                        real_load(patchers, memory))
+    images, reference, mask = _metrics_inputs()
+    table = module.EditMetrics().score(images, reference, mask, clip=clip, prompt=PROMPT)["result"][0]
+    assert len(calls) == 1
+    patchers, memory = calls[0]
+    assert patchers[0] is clip.patcher and type(patchers[1].model).__name__ == "Distance"
+    assert patchers[1].load_device == bridge.mm.get_torch_device()
+    assert memory == 2 * 24 * 24 * module.LPIPS_BYTES_PER_PIXEL  # both results in one chunk
     assert "LPIPS (-)" in table and "0.0000" in table
+
+
+@pytest.mark.comfy
+def test_edit_metrics_scores_lpips_on_the_cpu_when_the_device_runs_out(comfy_inprocess, monkeypatch, caplog):
+    """A picture too large for LPIPS beside the device's other models: the node scores again with LPIPS on the CPU
+    (slower, but it finishes) instead of failing, and says so."""
+    module = comfy_inprocess.pack_module("metrics")
+
+    class OutOfMemory(Distance):
+        def forward(self, x, y):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 31.30 GiB")
+    models = iter([OutOfMemory(), Distance()])
+    monkeypatch.setattr(module, "load_lpips", lambda way_out=None: next(models))
+    images, reference, mask = _metrics_inputs()
+    table = module.EditMetrics().score(images, reference, mask)["result"][0]
+    assert "LPIPS ran out of memory" in caplog.text and "LPIPS (-)" in table and "0.0000" in table
