@@ -65,15 +65,6 @@ def invariant(unet, clip):
     return PerSampleUNet(unet), per_sample_clip(clip)
 
 
-@pytest.fixture(scope="module")
-def picture():
-    gen = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 64, 64, 3, generator=gen)
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 16:48, 20:44] = 1
-    return image, mask
-
-
 def edit(unet, clip, image, mask, num_results, batch_size, prompts=(PROMPT,), seed=3, views=3, guidance=None,
          respacing="10", skip=6, extra_clips=(), image_targets=(), **settings):
     """A short edit (4 steps of 10 by default) with CLIP views on."""
@@ -126,12 +117,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_each_feature_gives_a_result_the_same_bits_whatever_its_batch(invariant, picture, case):
+def test_each_feature_gives_a_result_the_same_bits_whatever_its_batch(invariant, image_and_mask, case):
     """Results 0 and 1 made alone (batches of 1) and beside each other and result 2 (batches of 2, so the chunks
     split differently per prompt line) are the same bits: nothing in the sampler outside the models depends on the
     batch."""
     unet, clip = invariant
-    image, mask = picture
+    image, mask = image_and_mask
     options = dict(CASES[case])
     soft = options.get("soft_mask")
     if soft:
@@ -141,20 +132,20 @@ def test_each_feature_gives_a_result_the_same_bits_whatever_its_batch(invariant,
     assert_batch_invariant(lambda n, size: edit(unet, clip, image, mask, n, size, **options), len(prompts))
 
 
-def test_groups_of_four_across_chunk_boundaries(invariant, picture):
+def test_groups_of_four_across_chunk_boundaries(invariant, image_and_mask):
     """Results 0..4 (two background groups) made in one batch of 5 and in batches of 4 + 2 of six results."""
     unet, clip = invariant
-    image, mask = picture
+    image, mask = image_and_mask
     assert_batch_invariant(lambda n, size: edit(unet, clip, image, mask, n, size), small=(5, 5), large=(6, 4))
     assert_batch_invariant(lambda n, size: edit(unet, clip, image, mask, n, size, group_size=3),
                            small=(4, 4), large=(5, 2))
 
 
-def test_several_images_and_one_image_with_several_masks(invariant, picture):
+def test_several_images_and_one_image_with_several_masks(invariant, image_and_mask):
     """Each input has its own results (the result id holds its place in the batch), however the results of each
     are batched; one image with three masks is three inputs."""
     unet, clip = invariant
-    image, mask = picture
+    image, mask = image_and_mask
     images, masks = torch.cat([image, image.flip(1)]), torch.cat([mask, mask.flip(2)])
     assert_batch_invariant(lambda n, size: edit(unet, clip, images, masks, n, size))
     three = torch.cat([mask, mask.flip(1), mask.flip(2)])
@@ -163,10 +154,10 @@ def test_several_images_and_one_image_with_several_masks(invariant, picture):
     assert not torch.equal(both.images[0], both.images[1].flip(0))  # the second input is not the first's mirror
 
 
-def test_several_clips_and_an_image_target(invariant, unet, clip, picture):
+def test_several_clips_and_an_image_target(invariant, unet, clip, image_and_mask):
     """An extra CLIP (its own views and stream) and an image target, batch-invariant."""
     unet_i, clip_i = invariant
-    image, mask = picture
+    image, mask = image_and_mask
     gen = torch.Generator().manual_seed(5)
     target = [ImageTarget(torch.rand(1, 3, 40, 40, generator=gen), None, 0.7)]
     extra = [GuidanceClip(per_sample_clip(clip), 0.5, 2)]
@@ -186,10 +177,10 @@ def test_class_conditional_labels_with_resampling(clip):
                                                 resample_count=1, resample_jump_length=2))
 
 
-def test_with_the_real_models_two_runs_are_bit_identical_and_batches_agree_to_rounding(unet, clip, picture):
+def test_with_the_real_models_two_runs_are_bit_identical_and_batches_agree_to_rounding(unet, clip, image_and_mask):
     """The same seed and batch twice: the same bits (and the inputs untouched). Another batch size: only the
     batched kernels' rounding differs, far below one 8-bit level (a wrong stream would differ by tenths)."""
-    image, mask = picture
+    image, mask = image_and_mask
     image_before, mask_before = image.clone(), mask.clone()
     options = dict(resample_count=1, resample_jump_length=2, soft_mask=True, capture_every=2)
     first = edit(unet, clip, image, mask, 3, 3, **options)
@@ -202,10 +193,10 @@ def test_with_the_real_models_two_runs_are_bit_identical_and_batches_agree_to_ro
     assert (other_seed.images[0] - first.images[0]).abs().max() > 0.05
 
 
-def test_an_auto_batch_restarted_smaller_after_out_of_memory_gives_the_smaller_batchs_bits(unet, clip, picture):
+def test_an_auto_batch_restarted_smaller_after_out_of_memory_gives_the_smaller_batchs_bits(unet, clip, image_and_mask):
     """An out-of-memory error in the middle of an auto batch's edit (after some steps of it ran): the edit starts
     again at a smaller batch and gives exactly what that batch gives when run directly, nothing left over."""
-    image, mask = picture
+    image, mask = image_and_mask
     forward = unet.forward
     calls = {"n": 0}
 
